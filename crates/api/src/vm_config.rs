@@ -1,0 +1,144 @@
+//! The configuration of one VM as the VMM runs it.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::size::ByteSize;
+
+/// Kernel command line used when none is given: the serial console on COM1.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0";
+/// Most vCPUs a VM may have.
+pub const MAX_CPUS: u32 = 64;
+/// Smallest guest memory.
+pub const MIN_MEMORY: ByteSize = ByteSize(128 << 20);
+
+fn default_cpus() -> u32 {
+    1
+}
+
+fn default_memory() -> ByteSize {
+    ByteSize::mib(512)
+}
+
+fn default_cmdline() -> String {
+    DEFAULT_CMDLINE.to_string()
+}
+
+/// What a VM is made of.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    /// Linux bzImage or ELF vmlinux (PVH).
+    pub kernel: PathBuf,
+    /// Initramfs, if any.
+    #[serde(default)]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[serde(default = "default_cmdline")]
+    pub cmdline: String,
+    /// Number of vCPUs (1 to 64).
+    #[serde(default = "default_cpus")]
+    pub cpus: u32,
+    /// Guest RAM.
+    #[serde(default = "default_memory")]
+    pub memory: ByteSize,
+    /// Turn a guest reboot into an exit instead of restarting the guest.
+    #[serde(default)]
+    pub no_reboot: bool,
+}
+
+/// A configuration that cannot describe a VM, whatever the host.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("a VM needs at least one vCPU")]
+    NoCpus,
+    #[error("{0} vCPUs requested; Ferro supports at most {MAX_CPUS}")]
+    TooManyCpus(u32),
+    #[error("{0} of memory is too small; a VM needs at least {MIN_MEMORY}")]
+    MemoryTooSmall(ByteSize),
+    #[error("memory size {0} is not a multiple of 4 KiB")]
+    MemoryNotPageAligned(ByteSize),
+}
+
+impl VmConfig {
+    /// A configuration with defaults for everything but the kernel.
+    pub fn new(kernel: impl Into<PathBuf>) -> Self {
+        VmConfig {
+            kernel: kernel.into(),
+            initrd: None,
+            cmdline: default_cmdline(),
+            cpus: default_cpus(),
+            memory: default_memory(),
+            no_reboot: false,
+        }
+    }
+
+    /// Checks what can be checked without the host.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.cpus == 0 {
+            return Err(ConfigError::NoCpus);
+        }
+        if self.cpus > MAX_CPUS {
+            return Err(ConfigError::TooManyCpus(self.cpus));
+        }
+        if self.memory < MIN_MEMORY {
+            return Err(ConfigError::MemoryTooSmall(self.memory));
+        }
+        if self.memory.0 % 4096 != 0 {
+            return Err(ConfigError::MemoryNotPageAligned(self.memory));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults() {
+        let c = VmConfig::new("/boot/vmlinuz");
+        assert_eq!(
+            (c.cpus, c.memory, c.cmdline.as_str()),
+            (1, ByteSize(512 << 20), "console=ttyS0")
+        );
+        assert_eq!(c.validate(), Ok(()));
+    }
+
+    #[test]
+    fn validation_errors() {
+        let base = VmConfig::new("k");
+        let with = |f: fn(&mut VmConfig)| {
+            let mut c = base.clone();
+            f(&mut c);
+            c.validate()
+        };
+        assert_eq!(with(|c| c.cpus = 0), Err(ConfigError::NoCpus));
+        assert_eq!(with(|c| c.cpus = 65), Err(ConfigError::TooManyCpus(65)));
+        assert_eq!(with(|c| c.cpus = 64), Ok(()));
+        assert_eq!(
+            with(|c| c.memory = ByteSize(64 << 20)),
+            Err(ConfigError::MemoryTooSmall(ByteSize(64 << 20)))
+        );
+        assert_eq!(
+            with(|c| c.memory = ByteSize((128 << 20) + 1)),
+            Err(ConfigError::MemoryNotPageAligned(ByteSize((128 << 20) + 1)))
+        );
+    }
+
+    #[test]
+    fn json_round_trip_and_unknown_fields() {
+        let c = VmConfig {
+            initrd: Some("/i".into()),
+            cpus: 4,
+            ..VmConfig::new("/k")
+        };
+        let json = serde_json::to_string(&c).unwrap();
+        assert_eq!(serde_json::from_str::<VmConfig>(&json).unwrap(), c);
+        let minimal: VmConfig = serde_json::from_str(r#"{"kernel": "/k"}"#).unwrap();
+        assert_eq!(minimal, VmConfig::new("/k"));
+        let err = serde_json::from_str::<VmConfig>(r#"{"kernel": "/k", "cpu": 2}"#).unwrap_err();
+        assert!(err.to_string().contains("unknown field `cpu`"), "{err}");
+    }
+}

@@ -1,0 +1,323 @@
+//! ACPI tables: RSDP, XSDT, FADT, MADT and DSDT, written into the BIOS area of guest memory.
+//!
+//! Ferro is a "hardware-reduced" ACPI platform (like other lean VMMs): no PM1 event/control
+//! blocks, no SCI, no legacy 8259 in use. What the guest needs from ACPI:
+//! - the MADT lists its CPUs (one local APIC per vCPU), the IOAPIC and the legacy IRQ override;
+//! - the FADT's sleep control register (port 0x600) and `_S5` make `poweroff` work, and its
+//!   reset register (port 0x602) makes `reboot` work;
+//! - the DSDT describes the COM1 UART and the CMOS RTC.
+
+use acpi_tables::aml;
+use acpi_tables::fadt::{FADTBuilder, Flags};
+use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
+use acpi_tables::rsdp::Rsdp;
+use acpi_tables::sdt::Sdt;
+use acpi_tables::xsdt::XSDT;
+use acpi_tables::Aml;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+
+use crate::layout::{ports, ACPI_SIZE, ACPI_START, APIC_START, IOAPIC_START};
+
+pub const OEM_ID: [u8; 6] = *b"FERRO ";
+const OEM_REVISION: u32 = 1;
+/// ACPI sleep type value for S5 (soft off), shared by `_S5` and the sleep control device.
+pub const SLEEP_TYPE_S5: u8 = 5;
+const TABLE_ALIGN: u64 = 8;
+const IAPC_BOOT_ARCH_VGA_NOT_PRESENT: u16 = 1 << 2;
+
+/// Errors while building the ACPI tables.
+#[derive(Debug, thiserror::Error)]
+pub enum AcpiError {
+    #[error("the ACPI tables ({0} bytes) do not fit in the ACPI area")]
+    TooLarge(u64),
+    #[error("cannot write the ACPI tables into guest memory")]
+    GuestMemory(#[source] vm_memory::GuestMemoryError),
+}
+
+/// What the tables describe.
+#[derive(Debug, Clone, Copy)]
+pub struct AcpiConfig {
+    pub cpus: u32,
+}
+
+/// Builds all tables and writes them at [`ACPI_START`]; returns the RSDP's address.
+pub fn write_acpi_tables<M: GuestMemoryBackend>(
+    mem: &M,
+    config: &AcpiConfig,
+) -> Result<GuestAddress, AcpiError> {
+    let mut writer = TableWriter::new(mem);
+    let rsdp_addr = writer.reserve(Rsdp::len() as u64)?;
+    let dsdt_addr = writer.write(dsdt().as_slice())?;
+    let fadt_addr = writer.write(&aml_bytes(&fadt(dsdt_addr)))?;
+    let madt_addr = writer.write(madt(config.cpus).as_slice())?;
+    let mut xsdt = XSDT::new(OEM_ID, *b"FERROXSD", OEM_REVISION);
+    xsdt.add_entry(fadt_addr.0);
+    xsdt.add_entry(madt_addr.0);
+    let xsdt_addr = writer.write(&aml_bytes(&xsdt))?;
+    let rsdp = Rsdp::new(OEM_ID, xsdt_addr.0);
+    mem.write_slice(&aml_bytes(&rsdp), rsdp_addr)
+        .map_err(AcpiError::GuestMemory)?;
+    Ok(rsdp_addr)
+}
+
+fn aml_bytes(obj: &dyn Aml) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    obj.to_aml_bytes(&mut bytes);
+    bytes
+}
+
+/// Places tables one after another in the ACPI area.
+struct TableWriter<'a, M> {
+    mem: &'a M,
+    next: u64,
+}
+
+impl<'a, M: GuestMemoryBackend> TableWriter<'a, M> {
+    fn new(mem: &'a M) -> Self {
+        TableWriter {
+            mem,
+            next: ACPI_START.0,
+        }
+    }
+
+    fn reserve(&mut self, len: u64) -> Result<GuestAddress, AcpiError> {
+        let addr = self.next.next_multiple_of(TABLE_ALIGN);
+        let end = addr + len;
+        if end > ACPI_START.0 + ACPI_SIZE as u64 {
+            return Err(AcpiError::TooLarge(end - ACPI_START.0));
+        }
+        self.next = end;
+        Ok(GuestAddress(addr))
+    }
+
+    fn write(&mut self, table: &[u8]) -> Result<GuestAddress, AcpiError> {
+        let addr = self.reserve(table.len() as u64)?;
+        self.mem
+            .write_slice(table, addr)
+            .map_err(AcpiError::GuestMemory)?;
+        Ok(addr)
+    }
+}
+
+fn io_register(port: u16) -> GAS {
+    GAS::new(
+        AddressSpace::SystemIo,
+        8,
+        0,
+        AccessSize::ByteAccess,
+        u64::from(port),
+    )
+}
+
+fn fadt(dsdt: GuestAddress) -> acpi_tables::fadt::FADT {
+    let mut fadt = FADTBuilder::new(OEM_ID, *b"FERROFAC", OEM_REVISION)
+        .dsdt_64(dsdt.0)
+        .flag(Flags::HwReducedAcpi)
+        .flag(Flags::ResetRegSup)
+        // No fixed-feature power or sleep buttons.
+        .flag(Flags::PwrButton)
+        .flag(Flags::SlpButton);
+    fadt.iapc_boot_arch = IAPC_BOOT_ARCH_VGA_NOT_PRESENT.into();
+    fadt.sleep_control_reg = io_register(ports::ACPI_SLEEP_CONTROL);
+    fadt.sleep_status_reg = io_register(ports::ACPI_SLEEP_STATUS);
+    fadt.reset_reg = io_register(ports::ACPI_RESET);
+    fadt.reset_value = ports::ACPI_RESET_VALUE;
+    fadt.hypervisor_vendor_identity = u64::from_le_bytes(*b"FERROVMM").into();
+    fadt.finalize()
+}
+
+const MADT_LOCAL_APIC: u8 = 0;
+const MADT_IO_APIC: u8 = 1;
+const MADT_INTERRUPT_OVERRIDE: u8 = 2;
+const MADT_LOCAL_APIC_NMI: u8 = 4;
+
+fn madt(cpus: u32) -> Sdt {
+    let mut madt = Sdt::new(*b"APIC", 44, 5, OEM_ID, *b"FERROMAD", OEM_REVISION);
+    madt.write_u32(36, APIC_START as u32);
+    // Flags stay 0: no PC-AT 8259 for the guest to disable (hardware-reduced platform).
+    for id in 0..cpus {
+        let id = id as u8;
+        madt.append_slice(&[MADT_LOCAL_APIC, 8, id, id, 1, 0, 0, 0]);
+    }
+    let mut ioapic = vec![MADT_IO_APIC, 12, 0, 0];
+    ioapic.extend_from_slice(&(IOAPIC_START as u32).to_le_bytes());
+    ioapic.extend_from_slice(&0u32.to_le_bytes()); // GSI base
+    madt.append_slice(&ioapic);
+    // ISA IRQ 0 (PIT) arrives on GSI 2, as on every PC.
+    let mut iso = vec![MADT_INTERRUPT_OVERRIDE, 10, 0, 0];
+    iso.extend_from_slice(&2u32.to_le_bytes());
+    iso.extend_from_slice(&0u16.to_le_bytes());
+    madt.append_slice(&iso);
+    // NMI on LINT1 of every processor (UID 0xff = all).
+    madt.append_slice(&[MADT_LOCAL_APIC_NMI, 6, 0xff, 0, 0, 1]);
+    madt
+}
+
+fn dsdt() -> Sdt {
+    let com1_hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0501"));
+    let com1_uid = aml::Name::new("_UID".into(), &aml::ZERO);
+    let com1_io = aml::IO::new(ports::COM1, ports::COM1, 1, ports::COM_SIZE as u8);
+    let com1_irq = aml::Interrupt::new(true, true, false, false, crate::layout::irqs::COM1);
+    let com1_crs = aml::Name::new(
+        "_CRS".into(),
+        &aml::ResourceTemplate::new(vec![&com1_io, &com1_irq]),
+    );
+    let com1 = aml::Device::new("COM1".into(), vec![&com1_hid, &com1_uid, &com1_crs]);
+
+    let rtc_hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0B00"));
+    let rtc_io = aml::IO::new(ports::CMOS, ports::CMOS, 1, ports::CMOS_SIZE as u8);
+    let rtc_crs = aml::Name::new("_CRS".into(), &aml::ResourceTemplate::new(vec![&rtc_io]));
+    let rtc = aml::Device::new("RTC_".into(), vec![&rtc_hid, &rtc_crs]);
+
+    let system_bus = aml::Scope::new("\\_SB_".into(), vec![&com1, &rtc]);
+    let s5 = aml::Name::new(
+        "_S5_".into(),
+        &aml::Package::new(vec![&SLEEP_TYPE_S5, &SLEEP_TYPE_S5, &aml::ZERO, &aml::ZERO]),
+    );
+    let mut dsdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, *b"FERRODSD", OEM_REVISION);
+    dsdt.append_slice(&aml_bytes(&system_bus));
+    dsdt.append_slice(&aml_bytes(&s5));
+    dsdt
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::GuestMemoryMmap;
+
+    fn mem() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap()
+    }
+
+    fn read(mem: &GuestMemoryMmap, addr: u64, len: usize) -> Vec<u8> {
+        let mut buf = vec![0u8; len];
+        mem.read_slice(&mut buf, GuestAddress(addr)).unwrap();
+        buf
+    }
+
+    fn u32_at(b: &[u8], off: usize) -> u32 {
+        u32::from_le_bytes(b[off..off + 4].try_into().unwrap())
+    }
+
+    fn u64_at(b: &[u8], off: usize) -> u64 {
+        u64::from_le_bytes(b[off..off + 8].try_into().unwrap())
+    }
+
+    fn checksum_ok(b: &[u8]) -> bool {
+        b.iter().fold(0u8, |acc, x| acc.wrapping_add(*x)) == 0
+    }
+
+    /// Reads a whole table at `addr`, checking its signature, length and checksum.
+    fn table(mem: &GuestMemoryMmap, addr: u64, signature: &[u8; 4]) -> Vec<u8> {
+        let header = read(mem, addr, 36);
+        assert_eq!(&header[0..4], signature);
+        let bytes = read(mem, addr, u32_at(&header, 4) as usize);
+        assert!(
+            checksum_ok(&bytes),
+            "{} checksum",
+            String::from_utf8_lossy(signature)
+        );
+        assert_eq!(&bytes[10..16], &OEM_ID);
+        bytes
+    }
+
+    struct Tables {
+        fadt: Vec<u8>,
+        madt: Vec<u8>,
+        dsdt: Vec<u8>,
+    }
+
+    fn build(cpus: u32) -> Tables {
+        let mem = mem();
+        let rsdp_addr = write_acpi_tables(&mem, &AcpiConfig { cpus }).unwrap();
+        assert_eq!(rsdp_addr, ACPI_START);
+        let rsdp = read(&mem, rsdp_addr.0, 36);
+        assert_eq!(&rsdp[0..8], b"RSD PTR ");
+        assert!(checksum_ok(&rsdp[0..20]));
+        assert!(checksum_ok(&rsdp));
+        assert_eq!(rsdp[15], 2, "ACPI 2.0+ RSDP");
+        let xsdt = table(&mem, u64_at(&rsdp, 24), b"XSDT");
+        assert_eq!(xsdt.len(), 36 + 16);
+        let fadt = table(&mem, u64_at(&xsdt, 36), b"FACP");
+        let madt = table(&mem, u64_at(&xsdt, 44), b"APIC");
+        let dsdt = table(&mem, u64_at(&fadt, 140), b"DSDT");
+        Tables { fadt, madt, dsdt }
+    }
+
+    #[test]
+    fn fadt_is_hardware_reduced_with_sleep_and_reset_registers() {
+        let t = build(1);
+        let flags = u32_at(&t.fadt, 112);
+        assert_ne!(flags & Flags::HwReducedAcpi as u32, 0);
+        assert_ne!(flags & Flags::ResetRegSup as u32, 0);
+        // RESET_REG: system I/O, 8 bits, at the ACPI reset port; then RESET_VALUE.
+        assert_eq!(t.fadt[116], 1);
+        assert_eq!(u64_at(&t.fadt, 120), u64::from(ports::ACPI_RESET));
+        assert_eq!(t.fadt[128], ports::ACPI_RESET_VALUE);
+        // SLEEP_CONTROL_REG and SLEEP_STATUS_REG (offsets 244 and 256).
+        assert_eq!(t.fadt[244], 1);
+        assert_eq!(u64_at(&t.fadt, 248), u64::from(ports::ACPI_SLEEP_CONTROL));
+        assert_eq!(u64_at(&t.fadt, 260), u64::from(ports::ACPI_SLEEP_STATUS));
+        assert_eq!(&t.fadt[268..276], b"FERROVMM");
+    }
+
+    #[test]
+    fn madt_lists_every_cpu_the_ioapic_and_overrides() {
+        let t = build(4);
+        assert_eq!(u32_at(&t.madt, 36), APIC_START as u32);
+        let mut apic_ids = Vec::new();
+        let (mut ioapics, mut isos, mut nmis) = (0, 0, 0);
+        let mut off = 44;
+        while off < t.madt.len() {
+            let (kind, len) = (t.madt[off], t.madt[off + 1] as usize);
+            match kind {
+                MADT_LOCAL_APIC => {
+                    assert_eq!(u32_at(&t.madt, off + 4), 1, "enabled");
+                    apic_ids.push(t.madt[off + 3]);
+                }
+                MADT_IO_APIC => {
+                    assert_eq!(u32_at(&t.madt, off + 4), IOAPIC_START as u32);
+                    ioapics += 1;
+                }
+                MADT_INTERRUPT_OVERRIDE => {
+                    assert_eq!((t.madt[off + 3], u32_at(&t.madt, off + 4)), (0, 2));
+                    isos += 1;
+                }
+                MADT_LOCAL_APIC_NMI => {
+                    assert_eq!(t.madt[off + 5], 1, "LINT1");
+                    nmis += 1;
+                }
+                other => panic!("unexpected MADT entry {other}"),
+            }
+            off += len;
+        }
+        assert_eq!(off, t.madt.len());
+        assert_eq!(apic_ids, vec![0, 1, 2, 3]);
+        assert_eq!((ioapics, isos, nmis), (1, 1, 1));
+    }
+
+    #[test]
+    fn sixty_four_cpus_fit() {
+        let t = build(64);
+        assert_eq!(t.madt.len(), 44 + 64 * 8 + 12 + 10 + 6);
+    }
+
+    #[test]
+    fn dsdt_declares_s5_serial_and_rtc() {
+        let t = build(1);
+        let contains = |needle: &[u8]| t.dsdt.windows(needle.len()).any(|w| w == needle);
+        // Name(_S5_, Package(4) {5, 5, 0, 0})
+        assert!(contains(&[
+            0x08, b'_', b'S', b'5', b'_', 0x12, 0x08, 0x04, 0x0a, 5, 0x0a, 5, 0, 0
+        ]));
+        assert!(contains(b"COM1"));
+        assert!(contains(b"RTC_"));
+        // EISAID("PNP0501") and EISAID("PNP0B00") encodings.
+        assert!(contains(&[0x0c, 0x41, 0xd0, 0x05, 0x01]));
+        assert!(contains(&[0x0c, 0x41, 0xd0, 0x0b, 0x00]));
+        // IO(Decode16, 0x3f8, 0x3f8, 1, 8)
+        assert!(contains(&[0x47, 0x01, 0xf8, 0x03, 0xf8, 0x03, 0x01, 0x08]));
+        // Extended interrupt descriptor for IRQ 4, edge, active high, exclusive, consumer.
+        assert!(contains(&[0x89, 0x06, 0x00, 0x03, 0x01, 0x04, 0, 0, 0]));
+    }
+}

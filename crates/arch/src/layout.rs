@@ -1,0 +1,164 @@
+//! The guest-physical memory map of a Ferro PC.
+//!
+//! ```text
+//! 0x0000_0500  GDT                       0x0000_0520  IDT (empty)
+//! 0x0000_6000  PVH start info, modules, memory map
+//! 0x0000_7000  Linux zero page (boot_params)
+//! 0x0000_8ff0  boot stack (grows down)
+//! 0x0000_9000  PML4, 0xa000 PDPT, 0xb000..0xf000 four page directories (identity map 4 GiB)
+//! 0x0002_0000  kernel command line
+//! 0x0009_fc00  EBDA (reserved) .. 0x000a_0000 legacy VGA/BIOS hole
+//! 0x000e_0000  ACPI tables (RSDP first) .. 0x0010_0000
+//! 0x0010_0000  RAM: kernel, then free memory, initramfs at the top of low RAM
+//! 0xc000_0000  32-bit MMIO hole (devices, IOAPIC 0xfec0_0000, LAPIC 0xfee0_0000)
+//! 0x1_0000_0000  RAM above 4 GiB (the part of guest memory that did not fit below the hole)
+//! ```
+
+use vm_memory::GuestAddress;
+
+pub const BOOT_GDT_START: GuestAddress = GuestAddress(0x500);
+/// Size in bytes the GDT may occupy (up to the IDT).
+pub const BOOT_GDT_MAX_SIZE: usize = 0x20;
+pub const BOOT_IDT_START: GuestAddress = GuestAddress(0x520);
+pub const PVH_INFO_START: GuestAddress = GuestAddress(0x6000);
+pub const PVH_MODLIST_START: GuestAddress = GuestAddress(0x6040);
+pub const PVH_MEMMAP_START: GuestAddress = GuestAddress(0x6100);
+pub const PVH_MEMMAP_MAX_ENTRIES: usize = 128;
+pub const ZERO_PAGE_START: GuestAddress = GuestAddress(0x7000);
+pub const BOOT_STACK_POINTER: u64 = 0x8ff0;
+pub const PML4_START: GuestAddress = GuestAddress(0x9000);
+pub const PDPT_START: GuestAddress = GuestAddress(0xa000);
+pub const PD_START: GuestAddress = GuestAddress(0xb000);
+pub const CMDLINE_START: GuestAddress = GuestAddress(0x20000);
+/// Longest command line Ferro places in memory (the kernel may accept less).
+pub const CMDLINE_MAX_SIZE: usize = 0x10000;
+pub const EBDA_START: u64 = 0x9fc00;
+pub const LEGACY_HOLE_START: u64 = 0xa0000;
+pub const ACPI_START: GuestAddress = GuestAddress(0xe0000);
+pub const ACPI_SIZE: usize = 0x20000;
+/// First byte of "high" memory, where the kernel is loaded.
+pub const HIGH_RAM_START: GuestAddress = GuestAddress(0x10_0000);
+/// Start of the 32-bit MMIO hole; low RAM ends here at the latest.
+pub const MMIO_HOLE_START: u64 = 0xc000_0000;
+/// First address above 4 GiB, where RAM that did not fit below the hole continues.
+pub const RAM_ABOVE_4G_START: u64 = 0x1_0000_0000;
+pub const IOAPIC_START: u64 = 0xfec0_0000;
+pub const APIC_START: u64 = 0xfee0_0000;
+
+/// I/O ports of the platform devices.
+pub mod ports {
+    pub const COM1: u16 = 0x3f8;
+    pub const COM_SIZE: u16 = 8;
+    pub const I8042: u16 = 0x60;
+    pub const I8042_SIZE: u16 = 5;
+    pub const CMOS: u16 = 0x70;
+    pub const CMOS_SIZE: u16 = 2;
+    pub const POST: u16 = 0x80;
+    /// ACPI sleep control/status and reset registers.
+    pub const ACPI_PM: u16 = 0x600;
+    pub const ACPI_PM_SIZE: u16 = 4;
+    pub const ACPI_SLEEP_CONTROL: u16 = ACPI_PM;
+    pub const ACPI_SLEEP_STATUS: u16 = ACPI_PM + 1;
+    pub const ACPI_RESET: u16 = ACPI_PM + 2;
+    /// Value the guest writes to [`ACPI_RESET`] to reset the machine.
+    pub const ACPI_RESET_VALUE: u8 = 0x1;
+}
+
+/// Interrupt lines (ISA IRQ = GSI) of the legacy devices and their IOAPIC wiring.
+pub mod irqs {
+    pub const COM1: u32 = 4;
+    /// Pins of the (single) IOAPIC.
+    pub const IOAPIC_PINS: u32 = 24;
+
+    /// (GSI, IOAPIC pin) pairs of a PC: ISA IRQ 0 (the PIT) is wired to pin 2, as the MADT's
+    /// interrupt source override says; every other GSI to the pin of the same number. The
+    /// 8259 PIC is left unconnected because a hardware-reduced ACPI guest never programs it.
+    pub fn ioapic_routes() -> Vec<(u32, u32)> {
+        (0..IOAPIC_PINS)
+            .filter(|&gsi| gsi != 2)
+            .map(|gsi| (gsi, if gsi == 0 { 2 } else { gsi }))
+            .collect()
+    }
+}
+
+/// Guest RAM ranges (start, size) for `size` bytes of memory: below the MMIO hole first, the
+/// rest above 4 GiB.
+pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, u64)> {
+    if size <= MMIO_HOLE_START {
+        vec![(GuestAddress(0), size)]
+    } else {
+        vec![
+            (GuestAddress(0), MMIO_HOLE_START),
+            (GuestAddress(RAM_ABOVE_4G_START), size - MMIO_HOLE_START),
+        ]
+    }
+}
+
+/// One past the last byte of RAM below the MMIO hole.
+pub fn low_ram_end(size: u64) -> u64 {
+    size.min(MMIO_HOLE_START)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_memory_is_one_range() {
+        assert_eq!(ram_ranges(512 << 20), vec![(GuestAddress(0), 512 << 20)]);
+        assert_eq!(low_ram_end(512 << 20), 512 << 20);
+    }
+
+    #[test]
+    fn memory_past_the_hole_continues_above_4g() {
+        let ranges = ram_ranges(8 << 30);
+        assert_eq!(
+            ranges,
+            vec![
+                (GuestAddress(0), MMIO_HOLE_START),
+                (
+                    GuestAddress(RAM_ABOVE_4G_START),
+                    (8 << 30) - MMIO_HOLE_START
+                )
+            ]
+        );
+        assert_eq!(ranges.iter().map(|r| r.1).sum::<u64>(), 8 << 30);
+        assert_eq!(low_ram_end(8 << 30), MMIO_HOLE_START);
+    }
+
+    #[test]
+    fn pit_irq_is_routed_to_pin_2_and_no_pin_is_shared() {
+        let routes = irqs::ioapic_routes();
+        assert!(routes.contains(&(0, 2)));
+        assert!(routes.contains(&(irqs::COM1, irqs::COM1)));
+        let mut pins: Vec<u32> = routes.iter().map(|r| r.1).collect();
+        pins.sort();
+        pins.dedup();
+        assert_eq!(pins.len(), routes.len());
+    }
+
+    #[test]
+    fn fixed_boot_structures_do_not_overlap() {
+        let mut areas = [
+            (BOOT_GDT_START.0, BOOT_GDT_MAX_SIZE as u64),
+            (BOOT_IDT_START.0, 8),
+            (PVH_INFO_START.0, 0x40),
+            (PVH_MODLIST_START.0, 0x20),
+            (PVH_MEMMAP_START.0, PVH_MEMMAP_MAX_ENTRIES as u64 * 24),
+            (ZERO_PAGE_START.0, 0x1000),
+            (BOOT_STACK_POINTER - 0x800, 0x800),
+            (PML4_START.0, 0x1000),
+            (PDPT_START.0, 0x1000),
+            (PD_START.0, 0x4000),
+            (CMDLINE_START.0, CMDLINE_MAX_SIZE as u64),
+            (ACPI_START.0, ACPI_SIZE as u64),
+        ];
+        areas.sort();
+        for pair in areas.windows(2) {
+            assert!(pair[0].0 + pair[0].1 <= pair[1].0, "{pair:x?} overlap");
+        }
+        let last = areas[areas.len() - 1];
+        assert!(last.0 + last.1 <= HIGH_RAM_START.0);
+        assert!(CMDLINE_START.0 + CMDLINE_MAX_SIZE as u64 <= EBDA_START);
+    }
+}

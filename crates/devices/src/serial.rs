@@ -1,0 +1,182 @@
+//! The COM1 16550A UART: vm-superio's model, an irqfd as its interrupt line, and an eventfd
+//! that tells the console feeder when the guest has drained the receive FIFO.
+
+use std::io::Write;
+
+use vm_superio::serial::SerialEvents;
+use vm_superio::Trigger;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::bus::BusDevice;
+
+/// Raises the UART's interrupt line by writing to its irqfd.
+#[derive(Debug)]
+pub struct IrqTrigger(pub EventFd);
+
+impl Trigger for IrqTrigger {
+    type E = std::io::Error;
+
+    fn trigger(&self) -> std::io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+/// Signals `drained` whenever the guest empties the receive FIFO.
+#[derive(Debug)]
+pub struct InputDrained(pub EventFd);
+
+impl SerialEvents for InputDrained {
+    fn buffer_read(&self) {}
+    fn out_byte(&self) {}
+    fn tx_lost_byte(&self) {}
+    fn in_buffer_empty(&self) {
+        if let Err(e) = self.0.write(1) {
+            tracing::warn!("cannot signal serial input drain: {e}");
+        }
+    }
+}
+
+type Uart = vm_superio::Serial<IrqTrigger, InputDrained, Box<dyn Write + Send>>;
+
+/// The guest's serial port.
+pub struct Serial {
+    uart: Uart,
+    output_failed: bool,
+}
+
+impl std::fmt::Debug for Serial {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Serial").finish_non_exhaustive()
+    }
+}
+
+impl Serial {
+    /// A UART interrupting through `irq`, writing what the guest sends to `out`.
+    pub fn new(irq: EventFd, drained: EventFd, out: Box<dyn Write + Send>) -> Self {
+        Serial {
+            uart: vm_superio::Serial::with_events(IrqTrigger(irq), InputDrained(drained), out),
+            output_failed: false,
+        }
+    }
+
+    /// Queues bytes for the guest to read; returns how many fit in the FIFO (0 when full).
+    pub fn enqueue_input(&mut self, bytes: &[u8]) -> usize {
+        match self.uart.enqueue_raw_bytes(bytes) {
+            Ok(n) => n,
+            Err(vm_superio::serial::Error::FullFifo) => 0,
+            Err(e) => {
+                tracing::warn!("serial input: {e}");
+                0
+            }
+        }
+    }
+
+    /// Free space in the receive FIFO.
+    pub fn input_capacity(&self) -> usize {
+        self.uart.fifo_capacity()
+    }
+}
+
+impl BusDevice for Serial {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        // The UART has byte-wide registers; a wider access reads the first register only.
+        data.fill(0);
+        if let (Some(first), Ok(offset)) = (data.first_mut(), u8::try_from(offset)) {
+            *first = self.uart.read(offset);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        let (Some(&value), Ok(offset)) = (data.first(), u8::try_from(offset)) else {
+            return;
+        };
+        if let Err(e) = self.uart.write(offset, value) {
+            // Report a broken console once; the guest must not notice.
+            if !self.output_failed {
+                tracing::warn!("serial output lost: {e}");
+                self.output_failed = true;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    struct Shared(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Shared {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn serial() -> (Serial, EventFd, EventFd, Shared) {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let drained = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let out = Shared::default();
+        let s = Serial::new(
+            irq.try_clone().unwrap(),
+            drained.try_clone().unwrap(),
+            Box::new(out.clone()),
+        );
+        (s, irq, drained, out)
+    }
+
+    const DATA: u64 = 0;
+    const IER: u64 = 1;
+    const LSR: u64 = 5;
+
+    #[test]
+    fn guest_output_reaches_the_writer() {
+        let (mut s, _irq, _drained, out) = serial();
+        for b in b"hi\n" {
+            s.write(DATA, &[*b]);
+        }
+        assert_eq!(&*out.0.lock().unwrap(), b"hi\n");
+    }
+
+    #[test]
+    fn input_raises_the_interrupt_and_drain_is_signalled() {
+        let (mut s, irq, drained, _out) = serial();
+        s.write(IER, &[0x01]); // receive-data interrupt on
+        assert_eq!(s.enqueue_input(b"ab"), 2);
+        assert_eq!(irq.read().unwrap(), 1);
+        let mut byte = [0u8];
+        s.read(LSR, &mut byte);
+        assert_eq!(byte[0] & 1, 1, "data ready");
+        s.read(DATA, &mut byte);
+        assert_eq!(byte[0], b'a');
+        assert!(drained.read().is_err(), "not drained yet");
+        s.read(DATA, &mut byte);
+        assert_eq!(byte[0], b'b');
+        assert_eq!(drained.read().unwrap(), 1);
+    }
+
+    #[test]
+    fn a_full_fifo_accepts_nothing_more() {
+        let (mut s, _irq, _drained, _out) = serial();
+        let cap = s.input_capacity();
+        assert_eq!(s.enqueue_input(&vec![b'x'; cap + 10]), cap);
+        assert_eq!(s.enqueue_input(b"y"), 0);
+        assert_eq!(s.input_capacity(), 0);
+    }
+
+    #[test]
+    fn odd_accesses_do_not_panic() {
+        let (mut s, _irq, _drained, _out) = serial();
+        s.write(3, &[]);
+        s.read(u64::MAX, &mut []);
+        let mut wide = [0xffu8; 4];
+        s.read(LSR, &mut wide);
+        assert_eq!(&wide[1..], &[0, 0, 0]);
+        s.write(1000, &[1]);
+    }
+}

@@ -1,0 +1,105 @@
+//! `ferro run`: one VM in the foreground with its serial console on the terminal.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use api::{ByteSize, VmConfig};
+use clap::Args;
+
+use crate::error_chain;
+
+const RUN_HELP: &str = "\
+Console:
+  The guest's serial console (ttyS0) is connected to this terminal. When stdin is a
+  terminal it is put in raw mode and Ctrl-A starts an escape sequence:
+    Ctrl-A x        quit (stops the VM at once)
+    Ctrl-A h        help
+    Ctrl-A Ctrl-A   send Ctrl-A to the guest
+  With pipes, input and output pass through unchanged.
+
+Exit codes:
+  0    the guest powered off (or rebooted with --no-reboot), or Ctrl-A x
+  1    the VMM failed while setting up or running the VM
+  2    invalid command line or configuration (e.g. zero CPUs, too little or too much memory)
+  3    the kernel or initramfs is missing, unreadable, or not a bootable Linux image
+  4    /dev/kvm is missing, not accessible, or lacks a capability Ferro needs
+  5    the guest triple-faulted (registers are printed)
+  6    KVM could not run the guest: internal error, entry failure or unexpected exit
+       (registers are printed)
+  128+N  stopped by signal N (SIGINT, SIGTERM or SIGHUP)";
+
+/// Boot a Linux kernel in a VM, console on this terminal.
+#[derive(Debug, Args)]
+#[command(after_help = RUN_HELP)]
+pub struct RunArgs {
+    /// Linux kernel: a bzImage, or an uncompressed ELF vmlinux with a PVH entry point.
+    #[arg(long, value_name = "PATH")]
+    kernel: PathBuf,
+
+    /// Initramfs to load with the kernel.
+    #[arg(long, value_name = "PATH")]
+    initrd: Option<PathBuf>,
+
+    /// Kernel command line.
+    #[arg(long, value_name = "STRING", default_value = api::DEFAULT_CMDLINE)]
+    cmdline: String,
+
+    /// Number of vCPUs (1 to 64).
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    cpus: u32,
+
+    /// Guest memory, e.g. 512M or 4G (a bare number is in MiB); at least 128M.
+    #[arg(long, value_name = "SIZE", default_value = "512M")]
+    memory: ByteSize,
+
+    /// Exit when the guest reboots instead of booting it again.
+    #[arg(long)]
+    no_reboot: bool,
+}
+
+impl RunArgs {
+    fn into_config(self) -> VmConfig {
+        VmConfig {
+            kernel: self.kernel,
+            initrd: self.initrd,
+            cmdline: self.cmdline,
+            cpus: self.cpus,
+            memory: self.memory,
+            no_reboot: self.no_reboot,
+        }
+    }
+}
+
+fn fail(code: vmm::ExitCode, message: &str) -> ExitCode {
+    eprintln!("ferro: error: {message}");
+    ExitCode::from(code as u8)
+}
+
+pub fn run(args: RunArgs) -> ExitCode {
+    let config = args.into_config();
+    // Refuse a bad configuration before touching the terminal.
+    if let Err(e) = config.validate() {
+        return fail(vmm::ExitCode::Usage, &e.to_string());
+    }
+    let mut console = match vmm::Console::stdio() {
+        Ok(console) => console,
+        Err(e) => {
+            return fail(
+                vmm::ExitCode::VmmError,
+                &format!("cannot set up the console: {e}"),
+            )
+        }
+    };
+    let result = vmm::run(&config, &mut console);
+    drop(console); // restores the terminal before anything is printed
+    match result {
+        Ok(outcome) => ExitCode::from(outcome.exit_code() as u8),
+        Err(e) => {
+            let code = fail(e.exit_code(), &error_chain(&e));
+            if let Some(registers) = e.guest_registers() {
+                eprintln!("{registers}");
+            }
+            code
+        }
+    }
+}

@@ -1,0 +1,136 @@
+//! One guest: its memory slots, in-kernel interrupt controllers and timers, and irqfds.
+
+use std::sync::Arc;
+
+use kvm_bindings::{
+    kvm_irq_routing_entry, kvm_irq_routing_entry__bindgen_ty_1, kvm_irq_routing_irqchip,
+    kvm_pit_config, kvm_userspace_memory_region, KvmIrqRouting, KVM_IRQCHIP_IOAPIC,
+    KVM_IRQ_ROUTING_IRQCHIP, KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::VmFd;
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::error::{ioctl_err, Error, Result};
+use crate::vcpu::Vcpu;
+
+/// Guest-physical address of the three pages KVM needs for the real-mode TSS on Intel;
+/// just below the BIOS area at the top of the 32-bit space, as QEMU places it.
+pub const KVM_TSS_ADDRESS: u64 = 0xfffb_d000;
+/// Guest-physical page KVM uses for its real-mode identity map on Intel.
+pub const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
+
+/// A KVM virtual machine.
+#[derive(Debug)]
+pub struct Vm {
+    fd: VmFd,
+    max_vcpus: usize,
+    /// Keeps the mappings registered with KVM alive as long as the VM exists.
+    memory: Option<Arc<GuestMemoryMmap>>,
+}
+
+impl Vm {
+    pub(crate) fn new(fd: VmFd, max_vcpus: usize) -> Self {
+        Vm {
+            fd,
+            max_vcpus,
+            memory: None,
+        }
+    }
+
+    /// Sets the x86 system addresses KVM needs and creates the in-kernel PIC, IOAPIC, local
+    /// APICs (per vCPU, later) and PIT. Must be called before any vCPU is created.
+    pub fn create_platform_devices(&self) -> Result<()> {
+        self.fd
+            .set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
+            .map_err(ioctl_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
+        let tss = usize::try_from(KVM_TSS_ADDRESS)
+            .map_err(|_| Error::Invalid("TSS address does not fit usize".into()))?;
+        self.fd
+            .set_tss_address(tss)
+            .map_err(ioctl_err("KVM_SET_TSS_ADDR"))?;
+        self.fd
+            .create_irq_chip()
+            .map_err(ioctl_err("KVM_CREATE_IRQCHIP"))?;
+        // The PC speaker port (0x61) is served by KVM without producing sound.
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        self.fd
+            .create_pit2(pit)
+            .map_err(ioctl_err("KVM_CREATE_PIT2"))
+    }
+
+    /// Registers every region of `memory` as a KVM memory slot (slot numbers in region order).
+    pub fn register_memory(&mut self, memory: Arc<GuestMemoryMmap>) -> Result<()> {
+        for (slot, region) in memory.iter().enumerate() {
+            let host_addr = region
+                .get_host_address(vm_memory::MemoryRegionAddress(0))
+                .map_err(|e| {
+                    Error::Invalid(format!("guest memory region has no host mapping: {e}"))
+                })?;
+            let slot = u32::try_from(slot)
+                .map_err(|_| Error::Invalid("too many guest memory regions".into()))?;
+            let mem_region = kvm_userspace_memory_region {
+                slot,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: host_addr as u64,
+                flags: 0,
+            };
+            // SAFETY: the host range belongs to a live mmap owned by `memory`, and `self.memory`
+            // keeps that mapping alive for as long as this VM (and its memory slots) exists.
+            unsafe { self.fd.set_user_memory_region(mem_region) }
+                .map_err(ioctl_err("KVM_SET_USER_MEMORY_REGION"))?;
+        }
+        self.memory = Some(memory);
+        Ok(())
+    }
+
+    /// Replaces KVM's interrupt routing: each `(gsi, pin)` pair sends GSI `gsi` to pin `pin` of
+    /// the in-kernel IOAPIC. GSIs not listed are not routed anywhere.
+    pub fn set_ioapic_routes(&self, routes: &[(u32, u32)]) -> Result<()> {
+        let entries: Vec<kvm_irq_routing_entry> = routes
+            .iter()
+            .map(|&(gsi, pin)| kvm_irq_routing_entry {
+                gsi,
+                type_: KVM_IRQ_ROUTING_IRQCHIP,
+                u: kvm_irq_routing_entry__bindgen_ty_1 {
+                    irqchip: kvm_irq_routing_irqchip {
+                        irqchip: KVM_IRQCHIP_IOAPIC,
+                        pin,
+                    },
+                },
+                ..Default::default()
+            })
+            .collect();
+        let routing = KvmIrqRouting::from_entries(&entries)
+            .map_err(|e| Error::Invalid(format!("too many interrupt routes: {e:?}")))?;
+        self.fd
+            .set_gsi_routing(&routing)
+            .map_err(ioctl_err("KVM_SET_GSI_ROUTING"))
+    }
+
+    /// Makes a write to `event` raise guest interrupt line `gsi`.
+    pub fn register_irqfd(&self, event: &EventFd, gsi: u32) -> Result<()> {
+        self.fd
+            .register_irqfd(event, gsi)
+            .map_err(ioctl_err("KVM_IRQFD"))
+    }
+
+    /// Creates vCPU number `id` (its initial APIC ID is `id` as well).
+    pub fn create_vcpu(&self, id: u32) -> Result<Vcpu> {
+        if id as usize >= self.max_vcpus {
+            return Err(Error::Invalid(format!(
+                "vCPU {id} exceeds the host's limit of {} vCPUs",
+                self.max_vcpus
+            )));
+        }
+        let fd = self
+            .fd
+            .create_vcpu(u64::from(id))
+            .map_err(ioctl_err("KVM_CREATE_VCPU"))?;
+        Ok(Vcpu::new(fd, id))
+    }
+}

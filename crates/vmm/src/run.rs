@@ -1,0 +1,79 @@
+//! `ferro run`: checks the configuration against the host, then boots the machine again and
+//! again for as long as the guest reboots.
+
+use api::{ByteSize, VmConfig};
+use hypervisor::Hypervisor;
+
+use crate::console::Console;
+use crate::error::Error;
+use crate::machine::{BootFiles, Machine, StopReason};
+use crate::signals::{self, TerminationSignals};
+use crate::vcpu::HostCpu;
+
+/// How a VM run ended when nothing failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The guest powered off.
+    PoweredOff,
+    /// The guest rebooted and `no_reboot` was set.
+    Rebooted,
+    /// The user quit from the console.
+    Quit,
+    /// A termination signal (SIGINT, SIGTERM, SIGHUP) stopped the VM.
+    Signal(i32),
+}
+
+impl Outcome {
+    /// The process exit code for this outcome.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Outcome::PoweredOff | Outcome::Rebooted | Outcome::Quit => 0,
+            Outcome::Signal(signal) => 128 + signal,
+        }
+    }
+}
+
+fn check_host_limits(config: &VmConfig, hv: &Hypervisor) -> Result<(), Error> {
+    let max = hv.max_vcpus();
+    if config.cpus as usize > max {
+        return Err(Error::TooManyCpusForHost {
+            requested: config.cpus,
+            max,
+        });
+    }
+    if let Some(host) = hypervisor::host_memory_bytes() {
+        if config.memory.0 > host {
+            return Err(Error::MemoryTooLarge {
+                requested: config.memory,
+                host: ByteSize(host),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Runs the VM described by `config` with its serial console on `console`.
+pub fn run(config: &VmConfig, console: &mut Console) -> Result<Outcome, Error> {
+    config.validate()?;
+    if !hypervisor::host_has_hardware_virtualization() {
+        tracing::warn!(
+            "this host has no hardware virtualization (no vmx/svm in /proc/cpuinfo): guests may be very slow or fail"
+        );
+    }
+    let hv = Hypervisor::open().map_err(Error::Kvm)?;
+    check_host_limits(config, &hv)?;
+    let mut files = BootFiles::open(config)?;
+    let host = HostCpu::probe(&hv)?;
+    signals::install_vcpu_kick_handler().map_err(Error::ControlLoop)?;
+    let signals = TerminationSignals::block().map_err(Error::ControlLoop)?;
+    loop {
+        let machine = Machine::build(&hv, &host, config, &mut files, console.output())?;
+        match machine.run(console, &signals)? {
+            StopReason::PowerOff => return Ok(Outcome::PoweredOff),
+            StopReason::Reset if config.no_reboot => return Ok(Outcome::Rebooted),
+            StopReason::Reset => tracing::info!("guest reset; booting again"),
+            StopReason::Quit => return Ok(Outcome::Quit),
+            StopReason::Signal(signal) => return Ok(Outcome::Signal(signal)),
+        }
+    }
+}

@@ -1,0 +1,230 @@
+//! vCPU setup (CPUID, MSRs, FPU, LAPIC, entry registers) and the thread that runs a vCPU.
+//!
+//! A vCPU thread loops on `KVM_RUN`, dispatches port I/O and MMIO exits to the buses, and stops
+//! when the shared stop flag is set (the control loop kicks it out of `KVM_RUN` with a signal).
+//! A guest failure is reported once through a channel plus an eventfd, register dump included.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use arch::boot::EntryPoint;
+use arch::cpuid::CpuidConfig;
+use devices::bus::Bus;
+use devices::PowerEvents;
+use hypervisor::{CpuidEntry, SystemEvent, Vcpu, VcpuExit};
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::Killable;
+
+use crate::error::Error;
+use crate::signals;
+
+/// What the host's KVM offers every vCPU; probed once per VMM process.
+#[derive(Debug, Clone)]
+pub(crate) struct HostCpu {
+    supported_cpuid: Vec<CpuidEntry>,
+    tsc_deadline: bool,
+}
+
+impl HostCpu {
+    pub fn probe(hv: &hypervisor::Hypervisor) -> Result<Self, Error> {
+        Ok(HostCpu {
+            supported_cpuid: hv.supported_cpuid()?,
+            tsc_deadline: hv.has_tsc_deadline_timer(),
+        })
+    }
+}
+
+/// Puts `vcpu` in its power-on state for a VM of `cpus` vCPUs. `entry` is given for the boot
+/// vCPU only; the others wait for the guest's INIT/SIPI.
+pub(crate) fn configure(
+    vcpu: &Vcpu,
+    host: &HostCpu,
+    cpus: u32,
+    entry: Option<&EntryPoint>,
+) -> Result<(), Error> {
+    let config = CpuidConfig {
+        cpus,
+        tsc_deadline: host.tsc_deadline,
+    };
+    vcpu.set_cpuid(&arch::cpuid::guest_cpuid(
+        &host.supported_cpuid,
+        vcpu.id(),
+        &config,
+    ))?;
+    let refused = vcpu.set_msrs(&arch::regs::boot_msrs())?;
+    if !refused.is_empty() {
+        tracing::debug!("vCPU {}: KVM refused MSRs {refused:x?}", vcpu.id());
+    }
+    vcpu.set_fpu(&arch::regs::boot_fpu())?;
+    let mut lapic = vcpu.get_lapic()?;
+    arch::regs::configure_lapic_lint(&mut lapic);
+    vcpu.set_lapic(&lapic)?;
+    if let Some(entry) = entry {
+        vcpu.set_regs(&arch::regs::boot_regs(entry))?;
+        let sregs = arch::regs::boot_sregs(
+            vcpu.get_sregs()?,
+            entry.segment_mode(),
+            arch::layout::PML4_START.0,
+        );
+        vcpu.set_sregs(&sregs)?;
+    }
+    Ok(())
+}
+
+/// Everything a vCPU thread needs.
+pub(crate) struct VcpuRunner {
+    pub vcpu: Vcpu,
+    pub pio: Arc<Bus>,
+    pub mmio: Arc<Bus>,
+    pub power: PowerEvents,
+    pub stop: Arc<AtomicBool>,
+    pub failures: Sender<Error>,
+    pub failure_event: EventFd,
+}
+
+/// What to do after an exit.
+enum Next {
+    Continue,
+    Fail(Error),
+}
+
+impl VcpuRunner {
+    pub fn spawn(self) -> Result<JoinHandle<()>, Error> {
+        let id = self.vcpu.id();
+        std::thread::Builder::new()
+            .name(format!("vcpu{id}"))
+            .spawn(move || self.run())
+            .map_err(|source| Error::SpawnVcpu { id, source })
+    }
+
+    fn run(mut self) {
+        while !self.stop.load(Ordering::Acquire) {
+            if let Next::Fail(error) = self.run_once() {
+                tracing::debug!("vCPU {} stops: {error}", self.vcpu.id());
+                let _ = self.failures.send(error);
+                let _ = self.failure_event.write(1);
+                return;
+            }
+        }
+    }
+
+    fn run_once(&mut self) -> Next {
+        let id = self.vcpu.id();
+        let exit = match self.vcpu.run() {
+            Ok(exit) => exit,
+            Err(source) => return Next::Fail(Error::VcpuRun { id, source }),
+        };
+        let failure = match exit {
+            VcpuExit::IoIn { port, data } => {
+                if !self.pio.read(u64::from(port), data) {
+                    tracing::trace!("unhandled port read {port:#x}");
+                    data.fill(0xff);
+                }
+                return Next::Continue;
+            }
+            VcpuExit::IoOut { port, data } => {
+                if !self.pio.write(u64::from(port), data) {
+                    tracing::trace!("unhandled port write {port:#x}");
+                }
+                return Next::Continue;
+            }
+            VcpuExit::MmioRead { addr, data } => {
+                if !self.mmio.read(addr, data) {
+                    tracing::trace!("unhandled MMIO read {addr:#x}");
+                    data.fill(0xff);
+                }
+                return Next::Continue;
+            }
+            VcpuExit::MmioWrite { addr, data } => {
+                if !self.mmio.write(addr, data) {
+                    tracing::trace!("unhandled MMIO write {addr:#x}");
+                }
+                return Next::Continue;
+            }
+            VcpuExit::Interrupted => return Next::Continue,
+            VcpuExit::SystemEvent(SystemEvent::Shutdown) => {
+                self.power.request_shutdown();
+                return Next::Continue;
+            }
+            VcpuExit::SystemEvent(SystemEvent::Reset) => {
+                self.power.request_reset();
+                return Next::Continue;
+            }
+            VcpuExit::Shutdown => GuestFailure::TripleFault,
+            VcpuExit::InternalError => GuestFailure::Internal,
+            VcpuExit::FailEntry { reason } => GuestFailure::FailEntry(reason),
+            VcpuExit::SystemEvent(SystemEvent::Crash) => GuestFailure::CrashEvent,
+            VcpuExit::SystemEvent(SystemEvent::Other(kind)) => {
+                GuestFailure::Unexpected(format!("system event {kind}"))
+            }
+            VcpuExit::Hlt => GuestFailure::Unexpected("HLT".into()),
+            VcpuExit::Unexpected(what) => GuestFailure::Unexpected(what),
+        };
+        Next::Fail(self.describe(failure))
+    }
+
+    fn describe(&mut self, failure: GuestFailure) -> Error {
+        let id = self.vcpu.id();
+        let registers = self.vcpu.dump_registers();
+        match failure {
+            GuestFailure::TripleFault => Error::TripleFault { id, registers },
+            GuestFailure::Internal => Error::InternalError {
+                id,
+                suberror: self.vcpu.internal_error_suberror(),
+                registers,
+            },
+            GuestFailure::FailEntry(reason) => Error::FailEntry {
+                id,
+                reason,
+                registers,
+            },
+            GuestFailure::CrashEvent => Error::GuestCrashEvent { id, registers },
+            GuestFailure::Unexpected(exit) => Error::UnexpectedExit {
+                id,
+                exit,
+                registers,
+            },
+        }
+    }
+}
+
+enum GuestFailure {
+    TripleFault,
+    Internal,
+    FailEntry(u64),
+    CrashEvent,
+    Unexpected(String),
+}
+
+/// How long stopping vCPU threads may take before the VMM gives up waiting for them.
+const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Stops every vCPU thread: sets the stop flag and kicks each thread until it has left
+/// `KVM_RUN` (a single kick could arrive just before a thread enters `KVM_RUN`).
+pub(crate) fn stop_all(stop: &AtomicBool, handles: Vec<JoinHandle<()>>) {
+    stop.store(true, Ordering::Release);
+    let deadline = Instant::now() + STOP_TIMEOUT;
+    loop {
+        let running: Vec<_> = handles.iter().filter(|h| !h.is_finished()).collect();
+        if running.is_empty() {
+            break;
+        }
+        if Instant::now() > deadline {
+            tracing::error!(
+                "{} vCPU thread(s) did not stop; leaving them behind",
+                running.len()
+            );
+            return;
+        }
+        for handle in running {
+            let _ = handle.kill(signals::vcpu_kick_signal());
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    for handle in handles {
+        let _ = handle.join();
+    }
+}
