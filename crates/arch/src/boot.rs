@@ -29,7 +29,7 @@ use crate::layout::{
     self, CMDLINE_MAX_SIZE, CMDLINE_START, HIGH_RAM_START, PVH_INFO_START, PVH_MEMMAP_MAX_ENTRIES,
     PVH_MEMMAP_START, PVH_MODLIST_START, ZERO_PAGE_START,
 };
-use crate::{paging, regs};
+use crate::{bios, paging, regs};
 
 /// Errors while loading a kernel and writing its boot information.
 #[derive(Debug, thiserror::Error)]
@@ -288,6 +288,7 @@ pub fn write_boot_info<M: GuestMemoryBackend>(mem: &M, info: &BootInfo<'_>) -> R
     regs::write_boot_descriptor_tables(mem, info.kernel.entry.segment_mode())
         .map_err(guest_mem_err("GDT"))?;
     paging::write_identity_page_tables(mem).map_err(guest_mem_err("page tables"))?;
+    bios::write_reset_vector(mem).map_err(guest_mem_err("reset vector"))?;
     match info.kernel.setup_header {
         Some(header) => write_zero_page(mem, info, header),
         None => write_pvh_start_info(mem, info),

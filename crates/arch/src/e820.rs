@@ -1,6 +1,6 @@
 //! The E820 memory map handed to the guest (through boot_params or the PVH start info).
 
-use crate::layout::{self, ACPI_SIZE, ACPI_START, EBDA_START, HIGH_RAM_START};
+use crate::layout::{self, ACPI_START, EBDA_START, HIGH_RAM_START};
 
 /// E820 entry types (ACPI address range types).
 pub const E820_RAM: u32 = 1;
@@ -28,9 +28,10 @@ pub fn memory_map(memory_size: u64) -> Vec<E820Entry> {
             size: layout::LEGACY_HOLE_START - EBDA_START,
             kind: E820_RESERVED,
         },
+        // ACPI tables and the reset vector: the BIOS area.
         E820Entry {
             addr: ACPI_START.0,
-            size: ACPI_SIZE as u64,
+            size: HIGH_RAM_START.0 - ACPI_START.0,
             kind: E820_RESERVED,
         },
     ];

@@ -8,7 +8,8 @@
 //! 0x0000_9000  PML4, 0xa000 PDPT, 0xb000..0xf000 four page directories (identity map 4 GiB)
 //! 0x0002_0000  kernel command line
 //! 0x0009_fc00  EBDA (reserved) .. 0x000a_0000 legacy VGA/BIOS hole
-//! 0x000e_0000  ACPI tables (RSDP first) .. 0x0010_0000
+//! 0x000e_0000  ACPI tables (RSDP first) .. 0x000f_f000
+//! 0x000f_fff0  reset vector: a stub that asks the VMM for a reset (see `bios`)
 //! 0x0010_0000  RAM: kernel, then free memory, initramfs at the top of low RAM
 //! 0xc000_0000  32-bit MMIO hole (devices, IOAPIC 0xfec0_0000, LAPIC 0xfee0_0000)
 //! 0x1_0000_0000  RAM above 4 GiB (the part of guest memory that did not fit below the hole)
@@ -35,7 +36,10 @@ pub const CMDLINE_MAX_SIZE: usize = 0x10000;
 pub const EBDA_START: u64 = 0x9fc00;
 pub const LEGACY_HOLE_START: u64 = 0xa0000;
 pub const ACPI_START: GuestAddress = GuestAddress(0xe0000);
-pub const ACPI_SIZE: usize = 0x20000;
+pub const ACPI_SIZE: usize = 0x1f000;
+/// Where a CPU starts after reset (CS=0xF000, IP=0xFFF0), and where Linux jumps for a "BIOS"
+/// reboot.
+pub const RESET_VECTOR: GuestAddress = GuestAddress(0xffff0);
 /// First byte of "high" memory, where the kernel is loaded.
 pub const HIGH_RAM_START: GuestAddress = GuestAddress(0x10_0000);
 /// Start of the 32-bit MMIO hole; low RAM ends here at the latest.
@@ -152,6 +156,7 @@ mod tests {
             (PD_START.0, 0x4000),
             (CMDLINE_START.0, CMDLINE_MAX_SIZE as u64),
             (ACPI_START.0, ACPI_SIZE as u64),
+            (RESET_VECTOR.0, 16),
         ];
         areas.sort();
         for pair in areas.windows(2) {

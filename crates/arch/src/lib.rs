@@ -5,6 +5,7 @@
 //! nothing calls KVM, so all of it is unit-tested without `/dev/kvm`. No threads.
 
 pub mod acpi;
+pub mod bios;
 pub mod boot;
 pub mod cpuid;
 pub mod e820;

@@ -2,6 +2,7 @@
 
 mod run;
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -35,6 +36,7 @@ fn init_logging(verbose: u8) {
     let filter = EnvFilter::try_from_env("FERRO_LOG").unwrap_or_else(|_| EnvFilter::new(default));
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(filter)
         .without_time()
         .with_target(false)

@@ -2,7 +2,7 @@
 //! vCPUs, and the control loop that runs while the guest does.
 
 use std::fs::File;
-use std::io::Write;
+use std::io::{Seek, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
@@ -177,13 +177,13 @@ impl Machine {
         let kernel = arch::boot::load_kernel(memory, &mut files.kernel).map_err(kernel_err)?;
         let initrd = match &mut files.initrd {
             Some((file, path)) => {
-                let size = file
-                    .metadata()
-                    .map_err(|source| Error::OpenInitrd {
-                        path: path.clone(),
-                        source,
-                    })?
-                    .len();
+                let read_err = |source| Error::OpenInitrd {
+                    path: path.clone(),
+                    source,
+                };
+                let size = file.metadata().map_err(read_err)?.len();
+                // Every boot reads the file again from its start.
+                file.rewind().map_err(read_err)?;
                 let placed = arch::boot::load_initrd(memory, &kernel, config.memory.0, file, size)
                     .map_err(|source| Error::Boot {
                         path: path.clone(),
@@ -242,9 +242,11 @@ impl Machine {
         if result.is_ok() {
             result = self.control_loop(console, signals, &failures, &failure_event);
         }
+        tracing::debug!("boot ends: {result:?}");
         self.transition(VmState::Stopping);
         vcpu::stop_all(&stop, handles);
         self.transition(VmState::Stopped);
+        tracing::debug!("all vCPUs stopped");
         // A vCPU that failed while others were being stopped still explains the end.
         match (result, failures.try_recv()) {
             (Ok(StopReason::Reset | StopReason::PowerOff), Ok(failure)) => Err(failure),

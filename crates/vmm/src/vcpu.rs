@@ -30,8 +30,22 @@ pub(crate) struct HostCpu {
 
 impl HostCpu {
     pub fn probe(hv: &hypervisor::Hypervisor) -> Result<Self, Error> {
+        let supported_cpuid = hv.supported_cpuid()?;
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            for e in &supported_cpuid {
+                tracing::debug!(
+                    "KVM CPUID {:08x}.{:x}: {:08x} {:08x} {:08x} {:08x}",
+                    e.function,
+                    e.index,
+                    e.eax,
+                    e.ebx,
+                    e.ecx,
+                    e.edx
+                );
+            }
+        }
         Ok(HostCpu {
-            supported_cpuid: hv.supported_cpuid()?,
+            supported_cpuid,
             tsc_deadline: hv.has_tsc_deadline_timer(),
         })
     }

@@ -87,7 +87,7 @@ impl Captured {
 }
 
 struct Guest {
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
     config: VmConfig,
 }
 
@@ -99,7 +99,7 @@ fn guest(image: Vec<u8>) -> Guest {
         memory: ByteSize::mib(128),
         ..VmConfig::new(kernel)
     };
-    Guest { _dir: dir, config }
+    Guest { dir, config }
 }
 
 /// Runs `config` with no console input; returns the outcome and the serial output.
@@ -189,10 +189,14 @@ fn reset_boots_the_guest_again_until_the_user_quits() {
     if !kvm_tests_enabled() {
         return;
     }
-    let g = guest(test_images::bzimage(&asm::program(&[
+    let mut g = guest(test_images::bzimage(&asm::program(&[
         &asm::serial(b"B"),
         asm::ACPI_RESET,
     ])));
+    // Every boot must load the initramfs again from the start of the file.
+    let initrd = g.dir.path().join("initrd");
+    std::fs::write(&initrd, vec![0x5a; 100_000]).unwrap();
+    g.config.initrd = Some(initrd);
     let out = Captured::default();
     let (mut keyboard, input) = UnixStream::pair().unwrap();
     let mut console = Console::new(Box::new(input), Box::new(out.clone()), true).unwrap();

@@ -1,0 +1,25 @@
+#!/bin/sh
+# init of Ferro's default test guest (busybox). Loads the kernel's virtio modules, says it is
+# ready, runs the command given as ferro.run="..." on the kernel command line, powers off.
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+mkdir -p /dev/pts /tmp /run
+mount -t devpts devpts /dev/pts
+mount -t tmpfs tmpfs /tmp
+while read -r module; do
+    insmod "/lib/modules/$module" || echo "ferro-guest: cannot load $module"
+done < /etc/modules-order
+echo "ferro-guest: ready"
+cmd=$(sed -n 's/.*ferro\.run="\([^"]*\)".*/\1/p' /proc/cmdline)
+if [ -z "$cmd" ]; then
+    cmd=$(tr ' ' '\n' < /proc/cmdline | sed -n 's/^ferro\.run=//p')
+fi
+if [ -n "$cmd" ]; then
+    # The console becomes the controlling terminal, so `ferro.run=sh` is a usable shell.
+    setsid cttyhack sh -c "$cmd"
+    echo "ferro-guest: exit $?"
+fi
+sync
+poweroff -f
