@@ -16,10 +16,15 @@ cmd=$(sed -n 's/.*ferro\.run="\([^"]*\)".*/\1/p' /proc/cmdline)
 if [ -z "$cmd" ]; then
     cmd=$(tr ' ' '\n' < /proc/cmdline | sed -n 's/^ferro\.run=//p')
 fi
+# Waits until everything written to the console has been sent (tcsetattr with TCSADRAIN).
+drain='stty "$(stty -g)" 2>/dev/null'
 if [ -n "$cmd" ]; then
-    # The console becomes the controlling terminal, so `ferro.run=sh` is a usable shell.
-    setsid cttyhack sh -c "$cmd"
+    # The console becomes the controlling terminal, so `ferro.run=sh` is a usable shell. Its
+    # session ends with a hangup that discards unsent output, so drain before leaving.
+    setsid cttyhack sh -c "$cmd"'
+rc=$?; '"$drain"'; exit $rc'
     echo "ferro-guest: exit $?"
 fi
 sync
+eval "$drain"
 poweroff -f

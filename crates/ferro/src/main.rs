@@ -33,14 +33,22 @@ fn init_logging(verbose: u8) {
         2 => "debug",
         _ => "trace",
     };
-    let filter = EnvFilter::try_from_env("FERRO_LOG").unwrap_or_else(|_| EnvFilter::new(default));
-    tracing_subscriber::fmt()
+    let from_env = EnvFilter::try_from_env("FERRO_LOG").ok();
+    // Plain warnings by default; timestamps (seconds since start) once the user asks for more.
+    let detailed = verbose > 0 || from_env.is_some();
+    let filter = from_env.unwrap_or_else(|| EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(filter)
-        .without_time()
-        .with_target(false)
-        .init();
+        .with_target(false);
+    if detailed {
+        builder
+            .with_timer(tracing_subscriber::fmt::time::uptime())
+            .init();
+    } else {
+        builder.without_time().init();
+    }
 }
 
 /// The error and its sources on one line.

@@ -68,6 +68,7 @@ pub fn run(config: &VmConfig, console: &mut Console) -> Result<Outcome, Error> {
     let signals = TerminationSignals::block().map_err(Error::ControlLoop)?;
     loop {
         let machine = Machine::build(&hv, &host, config, &mut files, console.output())?;
+        tracing::debug!("VM built; starting the guest");
         match machine.run(console, &signals)? {
             StopReason::PowerOff => return Ok(Outcome::PoweredOff),
             StopReason::Reset if config.no_reboot => return Ok(Outcome::Rebooted),

@@ -1,0 +1,130 @@
+//! The `ferro` binary as users run it: exit codes, one-line errors, the no-hardware-
+//! virtualization warning, and a tiny kernel booted on the local /dev/kvm.
+//!
+//! The KVM cases need /dev/kvm; FERRO_SKIP_KVM_TESTS=1 skips them.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+fn ferro(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ferro"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn kvm_tests_enabled() -> bool {
+    std::env::var_os("FERRO_SKIP_KVM_TESTS").is_none()
+}
+
+/// 64-bit code: print "hi\n" on COM1, then ACPI power-off.
+fn hello_kernel(dir: &Path) -> String {
+    let mut code = vec![0x66, 0xba, 0xf8, 0x03];
+    for b in b"hi\n" {
+        code.extend_from_slice(&[0xb0, *b, 0xee]);
+    }
+    code.extend_from_slice(&[0x66, 0xba, 0x00, 0x06, 0xb0, 0x34, 0xee, 0xf4, 0xeb, 0xfd]);
+    let path = dir.join("hello");
+    std::fs::write(&path, arch::test_images::bzimage(&code)).unwrap();
+    path.display().to_string()
+}
+
+#[test]
+fn help_documents_flags_and_exit_codes() {
+    let out = ferro(&["run", "--help"]);
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for needle in [
+        "--kernel",
+        "--initrd",
+        "--cmdline",
+        "--cpus",
+        "--memory",
+        "--no-reboot",
+        "Exit codes",
+        "Ctrl-A x",
+    ] {
+        assert!(help.contains(needle), "help lacks {needle}:\n{help}");
+    }
+}
+
+#[test]
+fn usage_errors_exit_2_with_one_line() {
+    let out = ferro(&["run", "--kernel", "/k", "--cpus", "0"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(stderr(&out), "ferro: error: a VM needs at least one vCPU\n");
+    let out = ferro(&["run", "--kernel", "/k", "--memory", "12Q"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("invalid size"), "{}", stderr(&out));
+    let out = ferro(&["run"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("--kernel"), "{}", stderr(&out));
+}
+
+#[test]
+fn tiny_kernel_boots_and_powers_off() {
+    if !kvm_tests_enabled() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = hello_kernel(dir.path());
+    let out = ferro(&[
+        "run", "--kernel", &kernel, "--memory", "128M", "--cpus", "2",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hi\n");
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap();
+    let has_hw_virt = cpuinfo.split_whitespace().any(|f| f == "vmx" || f == "svm");
+    let warned = stderr(&out).contains("no hardware virtualization");
+    assert_eq!(warned, !has_hw_virt, "{}", stderr(&out));
+    assert!(stderr(&out).lines().count() <= 1, "{}", stderr(&out));
+}
+
+#[test]
+fn missing_kernel_exits_3_with_one_error_line() {
+    if !kvm_tests_enabled() {
+        return;
+    }
+    let out = ferro(&["run", "--kernel", "/nonexistent/bzImage"]);
+    assert_eq!(out.status.code(), Some(3));
+    let errors: Vec<String> = stderr(&out)
+        .lines()
+        .filter(|l| l.contains("error"))
+        .map(String::from)
+        .collect();
+    assert_eq!(
+        errors,
+        vec!["ferro: error: cannot open the kernel /nonexistent/bzImage: No such file or directory (os error 2)"]
+    );
+}
+
+#[test]
+fn triple_fault_exits_5_and_prints_registers() {
+    if !kvm_tests_enabled() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = dir.path().join("crash");
+    std::fs::write(&kernel, arch::test_images::bzimage(&[0x0f, 0x0b])).unwrap();
+    let out = ferro(&[
+        "run",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--memory",
+        "128M",
+    ]);
+    assert_eq!(out.status.code(), Some(5));
+    let err = stderr(&out);
+    assert!(
+        err.contains("ferro: error: vCPU 0: the guest triple-faulted"),
+        "{err}"
+    );
+    assert!(err.contains("rip=") && err.contains("cr3="), "{err}");
+}
