@@ -260,6 +260,49 @@ fn triple_fault_is_reported_with_registers() {
     assert_eq!(out, "X");
 }
 
+/// On this project's development hosts (`kvm_pvm`, no vmx/svm) KVM cannot emulate
+/// `lock cmpxchg16b` in guest kernel mode and reports KVM_EXIT_INTERNAL_ERROR; on hardware
+/// KVM the instruction just runs. Either way the ending must be reported correctly.
+#[test]
+fn kvm_internal_error_is_reported_with_registers() {
+    if !kvm_tests_enabled() {
+        return;
+    }
+    let mut code = vec![0xbf, 0x00, 0x20, 0x00, 0x00]; // mov edi, 0x2000
+    code.extend_from_slice(&[0xf0, 0x48, 0x0f, 0xc7, 0x0f]); // lock cmpxchg16b [rdi]
+    code.extend_from_slice(&asm::serial(b"D"));
+    code.extend_from_slice(asm::POWEROFF);
+    let g = guest(test_images::bzimage(&asm::program(&[&code])));
+    let (result, out) = run(&g.config);
+    let hardware = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap()
+        .split_whitespace()
+        .any(|flag| flag == "vmx" || flag == "svm");
+    match result {
+        Err(err @ Error::InternalError { .. }) => {
+            assert!(
+                matches!(
+                    err,
+                    Error::InternalError {
+                        id: 0,
+                        suberror: 1,
+                        ..
+                    }
+                ),
+                "{err:?}"
+            );
+            assert_eq!(err.exit_code(), vmm::ExitCode::GuestKvmError);
+            assert!(err.guest_registers().unwrap().contains("rip="));
+            assert_eq!(out, "");
+        }
+        Ok(Outcome::PoweredOff) => {
+            assert!(hardware, "kvm_pvm is known to fail this instruction");
+            assert_eq!(out, "D");
+        }
+        other => panic!("unexpected ending {other:?}"),
+    }
+}
+
 #[test]
 fn bad_inputs_give_their_errors() {
     if !kvm_tests_enabled() {
