@@ -3,7 +3,7 @@
 //! Layout (from the FADT): offset 0 sleep control, 1 sleep status, 2 reset. Writing
 //! `SLP_EN | SLP_TYP=5` (S5) powers the machine off; writing the reset value resets it.
 
-use crate::bus::BusDevice;
+use crate::bus::ByteRegisters;
 use crate::PowerEvents;
 
 const SLEEP_CONTROL: u64 = 0;
@@ -32,14 +32,13 @@ impl AcpiPm {
     }
 }
 
-impl BusDevice for AcpiPm {
-    fn read(&mut self, _offset: u64, data: &mut [u8]) {
+impl ByteRegisters for AcpiPm {
+    fn read_byte(&mut self, _offset: u64) -> u8 {
         // Sleep status reads as "awake, nothing pending"; the other registers are write-only.
-        data.fill(0);
+        0
     }
 
-    fn write(&mut self, offset: u64, data: &[u8]) {
-        let Some(&value) = data.first() else { return };
+    fn write_byte(&mut self, offset: u64, value: u8) {
         match offset {
             SLEEP_CONTROL if value & SLP_EN != 0 => {
                 let sleep_type = (value >> SLP_TYP_SHIFT) & SLP_TYP_MASK;
@@ -59,6 +58,7 @@ impl BusDevice for AcpiPm {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bus::BusDevice;
 
     fn pm() -> (AcpiPm, PowerEvents) {
         let events = PowerEvents::new().unwrap();

@@ -9,6 +9,29 @@ pub trait BusDevice: Send {
     fn write(&mut self, offset: u64, data: &[u8]);
 }
 
+/// A device made of byte-wide registers, as the legacy PC devices are. A wider access reads
+/// the addressed register into the first byte (the rest reads as zero) and writes only the
+/// first byte; an empty access does nothing.
+pub trait ByteRegisters: Send {
+    fn read_byte(&mut self, offset: u64) -> u8;
+    fn write_byte(&mut self, offset: u64, value: u8);
+}
+
+impl<T: ByteRegisters> BusDevice for T {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        if let Some(first) = data.first_mut() {
+            *first = self.read_byte(offset);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if let Some(&value) = data.first() {
+            self.write_byte(offset, value);
+        }
+    }
+}
+
 /// Errors when building a bus.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum BusError {

@@ -7,7 +7,7 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::bus::BusDevice;
+use crate::bus::ByteRegisters;
 
 const INDEX_PORT: u64 = 0;
 const DATA_PORT: u64 = 1;
@@ -279,7 +279,6 @@ impl Cmos {
                 if value & REG_B_SET != 0 && !setting {
                     self.latch_time(); // freeze the clock in the registers
                 }
-                // Re-encode the latched time if the format changes while frozen.
                 self.ram[usize::from(REG_B)] = value;
                 if value & REG_B_SET == 0 && setting {
                     self.adopt_time();
@@ -300,21 +299,15 @@ impl Cmos {
     }
 }
 
-impl BusDevice for Cmos {
-    fn read(&mut self, offset: u64, data: &mut [u8]) {
-        let value = match offset {
-            INDEX_PORT => 0xff, // the index register is write-only
+impl ByteRegisters for Cmos {
+    fn read_byte(&mut self, offset: u64) -> u8 {
+        match offset {
             DATA_PORT => self.read_register(self.index),
-            _ => 0xff,
-        };
-        data.fill(0);
-        if let Some(first) = data.first_mut() {
-            *first = value;
+            _ => 0xff, // the index register is write-only
         }
     }
 
-    fn write(&mut self, offset: u64, data: &[u8]) {
-        let Some(&value) = data.first() else { return };
+    fn write_byte(&mut self, offset: u64, value: u8) {
         match offset {
             // Bit 7 of the index port gates NMIs on real hardware; it is not part of the index.
             INDEX_PORT => self.index = value & INDEX_MASK,
@@ -327,6 +320,7 @@ impl BusDevice for Cmos {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bus::BusDevice;
     use std::sync::atomic::{AtomicI64, Ordering};
     use std::sync::Arc;
 

@@ -3,7 +3,7 @@
 //!
 //! Ports: offset 0 is the data port (0x60), offset 4 the status/command port (0x64).
 
-use crate::bus::BusDevice;
+use crate::bus::ByteRegisters;
 use crate::PowerEvents;
 
 const DATA_PORT: u64 = 0;
@@ -98,21 +98,16 @@ impl I8042 {
     }
 }
 
-impl BusDevice for I8042 {
-    fn read(&mut self, offset: u64, data: &mut [u8]) {
-        let value = match offset {
+impl ByteRegisters for I8042 {
+    fn read_byte(&mut self, offset: u64) -> u8 {
+        match offset {
             DATA_PORT => self.output.take().unwrap_or(0),
             COMMAND_PORT => self.status(),
             _ => 0xff,
-        };
-        data.fill(0);
-        if let Some(first) = data.first_mut() {
-            *first = value;
         }
     }
 
-    fn write(&mut self, offset: u64, data: &[u8]) {
-        let Some(&value) = data.first() else { return };
+    fn write_byte(&mut self, offset: u64, value: u8) {
         match offset {
             DATA_PORT => {
                 self.last_was_command = false;
@@ -130,6 +125,7 @@ impl BusDevice for I8042 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bus::BusDevice;
 
     fn kbd() -> (I8042, PowerEvents) {
         let events = PowerEvents::new().unwrap();

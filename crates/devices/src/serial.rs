@@ -7,7 +7,7 @@ use vm_superio::serial::SerialEvents;
 use vm_superio::Trigger;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::bus::BusDevice;
+use crate::bus::ByteRegisters;
 
 /// Raises the UART's interrupt line by writing to its irqfd.
 #[derive(Debug)]
@@ -77,17 +77,13 @@ impl Serial {
     }
 }
 
-impl BusDevice for Serial {
-    fn read(&mut self, offset: u64, data: &mut [u8]) {
-        // The UART has byte-wide registers; a wider access reads the first register only.
-        data.fill(0);
-        if let (Some(first), Ok(offset)) = (data.first_mut(), u8::try_from(offset)) {
-            *first = self.uart.read(offset);
-        }
+impl ByteRegisters for Serial {
+    fn read_byte(&mut self, offset: u64) -> u8 {
+        u8::try_from(offset).map_or(0xff, |offset| self.uart.read(offset))
     }
 
-    fn write(&mut self, offset: u64, data: &[u8]) {
-        let (Some(&value), Ok(offset)) = (data.first(), u8::try_from(offset)) else {
+    fn write_byte(&mut self, offset: u64, value: u8) {
+        let Ok(offset) = u8::try_from(offset) else {
             return;
         };
         if let Err(e) = self.uart.write(offset, value) {
@@ -103,6 +99,7 @@ impl BusDevice for Serial {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bus::BusDevice;
     use std::sync::{Arc, Mutex};
 
     #[derive(Clone, Default)]
