@@ -17,7 +17,7 @@ fn bus() -> Bus {
         EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"),
         Box::new(std::io::sink()),
     );
-    let mut bus = Bus::new();
+    let bus = Bus::new();
     let clone = || power.try_clone().expect("eventfd");
     bus.insert(Arc::new(Mutex::new(serial)), ports::COM1.into(), 8).expect("bus");
     bus.insert(Arc::new(Mutex::new(devices::i8042::I8042::new(clone()))), ports::I8042.into(), 5)

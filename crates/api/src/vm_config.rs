@@ -46,6 +46,9 @@ pub struct VmConfig {
     /// Turn a guest reboot into an exit instead of restarting the guest.
     #[serde(default)]
     pub no_reboot: bool,
+    /// A virtio-rng device fed from the host's getrandom.
+    #[serde(default)]
+    pub rng: bool,
 }
 
 /// A configuration that cannot describe a VM, whatever the host.
@@ -71,6 +74,7 @@ impl VmConfig {
             cpus: default_cpus(),
             memory: default_memory(),
             no_reboot: false,
+            rng: false,
         }
     }
 

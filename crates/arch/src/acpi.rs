@@ -5,18 +5,20 @@
 //! - the MADT lists its CPUs (one local APIC per vCPU), the IOAPIC and the legacy IRQ override;
 //! - the FADT's sleep control register (port 0x600) and `_S5` make `poweroff` work, and its
 //!   reset register (port 0x602) makes `reboot` work;
-//! - the DSDT describes the COM1 UART and the CMOS RTC.
+//! - the DSDT describes the COM1 UART, the CMOS RTC and the PCI root bridge (its bus, I/O and
+//!   memory windows and INTx routing); the MCFG announces the PCI ECAM.
 
 use acpi_tables::aml;
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
+use acpi_tables::mcfg::MCFG;
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
 use acpi_tables::Aml;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
-use crate::layout::{ports, ACPI_SIZE, ACPI_START, APIC_START, IOAPIC_START};
+use crate::layout::{self, irqs, ports, ACPI_SIZE, ACPI_START, APIC_START, IOAPIC_START};
 
 pub const OEM_ID: [u8; 6] = *b"FERRO ";
 const OEM_REVISION: u32 = 1;
@@ -38,6 +40,8 @@ pub enum AcpiError {
 #[derive(Debug, Clone, Copy)]
 pub struct AcpiConfig {
     pub cpus: u32,
+    /// Guest RAM, which decides where the 64-bit PCI window starts.
+    pub memory_size: u64,
 }
 
 /// Builds all tables and writes them at [`ACPI_START`]; returns the RSDP's address.
@@ -47,12 +51,16 @@ pub fn write_acpi_tables<M: GuestMemoryBackend>(
 ) -> Result<GuestAddress, AcpiError> {
     let mut writer = TableWriter::new(mem);
     let rsdp_addr = writer.reserve(Rsdp::len() as u64)?;
-    let dsdt_addr = writer.write(dsdt().as_slice())?;
+    let dsdt_addr = writer.write(dsdt(config).as_slice())?;
     let fadt_addr = writer.write(&aml_bytes(&fadt(dsdt_addr)))?;
     let madt_addr = writer.write(madt(config.cpus).as_slice())?;
+    let mut mcfg = MCFG::new(OEM_ID, *b"FERROMCF", OEM_REVISION);
+    mcfg.add_ecam(layout::PCI_ECAM_START, 0, 0, 0);
+    let mcfg_addr = writer.write(&aml_bytes(&mcfg))?;
     let mut xsdt = XSDT::new(OEM_ID, *b"FERROXSD", OEM_REVISION);
     xsdt.add_entry(fadt_addr.0);
     xsdt.add_entry(madt_addr.0);
+    xsdt.add_entry(mcfg_addr.0);
     let xsdt_addr = writer.write(&aml_bytes(&xsdt))?;
     let rsdp = Rsdp::new(OEM_ID, xsdt_addr.0);
     mem.write_slice(&aml_bytes(&rsdp), rsdp_addr)
@@ -153,11 +161,86 @@ fn madt(cpus: u32) -> Sdt {
     madt
 }
 
-fn dsdt() -> Sdt {
+/// Slots whose INTx lines the _PRT describes (slot 0 is the host bridge).
+const PCI_SLOTS: std::ops::Range<u32> = 1..32;
+
+/// The PCI root bridge: PCIe host bridge on segment 0, bus 0, with its windows and routing.
+fn pci_root(memory_size: u64) -> Vec<u8> {
+    let hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0A08"));
+    let cid = aml::Name::new("_CID".into(), &aml::EISAName::new("PNP0A03"));
+    let adr = aml::Name::new("_ADR".into(), &aml::ZERO);
+    let seg = aml::Name::new("_SEG".into(), &aml::ZERO);
+    let uid = aml::Name::new("_UID".into(), &aml::ZERO);
+    let bbn = aml::Name::new("_BBN".into(), &aml::ZERO);
+    let bus = aml::AddressSpace::<u16>::new_bus_number(0, 0);
+    let config_ports = aml::IO::new(
+        ports::PCI_CONFIG,
+        ports::PCI_CONFIG,
+        1,
+        ports::PCI_CONFIG_SIZE as u8,
+    );
+    let io_window = aml::AddressSpace::<u16>::new_io(0x1000, 0xffff, None);
+    let mmio32 = aml::AddressSpace::<u32>::new_memory(
+        aml::AddressSpaceCacheable::NotCacheable,
+        true,
+        layout::PCI_MMIO32_START as u32,
+        (layout::PCI_MMIO32_START + layout::PCI_MMIO32_SIZE - 1) as u32,
+        None,
+    );
+    let mmio64_start = layout::pci_mmio64_start(memory_size);
+    let mmio64 = aml::AddressSpace::<u64>::new_memory(
+        aml::AddressSpaceCacheable::NotCacheable,
+        true,
+        mmio64_start,
+        mmio64_start + layout::PCI_MMIO64_SIZE - 1,
+        None,
+    );
+    let crs = aml::Name::new(
+        "_CRS".into(),
+        &aml::ResourceTemplate::new(vec![&bus, &config_ports, &io_window, &mmio32, &mmio64]),
+    );
+    // INTA..INTD of each slot go to GSIs 16..23, swizzled by slot.
+    let routes: Vec<(u32, u8, u32)> = PCI_SLOTS
+        .flat_map(|slot| (0..4).map(move |pin| (slot, pin as u8, irqs::pci_intx_gsi(slot, pin))))
+        .map(|(slot, pin, gsi)| ((slot << 16) | 0xffff, pin, gsi))
+        .collect();
+    let entries: Vec<aml::Package> = routes
+        .iter()
+        .map(|(address, pin, gsi)| aml::Package::new(vec![address, pin, &aml::ZERO, gsi]))
+        .collect();
+    let prt = aml::Name::new(
+        "_PRT".into(),
+        &aml::Package::new(entries.iter().map(|p| p as &dyn Aml).collect()),
+    );
+    // The OS may take every PCIe feature it asks for.
+    let capabilities = aml::Arg(3);
+    let return_capabilities = aml::Return::new(&capabilities);
+    let osc = aml::Method::new("_OSC".into(), 4, false, vec![&return_capabilities]);
+    let device = aml::Device::new(
+        "PCI0".into(),
+        vec![&hid, &cid, &adr, &seg, &uid, &bbn, &crs, &prt, &osc],
+    );
+    aml_bytes(&device)
+}
+
+/// Motherboard resources: the ECAM window, so guests trust the MCFG.
+fn motherboard_resources() -> Vec<u8> {
+    let hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0C02"));
+    let uid = aml::Name::new("_UID".into(), &aml::ZERO);
+    let ecam = aml::Memory32Fixed::new(
+        false,
+        layout::PCI_ECAM_START as u32,
+        layout::PCI_ECAM_SIZE as u32,
+    );
+    let crs = aml::Name::new("_CRS".into(), &aml::ResourceTemplate::new(vec![&ecam]));
+    aml_bytes(&aml::Device::new("MRES".into(), vec![&hid, &uid, &crs]))
+}
+
+fn dsdt(config: &AcpiConfig) -> Sdt {
     let com1_hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0501"));
     let com1_uid = aml::Name::new("_UID".into(), &aml::ZERO);
     let com1_io = aml::IO::new(ports::COM1, ports::COM1, 1, ports::COM_SIZE as u8);
-    let com1_irq = aml::Interrupt::new(true, true, false, false, crate::layout::irqs::COM1);
+    let com1_irq = aml::Interrupt::new(true, true, false, false, irqs::COM1);
     let com1_crs = aml::Name::new(
         "_CRS".into(),
         &aml::ResourceTemplate::new(vec![&com1_io, &com1_irq]),
@@ -169,13 +252,22 @@ fn dsdt() -> Sdt {
     let rtc_crs = aml::Name::new("_CRS".into(), &aml::ResourceTemplate::new(vec![&rtc_io]));
     let rtc = aml::Device::new("RTC_".into(), vec![&rtc_hid, &rtc_crs]);
 
-    let system_bus = aml::Scope::new("\\_SB_".into(), vec![&com1, &rtc]);
+    let system_bus = aml::Scope::raw(
+        "\\_SB_".into(),
+        [
+            aml_bytes(&com1),
+            aml_bytes(&rtc),
+            pci_root(config.memory_size),
+            motherboard_resources(),
+        ]
+        .concat(),
+    );
     let s5 = aml::Name::new(
         "_S5_".into(),
         &aml::Package::new(vec![&SLEEP_TYPE_S5, &SLEEP_TYPE_S5, &aml::ZERO, &aml::ZERO]),
     );
     let mut dsdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, *b"FERRODSD", OEM_REVISION);
-    dsdt.append_slice(&aml_bytes(&system_bus));
+    dsdt.append_slice(&system_bus);
     dsdt.append_slice(&aml_bytes(&s5));
     dsdt
 }
@@ -225,11 +317,19 @@ mod tests {
         fadt: Vec<u8>,
         madt: Vec<u8>,
         dsdt: Vec<u8>,
+        mcfg: Vec<u8>,
     }
 
     fn build(cpus: u32) -> Tables {
         let mem = mem();
-        let rsdp_addr = write_acpi_tables(&mem, &AcpiConfig { cpus }).unwrap();
+        let rsdp_addr = write_acpi_tables(
+            &mem,
+            &AcpiConfig {
+                cpus,
+                memory_size: 1 << 30,
+            },
+        )
+        .unwrap();
         assert_eq!(rsdp_addr, ACPI_START);
         let rsdp = read(&mem, rsdp_addr.0, 36);
         assert_eq!(&rsdp[0..8], b"RSD PTR ");
@@ -237,11 +337,17 @@ mod tests {
         assert!(checksum_ok(&rsdp));
         assert_eq!(rsdp[15], 2, "ACPI 2.0+ RSDP");
         let xsdt = table(&mem, u64_at(&rsdp, 24), b"XSDT");
-        assert_eq!(xsdt.len(), 36 + 16);
+        assert_eq!(xsdt.len(), 36 + 24);
         let fadt = table(&mem, u64_at(&xsdt, 36), b"FACP");
         let madt = table(&mem, u64_at(&xsdt, 44), b"APIC");
+        let mcfg = table(&mem, u64_at(&xsdt, 52), b"MCFG");
         let dsdt = table(&mem, u64_at(&fadt, 140), b"DSDT");
-        Tables { fadt, madt, dsdt }
+        Tables {
+            fadt,
+            madt,
+            dsdt,
+            mcfg,
+        }
     }
 
     #[test]
@@ -294,6 +400,33 @@ mod tests {
         assert_eq!(off, t.madt.len());
         assert_eq!(apic_ids, vec![0, 1, 2, 3]);
         assert_eq!((ioapics, isos, nmis), (1, 1, 1));
+    }
+
+    #[test]
+    fn mcfg_announces_the_ecam_of_bus_0() {
+        let t = build(1);
+        assert_eq!(t.mcfg.len(), 44 + 16);
+        assert_eq!(u64_at(&t.mcfg, 44), layout::PCI_ECAM_START);
+        assert_eq!(&t.mcfg[52..56], &[0, 0, 0, 0], "segment 0, buses 0..0");
+    }
+
+    #[test]
+    fn dsdt_describes_the_pci_root() {
+        let t = build(1);
+        let contains = |needle: &[u8]| t.dsdt.windows(needle.len()).any(|w| w == needle);
+        assert!(contains(b"PCI0") && contains(b"_PRT") && contains(b"_OSC") && contains(b"MRES"));
+        // EISAID("PNP0A08"), EISAID("PNP0A03"), EISAID("PNP0C02").
+        assert!(contains(&[0x0c, 0x41, 0xd0, 0x0a, 0x08]));
+        assert!(contains(&[0x0c, 0x41, 0xd0, 0x0a, 0x03]));
+        assert!(contains(&[0x0c, 0x41, 0xd0, 0x0c, 0x02]));
+        // DWordMemory window min/max: 0xc0000000..0xdfffffff.
+        assert!(contains(&[0x00, 0x00, 0x00, 0xc0, 0xff, 0xff, 0xff, 0xdf]));
+        // QWordMemory window starts at 4 GiB for 1 GiB of RAM.
+        assert!(contains(&(4u64 << 30).to_le_bytes()));
+        // _PRT entry for slot 3, INTB -> GSI 20: Package(4){0x3ffff, 1, 0, 20}.
+        assert!(contains(&[
+            0x12, 0x0b, 0x04, 0x0c, 0xff, 0xff, 0x03, 0x00, 0x01, 0x00, 0x0a, 20
+        ]));
     }
 
     #[test]

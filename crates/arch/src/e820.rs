@@ -35,6 +35,12 @@ pub fn memory_map(memory_size: u64) -> Vec<E820Entry> {
             kind: E820_RESERVED,
         },
     ];
+    // The PCI ECAM must be reserved or Linux will not use it for configuration access.
+    map.push(E820Entry {
+        addr: layout::PCI_ECAM_START,
+        size: layout::PCI_ECAM_SIZE,
+        kind: E820_RESERVED,
+    });
     for (start, size) in layout::ram_ranges(memory_size) {
         if start.0 == 0 {
             map.push(ram(HIGH_RAM_START.0, size - HIGH_RAM_START.0));
@@ -42,6 +48,7 @@ pub fn memory_map(memory_size: u64) -> Vec<E820Entry> {
             map.push(ram(start.0, size));
         }
     }
+    map.sort_by_key(|e| e.addr);
     map
 }
 
@@ -69,11 +76,19 @@ mod tests {
             }
         );
         assert_eq!(
-            map.last().copied(),
-            Some(E820Entry {
+            map[3],
+            E820Entry {
                 addr: 0x10_0000,
                 size: (256 << 20) - 0x10_0000,
                 kind: E820_RAM
+            }
+        );
+        assert_eq!(
+            map.last().copied(),
+            Some(E820Entry {
+                addr: 0xe000_0000,
+                size: 0x10_0000,
+                kind: E820_RESERVED
             })
         );
         // Only the legacy hole (0x9fc00..0x100000) is not RAM.
@@ -91,6 +106,7 @@ mod tests {
         assert_eq!(above[0].size, (6 << 30) - MMIO_HOLE_START);
         assert!(map
             .iter()
+            .filter(|e| e.kind == E820_RAM)
             .all(|e| e.addr + e.size <= MMIO_HOLE_START || e.addr >= RAM_ABOVE_4G_START));
     }
 

@@ -11,8 +11,10 @@
 //! 0x000e_0000  ACPI tables (RSDP first) .. 0x000f_f000
 //! 0x000f_fff0  reset vector: a stub that asks the VMM for a reset (see `bios`)
 //! 0x0010_0000  RAM: kernel, then free memory, initramfs at the top of low RAM
-//! 0xc000_0000  32-bit MMIO hole (devices, IOAPIC 0xfec0_0000, LAPIC 0xfee0_0000)
+//! 0xc000_0000  32-bit MMIO hole: PCI BARs (512 MiB), then PCI ECAM at 0xe000_0000, IOAPIC
+//!              0xfec0_0000, LAPIC 0xfee0_0000
 //! 0x1_0000_0000  RAM above 4 GiB (the part of guest memory that did not fit below the hole)
+//! then         64-bit PCI BAR window (64 GiB, 1 GiB aligned after RAM)
 //! ```
 
 use vm_memory::GuestAddress;
@@ -46,7 +48,17 @@ pub const HIGH_RAM_START: GuestAddress = GuestAddress(0x10_0000);
 pub const MMIO_HOLE_START: u64 = 0xc000_0000;
 /// First address above 4 GiB, where RAM that did not fit below the hole continues.
 pub const RAM_ABOVE_4G_START: u64 = 0x1_0000_0000;
+/// 32-bit window for PCI BARs.
+pub const PCI_MMIO32_START: u64 = MMIO_HOLE_START;
+pub const PCI_MMIO32_SIZE: u64 = 0x2000_0000;
+/// ECAM of PCI bus 0 (1 MiB: 32 devices x 8 functions x 4 KiB).
+pub const PCI_ECAM_START: u64 = 0xe000_0000;
+pub const PCI_ECAM_SIZE: u64 = 0x10_0000;
+/// Size of the 64-bit window for PCI BARs.
+pub const PCI_MMIO64_SIZE: u64 = 64 << 30;
 pub const IOAPIC_START: u64 = 0xfec0_0000;
+const _: () = assert!(PCI_MMIO32_START + PCI_MMIO32_SIZE <= PCI_ECAM_START);
+const _: () = assert!(PCI_ECAM_START + PCI_ECAM_SIZE <= IOAPIC_START);
 pub const APIC_START: u64 = 0xfee0_0000;
 
 /// I/O ports of the platform devices.
@@ -66,6 +78,9 @@ pub mod ports {
     pub const ACPI_RESET: u16 = ACPI_PM + 2;
     /// Value the guest writes to [`ACPI_RESET`] to reset the machine.
     pub const ACPI_RESET_VALUE: u8 = 0x1;
+    /// PCI configuration mechanism #1 (address 0xCF8, data 0xCFC; reset control 0xCF9).
+    pub const PCI_CONFIG: u16 = 0xcf8;
+    pub const PCI_CONFIG_SIZE: u16 = 8;
 }
 
 /// Interrupt lines (ISA IRQ = GSI) of the legacy devices and their IOAPIC wiring.
@@ -73,6 +88,15 @@ pub mod irqs {
     pub const COM1: u32 = 4;
     /// Pins of the (single) IOAPIC.
     pub const IOAPIC_PINS: u32 = 24;
+    /// First IOAPIC pin for PCI INTx lines (pins 16..23, as on a PC).
+    pub const PCI_INTX_BASE: u32 = 16;
+    /// First GSI for MSI routes (after the IOAPIC's pins).
+    pub const MSI_GSI_BASE: u32 = IOAPIC_PINS;
+
+    /// GSI of the INTx `pin` (0 = INTA) of PCI device `slot`, swizzled as a PC does.
+    pub fn pci_intx_gsi(slot: u32, pin: u32) -> u32 {
+        PCI_INTX_BASE + (slot + pin) % (IOAPIC_PINS - PCI_INTX_BASE)
+    }
 
     /// (GSI, IOAPIC pin) pairs of a PC: ISA IRQ 0 (the PIT) is wired to pin 2, as the MADT's
     /// interrupt source override says; every other GSI to the pin of the same number. The
@@ -96,6 +120,15 @@ pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, u64)> {
             (GuestAddress(RAM_ABOVE_4G_START), size - MMIO_HOLE_START),
         ]
     }
+}
+
+/// Start of the 64-bit PCI window for a guest with `memory_size` bytes of RAM: the first
+/// 1 GiB boundary above both 4 GiB and the end of RAM.
+pub fn pci_mmio64_start(memory_size: u64) -> u64 {
+    let ram_end = ram_ranges(memory_size)
+        .last()
+        .map_or(0, |(start, size)| start.0 + size);
+    ram_end.max(RAM_ABOVE_4G_START).next_multiple_of(1 << 30)
 }
 
 /// One past the last byte of RAM below the MMIO hole.
@@ -128,6 +161,16 @@ mod tests {
         );
         assert_eq!(ranges.iter().map(|r| r.1).sum::<u64>(), 8 << 30);
         assert_eq!(low_ram_end(8 << 30), MMIO_HOLE_START);
+    }
+
+    #[test]
+    fn pci_windows_sit_in_the_hole_and_after_ram() {
+        assert_eq!(pci_mmio64_start(512 << 20), 4 << 30);
+        assert_eq!(pci_mmio64_start(3 << 30), 4 << 30);
+        assert_eq!(pci_mmio64_start(5 << 30), 6 << 30, "RAM ends at 4G + 2G");
+        assert_eq!(irqs::pci_intx_gsi(0, 0), 16);
+        assert_eq!(irqs::pci_intx_gsi(3, 3), 22);
+        assert_eq!(irqs::pci_intx_gsi(7, 1), 16);
     }
 
     #[test]

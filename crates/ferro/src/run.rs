@@ -55,6 +55,10 @@ pub struct RunArgs {
     /// Exit when the guest reboots instead of booting it again.
     #[arg(long)]
     no_reboot: bool,
+
+    /// Add a virtio-rng device (entropy from the host's getrandom).
+    #[arg(long)]
+    rng: bool,
 }
 
 impl RunArgs {
@@ -66,6 +70,7 @@ impl RunArgs {
             cpus: self.cpus,
             memory: self.memory,
             no_reboot: self.no_reboot,
+            rng: self.rng,
         }
     }
 }

@@ -18,7 +18,7 @@ pub use error::{Error, Result};
 pub use host::{host_has_hardware_virtualization, host_memory_bytes};
 pub use kvm::Hypervisor;
 pub use vcpu::{SystemEvent, Vcpu, VcpuExit};
-pub use vm::Vm;
+pub use vm::{IrqRoute, Vm};
 
 /// Data types shared with the `arch` crate; these are plain structs, not ioctls.
 pub use kvm_bindings::{

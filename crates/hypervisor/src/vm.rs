@@ -4,10 +4,10 @@ use std::sync::Arc;
 
 use kvm_bindings::{
     kvm_irq_routing_entry, kvm_irq_routing_entry__bindgen_ty_1, kvm_irq_routing_irqchip,
-    kvm_pit_config, kvm_userspace_memory_region, KvmIrqRouting, KVM_IRQCHIP_IOAPIC,
-    KVM_IRQ_ROUTING_IRQCHIP, KVM_PIT_SPEAKER_DUMMY,
+    kvm_irq_routing_msi, kvm_pit_config, kvm_userspace_memory_region, KvmIrqRouting,
+    KVM_IRQCHIP_IOAPIC, KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI, KVM_PIT_SPEAKER_DUMMY,
 };
-use kvm_ioctls::VmFd;
+use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -19,6 +19,52 @@ use crate::vcpu::Vcpu;
 pub const KVM_TSS_ADDRESS: u64 = 0xfffb_d000;
 /// Guest-physical page KVM uses for its real-mode identity map on Intel.
 pub const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
+
+/// Where a GSI (global system interrupt number) leads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IrqRoute {
+    /// To pin `pin` of the in-kernel IOAPIC.
+    Ioapic { gsi: u32, pin: u32 },
+    /// To an MSI message (address and data as the device's MSI-X table entry holds them).
+    Msi { gsi: u32, address: u64, data: u32 },
+}
+
+impl IrqRoute {
+    pub fn gsi(&self) -> u32 {
+        match *self {
+            IrqRoute::Ioapic { gsi, .. } | IrqRoute::Msi { gsi, .. } => gsi,
+        }
+    }
+
+    fn to_kvm(self) -> kvm_irq_routing_entry {
+        match self {
+            IrqRoute::Ioapic { gsi, pin } => kvm_irq_routing_entry {
+                gsi,
+                type_: KVM_IRQ_ROUTING_IRQCHIP,
+                u: kvm_irq_routing_entry__bindgen_ty_1 {
+                    irqchip: kvm_irq_routing_irqchip {
+                        irqchip: KVM_IRQCHIP_IOAPIC,
+                        pin,
+                    },
+                },
+                ..Default::default()
+            },
+            IrqRoute::Msi { gsi, address, data } => kvm_irq_routing_entry {
+                gsi,
+                type_: KVM_IRQ_ROUTING_MSI,
+                u: kvm_irq_routing_entry__bindgen_ty_1 {
+                    msi: kvm_irq_routing_msi {
+                        address_lo: address as u32,
+                        address_hi: (address >> 32) as u32,
+                        data,
+                        ..Default::default()
+                    },
+                },
+                ..Default::default()
+            },
+        }
+    }
+}
 
 /// A KVM virtual machine.
 #[derive(Debug)]
@@ -88,23 +134,11 @@ impl Vm {
         Ok(())
     }
 
-    /// Replaces KVM's interrupt routing: each `(gsi, pin)` pair sends GSI `gsi` to pin `pin` of
-    /// the in-kernel IOAPIC. GSIs not listed are not routed anywhere.
-    pub fn set_ioapic_routes(&self, routes: &[(u32, u32)]) -> Result<()> {
-        let entries: Vec<kvm_irq_routing_entry> = routes
-            .iter()
-            .map(|&(gsi, pin)| kvm_irq_routing_entry {
-                gsi,
-                type_: KVM_IRQ_ROUTING_IRQCHIP,
-                u: kvm_irq_routing_entry__bindgen_ty_1 {
-                    irqchip: kvm_irq_routing_irqchip {
-                        irqchip: KVM_IRQCHIP_IOAPIC,
-                        pin,
-                    },
-                },
-                ..Default::default()
-            })
-            .collect();
+    /// Replaces KVM's whole interrupt routing table with `routes`. GSIs not listed are not
+    /// routed anywhere.
+    pub fn set_gsi_routing(&self, routes: &[IrqRoute]) -> Result<()> {
+        let entries: Vec<kvm_irq_routing_entry> =
+            routes.iter().copied().map(IrqRoute::to_kvm).collect();
         let routing = KvmIrqRouting::from_entries(&entries)
             .map_err(|e| Error::Invalid(format!("too many interrupt routes: {e:?}")))?;
         self.fd
@@ -117,6 +151,28 @@ impl Vm {
         self.fd
             .register_irqfd(event, gsi)
             .map_err(ioctl_err("KVM_IRQFD"))
+    }
+
+    /// Stops `event` from raising `gsi`.
+    pub fn unregister_irqfd(&self, event: &EventFd, gsi: u32) -> Result<()> {
+        self.fd
+            .unregister_irqfd(event, gsi)
+            .map_err(ioctl_err("KVM_IRQFD (deassign)"))
+    }
+
+    /// Makes a guest write of any width to MMIO address `addr` signal `event` inside KVM,
+    /// without an exit to userspace.
+    pub fn register_mmio_ioevent(&self, event: &EventFd, addr: u64) -> Result<()> {
+        self.fd
+            .register_ioevent(event, &IoEventAddress::Mmio(addr), NoDatamatch)
+            .map_err(ioctl_err("KVM_IOEVENTFD"))
+    }
+
+    /// Undoes [`Vm::register_mmio_ioevent`].
+    pub fn unregister_mmio_ioevent(&self, event: &EventFd, addr: u64) -> Result<()> {
+        self.fd
+            .unregister_ioevent(event, &IoEventAddress::Mmio(addr), NoDatamatch)
+            .map_err(ioctl_err("KVM_IOEVENTFD (deassign)"))
     }
 
     /// Creates vCPU number `id` (its initial APIC ID is `id` as well).

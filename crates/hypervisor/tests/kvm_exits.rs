@@ -129,9 +129,22 @@ fn irqchip_pit_and_routing_can_be_created() {
     let Some(hv) = hypervisor() else { return };
     let vm = hv.create_vm().unwrap();
     vm.create_platform_devices().unwrap();
-    vm.set_ioapic_routes(&[(0, 2), (4, 4)]).unwrap();
+    vm.set_gsi_routing(&[
+        hypervisor::IrqRoute::Ioapic { gsi: 0, pin: 2 },
+        hypervisor::IrqRoute::Ioapic { gsi: 4, pin: 4 },
+        hypervisor::IrqRoute::Msi {
+            gsi: 24,
+            address: 0xfee0_0000,
+            data: 0x41,
+        },
+    ])
+    .unwrap();
+    let notify = vmm_sys_util::eventfd::EventFd::new(0).unwrap();
+    vm.register_mmio_ioevent(&notify, 0xd000_0000).unwrap();
+    vm.unregister_mmio_ioevent(&notify, 0xd000_0000).unwrap();
     let evt = vmm_sys_util::eventfd::EventFd::new(0).unwrap();
     vm.register_irqfd(&evt, 4).unwrap();
+    vm.unregister_irqfd(&evt, 4).unwrap();
     assert!(!hv.supported_cpuid().unwrap().is_empty());
     assert!(hv.max_vcpus() >= 1);
 }

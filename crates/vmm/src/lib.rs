@@ -9,8 +9,10 @@
 
 mod console;
 mod error;
+mod interrupts;
 mod machine;
 mod memory;
+mod pci_devices;
 mod run;
 mod signals;
 mod state;

@@ -21,7 +21,9 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::console::Console;
 use crate::error::Error;
+use crate::interrupts::InterruptRouter;
 use crate::memory::create_guest_memory;
+use crate::pci_devices::PciBuilder;
 use crate::signals::TerminationSignals;
 use crate::state::VmState;
 use crate::vcpu::{self, HostCpu, VcpuRunner};
@@ -70,7 +72,9 @@ pub(crate) enum StopReason {
 /// A fully assembled VM, ready to run once.
 pub(crate) struct Machine {
     state: VmState,
-    vm: Vm,
+    /// Keeps the VM (and with it guest memory and the PCI devices' routes) alive while the
+    /// vCPUs run.
+    vm: Arc<Vm>,
     vcpus: Vec<Vcpu>,
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
@@ -98,9 +102,10 @@ impl Machine {
     ) -> Result<Self, Error> {
         let mut vm = hv.create_vm()?;
         vm.create_platform_devices()?;
-        vm.set_ioapic_routes(&irqs::ioapic_routes())?;
         let memory = Arc::new(create_guest_memory(config.memory)?);
         vm.register_memory(memory.clone())?;
+        let vm = Arc::new(vm);
+        let interrupts = Arc::new(InterruptRouter::new(vm.clone())?);
 
         let power = PowerEvents::new().map_err(io_err)?;
         let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err)?;
@@ -112,6 +117,11 @@ impl Machine {
             console_out,
         )));
         let pio = Self::port_bus(&power, serial.clone(), config)?;
+        let mmio = Arc::new(Bus::new());
+        let mut pci = PciBuilder::new(&pio, &mmio, &power, config.memory.0)?;
+        if config.rng {
+            pci.add_virtio(Box::new(virtio::rng::Rng::new()), &memory, &interrupts, &vm)?;
+        }
 
         let entry = Self::load_guest(&memory, config, files)?;
         let mut vcpus = Vec::with_capacity(config.cpus as usize);
@@ -125,7 +135,7 @@ impl Machine {
             vm,
             vcpus,
             pio: Arc::new(pio),
-            mmio: Arc::new(Bus::new()),
+            mmio,
             serial,
             serial_drained,
             power,
@@ -140,7 +150,7 @@ impl Machine {
         let ram = config.memory.0;
         let below_4g = arch::layout::low_ram_end(ram);
         let clone = || power.try_clone().map_err(io_err);
-        let mut pio = Bus::new();
+        let pio = Bus::new();
         pio.insert(serial, ports::COM1.into(), ports::COM_SIZE.into())?;
         pio.insert(
             shared(devices::i8042::I8042::new(clone()?)),
@@ -193,8 +203,13 @@ impl Machine {
             }
             None => None,
         };
-        let rsdp =
-            arch::acpi::write_acpi_tables(memory, &arch::acpi::AcpiConfig { cpus: config.cpus })?;
+        let rsdp = arch::acpi::write_acpi_tables(
+            memory,
+            &arch::acpi::AcpiConfig {
+                cpus: config.cpus,
+                memory_size: config.memory.0,
+            },
+        )?;
         let info = arch::boot::BootInfo {
             kernel: &kernel,
             cmdline: &config.cmdline,

@@ -1,0 +1,808 @@
+//! The modern virtio-pci transport (virtio 1.x, section 4.1).
+//!
+//! BAR 0 (64-bit memory, 32 KiB) holds the common configuration, the ISR, the device
+//! configuration, the notification area, the MSI-X table and the PBA; vendor capabilities in
+//! configuration space point at each, plus the PCI-configuration access capability.
+//!
+//! Queue notifications are ioeventfds on the notification area, so a driver's kick wakes the
+//! device's worker without leaving the kernel. The device status follows the state machine of
+//! the specification: bits only accumulate until the driver resets the device by writing 0;
+//! FEATURES_OK sticks only if the driver chose a subset of the offered features including
+//! VERSION_1; DRIVER_OK starts the device.
+
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+
+use pci::config::{PciIdentity, BAR0};
+use pci::msix::{self, MsiInterrupts, MsixConfig};
+use pci::{BarKind, PciConfiguration, PciDevice};
+use virtio_queue::{Queue, QueueT};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::device::{Activation, ActiveQueue, VirtioDevice, VirtioInterrupt};
+use crate::{device_type, features, GuestMemory};
+
+/// Registers and removes ioeventfds (the VMM's view of KVM_IOEVENTFD).
+pub trait IoEvents: Send + Sync {
+    fn register(&self, event: &EventFd, addr: u64) -> std::io::Result<()>;
+    fn unregister(&self, event: &EventFd, addr: u64) -> std::io::Result<()>;
+}
+
+const VIRTIO_PCI_VENDOR: u16 = 0x1af4;
+const VIRTIO_PCI_DEVICE_BASE: u16 = 0x1040;
+const VIRTIO_PCI_SUBSYSTEM: u16 = 0x1100;
+const VENDOR_CAPABILITY: u8 = 0x09;
+
+const CAP_COMMON: u8 = 1;
+const CAP_NOTIFY: u8 = 2;
+const CAP_ISR: u8 = 3;
+const CAP_DEVICE: u8 = 4;
+const CAP_PCI_CFG: u8 = 5;
+
+/// BAR 0 layout.
+const BAR_INDEX: usize = 0;
+const BAR_SIZE: u64 = 0x8000;
+const COMMON_OFFSET: u64 = 0x0000;
+const COMMON_SIZE: u64 = 0x38;
+const ISR_OFFSET: u64 = 0x1000;
+const DEVICE_OFFSET: u64 = 0x2000;
+const DEVICE_SIZE: u64 = 0x1000;
+const NOTIFY_OFFSET: u64 = 0x3000;
+const NOTIFY_MULTIPLIER: u32 = 4;
+const MSIX_TABLE_OFFSET: u64 = 0x4000;
+const MSIX_PBA_OFFSET: u64 = 0x5000;
+
+/// Device status bits.
+pub mod status {
+    pub const ACKNOWLEDGE: u8 = 1;
+    pub const DRIVER: u8 = 2;
+    pub const DRIVER_OK: u8 = 4;
+    pub const FEATURES_OK: u8 = 8;
+    pub const DEVICE_NEEDS_RESET: u8 = 0x40;
+    pub const FAILED: u8 = 0x80;
+}
+
+/// "No MSI-X vector" in the vector registers.
+pub const NO_VECTOR: u16 = 0xffff;
+const ISR_QUEUE: u8 = 1;
+const ISR_CONFIG: u8 = 2;
+
+/// Driver-visible state of one queue.
+#[derive(Debug, Clone, Copy)]
+struct QueueConfig {
+    max_size: u16,
+    size: u16,
+    vector: u16,
+    enabled: bool,
+    desc: u64,
+    driver: u64,
+    device: u64,
+}
+
+impl QueueConfig {
+    fn new(max_size: u16) -> Self {
+        QueueConfig {
+            max_size,
+            size: max_size,
+            vector: NO_VECTOR,
+            enabled: false,
+            desc: 0,
+            driver: 0,
+            device: 0,
+        }
+    }
+}
+
+/// Fields of the common configuration structure: (offset, size).
+mod common {
+    pub const DEVICE_FEATURE_SELECT: (u64, usize) = (0x00, 4);
+    pub const DEVICE_FEATURE: (u64, usize) = (0x04, 4);
+    pub const DRIVER_FEATURE_SELECT: (u64, usize) = (0x08, 4);
+    pub const DRIVER_FEATURE: (u64, usize) = (0x0c, 4);
+    pub const CONFIG_MSIX_VECTOR: (u64, usize) = (0x10, 2);
+    pub const NUM_QUEUES: (u64, usize) = (0x12, 2);
+    pub const DEVICE_STATUS: (u64, usize) = (0x14, 1);
+    pub const CONFIG_GENERATION: (u64, usize) = (0x15, 1);
+    pub const QUEUE_SELECT: (u64, usize) = (0x16, 2);
+    pub const QUEUE_SIZE: (u64, usize) = (0x18, 2);
+    pub const QUEUE_MSIX_VECTOR: (u64, usize) = (0x1a, 2);
+    pub const QUEUE_ENABLE: (u64, usize) = (0x1c, 2);
+    pub const QUEUE_NOTIFY_OFF: (u64, usize) = (0x1e, 2);
+    pub const QUEUE_DESC_LO: (u64, usize) = (0x20, 4);
+    pub const QUEUE_DESC_HI: (u64, usize) = (0x24, 4);
+    pub const QUEUE_DRIVER_LO: (u64, usize) = (0x28, 4);
+    pub const QUEUE_DRIVER_HI: (u64, usize) = (0x2c, 4);
+    pub const QUEUE_DEVICE_LO: (u64, usize) = (0x30, 4);
+    pub const QUEUE_DEVICE_HI: (u64, usize) = (0x34, 4);
+    pub const ALL: [(u64, usize); 19] = [
+        DEVICE_FEATURE_SELECT,
+        DEVICE_FEATURE,
+        DRIVER_FEATURE_SELECT,
+        DRIVER_FEATURE,
+        CONFIG_MSIX_VECTOR,
+        NUM_QUEUES,
+        DEVICE_STATUS,
+        CONFIG_GENERATION,
+        QUEUE_SELECT,
+        QUEUE_SIZE,
+        QUEUE_MSIX_VECTOR,
+        QUEUE_ENABLE,
+        QUEUE_NOTIFY_OFF,
+        QUEUE_DESC_LO,
+        QUEUE_DESC_HI,
+        QUEUE_DRIVER_LO,
+        QUEUE_DRIVER_HI,
+        QUEUE_DEVICE_LO,
+        QUEUE_DEVICE_HI,
+    ];
+}
+
+/// Interrupt state shared by the transport and the device's worker.
+struct PciInterrupt {
+    msix: Arc<Mutex<MsixConfig>>,
+    isr: Arc<AtomicU8>,
+    config_vector: Arc<AtomicU16>,
+    queue_vectors: Vec<u16>,
+    needs_reset: Arc<AtomicBool>,
+}
+
+impl PciInterrupt {
+    fn raise(&self, vector: u16, isr: u8) {
+        self.isr.fetch_or(isr, Ordering::SeqCst);
+        if vector != NO_VECTOR {
+            lock(&self.msix).trigger(vector);
+        }
+    }
+}
+
+impl VirtioInterrupt for PciInterrupt {
+    fn notify_queue(&self, index: u16) {
+        let vector = self
+            .queue_vectors
+            .get(usize::from(index))
+            .copied()
+            .unwrap_or(NO_VECTOR);
+        self.raise(vector, ISR_QUEUE);
+    }
+
+    fn notify_config(&self) {
+        self.raise(self.config_vector.load(Ordering::SeqCst), ISR_CONFIG);
+    }
+
+    fn needs_reset(&self) {
+        if !self.needs_reset.swap(true, Ordering::SeqCst) {
+            tracing::warn!("virtio device needs a reset");
+            self.notify_config();
+        }
+    }
+}
+
+fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A virtio device on the PCI bus.
+pub struct VirtioPciDevice {
+    config: PciConfiguration,
+    device: Box<dyn VirtioDevice>,
+    memory: Arc<GuestMemory>,
+    io_events: Arc<dyn IoEvents>,
+    msix: Arc<Mutex<MsixConfig>>,
+    msix_cap: usize,
+    pci_cfg_cap: usize,
+    isr: Arc<AtomicU8>,
+    config_vector: Arc<AtomicU16>,
+    needs_reset: Arc<AtomicBool>,
+    device_feature_select: u32,
+    driver_feature_select: u32,
+    driver_features: u64,
+    status: u8,
+    config_generation: u8,
+    queue_select: u16,
+    queues: Vec<QueueConfig>,
+    notify: Vec<EventFd>,
+    bar_address: Option<u64>,
+    active: bool,
+}
+
+impl std::fmt::Debug for VirtioPciDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VirtioPciDevice")
+            .field("type", &self.device.device_type())
+            .field("status", &self.status)
+            .field("active", &self.active)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Errors when creating the transport.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("cannot set up MSI-X")]
+    Msix(#[source] std::io::Error),
+    #[error("cannot create a queue notification eventfd")]
+    EventFd(#[source] std::io::Error),
+    #[error("invalid PCI configuration")]
+    Config(#[from] pci::config::ConfigError),
+}
+
+fn class_of(device_type: u32) -> (u8, u8, u8) {
+    match device_type {
+        device_type::NET => (0x02, 0x00, 0x00),
+        device_type::BLOCK => (0x01, 0x00, 0x00),
+        device_type::CONSOLE => (0x07, 0x80, 0x00),
+        _ => (0x00, 0xff, 0x00),
+    }
+}
+
+impl VirtioPciDevice {
+    /// Wraps `device`, with BAR 0 at guest address `bar_address` (64-bit window).
+    pub fn new(
+        device: Box<dyn VirtioDevice>,
+        memory: Arc<GuestMemory>,
+        interrupts: Arc<dyn MsiInterrupts>,
+        io_events: Arc<dyn IoEvents>,
+        bar_address: u64,
+    ) -> Result<Self, TransportError> {
+        let device_type = device.device_type();
+        let queues: Vec<QueueConfig> = device
+            .queue_max_sizes()
+            .iter()
+            .map(|&max| QueueConfig::new(max))
+            .collect();
+        let mut config = PciConfiguration::new(PciIdentity {
+            vendor: VIRTIO_PCI_VENDOR,
+            device: VIRTIO_PCI_DEVICE_BASE + device_type as u16,
+            revision: 1,
+            class: class_of(device_type),
+            subsystem_vendor: VIRTIO_PCI_VENDOR,
+            subsystem: VIRTIO_PCI_SUBSYSTEM,
+        });
+        config.add_bar(
+            BAR_INDEX,
+            BAR_SIZE,
+            BarKind::Mem64 {
+                prefetchable: false,
+            },
+            bar_address,
+        )?;
+        // One vector per queue plus one for configuration changes.
+        let vectors = (queues.len() + 1).min(usize::from(msix::MAX_VECTORS)) as u16;
+        let msix = MsixConfig::new(vectors, interrupts).map_err(TransportError::Msix)?;
+        let cap = |cfg_type: u8, offset: u64, length: u64, extra: &[u8]| {
+            let mut body = vec![(16 + extra.len()) as u8, cfg_type, BAR_INDEX as u8, 0, 0, 0];
+            body.extend_from_slice(&(offset as u32).to_le_bytes());
+            body.extend_from_slice(&(length as u32).to_le_bytes());
+            body.extend_from_slice(extra);
+            body
+        };
+        config.add_capability(
+            VENDOR_CAPABILITY,
+            &cap(CAP_COMMON, COMMON_OFFSET, COMMON_SIZE, &[]),
+            &[],
+        )?;
+        config.add_capability(VENDOR_CAPABILITY, &cap(CAP_ISR, ISR_OFFSET, 1, &[]), &[])?;
+        config.add_capability(
+            VENDOR_CAPABILITY,
+            &cap(CAP_DEVICE, DEVICE_OFFSET, DEVICE_SIZE, &[]),
+            &[],
+        )?;
+        let notify_len = (queues.len() as u64 * u64::from(NOTIFY_MULTIPLIER)).max(4);
+        config.add_capability(
+            VENDOR_CAPABILITY,
+            &cap(
+                CAP_NOTIFY,
+                NOTIFY_OFFSET,
+                notify_len,
+                &NOTIFY_MULTIPLIER.to_le_bytes(),
+            ),
+            &[],
+        )?;
+        // bar (byte 2 of the body), offset, length and data are the driver's to write.
+        let pci_cfg_body = cap(CAP_PCI_CFG, 0, 0, &[0; 4]);
+        let mut pci_cfg_mask = vec![0u8; pci_cfg_body.len()];
+        pci_cfg_mask[2] = 0xff;
+        pci_cfg_mask[6..].fill(0xff);
+        let pci_cfg_cap = config.add_capability(VENDOR_CAPABILITY, &pci_cfg_body, &pci_cfg_mask)?;
+        let (msix_body, msix_mask) = msix.capability(
+            BAR_INDEX as u8,
+            MSIX_TABLE_OFFSET as u32,
+            MSIX_PBA_OFFSET as u32,
+        );
+        let msix_cap = config.add_capability(msix::CAPABILITY_ID, &msix_body, &msix_mask)?;
+        let notify = (0..queues.len())
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(TransportError::EventFd)?;
+        Ok(VirtioPciDevice {
+            config,
+            device,
+            memory,
+            io_events,
+            msix: Arc::new(Mutex::new(msix)),
+            msix_cap,
+            pci_cfg_cap,
+            isr: Arc::new(AtomicU8::new(0)),
+            config_vector: Arc::new(AtomicU16::new(NO_VECTOR)),
+            needs_reset: Arc::new(AtomicBool::new(false)),
+            device_feature_select: 0,
+            driver_feature_select: 0,
+            driver_features: 0,
+            status: 0,
+            config_generation: 0,
+            queue_select: 0,
+            queues,
+            notify,
+            bar_address: None,
+            active: false,
+        })
+    }
+
+    fn offered_features(&self) -> u64 {
+        self.device.features() | features::TRANSPORT
+    }
+
+    fn device_status(&self) -> u8 {
+        let mut status = self.status;
+        if self.needs_reset.load(Ordering::SeqCst) {
+            status |= status::DEVICE_NEEDS_RESET;
+        }
+        status
+    }
+
+    fn selected_queue(&mut self) -> Option<&mut QueueConfig> {
+        self.queues.get_mut(usize::from(self.queue_select))
+    }
+
+    fn common_field(&self, field: (u64, usize)) -> u64 {
+        let queue = self.queues.get(usize::from(self.queue_select)).copied();
+        let q = |f: fn(&QueueConfig) -> u64| queue.as_ref().map_or(0, f);
+        match field {
+            common::DEVICE_FEATURE_SELECT => u64::from(self.device_feature_select),
+            common::DEVICE_FEATURE => match self.device_feature_select {
+                0 => self.offered_features() & 0xffff_ffff,
+                1 => self.offered_features() >> 32,
+                _ => 0,
+            },
+            common::DRIVER_FEATURE_SELECT => u64::from(self.driver_feature_select),
+            common::DRIVER_FEATURE => match self.driver_feature_select {
+                0 => self.driver_features & 0xffff_ffff,
+                1 => self.driver_features >> 32,
+                _ => 0,
+            },
+            common::CONFIG_MSIX_VECTOR => u64::from(self.config_vector.load(Ordering::SeqCst)),
+            common::NUM_QUEUES => self.queues.len() as u64,
+            common::DEVICE_STATUS => u64::from(self.device_status()),
+            common::CONFIG_GENERATION => u64::from(self.config_generation),
+            common::QUEUE_SELECT => u64::from(self.queue_select),
+            common::QUEUE_SIZE => q(|q| u64::from(q.size)),
+            common::QUEUE_MSIX_VECTOR => {
+                queue.map_or(u64::from(NO_VECTOR), |q| u64::from(q.vector))
+            }
+            common::QUEUE_ENABLE => q(|q| u64::from(q.enabled)),
+            common::QUEUE_NOTIFY_OFF => u64::from(self.queue_select),
+            common::QUEUE_DESC_LO => q(|q| q.desc & 0xffff_ffff),
+            common::QUEUE_DESC_HI => q(|q| q.desc >> 32),
+            common::QUEUE_DRIVER_LO => q(|q| q.driver & 0xffff_ffff),
+            common::QUEUE_DRIVER_HI => q(|q| q.driver >> 32),
+            common::QUEUE_DEVICE_LO => q(|q| q.device & 0xffff_ffff),
+            common::QUEUE_DEVICE_HI => q(|q| q.device >> 32),
+            _ => 0,
+        }
+    }
+
+    fn read_common(&self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        for field in common::ALL {
+            let value = self.common_field(field).to_le_bytes();
+            copy_overlap(field, &value, offset, data, |dst, src| *dst = *src);
+        }
+    }
+
+    fn write_common(&mut self, offset: u64, data: &[u8]) {
+        for field in common::ALL {
+            let (start, size) = field;
+            let end = start + size as u64;
+            if offset >= end || offset + data.len() as u64 <= start {
+                continue;
+            }
+            // Merge the written bytes into the field's current value.
+            let mut value = self.common_field(field).to_le_bytes();
+            for (i, byte) in data.iter().enumerate() {
+                let at = offset + i as u64;
+                if (start..end).contains(&at) {
+                    value[(at - start) as usize] = *byte;
+                }
+            }
+            self.set_common_field(field, u64::from_le_bytes(value));
+        }
+    }
+
+    fn set_common_field(&mut self, field: (u64, usize), value: u64) {
+        let configurable = self.status & status::DRIVER_OK == 0;
+        let vectors = lock(&self.msix).vector_count();
+        let valid_vector = |v: u64| {
+            if v < u64::from(vectors) {
+                v as u16
+            } else {
+                NO_VECTOR
+            }
+        };
+        match field {
+            common::DEVICE_FEATURE_SELECT => self.device_feature_select = value as u32,
+            common::DRIVER_FEATURE_SELECT => self.driver_feature_select = value as u32,
+            common::DRIVER_FEATURE if self.status & status::FEATURES_OK == 0 => {
+                let value = value & 0xffff_ffff;
+                match self.driver_feature_select {
+                    0 => self.driver_features = (self.driver_features & !0xffff_ffff) | value,
+                    1 => {
+                        self.driver_features = (self.driver_features & 0xffff_ffff) | (value << 32)
+                    }
+                    _ => {}
+                }
+            }
+            common::CONFIG_MSIX_VECTOR => {
+                self.config_vector
+                    .store(valid_vector(value), Ordering::SeqCst);
+            }
+            common::DEVICE_STATUS => self.set_status(value as u8),
+            common::QUEUE_SELECT => self.queue_select = value as u16,
+            common::QUEUE_SIZE if configurable => {
+                if let Some(q) = self.selected_queue() {
+                    q.size = value as u16;
+                }
+            }
+            common::QUEUE_MSIX_VECTOR => {
+                let vector = valid_vector(value);
+                if let Some(q) = self.selected_queue() {
+                    q.vector = vector;
+                }
+            }
+            common::QUEUE_ENABLE if configurable => {
+                if let Some(q) = self.selected_queue() {
+                    q.enabled = value == 1;
+                }
+            }
+            common::QUEUE_DESC_LO | common::QUEUE_DESC_HI if configurable => {
+                let hi = field == common::QUEUE_DESC_HI;
+                if let Some(q) = self.selected_queue() {
+                    q.desc = set_half(q.desc, value, hi);
+                }
+            }
+            common::QUEUE_DRIVER_LO | common::QUEUE_DRIVER_HI if configurable => {
+                let hi = field == common::QUEUE_DRIVER_HI;
+                if let Some(q) = self.selected_queue() {
+                    q.driver = set_half(q.driver, value, hi);
+                }
+            }
+            common::QUEUE_DEVICE_LO | common::QUEUE_DEVICE_HI if configurable => {
+                let hi = field == common::QUEUE_DEVICE_HI;
+                if let Some(q) = self.selected_queue() {
+                    q.device = set_half(q.device, value, hi);
+                }
+            }
+            _ => {} // read-only, or not writable in this state
+        }
+    }
+
+    fn set_status(&mut self, new: u8) {
+        if new == 0 {
+            self.reset();
+            return;
+        }
+        let old = self.status;
+        if new & old != old {
+            tracing::warn!(
+                "virtio driver tried to clear status bits ({old:#x} -> {new:#x}); ignored"
+            );
+            return;
+        }
+        let mut new = new & !status::DEVICE_NEEDS_RESET;
+        let added = new & !old;
+        if added & status::FEATURES_OK != 0 && !self.features_acceptable() {
+            new &= !status::FEATURES_OK;
+        }
+        self.status = new;
+        if added & status::DRIVER_OK != 0 && new & status::FEATURES_OK != 0 && !self.active {
+            self.activate();
+        }
+        if added & status::FAILED != 0 && self.active {
+            self.device.reset();
+            self.active = false;
+        }
+    }
+
+    fn features_acceptable(&self) -> bool {
+        let offered = self.offered_features();
+        let ok =
+            self.driver_features & !offered == 0 && self.driver_features & features::VERSION_1 != 0;
+        if !ok {
+            tracing::warn!(
+                "virtio driver chose features {:#x} outside the offer {offered:#x} or without VERSION_1",
+                self.driver_features
+            );
+        }
+        ok
+    }
+
+    fn build_queue(&self, config: &QueueConfig) -> Result<Queue, String> {
+        let mut queue = Queue::new(config.max_size).map_err(|e| e.to_string())?;
+        queue.set_size(config.size);
+        queue.set_desc_table_address(Some(config.desc as u32), Some((config.desc >> 32) as u32));
+        queue.set_avail_ring_address(
+            Some(config.driver as u32),
+            Some((config.driver >> 32) as u32),
+        );
+        queue.set_used_ring_address(
+            Some(config.device as u32),
+            Some((config.device >> 32) as u32),
+        );
+        queue.set_event_idx(self.driver_features & features::RING_EVENT_IDX != 0);
+        queue.set_ready(true);
+        if queue.size() != config.size || !queue.is_valid(&*self.memory) {
+            return Err(format!(
+                "invalid queue: size {} (max {}), rings at {:#x}/{:#x}/{:#x}",
+                config.size, config.max_size, config.desc, config.driver, config.device
+            ));
+        }
+        Ok(queue)
+    }
+
+    fn activate(&mut self) {
+        let mut queues = Vec::new();
+        for (index, config) in self.queues.iter().enumerate() {
+            if !config.enabled {
+                continue;
+            }
+            let queue = match self.build_queue(config) {
+                Ok(queue) => queue,
+                Err(e) => {
+                    tracing::warn!("virtio queue {index}: {e}");
+                    return self.fail_activation();
+                }
+            };
+            let notify = match self.notify[index].try_clone() {
+                Ok(notify) => notify,
+                Err(e) => {
+                    tracing::error!("cannot clone a notification eventfd: {e}");
+                    return self.fail_activation();
+                }
+            };
+            queues.push(ActiveQueue {
+                index: index as u16,
+                queue,
+                notify,
+            });
+        }
+        let interrupt = Arc::new(PciInterrupt {
+            msix: self.msix.clone(),
+            isr: self.isr.clone(),
+            config_vector: self.config_vector.clone(),
+            queue_vectors: self.queues.iter().map(|q| q.vector).collect(),
+            needs_reset: self.needs_reset.clone(),
+        });
+        let activation = Activation {
+            memory: self.memory.clone(),
+            features: self.driver_features,
+            queues,
+            interrupt,
+        };
+        match self.device.activate(activation) {
+            Ok(()) => self.active = true,
+            Err(e) => {
+                tracing::warn!("virtio device could not start: {e}");
+                self.fail_activation();
+            }
+        }
+    }
+
+    fn fail_activation(&mut self) {
+        self.needs_reset.store(true, Ordering::SeqCst);
+        self.isr.fetch_or(ISR_CONFIG, Ordering::SeqCst);
+        let vector = self.config_vector.load(Ordering::SeqCst);
+        if vector != NO_VECTOR {
+            lock(&self.msix).trigger(vector);
+        }
+    }
+
+    fn reset(&mut self) {
+        if self.active {
+            self.device.reset();
+            self.active = false;
+        }
+        self.status = 0;
+        self.driver_features = 0;
+        self.device_feature_select = 0;
+        self.driver_feature_select = 0;
+        self.queue_select = 0;
+        self.config_vector.store(NO_VECTOR, Ordering::SeqCst);
+        self.needs_reset.store(false, Ordering::SeqCst);
+        self.isr.store(0, Ordering::SeqCst);
+        for queue in &mut self.queues {
+            *queue = QueueConfig::new(queue.max_size);
+        }
+        for notify in &self.notify {
+            let _ = notify.read();
+        }
+        self.config_generation = self.config_generation.wrapping_add(1);
+    }
+
+    fn read_bar0(&mut self, offset: u64, data: &mut [u8]) {
+        match offset {
+            o if o < COMMON_OFFSET + COMMON_SIZE => self.read_common(o - COMMON_OFFSET, data),
+            o if (ISR_OFFSET..ISR_OFFSET + 4).contains(&o) => {
+                data.fill(0);
+                if o == ISR_OFFSET {
+                    if let Some(first) = data.first_mut() {
+                        *first = self.isr.swap(0, Ordering::SeqCst);
+                    }
+                }
+            }
+            o if (DEVICE_OFFSET..DEVICE_OFFSET + DEVICE_SIZE).contains(&o) => {
+                self.device.read_config(o - DEVICE_OFFSET, data);
+            }
+            o if (MSIX_TABLE_OFFSET..MSIX_PBA_OFFSET).contains(&o) => {
+                lock(&self.msix).read_table(o - MSIX_TABLE_OFFSET, data);
+            }
+            o if (MSIX_PBA_OFFSET..BAR_SIZE).contains(&o) => {
+                lock(&self.msix).read_pba(o - MSIX_PBA_OFFSET, data);
+            }
+            _ => data.fill(0),
+        }
+    }
+
+    fn write_bar0(&mut self, offset: u64, data: &[u8]) {
+        match offset {
+            o if o < COMMON_OFFSET + COMMON_SIZE => self.write_common(o - COMMON_OFFSET, data),
+            o if (DEVICE_OFFSET..DEVICE_OFFSET + DEVICE_SIZE).contains(&o) => {
+                self.device.write_config(o - DEVICE_OFFSET, data);
+            }
+            o if (NOTIFY_OFFSET..MSIX_TABLE_OFFSET).contains(&o) => {
+                // Reached only when the ioeventfd is not (yet) in place.
+                let index = ((o - NOTIFY_OFFSET) / u64::from(NOTIFY_MULTIPLIER)) as usize;
+                if let Some(notify) = self.notify.get(index) {
+                    let _ = notify.write(1);
+                }
+            }
+            o if (MSIX_TABLE_OFFSET..MSIX_PBA_OFFSET).contains(&o) => {
+                lock(&self.msix).write_table(o - MSIX_TABLE_OFFSET, data);
+            }
+            _ => {} // ISR and PBA are read-only
+        }
+    }
+
+    /// The PCI-configuration access capability: a window into the BARs through config space.
+    fn pci_cfg_window(&self) -> (u8, u64, usize) {
+        let base = self.pci_cfg_cap;
+        let mut bar = [0u8];
+        self.config.read(base + 4, &mut bar);
+        let offset = self.config.read_u32(base + 8);
+        let length = self.config.read_u32(base + 12);
+        (bar[0], u64::from(offset), length as usize)
+    }
+
+    fn pci_cfg_data_offset(&self) -> usize {
+        self.pci_cfg_cap + 16
+    }
+
+    fn is_pci_cfg_data(&self, offset: usize, len: usize) -> bool {
+        let data = self.pci_cfg_data_offset();
+        offset >= data && offset + len <= data + 4
+    }
+}
+
+fn set_half(current: u64, value: u64, high: bool) -> u64 {
+    if high {
+        (current & 0xffff_ffff) | (value << 32)
+    } else {
+        (current & !0xffff_ffff) | (value & 0xffff_ffff)
+    }
+}
+
+/// Copies the part of field `(start, size)` with little-endian `value` that the access
+/// `[offset, offset + data.len())` covers.
+fn copy_overlap(
+    (start, size): (u64, usize),
+    value: &[u8; 8],
+    offset: u64,
+    data: &mut [u8],
+    mut copy: impl FnMut(&mut u8, &u8),
+) {
+    for (i, byte) in data.iter_mut().enumerate() {
+        let at = offset + i as u64;
+        if at >= start && at < start + size as u64 {
+            copy(byte, &value[(at - start) as usize]);
+        }
+    }
+}
+
+impl PciDevice for VirtioPciDevice {
+    fn config(&self) -> &PciConfiguration {
+        &self.config
+    }
+
+    fn config_mut(&mut self) -> &mut PciConfiguration {
+        &mut self.config
+    }
+
+    fn read_config(&mut self, offset: usize, data: &mut [u8]) {
+        if self.is_pci_cfg_data(offset, data.len()) {
+            let (bar, bar_offset, length) = self.pci_cfg_window();
+            data.fill(0);
+            if usize::from(bar) == BAR_INDEX && matches!(length, 1 | 2 | 4) && length <= data.len()
+            {
+                self.read_bar0(bar_offset, &mut data[..length]);
+            }
+            return;
+        }
+        self.config.read(offset, data);
+    }
+
+    fn write_config(&mut self, offset: usize, data: &[u8]) {
+        if self.is_pci_cfg_data(offset, data.len()) {
+            let (bar, bar_offset, length) = self.pci_cfg_window();
+            if usize::from(bar) == BAR_INDEX && matches!(length, 1 | 2 | 4) && length <= data.len()
+            {
+                self.write_bar0(bar_offset, &data[..length]);
+            }
+            return;
+        }
+        self.config.write(offset, data);
+        let control = self.msix_cap + 2;
+        if offset < control + 2 && offset + data.len() > control {
+            let value = self.config.read_u16(control);
+            lock(&self.msix).set_control(value);
+        }
+    }
+
+    fn read_bar(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
+        if bar == BAR_INDEX {
+            self.read_bar0(offset, data);
+        } else {
+            data.fill(0xff);
+        }
+    }
+
+    fn write_bar(&mut self, bar: usize, offset: u64, data: &[u8]) {
+        if bar == BAR_INDEX {
+            self.write_bar0(offset, data);
+        }
+    }
+
+    fn bar_moved(&mut self, bar: usize, old: Option<u64>, new: Option<u64>) {
+        if bar != BAR_INDEX {
+            return;
+        }
+        let notify_addr = |base: u64, index: usize| {
+            base + NOTIFY_OFFSET + index as u64 * u64::from(NOTIFY_MULTIPLIER)
+        };
+        for (index, event) in self.notify.iter().enumerate() {
+            if let Some(base) = old {
+                if let Err(e) = self.io_events.unregister(event, notify_addr(base, index)) {
+                    tracing::warn!("cannot remove the ioeventfd of queue {index}: {e}");
+                }
+            }
+            if let Some(base) = new {
+                if let Err(e) = self.io_events.register(event, notify_addr(base, index)) {
+                    // Notifications still arrive through write_bar, just slower.
+                    tracing::warn!("cannot add the ioeventfd of queue {index}: {e}");
+                }
+            }
+        }
+        self.bar_address = new;
+    }
+}
+
+impl Drop for VirtioPciDevice {
+    fn drop(&mut self) {
+        if self.active {
+            self.device.reset();
+        }
+        if let Some(base) = self.bar_address.take() {
+            self.bar_moved(BAR_INDEX, Some(base), None);
+        }
+    }
+}
+
+/// Offset of BAR 0 in configuration space (for tests and tools).
+pub const BAR0_OFFSET: usize = BAR0;

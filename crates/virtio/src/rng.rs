@@ -1,0 +1,106 @@
+//! virtio-rng (entropy device, virtio 1.x section 5.4): fills the driver's buffers with bytes
+//! from the host's getrandom.
+
+use std::io::{self, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
+
+use crate::device::{ActivateError, Activation, VirtioDevice, VirtioInterrupt};
+use crate::queue::DeviceQueue;
+use crate::worker::{Worker, WorkerHandle};
+use crate::{device_type, GuestMemory};
+
+const QUEUE_SIZE: u16 = 256;
+/// Largest amount served per request; drivers ask for far less.
+const MAX_REQUEST: usize = 64 << 10;
+
+/// The entropy device.
+#[derive(Debug, Default)]
+pub struct Rng {
+    worker: Option<WorkerHandle>,
+}
+
+impl Rng {
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+struct RngWorker {
+    memory: Arc<GuestMemory>,
+    queue: DeviceQueue,
+    interrupt: Arc<dyn VirtioInterrupt>,
+}
+
+/// Fills the writable part of a chain with random bytes; returns how many were written.
+fn fill(chain: virtio_queue::DescriptorChain<&GuestMemory>, mem: &GuestMemory) -> u32 {
+    let Ok(mut writer) = chain.writer(mem) else {
+        return 0;
+    };
+    let len = writer.available_bytes().min(MAX_REQUEST);
+    let mut buf = vec![0u8; len];
+    if let Err(e) = getrandom::fill(&mut buf) {
+        tracing::warn!("getrandom failed: {e}");
+        return 0;
+    }
+    match writer.write_all(&buf) {
+        Ok(()) => len as u32,
+        Err(_) => writer.bytes_written() as u32,
+    }
+}
+
+impl Worker for RngWorker {
+    fn sources(&self) -> Vec<(RawFd, u64)> {
+        vec![(self.queue.notify.as_raw_fd(), 0)]
+    }
+
+    fn handle(&mut self, _token: u64) -> io::Result<()> {
+        let mem = self.memory.clone();
+        let result = self
+            .queue
+            .process(&mem, self.interrupt.as_ref(), |chain| fill(chain, &mem));
+        if let Err(e) = result {
+            tracing::warn!("virtio-rng: {e}");
+            self.interrupt.needs_reset();
+        }
+        Ok(())
+    }
+}
+
+impl VirtioDevice for Rng {
+    fn device_type(&self) -> u32 {
+        device_type::RNG
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE]
+    }
+
+    fn features(&self) -> u64 {
+        0
+    }
+
+    fn read_config(&self, _offset: u64, data: &mut [u8]) {
+        data.fill(0); // no configuration space
+    }
+
+    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
+        let Some(queue) = activation.queues.into_iter().next() else {
+            return Err(ActivateError::MissingQueues { needed: 1, got: 0 });
+        };
+        let worker = RngWorker {
+            memory: activation.memory,
+            queue: queue.into(),
+            interrupt: activation.interrupt,
+        };
+        self.worker =
+            Some(WorkerHandle::spawn("virtio-rng", worker).map_err(ActivateError::Worker)?);
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        if let Some(mut worker) = self.worker.take() {
+            worker.stop();
+        }
+    }
+}

@@ -1,0 +1,92 @@
+//! Device worker threads: one per active device, sleeping in epoll until a queue is notified,
+//! a backend is ready or the device is reset.
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::thread::JoinHandle;
+
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+/// The token reserved for the stop event.
+const STOP_TOKEN: u64 = u64::MAX;
+
+/// A device's worker loop.
+pub trait Worker: Send + 'static {
+    /// File descriptors to wait on, each with the token handed to [`Worker::handle`].
+    fn sources(&self) -> Vec<(RawFd, u64)>;
+
+    /// Something happened on the source with `token`. Returning an error stops the worker.
+    fn handle(&mut self, token: u64) -> io::Result<()>;
+}
+
+/// A running worker thread.
+#[derive(Debug)]
+pub struct WorkerHandle {
+    stop: EventFd,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl WorkerHandle {
+    /// Starts `worker` on a thread named `name`.
+    pub fn spawn<W: Worker>(name: &str, mut worker: W) -> io::Result<Self> {
+        let stop = EventFd::new(libc::EFD_NONBLOCK)?;
+        let epoll = Epoll::new()?;
+        epoll.ctl(
+            ControlOperation::Add,
+            stop.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, STOP_TOKEN),
+        )?;
+        for (fd, token) in worker.sources() {
+            epoll.ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN, token),
+            )?;
+        }
+        let thread = std::thread::Builder::new()
+            .name(name.to_string())
+            .spawn(move || run(epoll, &mut worker))?;
+        Ok(WorkerHandle {
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops the worker and waits for it.
+    pub fn stop(&mut self) {
+        if let Some(thread) = self.thread.take() {
+            let _ = self.stop.write(1);
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for WorkerHandle {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn run<W: Worker>(epoll: Epoll, worker: &mut W) {
+    let mut events = vec![EpollEvent::default(); 16];
+    loop {
+        let n = match epoll.wait(-1, &mut events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                tracing::error!("device worker: epoll failed: {e}");
+                return;
+            }
+        };
+        for event in &events[..n] {
+            if event.data() == STOP_TOKEN {
+                return;
+            }
+            if let Err(e) = worker.handle(event.data()) {
+                tracing::error!("device worker stopped: {e}");
+                return;
+            }
+        }
+    }
+}
