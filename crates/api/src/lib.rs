@@ -1,8 +1,9 @@
 //! Types shared by the VMM, the daemon and the CLI: what a VM is made of, and how sizes are
 //! written. Plain data with serde; no I/O, no threads.
 
+pub mod options;
 pub mod size;
 pub mod vm_config;
 
 pub use size::{ByteSize, ParseSizeError};
-pub use vm_config::{ConfigError, VmConfig, DEFAULT_CMDLINE};
+pub use vm_config::{ConfigError, DiskConfig, VmConfig, DEFAULT_CMDLINE};

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use crate::options::{OptionError, Options};
 use crate::size::ByteSize;
 
 /// Kernel command line used when none is given: the serial console on COM1.
@@ -23,6 +24,65 @@ fn default_memory() -> ByteSize {
 
 fn default_cmdline() -> String {
     DEFAULT_CMDLINE.to_string()
+}
+
+/// A virtio-blk disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskConfig {
+    /// Image file (or block device).
+    pub path: PathBuf,
+    /// The guest may not write.
+    #[serde(default)]
+    pub readonly: bool,
+    /// Serial number the guest reads (at most 20 bytes).
+    #[serde(default)]
+    pub serial: Option<String>,
+    /// `raw` or `qcow2`; detected from the image when absent.
+    #[serde(default)]
+    pub format: Option<String>,
+}
+
+/// Longest disk serial (virtio-blk GET_ID).
+pub const MAX_SERIAL_LEN: usize = 20;
+
+impl std::str::FromStr for DiskConfig {
+    type Err = OptionError;
+
+    /// `path=FILE[,readonly=on][,serial=ID][,format=raw|qcow2]`
+    fn from_str(s: &str) -> Result<Self, OptionError> {
+        let mut o = Options::parse(s, &["path", "readonly", "serial", "format"])?;
+        let disk = DiskConfig {
+            path: PathBuf::from(o.required("path")?),
+            readonly: o.flag("readonly", false)?,
+            serial: o.take("serial"),
+            format: o.take("format"),
+        };
+        disk.validate()?;
+        Ok(disk)
+    }
+}
+
+impl DiskConfig {
+    pub fn validate(&self) -> Result<(), OptionError> {
+        if let Some(serial) = &self.serial {
+            if serial.len() > MAX_SERIAL_LEN {
+                return Err(OptionError::Invalid {
+                    key: "serial".into(),
+                    message: format!("{serial:?} is longer than {MAX_SERIAL_LEN} bytes"),
+                });
+            }
+        }
+        if let Some(format) = &self.format {
+            if format != "raw" && format != "qcow2" {
+                return Err(OptionError::Invalid {
+                    key: "format".into(),
+                    message: format!("{format:?} is not raw or qcow2"),
+                });
+            }
+        }
+        Ok(())
+    }
 }
 
 /// What a VM is made of.
@@ -49,6 +109,9 @@ pub struct VmConfig {
     /// A virtio-rng device fed from the host's getrandom.
     #[serde(default)]
     pub rng: bool,
+    /// virtio-blk disks, in PCI slot order.
+    #[serde(default)]
+    pub disks: Vec<DiskConfig>,
 }
 
 /// A configuration that cannot describe a VM, whatever the host.
@@ -62,6 +125,12 @@ pub enum ConfigError {
     MemoryTooSmall(ByteSize),
     #[error("memory size {0} is not a multiple of 4 KiB")]
     MemoryNotPageAligned(ByteSize),
+    #[error("disk {path}: {source}")]
+    Disk {
+        path: String,
+        #[source]
+        source: OptionError,
+    },
 }
 
 impl VmConfig {
@@ -75,6 +144,7 @@ impl VmConfig {
             memory: default_memory(),
             no_reboot: false,
             rng: false,
+            disks: Vec::new(),
         }
     }
 
@@ -91,6 +161,12 @@ impl VmConfig {
         }
         if self.memory.0 % 4096 != 0 {
             return Err(ConfigError::MemoryNotPageAligned(self.memory));
+        }
+        for disk in &self.disks {
+            disk.validate().map_err(|source| ConfigError::Disk {
+                path: disk.path.display().to_string(),
+                source,
+            })?;
         }
         Ok(())
     }
@@ -129,6 +205,23 @@ mod tests {
             with(|c| c.memory = ByteSize((128 << 20) + 1)),
             Err(ConfigError::MemoryNotPageAligned(ByteSize((128 << 20) + 1)))
         );
+    }
+
+    #[test]
+    fn disk_options() {
+        let d: DiskConfig = "path=/img/a.raw,readonly=on,serial=abc".parse().unwrap();
+        assert_eq!(d.path, PathBuf::from("/img/a.raw"));
+        assert!(d.readonly);
+        assert_eq!(d.serial.as_deref(), Some("abc"));
+        assert!(
+            "readonly=on".parse::<DiskConfig>().is_err(),
+            "path is required"
+        );
+        assert!("path=a,serial=123456789012345678901"
+            .parse::<DiskConfig>()
+            .is_err());
+        assert!("path=a,format=vmdk".parse::<DiskConfig>().is_err());
+        assert!("path=a,cache=none".parse::<DiskConfig>().is_err());
     }
 
     #[test]

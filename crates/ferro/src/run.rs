@@ -21,7 +21,8 @@ Exit codes:
   0    the guest powered off (or rebooted with --no-reboot), or Ctrl-A x
   1    the VMM failed while setting up or running the VM
   2    invalid command line or configuration (e.g. zero CPUs, too little or too much memory)
-  3    the kernel or initramfs is missing, unreadable, or not a bootable Linux image
+  3    the kernel, initramfs or a disk image is missing, unreadable or unusable
+       (e.g. not a bootable Linux image, or a disk locked by another VM)
   4    /dev/kvm is missing, not accessible, or lacks a capability Ferro needs
   5    the guest triple-faulted (registers are printed)
   6    KVM could not run the guest: internal error, entry failure or unexpected exit
@@ -59,6 +60,11 @@ pub struct RunArgs {
     /// Add a virtio-rng device (entropy from the host's getrandom).
     #[arg(long)]
     rng: bool,
+
+    /// Add a virtio-blk disk: path=FILE[,readonly=on][,serial=ID][,format=raw|qcow2].
+    /// Repeat for more disks; they appear as /dev/vda, /dev/vdb... in that order.
+    #[arg(long, value_name = "OPTIONS")]
+    disk: Vec<api::DiskConfig>,
 }
 
 impl RunArgs {
@@ -71,6 +77,7 @@ impl RunArgs {
             memory: self.memory,
             no_reboot: self.no_reboot,
             rng: self.rng,
+            disks: self.disk,
         }
     }
 }

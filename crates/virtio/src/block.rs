@@ -1,1 +1,448 @@
-//! placeholder
+//! virtio-blk (virtio 1.x section 5.2) on a [`block::DiskImage`].
+//!
+//! Requests are parsed from the descriptor chain into guest-memory slices (no copies): a 16-byte
+//! header, the data, and the status byte that ends the writable part. Reads and writes go
+//! straight between guest memory and the image; flush makes writes durable before the guest
+//! hears of it (and every write is durable at once if the driver did not take FLUSH). Malformed
+//! requests get the spec's error status; a chain without a status byte is completed empty.
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use block::{DiskImage, Slices};
+use virtio_queue::DescriptorChain;
+use vm_memory::{GuestMemory as _, Permissions, VolatileSlice};
+
+use crate::device::{read_config_bytes, ActivateError, Activation, VirtioDevice, VirtioInterrupt};
+use crate::queue::DeviceQueue;
+use crate::worker::{Worker, WorkerHandle};
+use crate::{device_type, GuestMemory};
+
+pub const SECTOR_SIZE: u64 = 512;
+const QUEUE_SIZE: u16 = 256;
+/// The queue layout of every block device (one request queue).
+pub const QUEUE_SIZES: &[u16] = &[QUEUE_SIZE];
+/// Longest serial (GET_ID answer).
+pub const ID_LEN: usize = 20;
+const MAX_SEGMENTS: u32 = 32;
+/// 4 GiB - 512 in sectors: what one discard or write-zeroes segment may cover.
+const MAX_RANGE_SECTORS: u32 = 0x7f_ffff;
+
+/// Feature bits (virtio 1.x 5.2.3).
+pub mod features {
+    pub const SEG_MAX: u64 = 1 << 2;
+    pub const RO: u64 = 1 << 5;
+    pub const BLK_SIZE: u64 = 1 << 6;
+    pub const FLUSH: u64 = 1 << 9;
+    pub const DISCARD: u64 = 1 << 13;
+    pub const WRITE_ZEROES: u64 = 1 << 14;
+}
+
+/// Request types.
+pub mod request_type {
+    pub const IN: u32 = 0;
+    pub const OUT: u32 = 1;
+    pub const FLUSH: u32 = 4;
+    pub const GET_ID: u32 = 8;
+    pub const DISCARD: u32 = 11;
+    pub const WRITE_ZEROES: u32 = 13;
+}
+
+/// Status values.
+pub mod status {
+    pub const OK: u8 = 0;
+    pub const IOERR: u8 = 1;
+    pub const UNSUPP: u8 = 2;
+}
+
+const HEADER_LEN: u64 = 16;
+const SEGMENT_LEN: u64 = 16;
+const WRITE_ZEROES_UNMAP: u32 = 1;
+
+/// An image shared by the devices of successive boots of one VM.
+pub type SharedDisk = Arc<Mutex<Box<dyn DiskImage>>>;
+
+fn lock(disk: &SharedDisk) -> std::sync::MutexGuard<'_, Box<dyn DiskImage>> {
+    disk.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A block device.
+pub struct Block {
+    disk: SharedDisk,
+    read_only: bool,
+    id: [u8; ID_LEN],
+    config: Vec<u8>,
+    worker: Option<WorkerHandle>,
+}
+
+impl std::fmt::Debug for Block {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Block")
+            .field("read_only", &self.read_only)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The device configuration layout (struct virtio_blk_config).
+fn config_space(capacity_sectors: u64) -> Vec<u8> {
+    let mut c = vec![0u8; 60];
+    c[0..8].copy_from_slice(&capacity_sectors.to_le_bytes());
+    c[12..16].copy_from_slice(&u32::from(QUEUE_SIZE - 2).to_le_bytes()); // seg_max
+    c[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes()); // blk_size
+    c[34..36].copy_from_slice(&1u16.to_le_bytes()); // num_queues
+    c[36..40].copy_from_slice(&MAX_RANGE_SECTORS.to_le_bytes()); // max_discard_sectors
+    c[40..44].copy_from_slice(&MAX_SEGMENTS.to_le_bytes()); // max_discard_seg
+    c[44..48].copy_from_slice(&8u32.to_le_bytes()); // discard_sector_alignment (4 KiB)
+    c[48..52].copy_from_slice(&MAX_RANGE_SECTORS.to_le_bytes()); // max_write_zeroes_sectors
+    c[52..56].copy_from_slice(&MAX_SEGMENTS.to_le_bytes()); // max_write_zeroes_seg
+    c[56] = 1; // write_zeroes_may_unmap
+    c
+}
+
+impl Block {
+    /// A device on `disk`; `serial` (at most 20 bytes are used) answers GET_ID.
+    pub fn new(disk: SharedDisk, read_only: bool, serial: &str) -> Self {
+        let mut id = [0u8; ID_LEN];
+        let bytes = serial.as_bytes();
+        let n = bytes.len().min(ID_LEN);
+        id[..n].copy_from_slice(&bytes[..n]);
+        let config = config_space(lock(&disk).size() / SECTOR_SIZE);
+        Block {
+            disk,
+            read_only,
+            id,
+            config,
+            worker: None,
+        }
+    }
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        device_type::BLOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        QUEUE_SIZES
+    }
+
+    fn features(&self) -> u64 {
+        let mut f = features::SEG_MAX | features::BLK_SIZE | features::FLUSH;
+        if self.read_only {
+            f |= features::RO;
+        } else {
+            f |= features::DISCARD | features::WRITE_ZEROES;
+        }
+        f
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config, offset, data);
+    }
+
+    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
+        let Some(queue) = activation.queues.into_iter().next() else {
+            return Err(ActivateError::MissingQueues { needed: 1, got: 0 });
+        };
+        let worker = BlockWorker {
+            memory: activation.memory,
+            queue: queue.into(),
+            interrupt: activation.interrupt,
+            executor: Executor {
+                disk: self.disk.clone(),
+                read_only: self.read_only,
+                id: self.id,
+                write_through: activation.features & features::FLUSH == 0,
+            },
+        };
+        self.worker =
+            Some(WorkerHandle::spawn("virtio-blk", worker).map_err(ActivateError::Worker)?);
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        if let Some(mut worker) = self.worker.take() {
+            worker.stop();
+        }
+    }
+}
+
+struct BlockWorker {
+    memory: Arc<GuestMemory>,
+    queue: DeviceQueue,
+    interrupt: Arc<dyn VirtioInterrupt>,
+    executor: Executor,
+}
+
+impl Worker for BlockWorker {
+    fn sources(&self) -> Vec<(RawFd, u64)> {
+        vec![(self.queue.notify.as_raw_fd(), 0)]
+    }
+
+    fn handle(&mut self, _token: u64) -> io::Result<()> {
+        let mem = self.memory.clone();
+        let executor = &mut self.executor;
+        let result = self.queue.process(&mem, self.interrupt.as_ref(), |chain| {
+            executor.serve(chain, &mem)
+        });
+        if let Err(e) = result {
+            tracing::warn!("virtio-blk: {e}");
+            self.interrupt.needs_reset();
+        }
+        Ok(())
+    }
+}
+
+/// A request's buffers: what the device may read, then what it may write.
+#[derive(Debug, Default)]
+pub struct ChainBuffers<'m> {
+    pub readable: Vec<VolatileSlice<'m, ()>>,
+    pub writable: Vec<VolatileSlice<'m, ()>>,
+}
+
+/// Why a chain is not a request.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RequestError {
+    #[error("a readable descriptor follows a writable one")]
+    ReadableAfterWritable,
+    #[error("a descriptor points outside guest memory")]
+    BadAddress,
+    #[error("the chain has no status byte")]
+    NoStatus,
+    #[error("the chain is shorter than a request header")]
+    ShortHeader,
+}
+
+/// Splits a chain into guest-memory slices, checking the order of its descriptors.
+pub fn chain_buffers<'m>(
+    chain: DescriptorChain<&'m GuestMemory>,
+    mem: &'m GuestMemory,
+) -> Result<ChainBuffers<'m>, RequestError> {
+    let mut buffers = ChainBuffers::default();
+    for desc in chain {
+        let writable = desc.is_write_only();
+        if !writable && !buffers.writable.is_empty() {
+            return Err(RequestError::ReadableAfterWritable);
+        }
+        let access = if writable {
+            Permissions::Write
+        } else {
+            Permissions::Read
+        };
+        let slices = mem
+            .get_slices(desc.addr(), desc.len() as usize, access)
+            .map_err(|_| RequestError::BadAddress)?;
+        for slice in slices {
+            let slice = slice.map_err(|_| RequestError::BadAddress)?;
+            if writable {
+                buffers.writable.push(slice);
+            } else {
+                buffers.readable.push(slice);
+            }
+        }
+    }
+    Ok(buffers)
+}
+
+/// A parsed request.
+#[derive(Debug)]
+pub struct Request<'m> {
+    pub kind: u32,
+    pub sector: u64,
+    /// The data the device reads (OUT, DISCARD, WRITE_ZEROES).
+    pub input: Vec<VolatileSlice<'m, ()>>,
+    /// The data the device writes (IN, GET_ID).
+    pub output: Vec<VolatileSlice<'m, ()>>,
+    pub status: VolatileSlice<'m, ()>,
+}
+
+/// Parses a request out of its buffers.
+pub fn parse_request(buffers: ChainBuffers<'_>) -> Result<Request<'_>, RequestError> {
+    let mut readable = Slices::new(&buffers.readable);
+    let mut writable = Slices::new(&buffers.writable);
+    let writable_len = writable.len();
+    if writable_len == 0 {
+        return Err(RequestError::NoStatus);
+    }
+    let output = writable
+        .take(writable_len - 1)
+        .map_err(|_| RequestError::NoStatus)?;
+    let status = writable
+        .take(1)
+        .ok()
+        .and_then(|s| s.into_iter().next())
+        .ok_or(RequestError::NoStatus)?;
+    if readable.len() < HEADER_LEN {
+        return Err(RequestError::ShortHeader);
+    }
+    let header_slices = readable
+        .take(HEADER_LEN)
+        .map_err(|_| RequestError::ShortHeader)?;
+    let mut header = [0u8; HEADER_LEN as usize];
+    let mut at = 0;
+    for slice in header_slices {
+        let n = slice.len();
+        slice.copy_to(&mut header[at..at + n]);
+        at += n;
+    }
+    let kind = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
+    let sector = u64::from_le_bytes([
+        header[8], header[9], header[10], header[11], header[12], header[13], header[14],
+        header[15],
+    ]);
+    let input = readable
+        .take(readable.len())
+        .map_err(|_| RequestError::ShortHeader)?;
+    Ok(Request {
+        kind,
+        sector,
+        input,
+        output,
+        status,
+    })
+}
+
+/// Executes requests on the disk.
+struct Executor {
+    disk: SharedDisk,
+    read_only: bool,
+    id: [u8; ID_LEN],
+    write_through: bool,
+}
+
+impl Executor {
+    /// Serves one chain; returns the bytes written into it.
+    fn serve(&mut self, chain: DescriptorChain<&GuestMemory>, mem: &GuestMemory) -> u32 {
+        let request = match chain_buffers(chain, mem).and_then(parse_request) {
+            Ok(request) => request,
+            Err(e) => {
+                tracing::debug!("virtio-blk: malformed request: {e}");
+                return 0;
+            }
+        };
+        let (status, written) = self.execute(&request);
+        request.status.copy_from(&[status]);
+        written.saturating_add(1)
+    }
+
+    /// Returns the status and the bytes written into the output buffers.
+    fn execute(&mut self, request: &Request<'_>) -> (u8, u32) {
+        let result = match request.kind {
+            request_type::IN => self.read(request),
+            request_type::OUT => self.write(request).map(|()| 0),
+            request_type::FLUSH => lock(&self.disk).flush().map(|()| 0).map_err(Status::from),
+            request_type::GET_ID => Ok(self.get_id(request)),
+            request_type::DISCARD => self.ranges(request, false).map(|()| 0),
+            request_type::WRITE_ZEROES => self.ranges(request, true).map(|()| 0),
+            _ => Err(Status(status::UNSUPP)),
+        };
+        match result {
+            Ok(written) => (status::OK, written),
+            Err(Status(code)) => (code, 0),
+        }
+    }
+
+    /// The byte range of `len` bytes at `sector`, if it is whole sectors inside the disk.
+    fn byte_range(&self, sector: u64, len: u64) -> Result<u64, Status> {
+        let offset = sector
+            .checked_mul(SECTOR_SIZE)
+            .ok_or(Status(status::IOERR))?;
+        let end = offset.checked_add(len).ok_or(Status(status::IOERR))?;
+        if len % SECTOR_SIZE != 0 || end > lock(&self.disk).size() {
+            return Err(Status(status::IOERR));
+        }
+        Ok(offset)
+    }
+
+    fn read(&mut self, request: &Request<'_>) -> Result<u32, Status> {
+        let len = block::slices_len(&request.output);
+        let offset = self.byte_range(request.sector, len)?;
+        lock(&self.disk).read_at(offset, &request.output)?;
+        u32::try_from(len).map_err(|_| Status(status::IOERR))
+    }
+
+    fn write(&mut self, request: &Request<'_>) -> Result<(), Status> {
+        if self.read_only {
+            return Err(Status(status::IOERR));
+        }
+        let offset = self.byte_range(request.sector, block::slices_len(&request.input))?;
+        let mut disk = lock(&self.disk);
+        disk.write_at(offset, &request.input)?;
+        if self.write_through {
+            disk.flush()?;
+        }
+        Ok(())
+    }
+
+    fn get_id(&self, request: &Request<'_>) -> u32 {
+        let mut output = Slices::new(&request.output);
+        let Ok(slices) = output.take(ID_LEN as u64) else {
+            return 0;
+        };
+        let mut written = 0;
+        for slice in slices {
+            let n = slice.len();
+            slice.copy_from(&self.id[written..written + n]);
+            written += n;
+        }
+        written as u32
+    }
+
+    /// DISCARD and WRITE_ZEROES: a list of {sector, num_sectors, flags} segments.
+    fn ranges(&mut self, request: &Request<'_>, zeroes: bool) -> Result<(), Status> {
+        if self.read_only {
+            return Err(Status(status::IOERR));
+        }
+        let len = block::slices_len(&request.input);
+        let count = len / SEGMENT_LEN;
+        if len % SEGMENT_LEN != 0 || count == 0 {
+            return Err(Status(status::UNSUPP));
+        }
+        if count > u64::from(MAX_SEGMENTS) {
+            return Err(Status(status::IOERR));
+        }
+        let mut bytes = vec![0u8; len as usize];
+        let mut at = 0;
+        for slice in &request.input {
+            let n = slice.len();
+            slice.copy_to(&mut bytes[at..at + n]);
+            at += n;
+        }
+        for segment in bytes.chunks_exact(SEGMENT_LEN as usize) {
+            let sector = u64::from_le_bytes(segment[0..8].try_into().unwrap_or([0; 8]));
+            let sectors = u32::from_le_bytes(segment[8..12].try_into().unwrap_or([0; 4]));
+            let flags = u32::from_le_bytes(segment[12..16].try_into().unwrap_or([0; 4]));
+            let allowed_flags = if zeroes { WRITE_ZEROES_UNMAP } else { 0 };
+            if flags & !allowed_flags != 0 {
+                return Err(Status(status::UNSUPP));
+            }
+            if sectors > MAX_RANGE_SECTORS {
+                return Err(Status(status::IOERR));
+            }
+            let len = u64::from(sectors) * SECTOR_SIZE;
+            let offset = self.byte_range(sector, len)?;
+            let mut disk = lock(&self.disk);
+            if zeroes {
+                disk.write_zeroes(offset, len, flags & WRITE_ZEROES_UNMAP != 0)?;
+            } else {
+                disk.discard(offset, len)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A request's failure status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Status(u8);
+
+impl From<io::Error> for Status {
+    fn from(e: io::Error) -> Self {
+        tracing::warn!("virtio-blk: I/O error: {e}");
+        Status(status::IOERR)
+    }
+}
+
+#[cfg(test)]
+mod tests;

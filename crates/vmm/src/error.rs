@@ -11,7 +11,7 @@ pub enum ExitCode {
     VmmError = 1,
     /// The command line or configuration is invalid.
     Usage = 2,
-    /// The kernel or initramfs is missing, unreadable or unusable.
+    /// The kernel, initramfs or a disk image is missing, unreadable or unusable.
     BootImage = 3,
     /// `/dev/kvm` is missing, not accessible, or lacks a capability Ferro needs.
     KvmUnavailable = 4,
@@ -50,6 +50,12 @@ pub enum Error {
         path: PathBuf,
         #[source]
         source: arch::boot::BootError,
+    },
+    #[error("cannot use disk {}", path.display())]
+    Disk {
+        path: PathBuf,
+        #[source]
+        source: block::OpenError,
     },
     #[error("KVM is not usable")]
     Kvm(#[source] hypervisor::Error),
@@ -119,9 +125,10 @@ impl Error {
                 source: BootError::CmdlineTooLong { .. } | BootError::CmdlineNul,
                 ..
             } => ExitCode::Usage,
-            Error::OpenKernel { .. } | Error::OpenInitrd { .. } | Error::Boot { .. } => {
-                ExitCode::BootImage
-            }
+            Error::OpenKernel { .. }
+            | Error::OpenInitrd { .. }
+            | Error::Boot { .. }
+            | Error::Disk { .. } => ExitCode::BootImage,
             Error::Kvm(_) => ExitCode::KvmUnavailable,
             Error::TripleFault { .. } => ExitCode::GuestTripleFault,
             Error::InternalError { .. }

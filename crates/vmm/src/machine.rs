@@ -60,6 +60,62 @@ impl BootFiles {
     }
 }
 
+/// The disk images, opened (and locked) once for all boots of the VM: a reset rebuilds the
+/// machine but keeps the images.
+pub(crate) struct Disks {
+    images: Vec<(virtio::block::SharedDisk, api::DiskConfig)>,
+}
+
+impl std::fmt::Debug for Disks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let paths: Vec<_> = self.images.iter().map(|(_, c)| &c.path).collect();
+        f.debug_struct("Disks").field("paths", &paths).finish()
+    }
+}
+
+impl Disks {
+    pub fn open(config: &VmConfig) -> Result<Self, Error> {
+        let mut images = Vec::new();
+        for disk in &config.disks {
+            let format = disk
+                .format
+                .as_deref()
+                .map(str::parse::<block::Format>)
+                .transpose()
+                .map_err(|message| {
+                    Error::Config(api::ConfigError::Disk {
+                        path: disk.path.display().to_string(),
+                        source: api::options::OptionError::Invalid {
+                            key: "format".into(),
+                            message,
+                        },
+                    })
+                })?;
+            let image =
+                block::open(&disk.path, disk.readonly, format).map_err(|source| Error::Disk {
+                    path: disk.path.clone(),
+                    source,
+                })?;
+            images.push((Arc::new(Mutex::new(image)), disk.clone()));
+        }
+        Ok(Disks { images })
+    }
+
+    /// Fresh devices on the shared images, for one boot.
+    fn devices(&self) -> Vec<virtio::block::Block> {
+        self.images
+            .iter()
+            .map(|(image, c)| {
+                virtio::block::Block::new(
+                    image.clone(),
+                    c.readonly,
+                    c.serial.as_deref().unwrap_or(""),
+                )
+            })
+            .collect()
+    }
+}
+
 /// Why a boot ended without an error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum StopReason {
@@ -98,6 +154,7 @@ impl Machine {
         host: &HostCpu,
         config: &VmConfig,
         files: &mut BootFiles,
+        disks: &Disks,
         console_out: Box<dyn Write + Send>,
     ) -> Result<Self, Error> {
         let mut vm = hv.create_vm()?;
@@ -119,6 +176,9 @@ impl Machine {
         let pio = Self::port_bus(&power, serial.clone(), config)?;
         let mmio = Arc::new(Bus::new());
         let mut pci = PciBuilder::new(&pio, &mmio, &power, config.memory.0)?;
+        for disk in disks.devices() {
+            pci.add_virtio(Box::new(disk), &memory, &interrupts, &vm)?;
+        }
         if config.rng {
             pci.add_virtio(Box::new(virtio::rng::Rng::new()), &memory, &interrupts, &vm)?;
         }

@@ -6,7 +6,7 @@ use hypervisor::Hypervisor;
 
 use crate::console::Console;
 use crate::error::Error;
-use crate::machine::{BootFiles, Machine, StopReason};
+use crate::machine::{BootFiles, Disks, Machine, StopReason};
 use crate::signals::{self, TerminationSignals};
 use crate::vcpu::HostCpu;
 
@@ -63,11 +63,12 @@ pub fn run(config: &VmConfig, console: &mut Console) -> Result<Outcome, Error> {
     let hv = Hypervisor::open().map_err(Error::Kvm)?;
     check_host_limits(config, &hv)?;
     let mut files = BootFiles::open(config)?;
+    let disks = Disks::open(config)?;
     let host = HostCpu::probe(&hv)?;
     signals::install_vcpu_kick_handler().map_err(Error::ControlLoop)?;
     let signals = TerminationSignals::block().map_err(Error::ControlLoop)?;
     loop {
-        let machine = Machine::build(&hv, &host, config, &mut files, console.output())?;
+        let machine = Machine::build(&hv, &host, config, &mut files, &disks, console.output())?;
         tracing::debug!("VM built; starting the guest");
         match machine.run(console, &signals)? {
             StopReason::PowerOff => return Ok(Outcome::PoweredOff),

@@ -1,0 +1,102 @@
+//! Guest buffers as iovecs for vectored system calls.
+
+use std::io;
+
+use vm_memory::VolatileSlice;
+
+/// Total length of `buffers`.
+pub fn slices_len(buffers: &[VolatileSlice<'_, ()>]) -> u64 {
+    buffers.iter().map(|b| b.len() as u64).sum()
+}
+
+/// A list of guest buffers that can be consumed piece by piece.
+#[derive(Debug)]
+pub struct Slices<'a> {
+    slices: Vec<VolatileSlice<'a, ()>>,
+}
+
+impl<'a> Slices<'a> {
+    pub fn new(buffers: &[VolatileSlice<'a, ()>]) -> Self {
+        Slices {
+            slices: buffers.iter().filter(|s| !s.is_empty()).copied().collect(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.slices.is_empty()
+    }
+
+    pub fn len(&self) -> u64 {
+        slices_len(&self.slices)
+    }
+
+    /// Drops the first `count` bytes.
+    pub fn advance(&mut self, mut count: usize) -> io::Result<()> {
+        while count > 0 {
+            let Some(first) = self.slices.first_mut() else {
+                return Err(io::Error::other("advanced past the end of the buffers"));
+            };
+            if count < first.len() {
+                *first = first.offset(count).map_err(io::Error::other)?;
+                return Ok(());
+            }
+            count -= first.len();
+            self.slices.remove(0);
+        }
+        Ok(())
+    }
+
+    /// Splits off the first `count` bytes (or fewer, if that is all there is).
+    pub fn take(&mut self, count: u64) -> io::Result<Vec<VolatileSlice<'a, ()>>> {
+        let mut taken = Vec::new();
+        let mut left = count;
+        while left > 0 {
+            let Some(first) = self.slices.first().copied() else {
+                break;
+            };
+            let len = first.len() as u64;
+            if len <= left {
+                taken.push(first);
+                self.slices.remove(0);
+                left -= len;
+            } else {
+                let head = first.subslice(0, left as usize).map_err(io::Error::other)?;
+                taken.push(head);
+                self.slices[0] = first.offset(left as usize).map_err(io::Error::other)?;
+                left = 0;
+            }
+        }
+        Ok(taken)
+    }
+
+    /// Runs a vectored system call on (up to 1024 of) the buffers; `call` gets the iovecs and
+    /// returns the bytes it transferred.
+    pub fn with_iovecs<F>(&self, call: F) -> io::Result<usize>
+    where
+        F: FnOnce(&[libc::iovec]) -> isize,
+    {
+        const IOV_MAX: usize = 1024;
+        let guards: Vec<_> = self
+            .slices
+            .iter()
+            .take(IOV_MAX)
+            .map(|s| s.ptr_guard_mut())
+            .collect();
+        let iovecs: Vec<libc::iovec> = guards
+            .iter()
+            .zip(&self.slices)
+            .map(|(guard, slice)| libc::iovec {
+                iov_base: guard.as_ptr().cast(),
+                iov_len: slice.len(),
+            })
+            .collect();
+        // The guards keep every pointer valid until the call returns.
+        let ret = call(&iovecs);
+        drop(guards);
+        if ret < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(ret as usize)
+        }
+    }
+}

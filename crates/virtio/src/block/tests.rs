@@ -1,0 +1,319 @@
+//! virtio-blk requests against a raw image in a temporary file, with chains built by
+//! virtio-queue's mock queue.
+
+use std::io::Write as _;
+
+use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
+use virtio_queue::desc::{split::Descriptor, RawDescriptor};
+use virtio_queue::mock::MockSplitQueue;
+use vm_memory::{Bytes, GuestAddress};
+
+use super::*;
+
+const HEADER: u64 = 0x10_0000;
+const DATA: u64 = 0x11_0000;
+const STATUS: u64 = 0x12_0000;
+const DISK_SIZE: usize = 64 << 10;
+
+struct Setup {
+    mem: GuestMemory,
+    _file: tempfile::NamedTempFile,
+    executor: Executor,
+}
+
+fn setup(read_only: bool) -> Setup {
+    let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 0x20_0000)]).unwrap();
+    let mut file = tempfile::NamedTempFile::new().unwrap();
+    let contents: Vec<u8> = (0..DISK_SIZE)
+        .map(|i| (i / SECTOR_SIZE as usize) as u8)
+        .collect();
+    file.write_all(&contents).unwrap();
+    let disk = block::open(file.path(), read_only, None).unwrap();
+    let executor = Executor {
+        disk: Arc::new(Mutex::new(disk)),
+        read_only,
+        id: *b"ferro-disk-serial-01",
+        write_through: false,
+    };
+    Setup {
+        mem,
+        _file: file,
+        executor,
+    }
+}
+
+fn desc(addr: u64, len: u32, writable: bool) -> RawDescriptor {
+    let flags = if writable {
+        VRING_DESC_F_WRITE as u16
+    } else {
+        0
+    };
+    RawDescriptor::from(Descriptor::new(addr, len, flags, 0))
+}
+
+fn header(s: &Setup, kind: u32, sector: u64) {
+    s.mem.write_obj(kind, GuestAddress(HEADER)).unwrap();
+    s.mem.write_obj(0u32, GuestAddress(HEADER + 4)).unwrap();
+    s.mem.write_obj(sector, GuestAddress(HEADER + 8)).unwrap();
+}
+
+/// Serves the chain made of `descs`; returns (used length, status byte).
+fn serve(s: &mut Setup, descs: &[RawDescriptor]) -> (u32, u8) {
+    s.mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+    let queue = MockSplitQueue::new(&s.mem, 16);
+    let chain = queue.build_desc_chain(descs).unwrap();
+    let used = s.executor.serve(chain, &s.mem);
+    (used, s.mem.read_obj(GuestAddress(STATUS)).unwrap())
+}
+
+fn disk_bytes(s: &Setup, offset: usize, len: usize) -> Vec<u8> {
+    let bytes = std::fs::read(s._file.path()).unwrap();
+    bytes[offset..offset + len].to_vec()
+}
+
+#[test]
+fn read_fills_guest_memory() {
+    let mut s = setup(false);
+    header(&s, request_type::IN, 3);
+    let (used, status) = serve(
+        &mut s,
+        &[
+            desc(HEADER, 16, false),
+            desc(DATA, 1024, true),
+            desc(STATUS, 1, true),
+        ],
+    );
+    assert_eq!((used, status), (1025, status::OK));
+    let mut data = vec![0u8; 1024];
+    s.mem.read_slice(&mut data, GuestAddress(DATA)).unwrap();
+    assert!(data[..512].iter().all(|&b| b == 3) && data[512..].iter().all(|&b| b == 4));
+}
+
+#[test]
+fn read_split_across_descriptors_and_status_in_the_last() {
+    let mut s = setup(false);
+    header(&s, request_type::IN, 0);
+    // Data and status share the last descriptor.
+    let (used, status) = serve(
+        &mut s,
+        &[
+            desc(HEADER, 16, false),
+            desc(DATA, 300, true),
+            desc(DATA + 0x1000, 213, true),
+        ],
+    );
+    assert_eq!(
+        (used, status),
+        (513, 0xff),
+        "status goes to the last byte, not STATUS"
+    );
+    let status_byte: u8 = s.mem.read_obj(GuestAddress(DATA + 0x1000 + 212)).unwrap();
+    assert_eq!(status_byte, status::OK);
+    let mut tail = vec![0u8; 212];
+    s.mem
+        .read_slice(&mut tail, GuestAddress(DATA + 0x1000))
+        .unwrap();
+    assert!(tail.iter().all(|&b| b == 0));
+}
+
+#[test]
+fn write_reaches_the_image() {
+    let mut s = setup(false);
+    header(&s, request_type::OUT, 8);
+    s.mem.write_slice(&[0xab; 512], GuestAddress(DATA)).unwrap();
+    let (used, status) = serve(
+        &mut s,
+        &[
+            desc(HEADER, 16, false),
+            desc(DATA, 512, false),
+            desc(STATUS, 1, true),
+        ],
+    );
+    assert_eq!((used, status), (1, status::OK));
+    assert_eq!(disk_bytes(&s, 8 * 512, 512), vec![0xab; 512]);
+    header(&s, request_type::FLUSH, 0);
+    assert_eq!(
+        serve(&mut s, &[desc(HEADER, 16, false), desc(STATUS, 1, true)]),
+        (1, status::OK)
+    );
+}
+
+#[test]
+fn read_only_disks_refuse_writes() {
+    let mut s = setup(true);
+    header(&s, request_type::OUT, 0);
+    s.mem.write_slice(&[0xab; 512], GuestAddress(DATA)).unwrap();
+    let (_, status) = serve(
+        &mut s,
+        &[
+            desc(HEADER, 16, false),
+            desc(DATA, 512, false),
+            desc(STATUS, 1, true),
+        ],
+    );
+    assert_eq!(status, status::IOERR);
+    assert_eq!(disk_bytes(&s, 0, 512), vec![0; 512]);
+    header(&s, request_type::DISCARD, 0);
+    let (_, status) = serve(
+        &mut s,
+        &[
+            desc(HEADER, 16, false),
+            desc(DATA, 16, false),
+            desc(STATUS, 1, true),
+        ],
+    );
+    assert_eq!(status, status::IOERR);
+}
+
+#[test]
+fn out_of_range_and_partial_sectors_are_io_errors() {
+    let mut s = setup(false);
+    header(&s, request_type::IN, (DISK_SIZE as u64 / 512) - 1);
+    let chain = [
+        desc(HEADER, 16, false),
+        desc(DATA, 1024, true),
+        desc(STATUS, 1, true),
+    ];
+    assert_eq!(serve(&mut s, &chain).1, status::IOERR);
+    header(&s, request_type::IN, u64::MAX / 2);
+    assert_eq!(serve(&mut s, &chain).1, status::IOERR);
+    header(&s, request_type::IN, 0);
+    let odd = [
+        desc(HEADER, 16, false),
+        desc(DATA, 100, true),
+        desc(STATUS, 1, true),
+    ];
+    assert_eq!(serve(&mut s, &odd).1, status::IOERR);
+}
+
+#[test]
+fn get_id_returns_the_serial() {
+    let mut s = setup(false);
+    header(&s, request_type::GET_ID, 0);
+    let (used, status) = serve(
+        &mut s,
+        &[
+            desc(HEADER, 16, false),
+            desc(DATA, 20, true),
+            desc(STATUS, 1, true),
+        ],
+    );
+    assert_eq!((used, status), (21, status::OK));
+    let mut id = [0u8; 20];
+    s.mem.read_slice(&mut id, GuestAddress(DATA)).unwrap();
+    assert_eq!(&id, b"ferro-disk-serial-01");
+}
+
+fn segment(s: &Setup, at: u64, sector: u64, sectors: u32, flags: u32) {
+    s.mem.write_obj(sector, GuestAddress(at)).unwrap();
+    s.mem.write_obj(sectors, GuestAddress(at + 8)).unwrap();
+    s.mem.write_obj(flags, GuestAddress(at + 12)).unwrap();
+}
+
+#[test]
+fn discard_and_write_zeroes() {
+    let mut s = setup(false);
+    header(&s, request_type::WRITE_ZEROES, 0);
+    segment(&s, DATA, 8, 8, 0);
+    segment(&s, DATA + 16, 32, 8, WRITE_ZEROES_UNMAP);
+    let chain = [
+        desc(HEADER, 16, false),
+        desc(DATA, 32, false),
+        desc(STATUS, 1, true),
+    ];
+    assert_eq!(serve(&mut s, &chain).1, status::OK);
+    assert_eq!(disk_bytes(&s, 8 * 512, 4096), vec![0; 4096]);
+    assert_eq!(disk_bytes(&s, 32 * 512, 4096), vec![0; 4096]);
+    assert_eq!(disk_bytes(&s, 16 * 512, 1), vec![16]);
+
+    header(&s, request_type::DISCARD, 0);
+    segment(&s, DATA, 64, 8, WRITE_ZEROES_UNMAP);
+    let one = [
+        desc(HEADER, 16, false),
+        desc(DATA, 16, false),
+        desc(STATUS, 1, true),
+    ];
+    assert_eq!(
+        serve(&mut s, &one).1,
+        status::UNSUPP,
+        "discard takes no flags"
+    );
+    segment(&s, DATA, (DISK_SIZE / 512) as u64, 8, 0);
+    assert_eq!(serve(&mut s, &one).1, status::IOERR, "beyond the disk");
+    let ragged = [
+        desc(HEADER, 16, false),
+        desc(DATA, 20, false),
+        desc(STATUS, 1, true),
+    ];
+    assert_eq!(serve(&mut s, &ragged).1, status::UNSUPP);
+}
+
+#[test]
+fn unknown_types_are_unsupported() {
+    let mut s = setup(false);
+    header(&s, 0x1234, 0);
+    let (used, status) = serve(&mut s, &[desc(HEADER, 16, false), desc(STATUS, 1, true)]);
+    assert_eq!((used, status), (1, status::UNSUPP));
+}
+
+#[test]
+fn malformed_chains_are_completed_without_status() {
+    let mut s = setup(false);
+    header(&s, request_type::IN, 0);
+    // No writable descriptor at all.
+    assert_eq!(
+        serve(&mut s, &[desc(HEADER, 16, false), desc(DATA, 512, false)]),
+        (0, 0xff)
+    );
+    // Readable after writable.
+    let out_of_order = [
+        desc(HEADER, 16, false),
+        desc(STATUS, 1, true),
+        desc(DATA, 16, false),
+    ];
+    assert_eq!(serve(&mut s, &out_of_order), (0, 0xff));
+    // Header too short.
+    assert_eq!(
+        serve(&mut s, &[desc(HEADER, 8, false), desc(STATUS, 1, true)]),
+        (0, 0xff)
+    );
+    // Buffer outside guest memory.
+    let outside = [
+        desc(HEADER, 16, false),
+        desc(0x7000_0000, 512, true),
+        desc(STATUS, 1, true),
+    ];
+    assert_eq!(serve(&mut s, &outside), (0, 0xff));
+    // A buffer that wraps around the address space.
+    let wrap = [
+        desc(HEADER, 16, false),
+        desc(u64::MAX - 10, 512, true),
+        desc(STATUS, 1, true),
+    ];
+    assert_eq!(serve(&mut s, &wrap), (0, 0xff));
+}
+
+#[test]
+fn a_descriptor_loop_ends() {
+    let mut s = setup(false);
+    header(&s, request_type::IN, 0);
+    let queue = MockSplitQueue::new(&s.mem, 16);
+    // Descriptor 1 points back to itself.
+    let looping = [
+        RawDescriptor::from(Descriptor::new(HEADER, 16, 1, 1)),
+        RawDescriptor::from(Descriptor::new(DATA, 512, 1 | VRING_DESC_F_WRITE as u16, 1)),
+    ];
+    let chain = queue.build_multiple_desc_chains(&looping).unwrap();
+    // Must return (the chain iterator stops after queue-size descriptors).
+    let _ = s.executor.serve(chain, &s.mem);
+}
+
+#[test]
+fn config_space_layout() {
+    let c = config_space(128);
+    assert_eq!(u64::from_le_bytes(c[0..8].try_into().unwrap()), 128);
+    assert_eq!(u32::from_le_bytes(c[12..16].try_into().unwrap()), 254);
+    assert_eq!(u32::from_le_bytes(c[20..24].try_into().unwrap()), 512);
+    assert_eq!(u16::from_le_bytes(c[34..36].try_into().unwrap()), 1);
+    assert_eq!(c[56], 1);
+}
