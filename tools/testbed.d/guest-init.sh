@@ -11,6 +11,8 @@ mount -t tmpfs tmpfs /tmp
 while read -r module; do
     insmod "/lib/modules/$module" || echo "ferro-guest: cannot load $module"
 done < /etc/modules-order
+# With console=hvc0 the console only exists once virtio_console is loaded: reopen it.
+exec </dev/console >/dev/console 2>&1
 echo "ferro-guest: ready"
 cmd=$(sed -n 's/.*ferro\.run="\([^"]*\)".*/\1/p' /proc/cmdline)
 if [ -z "$cmd" ]; then

@@ -6,4 +6,4 @@ pub mod size;
 pub mod vm_config;
 
 pub use size::{ByteSize, ParseSizeError};
-pub use vm_config::{ConfigError, DiskConfig, VmConfig, DEFAULT_CMDLINE};
+pub use vm_config::{ConfigError, ConsoleKind, DiskConfig, VmConfig, DEFAULT_CMDLINE};

@@ -26,6 +26,29 @@ fn default_cmdline() -> String {
     DEFAULT_CMDLINE.to_string()
 }
 
+/// Which guest device the VMM's terminal is connected to.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ConsoleKind {
+    /// The COM1 UART (`ttyS0`).
+    #[default]
+    Serial,
+    /// A virtio-console device (`hvc0`); the UART is then not connected.
+    Hvc,
+}
+
+impl std::str::FromStr for ConsoleKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "serial" => Ok(ConsoleKind::Serial),
+            "hvc" => Ok(ConsoleKind::Hvc),
+            other => Err(format!("unknown console {other:?} (serial or hvc)")),
+        }
+    }
+}
+
 /// A virtio-blk disk.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -112,6 +135,9 @@ pub struct VmConfig {
     /// virtio-blk disks, in PCI slot order.
     #[serde(default)]
     pub disks: Vec<DiskConfig>,
+    /// The device the console is connected to.
+    #[serde(default)]
+    pub console: ConsoleKind,
 }
 
 /// A configuration that cannot describe a VM, whatever the host.
@@ -145,6 +171,7 @@ impl VmConfig {
             no_reboot: false,
             rng: false,
             disks: Vec::new(),
+            console: ConsoleKind::Serial,
         }
     }
 

@@ -10,7 +10,7 @@ use crate::error_chain;
 
 const RUN_HELP: &str = "\
 Console:
-  The guest's serial console (ttyS0) is connected to this terminal. When stdin is a
+  The guest's serial console (ttyS0), or hvc0 with --console hvc, is connected to this terminal. When stdin is a
   terminal it is put in raw mode and Ctrl-A starts an escape sequence:
     Ctrl-A x        quit (stops the VM at once)
     Ctrl-A h        help
@@ -65,6 +65,11 @@ pub struct RunArgs {
     /// Repeat for more disks; they appear as /dev/vda, /dev/vdb... in that order.
     #[arg(long, value_name = "OPTIONS")]
     disk: Vec<api::DiskConfig>,
+
+    /// Which guest device this terminal is: `serial` (ttyS0) or `hvc` (virtio-console, hvc0;
+    /// pass console=hvc0 in --cmdline).
+    #[arg(long, value_name = "DEVICE", default_value = "serial")]
+    console: api::ConsoleKind,
 }
 
 impl RunArgs {
@@ -78,6 +83,7 @@ impl RunArgs {
             no_reboot: self.no_reboot,
             rng: self.rng,
             disks: self.disk,
+            console: self.console,
         }
     }
 }

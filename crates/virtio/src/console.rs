@@ -1,1 +1,244 @@
-//! placeholder
+//! virtio-console (virtio 1.x section 5.3), one port, no multiport: the guest's `hvc0`.
+//!
+//! Output: what the driver puts on the transmit queue goes to the console writer. Input: the
+//! VMM pushes keyboard bytes into a small bounded buffer ([`ConsoleInput`]); the worker moves
+//! them into the driver's receive buffers and signals `drained` once the buffer is empty, so
+//! the VMM knows when to push more (the same backpressure as the serial port's FIFO).
+
+use std::collections::VecDeque;
+use std::io::{self, Read as _, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::device::{read_config_bytes, ActivateError, Activation, VirtioDevice, VirtioInterrupt};
+use crate::queue::DeviceQueue;
+use crate::worker::{Worker, WorkerHandle};
+use crate::{device_type, GuestMemory};
+
+const QUEUE_SIZE: u16 = 256;
+const RECEIVE_QUEUE: usize = 0;
+const TRANSMIT_QUEUE: usize = 1;
+/// Input bytes buffered between the VMM and the guest.
+const INPUT_CAPACITY: usize = 4096;
+const TOKEN_RECEIVE: u64 = 0;
+const TOKEN_TRANSMIT: u64 = 1;
+const TOKEN_INPUT: u64 = 2;
+
+/// Keyboard input on its way to the guest.
+#[derive(Debug)]
+pub struct ConsoleInput {
+    buffer: Mutex<VecDeque<u8>>,
+    /// Wakes the worker when input arrives.
+    ready: EventFd,
+    /// Tells the VMM the buffer is empty again.
+    drained: EventFd,
+}
+
+impl ConsoleInput {
+    /// A buffer that reports "empty again" on `drained`.
+    pub fn new(drained: EventFd) -> io::Result<Self> {
+        Ok(ConsoleInput {
+            buffer: Mutex::new(VecDeque::new()),
+            ready: EventFd::new(libc::EFD_NONBLOCK)?,
+            drained,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<u8>> {
+        self.buffer.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Queues bytes for the guest; returns how many fit.
+    pub fn enqueue(&self, bytes: &[u8]) -> usize {
+        let mut buffer = self.lock();
+        let n = bytes.len().min(INPUT_CAPACITY - buffer.len());
+        buffer.extend(&bytes[..n]);
+        drop(buffer);
+        if n > 0 {
+            let _ = self.ready.write(1);
+        }
+        n
+    }
+}
+
+/// The console device.
+pub struct Console {
+    output: Arc<Mutex<Box<dyn Write + Send>>>,
+    input: Arc<ConsoleInput>,
+    worker: Option<WorkerHandle>,
+}
+
+impl std::fmt::Debug for Console {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Console").finish_non_exhaustive()
+    }
+}
+
+impl Console {
+    pub fn new(output: Box<dyn Write + Send>, input: Arc<ConsoleInput>) -> Self {
+        Console {
+            output: Arc::new(Mutex::new(output)),
+            input,
+            worker: None,
+        }
+    }
+}
+
+struct ConsoleWorker {
+    memory: Arc<GuestMemory>,
+    receive: DeviceQueue,
+    transmit: DeviceQueue,
+    interrupt: Arc<dyn VirtioInterrupt>,
+    output: Arc<Mutex<Box<dyn Write + Send>>>,
+    input: Arc<ConsoleInput>,
+}
+
+impl ConsoleWorker {
+    fn transmit(&mut self) -> Result<(), crate::queue::QueueBroken> {
+        let mem = self.memory.clone();
+        let output = self.output.clone();
+        self.transmit
+            .process(&mem, self.interrupt.as_ref(), |chain| {
+                let Ok(mut reader) = chain.reader(&mem) else {
+                    return 0;
+                };
+                let mut bytes = Vec::with_capacity(reader.available_bytes());
+                if reader.read_to_end(&mut bytes).is_ok() {
+                    let mut out = output.lock().unwrap_or_else(PoisonError::into_inner);
+                    // A broken terminal must not stall the guest: the bytes are dropped.
+                    let _ = out.write_all(&bytes).and_then(|()| out.flush());
+                }
+                0
+            })
+    }
+
+    /// Moves buffered input into the driver's receive buffers.
+    fn receive(&mut self) -> Result<(), crate::queue::QueueBroken> {
+        let _ = self.input.ready.read();
+        let _ = self.receive.notify.read();
+        let mem = self.memory.clone();
+        let mut delivered = false;
+        loop {
+            let mut buffer = self.input.lock();
+            if buffer.is_empty() {
+                break;
+            }
+            let Some(chain) = self.receive.pop(&mem)? else {
+                break;
+            };
+            let head = chain.head_index();
+            let written = match chain.writer(&mem) {
+                Ok(mut writer) => {
+                    let n = writer.available_bytes().min(buffer.len());
+                    let bytes: Vec<u8> = buffer.drain(..n).collect();
+                    match writer.write_all(&bytes) {
+                        Ok(()) => n as u32,
+                        Err(_) => writer.bytes_written() as u32,
+                    }
+                }
+                Err(_) => 0,
+            };
+            let now_empty = buffer.is_empty();
+            drop(buffer);
+            self.receive.add_used(&mem, head, written)?;
+            delivered = true;
+            if now_empty {
+                let _ = self.input.drained.write(1);
+            }
+        }
+        if delivered {
+            self.receive.signal_used(&mem, self.interrupt.as_ref())?;
+        }
+        Ok(())
+    }
+}
+
+impl Worker for ConsoleWorker {
+    fn sources(&self) -> Vec<(RawFd, u64)> {
+        vec![
+            (self.receive.notify.as_raw_fd(), TOKEN_RECEIVE),
+            (self.transmit.notify.as_raw_fd(), TOKEN_TRANSMIT),
+            (self.input.ready.as_raw_fd(), TOKEN_INPUT),
+        ]
+    }
+
+    fn handle(&mut self, token: u64) -> io::Result<()> {
+        let result = match token {
+            TOKEN_TRANSMIT => self.transmit(),
+            _ => self.receive(),
+        };
+        if let Err(e) = result {
+            tracing::warn!("virtio-console: {e}");
+            self.interrupt.needs_reset();
+        }
+        Ok(())
+    }
+}
+
+impl VirtioDevice for Console {
+    fn device_type(&self) -> u32 {
+        device_type::CONSOLE
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE, QUEUE_SIZE]
+    }
+
+    fn features(&self) -> u64 {
+        0
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        // cols, rows, max_nr_ports, emerg_wr: nothing offered, all zero.
+        read_config_bytes(&[0u8; 12], offset, data);
+    }
+
+    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
+        let got = activation.queues.len();
+        let mut queues: Vec<Option<DeviceQueue>> = vec![None, None];
+        for q in activation.queues {
+            if let Some(slot) = queues.get_mut(usize::from(q.index)) {
+                *slot = Some(q.into());
+            }
+        }
+        let (Some(receive), Some(transmit)) =
+            (queues[RECEIVE_QUEUE].take(), queues[TRANSMIT_QUEUE].take())
+        else {
+            return Err(ActivateError::MissingQueues { needed: 2, got });
+        };
+        let worker = ConsoleWorker {
+            memory: activation.memory,
+            receive,
+            transmit,
+            interrupt: activation.interrupt,
+            output: self.output.clone(),
+            input: self.input.clone(),
+        };
+        self.worker =
+            Some(WorkerHandle::spawn("virtio-console", worker).map_err(ActivateError::Worker)?);
+        // Input typed before the driver was ready.
+        let _ = self.input.ready.write(1);
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        if let Some(mut worker) = self.worker.take() {
+            worker.stop();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn input_buffer_is_bounded() {
+        let input = ConsoleInput::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()).unwrap();
+        assert_eq!(input.enqueue(&vec![b'a'; 5000]), INPUT_CAPACITY);
+        assert_eq!(input.enqueue(b"b"), 0);
+        assert_eq!(input.ready.read().unwrap(), 1);
+    }
+}

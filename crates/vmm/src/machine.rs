@@ -9,7 +9,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::mpsc::{self, Receiver};
 use std::sync::{Arc, Mutex};
 
-use api::VmConfig;
+use api::{ConsoleKind, VmConfig};
 use arch::layout::{irqs, ports};
 use arch::GuestMemoryMmap;
 use devices::bus::{lock, Bus, BusDevice};
@@ -134,9 +134,16 @@ pub(crate) struct Machine {
     vcpus: Vec<Vcpu>,
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
-    serial: Arc<Mutex<Serial>>,
-    serial_drained: EventFd,
+    console_input: ConsoleTarget,
+    /// Readable when the guest device took all input handed to it.
+    input_drained: EventFd,
     power: PowerEvents,
+}
+
+/// The guest device that receives the console's input.
+enum ConsoleTarget {
+    Serial(Arc<Mutex<Serial>>),
+    Hvc(Arc<virtio::console::ConsoleInput>),
 }
 
 fn io_err(e: std::io::Error) -> Error {
@@ -167,11 +174,27 @@ impl Machine {
         let power = PowerEvents::new().map_err(io_err)?;
         let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err)?;
         vm.register_irqfd(&serial_irq, irqs::COM1)?;
-        let serial_drained = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err)?;
+        let input_drained = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err)?;
+        let (serial_out, console_device, console_input) = match config.console {
+            ConsoleKind::Serial => (console_out, None, None),
+            ConsoleKind::Hvc => {
+                let input = Arc::new(
+                    virtio::console::ConsoleInput::new(input_drained.try_clone().map_err(io_err)?)
+                        .map_err(io_err)?,
+                );
+                let device = virtio::console::Console::new(console_out, input.clone());
+                // The UART stays for the guest to probe, but is connected to nothing.
+                (
+                    Box::new(std::io::sink()) as Box<dyn Write + Send>,
+                    Some(device),
+                    Some(input),
+                )
+            }
+        };
         let serial = Arc::new(Mutex::new(Serial::new(
             serial_irq,
-            serial_drained.try_clone().map_err(io_err)?,
-            console_out,
+            input_drained.try_clone().map_err(io_err)?,
+            serial_out,
         )));
         let pio = Self::port_bus(&power, serial.clone(), config)?;
         let mmio = Arc::new(Bus::new());
@@ -181,6 +204,9 @@ impl Machine {
         }
         if config.rng {
             pci.add_virtio(Box::new(virtio::rng::Rng::new()), &memory, &interrupts, &vm)?;
+        }
+        if let Some(console) = console_device {
+            pci.add_virtio(Box::new(console), &memory, &interrupts, &vm)?;
         }
 
         let entry = Self::load_guest(&memory, config, files)?;
@@ -196,8 +222,11 @@ impl Machine {
             vcpus,
             pio: Arc::new(pio),
             mmio,
-            serial,
-            serial_drained,
+            console_input: match console_input {
+                Some(input) => ConsoleTarget::Hvc(input),
+                None => ConsoleTarget::Serial(serial),
+            },
+            input_drained,
             power,
         })
     }
@@ -336,7 +365,12 @@ impl Machine {
     }
 
     fn feed_console(&self, console: &mut Console) {
-        console.deliver(|bytes| lock(&self.serial).enqueue_input(bytes));
+        match &self.console_input {
+            ConsoleTarget::Serial(serial) => {
+                console.deliver(|bytes| lock(serial).enqueue_input(bytes))
+            }
+            ConsoleTarget::Hvc(input) => console.deliver(|bytes| input.enqueue(bytes)),
+        }
     }
 
     fn control_loop(
@@ -359,7 +393,7 @@ impl Machine {
             (self.power.reset.as_raw_fd(), RESET),
             (failure_event.as_raw_fd(), VCPU_FAILED),
             (console.input_ready_fd(), INPUT),
-            (self.serial_drained.as_raw_fd(), INPUT_DRAINED),
+            (self.input_drained.as_raw_fd(), INPUT_DRAINED),
             (console.quit_fd(), QUIT),
             (signals.as_raw_fd(), SIGNAL),
         ];
@@ -396,7 +430,7 @@ impl Machine {
                         self.feed_console(console);
                     }
                     INPUT_DRAINED => {
-                        let _ = self.serial_drained.read();
+                        let _ = self.input_drained.read();
                         self.feed_console(console);
                     }
                     QUIT if console.quit_requested() => return Ok(StopReason::Quit),
