@@ -1,9 +1,11 @@
 //! Types shared by the VMM, the daemon and the CLI: what a VM is made of, and how sizes are
 //! written. Plain data with serde; no I/O, no threads.
 
+pub mod net;
 pub mod options;
 pub mod size;
 pub mod vm_config;
 
+pub use net::{MacAddress, NetConfig};
 pub use size::{ByteSize, ParseSizeError};
 pub use vm_config::{ConfigError, ConsoleKind, DiskConfig, VmConfig, DEFAULT_CMDLINE};

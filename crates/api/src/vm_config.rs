@@ -138,6 +138,9 @@ pub struct VmConfig {
     /// The device the console is connected to.
     #[serde(default)]
     pub console: ConsoleKind,
+    /// virtio-net interfaces.
+    #[serde(default)]
+    pub nets: Vec<crate::net::NetConfig>,
 }
 
 /// A configuration that cannot describe a VM, whatever the host.
@@ -151,6 +154,14 @@ pub enum ConfigError {
     MemoryTooSmall(ByteSize),
     #[error("memory size {0} is not a multiple of 4 KiB")]
     MemoryNotPageAligned(ByteSize),
+    #[error("network interface {tap}: {source}")]
+    Net {
+        tap: String,
+        #[source]
+        source: OptionError,
+    },
+    #[error("TAP device {0} is used by two interfaces")]
+    DuplicateTap(String),
     #[error("disk {path}: {source}")]
     Disk {
         path: String,
@@ -172,6 +183,7 @@ impl VmConfig {
             rng: false,
             disks: Vec::new(),
             console: ConsoleKind::Serial,
+            nets: Vec::new(),
         }
     }
 
@@ -188,6 +200,16 @@ impl VmConfig {
         }
         if self.memory.0 % 4096 != 0 {
             return Err(ConfigError::MemoryNotPageAligned(self.memory));
+        }
+        let mut taps = std::collections::BTreeSet::new();
+        for net in &self.nets {
+            net.validate().map_err(|source| ConfigError::Net {
+                tap: net.tap.clone(),
+                source,
+            })?;
+            if !taps.insert(net.tap.as_str()) {
+                return Err(ConfigError::DuplicateTap(net.tap.clone()));
+            }
         }
         for disk in &self.disks {
             disk.validate().map_err(|source| ConfigError::Disk {

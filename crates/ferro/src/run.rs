@@ -66,6 +66,11 @@ pub struct RunArgs {
     #[arg(long, value_name = "OPTIONS")]
     disk: Vec<api::DiskConfig>,
 
+    /// Add a virtio-net interface on a TAP device: tap=NAME[,mac=MAC]. The TAP device is created
+    /// (and removed on exit) if it does not exist. Repeat for more interfaces.
+    #[arg(long, value_name = "OPTIONS")]
+    net: Vec<api::NetConfig>,
+
     /// Which guest device this terminal is: `serial` (ttyS0) or `hvc` (virtio-console, hvc0;
     /// pass console=hvc0 in --cmdline).
     #[arg(long, value_name = "DEVICE", default_value = "serial")]
@@ -84,6 +89,7 @@ impl RunArgs {
             rng: self.rng,
             disks: self.disk,
             console: self.console,
+            nets: self.net,
         }
     }
 }

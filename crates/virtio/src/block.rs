@@ -12,11 +12,11 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use block::{DiskImage, Slices};
 use virtio_queue::DescriptorChain;
-use vm_memory::{GuestMemory as _, Permissions, VolatileSlice};
+use vm_memory::VolatileSlice;
 
 use crate::device::{read_config_bytes, ActivateError, Activation, VirtioDevice, VirtioInterrupt};
-use crate::queue::DeviceQueue;
-use crate::worker::{Worker, WorkerHandle};
+use crate::queue::{chain_buffers, ChainBuffers, ChainError, DeviceQueue};
+use crate::worker::{Poll, Worker, WorkerHandle};
 use crate::{device_type, GuestMemory};
 
 pub const SECTOR_SIZE: u64 = 512;
@@ -180,7 +180,7 @@ impl Worker for BlockWorker {
         vec![(self.queue.notify.as_raw_fd(), 0)]
     }
 
-    fn handle(&mut self, _token: u64) -> io::Result<()> {
+    fn handle(&mut self, _token: u64, _poll: &Poll) -> io::Result<()> {
         let mem = self.memory.clone();
         let executor = &mut self.executor;
         let result = self.queue.process(&mem, self.interrupt.as_ref(), |chain| {
@@ -194,55 +194,15 @@ impl Worker for BlockWorker {
     }
 }
 
-/// A request's buffers: what the device may read, then what it may write.
-#[derive(Debug, Default)]
-pub struct ChainBuffers<'m> {
-    pub readable: Vec<VolatileSlice<'m, ()>>,
-    pub writable: Vec<VolatileSlice<'m, ()>>,
-}
-
 /// Why a chain is not a request.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum RequestError {
-    #[error("a readable descriptor follows a writable one")]
-    ReadableAfterWritable,
-    #[error("a descriptor points outside guest memory")]
-    BadAddress,
+    #[error(transparent)]
+    Chain(#[from] ChainError),
     #[error("the chain has no status byte")]
     NoStatus,
     #[error("the chain is shorter than a request header")]
     ShortHeader,
-}
-
-/// Splits a chain into guest-memory slices, checking the order of its descriptors.
-pub fn chain_buffers<'m>(
-    chain: DescriptorChain<&'m GuestMemory>,
-    mem: &'m GuestMemory,
-) -> Result<ChainBuffers<'m>, RequestError> {
-    let mut buffers = ChainBuffers::default();
-    for desc in chain {
-        let writable = desc.is_write_only();
-        if !writable && !buffers.writable.is_empty() {
-            return Err(RequestError::ReadableAfterWritable);
-        }
-        let access = if writable {
-            Permissions::Write
-        } else {
-            Permissions::Read
-        };
-        let slices = mem
-            .get_slices(desc.addr(), desc.len() as usize, access)
-            .map_err(|_| RequestError::BadAddress)?;
-        for slice in slices {
-            let slice = slice.map_err(|_| RequestError::BadAddress)?;
-            if writable {
-                buffers.writable.push(slice);
-            } else {
-                buffers.readable.push(slice);
-            }
-        }
-    }
-    Ok(buffers)
 }
 
 /// A parsed request.
@@ -314,7 +274,10 @@ struct Executor {
 impl Executor {
     /// Serves one chain; returns the bytes written into it.
     fn serve(&mut self, chain: DescriptorChain<&GuestMemory>, mem: &GuestMemory) -> u32 {
-        let request = match chain_buffers(chain, mem).and_then(parse_request) {
+        let request = match chain_buffers(chain, mem)
+            .map_err(RequestError::from)
+            .and_then(parse_request)
+        {
             Ok(request) => request,
             Err(e) => {
                 tracing::debug!("virtio-blk: malformed request: {e}");

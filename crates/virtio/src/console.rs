@@ -14,7 +14,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::device::{read_config_bytes, ActivateError, Activation, VirtioDevice, VirtioInterrupt};
 use crate::queue::DeviceQueue;
-use crate::worker::{Worker, WorkerHandle};
+use crate::worker::{Poll, Worker, WorkerHandle};
 use crate::{device_type, GuestMemory};
 
 const QUEUE_SIZE: u16 = 256;
@@ -164,7 +164,7 @@ impl Worker for ConsoleWorker {
         ]
     }
 
-    fn handle(&mut self, token: u64) -> io::Result<()> {
+    fn handle(&mut self, token: u64, _poll: &Poll) -> io::Result<()> {
         let result = match token {
             TOKEN_TRANSMIT => self.transmit(),
             _ => self.receive(),

@@ -3,6 +3,7 @@
 use std::sync::atomic::Ordering;
 
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use vm_memory::{GuestMemory as _, Permissions, VolatileSlice};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::device::{ActiveQueue, VirtioInterrupt};
@@ -144,4 +145,51 @@ impl DeviceQueue {
         }
         Ok(())
     }
+}
+
+/// A chain's buffers: what the device may read, then what it may write.
+#[derive(Debug, Default)]
+pub struct ChainBuffers<'m> {
+    pub readable: Vec<VolatileSlice<'m, ()>>,
+    pub writable: Vec<VolatileSlice<'m, ()>>,
+}
+
+/// Why a chain's buffers cannot be used.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ChainError {
+    #[error("a readable descriptor follows a writable one")]
+    ReadableAfterWritable,
+    #[error("a descriptor points outside guest memory")]
+    BadAddress,
+}
+
+/// Splits a chain into guest-memory slices, checking the order of its descriptors.
+pub fn chain_buffers<'m>(
+    chain: DescriptorChain<&'m GuestMemory>,
+    mem: &'m GuestMemory,
+) -> Result<ChainBuffers<'m>, ChainError> {
+    let mut buffers = ChainBuffers::default();
+    for desc in chain {
+        let writable = desc.is_write_only();
+        if !writable && !buffers.writable.is_empty() {
+            return Err(ChainError::ReadableAfterWritable);
+        }
+        let access = if writable {
+            Permissions::Write
+        } else {
+            Permissions::Read
+        };
+        let slices = mem
+            .get_slices(desc.addr(), desc.len() as usize, access)
+            .map_err(|_| ChainError::BadAddress)?;
+        for slice in slices {
+            let slice = slice.map_err(|_| ChainError::BadAddress)?;
+            if writable {
+                buffers.writable.push(slice);
+            } else {
+                buffers.readable.push(slice);
+            }
+        }
+    }
+    Ok(buffers)
 }

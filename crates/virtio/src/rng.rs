@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use crate::device::{ActivateError, Activation, VirtioDevice, VirtioInterrupt};
 use crate::queue::DeviceQueue;
-use crate::worker::{Worker, WorkerHandle};
+use crate::worker::{Poll, Worker, WorkerHandle};
 use crate::{device_type, GuestMemory};
 
 const QUEUE_SIZE: u16 = 256;
@@ -54,7 +54,7 @@ impl Worker for RngWorker {
         vec![(self.queue.notify.as_raw_fd(), 0)]
     }
 
-    fn handle(&mut self, _token: u64) -> io::Result<()> {
+    fn handle(&mut self, _token: u64, _poll: &Poll) -> io::Result<()> {
         let mem = self.memory.clone();
         let result = self
             .queue

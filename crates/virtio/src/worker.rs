@@ -17,7 +17,23 @@ pub trait Worker: Send + 'static {
     fn sources(&self) -> Vec<(RawFd, u64)>;
 
     /// Something happened on the source with `token`. Returning an error stops the worker.
-    fn handle(&mut self, token: u64) -> io::Result<()>;
+    fn handle(&mut self, token: u64, poll: &Poll) -> io::Result<()>;
+}
+
+/// The worker's view of its epoll set: it may stop and resume watching a source (e.g. a
+/// backend it cannot drain until the driver gives buffers).
+#[derive(Debug)]
+pub struct Poll {
+    epoll: Epoll,
+}
+
+impl Poll {
+    /// Watches (`on`) or ignores `fd`, registered with `token`.
+    pub fn watch(&self, fd: RawFd, token: u64, on: bool) -> io::Result<()> {
+        let events = if on { EventSet::IN } else { EventSet::empty() };
+        self.epoll
+            .ctl(ControlOperation::Modify, fd, EpollEvent::new(events, token))
+    }
 }
 
 /// A running worker thread.
@@ -46,7 +62,7 @@ impl WorkerHandle {
         }
         let thread = std::thread::Builder::new()
             .name(name.to_string())
-            .spawn(move || run(epoll, &mut worker))?;
+            .spawn(move || run(Poll { epoll }, &mut worker))?;
         Ok(WorkerHandle {
             stop,
             thread: Some(thread),
@@ -68,10 +84,10 @@ impl Drop for WorkerHandle {
     }
 }
 
-fn run<W: Worker>(epoll: Epoll, worker: &mut W) {
+fn run<W: Worker>(poll: Poll, worker: &mut W) {
     let mut events = vec![EpollEvent::default(); 16];
     loop {
-        let n = match epoll.wait(-1, &mut events) {
+        let n = match poll.epoll.wait(-1, &mut events) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => {
@@ -83,7 +99,7 @@ fn run<W: Worker>(epoll: Epoll, worker: &mut W) {
             if event.data() == STOP_TOKEN {
                 return;
             }
-            if let Err(e) = worker.handle(event.data()) {
+            if let Err(e) = worker.handle(event.data(), &poll) {
                 tracing::error!("device worker stopped: {e}");
                 return;
             }

@@ -57,6 +57,12 @@ pub enum Error {
         #[source]
         source: block::OpenError,
     },
+    #[error("cannot set up network interface {tap}")]
+    Net {
+        tap: String,
+        #[source]
+        source: virtio::net::tap::TapError,
+    },
     #[error("KVM is not usable")]
     Kvm(#[source] hypervisor::Error),
     #[error("cannot set up the VM")]

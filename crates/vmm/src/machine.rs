@@ -116,6 +116,45 @@ impl Disks {
     }
 }
 
+/// The TAP devices, opened once for all boots (a TAP Ferro created lives as long as Ferro).
+pub(crate) struct Nets {
+    taps: Vec<(Arc<virtio::net::Tap>, api::MacAddress)>,
+}
+
+impl std::fmt::Debug for Nets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<_> = self.taps.iter().map(|(t, _)| t.name()).collect();
+        f.debug_struct("Nets").field("taps", &names).finish()
+    }
+}
+
+impl Nets {
+    pub fn open(config: &VmConfig) -> Result<Self, Error> {
+        let mut taps = Vec::new();
+        for net in &config.nets {
+            let tap = virtio::net::Tap::open(&net.tap).map_err(|source| Error::Net {
+                tap: net.tap.clone(),
+                source,
+            })?;
+            if tap.created() {
+                tracing::info!("created TAP device {}", net.tap);
+            }
+            taps.push((
+                Arc::new(tap),
+                net.mac.unwrap_or_else(api::MacAddress::random),
+            ));
+        }
+        Ok(Nets { taps })
+    }
+
+    fn devices(&self) -> Vec<virtio::net::Net> {
+        self.taps
+            .iter()
+            .map(|(tap, mac)| virtio::net::Net::new(tap.clone(), mac.0))
+            .collect()
+    }
+}
+
 /// Why a boot ended without an error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum StopReason {
@@ -162,6 +201,7 @@ impl Machine {
         config: &VmConfig,
         files: &mut BootFiles,
         disks: &Disks,
+        nets: &Nets,
         console_out: Box<dyn Write + Send>,
     ) -> Result<Self, Error> {
         let mut vm = hv.create_vm()?;
@@ -201,6 +241,9 @@ impl Machine {
         let mut pci = PciBuilder::new(&pio, &mmio, &power, config.memory.0)?;
         for disk in disks.devices() {
             pci.add_virtio(Box::new(disk), &memory, &interrupts, &vm)?;
+        }
+        for net in nets.devices() {
+            pci.add_virtio(Box::new(net), &memory, &interrupts, &vm)?;
         }
         if config.rng {
             pci.add_virtio(Box::new(virtio::rng::Rng::new()), &memory, &interrupts, &vm)?;

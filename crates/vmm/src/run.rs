@@ -6,7 +6,7 @@ use hypervisor::Hypervisor;
 
 use crate::console::Console;
 use crate::error::Error;
-use crate::machine::{BootFiles, Disks, Machine, StopReason};
+use crate::machine::{BootFiles, Disks, Machine, Nets, StopReason};
 use crate::signals::{self, TerminationSignals};
 use crate::vcpu::HostCpu;
 
@@ -64,11 +64,20 @@ pub fn run(config: &VmConfig, console: &mut Console) -> Result<Outcome, Error> {
     check_host_limits(config, &hv)?;
     let mut files = BootFiles::open(config)?;
     let disks = Disks::open(config)?;
+    let nets = Nets::open(config)?;
     let host = HostCpu::probe(&hv)?;
     signals::install_vcpu_kick_handler().map_err(Error::ControlLoop)?;
     let signals = TerminationSignals::block().map_err(Error::ControlLoop)?;
     loop {
-        let machine = Machine::build(&hv, &host, config, &mut files, &disks, console.output())?;
+        let machine = Machine::build(
+            &hv,
+            &host,
+            config,
+            &mut files,
+            &disks,
+            &nets,
+            console.output(),
+        )?;
         tracing::debug!("VM built; starting the guest");
         match machine.run(console, &signals)? {
             StopReason::PowerOff => return Ok(Outcome::PoweredOff),

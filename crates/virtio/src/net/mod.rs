@@ -1,0 +1,335 @@
+//! virtio-net (virtio 1.x section 5.1) on a TAP device: one receive and one transmit queue.
+//!
+//! Every packet carries the 12-byte virtio-net header, which the TAP device understands too, so
+//! checksum offload and TSO pass through untouched; the device only fills in `num_buffers` on
+//! receive. With mergeable receive buffers a packet may span several of the driver's buffers.
+//! When the driver has no receive buffers left, the packet waits (the TAP is not read) until
+//! the driver adds some.
+
+pub mod tap;
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
+
+use block::Slices;
+use virtio_queue::Writer;
+
+use crate::device::{read_config_bytes, ActivateError, Activation, VirtioDevice, VirtioInterrupt};
+use crate::queue::{chain_buffers, DeviceQueue, QueueBroken};
+use crate::worker::{Poll, Worker, WorkerHandle};
+use crate::{device_type, GuestMemory};
+
+pub use tap::Tap;
+
+const QUEUE_SIZE: u16 = 256;
+const RX_QUEUE: u16 = 0;
+const TX_QUEUE: u16 = 1;
+/// The virtio-net header with `num_buffers` (virtio 1.x always uses this layout).
+pub const HEADER_LEN: usize = 12;
+const NUM_BUFFERS_OFFSET: usize = 10;
+/// Largest packet: a 64 KiB GSO frame with its Ethernet and virtio-net headers.
+const MAX_PACKET: usize = HEADER_LEN + 14 + 65535;
+const TOKEN_RX: u64 = 0;
+const TOKEN_TX: u64 = 1;
+const TOKEN_TAP: u64 = 2;
+const LINK_UP: u16 = 1;
+
+/// Feature bits (virtio 1.x 5.1.3).
+pub mod features {
+    pub const CSUM: u64 = 1 << 0;
+    pub const GUEST_CSUM: u64 = 1 << 1;
+    pub const MAC: u64 = 1 << 5;
+    pub const GUEST_TSO4: u64 = 1 << 7;
+    pub const GUEST_TSO6: u64 = 1 << 8;
+    pub const GUEST_ECN: u64 = 1 << 9;
+    pub const HOST_TSO4: u64 = 1 << 11;
+    pub const HOST_TSO6: u64 = 1 << 12;
+    pub const HOST_ECN: u64 = 1 << 13;
+    pub const MRG_RXBUF: u64 = 1 << 15;
+    pub const STATUS: u64 = 1 << 16;
+}
+
+/// A network device.
+#[derive(Debug)]
+pub struct Net {
+    tap: Arc<Tap>,
+    mac: [u8; 6],
+    worker: Option<WorkerHandle>,
+}
+
+impl Net {
+    pub fn new(tap: Arc<Tap>, mac: [u8; 6]) -> Self {
+        Net {
+            tap,
+            mac,
+            worker: None,
+        }
+    }
+
+    fn config(&self) -> [u8; 8] {
+        let mut c = [0u8; 8];
+        c[..6].copy_from_slice(&self.mac);
+        c[6..8].copy_from_slice(&LINK_UP.to_le_bytes());
+        c
+    }
+}
+
+/// TAP offloads matching the guest's receive features.
+fn tap_offloads(features: u64) -> u32 {
+    let mut flags = 0;
+    if features & self::features::GUEST_CSUM != 0 {
+        flags |= tap::offload::CSUM;
+        if features & self::features::GUEST_TSO4 != 0 {
+            flags |= tap::offload::TSO4;
+        }
+        if features & self::features::GUEST_TSO6 != 0 {
+            flags |= tap::offload::TSO6;
+        }
+        if features & self::features::GUEST_ECN != 0 {
+            flags |= tap::offload::TSO_ECN;
+        }
+    }
+    flags
+}
+
+impl VirtioDevice for Net {
+    fn device_type(&self) -> u32 {
+        device_type::NET
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE, QUEUE_SIZE]
+    }
+
+    fn features(&self) -> u64 {
+        use self::features::*;
+        CSUM | GUEST_CSUM
+            | MAC
+            | GUEST_TSO4
+            | GUEST_TSO6
+            | GUEST_ECN
+            | HOST_TSO4
+            | HOST_TSO6
+            | HOST_ECN
+            | MRG_RXBUF
+            | STATUS
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config(), offset, data);
+    }
+
+    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
+        let got = activation.queues.len();
+        let mut rx = None;
+        let mut tx = None;
+        for q in activation.queues {
+            match q.index {
+                RX_QUEUE => rx = Some(q.into()),
+                TX_QUEUE => tx = Some(q.into()),
+                _ => {}
+            }
+        }
+        let (Some(rx), Some(tx)) = (rx, tx) else {
+            return Err(ActivateError::MissingQueues { needed: 2, got });
+        };
+        self.tap
+            .set_offload(tap_offloads(activation.features))
+            .map_err(|e| ActivateError::Backend(e.to_string()))?;
+        let worker = NetWorker {
+            memory: activation.memory,
+            rx,
+            tx,
+            interrupt: activation.interrupt,
+            tap: self.tap.clone(),
+            mergeable: activation.features & features::MRG_RXBUF != 0,
+            packet: vec![0; MAX_PACKET],
+            pending: None,
+            tap_watched: true,
+        };
+        self.worker =
+            Some(WorkerHandle::spawn("virtio-net", worker).map_err(ActivateError::Worker)?);
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        if let Some(mut worker) = self.worker.take() {
+            worker.stop();
+        }
+    }
+}
+
+struct NetWorker {
+    memory: Arc<GuestMemory>,
+    rx: DeviceQueue,
+    tx: DeviceQueue,
+    interrupt: Arc<dyn VirtioInterrupt>,
+    tap: Arc<Tap>,
+    mergeable: bool,
+    /// Receive buffer for one packet from the TAP.
+    packet: Vec<u8>,
+    /// Length of a packet read from the TAP but not yet given to the guest.
+    pending: Option<usize>,
+    tap_watched: bool,
+}
+
+impl NetWorker {
+    fn transmit(&mut self) -> Result<(), QueueBroken> {
+        let mem = self.memory.clone();
+        let tap = self.tap.clone();
+        self.tx.process(&mem, self.interrupt.as_ref(), |chain| {
+            match chain_buffers(chain, &mem) {
+                Ok(buffers) if buffers.writable.is_empty() => {
+                    let slices = Slices::new(&buffers.readable);
+                    let len = slices.len();
+                    if (HEADER_LEN as u64..=MAX_PACKET as u64).contains(&len) {
+                        // A full TAP queue drops the packet, as a NIC would.
+                        let _ = slices.with_iovecs(|iov| tap.write_packet(iov));
+                    }
+                }
+                _ => tracing::debug!("virtio-net: dropping a malformed transmit chain"),
+            }
+            0
+        })
+    }
+
+    /// Moves packets from the TAP into receive buffers while both last.
+    fn receive(&mut self, poll: &Poll) -> io::Result<Result<(), QueueBroken>> {
+        let mem = self.memory.clone();
+        let mut delivered = false;
+        loop {
+            let len = match self.pending {
+                Some(len) => len,
+                None => match self.tap.read_packet(&mut self.packet)? {
+                    Some(len) => len,
+                    None => break,
+                },
+            };
+            self.pending = Some(len);
+            match self.place(&mem, len) {
+                Ok(true) => {
+                    self.pending = None;
+                    delivered = true;
+                }
+                Ok(false) => {
+                    // No room: stop reading the TAP until the driver adds buffers.
+                    self.watch_tap(poll, false)?;
+                    break;
+                }
+                Err(broken) => return Ok(Err(broken)),
+            }
+        }
+        if delivered {
+            if let Err(broken) = self.rx.signal_used(&mem, self.interrupt.as_ref()) {
+                return Ok(Err(broken));
+            }
+        }
+        Ok(Ok(()))
+    }
+
+    fn watch_tap(&mut self, poll: &Poll, on: bool) -> io::Result<()> {
+        if self.tap_watched != on {
+            poll.watch(self.tap.as_raw_fd(), TOKEN_TAP, on)?;
+            self.tap_watched = on;
+        }
+        Ok(())
+    }
+
+    /// Copies the pending packet into receive buffers; false if there are not enough.
+    fn place(&mut self, mem: &GuestMemory, len: usize) -> Result<bool, QueueBroken> {
+        if len < HEADER_LEN {
+            return Ok(true); // not a packet: drop it
+        }
+        let mut chains: Vec<(u16, Writer<'_, ()>)> = Vec::new();
+        let mut room = 0usize;
+        while room < len {
+            let Some(chain) = self.rx.pop(mem)? else {
+                for _ in &chains {
+                    self.rx.undo_pop();
+                }
+                return Ok(false);
+            };
+            let head = chain.head_index();
+            match chain.writer(mem) {
+                Ok(writer) if writer.available_bytes() >= HEADER_LEN || !chains.is_empty() => {
+                    room += writer.available_bytes();
+                    chains.push((head, writer));
+                }
+                _ => {
+                    // A buffer too small for even the header: give it back empty.
+                    self.rx.add_used(mem, head, 0)?;
+                }
+            }
+            if !self.mergeable {
+                break;
+            }
+        }
+        if room < len {
+            // Without mergeable buffers the packet must fit one buffer: drop it.
+            tracing::debug!("virtio-net: dropping a {len}-byte packet that does not fit");
+            for (head, _) in chains {
+                self.rx.add_used(mem, head, 0)?;
+            }
+            return Ok(true);
+        }
+        let count = chains.len() as u16;
+        self.packet[NUM_BUFFERS_OFFSET..NUM_BUFFERS_OFFSET + 2]
+            .copy_from_slice(&count.to_le_bytes());
+        let mut offset = 0;
+        for (head, mut writer) in chains {
+            let n = writer.available_bytes().min(len - offset);
+            let written =
+                match std::io::Write::write_all(&mut writer, &self.packet[offset..offset + n]) {
+                    Ok(()) => n,
+                    Err(_) => writer.bytes_written(),
+                };
+            offset += n;
+            self.rx.add_used(mem, head, written as u32)?;
+        }
+        Ok(true)
+    }
+}
+
+impl Worker for NetWorker {
+    fn sources(&self) -> Vec<(RawFd, u64)> {
+        vec![
+            (self.rx.notify.as_raw_fd(), TOKEN_RX),
+            (self.tx.notify.as_raw_fd(), TOKEN_TX),
+            (self.tap.as_raw_fd(), TOKEN_TAP),
+        ]
+    }
+
+    fn handle(&mut self, token: u64, poll: &Poll) -> io::Result<()> {
+        let result = match token {
+            TOKEN_TX => self.transmit(),
+            TOKEN_RX => {
+                let _ = self.rx.notify.read();
+                self.watch_tap(poll, true)?;
+                self.receive(poll)?
+            }
+            _ => self.receive(poll)?,
+        };
+        if let Err(e) = result {
+            tracing::warn!("virtio-net: {e}");
+            self.interrupt.needs_reset();
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn offloads_follow_guest_features() {
+        use self::features::*;
+        assert_eq!(tap_offloads(0), 0);
+        assert_eq!(tap_offloads(GUEST_TSO4), 0, "TSO needs checksum offload");
+        assert_eq!(
+            tap_offloads(GUEST_CSUM | GUEST_TSO4 | GUEST_TSO6 | GUEST_ECN),
+            tap::offload::CSUM | tap::offload::TSO4 | tap::offload::TSO6 | tap::offload::TSO_ECN
+        );
+    }
+}

@@ -1,0 +1,218 @@
+//! TAP devices: the host end of a guest NIC, opened with a virtio-net header on every packet so
+//! checksum and segmentation offloads pass through.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
+
+const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
+const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
+const IFF_TAP: libc::c_short = 0x0002;
+const IFF_NO_PI: libc::c_short = 0x1000;
+const IFF_VNET_HDR: libc::c_short = 0x4000;
+
+/// Offload flags for [`Tap::set_offload`].
+pub mod offload {
+    pub const CSUM: u32 = 0x01;
+    pub const TSO4: u32 = 0x02;
+    pub const TSO6: u32 = 0x04;
+    pub const TSO_ECN: u32 = 0x08;
+}
+
+/// Why a TAP device could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TapError {
+    #[error("invalid TAP name {0:?} (1 to 15 characters, no '/', ':' or whitespace)")]
+    InvalidName(String),
+    #[error("cannot open /dev/net/tun")]
+    OpenTun(#[source] io::Error),
+    #[error("cannot attach to TAP device {name}")]
+    Attach {
+        name: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot configure TAP device {name}")]
+    Configure {
+        name: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// An open TAP device.
+#[derive(Debug)]
+pub struct Tap {
+    file: File,
+    name: String,
+    /// Ferro created the device: it disappears when the last file on it closes.
+    created: bool,
+}
+
+fn ifreq(name: &str) -> libc::ifreq {
+    // SAFETY: ifreq is plain data; all-zero is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(name.bytes()) {
+        *dst = src as libc::c_char;
+    }
+    req
+}
+
+/// Checks a Linux interface name.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() < libc::IFNAMSIZ
+        && name != "."
+        && name != ".."
+        && !name
+            .chars()
+            .any(|c| c == '/' || c == ':' || c.is_whitespace())
+}
+
+impl Tap {
+    /// Attaches to TAP device `name`, creating it (and bringing it up) if it does not exist.
+    pub fn open(name: &str) -> Result<Self, TapError> {
+        if !valid_name(name) {
+            return Err(TapError::InvalidName(name.to_string()));
+        }
+        let existed = std::path::Path::new("/sys/class/net").join(name).exists();
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open("/dev/net/tun")
+            .map_err(TapError::OpenTun)?;
+        let mut req = ifreq(name);
+        req.ifr_ifru.ifru_flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR;
+        // SAFETY: TUNSETIFF reads and writes an ifreq, which `req` is, for the call's duration.
+        let ret = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &mut req) };
+        if ret < 0 {
+            return Err(TapError::Attach {
+                name: name.to_string(),
+                source: io::Error::last_os_error(),
+            });
+        }
+        let tap = Tap {
+            file,
+            name: name.to_string(),
+            created: !existed,
+        };
+        tap.set_vnet_header_size(12)?;
+        if tap.created {
+            tap.bring_up()?;
+        }
+        Ok(tap)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Whether Ferro created the device (it goes away with Ferro).
+    pub fn created(&self) -> bool {
+        self.created
+    }
+
+    fn configure_err(&self, source: io::Error) -> TapError {
+        TapError::Configure {
+            name: self.name.clone(),
+            source,
+        }
+    }
+
+    fn set_vnet_header_size(&self, size: libc::c_int) -> Result<(), TapError> {
+        // SAFETY: TUNSETVNETHDRSZ reads an int for the call's duration.
+        let ret = unsafe { libc::ioctl(self.file.as_raw_fd(), TUNSETVNETHDRSZ, &size) };
+        if ret < 0 {
+            return Err(self.configure_err(io::Error::last_os_error()));
+        }
+        Ok(())
+    }
+
+    /// Tells the kernel which offloads the guest can take (see [`offload`]).
+    pub fn set_offload(&self, flags: u32) -> Result<(), TapError> {
+        // SAFETY: TUNSETOFFLOAD takes its argument by value; no memory is passed.
+        let ret =
+            unsafe { libc::ioctl(self.file.as_raw_fd(), TUNSETOFFLOAD, flags as libc::c_ulong) };
+        if ret < 0 {
+            return Err(self.configure_err(io::Error::last_os_error()));
+        }
+        Ok(())
+    }
+
+    fn bring_up(&self) -> Result<(), TapError> {
+        // SAFETY: a plain socket call; the result is checked.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(self.configure_err(io::Error::last_os_error()));
+        }
+        // SAFETY: `fd` was just returned by socket() and is owned by nobody else.
+        let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+        let mut req = ifreq(&self.name);
+        // SAFETY: SIOCGIFFLAGS fills the ifreq we pass for the call's duration.
+        if unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) } < 0 {
+            return Err(self.configure_err(io::Error::last_os_error()));
+        }
+        // SAFETY: SIOCGIFFLAGS set the flags member of the union.
+        unsafe { req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short };
+        // SAFETY: SIOCSIFFLAGS reads the ifreq we pass for the call's duration.
+        if unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCSIFFLAGS, &req) } < 0 {
+            return Err(self.configure_err(io::Error::last_os_error()));
+        }
+        Ok(())
+    }
+
+    /// Reads one packet (virtio-net header first); None when nothing is waiting.
+    pub fn read_packet(&self, buf: &mut [u8]) -> io::Result<Option<usize>> {
+        // SAFETY: reads at most buf.len() bytes into buf.
+        let n = unsafe { libc::read(self.file.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            return match err.kind() {
+                io::ErrorKind::WouldBlock => Ok(None),
+                _ => Err(err),
+            };
+        }
+        Ok(Some(n as usize))
+    }
+
+    /// Writes one packet given as iovecs (virtio-net header first).
+    pub fn write_packet(&self, iovecs: &[libc::iovec]) -> isize {
+        // SAFETY: the caller's iovecs point at memory valid for the call (see block::Slices).
+        unsafe {
+            libc::writev(
+                self.file.as_raw_fd(),
+                iovecs.as_ptr(),
+                iovecs.len() as libc::c_int,
+            )
+        }
+    }
+}
+
+impl AsRawFd for Tap {
+    fn as_raw_fd(&self) -> RawFd {
+        self.file.as_raw_fd()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_checked() {
+        assert!(valid_name("tap0"));
+        assert!(valid_name("ferro-vm1-0"));
+        assert!(!valid_name(""));
+        assert!(!valid_name("a-very-long-interface-name"));
+        assert!(!valid_name("../etc"));
+        assert!(!valid_name("tap 0"));
+        assert!(!valid_name("eth0:1"));
+        assert!(matches!(
+            Tap::open("bad/name"),
+            Err(TapError::InvalidName(_))
+        ));
+    }
+}
