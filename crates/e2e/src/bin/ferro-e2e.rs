@@ -274,6 +274,324 @@ fn kvm_without_permission_is_reported() -> TestResult {
     )
 }
 
+/// Runs a shell command on the (outer) host; fails the test if it fails.
+fn host(command: &str) -> Result<String, Failed> {
+    let out = std::process::Command::new("sh")
+        .args(["-c", command])
+        .output()
+        .map_err(|e| format!("{command}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{command}: exit {:?}\n{}{}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+        .into());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The md5 of the first `len` bytes of `path` on the host.
+fn host_md5(path: &str, len: u64) -> Result<String, Failed> {
+    let out = host(&format!("head -c {len} {path} | md5sum"))?;
+    Ok(out
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string())
+}
+
+/// The md5 a guest printed after `marker` (a line `MARKER <md5>`).
+fn guest_value(stdout: &str, marker: &str) -> Result<String, Failed> {
+    stdout
+        .lines()
+        .find_map(|l| l.trim().strip_prefix(marker).map(|v| v.trim().to_string()))
+        .ok_or_else(|| format!("no {marker:?} in the guest's output:\n{stdout}").into())
+}
+
+/// A scratch directory on the host, removed afterwards.
+struct Scratch(std::path::PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Result<Self, Failed> {
+        let dir = std::env::temp_dir().join(format!("ferro-e2e-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        Ok(Scratch(dir))
+    }
+
+    fn file(&self, name: &str, size: &str) -> Result<String, Failed> {
+        let path = self.0.join(name).display().to_string();
+        host(&format!("truncate -s {size} {path}"))?;
+        Ok(path)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn with_devices(mut args: Vec<String>, devices: &[&str]) -> Vec<String> {
+    args.extend(devices.iter().map(|d| d.to_string()));
+    args
+}
+
+const MIB_64: u64 = 64 << 20;
+
+fn block_data_reaches_the_image() -> TestResult {
+    let images = images()?;
+    let scratch = Scratch::new("blk")?;
+    let disk = scratch.file("disk.raw", "128M")?;
+    let command = "head -c 67108864 /dev/urandom > /tmp/d; dd if=/tmp/d of=/dev/vda bs=1M 2>/dev/null; sync; echo GUEST-MD5 $(md5sum < /tmp/d)";
+    let args = with_devices(
+        guest_args(&images, 1, "512M", Some(command)),
+        &["--disk", &format!("path={disk}")],
+    );
+    let done = boot_to_poweroff(&args, None)?;
+    let guest = guest_value(&done.stdout, "GUEST-MD5")?;
+    let guest = guest.split_whitespace().next().unwrap_or_default();
+    let image = host_md5(&disk, MIB_64)?;
+    check(guest == image, || {
+        format!("guest wrote {guest}, the image holds {image}")
+    })
+}
+
+fn block_synced_data_survives_sigkill() -> TestResult {
+    let images = images()?;
+    let scratch = Scratch::new("kill")?;
+    let disk = scratch.file("disk.raw", "64M")?;
+    let command = "head -c 4194304 /dev/urandom > /tmp/d; dd if=/tmp/d of=/dev/vda bs=64k 2>/dev/null; sync; echo GUEST-MD5 $(md5sum < /tmp/d); echo SYNCED; sleep 600";
+    let args = with_devices(
+        guest_args(&images, 1, "256M", Some(command)),
+        &["--disk", &format!("path={disk}")],
+    );
+    let mut vm = Vm::spawn(&ferro_bin(), &args)?;
+    vm.wait_for("SYNCED", 1, BOOT_TIMEOUT)?;
+    let stdout = vm.stdout();
+    vm.signal(libc::SIGKILL);
+    let done = vm.wait(Duration::from_secs(30))?;
+    check(done.code == 128 + libc::SIGKILL, || {
+        format!("exit {}", done.code)
+    })?;
+    let guest = guest_value(&stdout, "GUEST-MD5")?;
+    let guest = guest.split_whitespace().next().unwrap_or_default();
+    let image = host_md5(&disk, 4 << 20)?;
+    check(guest == image, || {
+        format!("guest synced {guest}, the image holds {image}")
+    })
+}
+
+fn block_read_only_disk_refuses_writes() -> TestResult {
+    let images = images()?;
+    let scratch = Scratch::new("ro")?;
+    let disk = scratch.file("ro.raw", "16M")?;
+    host(&format!(
+        "printf ferro-read-only | dd of={disk} conv=notrunc 2>/dev/null"
+    ))?;
+    let before = host_md5(&disk, 16 << 20)?;
+    let command = "echo RO $(cat /sys/block/vda/ro); dd if=/dev/zero of=/dev/vda bs=4k count=1 conv=fsync 2>/dev/null && echo WRITE-OK || echo WRITE-REFUSED; echo HEAD $(head -c 15 /dev/vda)";
+    let args = with_devices(
+        guest_args(&images, 1, "256M", Some(command)),
+        &["--disk", &format!("path={disk},readonly=on")],
+    );
+    let done = boot_to_poweroff(&args, None)?;
+    check(guest_value(&done.stdout, "RO")? == "1", || {
+        done.stdout.clone()
+    })?;
+    check(done.stdout.contains("WRITE-REFUSED"), || {
+        done.stdout.clone()
+    })?;
+    check(
+        guest_value(&done.stdout, "HEAD")? == "ferro-read-only",
+        || done.stdout.clone(),
+    )?;
+    check(host_md5(&disk, 16 << 20)? == before, || {
+        "the read-only image changed".into()
+    })
+}
+
+fn block_two_disks_with_serials() -> TestResult {
+    let images = images()?;
+    let scratch = Scratch::new("two")?;
+    let a = scratch.file("a.raw", "32M")?;
+    let b = scratch.file("b.raw", "48M")?;
+    let command = "for d in vda vdb; do echo DISK-$d $(cat /sys/block/$d/size) $(cat /sys/block/$d/serial); done; echo one > /tmp/x; dd if=/tmp/x of=/dev/vdb bs=512 count=1 conv=sync 2>/dev/null; sync";
+    let args = with_devices(
+        guest_args(&images, 2, "256M", Some(command)),
+        &[
+            "--disk",
+            &format!("path={a},serial=first-disk"),
+            "--disk",
+            &format!("path={b},serial=second"),
+        ],
+    );
+    let done = boot_to_poweroff(&args, None)?;
+    check(
+        guest_value(&done.stdout, "DISK-vda")? == "65536 first-disk",
+        || done.stdout.clone(),
+    )?;
+    check(
+        guest_value(&done.stdout, "DISK-vdb")? == "98304 second",
+        || done.stdout.clone(),
+    )?;
+    check(host(&format!("head -c 3 {b}"))? == "one", || {
+        "vdb's data is not in the second image".into()
+    })
+}
+
+fn pci_ids_are_the_virtio_ones() -> TestResult {
+    let images = images()?;
+    let scratch = Scratch::new("ids")?;
+    let disk = scratch.file("d.raw", "8M")?;
+    let command =
+        "for d in /sys/bus/pci/devices/*; do echo PCI $(cat $d/vendor):$(cat $d/device); done";
+    let args = with_devices(
+        guest_args(&images, 1, "256M", Some(command)),
+        &[
+            "--disk",
+            &format!("path={disk}"),
+            "--net",
+            "tap=fe2eids0",
+            "--rng",
+        ],
+    );
+    let done = boot_to_poweroff(&args, None)?;
+    for id in [
+        "0x1b36:0x0008",
+        "0x1af4:0x1042",
+        "0x1af4:0x1041",
+        "0x1af4:0x1044",
+    ] {
+        check(done.stdout.contains(&format!("PCI {id}")), || {
+            format!("no PCI device {id}:\n{}", done.stdout)
+        })?;
+    }
+    check(
+        !std::path::Path::new("/sys/class/net/fe2eids0").exists(),
+        || "the TAP device Ferro created is still there".into(),
+    )
+}
+
+fn rng_feeds_hwrng() -> TestResult {
+    let images = images()?;
+    let command =
+        "echo RNG $(cat /sys/class/misc/hw_random/rng_current) $(head -c 4096 /dev/hwrng | wc -c)";
+    let args = with_devices(guest_args(&images, 1, "256M", Some(command)), &["--rng"]);
+    let done = boot_to_poweroff(&args, None)?;
+    check(
+        guest_value(&done.stdout, "RNG")? == "virtio_rng.0 4096",
+        || done.stdout.clone(),
+    )
+}
+
+fn hvc_console_shell_answers() -> TestResult {
+    let images = images()?;
+    let args = vec![
+        "run".into(),
+        "--kernel".into(),
+        images.kernel.display().to_string(),
+        "--initrd".into(),
+        images.initrd.display().to_string(),
+        "--console".into(),
+        "hvc".into(),
+        "--cmdline".into(),
+        "console=hvc0 quiet ferro.run=\"sh -l\"".into(),
+    ];
+    let mut vm = Vm::spawn(&ferro_bin(), &args)?;
+    vm.wait_for(READY, 1, BOOT_TIMEOUT)?;
+    vm.send(b"echo $((6*7))-from-$(tty); cat /sys/bus/pci/devices/*/device\n")?;
+    vm.wait_for("42-from-/dev/hvc0", 1, Duration::from_secs(60))?;
+    vm.wait_for("0x1043", 1, Duration::from_secs(30))?;
+    vm.send(b"poweroff -f\n")?;
+    let done = vm.wait(Duration::from_secs(60))?;
+    check(done.code == 0, || {
+        format!("exit {}: {}", done.code, done.stderr)
+    })
+}
+
+/// A TAP device with an address on the host, removed afterwards.
+struct HostTap(&'static str);
+
+impl HostTap {
+    fn new(name: &'static str, address: &str) -> Result<Self, Failed> {
+        host(&format!("tunctl -t {name} >/dev/null && ip addr add {address} dev {name} && ip link set {name} up"))?;
+        Ok(HostTap(name))
+    }
+}
+
+impl Drop for HostTap {
+    fn drop(&mut self) {
+        let _ = host(&format!("tunctl -d {} >/dev/null", self.0));
+    }
+}
+
+fn net_ping_and_32m_tcp_both_ways() -> TestResult {
+    let images = images()?;
+    let scratch = Scratch::new("net")?;
+    let _tap = HostTap::new("fe2enet0", "10.9.0.1/24")?;
+    let to_guest = scratch.0.join("to-guest").display().to_string();
+    let from_guest = scratch.0.join("from-guest").display().to_string();
+    host(&format!("head -c 33554432 /dev/urandom > {to_guest}"))?;
+    // busybox nc half-closes when its stdin ends, and its peer then stops sending: keep the
+    // listener's stdin open until the transfer is over.
+    let listener = std::process::Command::new("sh")
+        .args(["-c", &format!("nc -l -p 5001 > {from_guest}")])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let command = "ip link set eth0 up; ip addr add 10.9.0.2/24 dev eth0; ping -c 3 10.9.0.1 >/dev/null && echo PING-OK; head -c 33554432 /dev/urandom > /tmp/d; echo SENT-MD5 $(md5sum < /tmp/d); nc 10.9.0.1 5001 < /tmp/d; echo SENT; nc -l -p 5002 > /tmp/in; echo RECEIVED-MD5 $(md5sum < /tmp/in)";
+    let args = with_devices(
+        guest_args(&images, 2, "512M", Some(command)),
+        &["--net", "tap=fe2enet0,mac=52:54:00:e2:e0:01"],
+    );
+    let mut vm = Vm::spawn(&ferro_bin(), &args)?;
+    let mut listener = ChildGuard(listener);
+    vm.wait_for("SENT", 2, BOOT_TIMEOUT * 2)?;
+    drop(listener.0.stdin.take());
+    let _ = listener.0.wait();
+    // The guest listens once it has sent; retry until its listener is up.
+    let mut sent = false;
+    for _ in 0..30 {
+        if host(&format!("nc -w 5 10.9.0.2 5002 < {to_guest}")).is_ok() {
+            sent = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    check(sent, || "cannot connect to the guest".into())?;
+    vm.wait_for("RECEIVED-MD5", 1, Duration::from_secs(120))?;
+    let done = vm.wait(BOOT_TIMEOUT)?;
+    check(done.stdout.contains("PING-OK"), || {
+        format!("ping failed:\n{}", done.stdout)
+    })?;
+    let sent_md5 = guest_value(&done.stdout, "SENT-MD5")?;
+    let got = host_md5(&from_guest, 32 << 20)?;
+    let got_len = std::fs::metadata(&from_guest).map(|m| m.len()).unwrap_or(0);
+    check(sent_md5.starts_with(&got), || {
+        format!(
+            "guest sent {sent_md5}, host got {got_len} bytes: {got}\n{}",
+            done.stdout
+        )
+    })?;
+    let received = guest_value(&done.stdout, "RECEIVED-MD5")?;
+    let expected = host_md5(&to_guest, 32 << 20)?;
+    check(received.starts_with(&expected), || {
+        format!("host sent {expected}, guest got {received}")
+    })
+}
+
+/// Kills a child process when dropped.
+struct ChildGuard(std::process::Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn main() {
     let args = Arguments::from_args();
     let trials = vec![
@@ -303,6 +621,23 @@ fn main() {
         Trial::test("devices::console_input", console_input_reaches_the_guest),
         Trial::test("errors::bad_inputs", bad_inputs_give_their_errors),
         Trial::test("errors::kvm_permission", kvm_without_permission_is_reported),
+        Trial::test(
+            "virtio::block_data_reaches_the_image",
+            block_data_reaches_the_image,
+        ),
+        Trial::test(
+            "virtio::block_synced_data_survives_sigkill",
+            block_synced_data_survives_sigkill,
+        ),
+        Trial::test(
+            "virtio::block_read_only",
+            block_read_only_disk_refuses_writes,
+        ),
+        Trial::test("virtio::block_two_disks", block_two_disks_with_serials),
+        Trial::test("virtio::pci_ids", pci_ids_are_the_virtio_ones),
+        Trial::test("virtio::rng", rng_feeds_hwrng),
+        Trial::test("virtio::hvc_console", hvc_console_shell_answers),
+        Trial::test("virtio::net_ping_and_tcp", net_ping_and_32m_tcp_both_ways),
     ];
     // Each test boots a VM; running them one at a time keeps timings and memory predictable.
     let args = Arguments {
