@@ -15,9 +15,20 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     // The first byte picks the command line length, the rest is the image.
-    let Some((&cmdline_len, image)) = data.split_first() else { return };
-    let Ok(kernel) = load_kernel(&mem, &mut Cursor::new(image)) else { return };
-    let initrd = load_initrd(&mem, &kernel, MEMORY, &mut Cursor::new(image), image.len() as u64).ok();
+    let Some((&cmdline_len, image)) = data.split_first() else {
+        return;
+    };
+    let Ok(kernel) = load_kernel(&mem, &mut Cursor::new(image)) else {
+        return;
+    };
+    let initrd = load_initrd(
+        &mem,
+        &kernel,
+        MEMORY,
+        &mut Cursor::new(image),
+        image.len() as u64,
+    )
+    .ok();
     let cmdline = "x".repeat(usize::from(cmdline_len) * 16);
     let info = BootInfo {
         kernel: &kernel,

@@ -19,11 +19,20 @@ fn bus() -> Bus {
     );
     let bus = Bus::new();
     let clone = || power.try_clone().expect("eventfd");
-    bus.insert(Arc::new(Mutex::new(serial)), ports::COM1.into(), 8).expect("bus");
-    bus.insert(Arc::new(Mutex::new(devices::i8042::I8042::new(clone()))), ports::I8042.into(), 5)
+    bus.insert(Arc::new(Mutex::new(serial)), ports::COM1.into(), 8)
         .expect("bus");
-    bus.insert(Arc::new(Mutex::new(devices::cmos::Cmos::new(256 << 20, 0))), ports::CMOS.into(), 2)
-        .expect("bus");
+    bus.insert(
+        Arc::new(Mutex::new(devices::i8042::I8042::new(clone()))),
+        ports::I8042.into(),
+        5,
+    )
+    .expect("bus");
+    bus.insert(
+        Arc::new(Mutex::new(devices::cmos::Cmos::new(256 << 20, 0))),
+        ports::CMOS.into(),
+        2,
+    )
+    .expect("bus");
     bus.insert(
         Arc::new(Mutex::new(devices::acpi_pm::AcpiPm::new(clone(), 5, 1))),
         ports::ACPI_PM.into(),

@@ -9,6 +9,7 @@
 
 mod iov;
 mod lock;
+pub mod mem;
 pub mod raw;
 
 use std::fs::OpenOptions;

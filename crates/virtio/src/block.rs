@@ -264,16 +264,34 @@ pub fn parse_request(buffers: ChainBuffers<'_>) -> Result<Request<'_>, RequestEr
 }
 
 /// Executes requests on the disk.
-struct Executor {
+pub struct Executor {
     disk: SharedDisk,
     read_only: bool,
     id: [u8; ID_LEN],
     write_through: bool,
 }
 
+impl std::fmt::Debug for Executor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Executor")
+            .field("read_only", &self.read_only)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Executor {
+    /// Serves requests on `disk` (used directly by tests and fuzzing; the device builds its own).
+    pub fn new(disk: SharedDisk, read_only: bool, id: [u8; ID_LEN]) -> Self {
+        Executor {
+            disk,
+            read_only,
+            id,
+            write_through: false,
+        }
+    }
+
     /// Serves one chain; returns the bytes written into it.
-    fn serve(&mut self, chain: DescriptorChain<&GuestMemory>, mem: &GuestMemory) -> u32 {
+    pub fn serve(&mut self, chain: DescriptorChain<&GuestMemory>, mem: &GuestMemory) -> u32 {
         let request = match chain_buffers(chain, mem)
             .map_err(RequestError::from)
             .and_then(parse_request)
