@@ -125,7 +125,11 @@ impl ConsoleWorker {
             if buffer.is_empty() {
                 break;
             }
-            let Some(chain) = self.receive.pop(&mem)? else {
+            let Some(chain) = self.receive.pop(&*mem)? else {
+                drop(buffer);
+                if self.receive.wait_for_chains(&mem)? {
+                    continue;
+                }
                 break;
             };
             let head = chain.head_index();

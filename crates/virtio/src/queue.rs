@@ -49,11 +49,12 @@ impl DeviceQueue {
         }
     }
 
-    /// Takes the next available chain, if any.
-    pub fn pop<'m>(
-        &mut self,
-        mem: &'m GuestMemory,
-    ) -> Result<Option<DescriptorChain<&'m GuestMemory>>, QueueBroken> {
+    /// Takes the next available chain, if any. `mem` is `&GuestMemory` for a chain used at
+    /// once, or an `Arc` for one kept across events.
+    pub fn pop<M>(&mut self, mem: M) -> Result<Option<DescriptorChain<M>>, QueueBroken>
+    where
+        M: Clone + std::ops::Deref<Target = GuestMemory>,
+    {
         if self.broken {
             return Ok(None);
         }
@@ -74,6 +75,15 @@ impl DeviceQueue {
     /// not take it now).
     pub fn undo_pop(&mut self) {
         self.queue.go_to_previous_position();
+    }
+
+    /// The device ran out of chains: asks the driver to notify when it adds some. Returns true
+    /// if chains arrived in the meantime (then the caller should pop again instead of waiting).
+    /// Without this, a driver using event indices would never notify again.
+    pub fn wait_for_chains(&mut self, mem: &GuestMemory) -> Result<bool, QueueBroken> {
+        self.queue
+            .enable_notification(mem)
+            .map_err(|e| self.broken(e))
     }
 
     /// Whether chains are waiting.
@@ -192,4 +202,64 @@ pub fn chain_buffers<'m>(
         }
     }
     Ok(buffers)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use virtio_queue::desc::{split::Descriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Address, Bytes, GuestAddress};
+
+    fn memory() -> GuestMemory {
+        GuestMemory::from_ranges(&[(GuestAddress(0), 0x20_0000)]).unwrap()
+    }
+
+    #[test]
+    fn running_dry_asks_the_driver_to_notify() {
+        let mem = memory();
+        let mock = MockSplitQueue::new(&mem, 16);
+        let buffer =
+            |i: u64| RawDescriptor::from(Descriptor::new(0x10_0000 + i * 0x100, 0x100, 2, 0));
+        mock.add_desc_chains(&[buffer(0)], 0).unwrap();
+        let mut queue: Queue = mock.create_queue().unwrap();
+        queue.set_event_idx(true);
+        let mut dq = DeviceQueue {
+            index: 0,
+            queue,
+            notify: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            broken: false,
+        };
+        assert!(dq.pop(&mem).unwrap().is_some());
+        assert!(dq.pop(&mem).unwrap().is_none());
+        assert!(!dq.wait_for_chains(&mem).unwrap(), "nothing new yet");
+        // The device published avail_event = 1 (after the used ring), so the driver will kick.
+        let avail_event: u16 = mem
+            .read_obj(mock.used_addr().unchecked_add(4 + 8 * 16))
+            .unwrap();
+        assert_eq!(avail_event, 1);
+        mock.add_desc_chains(&[buffer(1)], 1).unwrap();
+        assert!(dq.wait_for_chains(&mem).unwrap(), "a chain arrived");
+        assert!(dq.pop(&mem).unwrap().is_some());
+    }
+
+    #[test]
+    fn a_ring_outside_memory_breaks_the_queue_once() {
+        let mem = memory();
+        let mut queue = Queue::new(16).unwrap();
+        queue.set_avail_ring_address(Some(0xffff_0000), Some(0x10));
+        queue.set_ready(true);
+        let mut dq = DeviceQueue {
+            index: 3,
+            queue,
+            notify: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            broken: false,
+        };
+        let err = dq.pop(&mem).unwrap_err();
+        assert_eq!(err.index, 3);
+        assert!(
+            dq.pop(&mem).unwrap().is_none(),
+            "a broken queue is left alone"
+        );
+    }
 }

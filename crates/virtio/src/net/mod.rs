@@ -13,7 +13,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 
 use block::Slices;
-use virtio_queue::Writer;
+use virtio_queue::DescriptorChain;
 
 use crate::device::{read_config_bytes, ActivateError, Activation, VirtioDevice, VirtioInterrupt};
 use crate::queue::{chain_buffers, DeviceQueue, QueueBroken};
@@ -148,6 +148,8 @@ impl VirtioDevice for Net {
             mergeable: activation.features & features::MRG_RXBUF != 0,
             packet: vec![0; MAX_PACKET],
             pending: None,
+            rx_chains: Vec::new(),
+            rx_room: 0,
             tap_watched: true,
         };
         self.worker =
@@ -173,6 +175,9 @@ struct NetWorker {
     packet: Vec<u8>,
     /// Length of a packet read from the TAP but not yet given to the guest.
     pending: Option<usize>,
+    /// Receive chains taken for the pending packet, and their room in bytes.
+    rx_chains: Vec<DescriptorChain<Arc<GuestMemory>>>,
+    rx_room: usize,
     tap_watched: bool,
 }
 
@@ -214,11 +219,15 @@ impl NetWorker {
                     self.pending = None;
                     delivered = true;
                 }
-                Ok(false) => {
-                    // No room: stop reading the TAP until the driver adds buffers.
-                    self.watch_tap(poll, false)?;
-                    break;
-                }
+                Ok(false) => match self.rx.wait_for_chains(&mem) {
+                    Ok(true) => continue, // buffers arrived meanwhile
+                    Ok(false) => {
+                        // No room: stop reading the TAP until the driver adds buffers.
+                        self.watch_tap(poll, false)?;
+                        break;
+                    }
+                    Err(broken) => return Ok(Err(broken)),
+                },
                 Err(broken) => return Ok(Err(broken)),
             }
         }
@@ -238,55 +247,69 @@ impl NetWorker {
         Ok(())
     }
 
-    /// Copies the pending packet into receive buffers; false if there are not enough.
+    /// Copies the pending packet into receive buffers; false if the driver has not given
+    /// enough yet (the chains taken so far are kept for the next try, so waiting for more
+    /// cannot miss the driver's notification).
     fn place(&mut self, mem: &GuestMemory, len: usize) -> Result<bool, QueueBroken> {
         if len < HEADER_LEN {
             return Ok(true); // not a packet: drop it
         }
-        let mut chains: Vec<(u16, Writer<'_, ()>)> = Vec::new();
-        let mut room = 0usize;
-        while room < len {
-            let Some(chain) = self.rx.pop(mem)? else {
-                for _ in &chains {
-                    self.rx.undo_pop();
-                }
+        while self.rx_room < len {
+            let Some(chain) = self.rx.pop(self.memory.clone())? else {
                 return Ok(false);
             };
-            let head = chain.head_index();
-            match chain.writer(mem) {
-                Ok(writer) if writer.available_bytes() >= HEADER_LEN || !chains.is_empty() => {
-                    room += writer.available_bytes();
-                    chains.push((head, writer));
-                }
-                _ => {
-                    // A buffer too small for even the header: give it back empty.
-                    self.rx.add_used(mem, head, 0)?;
-                }
+            let room = chain.clone().writer(mem).map_or(0, |w| w.available_bytes());
+            if self.rx_chains.is_empty() && room < HEADER_LEN {
+                // A buffer too small for even the header: give it back empty.
+                self.rx.add_used(mem, chain.head_index(), 0)?;
+                continue;
             }
+            self.rx_room += room;
+            self.rx_chains.push(chain);
             if !self.mergeable {
                 break;
             }
         }
+        let chains = std::mem::take(&mut self.rx_chains);
+        let room = std::mem::replace(&mut self.rx_room, 0);
         if room < len {
             // Without mergeable buffers the packet must fit one buffer: drop it.
             tracing::debug!("virtio-net: dropping a {len}-byte packet that does not fit");
-            for (head, _) in chains {
-                self.rx.add_used(mem, head, 0)?;
+            for chain in chains {
+                self.rx.add_used(mem, chain.head_index(), 0)?;
             }
             return Ok(true);
         }
-        let count = chains.len() as u16;
+        // Only as many buffers as the packet needs; the rest go back empty.
+        let mut needed = 0;
+        let mut covered = 0;
+        for chain in &chains {
+            if covered >= len {
+                break;
+            }
+            covered += chain.clone().writer(mem).map_or(0, |w| w.available_bytes());
+            needed += 1;
+        }
         self.packet[NUM_BUFFERS_OFFSET..NUM_BUFFERS_OFFSET + 2]
-            .copy_from_slice(&count.to_le_bytes());
+            .copy_from_slice(&(needed as u16).to_le_bytes());
         let mut offset = 0;
-        for (head, mut writer) in chains {
-            let n = writer.available_bytes().min(len - offset);
-            let written =
-                match std::io::Write::write_all(&mut writer, &self.packet[offset..offset + n]) {
-                    Ok(()) => n,
-                    Err(_) => writer.bytes_written(),
-                };
-            offset += n;
+        for chain in chains {
+            let head = chain.head_index();
+            let written = match chain.writer(mem) {
+                Ok(mut writer) if offset < len => {
+                    let n = writer.available_bytes().min(len - offset);
+                    let done = match std::io::Write::write_all(
+                        &mut writer,
+                        &self.packet[offset..offset + n],
+                    ) {
+                        Ok(()) => n,
+                        Err(_) => writer.bytes_written(),
+                    };
+                    offset += n;
+                    done
+                }
+                _ => 0,
+            };
             self.rx.add_used(mem, head, written as u32)?;
         }
         Ok(true)

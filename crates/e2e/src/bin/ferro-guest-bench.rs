@@ -1,0 +1,175 @@
+//! Measurements taken inside a guest (copied into the benchmark guest's initramfs by
+//! `tools/testbed`): raw block device throughput and IOPS with O_DIRECT, and TCP throughput.
+//! Prints `RESULT <name> <value> <unit>` lines for `ferro-bench io` to collect.
+//!
+//! ferro-guest-bench disk DEVICE MIB SECONDS   sequential read and write of MIB MiB, then
+//!                                             4 KiB random reads for SECONDS
+//! ferro-guest-bench tcp-send ADDR:PORT MIB    send MIB MiB
+//! ferro-guest-bench tcp-recv PORT             receive one connection, report its throughput
+
+use std::alloc::{alloc_zeroed, dealloc, Layout};
+use std::fs::OpenOptions;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::time::{Duration, Instant};
+
+const MIB: usize = 1 << 20;
+
+/// A zeroed buffer aligned for O_DIRECT.
+struct Aligned {
+    ptr: *mut u8,
+    layout: Layout,
+}
+
+impl Aligned {
+    fn new(len: usize) -> Self {
+        let layout = Layout::from_size_align(len, 4096).unwrap_or_else(|_| std::process::exit(2));
+        // SAFETY: the layout has a non-zero size.
+        let ptr = unsafe { alloc_zeroed(layout) };
+        if ptr.is_null() {
+            std::process::exit(2);
+        }
+        Aligned { ptr, layout }
+    }
+
+    fn as_mut(&mut self) -> &mut [u8] {
+        // SAFETY: ptr points at layout.size() initialised bytes owned by self.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.layout.size()) }
+    }
+}
+
+impl Drop for Aligned {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with this layout.
+        unsafe { dealloc(self.ptr, self.layout) };
+    }
+}
+
+fn result(name: &str, value: f64, unit: &str) {
+    println!("RESULT {name} {value:.1} {unit}");
+}
+
+fn mib_per_s(bytes: usize, elapsed: Duration) -> f64 {
+    bytes as f64 / MIB as f64 / elapsed.as_secs_f64()
+}
+
+/// A small xorshift generator: enough to spread reads, no dependency.
+fn next_random(state: &mut u64) -> u64 {
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    *state
+}
+
+fn disk(device: &str, mib: usize, seconds: u64) -> std::io::Result<()> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(device)?;
+    let mut buf = Aligned::new(MIB);
+    buf.as_mut().fill(0x5a);
+    let start = Instant::now();
+    for i in 0..mib {
+        file.write_all_at(buf.as_mut(), (i * MIB) as u64)?;
+    }
+    file.sync_data()?;
+    result(
+        "disk-seq-write",
+        mib_per_s(mib * MIB, start.elapsed()),
+        "MiB/s",
+    );
+    let start = Instant::now();
+    for i in 0..mib {
+        file.read_exact_at(buf.as_mut(), (i * MIB) as u64)?;
+    }
+    result(
+        "disk-seq-read",
+        mib_per_s(mib * MIB, start.elapsed()),
+        "MiB/s",
+    );
+    let mut small = Aligned::new(4096);
+    let blocks = (mib * MIB / 4096) as u64;
+    let mut state = 0x9e37_79b9_7f4a_7c15;
+    let start = Instant::now();
+    let mut reads = 0u64;
+    while start.elapsed() < Duration::from_secs(seconds) {
+        let block = next_random(&mut state) % blocks;
+        file.read_exact_at(small.as_mut(), block * 4096)?;
+        reads += 1;
+    }
+    result(
+        "disk-rand-read-4k",
+        reads as f64 / start.elapsed().as_secs_f64(),
+        "IOPS",
+    );
+    Ok(())
+}
+
+fn tcp_send(addr: &str, mib: usize) -> std::io::Result<()> {
+    let mut stream = TcpStream::connect(addr)?;
+    let buf = vec![0x42u8; MIB];
+    let start = Instant::now();
+    for _ in 0..mib {
+        stream.write_all(&buf)?;
+    }
+    stream.shutdown(std::net::Shutdown::Write)?;
+    // Wait for the receiver to close: everything has arrived.
+    let mut rest = Vec::new();
+    let _ = stream.read_to_end(&mut rest);
+    result(
+        "tcp-guest-to-host",
+        mib_per_s(mib * MIB, start.elapsed()),
+        "MiB/s",
+    );
+    Ok(())
+}
+
+fn tcp_recv(port: u16) -> std::io::Result<()> {
+    let listener = TcpListener::bind(("0.0.0.0", port))?;
+    println!("LISTENING {port}");
+    let (mut stream, _) = listener.accept()?;
+    let mut buf = vec![0u8; MIB];
+    let mut total = 0usize;
+    let start = Instant::now();
+    loop {
+        let n = stream.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        total += n;
+    }
+    result(
+        "tcp-host-to-guest",
+        mib_per_s(total, start.elapsed()),
+        "MiB/s",
+    );
+    Ok(())
+}
+
+fn usage() -> ! {
+    eprintln!(
+        "usage: ferro-guest-bench disk DEVICE MIB SECONDS | tcp-send ADDR:PORT MIB | tcp-recv PORT"
+    );
+    std::process::exit(2);
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let number = |i: usize| -> usize {
+        args.get(i)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| usage())
+    };
+    let outcome = match args.first().map(String::as_str) {
+        Some("disk") if args.len() == 4 => disk(&args[1], number(2), number(3) as u64),
+        Some("tcp-send") if args.len() == 3 => tcp_send(&args[1], number(2)),
+        Some("tcp-recv") if args.len() == 2 => tcp_recv(number(1) as u16),
+        _ => usage(),
+    };
+    if let Err(e) = outcome {
+        eprintln!("ferro-guest-bench: {e}");
+        std::process::exit(1);
+    }
+}
