@@ -806,3 +806,330 @@ impl Drop for VirtioPciDevice {
 
 /// Offset of BAR 0 in configuration space (for tests and tools).
 pub const BAR0_OFFSET: usize = BAR0;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pci::msix::MsiMessage;
+    use std::sync::Mutex as StdMutex;
+    use vm_memory::GuestAddress;
+
+    struct NoInterrupts;
+
+    impl MsiInterrupts for NoInterrupts {
+        fn allocate(&self) -> std::io::Result<(u32, EventFd)> {
+            Ok((24, EventFd::new(libc::EFD_NONBLOCK)?))
+        }
+        fn route(&self, _gsi: u32, _message: Option<MsiMessage>) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn release(&self, _gsi: u32, _event: &EventFd) {}
+    }
+
+    #[derive(Default)]
+    struct Registered(StdMutex<Vec<u64>>);
+
+    impl IoEvents for Registered {
+        fn register(&self, _event: &EventFd, addr: u64) -> std::io::Result<()> {
+            self.0.lock().unwrap().push(addr);
+            Ok(())
+        }
+        fn unregister(&self, _event: &EventFd, addr: u64) -> std::io::Result<()> {
+            self.0.lock().unwrap().retain(|&a| a != addr);
+            Ok(())
+        }
+    }
+
+    /// Records what the transport asks of it.
+    #[derive(Default)]
+    struct Log {
+        activations: Vec<(u64, Vec<u16>)>,
+        resets: usize,
+    }
+
+    struct FakeDevice(Arc<StdMutex<Log>>);
+
+    impl VirtioDevice for FakeDevice {
+        fn device_type(&self) -> u32 {
+            device_type::RNG
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &[64, 64]
+        }
+        fn features(&self) -> u64 {
+            1 << 3
+        }
+        fn read_config(&self, offset: u64, data: &mut [u8]) {
+            crate::device::read_config_bytes(&[0xaa, 0xbb, 0xcc, 0xdd], offset, data);
+        }
+        fn activate(&mut self, activation: Activation) -> Result<(), crate::device::ActivateError> {
+            let queues = activation.queues.iter().map(|q| q.index).collect();
+            self.0
+                .lock()
+                .unwrap()
+                .activations
+                .push((activation.features, queues));
+            Ok(())
+        }
+        fn reset(&mut self) {
+            self.0.lock().unwrap().resets += 1;
+        }
+    }
+
+    const BAR: u64 = 0x1_0000_0000;
+
+    fn transport() -> (VirtioPciDevice, Arc<StdMutex<Log>>, Arc<Registered>) {
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let log = Arc::new(StdMutex::new(Log::default()));
+        let events = Arc::new(Registered::default());
+        let device = VirtioPciDevice::new(
+            Box::new(FakeDevice(log.clone())),
+            Arc::new(mem),
+            Arc::new(NoInterrupts),
+            events.clone(),
+            BAR,
+        )
+        .unwrap();
+        (device, log, events)
+    }
+
+    fn write(t: &mut VirtioPciDevice, field: (u64, usize), value: u64) {
+        t.write_bar(0, field.0, &value.to_le_bytes()[..field.1]);
+    }
+
+    fn read(t: &mut VirtioPciDevice, field: (u64, usize)) -> u64 {
+        let mut b = [0u8; 8];
+        t.read_bar(0, field.0, &mut b[..field.1]);
+        u64::from_le_bytes(b)
+    }
+
+    fn negotiate(t: &mut VirtioPciDevice, features: u64) -> u8 {
+        write(
+            t,
+            common::DEVICE_STATUS,
+            u64::from(status::ACKNOWLEDGE | status::DRIVER),
+        );
+        write(t, common::DRIVER_FEATURE_SELECT, 0);
+        write(t, common::DRIVER_FEATURE, features & 0xffff_ffff);
+        write(t, common::DRIVER_FEATURE_SELECT, 1);
+        write(t, common::DRIVER_FEATURE, features >> 32);
+        let s = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK;
+        write(t, common::DEVICE_STATUS, u64::from(s));
+        read(t, common::DEVICE_STATUS) as u8
+    }
+
+    fn setup_queue(t: &mut VirtioPciDevice, index: u64, base: u64) {
+        write(t, common::QUEUE_SELECT, index);
+        write(t, common::QUEUE_SIZE, 64);
+        write(t, common::QUEUE_DESC_LO, base);
+        write(t, common::QUEUE_DRIVER_LO, base + 0x400);
+        write(t, common::QUEUE_DEVICE_LO, base + 0x800);
+        write(t, common::QUEUE_MSIX_VECTOR, index);
+        write(t, common::QUEUE_ENABLE, 1);
+    }
+
+    #[test]
+    fn features_are_offered_in_two_halves() {
+        let (mut t, _, _) = transport();
+        write(&mut t, common::DEVICE_FEATURE_SELECT, 0);
+        let low = read(&mut t, common::DEVICE_FEATURE);
+        write(&mut t, common::DEVICE_FEATURE_SELECT, 1);
+        let high = read(&mut t, common::DEVICE_FEATURE);
+        let offered = low | (high << 32);
+        assert_eq!(offered, (1 << 3) | features::TRANSPORT);
+        write(&mut t, common::DEVICE_FEATURE_SELECT, 7);
+        assert_eq!(read(&mut t, common::DEVICE_FEATURE), 0);
+        assert_eq!(read(&mut t, common::NUM_QUEUES), 2);
+    }
+
+    #[test]
+    fn features_ok_needs_version_1_and_a_subset_of_the_offer() {
+        let (mut t, _, _) = transport();
+        assert_eq!(
+            negotiate(&mut t, 1 << 3) & status::FEATURES_OK,
+            0,
+            "no VERSION_1"
+        );
+        let (mut t, _, _) = transport();
+        let unknown = features::VERSION_1 | (1 << 40);
+        assert_eq!(
+            negotiate(&mut t, unknown) & status::FEATURES_OK,
+            0,
+            "not offered"
+        );
+        let (mut t, _, _) = transport();
+        let good = features::VERSION_1 | features::RING_EVENT_IDX | (1 << 3);
+        assert_ne!(negotiate(&mut t, good) & status::FEATURES_OK, 0);
+        // Features are frozen once FEATURES_OK is set.
+        write(&mut t, common::DRIVER_FEATURE_SELECT, 0);
+        write(&mut t, common::DRIVER_FEATURE, 0);
+        assert_eq!(t.driver_features, good);
+    }
+
+    #[test]
+    fn status_bits_only_accumulate() {
+        let (mut t, _, _) = transport();
+        write(
+            &mut t,
+            common::DEVICE_STATUS,
+            u64::from(status::ACKNOWLEDGE | status::DRIVER),
+        );
+        write(
+            &mut t,
+            common::DEVICE_STATUS,
+            u64::from(status::ACKNOWLEDGE),
+        );
+        assert_eq!(
+            read(&mut t, common::DEVICE_STATUS) as u8,
+            status::ACKNOWLEDGE | status::DRIVER
+        );
+    }
+
+    #[test]
+    fn driver_ok_starts_the_device_with_its_enabled_queues() {
+        let (mut t, log, events) = transport();
+        // Decoding on at the BAR: the notification ioeventfds are registered.
+        t.bar_moved(0, None, Some(BAR));
+        assert_eq!(
+            *events.0.lock().unwrap(),
+            vec![BAR + NOTIFY_OFFSET, BAR + NOTIFY_OFFSET + 4]
+        );
+        let features = features::VERSION_1 | features::RING_EVENT_IDX;
+        negotiate(&mut t, features);
+        setup_queue(&mut t, 1, 0x10000);
+        let s = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK;
+        write(&mut t, common::DEVICE_STATUS, u64::from(s));
+        assert_eq!(log.lock().unwrap().activations, vec![(features, vec![1])]);
+        // Queue configuration is frozen while the device runs.
+        write(&mut t, common::QUEUE_SELECT, 1);
+        write(&mut t, common::QUEUE_SIZE, 16);
+        assert_eq!(read(&mut t, common::QUEUE_SIZE), 64);
+        assert_eq!(read(&mut t, common::QUEUE_MSIX_VECTOR), 1);
+    }
+
+    #[test]
+    fn a_queue_outside_memory_makes_the_device_need_a_reset() {
+        let (mut t, log, _) = transport();
+        negotiate(&mut t, features::VERSION_1);
+        setup_queue(&mut t, 0, 0x7000_0000);
+        let s = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK;
+        write(&mut t, common::DEVICE_STATUS, u64::from(s));
+        assert!(log.lock().unwrap().activations.is_empty());
+        let status_now = read(&mut t, common::DEVICE_STATUS) as u8;
+        assert_ne!(status_now & status::DEVICE_NEEDS_RESET, 0);
+        let mut isr = [0u8];
+        t.read_bar(0, ISR_OFFSET, &mut isr);
+        assert_eq!(isr[0] & ISR_CONFIG, ISR_CONFIG);
+        t.read_bar(0, ISR_OFFSET, &mut isr);
+        assert_eq!(isr[0], 0, "reading the ISR clears it");
+    }
+
+    #[test]
+    fn a_queue_size_that_is_not_a_power_of_two_is_refused() {
+        let (mut t, log, _) = transport();
+        negotiate(&mut t, features::VERSION_1);
+        setup_queue(&mut t, 0, 0x10000);
+        write(&mut t, common::QUEUE_SIZE, 48);
+        let s = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK;
+        write(&mut t, common::DEVICE_STATUS, u64::from(s));
+        assert!(log.lock().unwrap().activations.is_empty());
+        assert_ne!(
+            read(&mut t, common::DEVICE_STATUS) as u8 & status::DEVICE_NEEDS_RESET,
+            0
+        );
+    }
+
+    #[test]
+    fn writing_zero_resets_the_device() {
+        let (mut t, log, _) = transport();
+        negotiate(&mut t, features::VERSION_1);
+        setup_queue(&mut t, 0, 0x10000);
+        let s = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK;
+        write(&mut t, common::DEVICE_STATUS, u64::from(s));
+        let generation = read(&mut t, common::CONFIG_GENERATION);
+        write(&mut t, common::DEVICE_STATUS, 0);
+        assert_eq!(log.lock().unwrap().resets, 1);
+        assert_eq!(read(&mut t, common::DEVICE_STATUS), 0);
+        write(&mut t, common::QUEUE_SELECT, 0);
+        assert_eq!(read(&mut t, common::QUEUE_ENABLE), 0);
+        assert_eq!(read(&mut t, common::QUEUE_DESC_LO), 0);
+        assert_eq!(
+            read(&mut t, common::QUEUE_MSIX_VECTOR),
+            u64::from(NO_VECTOR)
+        );
+        assert_ne!(read(&mut t, common::CONFIG_GENERATION), generation);
+        write(&mut t, common::DRIVER_FEATURE_SELECT, 1);
+        assert_eq!(read(&mut t, common::DRIVER_FEATURE), 0);
+    }
+
+    #[test]
+    fn vectors_beyond_the_table_read_as_no_vector() {
+        let (mut t, _, _) = transport();
+        write(&mut t, common::CONFIG_MSIX_VECTOR, 2);
+        assert_eq!(read(&mut t, common::CONFIG_MSIX_VECTOR), 2);
+        write(&mut t, common::CONFIG_MSIX_VECTOR, 3);
+        assert_eq!(
+            read(&mut t, common::CONFIG_MSIX_VECTOR),
+            u64::from(NO_VECTOR)
+        );
+        write(&mut t, common::QUEUE_SELECT, 9);
+        assert_eq!(read(&mut t, common::QUEUE_SIZE), 0, "no such queue");
+        write(&mut t, common::QUEUE_SIZE, 16);
+    }
+
+    #[test]
+    fn device_config_and_the_pci_config_window() {
+        let (mut t, _, _) = transport();
+        let mut cfg = [0u8; 4];
+        t.read_bar(0, DEVICE_OFFSET, &mut cfg);
+        assert_eq!(cfg, [0xaa, 0xbb, 0xcc, 0xdd]);
+        // Point the window at NUM_QUEUES (2 bytes) and read it through configuration space.
+        let cap = t.pci_cfg_cap;
+        t.write_config(cap + 4, &[0]);
+        t.write_config(cap + 8, &(common::NUM_QUEUES.0 as u32).to_le_bytes());
+        t.write_config(cap + 12, &2u32.to_le_bytes());
+        let mut data = [0u8; 4];
+        t.read_config(cap + 16, &mut data);
+        assert_eq!(u16::from_le_bytes([data[0], data[1]]), 2);
+        // A window with a bad length reads zero.
+        t.write_config(cap + 12, &3u32.to_le_bytes());
+        t.read_config(cap + 16, &mut data);
+        assert_eq!(data, [0; 4]);
+    }
+
+    #[test]
+    fn identity_and_capabilities() {
+        let (t, _, _) = transport();
+        assert_eq!(t.config.read_u32(0), 0x1044_1af4);
+        let mut offset = usize::from(t.config.read_u16(0x34) as u8);
+        let mut kinds = Vec::new();
+        while offset != 0 {
+            let mut id = [0u8; 4];
+            t.config.read(offset, &mut id[..1]);
+            let mut next = [0u8];
+            t.config.read(offset + 1, &mut next);
+            let mut kind = [0u8];
+            t.config.read(offset + 3, &mut kind);
+            kinds.push((
+                id[0],
+                if id[0] == VENDOR_CAPABILITY {
+                    kind[0]
+                } else {
+                    0
+                },
+            ));
+            offset = usize::from(next[0]);
+        }
+        assert_eq!(
+            kinds,
+            vec![
+                (9, CAP_COMMON),
+                (9, CAP_ISR),
+                (9, CAP_DEVICE),
+                (9, CAP_NOTIFY),
+                (9, CAP_PCI_CFG),
+                (0x11, 0)
+            ]
+        );
+    }
+}

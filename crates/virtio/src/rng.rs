@@ -104,3 +104,34 @@ impl VirtioDevice for Rng {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
+    use virtio_queue::desc::{split::Descriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Bytes, GuestAddress};
+
+    #[test]
+    fn fills_every_writable_byte() {
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 0x20_0000)]).unwrap();
+        let queue = MockSplitQueue::new(&mem, 16);
+        let w = VRING_DESC_F_WRITE as u16;
+        let chain = queue
+            .build_desc_chain(&[
+                RawDescriptor::from(Descriptor::new(0x10_0000, 100, w, 0)),
+                RawDescriptor::from(Descriptor::new(0x11_0000, 28, w, 0)),
+            ])
+            .unwrap();
+        assert_eq!(fill(chain, &mem), 128);
+        let mut bytes = [0u8; 100];
+        mem.read_slice(&mut bytes, GuestAddress(0x10_0000)).unwrap();
+        assert!(bytes.iter().any(|&b| b != 0));
+        // A chain with nothing writable gets nothing.
+        let readable = queue
+            .build_desc_chain(&[RawDescriptor::from(Descriptor::new(0x10_0000, 64, 0, 0))])
+            .unwrap();
+        assert_eq!(fill(readable, &mem), 0);
+    }
+}
