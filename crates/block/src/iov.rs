@@ -100,3 +100,88 @@ impl<'a> Slices<'a> {
         }
     }
 }
+
+/// Reads `buffers.len()` bytes of `file` at `offset` into guest buffers; bytes past the end of
+/// the file read as zeroes.
+pub fn read_file_at(
+    file: &std::fs::File,
+    mut offset: u64,
+    buffers: &[VolatileSlice<'_, ()>],
+) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let mut slices = Slices::new(buffers);
+    while !slices.is_empty() {
+        let fd = file.as_raw_fd();
+        let n = slices.with_iovecs(|iov| {
+            // SAFETY: the iovecs point at guest buffers kept alive by `with_iovecs`.
+            unsafe {
+                libc::preadv(
+                    fd,
+                    iov.as_ptr(),
+                    iov.len() as libc::c_int,
+                    offset as libc::off_t,
+                )
+            }
+        });
+        match n {
+            Ok(0) => {
+                for slice in slices.take(slices.len())? {
+                    slice.copy_from(&vec![0u8; slice.len()]);
+                }
+            }
+            Ok(n) => {
+                slices.advance(n)?;
+                offset += n as u64;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Writes guest buffers to `file` at `offset`.
+pub fn write_file_at(
+    file: &std::fs::File,
+    mut offset: u64,
+    buffers: &[VolatileSlice<'_, ()>],
+) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let mut slices = Slices::new(buffers);
+    while !slices.is_empty() {
+        let fd = file.as_raw_fd();
+        let n = slices.with_iovecs(|iov| {
+            // SAFETY: the iovecs point at guest buffers kept alive by `with_iovecs`.
+            unsafe {
+                libc::pwritev(
+                    fd,
+                    iov.as_ptr(),
+                    iov.len() as libc::c_int,
+                    offset as libc::off_t,
+                )
+            }
+        });
+        match n {
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::WriteZero,
+                    "the image took no data",
+                ))
+            }
+            Ok(n) => {
+                slices.advance(n)?;
+                offset += n as u64;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Fills guest buffers with zeroes.
+pub fn zero_fill(buffers: &[VolatileSlice<'_, ()>]) {
+    for slice in buffers {
+        slice.copy_from(&vec![0u8; slice.len()]);
+    }
+}

@@ -1,25 +1,25 @@
-//! Disk images behind one interface: raw files now, qcow2 next.
+//! Disk images behind one interface: raw files and qcow2 (with backing chains).
 //!
 //! [`DiskImage`] is what a block device needs: size, vectored reads and writes straight from and
 //! to guest memory ([`vm_memory::VolatileSlice`]s, no bounce buffers), flush to stable storage,
 //! discard and write-zeroes. [`open`] opens a file, takes an exclusive lock on it (a shared one
-//! for read-only use) so two VMs never write one image, and picks the format.
+//! for read-only use, and for backing files) so two VMs never write one image, picks the format
+//! and opens the backing chain.
 //!
 //! Threading: an image is used by one thread at a time (the block device's worker).
 
 mod iov;
 mod lock;
 pub mod mem;
+pub mod open;
+pub mod qcow2;
 pub mod raw;
 
-use std::fs::OpenOptions;
 use std::io;
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
 
 use vm_memory::VolatileSlice;
 
-pub use iov::{slices_len, Slices};
+pub use iov::{read_file_at, slices_len, write_file_at, zero_fill, Slices};
 
 /// Guest memory buffers of one request.
 pub type Buffers<'a, 'b> = &'a [VolatileSlice<'b, ()>];
@@ -41,111 +41,20 @@ pub trait DiskImage: Send {
     fn write_zeroes(&mut self, offset: u64, len: u64, may_unmap: bool) -> io::Result<()>;
 }
 
-/// Image formats.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Format {
-    Raw,
-    Qcow2,
-}
-
-impl std::str::FromStr for Format {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "raw" => Ok(Format::Raw),
-            "qcow2" => Ok(Format::Qcow2),
-            other => Err(format!("unknown image format {other:?} (raw or qcow2)")),
-        }
-    }
-}
-
-/// Why an image could not be opened.
-#[derive(Debug, thiserror::Error)]
-pub enum OpenError {
-    #[error("cannot open {}", path.display())]
-    Open {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    #[error("{} is in use by another process (it is locked)", path.display())]
-    Locked { path: PathBuf },
-    #[error("{} is a qcow2 image; qcow2 is not supported yet", path.display())]
-    Qcow2Unsupported { path: PathBuf },
-    #[error("{} is not a regular file or block device", path.display())]
-    NotADisk { path: PathBuf },
-}
-
-const QCOW2_MAGIC: [u8; 4] = *b"QFI\xfb";
-
-/// Opens the image at `path` (format detected from its first bytes unless `format` is given).
-pub fn open(
-    path: &Path,
-    read_only: bool,
-    format: Option<Format>,
-) -> Result<Box<dyn DiskImage>, OpenError> {
-    let open_err = |source| OpenError::Open {
-        path: path.to_path_buf(),
-        source,
-    };
-    let file = OpenOptions::new()
-        .read(true)
-        .write(!read_only)
-        .custom_flags(libc::O_CLOEXEC)
-        .open(path)
-        .map_err(open_err)?;
-    let kind = file.metadata().map_err(open_err)?.file_type();
-    use std::os::unix::fs::FileTypeExt;
-    if !(kind.is_file() || kind.is_block_device()) {
-        return Err(OpenError::NotADisk {
-            path: path.to_path_buf(),
-        });
-    }
-    match lock::lock(&file, !read_only) {
-        Ok(true) => {}
-        Ok(false) => {
-            return Err(OpenError::Locked {
-                path: path.to_path_buf(),
-            })
-        }
-        Err(e) => return Err(open_err(e)),
-    }
-    let format = match format {
-        Some(format) => format,
-        None => detect(&file).map_err(open_err)?,
-    };
-    match format {
-        Format::Raw => Ok(Box::new(raw::RawImage::new(file).map_err(open_err)?)),
-        Format::Qcow2 => Err(OpenError::Qcow2Unsupported {
-            path: path.to_path_buf(),
-        }),
-    }
-}
-
-fn detect(file: &std::fs::File) -> io::Result<Format> {
-    use std::os::unix::fs::FileExt;
-    let mut magic = [0u8; 4];
-    let n = file.read_at(&mut magic, 0)?;
-    Ok(if n == 4 && magic == QCOW2_MAGIC {
-        Format::Qcow2
-    } else {
-        Format::Raw
-    })
-}
+pub use open::{open, Format, OpenError, MAX_CHAIN_DEPTH};
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn qcow2_is_detected_and_refused_instead_of_read_raw() {
+    fn a_broken_qcow2_header_is_an_error_not_raw_data() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("disk.qcow2");
         std::fs::write(&path, b"QFI\xfb\0\0\0\x03").unwrap();
         assert!(matches!(
             open(&path, false, None),
-            Err(OpenError::Qcow2Unsupported { .. })
+            Err(OpenError::Invalid { .. })
         ));
         // Forcing raw is the user's explicit choice.
         assert!(open(&path, false, Some(Format::Raw)).is_ok());

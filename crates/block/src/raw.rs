@@ -6,7 +6,7 @@ use std::os::fd::AsRawFd;
 
 use vm_memory::VolatileSlice;
 
-use crate::iov::Slices;
+use crate::iov::{read_file_at, slices_len, write_file_at};
 use crate::{Buffers, DiskImage};
 
 /// A raw image file.
@@ -78,72 +78,14 @@ impl DiskImage for RawImage {
         self.size
     }
 
-    fn read_at(&mut self, mut offset: u64, buffers: Buffers<'_, '_>) -> io::Result<()> {
-        let mut slices = Slices::new(buffers);
-        self.check_range(offset, slices.len())?;
-        while !slices.is_empty() {
-            let fd = self.file.as_raw_fd();
-            let n = slices.with_iovecs(|iov| {
-                // SAFETY: the iovecs point at guest buffers kept alive by `with_iovecs`.
-                unsafe {
-                    libc::preadv(
-                        fd,
-                        iov.as_ptr(),
-                        iov.len() as libc::c_int,
-                        offset as libc::off_t,
-                    )
-                }
-            });
-            match n {
-                Ok(0) => {
-                    // Past the end of a file that shrank under us: the rest reads as zeroes.
-                    for slice in slices.take(slices.len())? {
-                        slice.copy_from(&vec![0u8; slice.len()]);
-                    }
-                }
-                Ok(n) => {
-                    slices.advance(n)?;
-                    offset += n as u64;
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
+    fn read_at(&mut self, offset: u64, buffers: Buffers<'_, '_>) -> io::Result<()> {
+        self.check_range(offset, slices_len(buffers))?;
+        read_file_at(&self.file, offset, buffers)
     }
 
-    fn write_at(&mut self, mut offset: u64, buffers: Buffers<'_, '_>) -> io::Result<()> {
-        let mut slices = Slices::new(buffers);
-        self.check_range(offset, slices.len())?;
-        while !slices.is_empty() {
-            let fd = self.file.as_raw_fd();
-            let n = slices.with_iovecs(|iov| {
-                // SAFETY: the iovecs point at guest buffers kept alive by `with_iovecs`.
-                unsafe {
-                    libc::pwritev(
-                        fd,
-                        iov.as_ptr(),
-                        iov.len() as libc::c_int,
-                        offset as libc::off_t,
-                    )
-                }
-            });
-            match n {
-                Ok(0) => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::WriteZero,
-                        "the image took no data",
-                    ))
-                }
-                Ok(n) => {
-                    slices.advance(n)?;
-                    offset += n as u64;
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
+    fn write_at(&mut self, offset: u64, buffers: Buffers<'_, '_>) -> io::Result<()> {
+        self.check_range(offset, slices_len(buffers))?;
+        write_file_at(&self.file, offset, buffers)
     }
 
     fn flush(&mut self) -> io::Result<()> {

@@ -1,0 +1,372 @@
+//! Cluster reference counts: the refcount table, refcount blocks (loaded on demand, written
+//! through), allocation of free clusters and growth of the table.
+//!
+//! Writes happen in an order that never lets metadata point at a cluster whose refcount is not
+//! on disk: a new refcount block is written before the table entry that points at it, and a
+//! new table before the header points at it (with a flush in between).
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+
+use super::corrupt;
+
+/// Entries per refcount block for a cluster size and refcount width.
+fn entries_per_block(cluster_bits: u32, refcount_order: u32) -> u64 {
+    (1u64 << (cluster_bits + 3)) >> refcount_order
+}
+
+/// Decodes entry `index` of a refcount block of `bits`-bit entries.
+fn decode(bits: u64, block: &[u8], index: u64) -> u64 {
+    if bits >= 8 {
+        let width = (bits / 8) as usize;
+        let at = index as usize * width;
+        block[at..at + width]
+            .iter()
+            .fold(0u64, |v, b| (v << 8) | u64::from(*b))
+    } else {
+        let bit = index * bits;
+        (u64::from(block[(bit / 8) as usize]) >> (bit % 8)) & ((1 << bits) - 1)
+    }
+}
+
+/// Encodes `value` into entry `index`; returns the byte range that changed.
+fn encode(bits: u64, block: &mut [u8], index: u64, value: u64) -> std::ops::Range<usize> {
+    if bits >= 8 {
+        let width = (bits / 8) as usize;
+        let at = index as usize * width;
+        let bytes = value.to_be_bytes();
+        block[at..at + width].copy_from_slice(&bytes[8 - width..]);
+        at..at + width
+    } else {
+        let bit = index * bits;
+        let byte = (bit / 8) as usize;
+        let mask = (((1u64 << bits) - 1) << (bit % 8)) as u8;
+        block[byte] = (block[byte] & !mask) | (((value << (bit % 8)) as u8) & mask);
+        byte..byte + 1
+    }
+}
+
+/// The image's refcounts.
+#[derive(Debug)]
+pub struct Refcounts {
+    cluster_bits: u32,
+    refcount_order: u32,
+    table_offset: u64,
+    table: Vec<u64>,
+    blocks: HashMap<u64, Vec<u8>>,
+    /// First cluster index worth looking at for free clusters.
+    free_hint: u64,
+    /// One past the highest cluster given a refcount in this session (it may not be written
+    /// yet, so the file's length alone does not tell where free space starts).
+    end: u64,
+}
+
+/// Where the refcount table lives after it grew.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TableMove {
+    pub offset: u64,
+    pub clusters: u32,
+}
+
+const OFFSET_MASK: u64 = 0xffff_ffff_ffff_fe00;
+
+impl Refcounts {
+    /// Loads the refcount table.
+    pub fn load(
+        file: &File,
+        cluster_bits: u32,
+        refcount_order: u32,
+        offset: u64,
+        clusters: u32,
+    ) -> io::Result<Self> {
+        let len = (u64::from(clusters) << cluster_bits) as usize;
+        let mut raw = vec![0u8; len];
+        file.read_exact_at(&mut raw, offset)
+            .map_err(|e| corrupt(format!("cannot read the refcount table: {e}")))?;
+        let table = raw
+            .chunks_exact(8)
+            .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])) & OFFSET_MASK)
+            .collect();
+        Ok(Refcounts {
+            cluster_bits,
+            refcount_order,
+            table_offset: offset,
+            table,
+            blocks: HashMap::new(),
+            free_hint: 0,
+            end: 0,
+        })
+    }
+
+    fn cluster_size(&self) -> u64 {
+        1 << self.cluster_bits
+    }
+
+    fn bits(&self) -> u64 {
+        1 << self.refcount_order
+    }
+
+    /// Largest refcount an entry holds.
+    pub fn max_refcount(&self) -> u64 {
+        if self.refcount_order == 6 {
+            u64::MAX
+        } else {
+            (1 << self.bits()) - 1
+        }
+    }
+
+    fn per_block(&self) -> u64 {
+        entries_per_block(self.cluster_bits, self.refcount_order)
+    }
+
+    fn block(&mut self, file: &File, offset: u64) -> io::Result<&mut Vec<u8>> {
+        if !self.blocks.contains_key(&offset) {
+            if offset % self.cluster_size() != 0 {
+                return Err(corrupt(format!(
+                    "refcount block at unaligned offset {offset:#x}"
+                )));
+            }
+            let mut raw = vec![0u8; self.cluster_size() as usize];
+            file.read_exact_at(&mut raw, offset).map_err(|e| {
+                corrupt(format!(
+                    "cannot read the refcount block at {offset:#x}: {e}"
+                ))
+            })?;
+            if self.blocks.len() >= 64 {
+                self.blocks.clear(); // written through, so dropping is free
+            }
+            self.blocks.insert(offset, raw);
+        }
+        self.blocks
+            .get_mut(&offset)
+            .ok_or_else(|| io::Error::other("refcount block vanished"))
+    }
+
+    /// The refcount of cluster `cluster` (by index).
+    pub fn get(&mut self, file: &File, cluster: u64) -> io::Result<u64> {
+        let per_block = self.per_block();
+        let table_index = (cluster / per_block) as usize;
+        let Some(&block_offset) = self.table.get(table_index) else {
+            return Ok(0);
+        };
+        if block_offset == 0 {
+            return Ok(0);
+        }
+        let index = cluster % per_block;
+        let bits = self.bits();
+        Ok(decode(bits, self.block(file, block_offset)?, index))
+    }
+
+    /// Sets the refcount of `cluster`, creating its refcount block (and growing the table) if
+    /// needed. Returns where the table moved, if it did.
+    pub fn set(&mut self, file: &File, cluster: u64, value: u64) -> io::Result<Option<TableMove>> {
+        if value > self.max_refcount() {
+            return Err(corrupt(format!(
+                "refcount of cluster {cluster} would overflow"
+            )));
+        }
+        let per_block = self.per_block();
+        let table_index = (cluster / per_block) as usize;
+        let mut moved = None;
+        if table_index >= self.table.len() {
+            moved = Some(self.grow_table(file, table_index + 1)?);
+        }
+        if self.table[table_index] == 0 {
+            self.create_block(file, table_index)?;
+        }
+        let block_offset = self.table[table_index];
+        let index = cluster % per_block;
+        let bits = self.bits();
+        let block = self.block(file, block_offset)?;
+        let range = encode(bits, block, index, value);
+        file.write_all_at(&block[range.clone()], block_offset + range.start as u64)?;
+        if value == 0 && cluster < self.free_hint {
+            self.free_hint = cluster;
+        }
+        if value > 0 {
+            self.end = self.end.max(cluster + 1);
+        }
+        Ok(moved)
+    }
+
+    /// Adds `delta` to the refcount of `cluster`.
+    pub fn adjust(
+        &mut self,
+        file: &File,
+        cluster: u64,
+        delta: i64,
+    ) -> io::Result<Option<TableMove>> {
+        let current = self.get(file, cluster)?;
+        let value = current.checked_add_signed(delta).ok_or_else(|| {
+            corrupt(format!(
+                "refcount of cluster {cluster} would go below zero or overflow"
+            ))
+        })?;
+        self.set(file, cluster, value)
+    }
+
+    /// Creates the refcount block for table entry `table_index` in the first cluster it
+    /// covers (free, since nothing could count it without a block), then points the table at it.
+    fn create_block(&mut self, file: &File, table_index: usize) -> io::Result<()> {
+        let per_block = self.per_block();
+        let first = table_index as u64 * per_block;
+        if first == 0 {
+            // The first block counts the header: an image without it is broken.
+            return Err(corrupt(
+                "the image has no refcount block for its header".into(),
+            ));
+        }
+        let offset = first << self.cluster_bits;
+        let mut block = vec![0u8; self.cluster_size() as usize];
+        encode(self.bits(), &mut block, 0, 1);
+        file.write_all_at(&block, offset)?;
+        file.sync_data()?;
+        file.write_all_at(
+            &offset.to_be_bytes(),
+            self.table_offset + table_index as u64 * 8,
+        )?;
+        self.table[table_index] = offset;
+        self.blocks.insert(offset, block);
+        self.end = self.end.max(first + 1);
+        Ok(())
+    }
+
+    /// Whether `cluster` is free (refcount 0).
+    fn is_free(&mut self, file: &File, cluster: u64) -> io::Result<bool> {
+        Ok(self.get(file, cluster)? == 0)
+    }
+
+    /// Makes sure clusters `first..=last` have refcount blocks (growing the table if needed).
+    fn ensure_counted(&mut self, file: &File, first: u64, last: u64) -> io::Result<Vec<TableMove>> {
+        let per_block = self.per_block();
+        let mut moves = Vec::new();
+        for index in (first / per_block) as usize..=(last / per_block) as usize {
+            if index >= self.table.len() {
+                moves.push(self.grow_table(file, index + 1)?);
+            }
+            if self.table[index] == 0 {
+                self.create_block(file, index)?;
+            }
+        }
+        Ok(moves)
+    }
+
+    /// Allocates `count` contiguous clusters (refcount 1 each); returns the first's offset
+    /// and where the table moved, if it did.
+    pub fn allocate(&mut self, file: &File, count: u64) -> io::Result<(u64, Vec<TableMove>)> {
+        let mut moves = Vec::new();
+        loop {
+            let mut start = self.free_hint;
+            let mut run = 0;
+            while run < count {
+                if self.is_free(file, start + run)? {
+                    run += 1;
+                } else {
+                    start += run + 1;
+                    run = 0;
+                }
+            }
+            // Counting the run may place new refcount structures inside it: check again.
+            moves.extend(self.ensure_counted(file, start, start + count - 1)?);
+            let mut still_free = true;
+            for cluster in start..start + count {
+                still_free &= self.is_free(file, cluster)?;
+            }
+            if !still_free {
+                continue;
+            }
+            for cluster in start..start + count {
+                self.set(file, cluster, 1)?;
+            }
+            self.free_hint = start + count;
+            return Ok((start << self.cluster_bits, moves));
+        }
+    }
+
+    /// Replaces the table with one of at least `entries` entries at the end of the file, with
+    /// the refcount blocks that count it; points the header at it (after a flush), then frees
+    /// the old table. Returns the new location for the caller's copy of the header.
+    fn grow_table(&mut self, file: &File, entries: usize) -> io::Result<TableMove> {
+        let cluster_size = self.cluster_size();
+        let per_cluster = (cluster_size / 8) as usize;
+        let per_block = self.per_block();
+        let new_len = entries
+            .max(self.table.len() * 2)
+            .next_multiple_of(per_cluster);
+        if (new_len * 8) as u64 > super::header::MAX_REFCOUNT_TABLE_BYTES {
+            return Err(corrupt(
+                "the refcount table would exceed its maximum size".into(),
+            ));
+        }
+        let table_clusters = (new_len / per_cluster) as u64;
+        let table_start = file.metadata()?.len().div_ceil(cluster_size).max(self.end);
+        let mut table = self.table.clone();
+        table.resize(new_len, 0);
+        // Blocks for every new cluster go right after the table; they may need blocks too.
+        let mut next = table_start + table_clusters;
+        let mut new_blocks = Vec::new();
+        let mut counted = table_start;
+        while counted < next {
+            let index = (counted / per_block) as usize;
+            if index >= table.len() {
+                return Err(corrupt("the refcount table cannot cover itself".into()));
+            }
+            if table[index] == 0 {
+                table[index] = next << self.cluster_bits;
+                new_blocks.push(table[index]);
+                next += 1;
+            }
+            counted += 1;
+        }
+        let old_table = (
+            self.table_offset >> self.cluster_bits,
+            (self.table.len() / per_cluster) as u64,
+        );
+        self.table = table;
+        self.table_offset = table_start << self.cluster_bits;
+        // Count the new clusters: in the new blocks (written whole below) or, where an
+        // existing block covers them, written through now.
+        let bits = self.bits();
+        let mut fresh: HashMap<u64, Vec<u8>> = new_blocks
+            .iter()
+            .map(|&offset| (offset, vec![0u8; cluster_size as usize]))
+            .collect();
+        for cluster in table_start..next {
+            let block_offset = self.table[(cluster / per_block) as usize];
+            let index = cluster % per_block;
+            if let Some(block) = fresh.get_mut(&block_offset) {
+                encode(bits, block, index, 1);
+            } else {
+                let block = self.block(file, block_offset)?;
+                let range = encode(bits, block, index, 1);
+                file.write_all_at(&block[range.clone()], block_offset + range.start as u64)?;
+            }
+        }
+        // Blocks, then the table, then (after a flush) the header's pointer to it.
+        for (offset, block) in &fresh {
+            file.write_all_at(block, *offset)?;
+        }
+        self.blocks.extend(fresh);
+        let mut raw = Vec::with_capacity(new_len * 8);
+        for entry in &self.table {
+            raw.extend_from_slice(&entry.to_be_bytes());
+        }
+        file.write_all_at(&raw, self.table_offset)?;
+        file.sync_data()?;
+        let mut fields = [0u8; 12];
+        fields[..8].copy_from_slice(&self.table_offset.to_be_bytes());
+        fields[8..].copy_from_slice(&(table_clusters as u32).to_be_bytes());
+        file.write_all_at(&fields, super::header::REFCOUNT_TABLE_FIELDS)?;
+        file.sync_data()?;
+        for cluster in old_table.0..old_table.0 + old_table.1 {
+            self.set(file, cluster, 0)?;
+        }
+        self.end = self.end.max(next);
+        Ok(TableMove {
+            offset: self.table_offset,
+            clusters: table_clusters as u32,
+        })
+    }
+}

@@ -1,0 +1,393 @@
+//! Internal snapshots: the snapshot table, and creating, applying and deleting snapshots of
+//! an image nobody else uses (the caller holds the exclusive lock).
+//!
+//! A snapshot is a copy of the L1 table. Every L1 table (the active one and each snapshot's)
+//! that reaches a cluster counts once in its refcount, as QEMU counts them; a cluster shared
+//! that way loses its COPIED flag, so the next write to it copies it.
+//!
+//! Order of updates, for crash safety: references are added (refcounts raised) and made
+//! durable before the table that uses them is published; references are dropped only after
+//! the table that used them is gone. A crash leaks clusters at worst.
+
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use super::header::{self, MAX_SNAPSHOTS};
+use super::{corrupt, Mapping, Qcow2Image, COPIED, OFFSET_MASK};
+
+/// Fixed part of a snapshot table entry.
+const ENTRY_HEADER: usize = 40;
+/// Largest extra data QEMU accepts per entry.
+const MAX_EXTRA: u32 = 1024;
+/// Largest snapshot table QEMU accepts.
+const MAX_TABLE_BYTES: u64 = 64 << 20;
+/// Extra data written for new entries: VM state size (64-bit), disk size, icount.
+const EXTRA_LEN: usize = 24;
+
+/// One internal snapshot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    pub id: String,
+    pub name: String,
+    pub l1_table_offset: u64,
+    pub l1_size: u32,
+    /// Creation time (seconds and nanoseconds since the epoch).
+    pub date_sec: u32,
+    pub date_nsec: u32,
+    /// Guest clock at creation.
+    pub vm_clock_nsec: u64,
+    /// Saved VM state (Ferro never saves one; QEMU's `savevm` does).
+    pub vm_state_size: u64,
+    /// Virtual disk size when it was taken (version 3 images).
+    pub disk_size: Option<u64>,
+    /// Extra data beyond what Ferro interprets, kept as it was.
+    extra_rest: Vec<u8>,
+    icount: Option<u64>,
+}
+
+fn be32(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+fn be64(b: &[u8], at: usize) -> u64 {
+    (u64::from(be32(b, at)) << 32) | u64::from(be32(b, at + 4))
+}
+
+impl Snapshot {
+    /// Serializes the entry (padded to 8 bytes).
+    fn to_bytes(&self, version: u32) -> io::Result<Vec<u8>> {
+        let mut extra = Vec::new();
+        if version >= 3 || self.disk_size.is_some() {
+            extra.extend_from_slice(&self.vm_state_size.to_be_bytes());
+            extra.extend_from_slice(&self.disk_size.unwrap_or(0).to_be_bytes());
+            extra.extend_from_slice(&self.icount.unwrap_or(u64::MAX).to_be_bytes());
+            extra.extend_from_slice(&self.extra_rest);
+        }
+        let (id, name) = (self.id.as_bytes(), self.name.as_bytes());
+        let too_long =
+            || io::Error::new(io::ErrorKind::InvalidInput, "the snapshot name is too long");
+        let mut b = Vec::with_capacity(ENTRY_HEADER + extra.len() + id.len() + name.len() + 8);
+        b.extend_from_slice(&self.l1_table_offset.to_be_bytes());
+        b.extend_from_slice(&self.l1_size.to_be_bytes());
+        b.extend_from_slice(
+            &u16::try_from(id.len())
+                .map_err(|_| too_long())?
+                .to_be_bytes(),
+        );
+        b.extend_from_slice(
+            &u16::try_from(name.len())
+                .map_err(|_| too_long())?
+                .to_be_bytes(),
+        );
+        b.extend_from_slice(&self.date_sec.to_be_bytes());
+        b.extend_from_slice(&self.date_nsec.to_be_bytes());
+        b.extend_from_slice(&self.vm_clock_nsec.to_be_bytes());
+        b.extend_from_slice(&(self.vm_state_size.min(u64::from(u32::MAX)) as u32).to_be_bytes());
+        b.extend_from_slice(&(extra.len() as u32).to_be_bytes());
+        b.extend_from_slice(&extra);
+        b.extend_from_slice(id);
+        b.extend_from_slice(name);
+        b.resize(b.len().next_multiple_of(8), 0);
+        Ok(b)
+    }
+}
+
+/// Parses `count` entries from the table bytes `raw`.
+pub fn parse_table(raw: &[u8], count: u32, cluster_size: u64) -> io::Result<Vec<Snapshot>> {
+    let mut at = 0usize;
+    let mut out = Vec::with_capacity(count.min(1024) as usize);
+    for index in 0..count {
+        let bad = |what: &str| corrupt(format!("snapshot {index}: {what}"));
+        let head = raw
+            .get(at..at + ENTRY_HEADER)
+            .ok_or_else(|| bad("the table is truncated"))?;
+        let l1_table_offset = be64(head, 0);
+        let l1_size = be32(head, 8);
+        let id_len = usize::from(u16::from_be_bytes([head[12], head[13]]));
+        let name_len = usize::from(u16::from_be_bytes([head[14], head[15]]));
+        let extra_len = be32(head, 36);
+        if extra_len > MAX_EXTRA {
+            return Err(bad("too much extra data"));
+        }
+        if l1_table_offset % cluster_size != 0 || u64::from(l1_size) * 8 > header::MAX_L1_BYTES {
+            return Err(bad("invalid L1 table"));
+        }
+        let extra_start = at + ENTRY_HEADER;
+        let id_start = extra_start + extra_len as usize;
+        let name_start = id_start + id_len;
+        let end = name_start + name_len;
+        let body = raw
+            .get(extra_start..end)
+            .ok_or_else(|| bad("the table is truncated"))?;
+        let extra = &body[..extra_len as usize];
+        let field = |at: usize| (extra.len() >= at + 8).then(|| be64(extra, at));
+        out.push(Snapshot {
+            id: String::from_utf8_lossy(&raw[id_start..name_start]).into_owned(),
+            name: String::from_utf8_lossy(&raw[name_start..end]).into_owned(),
+            l1_table_offset,
+            l1_size,
+            date_sec: be32(head, 16),
+            date_nsec: be32(head, 20),
+            vm_clock_nsec: be64(head, 24),
+            vm_state_size: field(0).unwrap_or(u64::from(be32(head, 32))),
+            disk_size: field(8),
+            icount: field(16).filter(|&v| v != u64::MAX),
+            extra_rest: extra.get(EXTRA_LEN..).unwrap_or(&[]).to_vec(),
+        });
+        at = end.next_multiple_of(8);
+    }
+    Ok(out)
+}
+
+fn not_found(name: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::NotFound,
+        format!("no snapshot named {name:?}"),
+    )
+}
+
+impl Qcow2Image {
+    /// The image's internal snapshots.
+    pub fn snapshots(&self) -> io::Result<Vec<Snapshot>> {
+        let count = self.header.nb_snapshots;
+        if count == 0 {
+            return Ok(Vec::new());
+        }
+        if count > MAX_SNAPSHOTS {
+            return Err(corrupt(format!("{count} snapshots")));
+        }
+        let file_len = self.file.metadata()?.len();
+        let len = file_len
+            .saturating_sub(self.header.snapshots_offset)
+            .min(MAX_TABLE_BYTES) as usize;
+        let mut raw = vec![0u8; len];
+        self.file
+            .read_exact_at(&mut raw, self.header.snapshots_offset)
+            .map_err(|e| corrupt(format!("cannot read the snapshot table: {e}")))?;
+        parse_table(&raw, count, self.cluster_size())
+    }
+
+    fn find_snapshot(&self, name: &str) -> io::Result<(usize, Vec<Snapshot>)> {
+        let all = self.snapshots()?;
+        let index = all
+            .iter()
+            .position(|s| s.name == name)
+            .or_else(|| all.iter().position(|s| s.id == name))
+            .ok_or_else(|| not_found(name))?;
+        Ok((index, all))
+    }
+
+    /// Takes a snapshot named `name` of the current contents.
+    pub fn create_snapshot(&mut self, name: &str) -> io::Result<Snapshot> {
+        self.check_writable()?;
+        let mut all = self.snapshots()?;
+        if name.is_empty() || all.iter().any(|s| s.name == name || s.id == name) {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("a snapshot named {name:?} exists already (or the name is empty)"),
+            ));
+        }
+        if all.len() as u32 >= MAX_SNAPSHOTS {
+            return Err(io::Error::other("the image has too many snapshots"));
+        }
+        let id = all
+            .iter()
+            .filter_map(|s| s.id.parse::<u64>().ok())
+            .max()
+            .unwrap_or(0)
+            + 1;
+        // The snapshot's L1 table: a copy of the active one.
+        let l1_bytes: Vec<u8> = self.l1.iter().flat_map(|e| e.to_be_bytes()).collect();
+        let l1_clusters = (l1_bytes.len() as u64).div_ceil(self.cluster_size()).max(1);
+        let l1_offset = self.allocate(l1_clusters)?;
+        self.file.write_all_at(&l1_bytes, l1_offset)?;
+        let active = self.l1.clone();
+        self.adjust_tree(&active, 1)?;
+        self.fix_copied_flags()?;
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        let snapshot = Snapshot {
+            id: id.to_string(),
+            name: name.to_string(),
+            l1_table_offset: l1_offset,
+            l1_size: self.l1.len() as u32,
+            date_sec: now.as_secs() as u32,
+            date_nsec: now.subsec_nanos(),
+            vm_clock_nsec: 0,
+            vm_state_size: 0,
+            disk_size: Some(self.header.size),
+            extra_rest: Vec::new(),
+            icount: None,
+        };
+        all.push(snapshot.clone());
+        self.write_snapshot_table(&all)?;
+        Ok(snapshot)
+    }
+
+    /// Reverts the disk to snapshot `name` (a name or an id); the snapshot stays.
+    pub fn apply_snapshot(&mut self, name: &str) -> io::Result<()> {
+        self.check_writable()?;
+        let (index, all) = self.find_snapshot(name)?;
+        let snapshot = &all[index];
+        let target = self.read_l1(snapshot.l1_table_offset, snapshot.l1_size)?;
+        if let Some(size) = snapshot.disk_size {
+            let needed = header::Header::l1_entries_for(size, self.header.cluster_bits);
+            if u64::from(snapshot.l1_size) < needed {
+                return Err(corrupt(format!(
+                    "snapshot {name:?} has too small an L1 table"
+                )));
+            }
+        }
+        self.grow_l1(target.len() as u64)?;
+        self.adjust_tree(&target, 1)?;
+        self.file.sync_data()?;
+        let old = self.l1.clone();
+        let mut new = target;
+        new.resize(old.len(), 0);
+        let raw: Vec<u8> = new.iter().flat_map(|e| e.to_be_bytes()).collect();
+        self.file.write_all_at(&raw, self.header.l1_table_offset)?;
+        self.l1 = new;
+        if let Some(size) = snapshot.disk_size.filter(|&s| s != self.header.size) {
+            self.file
+                .write_all_at(&size.to_be_bytes(), header::SIZE_FIELD)?;
+            self.header.size = size;
+        }
+        self.file.sync_data()?;
+        self.adjust_tree(&old, -1)?;
+        self.fix_copied_flags()?;
+        self.file.sync_data()
+    }
+
+    /// Deletes snapshot `name` (a name or an id), freeing what only it used.
+    pub fn delete_snapshot(&mut self, name: &str) -> io::Result<()> {
+        self.check_writable()?;
+        let (index, mut all) = self.find_snapshot(name)?;
+        let snapshot = all.remove(index);
+        let l1 = self.read_l1(snapshot.l1_table_offset, snapshot.l1_size)?;
+        self.write_snapshot_table(&all)?;
+        self.adjust_tree(&l1, -1)?;
+        let l1_clusters = (u64::from(snapshot.l1_size) * 8).div_ceil(self.cluster_size());
+        for i in 0..l1_clusters {
+            let host = snapshot.l1_table_offset + i * self.cluster_size();
+            self.release(Mapping::Data { host, owned: false })?;
+        }
+        self.fix_copied_flags()?;
+        self.file.sync_data()
+    }
+
+    /// Reads an L1 table of `entries` entries at `offset`.
+    fn read_l1(&self, offset: u64, entries: u32) -> io::Result<Vec<u64>> {
+        if u64::from(entries) * 8 > header::MAX_L1_BYTES || offset % self.cluster_size() != 0 {
+            return Err(corrupt(format!("invalid L1 table at {offset:#x}")));
+        }
+        let mut raw = vec![0u8; entries as usize * 8];
+        self.file
+            .read_exact_at(&mut raw, offset)
+            .map_err(|e| corrupt(format!("cannot read the L1 table at {offset:#x}: {e}")))?;
+        Ok(raw.chunks_exact(8).map(|c| be64(c, 0)).collect())
+    }
+
+    /// Adds `delta` (+1 or -1) to the refcount of every cluster reachable from `l1`: its L2
+    /// tables and their data clusters.
+    fn adjust_tree(&mut self, l1: &[u64], delta: i64) -> io::Result<()> {
+        for &l1_entry in l1 {
+            let table = l1_entry & OFFSET_MASK;
+            if table == 0 {
+                continue;
+            }
+            if table % self.cluster_size() != 0 {
+                return Err(corrupt(format!("L2 table at unaligned offset {table:#x}")));
+            }
+            let entries = self.l2.table(&self.file, table)?.to_vec();
+            for entry in entries {
+                let mapping = self.decode(entry)?;
+                self.adjust_mapping(mapping, delta)?;
+            }
+            self.adjust_mapping(
+                Mapping::Data {
+                    host: table,
+                    owned: false,
+                },
+                delta,
+            )?;
+        }
+        // Freed tables may be reused for anything: forget what the cache holds.
+        self.l2.clear();
+        Ok(())
+    }
+
+    /// Sets COPIED on active L1 and L2 entries exactly where the cluster's refcount is 1.
+    fn fix_copied_flags(&mut self) -> io::Result<()> {
+        for index in 0..self.l1.len() {
+            let l1_entry = self.l1[index];
+            let table = l1_entry & OFFSET_MASK;
+            if table == 0 {
+                continue;
+            }
+            let entries = self.l2.table(&self.file, table)?.to_vec();
+            let mut fixed = Vec::with_capacity(entries.len());
+            for &entry in &entries {
+                fixed.push(self.with_copied_flag(entry)?);
+            }
+            if fixed != entries {
+                self.l2.store(&self.file, table, fixed)?;
+            }
+            let owned = self.with_copied_flag(table | COPIED)? & COPIED != 0;
+            let l1_fixed = if owned {
+                l1_entry | COPIED
+            } else {
+                l1_entry & !COPIED
+            };
+            if l1_fixed != l1_entry {
+                self.write_l1_entry(index, l1_fixed)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `snapshots` as a new table, points the header at it once it is durable, then
+    /// frees the old table.
+    fn write_snapshot_table(&mut self, snapshots: &[Snapshot]) -> io::Result<()> {
+        let mut raw = Vec::new();
+        for snapshot in snapshots {
+            raw.extend_from_slice(&snapshot.to_bytes(self.header.version)?);
+        }
+        let cluster_size = self.cluster_size();
+        let old = (self.header.snapshots_offset, self.snapshot_table_len()?);
+        let new_offset = if raw.is_empty() {
+            0
+        } else {
+            let offset = self.allocate((raw.len() as u64).div_ceil(cluster_size))?;
+            self.file.write_all_at(&raw, offset)?;
+            offset
+        };
+        self.file.sync_data()?;
+        let mut fields = [0u8; 12];
+        fields[..4].copy_from_slice(&(snapshots.len() as u32).to_be_bytes());
+        fields[4..].copy_from_slice(&new_offset.to_be_bytes());
+        self.file.write_all_at(&fields, header::SNAPSHOT_FIELDS)?;
+        self.file.sync_data()?;
+        self.header.nb_snapshots = snapshots.len() as u32;
+        self.header.snapshots_offset = new_offset;
+        if old.0 != 0 {
+            for i in 0..old.1.div_ceil(cluster_size) {
+                self.release(Mapping::Data {
+                    host: old.0 + i * cluster_size,
+                    owned: false,
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes the current snapshot table occupies.
+    fn snapshot_table_len(&self) -> io::Result<u64> {
+        let mut len = 0u64;
+        for snapshot in self.snapshots()? {
+            len += snapshot.to_bytes(self.header.version)?.len() as u64;
+        }
+        Ok(len)
+    }
+}
