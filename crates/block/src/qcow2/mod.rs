@@ -119,7 +119,12 @@ impl Qcow2Image {
                 "the qcow2 image is dirty (its refcounts may be stale): repair it with `qemu-img check -r all` first",
             ));
         }
-        let mut raw = vec![0u8; header.l1_size as usize * 8];
+        let file_len = file.metadata()?.len();
+        let l1_bytes = u64::from(header.l1_size) * 8;
+        if header.l1_table_offset.saturating_add(l1_bytes) > file_len {
+            return Err(corrupt("the L1 table is past the end of the file".into()));
+        }
+        let mut raw = vec![0u8; l1_bytes as usize];
         file.read_exact_at(&mut raw, header.l1_table_offset)
             .map_err(|e| corrupt(format!("cannot read the L1 table: {e}")))?;
         let l1 = raw
@@ -134,7 +139,7 @@ impl Qcow2Image {
             header.autoclear_features = 0;
         }
         let backing_size = backing.as_ref().map_or(0, |b| b.size());
-        Ok(Qcow2Image {
+        let mut image = Qcow2Image {
             l2: L2Cache::new(header.cluster_size()),
             file,
             header,
@@ -144,7 +149,12 @@ impl Qcow2Image {
             backing,
             backing_size,
             inflated: None,
-        })
+        };
+        if writable {
+            // Refcount problems surface now rather than at the first write.
+            image.refcounts()?;
+        }
+        Ok(image)
     }
 
     pub fn header(&self) -> &Header {

@@ -81,14 +81,29 @@ impl Refcounts {
         offset: u64,
         clusters: u32,
     ) -> io::Result<Self> {
-        let len = (u64::from(clusters) << cluster_bits) as usize;
+        let len = u64::from(clusters) << cluster_bits;
+        if offset.saturating_add(len) > file.metadata()?.len() {
+            return Err(corrupt(
+                "the refcount table is past the end of the file".into(),
+            ));
+        }
+        let len = len as usize;
         let mut raw = vec![0u8; len];
         file.read_exact_at(&mut raw, offset)
             .map_err(|e| corrupt(format!("cannot read the refcount table: {e}")))?;
-        let table = raw
+        let table: Vec<u64> = raw
             .chunks_exact(8)
             .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])) & OFFSET_MASK)
             .collect();
+        // Every block must exist and count its own clusters: a block shared by several table
+        // entries (or past the end of the file) would make allocation scan forever.
+        let file_len = file.metadata()?.len();
+        let mut seen = std::collections::HashSet::new();
+        for &block in table.iter().filter(|&&b| b != 0) {
+            if block % (1 << cluster_bits) != 0 || block >= file_len || !seen.insert(block) {
+                return Err(corrupt(format!("invalid refcount block offset {block:#x}")));
+            }
+        }
         Ok(Refcounts {
             cluster_bits,
             refcount_order,

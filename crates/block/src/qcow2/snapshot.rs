@@ -282,7 +282,13 @@ impl Qcow2Image {
         if u64::from(entries) * 8 > header::MAX_L1_BYTES || offset % self.cluster_size() != 0 {
             return Err(corrupt(format!("invalid L1 table at {offset:#x}")));
         }
-        let mut raw = vec![0u8; entries as usize * 8];
+        let len = u64::from(entries) * 8;
+        if offset.saturating_add(len) > self.file.metadata()?.len() {
+            return Err(corrupt(format!(
+                "the L1 table at {offset:#x} is past the end of the file"
+            )));
+        }
+        let mut raw = vec![0u8; len as usize];
         self.file
             .read_exact_at(&mut raw, offset)
             .map_err(|e| corrupt(format!("cannot read the L1 table at {offset:#x}: {e}")))?;
