@@ -1,6 +1,7 @@
 //! Types shared by the VMM, the daemon and the CLI: what a VM is made of, and how sizes are
 //! written. Plain data with serde; no I/O, no threads.
 
+pub mod image;
 pub mod net;
 pub mod options;
 pub mod size;

@@ -36,6 +36,21 @@ impl ByteSize {
     }
 }
 
+impl ByteSize {
+    /// Parses a disk size as qemu-img reads one: like [`FromStr`], but a bare number is in
+    /// bytes.
+    pub fn parse_disk_size(s: &str) -> Result<Self, ParseSizeError> {
+        let s = s.trim();
+        if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+            return s
+                .parse()
+                .map(ByteSize)
+                .map_err(|_| ParseSizeError::Overflow(s.to_string()));
+        }
+        s.parse()
+    }
+}
+
 impl FromStr for ByteSize {
     type Err = ParseSizeError;
 
@@ -96,6 +111,14 @@ impl<'de> Deserialize<'de> for ByteSize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn disk_sizes_read_bare_numbers_as_bytes() {
+        assert_eq!(ByteSize::parse_disk_size("1048576"), Ok(ByteSize(1 << 20)));
+        assert_eq!(ByteSize::parse_disk_size("10G"), Ok(ByteSize(10 << 30)));
+        assert!(ByteSize::parse_disk_size("99999999999999999999999").is_err());
+        assert!(ByteSize::parse_disk_size("-1").is_err());
+    }
 
     #[test]
     fn parses_suffixes_and_bare_mebibytes() {

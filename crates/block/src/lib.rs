@@ -10,6 +10,7 @@
 
 mod iov;
 mod lock;
+pub mod manage;
 pub mod mem;
 pub mod open;
 pub mod qcow2;

@@ -1,5 +1,6 @@
 //! `ferro`: the command-line entry point of the Ferro virtualization platform.
 
+mod img;
 mod run;
 
 use std::io::IsTerminal;
@@ -24,6 +25,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     Run(run::RunArgs),
+    Img(img::ImgArgs),
 }
 
 fn init_logging(verbose: u8) {
@@ -68,5 +70,6 @@ fn main() -> ExitCode {
     init_logging(cli.verbose);
     match cli.command {
         Command::Run(args) => run::run(args),
+        Command::Img(args) => img::img(args),
     }
 }
