@@ -441,6 +441,82 @@ fn block_two_disks_with_serials() -> TestResult {
     })
 }
 
+/// Reads `len` bytes at `offset` of an image through the block crate (any format).
+fn image_bytes(path: &str, offset: u64, len: usize) -> Result<Vec<u8>, Failed> {
+    let mut image =
+        block::open(std::path::Path::new(path), true, None).map_err(|e| e.to_string())?;
+    let mut bytes = vec![0u8; len];
+    image
+        .read_at(offset, &[vm_memory::VolatileSlice::from(&mut bytes[..])])
+        .map_err(|e| e.to_string())?;
+    Ok(bytes)
+}
+
+fn block_qcow2_overlay_keeps_the_base_unchanged() -> TestResult {
+    let images = images()?;
+    let scratch = Scratch::new("qcow2")?;
+    let base = scratch.file("base.raw", "64M")?;
+    host(&format!(
+        "head -c 8388608 /dev/urandom | dd of={base} conv=notrunc 2>/dev/null"
+    ))?;
+    let payload = scratch.file("payload.raw", "4M")?;
+    host(&format!(
+        "head -c 4194304 /dev/urandom | dd of={payload} conv=notrunc 2>/dev/null"
+    ))?;
+    let base_before = host_md5(&base, 64 << 20)?;
+    let overlay = scratch.0.join("overlay.qcow2").display().to_string();
+    let ferro = ferro_bin().display().to_string();
+    host(&format!("{ferro} img create -b base.raw -F raw {overlay}"))?;
+    // The guest sees the base through the overlay, then writes into the middle of it.
+    let command = "echo BASE-MD5 $(head -c 8388608 /dev/vda | md5sum); \
+        dd if=/dev/vdb of=/dev/vda bs=64k seek=64 conv=fsync 2>/dev/null; \
+        dd if=/dev/vdb of=/dev/vda bs=512 seek=1 count=3 conv=fsync 2>/dev/null; \
+        echo SIZE $(cat /sys/block/vda/size)";
+    let args = with_devices(
+        guest_args(&images, 1, "256M", Some(command)),
+        &[
+            "--disk",
+            &format!("path={overlay}"),
+            "--disk",
+            &format!("path={payload},readonly=on"),
+        ],
+    );
+    let done = boot_to_poweroff(&args, None)?;
+    let seen = guest_value(&done.stdout, "BASE-MD5")?;
+    let expected = host_md5(&base, 8 << 20)?;
+    check(
+        seen.split_whitespace().next() == Some(expected.as_str()),
+        || format!("the guest read {seen} through the overlay, the base holds {expected}"),
+    )?;
+    check(guest_value(&done.stdout, "SIZE")? == "131072", || {
+        done.stdout.clone()
+    })?;
+    check(host_md5(&base, 64 << 20)? == base_before, || {
+        "the base changed".into()
+    })?;
+    let payload_bytes = std::fs::read(&payload).map_err(|e| e.to_string())?;
+    check(
+        image_bytes(&overlay, 4 << 20, 4 << 20)? == payload_bytes,
+        || "the overlay does not hold what the guest wrote at 4 MiB".into(),
+    )?;
+    // A partial-cluster write keeps the rest of the cluster from the base.
+    let head = image_bytes(&overlay, 0, 65536)?;
+    let base_head = image_bytes(&base, 0, 65536)?;
+    check(
+        head[..512] == base_head[..512]
+            && head[512..2048] == payload_bytes[..1536]
+            && head[2048..] == base_head[2048..],
+        || "the first cluster mixes base and new data wrongly".into(),
+    )?;
+    let info = host(&format!("{ferro} img info --json {overlay}"))?;
+    let thin = info
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("\"actual-size\": "))
+        .and_then(|v| v.trim_end_matches(',').parse::<u64>().ok())
+        .is_some_and(|size| size < 8 << 20);
+    check(thin, || format!("the overlay is not thin: {info}"))
+}
+
 fn pci_ids_are_the_virtio_ones() -> TestResult {
     let images = images()?;
     let scratch = Scratch::new("ids")?;
@@ -634,6 +710,10 @@ fn main() {
             block_read_only_disk_refuses_writes,
         ),
         Trial::test("virtio::block_two_disks", block_two_disks_with_serials),
+        Trial::test(
+            "virtio::block_qcow2_overlay",
+            block_qcow2_overlay_keeps_the_base_unchanged,
+        ),
         Trial::test("virtio::pci_ids", pci_ids_are_the_virtio_ones),
         Trial::test("virtio::rng", rng_feeds_hwrng),
         Trial::test("virtio::hvc_console", hvc_console_shell_answers),
