@@ -1,6 +1,8 @@
-//! A cache of L2 tables, written through: an evicted table never needs writing back.
+//! A cache of L2 tables. Entries changed by guest writes stay dirty in the cache until the
+//! image flushes its metadata (after the data and refcounts they point at are durable);
+//! dirty tables are never evicted. Other changes are written through.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -16,6 +18,7 @@ pub struct L2Cache {
     tables: HashMap<u64, Vec<u64>>,
     order: VecDeque<u64>,
     capacity: usize,
+    dirty: HashSet<u64>,
 }
 
 impl L2Cache {
@@ -25,19 +28,34 @@ impl L2Cache {
             tables: HashMap::new(),
             order: VecDeque::new(),
             capacity: (BUDGET / cluster_size).max(4) as usize,
+            dirty: HashSet::new(),
         }
     }
 
     fn insert(&mut self, offset: u64, entries: Vec<u64>) {
         if !self.tables.contains_key(&offset) {
             if self.tables.len() >= self.capacity {
-                if let Some(evicted) = self.order.pop_front() {
-                    self.tables.remove(&evicted);
+                // The oldest clean table goes; with none clean the cache grows until the
+                // owner flushes (it does so well before, see `dirty_count`).
+                if let Some(at) = self.order.iter().position(|t| !self.dirty.contains(t)) {
+                    if let Some(evicted) = self.order.remove(at) {
+                        self.tables.remove(&evicted);
+                    }
                 }
             }
             self.order.push_back(offset);
         }
         self.tables.insert(offset, entries);
+    }
+
+    /// Tables the cache holds when full.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Tables changed in memory only.
+    pub fn dirty_count(&self) -> usize {
+        self.dirty.len()
     }
 
     /// The table at `offset`, loaded if needed.
@@ -68,32 +86,54 @@ impl L2Cache {
             .ok_or_else(|| corrupt(format!("L2 index {index} out of range")))
     }
 
-    /// Changes one entry, on disk and in the cache.
-    pub fn set(&mut self, file: &File, table: u64, index: usize, value: u64) -> io::Result<()> {
+    /// Changes one entry in the cache only; [`Self::write_dirty`] writes it later.
+    pub fn set_deferred(
+        &mut self,
+        file: &File,
+        table: u64,
+        index: usize,
+        value: u64,
+    ) -> io::Result<()> {
         self.table(file, table)?;
-        file.write_all_at(&value.to_be_bytes(), table + index as u64 * 8)?;
-        if let Some(entries) = self.tables.get_mut(&table) {
-            if let Some(slot) = entries.get_mut(index) {
-                *slot = value;
+        let slot = self
+            .tables
+            .get_mut(&table)
+            .and_then(|entries| entries.get_mut(index))
+            .ok_or_else(|| corrupt(format!("L2 index {index} out of range")))?;
+        *slot = value;
+        self.dirty.insert(table);
+        Ok(())
+    }
+
+    /// Writes every dirty table.
+    pub fn write_dirty(&mut self, file: &File) -> io::Result<()> {
+        let mut dirty: Vec<u64> = self.dirty.iter().copied().collect();
+        dirty.sort_unstable();
+        for offset in dirty {
+            if let Some(entries) = self.tables.get(&offset) {
+                file.write_all_at(&to_bytes(entries), offset)?;
             }
+            self.dirty.remove(&offset);
         }
         Ok(())
     }
 
     /// Writes a whole new table.
     pub fn store(&mut self, file: &File, offset: u64, entries: Vec<u64>) -> io::Result<()> {
-        let mut raw = Vec::with_capacity(entries.len() * 8);
-        for entry in &entries {
-            raw.extend_from_slice(&entry.to_be_bytes());
-        }
-        file.write_all_at(&raw, offset)?;
+        file.write_all_at(&to_bytes(&entries), offset)?;
+        self.dirty.remove(&offset);
         self.insert(offset, entries);
         Ok(())
     }
 
-    /// Forgets everything (after the tables were changed behind the cache's back).
+    /// Forgets every clean table (after tables were freed: their clusters may be reused).
     pub fn clear(&mut self) {
-        self.tables.clear();
-        self.order.clear();
+        let dirty = &self.dirty;
+        self.tables.retain(|offset, _| dirty.contains(offset));
+        self.order.retain(|offset| dirty.contains(offset));
     }
+}
+
+fn to_bytes(entries: &[u64]) -> Vec<u8> {
+    entries.iter().flat_map(|e| e.to_be_bytes()).collect()
 }

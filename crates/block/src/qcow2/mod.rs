@@ -15,6 +15,7 @@
 mod create;
 pub mod header;
 mod l2cache;
+mod meta;
 mod refcount;
 mod resize;
 mod snapshot;
@@ -79,6 +80,10 @@ pub struct Qcow2Image {
     backing_size: u64,
     /// The last cluster inflated: (host offset, data).
     inflated: Option<(u64, Vec<u8>)>,
+    /// L1 entries changed in memory only (written by `flush_metadata`).
+    l1_dirty: std::collections::BTreeSet<usize>,
+    /// Clusters that lose a reference once the tables that dropped it are durable.
+    pending_release: Vec<Mapping>,
 }
 
 impl std::fmt::Debug for Qcow2Image {
@@ -149,6 +154,8 @@ impl Qcow2Image {
             backing,
             backing_size,
             inflated: None,
+            l1_dirty: Default::default(),
+            pending_release: Vec::new(),
         };
         if writable {
             // Refcount problems surface now rather than at the first write.
@@ -399,95 +406,6 @@ impl Qcow2Image {
         }
     }
 
-    /// Makes the L2 table for `l1_index` exist and be owned by the active L1 (allocating or
-    /// copying it). Returns the L1 entry to write after the next flush, if it changes.
-    fn own_l2_table(&mut self, l1_index: usize) -> io::Result<Option<(usize, u64, Option<u64>)>> {
-        if l1_index >= self.l1.len() {
-            return Err(corrupt(format!("L1 index {l1_index} beyond the table")));
-        }
-        let entry = self.l1[l1_index];
-        let old = entry & OFFSET_MASK;
-        if old != 0 && entry & COPIED != 0 {
-            return Ok(None);
-        }
-        let new = self.allocate(1)?;
-        let mut entries = vec![0u64; self.header.l2_entries() as usize];
-        if old != 0 {
-            // Shared with a snapshot: copy it. Its clusters keep their refcounts (each L1 table
-            // reaching a cluster counts once, and there are as many as before); an entry is
-            // exclusively owned again only where its refcount is 1.
-            entries = self.l2.table(&self.file, old)?.to_vec();
-            for e in entries.iter_mut() {
-                *e = self.with_copied_flag(*e)?;
-            }
-        }
-        self.l2.store(&self.file, new, entries)?;
-        Ok(Some((l1_index, new | COPIED, (old != 0).then_some(old))))
-    }
-
-    fn write_l1_entry(&mut self, index: usize, entry: u64) -> io::Result<()> {
-        self.file.write_all_at(
-            &entry.to_be_bytes(),
-            self.header.l1_table_offset + index as u64 * 8,
-        )?;
-        self.l1[index] = entry;
-        Ok(())
-    }
-
-    /// Rewrites L2 entries in the order that keeps the image consistent: tables and data are
-    /// made durable first, then entries change, then old clusters lose their references.
-    fn commit(&mut self, pending: Vec<PendingEntry>) -> io::Result<()> {
-        if pending.is_empty() {
-            return Ok(());
-        }
-        let mut l1_updates = Vec::new();
-        let mut seen = std::collections::BTreeSet::new();
-        for p in &pending {
-            let (l1_index, _) = self.indices(p.guest);
-            if seen.insert(l1_index) {
-                if let Some(update) = self.own_l2_table(l1_index)? {
-                    l1_updates.push(update);
-                }
-            }
-        }
-        self.file.sync_data()?;
-        let mut released_tables = Vec::new();
-        for (index, entry, old_table) in l1_updates {
-            self.write_l1_entry(index, entry)?;
-            released_tables.extend(old_table);
-        }
-        for p in &pending {
-            let (l1_index, l2_index) = self.indices(p.guest);
-            let table = self.l2_table_offset(l1_index)?;
-            self.l2.set(&self.file, table, l2_index, p.entry)?;
-        }
-        let to_release: Vec<Mapping> = pending
-            .iter()
-            .map(|p| p.old)
-            .filter(|m| {
-                matches!(
-                    m,
-                    Mapping::Data { .. }
-                        | Mapping::Compressed { .. }
-                        | Mapping::Zero { host: Some(_) }
-                )
-            })
-            .collect();
-        if !to_release.is_empty() || !released_tables.is_empty() {
-            self.file.sync_data()?;
-        }
-        for mapping in to_release {
-            self.release(mapping)?;
-        }
-        for table in released_tables {
-            self.release(Mapping::Data {
-                host: table,
-                owned: false,
-            })?;
-        }
-        Ok(())
-    }
-
     /// Writes `buffers` into a fresh cluster for `guest`'s cluster, filling the rest of it from
     /// `old`. Returns the new cluster.
     fn write_copy(
@@ -502,6 +420,19 @@ impl Qcow2Image {
         let len = slices_len(buffers);
         if len == cluster_size {
             write_file_at(&self.file, new, buffers)?;
+            return Ok(new);
+        }
+        let zero_source = match old {
+            Mapping::Zero { .. } => true,
+            Mapping::Unallocated => self.backing.is_none() || start >= self.backing_size,
+            _ => false,
+        };
+        let file_len = self.file.metadata()?.len();
+        if zero_source && new >= file_len {
+            // A cluster past the end of the file reads as zeroes already: write just the new
+            // bytes, and extend the file over the whole cluster.
+            self.file.set_len(new + cluster_size)?;
+            write_file_at(&self.file, guest - start + new, buffers)?;
             return Ok(new);
         }
         let mut data = vec![0u8; cluster_size as usize];
@@ -621,7 +552,10 @@ impl DiskImage for Qcow2Image {
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        self.file.sync_data()
+        if !self.flush_metadata()? {
+            self.file.sync_data()?;
+        }
+        Ok(())
     }
 
     fn discard(&mut self, offset: u64, len: u64) -> io::Result<()> {

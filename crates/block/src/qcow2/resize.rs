@@ -37,6 +37,7 @@ impl Qcow2Image {
         if entries <= self.l1.len() as u64 {
             return Ok(());
         }
+        self.flush_metadata()?;
         if entries * 8 > header::MAX_L1_BYTES {
             return Err(invalid("the size needs too large an L1 table"));
         }

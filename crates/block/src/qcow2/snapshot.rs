@@ -181,6 +181,7 @@ impl Qcow2Image {
     /// Takes a snapshot named `name` of the current contents.
     pub fn create_snapshot(&mut self, name: &str) -> io::Result<Snapshot> {
         self.check_writable()?;
+        self.flush_metadata()?;
         let mut all = self.snapshots()?;
         if name.is_empty() || all.iter().any(|s| s.name == name || s.id == name) {
             return Err(io::Error::new(
@@ -229,6 +230,7 @@ impl Qcow2Image {
     /// Reverts the disk to snapshot `name` (a name or an id); the snapshot stays.
     pub fn apply_snapshot(&mut self, name: &str) -> io::Result<()> {
         self.check_writable()?;
+        self.flush_metadata()?;
         let (index, all) = self.find_snapshot(name)?;
         let snapshot = &all[index];
         let target = self.read_l1(snapshot.l1_table_offset, snapshot.l1_size)?;
@@ -263,6 +265,7 @@ impl Qcow2Image {
     /// Deletes snapshot `name` (a name or an id), freeing what only it used.
     pub fn delete_snapshot(&mut self, name: &str) -> io::Result<()> {
         self.check_writable()?;
+        self.flush_metadata()?;
         let (index, mut all) = self.find_snapshot(name)?;
         let snapshot = all.remove(index);
         let l1 = self.read_l1(snapshot.l1_table_offset, snapshot.l1_size)?;
