@@ -101,67 +101,40 @@ impl<'a> Slices<'a> {
     }
 }
 
-/// Reads `buffers.len()` bytes of `file` at `offset` into guest buffers; bytes past the end of
-/// the file read as zeroes.
-pub fn read_file_at(
-    file: &std::fs::File,
-    mut offset: u64,
-    buffers: &[VolatileSlice<'_, ()>],
-) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let mut slices = Slices::new(buffers);
-    while !slices.is_empty() {
-        let fd = file.as_raw_fd();
-        let n = slices.with_iovecs(|iov| {
-            // SAFETY: the iovecs point at guest buffers kept alive by `with_iovecs`.
-            unsafe {
-                libc::preadv(
-                    fd,
-                    iov.as_ptr(),
-                    iov.len() as libc::c_int,
-                    offset as libc::off_t,
-                )
-            }
-        });
-        match n {
-            Ok(0) => {
-                for slice in slices.take(slices.len())? {
-                    slice.copy_from(&vec![0u8; slice.len()]);
-                }
-            }
-            Ok(n) => {
-                slices.advance(n)?;
-                offset += n as u64;
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
+/// Direction of a vectored file transfer.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Transfer {
+    Read,
+    Write,
 }
 
-/// Writes guest buffers to `file` at `offset`.
-pub fn write_file_at(
+/// Moves all of `buffers` from or to `file` at `offset`, resuming after short transfers and
+/// interruptions; a read past the end of the file zeroes the rest.
+fn transfer(
     file: &std::fs::File,
     mut offset: u64,
     buffers: &[VolatileSlice<'_, ()>],
+    direction: Transfer,
 ) -> io::Result<()> {
     use std::os::fd::AsRawFd;
+    let fd = file.as_raw_fd();
     let mut slices = Slices::new(buffers);
     while !slices.is_empty() {
-        let fd = file.as_raw_fd();
         let n = slices.with_iovecs(|iov| {
-            // SAFETY: the iovecs point at guest buffers kept alive by `with_iovecs`.
-            unsafe {
-                libc::pwritev(
-                    fd,
-                    iov.as_ptr(),
-                    iov.len() as libc::c_int,
-                    offset as libc::off_t,
-                )
+            let (ptr, count, at) = (
+                iov.as_ptr(),
+                iov.len() as libc::c_int,
+                offset as libc::off_t,
+            );
+            match direction {
+                // SAFETY: the iovecs point at guest buffers kept alive by `with_iovecs`.
+                Transfer::Read => unsafe { libc::preadv(fd, ptr, count, at) },
+                // SAFETY: as above; the kernel only reads from them.
+                Transfer::Write => unsafe { libc::pwritev(fd, ptr, count, at) },
             }
         });
         match n {
+            Ok(0) if direction == Transfer::Read => zero_fill(&slices.take(slices.len())?),
             Ok(0) => {
                 return Err(io::Error::new(
                     io::ErrorKind::WriteZero,
@@ -177,6 +150,25 @@ pub fn write_file_at(
         }
     }
     Ok(())
+}
+
+/// Reads `buffers.len()` bytes of `file` at `offset` into guest buffers; bytes past the end of
+/// the file read as zeroes.
+pub fn read_file_at(
+    file: &std::fs::File,
+    offset: u64,
+    buffers: &[VolatileSlice<'_, ()>],
+) -> io::Result<()> {
+    transfer(file, offset, buffers, Transfer::Read)
+}
+
+/// Writes guest buffers to `file` at `offset`.
+pub fn write_file_at(
+    file: &std::fs::File,
+    offset: u64,
+    buffers: &[VolatileSlice<'_, ()>],
+) -> io::Result<()> {
+    transfer(file, offset, buffers, Transfer::Write)
 }
 
 /// Fills guest buffers with zeroes.

@@ -31,6 +31,44 @@ fn patch(path: &Path, offset: u64, bytes: &[u8]) {
     file.write_all_at(bytes, offset).unwrap();
 }
 
+/// Where the metadata of guest cluster 0 lives.
+struct Layout {
+    /// File offset of L1 entry 0.
+    l1_entry: u64,
+    /// File offset of the L2 entry for cluster 0.
+    l2_entry: u64,
+    /// Its data cluster.
+    data: u64,
+}
+
+/// Writes 4 KiB at guest offset 0 and finds the metadata that maps it.
+fn written_once(path: &Path) -> Layout {
+    let mut disk = open(path, false, None).unwrap();
+    apply(
+        disk.as_mut(),
+        Op::Write {
+            offset: 0,
+            len: 4096,
+            seed: 1,
+        },
+    )
+    .unwrap();
+    drop(disk);
+    let file = std::fs::File::open(path).unwrap();
+    let entry_at = |offset: u64| {
+        let mut b = [0u8; 8];
+        file.read_exact_at(&mut b, offset).unwrap();
+        u64::from_be_bytes(b) & 0x00ff_ffff_ffff_fe00
+    };
+    let l1_entry = qcow2::read_header(&file).unwrap().l1_table_offset;
+    let l2_entry = entry_at(l1_entry);
+    Layout {
+        l1_entry,
+        l2_entry,
+        data: entry_at(l2_entry),
+    }
+}
+
 fn open_error(path: &Path) -> String {
     match open(path, false, None) {
         Ok(_) => panic!("{} opened", path.display()),
@@ -133,22 +171,11 @@ fn dirty_and_corrupt_images_are_not_written() {
 fn tables_pointing_outside_the_file_give_io_errors() {
     let dir = tempfile::tempdir().unwrap();
     let path = create(dir.path(), "l2.qcow2", 4 * MIB, None);
-    let mut disk = open(&path, false, None).unwrap();
-    apply(
-        disk.as_mut(),
-        Op::Write {
-            offset: 0,
-            len: 4096,
-            seed: 1,
-        },
-    )
-    .unwrap();
-    drop(disk);
-    let header = qcow2::read_header(&std::fs::File::open(&path).unwrap()).unwrap();
+    let layout = written_once(&path);
     // L1 entry 0 -> an L2 table far beyond the end of the file.
     patch(
         &path,
-        header.l1_table_offset,
+        layout.l1_entry,
         &((1u64 << 63) | (1 << 40)).to_be_bytes(),
     );
     let mut disk = open(&path, false, None).unwrap();
@@ -163,24 +190,12 @@ fn tables_pointing_outside_the_file_give_io_errors() {
     // A data cluster that is not aligned.
     drop(disk);
     let path = create(dir.path(), "data.qcow2", 4 * MIB, None);
-    let mut disk = open(&path, false, None).unwrap();
-    apply(
-        disk.as_mut(),
-        Op::Write {
-            offset: 0,
-            len: 4096,
-            seed: 1,
-        },
-    )
-    .unwrap();
-    drop(disk);
-    let l1 = {
-        let f = std::fs::File::open(&path).unwrap();
-        let mut b = [0u8; 8];
-        f.read_exact_at(&mut b, header.l1_table_offset).unwrap();
-        u64::from_be_bytes(b) & 0x00ff_ffff_ffff_fe00
-    };
-    patch(&path, l1, &((1u64 << 63) | 0x1234_0200).to_be_bytes());
+    let layout = written_once(&path);
+    patch(
+        &path,
+        layout.l2_entry,
+        &((1u64 << 63) | 0x1234_0200).to_be_bytes(),
+    );
     let mut disk = open(&path, false, None).unwrap();
     let err = disk
         .read_at(0, &[VolatileSlice::from(&mut buf[..])])
@@ -192,27 +207,10 @@ fn tables_pointing_outside_the_file_give_io_errors() {
 fn garbage_compressed_clusters_give_io_errors() {
     let dir = tempfile::tempdir().unwrap();
     let path = create(dir.path(), "c.qcow2", 4 * MIB, None);
-    let mut disk = open(&path, false, None).unwrap();
-    apply(
-        disk.as_mut(),
-        Op::Write {
-            offset: 0,
-            len: 4096,
-            seed: 1,
-        },
-    )
-    .unwrap();
-    drop(disk);
-    let header = qcow2::read_header(&std::fs::File::open(&path).unwrap()).unwrap();
-    let f = std::fs::File::open(&path).unwrap();
-    let mut b = [0u8; 8];
-    f.read_exact_at(&mut b, header.l1_table_offset).unwrap();
-    let l2 = u64::from_be_bytes(b) & 0x00ff_ffff_ffff_fe00;
-    f.read_exact_at(&mut b, l2).unwrap();
-    let data = u64::from_be_bytes(b) & 0x00ff_ffff_ffff_fe00;
+    let layout = written_once(&path);
     // Compressed, pointing at the (random, not deflate) data cluster, with a maximal length.
-    let entry = (1u64 << 62) | data | (0xff << 54);
-    patch(&path, l2, &entry.to_be_bytes());
+    let entry = (1u64 << 62) | layout.data | (0xff << 54);
+    patch(&path, layout.l2_entry, &entry.to_be_bytes());
     let mut disk = open(&path, true, None).unwrap();
     let mut buf = vec![0u8; 4096];
     let err = disk
