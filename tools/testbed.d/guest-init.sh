@@ -1,6 +1,7 @@
 #!/bin/sh
-# init of Ferro's default test guest (busybox). Loads the kernel's virtio modules, says it is
-# ready, runs the command given as ferro.run="..." on the kernel command line, powers off.
+# init of Ferro's default test guest (busybox). Loads the kernel's virtio, ACPI button and
+# evdev modules, starts acpid (the power button shuts down), says it is ready, runs the
+# command given as ferro.run="..." on the kernel command line, powers off.
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
@@ -13,6 +14,8 @@ while read -r module; do
 done < /etc/modules-order
 # With console=hvc0 the console only exists once virtio_console is loaded: reopen it.
 exec </dev/console >/dev/console 2>&1
+# The ACPI power button shuts the guest down (/etc/acpi/PWRF/00000080).
+acpid -c /etc/acpi -l /dev/null
 echo "ferro-guest: ready"
 cmd=$(sed -n 's/.*ferro\.run="\([^"]*\)".*/\1/p' /proc/cmdline)
 if [ -z "$cmd" ]; then

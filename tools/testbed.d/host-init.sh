@@ -14,6 +14,9 @@ while read -r module; do
 done < /etc/testbed/modules
 for tty in /dev/ttyS1 /dev/ttyS2 /dev/ttyS3; do stty -F "$tty" raw -echo; done
 echo "started" > /dev/ttyS3
+# A heartbeat on the status port: the testbed tool takes silence as a hung outer host.
+(while sleep 5; do echo "alive" > /dev/ttyS3; done) &
+heartbeat=$!
 . /etc/testbed/env
 cd /root
 if [ "$TESTBED_INTERACTIVE" = 1 ]; then
@@ -21,6 +24,8 @@ if [ "$TESTBED_INTERACTIVE" = 1 ]; then
 else
     sh /etc/testbed/run.sh < /dev/null > /dev/ttyS1 2> /dev/ttyS2
 fi
-echo "exit=$?" > /dev/ttyS3
+status=$?
+kill "$heartbeat"
+echo "exit=$status" > /dev/ttyS3
 sync
 poweroff -f
