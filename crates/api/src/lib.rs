@@ -1,12 +1,16 @@
-//! Types shared by the VMM, the daemon and the CLI: what a VM is made of, and how sizes are
-//! written. Plain data with serde; no I/O, no threads.
+//! Types shared by the VMM, the daemon and the CLI: what a VM is made of, its lifecycle, the
+//! bodies of the control APIs, and how sizes are written. Plain data with serde; no I/O, no
+//! threads.
 
 pub mod image;
 pub mod net;
 pub mod options;
 pub mod size;
+pub mod state;
 pub mod vm_config;
+pub mod vmm_api;
 
 pub use net::{MacAddress, NetConfig};
 pub use size::{ByteSize, ParseSizeError};
+pub use state::{InvalidTransition, VmState};
 pub use vm_config::{ConfigError, ConsoleKind, DiskConfig, VmConfig, DEFAULT_CMDLINE};

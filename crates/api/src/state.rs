@@ -1,20 +1,27 @@
-//! The VM lifecycle as an explicit state machine.
+//! The lifecycle of a running VMM's virtual machine, as an explicit state machine.
 //!
 //! ```text
-//! Created --start--> Running --stop--> Stopping --> Stopped
-//!    \___________________________________________/ (setup failure)
+//! Created --start--> Running <--pause/resume--> Paused
+//!    |                  |                          |
+//!    |                  +--------stop--------------+--> Stopping --> Stopped
+//!    +-------------------(setup failure)-------------------------------^
 //! ```
-//! Pause/resume will add `Paused` between `Running` and `Stopping`.
+//! A reset is a stop followed by a fresh machine in `Created`.
 
 use std::fmt;
 
+use serde::{Deserialize, Serialize};
+
 /// Where a VM is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum VmState {
     /// Built: memory, devices and vCPUs exist, no vCPU runs yet.
     Created,
     /// vCPU threads run the guest.
     Running,
+    /// vCPU threads are parked; guest time does not advance.
+    Paused,
     /// vCPUs are being stopped.
     Stopping,
     /// All vCPUs have stopped; only teardown remains.
@@ -34,6 +41,7 @@ impl fmt::Display for VmState {
         let name = match self {
             VmState::Created => "created",
             VmState::Running => "running",
+            VmState::Paused => "paused",
             VmState::Stopping => "stopping",
             VmState::Stopped => "stopped",
         };
@@ -42,14 +50,24 @@ impl fmt::Display for VmState {
 }
 
 impl VmState {
+    /// Whether the lifecycle allows going from `self` to `to`.
+    pub fn can_become(self, to: VmState) -> bool {
+        use VmState::*;
+        matches!(
+            (self, to),
+            (Created, Running)
+                | (Created, Stopped)
+                | (Running, Paused)
+                | (Paused, Running)
+                | (Running, Stopping)
+                | (Paused, Stopping)
+                | (Stopping, Stopped)
+        )
+    }
+
     /// Moves to `to` if the lifecycle allows it.
     pub fn transition(&mut self, to: VmState) -> Result<(), InvalidTransition> {
-        use VmState::*;
-        let allowed = matches!(
-            (*self, to),
-            (Created, Running) | (Created, Stopped) | (Running, Stopping) | (Stopping, Stopped)
-        );
-        if !allowed {
+        if !self.can_become(to) {
             return Err(InvalidTransition { from: *self, to });
         }
         *self = to;
@@ -62,9 +80,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn normal_life() {
+    fn normal_life_with_a_pause() {
         let mut s = VmState::Created;
-        for to in [VmState::Running, VmState::Stopping, VmState::Stopped] {
+        for to in [
+            VmState::Running,
+            VmState::Paused,
+            VmState::Running,
+            VmState::Paused,
+            VmState::Stopping,
+            VmState::Stopped,
+        ] {
             s.transition(to).unwrap();
         }
         assert_eq!(s, VmState::Stopped);
@@ -76,10 +101,18 @@ mod tests {
         let err = s.transition(VmState::Created).unwrap_err();
         assert_eq!(err.to_string(), "a VM cannot go from running to created");
         assert_eq!(s, VmState::Running);
+        assert!(s.transition(VmState::Running).is_err(), "running twice");
         let mut stopped = VmState::Stopped;
         assert!(stopped.transition(VmState::Running).is_err());
         let mut created = VmState::Created;
+        assert!(created.transition(VmState::Paused).is_err());
         assert!(created.transition(VmState::Stopping).is_err());
         created.transition(VmState::Stopped).unwrap();
+    }
+
+    #[test]
+    fn states_serialize_in_lower_case() {
+        let json = serde_json::to_string(&VmState::Paused).unwrap();
+        assert_eq!(json, "\"paused\"");
     }
 }
