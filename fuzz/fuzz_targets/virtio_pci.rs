@@ -40,7 +40,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let Ok(mut device) = virtio::pci::VirtioPciDevice::new(
-        Box::new(virtio::rng::Rng::new()),
+        Box::new(virtio::rng::Rng::new(virtio::rng::new_counters())),
         Arc::new(mem),
         Arc::new(NoInterrupts),
         Arc::new(NoIoEvents),

@@ -14,6 +14,7 @@ use block::{DiskImage, Slices};
 use virtio_queue::DescriptorChain;
 use vm_memory::VolatileSlice;
 
+use crate::counters::Counters;
 use crate::device::{read_config_bytes, ActivateError, Activation, VirtioDevice, VirtioInterrupt};
 use crate::queue::{chain_buffers, ChainBuffers, ChainError, DeviceQueue};
 use crate::worker::{Poll, Worker, WorkerHandle};
@@ -74,6 +75,7 @@ pub struct Block {
     id: [u8; ID_LEN],
     config: Vec<u8>,
     worker: Option<WorkerHandle>,
+    counters: Arc<Counters>,
 }
 
 impl std::fmt::Debug for Block {
@@ -100,9 +102,36 @@ fn config_space(capacity_sectors: u64) -> Vec<u8> {
     c
 }
 
+/// The device's counters (indexes into [`COUNTER_NAMES`]).
+pub mod counter {
+    pub const READ_REQUESTS: usize = 0;
+    pub const WRITE_REQUESTS: usize = 1;
+    pub const FLUSH_REQUESTS: usize = 2;
+    pub const DISCARD_REQUESTS: usize = 3;
+    pub const READ_BYTES: usize = 4;
+    pub const WRITE_BYTES: usize = 5;
+    pub const ERRORS: usize = 6;
+}
+
+/// Names of the counters, in index order.
+pub const COUNTER_NAMES: &[&str] = &[
+    "read_requests",
+    "write_requests",
+    "flush_requests",
+    "discard_requests",
+    "read_bytes",
+    "write_bytes",
+    "errors",
+];
+
+/// Fresh counters for a block device.
+pub fn new_counters() -> Arc<Counters> {
+    Counters::new("block", COUNTER_NAMES)
+}
+
 impl Block {
     /// A device on `disk`; `serial` (at most 20 bytes are used) answers GET_ID.
-    pub fn new(disk: SharedDisk, read_only: bool, serial: &str) -> Self {
+    pub fn new(disk: SharedDisk, read_only: bool, serial: &str, counters: Arc<Counters>) -> Self {
         let mut id = [0u8; ID_LEN];
         let bytes = serial.as_bytes();
         let n = bytes.len().min(ID_LEN);
@@ -114,6 +143,7 @@ impl Block {
             id,
             config,
             worker: None,
+            counters,
         }
     }
 }
@@ -154,6 +184,7 @@ impl VirtioDevice for Block {
                 read_only: self.read_only,
                 id: self.id,
                 write_through: activation.features & features::FLUSH == 0,
+                counters: self.counters.clone(),
             },
         };
         self.worker =
@@ -269,6 +300,7 @@ pub struct Executor {
     read_only: bool,
     id: [u8; ID_LEN],
     write_through: bool,
+    counters: Arc<Counters>,
 }
 
 impl std::fmt::Debug for Executor {
@@ -287,6 +319,7 @@ impl Executor {
             read_only,
             id,
             write_through: false,
+            counters: new_counters(),
         }
     }
 
@@ -299,6 +332,7 @@ impl Executor {
             Ok(request) => request,
             Err(e) => {
                 tracing::debug!("virtio-blk: malformed request: {e}");
+                self.counters.add(counter::ERRORS, 1);
                 return 0;
             }
         };
@@ -318,10 +352,39 @@ impl Executor {
             request_type::WRITE_ZEROES => self.ranges(request, true).map(|()| 0),
             _ => Err(Status(status::UNSUPP)),
         };
+        self.count(request, &result);
         match result {
             Ok(written) => (status::OK, written),
             Err(Status(code)) => (code, 0),
         }
+    }
+
+    fn count(&self, request: &Request<'_>, result: &Result<u32, Status>) {
+        let c = &self.counters;
+        if result.is_err() {
+            c.add(counter::ERRORS, 1);
+            return;
+        }
+        match request.kind {
+            request_type::IN => {
+                c.add(counter::READ_REQUESTS, 1);
+                c.add(counter::READ_BYTES, block::slices_len(&request.output));
+            }
+            request_type::OUT => {
+                c.add(counter::WRITE_REQUESTS, 1);
+                c.add(counter::WRITE_BYTES, block::slices_len(&request.input));
+            }
+            request_type::FLUSH => c.add(counter::FLUSH_REQUESTS, 1),
+            request_type::DISCARD | request_type::WRITE_ZEROES => {
+                c.add(counter::DISCARD_REQUESTS, 1)
+            }
+            _ => {}
+        }
+    }
+
+    /// The executor's counters.
+    pub fn counters(&self) -> &Arc<Counters> {
+        &self.counters
     }
 
     /// The byte range of `len` bytes at `sector`, if it is whole sectors inside the disk.

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::counters::Counters;
 use crate::device::{read_config_bytes, ActivateError, Activation, VirtioDevice, VirtioInterrupt};
 use crate::queue::DeviceQueue;
 use crate::worker::{Poll, Worker, WorkerHandle};
@@ -63,11 +64,27 @@ impl ConsoleInput {
     }
 }
 
+/// The device's counters (indexes into [`COUNTER_NAMES`]): bytes the guest wrote (`tx`) and
+/// bytes it was given (`rx`).
+pub mod counter {
+    pub const RX_BYTES: usize = 0;
+    pub const TX_BYTES: usize = 1;
+}
+
+/// Names of the counters, in index order.
+pub const COUNTER_NAMES: &[&str] = &["rx_bytes", "tx_bytes"];
+
+/// Fresh counters for a console device.
+pub fn new_counters() -> Arc<Counters> {
+    Counters::new("console", COUNTER_NAMES)
+}
+
 /// The console device.
 pub struct Console {
     output: Arc<Mutex<Box<dyn Write + Send>>>,
     input: Arc<ConsoleInput>,
     worker: Option<WorkerHandle>,
+    counters: Arc<Counters>,
 }
 
 impl std::fmt::Debug for Console {
@@ -77,11 +94,16 @@ impl std::fmt::Debug for Console {
 }
 
 impl Console {
-    pub fn new(output: Box<dyn Write + Send>, input: Arc<ConsoleInput>) -> Self {
+    pub fn new(
+        output: Box<dyn Write + Send>,
+        input: Arc<ConsoleInput>,
+        counters: Arc<Counters>,
+    ) -> Self {
         Console {
             output: Arc::new(Mutex::new(output)),
             input,
             worker: None,
+            counters,
         }
     }
 }
@@ -93,12 +115,14 @@ struct ConsoleWorker {
     interrupt: Arc<dyn VirtioInterrupt>,
     output: Arc<Mutex<Box<dyn Write + Send>>>,
     input: Arc<ConsoleInput>,
+    counters: Arc<Counters>,
 }
 
 impl ConsoleWorker {
     fn transmit(&mut self) -> Result<(), crate::queue::QueueBroken> {
         let mem = self.memory.clone();
         let output = self.output.clone();
+        let counters = self.counters.clone();
         self.transmit
             .process(&mem, self.interrupt.as_ref(), |chain| {
                 let Ok(mut reader) = chain.reader(&mem) else {
@@ -106,6 +130,7 @@ impl ConsoleWorker {
                 };
                 let mut bytes = Vec::with_capacity(reader.available_bytes());
                 if reader.read_to_end(&mut bytes).is_ok() {
+                    counters.add(counter::TX_BYTES, bytes.len() as u64);
                     let mut out = output.lock().unwrap_or_else(PoisonError::into_inner);
                     // A broken terminal must not stall the guest: the bytes are dropped.
                     let _ = out.write_all(&bytes).and_then(|()| out.flush());
@@ -147,6 +172,7 @@ impl ConsoleWorker {
             let now_empty = buffer.is_empty();
             drop(buffer);
             self.receive.add_used(&mem, head, written)?;
+            self.counters.add(counter::RX_BYTES, u64::from(written));
             delivered = true;
             if now_empty {
                 let _ = self.input.drained.write(1);
@@ -219,6 +245,7 @@ impl VirtioDevice for Console {
             interrupt: activation.interrupt,
             output: self.output.clone(),
             input: self.input.clone(),
+            counters: self.counters.clone(),
         };
         self.worker =
             Some(WorkerHandle::spawn("virtio-console", worker).map_err(ActivateError::Worker)?);

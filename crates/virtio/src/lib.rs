@@ -5,7 +5,7 @@
 //! - [`pci`]: the modern virtio-pci transport: common, notify, ISR, device and PCI-config
 //!   capabilities in BAR 0, MSI-X, ioeventfd queue notifications, the device status state
 //!   machine and feature negotiation;
-//! - devices: [`rng`], [`block`], [`console`], [`net`].
+//! - devices: [`rng`], [`block`], [`console`], [`net`], each with its [`counters`].
 //!
 //! Threading: the transport runs on vCPU threads (guest register accesses). Each active device
 //! runs its queues on its own worker thread ([`worker`]), woken by ioeventfds, and interrupts
@@ -13,6 +13,7 @@
 
 pub mod block;
 pub mod console;
+pub mod counters;
 pub mod device;
 pub mod net;
 pub mod pci;

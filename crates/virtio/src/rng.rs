@@ -5,6 +5,7 @@ use std::io::{self, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 
+use crate::counters::Counters;
 use crate::device::{ActivateError, Activation, VirtioDevice, VirtioInterrupt};
 use crate::queue::DeviceQueue;
 use crate::worker::{Poll, Worker, WorkerHandle};
@@ -14,15 +15,33 @@ const QUEUE_SIZE: u16 = 256;
 /// Largest amount served per request; drivers ask for far less.
 const MAX_REQUEST: usize = 64 << 10;
 
+/// The device's counters (indexes into [`COUNTER_NAMES`]).
+pub mod counter {
+    pub const REQUESTS: usize = 0;
+    pub const BYTES: usize = 1;
+}
+
+/// Names of the counters, in index order.
+pub const COUNTER_NAMES: &[&str] = &["requests", "bytes"];
+
+/// Fresh counters for an entropy device.
+pub fn new_counters() -> Arc<Counters> {
+    Counters::new("rng", COUNTER_NAMES)
+}
+
 /// The entropy device.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Rng {
     worker: Option<WorkerHandle>,
+    counters: Arc<Counters>,
 }
 
 impl Rng {
-    pub fn new() -> Self {
-        Self::default()
+    pub fn new(counters: Arc<Counters>) -> Self {
+        Rng {
+            worker: None,
+            counters,
+        }
     }
 }
 
@@ -30,6 +49,7 @@ struct RngWorker {
     memory: Arc<GuestMemory>,
     queue: DeviceQueue,
     interrupt: Arc<dyn VirtioInterrupt>,
+    counters: Arc<Counters>,
 }
 
 /// Fills the writable part of a chain with random bytes; returns how many were written.
@@ -56,9 +76,13 @@ impl Worker for RngWorker {
 
     fn handle(&mut self, _token: u64, _poll: &Poll) -> io::Result<()> {
         let mem = self.memory.clone();
-        let result = self
-            .queue
-            .process(&mem, self.interrupt.as_ref(), |chain| fill(chain, &mem));
+        let counters = &self.counters;
+        let result = self.queue.process(&mem, self.interrupt.as_ref(), |chain| {
+            let written = fill(chain, &mem);
+            counters.add(counter::REQUESTS, 1);
+            counters.add(counter::BYTES, u64::from(written));
+            written
+        });
         if let Err(e) = result {
             tracing::warn!("virtio-rng: {e}");
             self.interrupt.needs_reset();
@@ -92,6 +116,7 @@ impl VirtioDevice for Rng {
             memory: activation.memory,
             queue: queue.into(),
             interrupt: activation.interrupt,
+            counters: self.counters.clone(),
         };
         self.worker =
             Some(WorkerHandle::spawn("virtio-rng", worker).map_err(ActivateError::Worker)?);

@@ -34,6 +34,7 @@ fn setup(read_only: bool) -> Setup {
         read_only,
         id: *b"ferro-disk-serial-01",
         write_through: false,
+        counters: super::new_counters(),
     };
     Setup {
         mem,
@@ -136,6 +137,12 @@ fn write_reaches_the_image() {
         serve(&mut s, &[desc(HEADER, 16, false), desc(STATUS, 1, true)]),
         (1, status::OK)
     );
+    let c = s.executor.counters();
+    assert_eq!(c.get(super::counter::WRITE_REQUESTS), 1);
+    assert_eq!(c.get(super::counter::WRITE_BYTES), 512);
+    assert_eq!(c.get(super::counter::FLUSH_REQUESTS), 1);
+    assert_eq!(c.get(super::counter::READ_REQUESTS), 0);
+    assert_eq!(c.get(super::counter::ERRORS), 0);
 }
 
 #[test]
@@ -163,6 +170,9 @@ fn read_only_disks_refuse_writes() {
         ],
     );
     assert_eq!(status, status::IOERR);
+    let c = s.executor.counters();
+    assert_eq!(c.get(super::counter::ERRORS), 2);
+    assert_eq!(c.get(super::counter::WRITE_REQUESTS), 0);
 }
 
 #[test]

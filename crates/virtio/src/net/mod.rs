@@ -15,6 +15,7 @@ use std::sync::Arc;
 use block::Slices;
 use virtio_queue::DescriptorChain;
 
+use crate::counters::Counters;
 use crate::device::{read_config_bytes, ActivateError, Activation, VirtioDevice, VirtioInterrupt};
 use crate::queue::{chain_buffers, DeviceQueue, QueueBroken};
 use crate::worker::{Poll, Worker, WorkerHandle};
@@ -52,20 +53,50 @@ pub mod features {
     pub const STATUS: u64 = 1 << 16;
 }
 
+/// The device's counters (indexes into [`COUNTER_NAMES`]); bytes are frame bytes, without
+/// the virtio-net header.
+pub mod counter {
+    pub const RX_PACKETS: usize = 0;
+    pub const RX_BYTES: usize = 1;
+    pub const RX_DROPPED: usize = 2;
+    pub const TX_PACKETS: usize = 3;
+    pub const TX_BYTES: usize = 4;
+    pub const TX_DROPPED: usize = 5;
+    pub const ERRORS: usize = 6;
+}
+
+/// Names of the counters, in index order.
+pub const COUNTER_NAMES: &[&str] = &[
+    "rx_packets",
+    "rx_bytes",
+    "rx_dropped",
+    "tx_packets",
+    "tx_bytes",
+    "tx_dropped",
+    "errors",
+];
+
+/// Fresh counters for a network device.
+pub fn new_counters() -> Arc<Counters> {
+    Counters::new("net", COUNTER_NAMES)
+}
+
 /// A network device.
 #[derive(Debug)]
 pub struct Net {
     tap: Arc<Tap>,
     mac: [u8; 6],
     worker: Option<WorkerHandle>,
+    counters: Arc<Counters>,
 }
 
 impl Net {
-    pub fn new(tap: Arc<Tap>, mac: [u8; 6]) -> Self {
+    pub fn new(tap: Arc<Tap>, mac: [u8; 6], counters: Arc<Counters>) -> Self {
         Net {
             tap,
             mac,
             worker: None,
+            counters,
         }
     }
 
@@ -151,6 +182,7 @@ impl VirtioDevice for Net {
             rx_chains: Vec::new(),
             rx_room: 0,
             tap_watched: true,
+            counters: self.counters.clone(),
         };
         self.worker =
             Some(WorkerHandle::spawn("virtio-net", worker).map_err(ActivateError::Worker)?);
@@ -179,23 +211,33 @@ struct NetWorker {
     rx_chains: Vec<DescriptorChain<Arc<GuestMemory>>>,
     rx_room: usize,
     tap_watched: bool,
+    counters: Arc<Counters>,
 }
 
 impl NetWorker {
     fn transmit(&mut self) -> Result<(), QueueBroken> {
         let mem = self.memory.clone();
         let tap = self.tap.clone();
+        let c = self.counters.clone();
         self.tx.process(&mem, self.interrupt.as_ref(), |chain| {
             match chain_buffers(chain, &mem) {
                 Ok(buffers) if buffers.writable.is_empty() => {
                     let slices = Slices::new(&buffers.readable);
                     let len = slices.len();
-                    if (HEADER_LEN as u64..=MAX_PACKET as u64).contains(&len) {
+                    if !(HEADER_LEN as u64..=MAX_PACKET as u64).contains(&len) {
+                        c.add(counter::ERRORS, 1);
+                    } else if slices.with_iovecs(|iov| tap.write_packet(iov)).is_ok() {
+                        c.add(counter::TX_PACKETS, 1);
+                        c.add(counter::TX_BYTES, len - HEADER_LEN as u64);
+                    } else {
                         // A full TAP queue drops the packet, as a NIC would.
-                        let _ = slices.with_iovecs(|iov| tap.write_packet(iov));
+                        c.add(counter::TX_DROPPED, 1);
                     }
                 }
-                _ => tracing::debug!("virtio-net: dropping a malformed transmit chain"),
+                _ => {
+                    tracing::debug!("virtio-net: dropping a malformed transmit chain");
+                    c.add(counter::ERRORS, 1);
+                }
             }
             0
         })
@@ -252,6 +294,7 @@ impl NetWorker {
     /// cannot miss the driver's notification).
     fn place(&mut self, mem: &GuestMemory, len: usize) -> Result<bool, QueueBroken> {
         if len < HEADER_LEN {
+            self.counters.add(counter::RX_DROPPED, 1);
             return Ok(true); // not a packet: drop it
         }
         while self.rx_room < len {
@@ -275,6 +318,7 @@ impl NetWorker {
         if room < len {
             // Without mergeable buffers the packet must fit one buffer: drop it.
             tracing::debug!("virtio-net: dropping a {len}-byte packet that does not fit");
+            self.counters.add(counter::RX_DROPPED, 1);
             for chain in chains {
                 self.rx.add_used(mem, chain.head_index(), 0)?;
             }
@@ -312,6 +356,9 @@ impl NetWorker {
             };
             self.rx.add_used(mem, head, written as u32)?;
         }
+        self.counters.add(counter::RX_PACKETS, 1);
+        self.counters
+            .add(counter::RX_BYTES, (len - HEADER_LEN) as u64);
         Ok(true)
     }
 }
