@@ -5,6 +5,8 @@
 //! - the MADT lists its CPUs (one local APIC per vCPU), the IOAPIC and the legacy IRQ override;
 //! - the FADT's sleep control register (port 0x600) and `_S5` make `poweroff` work, and its
 //!   reset register (port 0x602) makes `reboot` work;
+//! - a Generic Event Device (ACPI0013, event register at port 0x604, GSI 9) whose `_EVT`
+//!   notifies the power button device (PNP0C0C): how the host presses the power button;
 //! - the DSDT describes the COM1 UART, the CMOS RTC and the PCI root bridge (its bus, I/O and
 //!   memory windows and INTx routing); the MCFG announces the PCI ECAM.
 
@@ -236,6 +238,51 @@ fn motherboard_resources() -> Vec<u8> {
     aml_bytes(&aml::Device::new("MRES".into(), vec![&hid, &uid, &crs]))
 }
 
+/// Bits of the GED's event register; `_EVT` handles each.
+pub mod ged_events {
+    pub const POWER_BUTTON: u8 = 1 << 0;
+}
+
+/// The power button (PNP0C0C) and the Generic Event Device whose `_EVT` reads the event
+/// register and notifies the button (0x80: "pressed").
+fn power_button_and_ged() -> Vec<u8> {
+    let button_hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0C0C"));
+    let button_uid = aml::Name::new("_UID".into(), &aml::ZERO);
+    let button = aml::Device::new("PWRB".into(), vec![&button_hid, &button_uid]);
+
+    let hid = aml::Name::new("_HID".into(), &"ACPI0013");
+    let uid = aml::Name::new("_UID".into(), &aml::ZERO);
+    let irq = aml::Interrupt::new(true, true, false, false, irqs::GED);
+    let crs = aml::Name::new("_CRS".into(), &aml::ResourceTemplate::new(vec![&irq]));
+    let port = u64::from(ports::ACPI_GED);
+    let size = u64::from(ports::ACPI_GED_SIZE);
+    let region = aml::OpRegion::new("GDST".into(), aml::OpRegionSpace::SystemIO, &port, &size);
+    let field = aml::Field::new(
+        "GDST".into(),
+        aml::FieldAccessType::Byte,
+        aml::FieldLockRule::NoLock,
+        aml::FieldUpdateRule::WriteAsZeroes,
+        vec![aml::FieldEntry::Named(*b"GDAT", 8)],
+    );
+    let events = aml::Local(0);
+    let pressed = aml::Local(1);
+    let register = aml::Path::new("GDAT");
+    let button_path = aml::Path::new("PWRB");
+    let read_events = aml::Store::new(&events, &register);
+    let button_bit = aml::And::new(&pressed, &events, &ged_events::POWER_BUTTON);
+    let notify = aml::Notify::new(&button_path, &0x80u8);
+    let is_pressed = aml::Equal::new(&pressed, &ged_events::POWER_BUTTON);
+    let if_pressed = aml::If::new(&is_pressed, vec![&notify]);
+    let evt = aml::Method::new(
+        "_EVT".into(),
+        1,
+        true,
+        vec![&read_events, &button_bit, &if_pressed],
+    );
+    let ged = aml::Device::new("GED_".into(), vec![&hid, &uid, &crs, &region, &field, &evt]);
+    [aml_bytes(&button), aml_bytes(&ged)].concat()
+}
+
 fn dsdt(config: &AcpiConfig) -> Sdt {
     let com1_hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0501"));
     let com1_uid = aml::Name::new("_UID".into(), &aml::ZERO);
@@ -257,6 +304,7 @@ fn dsdt(config: &AcpiConfig) -> Sdt {
         [
             aml_bytes(&com1),
             aml_bytes(&rtc),
+            power_button_and_ged(),
             pci_root(config.memory_size),
             motherboard_resources(),
         ]
@@ -408,6 +456,22 @@ mod tests {
         assert_eq!(t.mcfg.len(), 44 + 16);
         assert_eq!(u64_at(&t.mcfg, 44), layout::PCI_ECAM_START);
         assert_eq!(&t.mcfg[52..56], &[0, 0, 0, 0], "segment 0, buses 0..0");
+    }
+
+    #[test]
+    fn dsdt_has_a_power_button_behind_a_generic_event_device() {
+        let t = build(1);
+        let contains = |needle: &[u8]| t.dsdt.windows(needle.len()).any(|w| w == needle);
+        assert!(contains(b"PWRB") && contains(b"GED_") && contains(b"_EVT") && contains(b"GDAT"));
+        assert!(contains(b"ACPI0013\0"));
+        // EISAID("PNP0C0C").
+        assert!(contains(&[0x0c, 0x41, 0xd0, 0x0c, 0x0c]));
+        // Extended interrupt descriptor: consumer, edge, active high, exclusive, GSI 9.
+        assert!(contains(&[0x89, 0x06, 0x00, 0x03, 0x01, 9, 0, 0, 0]));
+        // OperationRegion(GDST, SystemIO, 0x604, 1).
+        assert!(contains(&[
+            0x5b, 0x80, b'G', b'D', b'S', b'T', 0x01, 0x0b, 0x04, 0x06, 0x01
+        ]));
     }
 
     #[test]

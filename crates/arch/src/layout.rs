@@ -78,6 +78,9 @@ pub mod ports {
     pub const ACPI_RESET: u16 = ACPI_PM + 2;
     /// Value the guest writes to [`ACPI_RESET`] to reset the machine.
     pub const ACPI_RESET_VALUE: u8 = 0x1;
+    /// The ACPI Generic Event Device's event register (one byte, read to acknowledge).
+    pub const ACPI_GED: u16 = ACPI_PM + ACPI_PM_SIZE;
+    pub const ACPI_GED_SIZE: u16 = 1;
     /// PCI configuration mechanism #1 (address 0xCF8, data 0xCFC; reset control 0xCF9).
     pub const PCI_CONFIG: u16 = 0xcf8;
     pub const PCI_CONFIG_SIZE: u16 = 8;
@@ -86,6 +89,8 @@ pub mod ports {
 /// Interrupt lines (ISA IRQ = GSI) of the legacy devices and their IOAPIC wiring.
 pub mod irqs {
     pub const COM1: u32 = 4;
+    /// The ACPI Generic Event Device's interrupt (edge, active high).
+    pub const GED: u32 = 9;
     /// Pins of the (single) IOAPIC.
     pub const IOAPIC_PINS: u32 = 24;
     /// First IOAPIC pin for PCI INTx lines (pins 16..23, as on a PC).

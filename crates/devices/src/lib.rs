@@ -4,7 +4,8 @@
 //! - [`serial::Serial`]: a 16550A UART (vm-superio) whose interrupt is an irqfd;
 //! - [`i8042::I8042`]: the keyboard controller, enough for the reset line;
 //! - [`cmos::Cmos`]: the MC146818 RTC and CMOS NVRAM;
-//! - [`acpi_pm::AcpiPm`]: the hardware-reduced ACPI sleep and reset registers.
+//! - [`acpi_pm::AcpiPm`]: the hardware-reduced ACPI sleep and reset registers;
+//! - [`ged::Ged`]: the ACPI Generic Event Device that carries power-button presses.
 //!
 //! Threading: devices are shared as `Arc<Mutex<_>>`; vCPU threads call them on exits, and the
 //! VMM's main thread feeds serial input. Power events leave through [`PowerEvents`] (eventfds
@@ -13,6 +14,7 @@
 pub mod acpi_pm;
 pub mod bus;
 pub mod cmos;
+pub mod ged;
 pub mod i8042;
 pub mod serial;
 

@@ -175,6 +175,24 @@ impl Vm {
             .map_err(ioctl_err("KVM_IOEVENTFD (deassign)"))
     }
 
+    /// The guest's kvm-clock, in nanoseconds (saved when the VM pauses).
+    pub fn clock(&self) -> Result<u64> {
+        Ok(self
+            .fd
+            .get_clock()
+            .map_err(ioctl_err("KVM_GET_CLOCK"))?
+            .clock)
+    }
+
+    /// Sets the guest's kvm-clock, so that a paused VM resumes where its time stopped.
+    pub fn set_clock(&self, nanoseconds: u64) -> Result<()> {
+        let data = kvm_bindings::kvm_clock_data {
+            clock: nanoseconds,
+            ..Default::default()
+        };
+        self.fd.set_clock(&data).map_err(ioctl_err("KVM_SET_CLOCK"))
+    }
+
     /// Creates vCPU number `id` (its initial APIC ID is `id` as well).
     pub fn create_vcpu(&self, id: u32) -> Result<Vcpu> {
         if id as usize >= self.max_vcpus {
