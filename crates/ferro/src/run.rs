@@ -18,8 +18,8 @@ Console:
   With pipes, input and output pass through unchanged.
 
 Exit codes:
-  0    the guest powered off (or rebooted with --no-reboot), or Ctrl-A x
-  1    the VMM failed while setting up or running the VM
+  0    the guest powered off (or rebooted with --no-reboot), Ctrl-A x, or an API stop
+  1    the VMM failed while setting up or running the VM (e.g. the API socket is in use)
   2    invalid command line or configuration (e.g. zero CPUs, too little or too much memory)
   3    the kernel, initramfs or a disk image is missing, unreadable or unusable
        (e.g. not a bootable Linux image, or a disk locked by another VM)
@@ -75,11 +75,16 @@ pub struct RunArgs {
     /// pass console=hvc0 in --cmdline).
     #[arg(long, value_name = "DEVICE", default_value = "serial")]
     console: api::ConsoleKind,
+
+    /// Serve the VM's control API (HTTP/1.1 + JSON, see docs/api/vmm.openapi.json) on this
+    /// Unix socket: info, counters, pause, resume, power button, reset, stop.
+    #[arg(long, value_name = "PATH")]
+    api_socket: Option<PathBuf>,
 }
 
 impl RunArgs {
-    fn into_config(self) -> VmConfig {
-        VmConfig {
+    fn into_config(self) -> (VmConfig, Option<PathBuf>) {
+        let config = VmConfig {
             kernel: self.kernel,
             initrd: self.initrd,
             cmdline: self.cmdline,
@@ -90,7 +95,8 @@ impl RunArgs {
             disks: self.disk,
             console: self.console,
             nets: self.net,
-        }
+        };
+        (config, self.api_socket)
     }
 }
 
@@ -100,7 +106,7 @@ fn fail(code: vmm::ExitCode, message: &str) -> ExitCode {
 }
 
 pub fn run(args: RunArgs) -> ExitCode {
-    let config = args.into_config();
+    let (config, api_socket) = args.into_config();
     // Refuse a bad configuration before touching the terminal.
     if let Err(e) = config.validate() {
         return fail(vmm::ExitCode::Usage, &e.to_string());
@@ -114,7 +120,7 @@ pub fn run(args: RunArgs) -> ExitCode {
             )
         }
     };
-    let result = vmm::run(&config, &mut console);
+    let result = vmm::run(&config, &mut console, api_socket.as_deref());
     drop(console); // restores the terminal before anything is printed
     match result {
         Ok(outcome) => ExitCode::from(outcome.exit_code() as u8),

@@ -65,6 +65,8 @@ pub enum Error {
     },
     #[error("KVM is not usable")]
     Kvm(#[source] hypervisor::Error),
+    #[error("cannot serve the control API")]
+    ApiSocket(#[from] crate::api_server::ApiSocketError),
     #[error("cannot set up the VM")]
     Hypervisor(#[from] hypervisor::Error),
     #[error("cannot allocate {size} of guest memory")]

@@ -1,13 +1,17 @@
 //! The Ferro VMM: assembles a PC from a [`api::VmConfig`], runs it on KVM and reports how it
 //! ended.
 //!
-//! Threads: the caller's thread runs the control loop ([`run`]): it waits on the guest's power
-//! events, failing vCPUs, console input and termination signals. Each vCPU runs `KVM_RUN` on
-//! its own thread and calls the devices directly on port I/O and MMIO exits. A console thread
-//! reads standard input. A guest reset tears the whole machine down and builds it again from
-//! the same configuration, as a cold boot would.
+//! Threads: the caller's thread runs the control loop ([`run`], `control`): it waits on the
+//! guest's power events, failing vCPUs, console input, termination signals and control-API
+//! requests, and owns the VM's state machine ([`VmState`]). Each vCPU runs `KVM_RUN` on its own
+//! thread and calls the devices directly on port I/O and MMIO exits. A console thread reads
+//! standard input; the API server (`api_server`) has an acceptor thread and one thread per
+//! connection. A guest reset tears the whole machine down and builds it again from the same
+//! configuration, as a cold boot would; counters and the API socket live across resets.
 
+mod api_server;
 mod console;
+mod control;
 mod error;
 mod interrupts;
 mod machine;
@@ -15,10 +19,11 @@ mod memory;
 mod pci_devices;
 mod run;
 mod signals;
-mod state;
+mod stats;
 mod vcpu;
 
+pub use api::{InvalidTransition, VmState};
+pub use api_server::ApiSocketError;
 pub use console::{Console, ESCAPE_HELP};
 pub use error::{Error, ExitCode};
 pub use run::{run, Outcome};
-pub use state::{InvalidTransition, VmState};

@@ -1,32 +1,27 @@
 //! One boot of the virtual machine: KVM VM, guest memory, platform devices, loaded kernel and
-//! vCPUs, and the control loop that runs while the guest does.
+//! vCPUs (the control loop that runs it is in [`crate::control`]).
 
 use std::fs::File;
 use std::io::{Seek, Write};
-use std::os::fd::{AsRawFd, RawFd};
 use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
-use std::sync::mpsc::{self, Receiver};
 use std::sync::{Arc, Mutex};
 
-use api::{ConsoleKind, VmConfig};
+use api::{ConsoleKind, VmConfig, VmState};
 use arch::layout::{irqs, ports};
 use arch::GuestMemoryMmap;
-use devices::bus::{lock, Bus, BusDevice};
+use devices::bus::{Bus, BusDevice};
+use devices::ged::GedEvents;
 use devices::serial::Serial;
 use devices::PowerEvents;
 use hypervisor::{Hypervisor, Vcpu, Vm};
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::console::Console;
 use crate::error::Error;
 use crate::interrupts::InterruptRouter;
 use crate::memory::create_guest_memory;
 use crate::pci_devices::PciBuilder;
-use crate::signals::TerminationSignals;
-use crate::state::VmState;
-use crate::vcpu::{self, HostCpu, VcpuRunner};
+use crate::stats::Stats;
+use crate::vcpu::{self, HostCpu};
 
 /// The kernel and initramfs, opened once and re-read at every boot.
 #[derive(Debug)]
@@ -102,14 +97,16 @@ impl Disks {
     }
 
     /// Fresh devices on the shared images, for one boot.
-    fn devices(&self) -> Vec<virtio::block::Block> {
+    fn devices(&self, stats: &Stats) -> Vec<virtio::block::Block> {
         self.images
             .iter()
-            .map(|(image, c)| {
+            .enumerate()
+            .map(|(i, (image, c))| {
                 virtio::block::Block::new(
                     image.clone(),
                     c.readonly,
                     c.serial.as_deref().unwrap_or(""),
+                    stats.device(&format!("block{i}"), virtio::block::new_counters),
                 )
             })
             .collect()
@@ -147,10 +144,14 @@ impl Nets {
         Ok(Nets { taps })
     }
 
-    fn devices(&self) -> Vec<virtio::net::Net> {
+    fn devices(&self, stats: &Stats) -> Vec<virtio::net::Net> {
         self.taps
             .iter()
-            .map(|(tap, mac)| virtio::net::Net::new(tap.clone(), mac.0))
+            .enumerate()
+            .map(|(i, (tap, mac))| {
+                let counters = stats.device(&format!("net{i}"), virtio::net::new_counters);
+                virtio::net::Net::new(tap.clone(), mac.0, counters)
+            })
             .collect()
     }
 }
@@ -162,25 +163,31 @@ pub(crate) enum StopReason {
     Reset,
     Quit,
     Signal(i32),
+    /// A client of the control API stopped the VM.
+    Stopped,
 }
 
 /// A fully assembled VM, ready to run once.
 pub(crate) struct Machine {
-    state: VmState,
+    pub(crate) state: VmState,
     /// Keeps the VM (and with it guest memory and the PCI devices' routes) alive while the
     /// vCPUs run.
-    vm: Arc<Vm>,
-    vcpus: Vec<Vcpu>,
-    pio: Arc<Bus>,
-    mmio: Arc<Bus>,
-    console_input: ConsoleTarget,
+    pub(crate) vm: Arc<Vm>,
+    pub(crate) vcpus: Vec<Vcpu>,
+    pub(crate) pio: Arc<Bus>,
+    pub(crate) mmio: Arc<Bus>,
+    pub(crate) console_input: ConsoleTarget,
     /// Readable when the guest device took all input handed to it.
-    input_drained: EventFd,
-    power: PowerEvents,
+    pub(crate) input_drained: EventFd,
+    pub(crate) power: PowerEvents,
+    /// Raises ACPI events (the power button).
+    pub(crate) ged: GedEvents,
+    /// The guest's kvm-clock when it was paused, restored on resume.
+    pub(crate) paused_clock: Option<u64>,
 }
 
 /// The guest device that receives the console's input.
-enum ConsoleTarget {
+pub(crate) enum ConsoleTarget {
     Serial(Arc<Mutex<Serial>>),
     Hvc(Arc<virtio::console::ConsoleInput>),
 }
@@ -193,17 +200,35 @@ fn shared<T: BusDevice + 'static>(device: T) -> Arc<Mutex<dyn BusDevice>> {
     Arc::new(Mutex::new(device))
 }
 
+/// What the VM keeps across boots: its boot files, disk images and TAP devices.
+#[derive(Debug)]
+pub(crate) struct Backends {
+    pub files: BootFiles,
+    pub disks: Disks,
+    pub nets: Nets,
+}
+
+impl Backends {
+    pub fn open(config: &VmConfig) -> Result<Self, Error> {
+        Ok(Backends {
+            files: BootFiles::open(config)?,
+            disks: Disks::open(config)?,
+            nets: Nets::open(config)?,
+        })
+    }
+}
+
 impl Machine {
     /// Builds the VM for `config`, with the guest's serial output going to `console_out`.
     pub fn build(
         hv: &Hypervisor,
         host: &HostCpu,
         config: &VmConfig,
-        files: &mut BootFiles,
-        disks: &Disks,
-        nets: &Nets,
+        backends: &mut Backends,
+        stats: &Stats,
         console_out: Box<dyn Write + Send>,
     ) -> Result<Self, Error> {
+        let Backends { files, disks, nets } = backends;
         let mut vm = hv.create_vm()?;
         vm.create_platform_devices()?;
         let memory = Arc::new(create_guest_memory(config.memory)?);
@@ -222,7 +247,11 @@ impl Machine {
                     virtio::console::ConsoleInput::new(input_drained.try_clone().map_err(io_err)?)
                         .map_err(io_err)?,
                 );
-                let device = virtio::console::Console::new(console_out, input.clone());
+                let device = virtio::console::Console::new(
+                    console_out,
+                    input.clone(),
+                    stats.device("console0", virtio::console::new_counters),
+                );
                 // The UART stays for the guest to probe, but is connected to nothing.
                 (
                     Box::new(std::io::sink()) as Box<dyn Write + Send>,
@@ -236,17 +265,26 @@ impl Machine {
             input_drained.try_clone().map_err(io_err)?,
             serial_out,
         )));
+        let ged_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err)?;
+        vm.register_irqfd(&ged_irq, irqs::GED)?;
+        let (ged_register, ged) = devices::ged::new(ged_irq);
         let pio = Self::port_bus(&power, serial.clone(), config)?;
+        pio.insert(
+            shared(ged_register),
+            ports::ACPI_GED.into(),
+            ports::ACPI_GED_SIZE.into(),
+        )?;
         let mmio = Arc::new(Bus::new());
         let mut pci = PciBuilder::new(&pio, &mmio, &power, config.memory.0)?;
-        for disk in disks.devices() {
+        for disk in disks.devices(stats) {
             pci.add_virtio(Box::new(disk), &memory, &interrupts, &vm)?;
         }
-        for net in nets.devices() {
+        for net in nets.devices(stats) {
             pci.add_virtio(Box::new(net), &memory, &interrupts, &vm)?;
         }
         if config.rng {
-            pci.add_virtio(Box::new(virtio::rng::Rng::new()), &memory, &interrupts, &vm)?;
+            let rng = virtio::rng::Rng::new(stats.device("rng0", virtio::rng::new_counters));
+            pci.add_virtio(Box::new(rng), &memory, &interrupts, &vm)?;
         }
         if let Some(console) = console_device {
             pci.add_virtio(Box::new(console), &memory, &interrupts, &vm)?;
@@ -271,6 +309,8 @@ impl Machine {
             },
             input_drained,
             power,
+            ged,
+            paused_clock: None,
         })
     }
 
@@ -354,138 +394,6 @@ impl Machine {
             source,
         })?;
         Ok(kernel.entry)
-    }
-
-    /// Runs the guest until it powers off, resets, fails, or the user or a signal stops it.
-    pub fn run(
-        mut self,
-        console: &mut Console,
-        signals: &TerminationSignals,
-    ) -> Result<StopReason, Error> {
-        self.transition(VmState::Running);
-        let stop = Arc::new(AtomicBool::new(false));
-        let (failures_tx, failures) = mpsc::channel();
-        let failure_event = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err)?;
-        let mut handles = Vec::new();
-        let mut result = Ok(StopReason::PowerOff);
-        for vcpu in std::mem::take(&mut self.vcpus) {
-            let runner = VcpuRunner {
-                vcpu,
-                pio: self.pio.clone(),
-                mmio: self.mmio.clone(),
-                power: self.power.try_clone().map_err(io_err)?,
-                stop: stop.clone(),
-                failures: failures_tx.clone(),
-                failure_event: failure_event.try_clone().map_err(io_err)?,
-            };
-            match runner.spawn() {
-                Ok(handle) => handles.push(handle),
-                Err(e) => {
-                    result = Err(e);
-                    break;
-                }
-            }
-        }
-        if result.is_ok() {
-            result = self.control_loop(console, signals, &failures, &failure_event);
-        }
-        tracing::debug!("boot ends: {result:?}");
-        self.transition(VmState::Stopping);
-        vcpu::stop_all(&stop, handles);
-        self.transition(VmState::Stopped);
-        tracing::debug!("all vCPUs stopped");
-        // A vCPU that failed while others were being stopped still explains the end.
-        match (result, failures.try_recv()) {
-            (Ok(StopReason::Reset | StopReason::PowerOff), Ok(failure)) => Err(failure),
-            (result, _) => result,
-        }
-    }
-
-    fn transition(&mut self, to: VmState) {
-        if let Err(e) = self.state.transition(to) {
-            tracing::error!("{e}");
-        }
-    }
-
-    fn feed_console(&self, console: &mut Console) {
-        match &self.console_input {
-            ConsoleTarget::Serial(serial) => {
-                console.deliver(|bytes| lock(serial).enqueue_input(bytes))
-            }
-            ConsoleTarget::Hvc(input) => console.deliver(|bytes| input.enqueue(bytes)),
-        }
-    }
-
-    fn control_loop(
-        &self,
-        console: &mut Console,
-        signals: &TerminationSignals,
-        failures: &Receiver<Error>,
-        failure_event: &EventFd,
-    ) -> Result<StopReason, Error> {
-        const SHUTDOWN: u64 = 0;
-        const RESET: u64 = 1;
-        const VCPU_FAILED: u64 = 2;
-        const INPUT: u64 = 3;
-        const INPUT_DRAINED: u64 = 4;
-        const QUIT: u64 = 5;
-        const SIGNAL: u64 = 6;
-        let epoll = Epoll::new().map_err(Error::ControlLoop)?;
-        let sources: [(RawFd, u64); 7] = [
-            (self.power.shutdown.as_raw_fd(), SHUTDOWN),
-            (self.power.reset.as_raw_fd(), RESET),
-            (failure_event.as_raw_fd(), VCPU_FAILED),
-            (console.input_ready_fd(), INPUT),
-            (self.input_drained.as_raw_fd(), INPUT_DRAINED),
-            (console.quit_fd(), QUIT),
-            (signals.as_raw_fd(), SIGNAL),
-        ];
-        for (fd, token) in sources {
-            epoll
-                .ctl(
-                    ControlOperation::Add,
-                    fd,
-                    EpollEvent::new(EventSet::IN, token),
-                )
-                .map_err(Error::ControlLoop)?;
-        }
-        // Input typed during a previous boot is still waiting.
-        self.feed_console(console);
-        let mut events = vec![EpollEvent::default(); sources.len()];
-        loop {
-            let n = match epoll.wait(-1, &mut events) {
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(Error::ControlLoop(e)),
-            };
-            for event in &events[..n] {
-                match event.data() {
-                    SHUTDOWN => return Ok(StopReason::PowerOff),
-                    RESET => return Ok(StopReason::Reset),
-                    VCPU_FAILED => {
-                        let _ = failure_event.read();
-                        if let Ok(failure) = failures.try_recv() {
-                            return Err(failure);
-                        }
-                    }
-                    INPUT => {
-                        console.collect_input();
-                        self.feed_console(console);
-                    }
-                    INPUT_DRAINED => {
-                        let _ = self.input_drained.read();
-                        self.feed_console(console);
-                    }
-                    QUIT if console.quit_requested() => return Ok(StopReason::Quit),
-                    SIGNAL => {
-                        if let Some(signal) = signals.read().map_err(Error::ControlLoop)? {
-                            return Ok(StopReason::Signal(signal));
-                        }
-                    }
-                    _ => {}
-                }
-            }
-        }
     }
 }
 

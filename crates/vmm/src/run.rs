@@ -1,13 +1,18 @@
 //! `ferro run`: checks the configuration against the host, then boots the machine again and
 //! again for as long as the guest reboots.
 
+use std::path::Path;
+
 use api::{ByteSize, VmConfig};
 use hypervisor::Hypervisor;
 
+use crate::api_server::ApiServer;
 use crate::console::Console;
+use crate::control::Session;
 use crate::error::Error;
-use crate::machine::{BootFiles, Disks, Machine, Nets, StopReason};
+use crate::machine::{Backends, Machine, StopReason};
 use crate::signals::{self, TerminationSignals};
+use crate::stats::Stats;
 use crate::vcpu::HostCpu;
 
 /// How a VM run ended when nothing failed.
@@ -21,13 +26,15 @@ pub enum Outcome {
     Quit,
     /// A termination signal (SIGINT, SIGTERM, SIGHUP) stopped the VM.
     Signal(i32),
+    /// A control-API client stopped the VM.
+    Stopped,
 }
 
 impl Outcome {
     /// The process exit code for this outcome.
     pub fn exit_code(&self) -> i32 {
         match self {
-            Outcome::PoweredOff | Outcome::Rebooted | Outcome::Quit => 0,
+            Outcome::PoweredOff | Outcome::Rebooted | Outcome::Quit | Outcome::Stopped => 0,
             Outcome::Signal(signal) => 128 + signal,
         }
     }
@@ -52,8 +59,13 @@ fn check_host_limits(config: &VmConfig, hv: &Hypervisor) -> Result<(), Error> {
     Ok(())
 }
 
-/// Runs the VM described by `config` with its serial console on `console`.
-pub fn run(config: &VmConfig, console: &mut Console) -> Result<Outcome, Error> {
+/// Runs the VM described by `config` with its serial console on `console`, serving the
+/// control API on `api_socket` if given.
+pub fn run(
+    config: &VmConfig,
+    console: &mut Console,
+    api_socket: Option<&Path>,
+) -> Result<Outcome, Error> {
     config.validate()?;
     if !hypervisor::host_has_hardware_virtualization() {
         tracing::warn!(
@@ -62,29 +74,39 @@ pub fn run(config: &VmConfig, console: &mut Console) -> Result<Outcome, Error> {
     }
     let hv = Hypervisor::open().map_err(Error::Kvm)?;
     check_host_limits(config, &hv)?;
-    let mut files = BootFiles::open(config)?;
-    let disks = Disks::open(config)?;
-    let nets = Nets::open(config)?;
+    let mut backends = Backends::open(config)?;
     let host = HostCpu::probe(&hv)?;
+    let stats = Stats::new(config);
     signals::install_vcpu_kick_handler().map_err(Error::ControlLoop)?;
     let signals = TerminationSignals::block().map_err(Error::ControlLoop)?;
+    // Last step that can fail before the guest runs: a client that sees the socket can use it.
+    let api = api_socket.map(ApiServer::start).transpose()?;
+    let mut session = Session {
+        config,
+        console,
+        signals: &signals,
+        api: api.as_ref().map(|(_, inbox)| inbox),
+        stats: &stats,
+        boots: 0,
+    };
     loop {
         let machine = Machine::build(
             &hv,
             &host,
             config,
-            &mut files,
-            &disks,
-            &nets,
-            console.output(),
+            &mut backends,
+            &stats,
+            session.console.output(),
         )?;
-        tracing::debug!("VM built; starting the guest");
-        match machine.run(console, &signals)? {
+        session.boots += 1;
+        tracing::debug!("VM built; starting the guest (boot {})", session.boots);
+        match machine.run(&mut session)? {
             StopReason::PowerOff => return Ok(Outcome::PoweredOff),
             StopReason::Reset if config.no_reboot => return Ok(Outcome::Rebooted),
             StopReason::Reset => tracing::info!("guest reset; booting again"),
             StopReason::Quit => return Ok(Outcome::Quit),
             StopReason::Signal(signal) => return Ok(Outcome::Signal(signal)),
+            StopReason::Stopped => return Ok(Outcome::Stopped),
         }
     }
 }

@@ -6,7 +6,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -15,6 +15,7 @@ use arch::cpuid::CpuidConfig;
 use devices::bus::Bus;
 use devices::PowerEvents;
 use hypervisor::{CpuidEntry, SystemEvent, Vcpu, VcpuExit};
+use virtio::counters::Counters;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::Killable;
 
@@ -88,6 +89,112 @@ pub(crate) fn configure(
     Ok(())
 }
 
+/// Exit counters of a vCPU (indexes into [`EXIT_NAMES`]).
+mod exit {
+    pub const IO_IN: usize = 0;
+    pub const IO_OUT: usize = 1;
+    pub const MMIO_READ: usize = 2;
+    pub const MMIO_WRITE: usize = 3;
+    pub const INTERRUPTED: usize = 4;
+    pub const SYSTEM_EVENT: usize = 5;
+    pub const FAILURE: usize = 6;
+}
+
+const EXIT_NAMES: &[&str] = &[
+    "io_in",
+    "io_out",
+    "mmio_read",
+    "mmio_write",
+    "interrupted",
+    "system_event",
+    "failure",
+];
+
+/// Fresh exit counters for one vCPU.
+pub(crate) fn new_exit_counters() -> Arc<Counters> {
+    Counters::new("vcpu", EXIT_NAMES)
+}
+
+/// Parks vCPU threads between two `KVM_RUN`s while the VM is paused.
+#[derive(Debug, Default)]
+pub(crate) struct VcpuGate {
+    state: Mutex<GateState>,
+    changed: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct GateState {
+    paused: bool,
+    /// Threads waiting at the gate.
+    parked: usize,
+    /// Stopping: nobody waits any more.
+    released: bool,
+}
+
+/// How long pausing may take before it is given up (a vCPU stuck in the kernel).
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl VcpuGate {
+    fn lock(&self) -> std::sync::MutexGuard<'_, GateState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Called by a vCPU thread before each `KVM_RUN`: waits while the VM is paused.
+    fn pass(&self) {
+        let mut state = self.lock();
+        if !state.paused || state.released {
+            return;
+        }
+        state.parked += 1;
+        self.changed.notify_all();
+        while state.paused && !state.released {
+            state = self
+                .changed
+                .wait(state)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        state.parked -= 1;
+    }
+
+    /// Stops every running vCPU thread at the gate; returns once all are parked, or false
+    /// (and lets them run again) if they did not park within [`PAUSE_TIMEOUT`].
+    pub fn pause(&self, handles: &[JoinHandle<()>]) -> bool {
+        self.lock().paused = true;
+        let deadline = Instant::now() + PAUSE_TIMEOUT;
+        loop {
+            let running: Vec<_> = handles.iter().filter(|h| !h.is_finished()).collect();
+            if self.lock().parked >= running.len() {
+                return true;
+            }
+            if Instant::now() > deadline {
+                self.resume();
+                return false;
+            }
+            // A kick can land just before a thread enters KVM_RUN: kick until it parks.
+            for handle in running {
+                let _ = handle.kill(signals::vcpu_kick_signal());
+            }
+            let state = self.lock();
+            let _ = self
+                .changed
+                .wait_timeout(state, Duration::from_millis(1))
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+
+    /// Lets parked vCPU threads run again.
+    pub fn resume(&self) {
+        self.lock().paused = false;
+        self.changed.notify_all();
+    }
+
+    /// Opens the gate for good (the VM is stopping).
+    fn release(&self) {
+        self.lock().released = true;
+        self.changed.notify_all();
+    }
+}
+
 /// Everything a vCPU thread needs.
 pub(crate) struct VcpuRunner {
     pub vcpu: Vcpu,
@@ -95,6 +202,8 @@ pub(crate) struct VcpuRunner {
     pub mmio: Arc<Bus>,
     pub power: PowerEvents,
     pub stop: Arc<AtomicBool>,
+    pub gate: Arc<VcpuGate>,
+    pub exits: Arc<Counters>,
     pub failures: Sender<Error>,
     pub failure_event: EventFd,
 }
@@ -116,7 +225,12 @@ impl VcpuRunner {
 
     fn run(mut self) {
         while !self.stop.load(Ordering::Acquire) {
+            self.gate.pass();
+            if self.stop.load(Ordering::Acquire) {
+                break;
+            }
             if let Next::Fail(error) = self.run_once() {
+                self.exits.add(exit::FAILURE, 1);
                 tracing::debug!("vCPU {} stops: {error}", self.vcpu.id());
                 let _ = self.failures.send(error);
                 let _ = self.failure_event.write(1);
@@ -131,6 +245,18 @@ impl VcpuRunner {
             Ok(exit) => exit,
             Err(source) => return Next::Fail(Error::VcpuRun { id, source }),
         };
+        let counted = match &exit {
+            VcpuExit::IoIn { .. } => Some(exit::IO_IN),
+            VcpuExit::IoOut { .. } => Some(exit::IO_OUT),
+            VcpuExit::MmioRead { .. } => Some(exit::MMIO_READ),
+            VcpuExit::MmioWrite { .. } => Some(exit::MMIO_WRITE),
+            VcpuExit::Interrupted => Some(exit::INTERRUPTED),
+            VcpuExit::SystemEvent(_) => Some(exit::SYSTEM_EVENT),
+            _ => None,
+        };
+        if let Some(index) = counted {
+            self.exits.add(index, 1);
+        }
         let failure = match exit {
             VcpuExit::IoIn { port, data } => {
                 if !self.pio.read(u64::from(port), data) {
@@ -216,10 +342,11 @@ enum GuestFailure {
 /// How long stopping vCPU threads may take before the VMM gives up waiting for them.
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Stops every vCPU thread: sets the stop flag and kicks each thread until it has left
-/// `KVM_RUN` (a single kick could arrive just before a thread enters `KVM_RUN`).
-pub(crate) fn stop_all(stop: &AtomicBool, handles: Vec<JoinHandle<()>>) {
+/// Stops every vCPU thread: sets the stop flag, opens the pause gate and kicks each thread
+/// until it has left `KVM_RUN` (a single kick could arrive just before a thread enters it).
+pub(crate) fn stop_all(stop: &AtomicBool, gate: &VcpuGate, handles: Vec<JoinHandle<()>>) {
     stop.store(true, Ordering::Release);
+    gate.release();
     let deadline = Instant::now() + STOP_TIMEOUT;
     loop {
         let running: Vec<_> = handles.iter().filter(|h| !h.is_finished()).collect();
