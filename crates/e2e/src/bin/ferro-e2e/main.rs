@@ -10,6 +10,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use e2e::{ferro_bin, Finished, GuestImages, Vm, READY};
 use libtest_mimic::{Arguments, Failed, Trial};
 
+mod vm_api;
+
 /// Upper bound for one boot to the ready line (nested, emulated hardware is slow).
 const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
 /// Bytes of RAM below 1 MiB that are not usable (EBDA and the legacy hole), see e820.
@@ -718,6 +720,11 @@ fn main() {
         Trial::test("virtio::rng", rng_feeds_hwrng),
         Trial::test("virtio::hvc_console", hvc_console_shell_answers),
         Trial::test("virtio::net_ping_and_tcp", net_ping_and_32m_tcp_both_ways),
+        Trial::test(
+            "api::pause_resume_and_power_button",
+            vm_api::pause_resume_and_power_button,
+        ),
+        Trial::test("api::reset_and_stop", vm_api::reset_and_stop),
     ];
     // Each test boots a VM; running them one at a time keeps timings and memory predictable.
     let args = Arguments {
