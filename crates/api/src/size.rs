@@ -87,7 +87,7 @@ impl fmt::Display for ByteSize {
             (Self::MIB, "M"),
             (Self::KIB, "K"),
         ] {
-            if self.0 >= unit && self.0 % unit == 0 {
+            if self.0 >= unit && self.0.is_multiple_of(unit) {
                 return write!(f, "{}{suffix}", self.0 / unit);
             }
         }

@@ -236,7 +236,7 @@ pub fn resize(path: &Path, size: u64) -> Result<(), ManageError> {
             source,
         }
     };
-    if size % 512 != 0 {
+    if !size.is_multiple_of(512) {
         return Err(ManageError::Usage(
             "the size must be a multiple of 512 bytes".into(),
         ));

@@ -236,7 +236,7 @@ impl PciConfiguration {
     /// Reads `data.len()` bytes (1, 2 or 4, naturally aligned) at `offset`; anything else
     /// reads as all ones.
     pub fn read(&self, offset: usize, data: &mut [u8]) {
-        let aligned = matches!(data.len(), 1 | 2 | 4) && offset % data.len() == 0;
+        let aligned = matches!(data.len(), 1 | 2 | 4) && offset.is_multiple_of(data.len());
         if !aligned || offset + data.len() > CONFIG_SPACE_SIZE {
             data.fill(0xff);
             return;
@@ -262,7 +262,7 @@ impl PciConfiguration {
     /// A guest write: only the bits the write masks allow change. Misaligned or odd-sized
     /// writes are ignored.
     pub fn write(&mut self, offset: usize, data: &[u8]) {
-        let aligned = matches!(data.len(), 1 | 2 | 4) && offset % data.len() == 0;
+        let aligned = matches!(data.len(), 1 | 2 | 4) && offset.is_multiple_of(data.len());
         if !aligned || offset + data.len() > CONFIG_SPACE_SIZE {
             return;
         }

@@ -184,7 +184,7 @@ impl MsixConfig {
 
     /// Entry index and field (dword within the entry) of an aligned 4- or 8-byte access.
     fn locate(&self, offset: u64, len: usize) -> Option<(usize, usize)> {
-        if !(len == 4 || len == 8) || offset % len as u64 != 0 {
+        if !(len == 4 || len == 8) || !offset.is_multiple_of(len as u64) {
             return None;
         }
         let entry = usize::try_from(offset / TABLE_ENTRY_SIZE).ok()?;
@@ -195,7 +195,7 @@ impl MsixConfig {
     /// A guest read of the pending-bit array.
     pub fn read_pba(&self, offset: u64, data: &mut [u8]) {
         data.fill(0);
-        if !(data.len() == 4 || data.len() == 8) || offset % data.len() as u64 != 0 {
+        if !(data.len() == 4 || data.len() == 8) || !offset.is_multiple_of(data.len() as u64) {
             return;
         }
         let Some(qword) = self.pending.get((offset / 8) as usize) else {

@@ -393,7 +393,7 @@ impl Executor {
             .checked_mul(SECTOR_SIZE)
             .ok_or(Status(status::IOERR))?;
         let end = offset.checked_add(len).ok_or(Status(status::IOERR))?;
-        if len % SECTOR_SIZE != 0 || end > lock(&self.disk).size() {
+        if !len.is_multiple_of(SECTOR_SIZE) || end > lock(&self.disk).size() {
             return Err(Status(status::IOERR));
         }
         Ok(offset)
@@ -440,7 +440,7 @@ impl Executor {
         }
         let len = block::slices_len(&request.input);
         let count = len / SEGMENT_LEN;
-        if len % SEGMENT_LEN != 0 || count == 0 {
+        if !len.is_multiple_of(SEGMENT_LEN) || count == 0 {
             return Err(Status(status::UNSUPP));
         }
         if count > u64::from(MAX_SEGMENTS) {

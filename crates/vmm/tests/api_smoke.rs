@@ -23,14 +23,14 @@ use http_unix::Client;
 use openapi_check::OpenApi;
 use vmm::{Console, Error, Outcome};
 
-/// Loops reading the GED event register (port 0x604) until the power-button bit is set, then
-/// prints "P" and powers off.
+/// Polls the GED event register until the power button is pressed, then prints "P" and
+/// powers off.
 fn power_button_guest() -> Vec<u8> {
-    let mut code = vec![0x66, 0xba, 0x04, 0x06]; // mov dx, 0x604
-    code.extend_from_slice(&[0xec, 0xa8, 0x01, 0x74, 0xfb]); // in al,dx; test al,1; jz -5
-    code.extend_from_slice(&asm::serial(b"P"));
-    code.extend_from_slice(asm::POWEROFF);
-    test_images::bzimage(&asm::program(&[&code]))
+    test_images::bzimage(&asm::program(&[
+        asm::WAIT_FOR_POWER_BUTTON,
+        &asm::serial(b"P"),
+        asm::POWEROFF,
+    ]))
 }
 
 fn openapi() -> OpenApi {

@@ -219,7 +219,7 @@ impl Header {
             header.header_length = be32(first, 100);
             if header.header_length < 104
                 || header.header_length as u64 > cluster_size.min(first.len() as u64)
-                || header.header_length % 8 != 0
+                || !header.header_length.is_multiple_of(8)
             {
                 return Err(HeaderError::HeaderLength(header.header_length));
             }
@@ -258,7 +258,7 @@ impl Header {
                 return Err(HeaderError::Unaligned { what, offset });
             }
         }
-        if self.nb_snapshots > 0 && self.snapshots_offset % cluster_size != 0 {
+        if self.nb_snapshots > 0 && !self.snapshots_offset.is_multiple_of(cluster_size) {
             return Err(HeaderError::Unaligned {
                 what: "the snapshot table",
                 offset: self.snapshots_offset,

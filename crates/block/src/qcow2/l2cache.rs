@@ -61,7 +61,7 @@ impl L2Cache {
     /// The table at `offset`, loaded if needed.
     pub fn table(&mut self, file: &File, offset: u64) -> io::Result<&[u64]> {
         if !self.tables.contains_key(&offset) {
-            if offset % self.cluster_size != 0 {
+            if !offset.is_multiple_of(self.cluster_size) {
                 return Err(corrupt(format!("L2 table at unaligned offset {offset:#x}")));
             }
             let mut raw = vec![0u8; self.cluster_size as usize];

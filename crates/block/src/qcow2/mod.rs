@@ -208,7 +208,7 @@ impl Qcow2Image {
     fn l2_table_offset(&self, l1_index: usize) -> io::Result<u64> {
         let entry = self.l1.get(l1_index).copied().unwrap_or(0);
         let offset = entry & OFFSET_MASK;
-        if offset % self.cluster_size() != 0 {
+        if !offset.is_multiple_of(self.cluster_size()) {
             return Err(corrupt(format!("L2 table at unaligned offset {offset:#x}")));
         }
         Ok(offset)
@@ -224,7 +224,7 @@ impl Qcow2Image {
         }
         let host = entry & OFFSET_MASK;
         if self.header.version >= 3 && entry & ZERO != 0 {
-            if host % self.cluster_size() != 0 {
+            if !host.is_multiple_of(self.cluster_size()) {
                 return Err(corrupt(format!(
                     "zero cluster at unaligned offset {host:#x}"
                 )));
@@ -236,7 +236,7 @@ impl Qcow2Image {
         if host == 0 {
             return Ok(Mapping::Unallocated);
         }
-        if host % self.cluster_size() != 0 {
+        if !host.is_multiple_of(self.cluster_size()) {
             return Err(corrupt(format!(
                 "data cluster at unaligned offset {host:#x}"
             )));

@@ -138,7 +138,7 @@ impl Refcounts {
 
     fn block(&mut self, file: &File, offset: u64) -> io::Result<&mut Vec<u8>> {
         if !self.blocks.contains_key(&offset) {
-            if offset % self.cluster_size() != 0 {
+            if !offset.is_multiple_of(self.cluster_size()) {
                 return Err(corrupt(format!(
                     "refcount block at unaligned offset {offset:#x}"
                 )));

@@ -110,7 +110,7 @@ pub fn parse_table(raw: &[u8], count: u32, cluster_size: u64) -> io::Result<Vec<
         if extra_len > MAX_EXTRA {
             return Err(bad("too much extra data"));
         }
-        if l1_table_offset % cluster_size != 0 || u64::from(l1_size) * 8 > header::MAX_L1_BYTES {
+        if !l1_table_offset.is_multiple_of(cluster_size) || u64::from(l1_size) * 8 > header::MAX_L1_BYTES {
             return Err(bad("invalid L1 table"));
         }
         let extra_start = at + ENTRY_HEADER;
@@ -282,7 +282,7 @@ impl Qcow2Image {
 
     /// Reads an L1 table of `entries` entries at `offset`.
     fn read_l1(&self, offset: u64, entries: u32) -> io::Result<Vec<u64>> {
-        if u64::from(entries) * 8 > header::MAX_L1_BYTES || offset % self.cluster_size() != 0 {
+        if u64::from(entries) * 8 > header::MAX_L1_BYTES || !offset.is_multiple_of(self.cluster_size()) {
             return Err(corrupt(format!("invalid L1 table at {offset:#x}")));
         }
         let len = u64::from(entries) * 8;
@@ -306,7 +306,7 @@ impl Qcow2Image {
             if table == 0 {
                 continue;
             }
-            if table % self.cluster_size() != 0 {
+            if !table.is_multiple_of(self.cluster_size()) {
                 return Err(corrupt(format!("L2 table at unaligned offset {table:#x}")));
             }
             let entries = self.l2.table(&self.file, table)?.to_vec();
