@@ -2,6 +2,7 @@
 //! bodies of the control APIs, and how sizes are written. Plain data with serde; no I/O, no
 //! threads.
 
+pub mod daemon_api;
 pub mod image;
 pub mod net;
 pub mod options;

@@ -102,6 +102,16 @@ impl NetConfig {
     }
 }
 
+impl NetConfig {
+    /// The `--net` option string that parses back into this interface.
+    pub fn to_option_string(&self) -> String {
+        match &self.mac {
+            Some(mac) => format!("tap={},mac={mac}", self.tap),
+            None => format!("tap={}", self.tap),
+        }
+    }
+}
+
 impl std::str::FromStr for NetConfig {
     type Err = OptionError;
 
@@ -126,6 +136,24 @@ impl std::str::FromStr for NetConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn option_strings_round_trip() {
+        for text in ["tap=tap0", "tap=t1,mac=52:54:00:12:34:56"] {
+            let net: NetConfig = text.parse().unwrap();
+            assert_eq!(net.to_option_string(), text);
+        }
+        let disk: crate::DiskConfig = "path=/a,,b.img,readonly=on,serial=x,,y,format=raw"
+            .parse()
+            .unwrap();
+        assert_eq!(disk.path.to_str(), Some("/a,b.img"));
+        assert_eq!(
+            disk.to_option_string()
+                .parse::<crate::DiskConfig>()
+                .unwrap(),
+            disk
+        );
+    }
 
     #[test]
     fn mac_addresses() {

@@ -27,6 +27,11 @@ pub struct Options {
     known: &'static [&'static str],
 }
 
+/// Writes `value` for an option string (a comma becomes `,,`).
+pub fn escape(value: &str) -> String {
+    value.replace(',', ",,")
+}
+
 fn split_unescaped(text: &str) -> Vec<String> {
     let mut parts = Vec::new();
     let mut current = String::new();

@@ -66,6 +66,26 @@ pub struct DiskConfig {
     pub format: Option<String>,
 }
 
+impl DiskConfig {
+    /// The `--disk` option string that parses back into this disk.
+    pub fn to_option_string(&self) -> String {
+        let mut text = format!(
+            "path={}",
+            crate::options::escape(&self.path.to_string_lossy())
+        );
+        if self.readonly {
+            text.push_str(",readonly=on");
+        }
+        if let Some(serial) = &self.serial {
+            text.push_str(&format!(",serial={}", crate::options::escape(serial)));
+        }
+        if let Some(format) = &self.format {
+            text.push_str(&format!(",format={}", crate::options::escape(format)));
+        }
+        text
+    }
+}
+
 /// Longest disk serial (virtio-blk GET_ID).
 pub const MAX_SERIAL_LEN: usize = 20;
 
@@ -198,7 +218,7 @@ impl VmConfig {
         if self.memory < MIN_MEMORY {
             return Err(ConfigError::MemoryTooSmall(self.memory));
         }
-        if self.memory.0 % 4096 != 0 {
+        if !self.memory.0.is_multiple_of(4096) {
             return Err(ConfigError::MemoryNotPageAligned(self.memory));
         }
         let mut taps = std::collections::BTreeSet::new();

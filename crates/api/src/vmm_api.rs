@@ -79,3 +79,17 @@ pub struct DeviceCounters {
 pub struct ErrorBody {
     pub error: String,
 }
+
+/// What `ferro run --exit-report FILE` writes when the VMM exits: how the VM ended, for a
+/// supervisor (the daemon) that may not be the VMM's parent and cannot read its exit status.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExitReport {
+    /// The process exit code.
+    pub code: i32,
+    /// `powered-off`, `rebooted`, `quit`, `stopped`, `signal`, or `error`.
+    pub outcome: String,
+    /// The error, for `error`.
+    #[serde(default)]
+    pub error: Option<String>,
+}
