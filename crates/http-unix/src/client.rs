@@ -1,6 +1,6 @@
 //! Client side: one request per connection (`Connection: close`).
 
-use std::io::{self, BufReader, Write};
+use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -25,6 +25,86 @@ impl ClientResponse {
     /// The body as text (lossy), for messages.
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// A response's status line and headers, read; the body is next on `reader`.
+struct Head {
+    status: u16,
+    reader: BufReader<UnixStream>,
+    len: usize,
+    chunked: bool,
+}
+
+/// A response body as it arrives: chunked transfer coding is undone; otherwise bytes until
+/// the server closes the connection.
+#[derive(Debug)]
+pub struct BodyReader {
+    inner: BufReader<UnixStream>,
+    chunked: bool,
+    /// Bytes left in the current chunk.
+    remaining: u64,
+    done: bool,
+}
+
+impl BodyReader {
+    fn new(inner: BufReader<UnixStream>, chunked: bool) -> Self {
+        BodyReader {
+            inner,
+            chunked,
+            remaining: 0,
+            done: false,
+        }
+    }
+
+    fn line(&mut self) -> io::Result<String> {
+        let mut line = String::new();
+        (&mut self.inner).take(1024).read_line(&mut line)?;
+        if !line.ends_with('\n') {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "bad chunk framing",
+            ));
+        }
+        Ok(line.trim_end().to_string())
+    }
+
+    /// Reads the next chunk-size line; false at the last chunk.
+    fn next_chunk(&mut self) -> io::Result<bool> {
+        let line = self.line()?;
+        let size = line.split(';').next().unwrap_or("").trim();
+        self.remaining = u64::from_str_radix(size, 16)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "bad chunk size"))?;
+        if self.remaining == 0 {
+            while !self.line()?.is_empty() {} // trailers
+            return Ok(false);
+        }
+        Ok(true)
+    }
+}
+
+impl Read for BodyReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if !self.chunked {
+            return self.inner.read(buf);
+        }
+        if self.done || buf.is_empty() {
+            return Ok(0);
+        }
+        if self.remaining == 0 && !self.next_chunk()? {
+            self.done = true;
+            return Ok(0);
+        }
+        let want = buf.len().min(self.remaining as usize);
+        let n = self.inner.read(&mut buf[..want])?;
+        if n == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        self.remaining -= n as u64;
+        if self.remaining == 0 {
+            self.line()?; // the CRLF after the chunk
+        }
+        Ok(n)
     }
 }
 
@@ -71,28 +151,33 @@ impl Client {
         path: &str,
         body: Option<&[u8]>,
     ) -> Result<ClientResponse, ClientError> {
-        let (status, mut reader, len) = self.send(method, path, body)?;
-        let body = read_body(&mut reader, len).map_err(|source| self.bad(source))?;
+        let head = self.send(method, path, body)?;
+        let status = head.status;
+        let body = if head.chunked {
+            let mut body = Vec::new();
+            BodyReader::new(head.reader, true)
+                .take(crate::MAX_BODY as u64 + 1)
+                .read_to_end(&mut body)
+                .map_err(|source| self.bad(HttpError::Io(source)))?;
+            if body.len() > crate::MAX_BODY {
+                return Err(self.bad(HttpError::BodyTooLarge));
+            }
+            body
+        } else {
+            let mut reader = head.reader;
+            read_body(&mut reader, head.len).map_err(|source| self.bad(source))?
+        };
         Ok(ClientResponse { status, body })
     }
 
-    /// Sends a request and returns the status and the connection positioned at the body, for
-    /// responses that stream (read until the server closes).
-    pub fn stream(
-        &self,
-        method: &str,
-        path: &str,
-    ) -> Result<(u16, BufReader<UnixStream>), ClientError> {
-        let (status, reader, _) = self.send(method, path, None)?;
-        Ok((status, reader))
+    /// Sends a request and returns the status and a reader of the body as it arrives, for
+    /// responses that stream (chunked, or until the server closes).
+    pub fn stream(&self, method: &str, path: &str) -> Result<(u16, BodyReader), ClientError> {
+        let head = self.send(method, path, None)?;
+        Ok((head.status, BodyReader::new(head.reader, head.chunked)))
     }
 
-    fn send(
-        &self,
-        method: &str,
-        path: &str,
-        body: Option<&[u8]>,
-    ) -> Result<(u16, BufReader<UnixStream>, usize), ClientError> {
+    fn send(&self, method: &str, path: &str, body: Option<&[u8]>) -> Result<Head, ClientError> {
         let stream = UnixStream::connect(&self.socket).map_err(|source| ClientError::Connect {
             path: self.socket.clone(),
             source,
@@ -131,8 +216,23 @@ impl Client {
         let status = response
             .code
             .ok_or_else(|| self.bad(HttpError::Malformed("no status".into())))?;
-        let len = content_length(response.headers).map_err(|source| self.bad(source))?;
-        Ok((status, reader, len))
+        let chunked = response.headers.iter().any(|h| {
+            h.name.eq_ignore_ascii_case("transfer-encoding")
+                && String::from_utf8_lossy(h.value)
+                    .to_ascii_lowercase()
+                    .contains("chunked")
+        });
+        let len = if chunked {
+            0
+        } else {
+            content_length(response.headers).map_err(|source| self.bad(source))?
+        };
+        Ok(Head {
+            status,
+            reader,
+            len,
+            chunked,
+        })
     }
 
     fn bad(&self, source: HttpError) -> ClientError {
@@ -166,6 +266,36 @@ mod tests {
         let response = client.request("PUT", "/x", Some(b"{}")).unwrap();
         assert_eq!(response.status, 200);
         assert_eq!(response.text(), "/x{}");
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn chunked_bodies_are_decoded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("api.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let server = std::thread::spawn(move || {
+            for _ in 0..2 {
+                let (mut stream, _) = listener.accept().unwrap();
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                read_request(&mut reader).unwrap().unwrap();
+                stream
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n\
+                          6\r\nhello \r\n5;x=y\r\nworld\r\n0\r\n\r\n",
+                    )
+                    .unwrap();
+            }
+        });
+        let client = Client::new(&path, Some(Duration::from_secs(5)));
+        assert_eq!(
+            client.request("GET", "/", None).unwrap().text(),
+            "hello world"
+        );
+        let (status, mut body) = client.stream("GET", "/").unwrap();
+        let mut text = String::new();
+        body.read_to_string(&mut text).unwrap();
+        assert_eq!((status, text.as_str()), (200, "hello world"));
         server.join().unwrap();
     }
 

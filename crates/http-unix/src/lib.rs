@@ -10,7 +10,7 @@
 mod client;
 mod message;
 
-pub use client::{Client, ClientError, ClientResponse};
+pub use client::{BodyReader, Client, ClientError, ClientResponse};
 pub use message::{read_request, write_response, HttpError, Method, Request, Response};
 
 /// Largest request or response head (request line and headers) accepted.
