@@ -80,10 +80,31 @@ pub struct RunArgs {
     /// Unix socket: info, counters, pause, resume, power button, reset, stop.
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
+
+    /// Serve the console on this Unix socket instead of the terminal: clients see the guest's
+    /// output live and type to it (`ferro vm console` is such a client).
+    #[arg(long, value_name = "PATH")]
+    console_socket: Option<PathBuf>,
+
+    /// Append the guest's console output to this file instead of the terminal.
+    #[arg(long, value_name = "PATH")]
+    console_log: Option<PathBuf>,
+
+    /// When the VMM exits, write how the VM ended (exit code, outcome, error) to this file as
+    /// JSON, for supervisors that cannot wait for the process.
+    #[arg(long, value_name = "PATH")]
+    exit_report: Option<PathBuf>,
+}
+
+/// How `ferro run` is wired to the outside, apart from the VM itself.
+struct Wiring {
+    api_socket: Option<PathBuf>,
+    console: vmm::ConsoleHubConfig,
+    exit_report: Option<PathBuf>,
 }
 
 impl RunArgs {
-    fn into_config(self) -> (VmConfig, Option<PathBuf>) {
+    fn into_config(self) -> (VmConfig, Wiring) {
         let config = VmConfig {
             kernel: self.kernel,
             initrd: self.initrd,
@@ -96,40 +117,83 @@ impl RunArgs {
             console: self.console,
             nets: self.net,
         };
-        (config, self.api_socket)
+        let wiring = Wiring {
+            api_socket: self.api_socket,
+            console: vmm::ConsoleHubConfig {
+                socket: self.console_socket,
+                log: self.console_log,
+            },
+            exit_report: self.exit_report,
+        };
+        (config, wiring)
     }
-}
-
-fn fail(code: vmm::ExitCode, message: &str) -> ExitCode {
-    eprintln!("ferro: error: {message}");
-    ExitCode::from(code as u8)
 }
 
 pub fn run(args: RunArgs) -> ExitCode {
-    let (config, api_socket) = args.into_config();
+    let (config, wiring) = args.into_config();
+    let (code, outcome, error) = run_vm(&config, &wiring);
+    if let Some(path) = &wiring.exit_report {
+        let report = api::vmm_api::ExitReport {
+            code: i32::from(code),
+            outcome: outcome.into(),
+            error,
+        };
+        let written = serde_json::to_vec(&report)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| std::fs::write(path, bytes));
+        if let Err(e) = written {
+            eprintln!("ferro: error: cannot write {}: {e}", path.display());
+        }
+    }
+    ExitCode::from(code)
+}
+
+fn outcome_name(outcome: vmm::Outcome) -> &'static str {
+    match outcome {
+        vmm::Outcome::PoweredOff => "powered-off",
+        vmm::Outcome::Rebooted => "rebooted",
+        vmm::Outcome::Quit => "quit",
+        vmm::Outcome::Stopped => "stopped",
+        vmm::Outcome::Signal(_) => "signal",
+    }
+}
+
+/// Runs the VM; returns the exit code, the outcome's name and the error printed, if any.
+fn run_vm(config: &VmConfig, wiring: &Wiring) -> (u8, &'static str, Option<String>) {
+    let failed = |code: vmm::ExitCode, message: String| {
+        eprintln!("ferro: error: {message}");
+        (code as u8, "error", Some(message))
+    };
     // Refuse a bad configuration before touching the terminal.
     if let Err(e) = config.validate() {
-        return fail(vmm::ExitCode::Usage, &e.to_string());
+        return failed(vmm::ExitCode::Usage, e.to_string());
     }
-    let mut console = match vmm::Console::stdio() {
+    let hub = wiring.console.socket.is_some() || wiring.console.log.is_some();
+    let console = if hub {
+        vmm::ConsoleHub::start(&wiring.console).map(|(hub, console)| (Some(hub), console))
+    } else {
+        vmm::Console::stdio().map(|console| (None, console))
+    };
+    let (hub, mut console) = match console {
         Ok(console) => console,
         Err(e) => {
-            return fail(
+            return failed(
                 vmm::ExitCode::VmmError,
-                &format!("cannot set up the console: {e}"),
+                format!("cannot set up the console: {e}"),
             )
         }
     };
-    let result = vmm::run(&config, &mut console, api_socket.as_deref());
+    let result = vmm::run(config, &mut console, wiring.api_socket.as_deref());
     drop(console); // restores the terminal before anything is printed
+    drop(hub);
     match result {
-        Ok(outcome) => ExitCode::from(outcome.exit_code() as u8),
+        Ok(outcome) => (outcome.exit_code() as u8, outcome_name(outcome), None),
         Err(e) => {
-            let code = fail(e.exit_code(), &error_chain(&e));
+            let failure = failed(e.exit_code(), error_chain(&e));
             if let Some(registers) = e.guest_registers() {
                 eprintln!("{registers}");
             }
-            code
+            failure
         }
     }
 }

@@ -68,13 +68,14 @@ fn restore_termios(fd: RawFd, termios: &libc::termios) {
 
 /// Raw mode on a terminal for as long as the value lives (and across panics).
 #[derive(Debug)]
-struct RawMode {
+pub struct RawMode {
     fd: RawFd,
     original: libc::termios,
 }
 
 impl RawMode {
-    fn enable(fd: RawFd) -> io::Result<Self> {
+    /// Puts the terminal `fd` in raw mode until the value is dropped.
+    pub fn enable(fd: RawFd) -> io::Result<Self> {
         // SAFETY: termios is plain data, filled by tcgetattr before use.
         let mut original: libc::termios = unsafe { std::mem::zeroed() };
         // SAFETY: `fd` is open; `original` is a valid out-pointer.

@@ -11,6 +11,7 @@
 
 mod api_server;
 mod console;
+mod console_hub;
 mod control;
 mod error;
 mod interrupts;
@@ -24,6 +25,7 @@ mod vcpu;
 
 pub use api::{InvalidTransition, VmState};
 pub use api_server::ApiSocketError;
-pub use console::{Console, ESCAPE_HELP};
+pub use console::{Console, RawMode, ESCAPE_HELP};
+pub use console_hub::{ConsoleHub, ConsoleHubConfig};
 pub use error::{Error, ExitCode};
 pub use run::{run, Outcome};
