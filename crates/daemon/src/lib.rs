@@ -1,0 +1,44 @@
+//! `ferro daemon`: libvirt's role for Ferro. It keeps VM definitions under a state directory,
+//! runs each started VM as its own `ferro run` process (controlled only through that process's
+//! API socket), watches those processes, and serves a REST API on a Unix socket.
+//!
+//! Threads: one tokio current-thread runtime. Blocking work (talking to a VMM's API, starting
+//! a process, reading /proc) runs on tokio's blocking pool. Each mutating operation runs as its
+//! own task, so a client that disconnects mid-request cannot leave it half done; per VM, one
+//! operation at a time (others get 409). VMMs live in their own sessions: stopping or
+//! restarting the daemon leaves them running, and the next daemon adopts them.
+
+mod error;
+mod host;
+mod process;
+mod server;
+mod store;
+mod supervisor;
+
+use std::path::PathBuf;
+
+pub use error::DaemonError;
+pub use store::parse_definition;
+
+/// Default Unix socket of the daemon.
+pub const DEFAULT_SOCKET: &str = "/run/ferro/ferro.sock";
+/// Default state directory.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/ferro";
+
+/// How the daemon is run.
+#[derive(Debug, Clone)]
+pub struct DaemonOptions {
+    pub socket: PathBuf,
+    pub state_dir: PathBuf,
+    /// The `ferro` binary that runs VMs (normally this very executable).
+    pub ferro: PathBuf,
+}
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub fn run(options: DaemonOptions) -> Result<(), DaemonError> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(DaemonError::Runtime)?;
+    runtime.block_on(server::serve(options))
+}

@@ -1,0 +1,263 @@
+//! The REST API (`docs/api/daemon.openapi.json`) on the daemon's Unix socket, and the
+//! daemon's start and stop.
+
+use std::convert::Infallible;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use api::daemon_api::{AutostartRequest, ShutdownRequest, VmDefinition, VmStats};
+use axum::body::{Body, Bytes};
+use axum::extract::{Path as UrlPath, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use tokio::net::UnixListener;
+use tokio_stream::wrappers::BroadcastStream;
+use tokio_stream::StreamExt;
+
+use crate::error::{ApiError, DaemonError};
+use crate::store::Store;
+use crate::supervisor::{self, Control, Supervisor};
+use crate::{host, DaemonOptions};
+
+type Shared = Arc<Supervisor>;
+
+pub async fn serve(options: DaemonOptions) -> Result<(), DaemonError> {
+    let store = Store::open(&options.state_dir)?;
+    let listener = listen(&options.socket)?;
+    let supervisor = Supervisor::new(store, options.ferro.clone());
+    supervisor.adopt().await;
+    tracing::info!("serving on {}", options.socket.display());
+    let autostart = supervisor.clone();
+    tokio::spawn(async move { autostart.autostart().await });
+    let served = axum::serve(listener, router(supervisor))
+        .with_graceful_shutdown(termination())
+        .await;
+    let _ = std::fs::remove_file(&options.socket);
+    served.map_err(DaemonError::Serve)
+}
+
+/// Binds the socket: mode 0660, group `ferro` when it exists; a stale file is replaced.
+fn listen(path: &Path) -> Result<UnixListener, DaemonError> {
+    let err = |source| DaemonError::Listen {
+        path: path.to_path_buf(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(err)?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(DaemonError::InUse(path.to_path_buf()));
+        }
+        std::fs::remove_file(path).map_err(err)?;
+    }
+    let listener = UnixListener::bind(path).map_err(err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(err)?;
+    set_group(path, "ferro");
+    Ok(listener)
+}
+
+fn set_group(path: &Path, group: &str) {
+    let Ok(group) = std::ffi::CString::new(group) else {
+        return;
+    };
+    // SAFETY: getgrnam reads a NUL-terminated name and returns a pointer into static storage
+    // (or null); only the gid is read, at once.
+    let gid = unsafe {
+        let entry = libc::getgrnam(group.as_ptr());
+        if entry.is_null() {
+            return;
+        }
+        (*entry).gr_gid
+    };
+    let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return;
+    };
+    // SAFETY: chown with a valid path string; -1 (as uid_t) keeps the owner.
+    unsafe { libc::chown(c_path.as_ptr(), u32::MAX, gid) };
+}
+
+async fn termination() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::info!("stopping; running VMs keep running");
+}
+
+fn router(supervisor: Shared) -> Router {
+    Router::new()
+        .route("/api/v1/vms", get(list).post(define))
+        .route("/api/v1/vms/{name}", get(details).delete(undefine))
+        .route("/api/v1/vms/{name}/start", post(start))
+        .route("/api/v1/vms/{name}/shutdown", post(shutdown))
+        .route("/api/v1/vms/{name}/destroy", post(destroy))
+        .route("/api/v1/vms/{name}/reboot", post(reboot))
+        .route("/api/v1/vms/{name}/suspend", post(suspend))
+        .route("/api/v1/vms/{name}/resume", post(resume))
+        .route("/api/v1/vms/{name}/autostart", put(autostart))
+        .route("/api/v1/vms/{name}/stats", get(stats))
+        .route("/api/v1/host", get(host_info))
+        .route("/api/v1/events", get(events))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(supervisor)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "no such resource")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method not allowed on this resource",
+    )
+}
+
+/// Parses a JSON body with serde's own message (which names unknown fields).
+fn parse_body<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("bad request body: {e}")))
+}
+
+/// Runs an operation as its own task: a client that goes away does not cancel it halfway.
+async fn detached<F, T>(operation: F) -> Result<T, ApiError>
+where
+    F: std::future::Future<Output = Result<T, ApiError>> + Send + 'static,
+    T: Send + 'static,
+{
+    tokio::spawn(operation)
+        .await
+        .map_err(|e| ApiError::internal(format!("the operation failed: {e}")))?
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+async fn list(State(s): State<Shared>) -> Json<Vec<api::daemon_api::VmSummary>> {
+    Json(s.list())
+}
+
+async fn define(State(s): State<Shared>, body: Bytes) -> ApiResult<Response> {
+    let definition: VmDefinition = parse_body(&body)?;
+    let details = detached(async move { s.define(definition) }).await?;
+    Ok((StatusCode::CREATED, Json(details)).into_response())
+}
+
+async fn details(State(s): State<Shared>, UrlPath(name): UrlPath<String>) -> ApiResult<Response> {
+    Ok(Json(s.details(&name)?).into_response())
+}
+
+async fn undefine(
+    State(s): State<Shared>,
+    UrlPath(name): UrlPath<String>,
+) -> ApiResult<StatusCode> {
+    detached(async move { s.undefine(&name) }).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn start(State(s): State<Shared>, UrlPath(name): UrlPath<String>) -> ApiResult<Response> {
+    let details = detached(async move { s.start(&name).await }).await?;
+    Ok(Json(details).into_response())
+}
+
+async fn shutdown(
+    State(s): State<Shared>,
+    UrlPath(name): UrlPath<String>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let request: ShutdownRequest = if body.is_empty() {
+        ShutdownRequest::default()
+    } else {
+        parse_body(&body)?
+    };
+    let timeout = request
+        .timeout_secs
+        .map_or(supervisor::SHUTDOWN_TIMEOUT, Duration::from_secs);
+    let details = detached(async move { s.shutdown(&name, timeout).await }).await?;
+    Ok(Json(details).into_response())
+}
+
+async fn destroy(State(s): State<Shared>, UrlPath(name): UrlPath<String>) -> ApiResult<Response> {
+    let details = detached(async move { s.destroy(&name).await }).await?;
+    Ok(Json(details).into_response())
+}
+
+async fn control(s: Shared, name: String, action: Control) -> ApiResult<Response> {
+    let details = detached(async move { s.control(&name, action).await }).await?;
+    Ok(Json(details).into_response())
+}
+
+async fn reboot(State(s): State<Shared>, UrlPath(name): UrlPath<String>) -> ApiResult<Response> {
+    control(s, name, Control::Reboot).await
+}
+
+async fn suspend(State(s): State<Shared>, UrlPath(name): UrlPath<String>) -> ApiResult<Response> {
+    control(s, name, Control::Suspend).await
+}
+
+async fn resume(State(s): State<Shared>, UrlPath(name): UrlPath<String>) -> ApiResult<Response> {
+    control(s, name, Control::Resume).await
+}
+
+async fn autostart(
+    State(s): State<Shared>,
+    UrlPath(name): UrlPath<String>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let request: AutostartRequest = parse_body(&body)?;
+    let details = detached(async move { s.set_autostart(&name, request.enabled) }).await?;
+    Ok(Json(details).into_response())
+}
+
+async fn stats(State(s): State<Shared>, UrlPath(name): UrlPath<String>) -> ApiResult<Response> {
+    let (pid, vcpus, socket, state, memory_bytes) = s.process_of(&name)?;
+    let counters = supervisor::vmm_counters(&socket).await?;
+    let (cpu_time_ns, vcpu_time_ns) =
+        tokio::task::spawn_blocking(move || host::process_cpu(pid, vcpus))
+            .await
+            .map_err(|e| ApiError::internal(e.to_string()))?;
+    Ok(Json(VmStats {
+        name,
+        state,
+        cpu_time_ns,
+        vcpu_time_ns,
+        memory_bytes,
+        rss_bytes: host::rss_bytes(pid),
+        counters,
+    })
+    .into_response())
+}
+
+async fn host_info(State(s): State<Shared>) -> ApiResult<Response> {
+    let (running, defined) = s.counts();
+    let info = tokio::task::spawn_blocking(move || host::host_info(running, defined))
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    Ok(Json(info).into_response())
+}
+
+/// Newline-delimited JSON events, as they happen, until the client goes away.
+async fn events(State(s): State<Shared>) -> Response {
+    let stream = BroadcastStream::new(s.subscribe()).filter_map(|event| {
+        let event = event.ok()?;
+        let mut line = serde_json::to_vec(&event).ok()?;
+        line.push(b'\n');
+        Some(Ok::<_, Infallible>(Bytes::from(line)))
+    });
+    Response::builder()
+        .header("content-type", "application/x-ndjson")
+        .body(Body::from_stream(stream))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}

@@ -1,0 +1,230 @@
+//! The daemon's state directory: VM definitions (`vms/NAME.toml`), console logs
+//! (`logs/NAME.console.log`) and one runtime directory per running VM (`run/NAME/`: the VMM's
+//! API and console sockets, its stderr, its process record and exit report).
+//!
+//! Every file the daemon relies on is replaced atomically (temporary file, fsync, rename), so a
+//! crash or a full disk leaves the previous version, never half a file.
+
+use std::fs;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use api::daemon_api::VmDefinition;
+
+/// Failures of the state directory.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot use the state directory {}", path.display())]
+    Dir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot write {}", path.display())]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot read {}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{}: {message}", path.display())]
+    Invalid { path: PathBuf, message: String },
+}
+
+/// The layout of the state directory.
+#[derive(Debug, Clone)]
+pub struct Store {
+    root: PathBuf,
+}
+
+impl Store {
+    /// Creates the directories that are missing.
+    pub fn open(root: &Path) -> Result<Self, StoreError> {
+        let store = Store {
+            root: root.to_path_buf(),
+        };
+        for dir in [store.vms_dir(), store.logs_dir(), store.run_root()] {
+            fs::create_dir_all(&dir).map_err(|source| StoreError::Dir { path: dir, source })?;
+        }
+        Ok(store)
+    }
+
+    fn vms_dir(&self) -> PathBuf {
+        self.root.join("vms")
+    }
+
+    fn logs_dir(&self) -> PathBuf {
+        self.root.join("logs")
+    }
+
+    fn run_root(&self) -> PathBuf {
+        self.root.join("run")
+    }
+
+    pub fn definition_path(&self, name: &str) -> PathBuf {
+        self.vms_dir().join(format!("{name}.toml"))
+    }
+
+    pub fn console_log(&self, name: &str) -> PathBuf {
+        self.logs_dir().join(format!("{name}.console.log"))
+    }
+
+    /// The runtime directory of VM `name`.
+    pub fn run_dir(&self, name: &str) -> PathBuf {
+        self.run_root().join(name)
+    }
+
+    /// Names of the VMs with a runtime directory.
+    pub fn run_dirs(&self) -> Vec<String> {
+        list_names(&self.run_root(), None)
+    }
+
+    /// Every definition on disk, with the files that could not be read.
+    pub fn load_definitions(&self) -> (Vec<VmDefinition>, Vec<StoreError>) {
+        let mut definitions = Vec::new();
+        let mut errors = Vec::new();
+        for name in list_names(&self.vms_dir(), Some(".toml")) {
+            match self.load_definition(&name) {
+                Ok(definition) => definitions.push(definition),
+                Err(e) => errors.push(e),
+            }
+        }
+        (definitions, errors)
+    }
+
+    fn load_definition(&self, name: &str) -> Result<VmDefinition, StoreError> {
+        let path = self.definition_path(name);
+        let text = fs::read_to_string(&path).map_err(|source| StoreError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        let definition = parse_definition(&text).map_err(|message| StoreError::Invalid {
+            path: path.clone(),
+            message,
+        })?;
+        if definition.name != name {
+            return Err(StoreError::Invalid {
+                path,
+                message: format!("names the VM {:?}", definition.name),
+            });
+        }
+        Ok(definition)
+    }
+
+    pub fn save_definition(&self, definition: &VmDefinition) -> Result<(), StoreError> {
+        let path = self.definition_path(&definition.name);
+        let text = toml::to_string_pretty(definition).map_err(|e| StoreError::Invalid {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        atomic_write(&path, text.as_bytes())
+    }
+
+    pub fn remove_definition(&self, name: &str) -> Result<(), StoreError> {
+        let path = self.definition_path(name);
+        fs::remove_file(&path).map_err(|source| StoreError::Write { path, source })
+    }
+}
+
+/// Parses a definition file (TOML); the message names what is wrong.
+pub fn parse_definition(text: &str) -> Result<VmDefinition, String> {
+    let definition: VmDefinition = toml::from_str(text).map_err(|e| e.message().to_string())?;
+    definition.validate()?;
+    Ok(definition)
+}
+
+fn list_names(dir: &Path, suffix: Option<&str>) -> Vec<String> {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter_map(|name| match suffix {
+            Some(suffix) => name.strip_suffix(suffix).map(str::to_string),
+            None => Some(name),
+        })
+        .filter(|name| api::daemon_api::check_name(name).is_ok())
+        .collect();
+    names.sort();
+    names
+}
+
+/// Replaces `path` with `bytes` so that readers see the old or the new file, never a mix.
+pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    let err = |source| StoreError::Write {
+        path: path.to_path_buf(),
+        source,
+    };
+    let tmp = path.with_extension("tmp");
+    let result = (|| {
+        let mut file = fs::File::create(&tmp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        fs::rename(&tmp, path)?;
+        if let Some(dir) = path.parent() {
+            fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result.map_err(err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn definition(name: &str) -> VmDefinition {
+        parse_definition(&format!("name = \"{name}\"\nkernel = \"/boot/vmlinuz\"\n")).unwrap()
+    }
+
+    #[test]
+    fn definitions_round_trip_through_toml_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut def = definition("web1");
+        def.disks
+            .push("path=/var/lib/ferro/web1.qcow2".parse().unwrap());
+        def.autostart = true;
+        store.save_definition(&def).unwrap();
+        store.save_definition(&definition("db")).unwrap();
+        let (loaded, errors) = store.load_definitions();
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(loaded.len(), 2);
+        assert_eq!(loaded[1], def);
+        store.remove_definition("db").unwrap();
+        assert_eq!(store.load_definitions().0.len(), 1);
+    }
+
+    #[test]
+    fn bad_files_are_reported_not_loaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        fs::write(
+            store.definition_path("bad"),
+            "name = \"bad\"\nkernal = \"/k\"\n",
+        )
+        .unwrap();
+        fs::write(
+            store.definition_path("other"),
+            "name = \"x\"\nkernel = \"/k\"\n",
+        )
+        .unwrap();
+        let (loaded, errors) = store.load_definitions();
+        assert!(loaded.is_empty());
+        let messages: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
+        assert!(
+            messages[0].contains("unknown field `kernal`"),
+            "{messages:?}"
+        );
+        assert!(messages[1].contains("names the VM \"x\""), "{messages:?}");
+    }
+}

@@ -1,0 +1,696 @@
+//! The VMs the daemon manages: their definitions, states and VMM processes. Every lifecycle
+//! operation is here: define, undefine, start, shutdown, destroy, reboot, suspend, resume,
+//! autostart, and what happens when a VMM ends (expected or not) or is found again after a
+//! daemon restart.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use api::daemon_api::{DomainState, Event, VmDefinition, VmDetails, VmSummary};
+use api::vmm_api::{paths as vmm_paths, ExitReport, VmInfo};
+use api::VmState;
+use axum::http::StatusCode;
+use http_unix::Client;
+use tokio::io::unix::AsyncFd;
+use tokio::sync::broadcast;
+
+use crate::error::{chain, ApiError};
+use crate::process::{self, ProcessRecord, VmmFiles};
+use crate::store::{atomic_write, Store};
+
+/// How long a VMM may take to answer on its API socket after it was started.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default wait for a graceful shutdown.
+pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long destroy waits for a VMM to end after asking it, before SIGKILL.
+const DESTROY_GRACE: Duration = Duration::from_secs(5);
+/// Timeout of one request to a VMM's API.
+const VMM_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A running VMM.
+#[derive(Debug, Clone)]
+struct Runtime {
+    record: ProcessRecord,
+    files: VmmFiles,
+}
+
+#[derive(Debug)]
+struct VmEntry {
+    definition: VmDefinition,
+    state: DomainState,
+    reason: Option<String>,
+    runtime: Option<Runtime>,
+    /// The operation in progress, if any.
+    busy: Option<&'static str>,
+}
+
+/// The daemon's VMs.
+#[derive(Debug)]
+pub struct Supervisor {
+    store: Store,
+    ferro: std::path::PathBuf,
+    vms: Mutex<BTreeMap<String, VmEntry>>,
+    events: broadcast::Sender<Event>,
+}
+
+/// Clears an entry's busy mark when the operation ends, however it ends.
+struct Busy<'a> {
+    supervisor: &'a Supervisor,
+    name: String,
+}
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        if let Some(entry) = self.supervisor.lock().get_mut(&self.name) {
+            entry.busy = None;
+        }
+    }
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl Supervisor {
+    /// Loads the definitions and adopts the VMMs that outlived the previous daemon.
+    pub fn new(store: Store, ferro: std::path::PathBuf) -> Arc<Self> {
+        let (definitions, errors) = store.load_definitions();
+        for error in errors {
+            tracing::error!("skipping a definition: {}", chain(&error));
+        }
+        let vms = definitions
+            .into_iter()
+            .map(|definition| {
+                let entry = VmEntry {
+                    definition,
+                    state: DomainState::Shutoff,
+                    reason: None,
+                    runtime: None,
+                    busy: None,
+                };
+                (entry.definition.name.clone(), entry)
+            })
+            .collect();
+        let (events, _) = broadcast::channel(256);
+        Arc::new(Supervisor {
+            store,
+            ferro,
+            vms: Mutex::new(vms),
+            events,
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, BTreeMap<String, VmEntry>> {
+        self.vms.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+
+    fn emit(&self, vm: &str, kind: &str, detail: Option<String>) {
+        tracing::info!(
+            "{vm}: {kind}{}",
+            detail
+                .as_deref()
+                .map(|d| format!(" ({d})"))
+                .unwrap_or_default()
+        );
+        let _ = self.events.send(Event {
+            time: now(),
+            vm: vm.to_string(),
+            kind: kind.to_string(),
+            detail,
+        });
+    }
+
+    /// Marks VM `name` busy with `operation`, or says why it cannot be.
+    fn begin(&self, name: &str, operation: &'static str) -> Result<Busy<'_>, ApiError> {
+        let mut vms = self.lock();
+        let entry = vms.get_mut(name).ok_or_else(|| ApiError::not_found(name))?;
+        if let Some(other) = entry.busy {
+            return Err(ApiError::conflict(format!(
+                "VM {name} is busy ({other} in progress); try again"
+            )));
+        }
+        entry.busy = Some(operation);
+        Ok(Busy {
+            supervisor: self,
+            name: name.to_string(),
+        })
+    }
+
+    fn set_state(&self, name: &str, state: DomainState, reason: Option<String>) {
+        if let Some(entry) = self.lock().get_mut(name) {
+            entry.state = state;
+            entry.reason = reason;
+        }
+    }
+
+    fn state(&self, name: &str) -> Option<DomainState> {
+        self.lock().get(name).map(|e| e.state)
+    }
+
+    fn runtime(&self, name: &str) -> Result<Runtime, ApiError> {
+        let vms = self.lock();
+        let entry = vms.get(name).ok_or_else(|| ApiError::not_found(name))?;
+        entry.runtime.clone().ok_or_else(|| {
+            ApiError::conflict(format!("VM {name} is not running (it is {})", entry.state))
+        })
+    }
+
+    // ----- queries -----
+
+    pub fn list(&self) -> Vec<VmSummary> {
+        self.lock()
+            .values()
+            .map(|e| VmSummary {
+                name: e.definition.name.clone(),
+                state: e.state,
+                autostart: e.definition.autostart,
+                cpus: e.definition.cpus,
+                memory: e.definition.memory,
+            })
+            .collect()
+    }
+
+    pub fn details(&self, name: &str) -> Result<VmDetails, ApiError> {
+        let vms = self.lock();
+        let e = vms.get(name).ok_or_else(|| ApiError::not_found(name))?;
+        Ok(VmDetails {
+            definition: e.definition.clone(),
+            state: e.state,
+            pid: e.runtime.as_ref().map(|r| r.record.pid),
+            reason: e.reason.clone(),
+            console_log: self.store.console_log(name),
+            console_socket: e.runtime.as_ref().map(|r| r.files.console_socket.clone()),
+        })
+    }
+
+    pub fn counts(&self) -> (u32, u32) {
+        let vms = self.lock();
+        let running = vms.values().filter(|e| e.runtime.is_some()).count();
+        (running as u32, vms.len() as u32)
+    }
+
+    /// The pid, vCPU count and API socket of a running VM (for stats).
+    pub fn process_of(
+        &self,
+        name: &str,
+    ) -> Result<(u32, u32, std::path::PathBuf, DomainState, u64), ApiError> {
+        let vms = self.lock();
+        let e = vms.get(name).ok_or_else(|| ApiError::not_found(name))?;
+        let runtime = e.runtime.as_ref().ok_or_else(|| {
+            ApiError::conflict(format!("VM {name} is not running (it is {})", e.state))
+        })?;
+        Ok((
+            runtime.record.pid,
+            e.definition.cpus,
+            runtime.files.api_socket.clone(),
+            e.state,
+            e.definition.memory.0,
+        ))
+    }
+
+    // ----- definitions -----
+
+    pub fn define(&self, definition: VmDefinition) -> Result<VmDetails, ApiError> {
+        definition.validate().map_err(ApiError::bad_request)?;
+        check_files(&definition).map_err(ApiError::bad_request)?;
+        let name = definition.name.clone();
+        {
+            let mut vms = self.lock();
+            if vms.contains_key(&name) {
+                return Err(ApiError::conflict(format!(
+                    "a VM named {name} already exists"
+                )));
+            }
+            self.store
+                .save_definition(&definition)
+                .map_err(|e| ApiError::internal(chain(&e)))?;
+            vms.insert(
+                name.clone(),
+                VmEntry {
+                    definition,
+                    state: DomainState::Shutoff,
+                    reason: None,
+                    runtime: None,
+                    busy: None,
+                },
+            );
+        }
+        self.emit(&name, "defined", None);
+        self.details(&name)
+    }
+
+    pub fn undefine(&self, name: &str) -> Result<(), ApiError> {
+        let _busy = self.begin(name, "undefine")?;
+        {
+            let vms = self.lock();
+            let entry = vms.get(name).ok_or_else(|| ApiError::not_found(name))?;
+            if entry.runtime.is_some() {
+                return Err(ApiError::conflict(format!(
+                    "VM {name} is {}; destroy or shut it down first",
+                    entry.state
+                )));
+            }
+        }
+        self.store
+            .remove_definition(name)
+            .map_err(|e| ApiError::internal(chain(&e)))?;
+        drop(_busy);
+        self.lock().remove(name);
+        self.emit(name, "undefined", None);
+        Ok(())
+    }
+
+    pub fn set_autostart(&self, name: &str, enabled: bool) -> Result<VmDetails, ApiError> {
+        let _busy = self.begin(name, "autostart")?;
+        let mut definition = self
+            .lock()
+            .get(name)
+            .map(|e| e.definition.clone())
+            .ok_or_else(|| ApiError::not_found(name))?;
+        definition.autostart = enabled;
+        self.store
+            .save_definition(&definition)
+            .map_err(|e| ApiError::internal(chain(&e)))?;
+        if let Some(entry) = self.lock().get_mut(name) {
+            entry.definition = definition;
+        }
+        drop(_busy);
+        self.details(name)
+    }
+
+    // ----- lifecycle -----
+
+    pub async fn start(self: &Arc<Self>, name: &str) -> Result<VmDetails, ApiError> {
+        let _busy = self.begin(name, "start")?;
+        let definition = {
+            let vms = self.lock();
+            let entry = vms.get(name).ok_or_else(|| ApiError::not_found(name))?;
+            if entry.runtime.is_some() {
+                return Err(ApiError::conflict(format!(
+                    "VM {name} is already {}",
+                    entry.state
+                )));
+            }
+            entry.definition.clone()
+        };
+        check_files(&definition)
+            .map_err(|e| ApiError::conflict(format!("cannot start VM {name}: {e}")))?;
+        let files = VmmFiles::new(self.store.run_dir(name));
+        let _ = std::fs::remove_dir_all(&files.dir);
+        std::fs::create_dir_all(&files.dir).map_err(|e| {
+            ApiError::internal(format!("cannot create {}: {e}", files.dir.display()))
+        })?;
+        let args = process::vmm_args(&definition, &files, &self.store.console_log(name));
+        let pid = process::spawn_vmm(&self.ferro, &args, &files)
+            .map_err(|e| ApiError::internal(format!("cannot run {}: {e}", self.ferro.display())))?;
+        let record = ProcessRecord {
+            pid,
+            start_time: process::start_time(pid).unwrap_or(0),
+        };
+        let saved = serde_json::to_vec(&record)
+            .map_err(std::io::Error::other)
+            .map_err(|e| e.to_string())
+            .and_then(|bytes| atomic_write(&files.record, &bytes).map_err(|e| chain(&e)));
+        if let Err(e) = saved {
+            let _ = process::kill(pid, libc::SIGKILL);
+            return Err(ApiError::internal(format!("cannot record the VMM: {e}")));
+        }
+        let runtime = Runtime { record, files };
+        if let Some(entry) = self.lock().get_mut(name) {
+            entry.state = DomainState::Starting;
+            entry.reason = None;
+            entry.runtime = Some(runtime.clone());
+        }
+        self.watch(name, &runtime);
+        match self.wait_for_api(name, &runtime).await {
+            Ok(()) => {
+                self.set_state(name, DomainState::Running, None);
+                self.emit(name, "started", Some(format!("pid {pid}")));
+                drop(_busy);
+                self.details(name)
+            }
+            Err(e) => {
+                let _ = process::kill(pid, libc::SIGKILL);
+                Err(e)
+            }
+        }
+    }
+
+    /// Waits until the new VMM answers on its API, or ends.
+    async fn wait_for_api(&self, name: &str, runtime: &Runtime) -> Result<(), ApiError> {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if self
+                .lock()
+                .get(name)
+                .and_then(|e| e.runtime.as_ref())
+                .is_none()
+            {
+                let reason = self.lock().get(name).and_then(|e| e.reason.clone());
+                return Err(ApiError::internal(format!(
+                    "VM {name} failed to start: {}",
+                    reason.unwrap_or_else(|| "the VMM ended".into())
+                )));
+            }
+            if let Ok(info) = vmm_info(&runtime.files.api_socket).await {
+                if info.state == VmState::Running {
+                    return Ok(());
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(ApiError::internal(format!(
+                    "VM {name}: the VMM did not answer within {} s",
+                    START_TIMEOUT.as_secs()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Follows the VMM until it ends, then records how.
+    fn watch(self: &Arc<Self>, name: &str, runtime: &Runtime) {
+        let supervisor = self.clone();
+        let name = name.to_string();
+        let runtime = runtime.clone();
+        tokio::spawn(async move {
+            match process::pidfd(runtime.record.pid).and_then(watch_fd) {
+                Ok(fd) => {
+                    let _ = fd.readable().await;
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        "{name}: cannot watch pid {}: {e}; polling",
+                        runtime.record.pid
+                    );
+                    while process::is_alive(&runtime.record) {
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                }
+            }
+            supervisor.vmm_ended(&name, &runtime);
+        });
+    }
+
+    /// Records how a VMM ended and cleans its runtime directory up.
+    fn vmm_ended(&self, name: &str, runtime: &Runtime) {
+        let status = process::reap(runtime.record.pid);
+        let report: Option<ExitReport> = std::fs::read(&runtime.files.exit_report)
+            .ok()
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok());
+        let (state, reason) = match (&report, status) {
+            (Some(r), _) if r.outcome == "error" => (
+                DomainState::Crashed,
+                r.error
+                    .clone()
+                    .unwrap_or_else(|| format!("exit code {}", r.code)),
+            ),
+            (Some(r), _) => (DomainState::Shutoff, r.outcome.clone()),
+            (None, Some(code)) if code > 128 => (
+                DomainState::Crashed,
+                format!("the VMM was killed by signal {}", code - 128),
+            ),
+            (None, _) => (DomainState::Crashed, last_error(&runtime.files.stderr)),
+        };
+        // Keep the VMM's stderr for the post-mortem; the rest goes.
+        let _ = std::fs::rename(
+            &runtime.files.stderr,
+            self.store.console_log(name).with_extension("vmm.log"),
+        );
+        let _ = std::fs::remove_dir_all(&runtime.files.dir);
+        let mut vms = self.lock();
+        let Some(entry) = vms.get_mut(name) else {
+            return;
+        };
+        if entry.runtime.as_ref().map(|r| r.record) != Some(runtime.record) {
+            return; // a newer VMM of the same VM
+        }
+        entry.runtime = None;
+        entry.state = state;
+        entry.reason = Some(reason.clone());
+        drop(vms);
+        let kind = if state == DomainState::Crashed {
+            "crashed"
+        } else {
+            "stopped"
+        };
+        self.emit(name, kind, Some(reason));
+    }
+
+    /// Finds the VMMs a previous daemon started and manages them again.
+    pub async fn adopt(self: &Arc<Self>) {
+        for name in self.store.run_dirs() {
+            let files = VmmFiles::new(self.store.run_dir(&name));
+            let record: Option<ProcessRecord> = std::fs::read(&files.record)
+                .ok()
+                .and_then(|bytes| serde_json::from_slice(&bytes).ok());
+            let known = self.lock().contains_key(&name);
+            let runtime = record.map(|record| Runtime {
+                record,
+                files: files.clone(),
+            });
+            match runtime {
+                Some(runtime) if known && process::is_alive(&runtime.record) => {
+                    let state = match vmm_info(&files.api_socket).await {
+                        Ok(info) if info.state == VmState::Paused => DomainState::Paused,
+                        _ => DomainState::Running,
+                    };
+                    if let Some(entry) = self.lock().get_mut(&name) {
+                        entry.state = state;
+                        entry.runtime = Some(runtime.clone());
+                    }
+                    tracing::info!("{name}: found its VMM (pid {}) again", runtime.record.pid);
+                    self.watch(&name, &runtime);
+                }
+                Some(runtime) if known => {
+                    // It ended while no daemon was watching.
+                    if let Some(entry) = self.lock().get_mut(&name) {
+                        entry.runtime = Some(runtime.clone());
+                    }
+                    self.vmm_ended(&name, &runtime);
+                }
+                _ => {
+                    let _ = std::fs::remove_dir_all(&files.dir);
+                }
+            }
+        }
+    }
+
+    /// Starts the VMs marked autostart that are not running.
+    pub async fn autostart(self: &Arc<Self>) {
+        let names: Vec<String> = self
+            .lock()
+            .values()
+            .filter(|e| e.definition.autostart && e.runtime.is_none())
+            .map(|e| e.definition.name.clone())
+            .collect();
+        for name in names {
+            if let Err(e) = self.start(&name).await {
+                tracing::error!("autostart of {name} failed: {}", e.message);
+            }
+        }
+    }
+
+    /// Presses the power button and waits up to `timeout` for the guest to power off.
+    pub async fn shutdown(
+        self: &Arc<Self>,
+        name: &str,
+        timeout: Duration,
+    ) -> Result<VmDetails, ApiError> {
+        let busy = self.begin(name, "shutdown")?;
+        let runtime = self.runtime(name)?;
+        if self.state(name) == Some(DomainState::Paused) {
+            return Err(ApiError::conflict(format!(
+                "VM {name} is paused; resume it first (a paused guest cannot react to the power button)"
+            )));
+        }
+        vmm_put(&runtime.files.api_socket, vmm_paths::POWER_BUTTON).await?;
+        self.set_state(name, DomainState::ShuttingDown, None);
+        self.emit(name, "shutdown-requested", None);
+        if self.wait_until_stopped(name, &runtime, timeout).await {
+            drop(busy);
+            return self.details(name);
+        }
+        self.set_state(name, DomainState::Running, None);
+        Err(ApiError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            format!(
+                "VM {name} is still running {} s after the power button was pressed",
+                timeout.as_secs()
+            ),
+        ))
+    }
+
+    /// Whether the VMM of `runtime` ended within `timeout`.
+    async fn wait_until_stopped(&self, name: &str, runtime: &Runtime, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let current = self
+                .lock()
+                .get(name)
+                .and_then(|e| e.runtime.as_ref().map(|r| r.record));
+            if current != Some(runtime.record) {
+                return true;
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Stops the VM at once (asks its VMM; kills it if it does not answer).
+    pub async fn destroy(self: &Arc<Self>, name: &str) -> Result<VmDetails, ApiError> {
+        let _busy = self.begin(name, "destroy")?;
+        let runtime = self.runtime(name)?;
+        let asked = vmm_put(&runtime.files.api_socket, vmm_paths::STOP)
+            .await
+            .is_ok();
+        if !asked || !self.wait_until_stopped(name, &runtime, DESTROY_GRACE).await {
+            let _ = process::kill(runtime.record.pid, libc::SIGKILL);
+            if !self.wait_until_stopped(name, &runtime, DESTROY_GRACE).await {
+                return Err(ApiError::internal(format!(
+                    "the VMM of {name} (pid {}) does not die",
+                    runtime.record.pid
+                )));
+            }
+        }
+        self.set_state(name, DomainState::Shutoff, Some("destroyed".into()));
+        drop(_busy);
+        self.details(name)
+    }
+
+    /// Forwards a pause, resume or reset to the VMM.
+    pub async fn control(
+        self: &Arc<Self>,
+        name: &str,
+        action: Control,
+    ) -> Result<VmDetails, ApiError> {
+        let _busy = self.begin(name, action.operation())?;
+        let runtime = self.runtime(name)?;
+        vmm_put(&runtime.files.api_socket, action.vmm_path()).await?;
+        match action {
+            Control::Suspend => self.set_state(name, DomainState::Paused, None),
+            Control::Resume => self.set_state(name, DomainState::Running, None),
+            Control::Reboot => {}
+        }
+        self.emit(name, action.event(), None);
+        drop(_busy);
+        self.details(name)
+    }
+}
+
+/// Commands the daemon passes to a VMM as they are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    Suspend,
+    Resume,
+    Reboot,
+}
+
+impl Control {
+    fn operation(self) -> &'static str {
+        match self {
+            Control::Suspend => "suspend",
+            Control::Resume => "resume",
+            Control::Reboot => "reboot",
+        }
+    }
+
+    fn vmm_path(self) -> &'static str {
+        match self {
+            Control::Suspend => vmm_paths::PAUSE,
+            Control::Resume => vmm_paths::RESUME,
+            Control::Reboot => vmm_paths::RESET,
+        }
+    }
+
+    fn event(self) -> &'static str {
+        match self {
+            Control::Suspend => "paused",
+            Control::Resume => "resumed",
+            Control::Reboot => "rebooted",
+        }
+    }
+}
+
+/// Registers a pidfd with the runtime.
+fn watch_fd(fd: std::os::fd::OwnedFd) -> std::io::Result<AsyncFd<std::os::fd::OwnedFd>> {
+    // SAFETY: the AsyncFd owns the OwnedFd, so the descriptor stays open and the same for the
+    // AsyncFd's whole life.
+    unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
+        .map_err(std::io::Error::from)
+}
+
+/// Checks that the files a definition names exist now.
+fn check_files(definition: &VmDefinition) -> Result<(), String> {
+    let mut files = vec![("kernel", definition.kernel.as_path())];
+    if let Some(initrd) = &definition.initrd {
+        files.push(("initrd", initrd));
+    }
+    for disk in &definition.disks {
+        files.push(("disk", &disk.path));
+    }
+    for (what, path) in files {
+        if let Err(e) = std::fs::metadata(path) {
+            return Err(format!("the {what} {}: {e}", path.display()));
+        }
+    }
+    Ok(())
+}
+
+/// The last error line the VMM printed, or a generic reason.
+fn last_error(stderr: &Path) -> String {
+    let text = std::fs::read_to_string(stderr).unwrap_or_default();
+    text.lines()
+        .rev()
+        .find(|l| l.contains("error"))
+        .map(|l| l.trim_start_matches("ferro: error: ").to_string())
+        .unwrap_or_else(|| "the VMM ended without saying why (killed?)".into())
+}
+
+async fn vmm_request(
+    socket: &Path,
+    method: &'static str,
+    path: &'static str,
+) -> Result<http_unix::ClientResponse, ApiError> {
+    let client = Client::new(socket, Some(VMM_REQUEST_TIMEOUT));
+    tokio::task::spawn_blocking(move || client.request(method, path, None))
+        .await
+        .map_err(|e| ApiError::internal(format!("VMM request task failed: {e}")))?
+        .map_err(|e| ApiError::internal(format!("the VMM did not answer: {}", chain(&e))))
+}
+
+/// The VMM's view of its VM.
+pub async fn vmm_info(socket: &Path) -> Result<VmInfo, ApiError> {
+    let response = vmm_request(socket, "GET", vmm_paths::VM).await?;
+    serde_json::from_slice(&response.body)
+        .map_err(|e| ApiError::internal(format!("bad answer from the VMM: {e}")))
+}
+
+/// Sends a command to a VMM; its refusals keep their status and message.
+async fn vmm_put(socket: &Path, path: &'static str) -> Result<(), ApiError> {
+    let response = vmm_request(socket, "PUT", path).await?;
+    if response.status == 204 {
+        return Ok(());
+    }
+    let message = serde_json::from_slice::<api::vmm_api::ErrorBody>(&response.body)
+        .map(|b| b.error)
+        .unwrap_or_else(|_| response.text());
+    let status = StatusCode::from_u16(response.status).unwrap_or(StatusCode::BAD_GATEWAY);
+    Err(ApiError::new(status, format!("the VMM refused: {message}")))
+}
+
+/// Counters from a VMM.
+pub async fn vmm_counters(socket: &Path) -> Result<api::vmm_api::VmCounters, ApiError> {
+    let response = vmm_request(socket, "GET", vmm_paths::COUNTERS).await?;
+    serde_json::from_slice(&response.body)
+        .map_err(|e| ApiError::internal(format!("bad answer from the VMM: {e}")))
+}
