@@ -1,5 +1,7 @@
 //! `ferro`: the command-line entry point of the Ferro virtualization platform.
 
+mod client;
+mod console_attach;
 mod img;
 mod run;
 
@@ -26,6 +28,47 @@ struct Cli {
 enum Command {
     Run(run::RunArgs),
     Img(img::ImgArgs),
+    Daemon(DaemonArgs),
+    Vm(client::VmArgs),
+    Host(client::HostArgs),
+    Events(client::EventsArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions {
+        shell: clap_complete::Shell,
+    },
+}
+
+/// Run the Ferro daemon: persistent VMs, one VMM process per running VM, REST API.
+#[derive(Debug, clap::Args)]
+struct DaemonArgs {
+    /// Unix socket to serve the API on (mode 0660, group `ferro` if it exists).
+    #[arg(long, default_value = daemon::DEFAULT_SOCKET)]
+    socket: std::path::PathBuf,
+    /// Where definitions, console logs and runtime files live.
+    #[arg(long, default_value = daemon::DEFAULT_STATE_DIR)]
+    state_dir: std::path::PathBuf,
+}
+
+fn run_daemon(args: DaemonArgs) -> ExitCode {
+    let ferro = match std::env::current_exe() {
+        Ok(path) => path,
+        Err(e) => {
+            eprintln!("ferro: error: cannot find the ferro executable: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let options = daemon::DaemonOptions {
+        socket: args.socket,
+        state_dir: args.state_dir,
+        ferro,
+    };
+    match daemon::run(options) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ferro: error: {}", error_chain(&e));
+            ExitCode::from(1)
+        }
+    }
 }
 
 fn init_logging(verbose: u8) {
@@ -71,5 +114,14 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Run(args) => run::run(args),
         Command::Img(args) => img::img(args),
+        Command::Daemon(args) => run_daemon(args),
+        Command::Vm(args) => client::vm(args),
+        Command::Host(args) => client::host(args),
+        Command::Events(args) => client::events(args),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "ferro", &mut std::io::stdout());
+            ExitCode::SUCCESS
+        }
     }
 }

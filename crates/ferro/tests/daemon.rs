@@ -1,0 +1,451 @@
+//! The daemon and its CLI, end to end on the local /dev/kvm with a tiny guest (it prints "up",
+//! waits for the ACPI power button, prints "bye" and powers off): define, start, console log,
+//! suspend/resume, stats, shutdown, destroy, undefine; a daemon restart that finds its VMs
+//! again; a SIGKILLed VMM reported as crashed; autostart; bad input and racing clients. Every
+//! daemon response the tests read is checked against docs/api/daemon.openapi.json.
+//!
+//! Needs /dev/kvm; FERRO_SKIP_KVM_TESTS=1 skips.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use api::daemon_api::{paths, DomainState, VmDetails, VmStats, VmSummary};
+use arch::test_images::{self, asm};
+use http_unix::Client;
+use openapi_check::OpenApi;
+
+fn kvm_tests_enabled() -> bool {
+    std::env::var_os("FERRO_SKIP_KVM_TESTS").is_none()
+}
+
+fn ferro() -> &'static str {
+    env!("CARGO_BIN_EXE_ferro")
+}
+
+/// A daemon on a temporary socket and state directory.
+struct Daemon {
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+    api: OpenApi,
+}
+
+impl Daemon {
+    fn start() -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        let api = OpenApi::parse(
+            &std::fs::read_to_string(
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/api/daemon.openapi.json"),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        let mut daemon = Daemon {
+            dir,
+            child: None,
+            api,
+        };
+        daemon.restart();
+        daemon
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.path().join("ferro.sock")
+    }
+
+    fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    /// Starts the daemon process (again) and waits for its socket.
+    fn restart(&mut self) {
+        self.stop();
+        let child = Command::new(ferro())
+            .args(["daemon", "--socket"])
+            .arg(self.socket())
+            .arg("--state-dir")
+            .arg(self.state_dir())
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Client::new(self.socket(), None)
+            .request("GET", paths::VMS, None)
+            .is_err()
+        {
+            assert!(Instant::now() < deadline, "the daemon did not come up");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Stops the daemon with SIGTERM (VMs keep running).
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: kill(2) on our own child.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let status = child.wait().unwrap();
+            assert!(status.success(), "daemon exit: {status}");
+        }
+    }
+
+    /// Runs `ferro ARGS` against this daemon: (exit code, stdout, stderr).
+    fn cli(&self, args: &[&str]) -> (i32, String, String) {
+        let out = Command::new(ferro())
+            .args(args)
+            .env("FERRO_SOCKET", self.socket())
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let (code, stdout, stderr) = self.cli(args);
+        assert_eq!(code, 0, "ferro {args:?}: {stdout}{stderr}");
+        stdout
+    }
+
+    /// Expects exit `code` and one `ferro: error:` line containing `message`.
+    fn fails(&self, args: &[&str], code: i32, message: &str) {
+        let (got, stdout, stderr) = self.cli(args);
+        assert_eq!(got, code, "ferro {args:?}: {stdout}{stderr}");
+        let errors: Vec<&str> = stderr
+            .lines()
+            .filter(|l| l.starts_with("ferro: error:"))
+            .collect();
+        assert!(
+            errors.len() == 1 && errors[0].contains(message),
+            "ferro {args:?}: expected one error with {message:?}, got {stderr:?}"
+        );
+    }
+
+    /// A raw API request, checked against the OpenAPI document.
+    fn call(&self, method: &str, path: &str, body: Option<&[u8]>) -> http_unix::ClientResponse {
+        let client = Client::new(self.socket(), Some(Duration::from_secs(60)));
+        let response = client.request(method, path, body).unwrap();
+        self.api
+            .check(method, path, response.status, &response.body)
+            .unwrap();
+        response
+    }
+
+    fn details(&self, name: &str) -> VmDetails {
+        let response = self.call("GET", &paths::vm(name), None);
+        assert_eq!(response.status, 200, "{}", response.text());
+        serde_json::from_slice(&response.body).unwrap()
+    }
+
+    fn wait_for_state(&self, name: &str, state: DomainState) -> VmDetails {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let details = self.details(name);
+            if details.state == state {
+                return details;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{name} is {:?}, not {state:?}",
+                details.state
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn console_log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.details(name).console_log).unwrap_or_default()
+    }
+
+    fn wait_for_console(&self, name: &str, text: &str, count: usize) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.console_log(name).matches(text).count() < count {
+            assert!(
+                Instant::now() < deadline,
+                "no {text:?} x{count} in {:?}",
+                self.console_log(name)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Writes a definition of the tiny guest and returns its path.
+    fn definition(&self, name: &str, extra: &str) -> PathBuf {
+        let kernel = self.dir.path().join("kernel");
+        if !kernel.exists() {
+            let code = asm::program(&[
+                &asm::serial(b"up\n"),
+                asm::WAIT_FOR_POWER_BUTTON,
+                &asm::serial(b"bye\n"),
+                asm::POWEROFF,
+            ]);
+            std::fs::write(&kernel, test_images::bzimage(&code)).unwrap();
+        }
+        let path = self.dir.path().join(format!("{name}.toml"));
+        let text = format!(
+            "name = \"{name}\"\nmemory = \"128M\"\nkernel = \"{}\"\n{extra}",
+            kernel.display()
+        );
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // Leave no VMM behind: destroy whatever runs, then stop the daemon.
+        if self.child.is_some() {
+            let client = Client::new(self.socket(), Some(Duration::from_secs(30)));
+            if let Ok(list) = client.request("GET", paths::VMS, None) {
+                let vms: Vec<VmSummary> = serde_json::from_slice(&list.body).unwrap_or_default();
+                for vm in vms {
+                    let _ = client.request("POST", &paths::vm_action(&vm.name, "destroy"), None);
+                }
+            }
+        }
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn pid_alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+#[test]
+fn lifecycle_through_the_cli() {
+    if !kvm_tests_enabled() {
+        return;
+    }
+    let d = Daemon::start();
+    let file = d.definition("tiny", "");
+    assert!(d
+        .ok(&["vm", "define", file.to_str().unwrap()])
+        .contains("VM tiny defined"));
+    let list: Vec<VmSummary> = serde_json::from_str(&d.ok(&["vm", "list", "--json"])).unwrap();
+    assert_eq!((list.len(), list[0].state), (1, DomainState::Shutoff));
+    assert!(d.ok(&["vm", "list"]).contains("tiny"));
+
+    d.ok(&["vm", "start", "tiny"]);
+    let running = d.details("tiny");
+    assert_eq!(running.state, DomainState::Running);
+    let pid = running.pid.unwrap();
+    assert!(pid_alive(pid));
+    d.wait_for_console("tiny", "up", 1);
+
+    d.ok(&["vm", "suspend", "tiny"]);
+    assert_eq!(d.details("tiny").state, DomainState::Paused);
+    d.fails(&["vm", "shutdown", "tiny"], 4, "paused");
+    d.ok(&["vm", "resume", "tiny"]);
+    assert_eq!(d.details("tiny").state, DomainState::Running);
+
+    let stats: VmStats = serde_json::from_str(&d.ok(&["vm", "stats", "tiny", "--json"])).unwrap();
+    assert_eq!(stats.vcpu_time_ns.len(), 1);
+    assert!(stats.rss_bytes > 0 && stats.memory_bytes == 128 << 20);
+    assert!(stats.counters.vcpus[0].exits["io_in"] > 0, "{stats:?}");
+    d.call("GET", &paths::vm_action("tiny", "stats"), None);
+
+    // The guest waits for the power button: shutdown is graceful.
+    assert!(d.ok(&["vm", "shutdown", "tiny"]).contains("shut down"));
+    let off = d.details("tiny");
+    assert_eq!(off.state, DomainState::Shutoff);
+    assert_eq!(off.reason.as_deref(), Some("powered-off"));
+    assert!(d.console_log("tiny").contains("up\nbye\n"));
+    assert!(!pid_alive(pid));
+
+    d.ok(&["vm", "start", "tiny"]);
+    d.wait_for_console("tiny", "up", 2);
+    d.ok(&["vm", "reboot", "tiny"]);
+    d.wait_for_console("tiny", "up", 3);
+    d.ok(&["vm", "destroy", "tiny"]);
+    assert_eq!(d.details("tiny").state, DomainState::Shutoff);
+    d.ok(&["vm", "undefine", "tiny"]);
+    d.fails(&["vm", "info", "tiny"], 3, "no VM named \"tiny\"");
+    assert!(!d.state_dir().join("vms/tiny.toml").exists());
+}
+
+#[test]
+fn daemon_restart_crash_and_autostart() {
+    if !kvm_tests_enabled() {
+        return;
+    }
+    let mut d = Daemon::start();
+    d.ok(&["vm", "define", d.definition("keep", "").to_str().unwrap()]);
+    d.ok(&[
+        "vm",
+        "define",
+        d.definition("auto", "autostart = true\n").to_str().unwrap(),
+    ]);
+    d.wait_for_state("auto", DomainState::Shutoff);
+    d.ok(&["vm", "start", "keep"]);
+    let pid = d.details("keep").pid.unwrap();
+
+    // The daemon goes away and comes back: the VM ran on and is managed again; autostart
+    // starts the other one.
+    d.stop();
+    assert!(pid_alive(pid), "stopping the daemon killed a VM");
+    d.restart();
+    let found = d.details("keep");
+    assert_eq!((found.state, found.pid), (DomainState::Running, Some(pid)));
+    d.wait_for_state("auto", DomainState::Running);
+    d.ok(&["vm", "suspend", "keep"]);
+    d.ok(&["vm", "resume", "keep"]);
+
+    // A VMM killed behind the daemon's back is a crash, with the reason: an adopted VMM is
+    // not the daemon's child, so its exit status is unknown; a VMM it started is.
+    // SAFETY: kill(2) on a process this test started (through the daemon).
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    let crashed = d.wait_for_state("keep", DomainState::Crashed);
+    assert!(
+        crashed.reason.as_deref().unwrap_or("").contains("without saying why"),
+        "{crashed:?}"
+    );
+    assert!(!d.state_dir().join("run/keep").exists(), "runtime files were cleaned up");
+    // A crashed VM can be started again.
+    d.ok(&["vm", "start", "keep"]);
+    let pid = d.details("keep").pid.unwrap();
+    // SAFETY: as above.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    let crashed = d.wait_for_state("keep", DomainState::Crashed);
+    assert!(
+        crashed.reason.as_deref().unwrap_or("").contains("killed by signal 9"),
+        "{crashed:?}"
+    );
+    d.ok(&["vm", "start", "keep"]);
+
+    // Killed while no daemon watches: found crashed at the next start.
+    let pid = d.details("keep").pid.unwrap();
+    d.stop();
+    // SAFETY: as above.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    while pid_alive(pid) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    d.restart();
+    let crashed = d.details("keep");
+    assert_eq!(crashed.state, DomainState::Crashed, "{crashed:?}");
+    assert!(crashed.reason.unwrap().contains("without saying why"));
+
+    d.ok(&["vm", "autostart", "auto", "--disable"]);
+    assert!(!d.details("auto").definition.autostart);
+    let text = std::fs::read_to_string(d.state_dir().join("vms/auto.toml")).unwrap();
+    assert!(text.contains("autostart = false"), "{text}");
+}
+
+#[test]
+fn bad_input_gets_clear_errors_and_changes_nothing() {
+    if !kvm_tests_enabled() {
+        return;
+    }
+    let d = Daemon::start();
+    let bad = d.dir.path().join("bad.toml");
+    std::fs::write(&bad, "name = \"x\"\nkernel = \"/k\"\ncpu = 2\n").unwrap();
+    d.fails(
+        &["vm", "define", bad.to_str().unwrap()],
+        2,
+        "unknown field `cpu`",
+    );
+    std::fs::write(&bad, "name = \"../x\"\nkernel = \"/k\"\n").unwrap();
+    d.fails(
+        &["vm", "define", bad.to_str().unwrap()],
+        2,
+        "invalid VM name",
+    );
+    std::fs::write(&bad, "name = \"x\"\nkernel = \"/nonexistent/kernel\"\n").unwrap();
+    d.fails(
+        &["vm", "define", bad.to_str().unwrap()],
+        2,
+        "/nonexistent/kernel",
+    );
+    d.fails(&["vm", "start", "ghost"], 3, "no VM named \"ghost\"");
+
+    let file = d.definition("one", "");
+    d.ok(&["vm", "define", file.to_str().unwrap()]);
+    d.fails(
+        &["vm", "define", file.to_str().unwrap()],
+        4,
+        "already exists",
+    );
+    d.fails(&["vm", "suspend", "one"], 4, "not running");
+    d.ok(&["vm", "start", "one"]);
+    d.fails(&["vm", "start", "one"], 4, "already running");
+    d.fails(
+        &["vm", "undefine", "one"],
+        4,
+        "destroy or shut it down first",
+    );
+    d.ok(&["vm", "destroy", "one"]);
+
+    // The kernel vanished since the VM was defined.
+    let kernel = d.dir.path().join("kernel");
+    std::fs::rename(&kernel, kernel.with_extension("moved")).unwrap();
+    d.fails(&["vm", "start", "one"], 4, "No such file or directory");
+    assert_eq!(d.details("one").state, DomainState::Shutoff);
+    std::fs::rename(kernel.with_extension("moved"), &kernel).unwrap();
+
+    // Raw API: malformed JSON and a client that hangs up mid-request.
+    let response = d.call("POST", paths::VMS, Some(b"{\"name\": "));
+    assert_eq!(response.status, 400, "{}", response.text());
+    let mut quitter = std::os::unix::net::UnixStream::connect(d.socket()).unwrap();
+    std::io::Write::write_all(
+        &mut quitter,
+        b"POST /api/v1/vms/one/start HTTP/1.1\r\nContent-Le",
+    )
+    .unwrap();
+    drop(quitter);
+
+    // Two clients race to start the same VM: one wins, the other is told why it lost.
+    let (a, b) = std::thread::scope(|s| {
+        let a = s.spawn(|| d.cli(&["vm", "start", "one"]));
+        let b = s.spawn(|| d.cli(&["vm", "start", "one"]));
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    let codes = [a.0, b.0];
+    assert!(codes.contains(&0) && codes.contains(&4), "{a:?} {b:?}");
+    assert_eq!(d.details("one").state, DomainState::Running);
+    d.ok(&["vm", "destroy", "one"]);
+    let list: Vec<VmSummary> =
+        serde_json::from_slice(&d.call("GET", paths::VMS, None).body).unwrap();
+    assert_eq!(list.len(), 1, "nothing else was defined");
+}
+
+#[test]
+fn host_info_and_events() {
+    if !kvm_tests_enabled() {
+        return;
+    }
+    let d = Daemon::start();
+    let host = d.ok(&["host", "info"]);
+    assert!(host.contains("KVM:") && host.contains("VMs:"), "{host}");
+    d.call("GET", paths::HOST, None);
+    let mut events = Command::new(ferro())
+        .args(["events", "--json"])
+        .env("FERRO_SOCKET", d.socket())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300)); // let it subscribe
+    d.ok(&["vm", "define", d.definition("ev", "").to_str().unwrap()]);
+    d.ok(&["vm", "start", "ev"]);
+    d.ok(&["vm", "destroy", "ev"]);
+    let mut lines = BufReader::new(events.stdout.take().unwrap()).lines();
+    let mut kinds = Vec::new();
+    while kinds.len() < 3 {
+        let line = lines.next().unwrap().unwrap();
+        let event: serde_json::Value = serde_json::from_str(&line).unwrap();
+        d.api.check_schema("Event", &event).unwrap();
+        kinds.push(event["kind"].as_str().unwrap().to_string());
+    }
+    assert_eq!(kinds, ["defined", "started", "stopped"]);
+    events.kill().unwrap();
+    events.wait().unwrap();
+    let completions = d.ok(&["completions", "bash"]);
+    assert!(completions.contains("ferro") && completions.contains("undefine"));
+}
