@@ -15,3 +15,16 @@ pub use net::{MacAddress, NetConfig};
 pub use size::{ByteSize, ParseSizeError};
 pub use state::{InvalidTransition, VmState};
 pub use vm_config::{ConfigError, ConsoleKind, DiskConfig, VmConfig, DEFAULT_CMDLINE};
+
+/// An error and its sources on one line (`outer: inner: root cause`), for the one-line
+/// messages every Ferro command and API prints.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

@@ -65,14 +65,4 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// The error and its sources on one line.
-pub fn chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
+pub use api::error_chain as chain;

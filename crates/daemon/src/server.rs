@@ -222,8 +222,9 @@ async fn autostart(
 }
 
 async fn stats(State(s): State<Shared>, UrlPath(name): UrlPath<String>) -> ApiResult<Response> {
-    let (pid, vcpus, socket, state, memory_bytes) = s.process_of(&name)?;
-    let counters = supervisor::vmm_counters(&socket).await?;
+    let vm = s.process_of(&name)?;
+    let (pid, vcpus, state, memory_bytes) = (vm.pid, vm.vcpus, vm.state, vm.memory_bytes);
+    let counters = supervisor::vmm_counters(&vm.api_socket).await?;
     let (cpu_time_ns, vcpu_time_ns) =
         tokio::task::spawn_blocking(move || host::process_cpu(pid, vcpus))
             .await

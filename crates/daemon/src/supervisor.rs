@@ -144,6 +144,16 @@ impl Supervisor {
         })
     }
 
+    /// Runs `check` on the entry of `name` (404 if there is none).
+    fn with_entry<T>(
+        &self,
+        name: &str,
+        check: impl FnOnce(&VmEntry) -> Result<T, ApiError>,
+    ) -> Result<T, ApiError> {
+        let vms = self.lock();
+        check(vms.get(name).ok_or_else(|| ApiError::not_found(name))?)
+    }
+
     fn set_state(&self, name: &str, state: DomainState, reason: Option<String>) {
         if let Some(entry) = self.lock().get_mut(name) {
             entry.state = state;
@@ -156,10 +166,11 @@ impl Supervisor {
     }
 
     fn runtime(&self, name: &str) -> Result<Runtime, ApiError> {
-        let vms = self.lock();
-        let entry = vms.get(name).ok_or_else(|| ApiError::not_found(name))?;
-        entry.runtime.clone().ok_or_else(|| {
-            ApiError::conflict(format!("VM {name} is not running (it is {})", entry.state))
+        self.with_entry(name, |entry| {
+            entry
+                .runtime
+                .clone()
+                .ok_or_else(|| not_running(name, entry.state))
         })
     }
 
@@ -197,23 +208,21 @@ impl Supervisor {
         (running as u32, vms.len() as u32)
     }
 
-    /// The pid, vCPU count and API socket of a running VM (for stats).
-    pub fn process_of(
-        &self,
-        name: &str,
-    ) -> Result<(u32, u32, std::path::PathBuf, DomainState, u64), ApiError> {
-        let vms = self.lock();
-        let e = vms.get(name).ok_or_else(|| ApiError::not_found(name))?;
-        let runtime = e.runtime.as_ref().ok_or_else(|| {
-            ApiError::conflict(format!("VM {name} is not running (it is {})", e.state))
-        })?;
-        Ok((
-            runtime.record.pid,
-            e.definition.cpus,
-            runtime.files.api_socket.clone(),
-            e.state,
-            e.definition.memory.0,
-        ))
+    /// What monitoring needs of a running VM.
+    pub fn process_of(&self, name: &str) -> Result<RunningVm, ApiError> {
+        self.with_entry(name, |e| {
+            let runtime = e
+                .runtime
+                .as_ref()
+                .ok_or_else(|| not_running(name, e.state))?;
+            Ok(RunningVm {
+                pid: runtime.record.pid,
+                vcpus: e.definition.cpus,
+                api_socket: runtime.files.api_socket.clone(),
+                state: e.state,
+                memory_bytes: e.definition.memory.0,
+            })
+        })
     }
 
     // ----- definitions -----
@@ -249,16 +258,13 @@ impl Supervisor {
 
     pub fn undefine(&self, name: &str) -> Result<(), ApiError> {
         let _busy = self.begin(name, "undefine")?;
-        {
-            let vms = self.lock();
-            let entry = vms.get(name).ok_or_else(|| ApiError::not_found(name))?;
-            if entry.runtime.is_some() {
-                return Err(ApiError::conflict(format!(
-                    "VM {name} is {}; destroy or shut it down first",
-                    entry.state
-                )));
-            }
-        }
+        self.with_entry(name, |entry| match entry.runtime {
+            Some(_) => Err(ApiError::conflict(format!(
+                "VM {name} is {}; destroy or shut it down first",
+                entry.state
+            ))),
+            None => Ok(()),
+        })?;
         self.store
             .remove_definition(name)
             .map_err(|e| ApiError::internal(chain(&e)))?;
@@ -290,17 +296,13 @@ impl Supervisor {
 
     pub async fn start(self: &Arc<Self>, name: &str) -> Result<VmDetails, ApiError> {
         let _busy = self.begin(name, "start")?;
-        let definition = {
-            let vms = self.lock();
-            let entry = vms.get(name).ok_or_else(|| ApiError::not_found(name))?;
-            if entry.runtime.is_some() {
-                return Err(ApiError::conflict(format!(
-                    "VM {name} is already {}",
-                    entry.state
-                )));
-            }
-            entry.definition.clone()
-        };
+        let definition = self.with_entry(name, |entry| match entry.runtime {
+            Some(_) => Err(ApiError::conflict(format!(
+                "VM {name} is already {}",
+                entry.state
+            ))),
+            None => Ok(entry.definition.clone()),
+        })?;
         check_files(&definition)
             .map_err(|e| ApiError::conflict(format!("cannot start VM {name}: {e}")))?;
         let files = VmmFiles::new(self.store.run_dir(name));
@@ -585,6 +587,20 @@ impl Supervisor {
         drop(_busy);
         self.details(name)
     }
+}
+
+/// What monitoring needs to know of a running VM.
+#[derive(Debug, Clone)]
+pub struct RunningVm {
+    pub pid: u32,
+    pub vcpus: u32,
+    pub api_socket: std::path::PathBuf,
+    pub state: DomainState,
+    pub memory_bytes: u64,
+}
+
+fn not_running(name: &str, state: DomainState) -> ApiError {
+    ApiError::conflict(format!("VM {name} is not running (it is {state})"))
 }
 
 /// Commands the daemon passes to a VMM as they are.

@@ -1,13 +1,22 @@
 //! `ferro vm console NAME`: attaches this terminal to a VM's live console socket (served by
-//! its VMM). Raw mode when stdin is a terminal; Ctrl-] detaches, leaving the VM running.
+//! its VMM). Raw mode when stdin is a terminal; Ctrl-] detaches, leaving the VM running. With
+//! piped input, the end of input stops typing but output keeps coming until the VM ends.
 
 use std::io::{IsTerminal, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
+use std::sync::mpsc;
 
 /// Detaches from the console (as in virsh console).
 const DETACH: u8 = 0x1d; // Ctrl-]
+
+enum End {
+    /// The VM closed the console (it stopped).
+    Closed,
+    /// The user detached.
+    Detached,
+}
 
 pub fn attach(name: &str, socket: &Path) -> Result<(), String> {
     let stream = UnixStream::connect(socket)
@@ -20,8 +29,10 @@ pub fn attach(name: &str, socket: &Path) -> Result<(), String> {
     } else {
         None
     };
+    let (end_tx, end) = mpsc::channel();
     let mut from_vm = stream.try_clone().map_err(|e| e.to_string())?;
-    let output = std::thread::spawn(move || {
+    let closed = end_tx.clone();
+    std::thread::spawn(move || {
         let mut stdout = std::io::stdout();
         let mut buf = [0u8; 4096];
         while let Ok(n) = from_vm.read(&mut buf) {
@@ -34,31 +45,42 @@ pub fn attach(name: &str, socket: &Path) -> Result<(), String> {
                 break;
             }
         }
+        let _ = closed.send(End::Closed);
     });
     let mut to_vm = stream;
-    let mut input = stdin.lock();
-    let mut buf = [0u8; 1024];
-    loop {
-        let n = match input.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n,
-        };
-        let typed = &buf[..n];
-        let detach_at = interactive
-            .then(|| typed.iter().position(|&b| b == DETACH))
-            .flatten();
-        let send = &typed[..detach_at.unwrap_or(n)];
-        if to_vm.write_all(send).is_err() || detach_at.is_some() {
-            break;
+    std::thread::spawn(move || {
+        let mut input = std::io::stdin().lock();
+        let mut buf = [0u8; 1024];
+        loop {
+            let n = match input.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            let typed = &buf[..n];
+            let detach_at = interactive
+                .then(|| typed.iter().position(|&b| b == DETACH))
+                .flatten();
+            if to_vm.write_all(&typed[..detach_at.unwrap_or(n)]).is_err() {
+                return;
+            }
+            if detach_at.is_some() {
+                let _ = end_tx.send(End::Detached);
+                return;
+            }
         }
-    }
-    if !interactive {
-        // Piped input is done: keep showing output until the VM closes the console.
-        let _ = to_vm.shutdown(std::net::Shutdown::Write);
-        let _ = output.join();
-    } else {
-        let _ = to_vm.shutdown(std::net::Shutdown::Both);
-        eprintln!("\r\nDetached from the console of {name}.\r");
+        if interactive {
+            let _ = end_tx.send(End::Detached);
+        } else {
+            let _ = to_vm.shutdown(std::net::Shutdown::Write);
+        }
+    });
+    match end.recv() {
+        Ok(End::Detached) => eprintln!("\r\nDetached from the console of {name}.\r"),
+        Ok(End::Closed) | Err(_) => {
+            if interactive {
+                eprintln!("\r\nThe console of {name} closed (the VM stopped).\r");
+            }
+        }
     }
     Ok(())
 }

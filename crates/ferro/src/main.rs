@@ -96,17 +96,7 @@ fn init_logging(verbose: u8) {
     }
 }
 
-/// The error and its sources on one line.
-pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
+pub(crate) use api::error_chain;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();

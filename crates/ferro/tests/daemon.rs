@@ -158,6 +158,15 @@ impl Daemon {
         }
     }
 
+    /// SIGKILLs the VMM `pid` of `name` and expects it reported crashed with `reason`.
+    fn kill_vmm_and_expect_crash(&self, name: &str, pid: u32, reason: &str) {
+        // SAFETY: kill(2) on a process this test started (through the daemon).
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        let crashed = self.wait_for_state(name, DomainState::Crashed);
+        let got = crashed.reason.clone().unwrap_or_default();
+        assert!(got.contains(reason), "{crashed:?}");
+    }
+
     fn console_log(&self, name: &str) -> String {
         std::fs::read_to_string(self.details(name).console_log).unwrap_or_default()
     }
@@ -252,8 +261,20 @@ fn lifecycle_through_the_cli() {
     assert!(stats.counters.vcpus[0].exits["io_in"] > 0, "{stats:?}");
     d.call("GET", &paths::vm_action("tiny", "stats"), None);
 
-    // The guest waits for the power button: shutdown is graceful.
+    // A live console client sees what the guest prints from now on, and ends with the VM.
+    let console = Command::new(ferro())
+        .args(["vm", "console", "tiny"])
+        .env("FERRO_SOCKET", d.socket())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300)); // let it connect
+                                                    // The guest waits for the power button: shutdown is graceful.
     assert!(d.ok(&["vm", "shutdown", "tiny"]).contains("shut down"));
+    let seen = console.wait_with_output().unwrap();
+    assert!(seen.status.success());
+    assert_eq!(String::from_utf8_lossy(&seen.stdout), "bye\n");
     let off = d.details("tiny");
     assert_eq!(off.state, DomainState::Shutoff);
     assert_eq!(off.reason.as_deref(), Some("powered-off"));
@@ -300,24 +321,15 @@ fn daemon_restart_crash_and_autostart() {
 
     // A VMM killed behind the daemon's back is a crash, with the reason: an adopted VMM is
     // not the daemon's child, so its exit status is unknown; a VMM it started is.
-    // SAFETY: kill(2) on a process this test started (through the daemon).
-    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-    let crashed = d.wait_for_state("keep", DomainState::Crashed);
+    d.kill_vmm_and_expect_crash("keep", pid, "without saying why");
     assert!(
-        crashed.reason.as_deref().unwrap_or("").contains("without saying why"),
-        "{crashed:?}"
+        !d.state_dir().join("run/keep").exists(),
+        "runtime files were cleaned up"
     );
-    assert!(!d.state_dir().join("run/keep").exists(), "runtime files were cleaned up");
     // A crashed VM can be started again.
     d.ok(&["vm", "start", "keep"]);
     let pid = d.details("keep").pid.unwrap();
-    // SAFETY: as above.
-    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-    let crashed = d.wait_for_state("keep", DomainState::Crashed);
-    assert!(
-        crashed.reason.as_deref().unwrap_or("").contains("killed by signal 9"),
-        "{crashed:?}"
-    );
+    d.kill_vmm_and_expect_crash("keep", pid, "killed by signal 9");
     d.ok(&["vm", "start", "keep"]);
 
     // Killed while no daemon watches: found crashed at the next start.

@@ -61,7 +61,10 @@ impl Running {
             out,
             vm,
         };
-        running.wait_for(|r| r.info().state == VmState::Running, "the VM to run");
+        running.wait_for(
+            |r| r.try_info().is_some_and(|i| i.state == VmState::Running),
+            "the VM to run",
+        );
         running
     }
 
@@ -72,6 +75,12 @@ impl Running {
             .check(method, path, response.status, &response.body)
             .unwrap();
         response
+    }
+
+    /// The VM's info, or None while the API is not up yet (a stale socket file may exist).
+    fn try_info(&self) -> Option<VmInfo> {
+        let response = self.client.request("GET", paths::VM, None).ok()?;
+        serde_json::from_slice(&response.body).ok()
     }
 
     fn info(&self) -> VmInfo {
