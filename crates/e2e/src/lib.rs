@@ -5,6 +5,8 @@
 //! A [`Vm`] is a child process whose stdout and stderr are collected by two reader threads;
 //! the test thread polls them with deadlines, so a hung guest fails a test instead of hanging it.
 
+pub mod daemon;
+
 use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};

@@ -11,6 +11,8 @@
 //! guest to host and host to guest), Ferro against QEMU's virtio-blk-pci and virtio-net-pci
 //! (userspace backends, no vhost), measured inside the guest by `ferro-guest-bench`.
 
+mod daemon;
+
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -182,7 +184,7 @@ fn boot(runs: usize) -> Result<(), String> {
 }
 
 fn usage() -> ! {
-    eprintln!("usage: ferro-bench boot|io [--runs N]");
+    eprintln!("usage: ferro-bench boot|io|daemon [--runs N]");
     std::process::exit(2);
 }
 
@@ -392,6 +394,7 @@ fn main() {
     let result = match args.first().map(String::as_str) {
         Some("boot") => boot(runs(10)),
         Some("io") => io(runs(5)),
+        Some("daemon") => daemon::run(runs(8)),
         _ => usage(),
     };
     if let Err(e) = result {

@@ -10,6 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use e2e::{ferro_bin, Finished, GuestImages, Vm, READY};
 use libtest_mimic::{Arguments, Failed, Trial};
 
+mod daemon_e2e;
 mod vm_api;
 
 /// Upper bound for one boot to the ready line (nested, emulated hardware is slow).
@@ -725,6 +726,10 @@ fn main() {
             vm_api::pause_resume_and_power_button,
         ),
         Trial::test("api::reset_and_stop", vm_api::reset_and_stop),
+        Trial::test(
+            "daemon::manage_the_default_guest",
+            daemon_e2e::manage_the_default_guest,
+        ),
     ];
     // Each test boots a VM; running them one at a time keeps timings and memory predictable.
     let args = Arguments {

@@ -1,0 +1,117 @@
+//! `ferro-bench daemon`: what managing VMs through the daemon costs, in one testbed run.
+//! - start latency: `ferro vm start` until the guest's ready line is in its console log,
+//!   against `ferro run` until the ready line is on its stdout (interleaved runs, medians;
+//!   target ratio <= 1.1);
+//! - the daemon's resident memory with 0 and with 10 running VMs (target < 20 MiB);
+//! - 10 VMs started at once (10 CLI processes in parallel), all reaching ready.
+
+use std::time::{Duration, Instant};
+
+use e2e::daemon::Daemon;
+use e2e::{ferro_bin, median, GuestImages, Vm, READY};
+
+const TIMEOUT: Duration = Duration::from_secs(300);
+const MEMORY: &str = "256M";
+const MANY: usize = 10;
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / f64::from(1 << 20)
+}
+
+/// `ferro run` to ready, in seconds.
+fn direct_once(images: &GuestImages) -> Result<f64, String> {
+    let args: Vec<String> = [
+        "run",
+        "--kernel",
+        &images.kernel.display().to_string(),
+        "--initrd",
+        &images.initrd.display().to_string(),
+        "--memory",
+        MEMORY,
+        "--cmdline",
+        "console=ttyS0 quiet ferro.run=\"sleep 600\"",
+    ]
+    .map(String::from)
+    .to_vec();
+    let mut vm = Vm::spawn(&ferro_bin(), &args)?;
+    vm.close_stdin();
+    let ready = vm.wait_for(READY, 1, TIMEOUT)?;
+    vm.signal(libc::SIGTERM);
+    vm.wait(TIMEOUT)?;
+    Ok(ready.as_secs_f64())
+}
+
+/// `ferro vm start` to ready in the console log, in seconds (the VM is destroyed after).
+fn daemon_once(d: &Daemon, run: usize) -> Result<f64, String> {
+    let start = Instant::now();
+    d.ok(&["vm", "start", "bench"])?;
+    d.wait_for_console("bench", READY, run, TIMEOUT)?;
+    let elapsed = start.elapsed().as_secs_f64();
+    d.ok(&["vm", "destroy", "bench"])?;
+    Ok(elapsed)
+}
+
+pub fn run(runs: usize) -> Result<(), String> {
+    let images = GuestImages::from_env()?;
+    let d = Daemon::start("bench")?;
+    let idle_rss = d.rss()?;
+    d.define_guest(&images, "bench", MEMORY, "sleep 600", "")?;
+    println!("start to {READY:?}: 1 vCPU, {MEMORY}, {runs} runs each, interleaved");
+    println!("{:>4} {:>12} {:>12}", "run", "vm start s", "ferro run s");
+    let (mut via_daemon, mut direct) = (Vec::new(), Vec::new());
+    for run in 1..=runs {
+        // Alternate which goes first so neither always meets a warmer host.
+        let (a, b) = if run % 2 == 0 {
+            let b = direct_once(&images)?;
+            (daemon_once(&d, run)?, b)
+        } else {
+            let a = daemon_once(&d, run)?;
+            (a, direct_once(&images)?)
+        };
+        println!("{run:>4} {a:>12.3} {b:>12.3}");
+        via_daemon.push(a);
+        direct.push(b);
+    }
+    let (a, b) = (median(&via_daemon), median(&direct));
+    println!(
+        "median start: vm start {a:.3} s, ferro run {b:.3} s, ratio {:.3} (target <= 1.1)",
+        a / b
+    );
+
+    for i in 0..MANY {
+        d.define_guest(&images, &format!("many{i}"), MEMORY, "sleep 600", "")?;
+    }
+    let start = Instant::now();
+    let started: Vec<Result<String, String>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..MANY)
+            .map(|i| {
+                let d = &d;
+                s.spawn(move || d.ok(&["vm", "start", &format!("many{i}")]))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| Err("thread panicked".into())))
+            .collect()
+    });
+    for result in started {
+        result?;
+    }
+    let mut slowest = 0.0f64;
+    for i in 0..MANY {
+        let name = format!("many{i}");
+        d.wait_for_console(&name, READY, 1, TIMEOUT)?;
+        slowest = slowest.max(start.elapsed().as_secs_f64());
+    }
+    let busy_rss = d.rss()?;
+    println!("{MANY} VMs started at once: all ready after {slowest:.3} s");
+    println!(
+        "daemon RSS: {:.2} MiB with 0 VMs, {:.2} MiB with {MANY} running (target < 20 MiB; libvirtd alone ~33 MiB)",
+        mib(idle_rss),
+        mib(busy_rss)
+    );
+    for i in 0..MANY {
+        d.ok(&["vm", "destroy", &format!("many{i}")])?;
+    }
+    Ok(())
+}

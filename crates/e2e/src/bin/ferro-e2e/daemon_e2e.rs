@@ -1,0 +1,106 @@
+//! The daemon and CLI with the default guest (real Linux): define and start through the CLI,
+//! see it in `vm list`, use its live console, read its stats, suspend and resume, shut it down
+//! gracefully (ACPI power button, the guest's acpid), restart the daemon while a VM runs and
+//! manage it afterwards, a SIGKILLed VMM reported as crashed, autostart after a daemon restart,
+//! destroy.
+
+use std::time::Duration;
+
+use api::daemon_api::{DomainState, VmDetails, VmStats};
+use e2e::daemon::{alive, Daemon};
+use e2e::{ferro_bin, Vm, READY};
+
+use crate::{check, images, TestResult, BOOT_TIMEOUT};
+
+fn details(d: &Daemon, name: &str) -> Result<VmDetails, String> {
+    let out = d.ok(&["vm", "info", name, "--json"])?;
+    serde_json::from_str(&out).map_err(|e| format!("vm info: {e}: {out}"))
+}
+
+fn wait_for_state(d: &Daemon, name: &str, state: DomainState) -> Result<VmDetails, String> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let details = details(d, name)?;
+        if details.state == state {
+            return Ok(details);
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(format!("{name} is {}, not {state}", details.state));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub fn manage_the_default_guest() -> TestResult {
+    let images = images()?;
+    let mut d = Daemon::start("e2e")?;
+    d.define_guest(&images, "web", "256M", "sh", "")?;
+    d.define_guest(&images, "other", "256M", "sleep 600", "autostart = true\n")?;
+    d.ok(&["vm", "start", "web"])?;
+    d.wait_for_console("web", READY, 1, BOOT_TIMEOUT)?;
+    let list = d.ok(&["vm", "list"])?;
+    check(
+        list.lines()
+            .any(|l| l.starts_with("web ") && l.contains("running")),
+        || list.clone(),
+    )?;
+
+    // The live console: a shell answers.
+    let socket = d.socket().display().to_string();
+    let mut console = Vm::spawn(
+        &ferro_bin(),
+        &["vm", "console", "web", "--socket", &socket].map(String::from),
+    )?;
+    std::thread::sleep(Duration::from_millis(500));
+    console.send(b"echo live-$((40+2))\n")?;
+    console.wait_for("live-42", 1, Duration::from_secs(60))?;
+    drop(console);
+
+    let stats: VmStats = serde_json::from_str(&d.ok(&["vm", "stats", "web", "--json"])?)
+        .map_err(|e| e.to_string())?;
+    check(
+        stats.cpu_time_ns > 0 && stats.vcpu_time_ns[0] > 0 && stats.rss_bytes > 0,
+        || format!("{stats:?}"),
+    )?;
+    d.ok(&["vm", "suspend", "web"])?;
+    check(details(&d, "web")?.state == DomainState::Paused, || {
+        "not paused".into()
+    })?;
+    d.ok(&["vm", "resume", "web"])?;
+
+    d.ok(&["vm", "shutdown", "web", "--timeout", "120"])?;
+    let off = details(&d, "web")?;
+    check(
+        off.state == DomainState::Shutoff && off.reason.as_deref() == Some("powered-off"),
+        || format!("{off:?}"),
+    )?;
+    let log = std::fs::read_to_string(d.console_log_path("web")).unwrap_or_default();
+    check(log.contains("ferro-guest: power button"), || log.clone())?;
+
+    // The daemon restarts while the VM runs; autostart brings the other one up.
+    d.ok(&["vm", "start", "web"])?;
+    d.wait_for_console("web", READY, 2, BOOT_TIMEOUT)?;
+    let pid = details(&d, "web")?.pid.ok_or("no pid")?;
+    d.stop()?;
+    check(alive(pid), || "stopping the daemon killed the VM".into())?;
+    d.restart()?;
+    let found = details(&d, "web")?;
+    check(
+        found.state == DomainState::Running && found.pid == Some(pid),
+        || format!("{found:?}"),
+    )?;
+    wait_for_state(&d, "other", DomainState::Running)?;
+    d.wait_for_console("other", READY, 1, BOOT_TIMEOUT)?;
+    d.ok(&["vm", "suspend", "web"])?;
+    d.ok(&["vm", "resume", "web"])?;
+
+    // SAFETY: kill(2) on the VMM this test started through the daemon.
+    unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+    let crashed = wait_for_state(&d, "web", DomainState::Crashed)?;
+    check(crashed.reason.is_some(), || format!("{crashed:?}"))?;
+
+    d.ok(&["vm", "destroy", "other"])?;
+    check(details(&d, "other")?.state == DomainState::Shutoff, || {
+        "other still runs".into()
+    })
+}
