@@ -110,7 +110,9 @@ pub fn parse_table(raw: &[u8], count: u32, cluster_size: u64) -> io::Result<Vec<
         if extra_len > MAX_EXTRA {
             return Err(bad("too much extra data"));
         }
-        if !l1_table_offset.is_multiple_of(cluster_size) || u64::from(l1_size) * 8 > header::MAX_L1_BYTES {
+        if !l1_table_offset.is_multiple_of(cluster_size)
+            || u64::from(l1_size) * 8 > header::MAX_L1_BYTES
+        {
             return Err(bad("invalid L1 table"));
         }
         let extra_start = at + ENTRY_HEADER;
@@ -282,7 +284,9 @@ impl Qcow2Image {
 
     /// Reads an L1 table of `entries` entries at `offset`.
     fn read_l1(&self, offset: u64, entries: u32) -> io::Result<Vec<u64>> {
-        if u64::from(entries) * 8 > header::MAX_L1_BYTES || !offset.is_multiple_of(self.cluster_size()) {
+        if u64::from(entries) * 8 > header::MAX_L1_BYTES
+            || !offset.is_multiple_of(self.cluster_size())
+        {
             return Err(corrupt(format!("invalid L1 table at {offset:#x}")));
         }
         let len = u64::from(entries) * 8;
