@@ -5,7 +5,7 @@
 //! Threads: one tokio current-thread runtime. Blocking work (talking to a VMM's API, starting
 //! a process, reading /proc) runs on tokio's blocking pool. Each mutating operation runs as its
 //! own task, so a client that disconnects mid-request cannot leave it half done; per VM, one
-//! operation at a time (others get 409). VMMs live in their own sessions: stopping or
+//! operation at a time (others get 409). VMMs live in their own process groups: stopping or
 //! restarting the daemon leaves them running, and the next daemon adopts them.
 
 mod error;

@@ -1,5 +1,5 @@
-//! VMM processes: starting `ferro run` for a definition (its own session, so the daemon's end
-//! does not take it down), recognising it again after a daemon restart (pid plus process start
+//! VMM processes: starting `ferro run` for a definition (its own process group, so the
+//! daemon's end does not take it down), recognising it again after a daemon restart (pid plus process start
 //! time, so a recycled pid is not mistaken for it), and waiting for it to end (a pidfd, which
 //! works for processes the daemon did not start).
 
@@ -95,15 +95,10 @@ pub fn spawn_vmm(ferro: &Path, args: &[String], files: &VmmFiles) -> io::Result<
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::from(stderr));
-    // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
-    unsafe {
-        command.pre_exec(|| {
-            if libc::setsid() < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    // A process group of its own: signals meant for the daemon's group (Ctrl-C on a terminal,
+    // a service manager stopping the daemon's group) do not reach the VM. Unlike a pre_exec
+    // setsid, this lets std use posix_spawn (vfork) instead of forking the daemon.
+    command.process_group(0);
     let child = command.spawn()?;
     // The daemon reaps it through its pidfd (see `reap`); the handle is not needed.
     Ok(child.id())

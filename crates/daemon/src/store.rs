@@ -7,6 +7,7 @@
 
 use std::fs;
 use std::io::{self, Write};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use api::daemon_api::VmDefinition;
@@ -48,8 +49,15 @@ impl Store {
         let store = Store {
             root: root.to_path_buf(),
         };
-        for dir in [store.vms_dir(), store.logs_dir(), store.run_root()] {
-            fs::create_dir_all(&dir).map_err(|source| StoreError::Dir { path: dir, source })?;
+        // Console logs and runtime sockets are the daemon's user's alone.
+        for (dir, mode) in [
+            (store.vms_dir(), 0o755),
+            (store.logs_dir(), 0o700),
+            (store.run_root(), 0o700),
+        ] {
+            fs::create_dir_all(&dir)
+                .and_then(|()| fs::set_permissions(&dir, fs::Permissions::from_mode(mode)))
+                .map_err(|source| StoreError::Dir { path: dir, source })?;
         }
         Ok(store)
     }

@@ -4,6 +4,7 @@
 //! daemon restart.
 
 use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -307,9 +308,14 @@ impl Supervisor {
             .map_err(|e| ApiError::conflict(format!("cannot start VM {name}: {e}")))?;
         let files = VmmFiles::new(self.store.run_dir(name));
         let _ = std::fs::remove_dir_all(&files.dir);
-        std::fs::create_dir_all(&files.dir).map_err(|e| {
-            ApiError::internal(format!("cannot create {}: {e}", files.dir.display()))
-        })?;
+        // Only the daemon's user reaches the VMM's sockets.
+        std::fs::create_dir_all(&files.dir)
+            .and_then(|()| {
+                std::fs::set_permissions(&files.dir, std::fs::Permissions::from_mode(0o700))
+            })
+            .map_err(|e| {
+                ApiError::internal(format!("cannot create {}: {e}", files.dir.display()))
+            })?;
         let args = process::vmm_args(&definition, &files, &self.store.console_log(name));
         let pid = process::spawn_vmm(&self.ferro, &args, &files)
             .map_err(|e| ApiError::internal(format!("cannot run {}: {e}", self.ferro.display())))?;
@@ -373,7 +379,7 @@ impl Supervisor {
                     START_TIMEOUT.as_secs()
                 )));
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 

@@ -183,6 +183,20 @@ impl Daemon {
         }
     }
 
+    /// A definition of a guest that prints "up" and halts for good: it ignores the power button.
+    fn deaf_definition(&self, name: &str) -> PathBuf {
+        let kernel = self.dir.path().join("deaf-kernel");
+        let code = asm::program(&[&asm::serial(b"up\n")]);
+        std::fs::write(&kernel, test_images::bzimage(&code)).unwrap();
+        let path = self.dir.path().join(format!("{name}.toml"));
+        let text = format!(
+            "name = \"{name}\"\nmemory = \"128M\"\nkernel = \"{}\"\n",
+            kernel.display()
+        );
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
     /// Writes a definition of the tiny guest and returns its path.
     fn definition(&self, name: &str, extra: &str) -> PathBuf {
         let kernel = self.dir.path().join("kernel");
@@ -460,4 +474,120 @@ fn host_info_and_events() {
     events.wait().unwrap();
     let completions = d.ok(&["completions", "bash"]);
     assert!(completions.contains("ferro") && completions.contains("undefine"));
+}
+
+#[test]
+fn a_full_disk_under_the_state_directory_loses_nothing() {
+    if !kvm_tests_enabled() {
+        return;
+    }
+    let d = Daemon::start();
+    d.ok(&["vm", "define", d.definition("one", "").to_str().unwrap()]);
+    let vms = d.state_dir().join("vms");
+    let before = std::fs::read_to_string(vms.join("one.toml")).unwrap();
+    // The daemon writes a definition to NAME.tmp and renames it over NAME.toml; pointing the
+    // temporary file at /dev/full makes that write fail with ENOSPC, as a full disk would.
+    std::os::unix::fs::symlink("/dev/full", vms.join("one.tmp")).unwrap();
+    d.fails(&["vm", "autostart", "one"], 1, "No space left on device");
+    assert_eq!(
+        std::fs::read_to_string(vms.join("one.toml")).unwrap(),
+        before
+    );
+    assert!(
+        !d.details("one").definition.autostart,
+        "the daemon kept the old state"
+    );
+    std::os::unix::fs::symlink("/dev/full", vms.join("two.tmp")).unwrap();
+    d.fails(
+        &["vm", "define", d.definition("two", "").to_str().unwrap()],
+        1,
+        "No space left on device",
+    );
+    assert!(!vms.join("two.toml").exists());
+    d.fails(&["vm", "info", "two"], 3, "no VM named");
+    // Once there is room again, both work.
+    d.ok(&["vm", "autostart", "one"]);
+    d.ok(&["vm", "define", d.definition("two", "").to_str().unwrap()]);
+}
+
+/// Every operation of the daemon's API, called directly, each response checked against the
+/// OpenAPI document (the CLI tests go through typed clients).
+#[test]
+fn every_route_answers_as_documented() {
+    if !kvm_tests_enabled() {
+        return;
+    }
+    let d = Daemon::start();
+    let kernel_file = d.definition("api", "");
+    let definition =
+        daemon::parse_definition(&std::fs::read_to_string(kernel_file).unwrap()).unwrap();
+    let body = serde_json::to_vec(&definition).unwrap();
+    let status = |method: &str, path: &str, body: Option<&[u8]>| d.call(method, path, body).status;
+    assert_eq!(status("POST", paths::VMS, Some(&body)), 201);
+    assert_eq!(status("POST", paths::VMS, Some(&body)), 409);
+    assert_eq!(status("POST", paths::VMS, Some(b"{\"name\": \"x\"}")), 400);
+    assert_eq!(status("GET", paths::VMS, None), 200);
+    assert_eq!(status("GET", &paths::vm("api"), None), 200);
+    assert_eq!(status("GET", &paths::vm("nope"), None), 404);
+    let action = |name: &str, what: &str| paths::vm_action(name, what);
+    assert_eq!(status("POST", &action("api", "suspend"), None), 409);
+    assert_eq!(status("GET", &action("api", "stats"), None), 409);
+    assert_eq!(status("POST", &action("api", "start"), None), 200);
+    assert_eq!(status("POST", &action("api", "start"), None), 409);
+    assert_eq!(status("GET", &action("api", "stats"), None), 200);
+    assert_eq!(status("POST", &action("api", "suspend"), None), 200);
+    assert_eq!(status("POST", &action("api", "resume"), None), 200);
+    assert_eq!(status("POST", &action("api", "reboot"), None), 200);
+    assert_eq!(
+        status(
+            "PUT",
+            &action("api", "autostart"),
+            Some(b"{\"enabled\": true}")
+        ),
+        200
+    );
+    assert_eq!(
+        status("PUT", &action("api", "autostart"), Some(b"{\"on\": 1}")),
+        400
+    );
+    assert_eq!(status("DELETE", &paths::vm("api"), None), 409);
+    assert_eq!(
+        status(
+            "POST",
+            &action("api", "shutdown"),
+            Some(b"{\"timeout_secs\": 30}")
+        ),
+        200
+    );
+    assert_eq!(status("POST", &action("api", "destroy"), None), 409);
+    assert_eq!(status("GET", paths::HOST, None), 200);
+    let wrong = Client::new(d.socket(), None)
+        .request("PUT", paths::HOST, None)
+        .unwrap();
+    assert_eq!(wrong.status, 405);
+    let body: serde_json::Value = serde_json::from_slice(&wrong.body).unwrap();
+    d.api.check_schema("Error", &body).unwrap();
+    assert_eq!(status("DELETE", &paths::vm("api"), None), 204);
+    assert_eq!(status("DELETE", &paths::vm("api"), None), 404);
+}
+
+#[test]
+fn a_guest_that_ignores_the_power_button_is_reported_still_running() {
+    if !kvm_tests_enabled() {
+        return;
+    }
+    let d = Daemon::start();
+    d.ok(&["vm", "define", d.deaf_definition("deaf").to_str().unwrap()]);
+    d.ok(&["vm", "start", "deaf"]);
+    d.wait_for_console("deaf", "up", 1);
+    d.fails(
+        &["vm", "shutdown", "deaf", "--timeout", "1"],
+        4,
+        "still running 1 s after the power button was pressed",
+    );
+    assert_eq!(d.details("deaf").state, DomainState::Running);
+    d.ok(&["vm", "destroy", "deaf"]);
+    let off = d.details("deaf");
+    assert_eq!(off.state, DomainState::Shutoff);
+    assert_eq!(off.reason.as_deref(), Some("destroyed"));
 }

@@ -41,34 +41,49 @@ fn direct_once(images: &GuestImages) -> Result<f64, String> {
     Ok(ready.as_secs_f64())
 }
 
-/// `ferro vm start` to ready in the console log, in seconds (the VM is destroyed after).
-fn daemon_once(d: &Daemon, run: usize) -> Result<f64, String> {
+/// `ferro vm start` to ready in the console log, in seconds, and when `vm start` returned
+/// (the VM is destroyed after).
+fn daemon_once(d: &Daemon, run: usize) -> Result<(f64, f64), String> {
     let start = Instant::now();
     d.ok(&["vm", "start", "bench"])?;
+    let started = start.elapsed().as_secs_f64();
     d.wait_for_console("bench", READY, run, TIMEOUT)?;
     let elapsed = start.elapsed().as_secs_f64();
     d.ok(&["vm", "destroy", "bench"])?;
-    Ok(elapsed)
+    Ok((elapsed, started))
 }
 
 pub fn run(runs: usize) -> Result<(), String> {
     let images = GuestImages::from_env()?;
     let d = Daemon::start("bench")?;
     let idle_rss = d.rss()?;
+    let mut round_trips = Vec::new();
+    for _ in 0..10 {
+        let start = Instant::now();
+        d.ok(&["vm", "list"])?;
+        round_trips.push(start.elapsed().as_secs_f64());
+    }
+    println!(
+        "CLI round trip (ferro vm list, process start included): median {:.3} s",
+        median(&round_trips)
+    );
     d.define_guest(&images, "bench", MEMORY, "sleep 600", "")?;
     println!("start to {READY:?}: 1 vCPU, {MEMORY}, {runs} runs each, interleaved");
-    println!("{:>4} {:>12} {:>12}", "run", "vm start s", "ferro run s");
+    println!(
+        "{:>4} {:>12} {:>12} {:>16}",
+        "run", "vm start s", "ferro run s", "(start returned)"
+    );
     let (mut via_daemon, mut direct) = (Vec::new(), Vec::new());
     for run in 1..=runs {
         // Alternate which goes first so neither always meets a warmer host.
-        let (a, b) = if run % 2 == 0 {
+        let ((a, returned), b) = if run % 2 == 0 {
             let b = direct_once(&images)?;
             (daemon_once(&d, run)?, b)
         } else {
             let a = daemon_once(&d, run)?;
             (a, direct_once(&images)?)
         };
-        println!("{run:>4} {a:>12.3} {b:>12.3}");
+        println!("{run:>4} {a:>12.3} {b:>12.3} {returned:>16.3}");
         via_daemon.push(a);
         direct.push(b);
     }
