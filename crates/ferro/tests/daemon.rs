@@ -82,6 +82,14 @@ impl Daemon {
         }
     }
 
+    /// Kills the daemon with SIGKILL, as a crash would (VMs keep running).
+    fn crash(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
     /// Stops the daemon with SIGTERM (VMs keep running).
     fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -331,6 +339,11 @@ fn daemon_restart_crash_and_autostart() {
     assert_eq!((found.state, found.pid), (DomainState::Running, Some(pid)));
     d.wait_for_state("auto", DomainState::Running);
     d.ok(&["vm", "suspend", "keep"]);
+    // A daemon that crashes leaves its VMs (and a stale socket) behind; the next one copes.
+    d.crash();
+    assert!(pid_alive(pid), "a crashing daemon took a VM down");
+    d.restart();
+    assert_eq!(d.details("keep").state, DomainState::Paused);
     d.ok(&["vm", "resume", "keep"]);
 
     // A VMM killed behind the daemon's back is a crash, with the reason: an adopted VMM is
