@@ -6,6 +6,7 @@ pub mod daemon_api;
 pub mod image;
 pub mod net;
 pub mod options;
+pub mod pool_api;
 pub mod size;
 pub mod state;
 pub mod vm_config;

@@ -10,15 +10,17 @@
 
 mod error;
 mod host;
+mod pools;
 mod process;
 mod server;
+mod server_pools;
 mod store;
 mod supervisor;
 
 use std::path::PathBuf;
 
 pub use error::DaemonError;
-pub use store::parse_definition;
+pub use store::{parse_definition, parse_pool_definition};
 
 /// Default Unix socket of the daemon.
 pub const DEFAULT_SOCKET: &str = "/run/ferro/ferro.sock";

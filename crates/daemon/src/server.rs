@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use api::daemon_api::{AutostartRequest, ShutdownRequest, VmDefinition, VmStats};
 use axum::body::{Body, Bytes};
-use axum::extract::{Path as UrlPath, State};
+use axum::extract::{FromRef, Path as UrlPath, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
@@ -19,23 +19,50 @@ use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::StreamExt;
 
 use crate::error::{ApiError, DaemonError};
+use crate::pools::Pools;
 use crate::store::Store;
 use crate::supervisor::{self, Control, Supervisor};
 use crate::{host, DaemonOptions};
 
 type Shared = Arc<Supervisor>;
 
+/// What the handlers share: the VMs and the pools.
+#[derive(Debug, Clone)]
+pub struct App {
+    pub vms: Shared,
+    pub pools: Arc<Pools>,
+}
+
+impl FromRef<App> for Shared {
+    fn from_ref(app: &App) -> Shared {
+        app.vms.clone()
+    }
+}
+
+impl FromRef<App> for Arc<Pools> {
+    fn from_ref(app: &App) -> Arc<Pools> {
+        app.pools.clone()
+    }
+}
+
 pub async fn serve(options: DaemonOptions) -> Result<(), DaemonError> {
     let store = Store::open(&options.state_dir)?;
+    let pools = Arc::new(Pools::open(options.state_dir.join("pools"))?);
     let listener = listen(&options.socket)?;
     let supervisor = Supervisor::new(store, options.ferro.clone());
     supervisor.adopt().await;
     tracing::info!("serving on {}", options.socket.display());
     let autostart = supervisor.clone();
     tokio::spawn(async move { autostart.autostart().await });
-    let served = axum::serve(listener, router(supervisor))
-        .with_graceful_shutdown(termination())
-        .await;
+    let served = axum::serve(
+        listener,
+        router(App {
+            vms: supervisor,
+            pools,
+        }),
+    )
+    .with_graceful_shutdown(termination())
+    .await;
     let _ = std::fs::remove_file(&options.socket);
     served.map_err(DaemonError::Serve)
 }
@@ -96,7 +123,7 @@ async fn termination() {
     tracing::info!("stopping; running VMs keep running");
 }
 
-fn router(supervisor: Shared) -> Router {
+fn router(app: App) -> Router {
     Router::new()
         .route("/api/v1/vms", get(list).post(define))
         .route("/api/v1/vms/{name}", get(details).delete(undefine))
@@ -110,9 +137,10 @@ fn router(supervisor: Shared) -> Router {
         .route("/api/v1/vms/{name}/stats", get(stats))
         .route("/api/v1/host", get(host_info))
         .route("/api/v1/events", get(events))
+        .merge(crate::server_pools::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .with_state(supervisor)
+        .with_state(app)
 }
 
 async fn not_found() -> ApiError {
@@ -127,7 +155,7 @@ async fn method_not_allowed() -> ApiError {
 }
 
 /// Parses a JSON body with serde's own message (which names unknown fields).
-fn parse_body<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+pub(crate) fn parse_body<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
     serde_json::from_slice(body)
         .map_err(|e| ApiError::bad_request(format!("bad request body: {e}")))
 }

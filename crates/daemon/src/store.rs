@@ -146,6 +146,14 @@ pub fn parse_definition(text: &str) -> Result<VmDefinition, String> {
     Ok(definition)
 }
 
+/// Parses a pool definition file (TOML).
+pub fn parse_pool_definition(text: &str) -> Result<api::pool_api::PoolDefinition, String> {
+    let definition: api::pool_api::PoolDefinition =
+        toml::from_str(text).map_err(|e| e.message().to_string())?;
+    definition.validate()?;
+    Ok(definition)
+}
+
 fn list_names(dir: &Path, suffix: Option<&str>) -> Vec<String> {
     let Ok(entries) = fs::read_dir(dir) else {
         return Vec::new();

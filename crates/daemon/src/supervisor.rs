@@ -203,6 +203,14 @@ impl Supervisor {
         })
     }
 
+    /// The VM that has `path` as a disk, if any.
+    pub fn vm_using(&self, path: &Path) -> Option<String> {
+        self.lock()
+            .values()
+            .find(|e| e.definition.disks.iter().any(|d| d.path == path))
+            .map(|e| e.definition.name.clone())
+    }
+
     pub fn counts(&self) -> (u32, u32) {
         let vms = self.lock();
         let running = vms.values().filter(|e| e.runtime.is_some()).count();

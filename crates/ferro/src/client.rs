@@ -29,7 +29,7 @@ Exit codes:
 pub struct DaemonSocket {
     /// The daemon's socket.
     #[arg(long, global = true, env = "FERRO_SOCKET", default_value = daemon::DEFAULT_SOCKET)]
-    socket: PathBuf,
+    pub socket: PathBuf,
 }
 
 /// Manage VMs through the daemon (like virsh).
@@ -124,16 +124,16 @@ pub struct EventsArgs {
 }
 
 /// A failed command: exit code and message.
-struct Failure(u8, String);
+pub(crate) struct Failure(pub u8, pub String);
 
-type Outcome = Result<(), Failure>;
+pub(crate) type Outcome = Result<(), Failure>;
 
-fn client(socket: &DaemonSocket, timeout: Option<Duration>) -> Client {
+pub(crate) fn client(socket: &DaemonSocket, timeout: Option<Duration>) -> Client {
     Client::new(&socket.socket, timeout)
 }
 
 /// Sends a request; non-2xx answers become failures with the daemon's message.
-fn call(
+pub(crate) fn call(
     client: &Client,
     method: &str,
     path: &str,
@@ -160,18 +160,18 @@ fn call(
     Err(Failure(code, message))
 }
 
-fn decode<T: DeserializeOwned>(response: &ClientResponse) -> Result<T, Failure> {
+pub(crate) fn decode<T: DeserializeOwned>(response: &ClientResponse) -> Result<T, Failure> {
     serde_json::from_slice(&response.body)
         .map_err(|e| Failure(1, format!("unexpected answer from the daemon: {e}")))
 }
 
-fn print_json(value: &impl serde::Serialize) -> Outcome {
+pub(crate) fn print_json(value: &impl serde::Serialize) -> Outcome {
     let text = serde_json::to_string_pretty(value).map_err(|e| Failure(1, e.to_string()))?;
     println!("{text}");
     Ok(())
 }
 
-fn finish(outcome: Outcome) -> ExitCode {
+pub(crate) fn finish(outcome: Outcome) -> ExitCode {
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure(code, message)) => {

@@ -1,6 +1,7 @@
 //! `ferro`: the command-line entry point of the Ferro virtualization platform.
 
 mod client;
+mod client_pools;
 mod console_attach;
 mod img;
 mod run;
@@ -32,6 +33,8 @@ enum Command {
     Vm(client::VmArgs),
     Host(client::HostArgs),
     Events(client::EventsArgs),
+    Pool(client_pools::PoolArgs),
+    Vol(client_pools::VolArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions {
         shell: clap_complete::Shell,
@@ -108,6 +111,8 @@ fn main() -> ExitCode {
         Command::Vm(args) => client::vm(args),
         Command::Host(args) => client::host(args),
         Command::Events(args) => client::events(args),
+        Command::Pool(args) => client_pools::pool(args),
+        Command::Vol(args) => client_pools::vol(args),
         Command::Completions { shell } => {
             use clap::CommandFactory;
             clap_complete::generate(shell, &mut Cli::command(), "ferro", &mut std::io::stdout());

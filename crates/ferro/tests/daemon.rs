@@ -604,3 +604,116 @@ fn a_guest_that_ignores_the_power_button_is_reported_still_running() {
     assert_eq!(off.state, DomainState::Shutoff);
     assert_eq!(off.reason.as_deref(), Some("destroyed"));
 }
+
+#[test]
+fn pools_and_volumes_through_the_cli() {
+    let d = Daemon::start();
+    let images = d.dir.path().join("images");
+    let pool_file = d.dir.path().join("pool.toml");
+    std::fs::write(
+        &pool_file,
+        format!("name = \"p\"\npath = \"{}\"\n", images.display()),
+    )
+    .unwrap();
+    d.ok(&["pool", "define", pool_file.to_str().unwrap()]);
+    d.fails(&["vol", "list", "--pool", "p"], 4, "not active");
+    d.ok(&["pool", "start", "p"]);
+    assert!(d.ok(&["pool", "list"]).contains("active"));
+    d.ok(&[
+        "vol", "create", "base.raw", "--pool", "p", "--size", "8M", "--format", "raw",
+    ]);
+    d.ok(&[
+        "vol", "clone", "base.raw", "a.qcow2", "--pool", "p", "--linked",
+    ]);
+    d.ok(&["vol", "clone", "a.qcow2", "full.qcow2", "--pool", "p"]);
+    let list: Vec<api::pool_api::VolumeInfo> =
+        serde_json::from_str(&d.ok(&["vol", "list", "--pool", "p", "--json"])).unwrap();
+    let names: Vec<&str> = list.iter().map(|v| v.name.as_str()).collect();
+    assert_eq!(names, ["a.qcow2", "base.raw", "full.qcow2"]);
+    assert_eq!(list[0].backing.as_deref(), Some("base.raw"));
+    d.fails(
+        &["vol", "delete", "base.raw", "--pool", "p"],
+        4,
+        "backing of a.qcow2",
+    );
+    d.fails(
+        &["vol", "create", "../x", "--pool", "p", "--size", "1M"],
+        2,
+        "invalid volume name",
+    );
+    d.fails(
+        &["vol", "create", "big", "--pool", "p", "--size", "1000T"],
+        4,
+        "free",
+    );
+    d.ok(&["vol", "resize", "full.qcow2", "16M", "--pool", "p"]);
+
+    // A VM whose disk is a volume keeps it from being deleted.
+    let vm = d.definition(
+        "user",
+        &format!(
+            "[[disks]]\npath = \"{}\"\n",
+            images.join("full.qcow2").display()
+        ),
+    );
+    d.ok(&["vm", "define", vm.to_str().unwrap()]);
+    d.fails(
+        &["vol", "delete", "full.qcow2", "--pool", "p"],
+        4,
+        "disk of VM user",
+    );
+    d.ok(&["vm", "undefine", "user"]);
+    d.ok(&["vol", "delete", "full.qcow2", "--pool", "p"]);
+
+    // The raw API, checked against the document.
+    use api::pool_api::paths as pool_paths;
+    assert_eq!(d.call("GET", pool_paths::POOLS, None).status, 200);
+    assert_eq!(d.call("GET", &pool_paths::pool("p"), None).status, 200);
+    assert_eq!(d.call("GET", &pool_paths::volumes("p"), None).status, 200);
+    assert_eq!(
+        d.call("GET", &pool_paths::volume("p", "a.qcow2"), None)
+            .status,
+        200
+    );
+    assert_eq!(
+        d.call("GET", &pool_paths::volume("p", "nope"), None).status,
+        404
+    );
+    let created = d.call(
+        "POST",
+        &pool_paths::volumes("p"),
+        Some(br#"{"name": "n.qcow2", "size": "1M"}"#),
+    );
+    assert_eq!(created.status, 201, "{}", created.text());
+    let bad = d.call(
+        "POST",
+        &pool_paths::volumes("p"),
+        Some(br#"{"name": "m", "sise": "1M"}"#),
+    );
+    assert_eq!(bad.status, 400);
+    assert_eq!(
+        d.call("DELETE", &pool_paths::volume("p", "n.qcow2"), None)
+            .status,
+        204
+    );
+    assert_eq!(
+        d.call(
+            "PUT",
+            &pool_paths::pool_action("p", "autostart"),
+            Some(br#"{"enabled": true}"#)
+        )
+        .status,
+        200
+    );
+    assert_eq!(d.call("DELETE", &pool_paths::pool("p"), None).status, 409);
+    assert_eq!(
+        d.call("POST", &pool_paths::pool_action("p", "stop"), None)
+            .status,
+        200
+    );
+    assert_eq!(d.call("DELETE", &pool_paths::pool("p"), None).status, 204);
+    assert!(
+        images.join("a.qcow2").exists(),
+        "undefining a pool keeps its files"
+    );
+}

@@ -1,0 +1,685 @@
+//! Storage pools (directories) and their volumes (disk images). Volume names are checked like
+//! VM names, so a volume's path is always `<pool dir>/<name>`: nothing a user sends can point
+//! outside the pool. Image work (create, inspect, resize, copy) is the `block` crate's.
+//!
+//! Threading: called from the API's blocking tasks; one mutex over the pool table, held for
+//! table changes only (image work runs outside it).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use api::pool_api::{PoolDefinition, PoolInfo, PoolState, VolumeClone, VolumeCreate, VolumeInfo};
+use axum::http::StatusCode;
+use block::manage::{self, NewImage};
+use block::Format;
+
+use crate::error::{chain, ApiError};
+use crate::store::{atomic_write, StoreError};
+
+/// qcow2 cluster size of new volumes (QEMU's default).
+const CLUSTER_SIZE: u64 = 64 << 10;
+/// Unit of a full copy.
+const COPY_CHUNK: usize = 1 << 20;
+
+#[derive(Debug)]
+struct PoolEntry {
+    definition: PoolDefinition,
+    active: bool,
+}
+
+/// The daemon's pools.
+#[derive(Debug)]
+pub struct Pools {
+    dir: PathBuf,
+    pools: Mutex<BTreeMap<String, PoolEntry>>,
+}
+
+fn not_found(name: &str) -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, format!("no pool named {name:?}"))
+}
+
+fn volume_not_found(pool: &str, name: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        format!("no volume named {name:?} in pool {pool}"),
+    )
+}
+
+fn check_volume_name(name: &str) -> Result<(), ApiError> {
+    api::daemon_api::check_name(name)
+        .map_err(|e| ApiError::bad_request(e.replace("VM name", "volume name")))
+}
+
+fn parse_format(format: Option<&str>) -> Result<Format, ApiError> {
+    match format.unwrap_or("qcow2") {
+        "qcow2" => Ok(Format::Qcow2),
+        "raw" => Ok(Format::Raw),
+        other => Err(ApiError::bad_request(format!(
+            "unknown volume format {other:?} (qcow2 or raw)"
+        ))),
+    }
+}
+
+/// Capacity and free bytes of the file system holding `path`.
+fn fs_space(path: &Path) -> Option<(u64, u64)> {
+    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
+    // SAFETY: statvfs is plain data, filled by the call below.
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a NUL-terminated path and a valid out-pointer.
+    if unsafe { libc::statvfs(c_path.as_ptr(), &mut stat) } != 0 {
+        return None;
+    }
+    let unit = stat.f_frsize;
+    Some((stat.f_blocks * unit, stat.f_bavail * unit))
+}
+
+impl Pools {
+    /// Loads the pool definitions under `dir` (`<state-dir>/pools`); pools marked autostart
+    /// are started.
+    pub fn open(dir: PathBuf) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(&dir).map_err(|source| StoreError::Dir {
+            path: dir.clone(),
+            source,
+        })?;
+        let mut pools = BTreeMap::new();
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.extension().is_none_or(|e| e != "toml") {
+                continue;
+            }
+            let loaded = std::fs::read_to_string(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|text| toml::from_str::<PoolDefinition>(&text).map_err(|e| e.to_string()))
+                .and_then(|def| def.validate().map(|()| def));
+            match loaded {
+                Ok(definition) => {
+                    let active = definition.autostart && definition.path.is_dir();
+                    pools.insert(definition.name.clone(), PoolEntry { definition, active });
+                }
+                Err(e) => tracing::error!("skipping pool {}: {e}", path.display()),
+            }
+        }
+        Ok(Pools {
+            dir,
+            pools: Mutex::new(pools),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, BTreeMap<String, PoolEntry>> {
+        self.pools.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn save(&self, definition: &PoolDefinition) -> Result<(), ApiError> {
+        let path = self.dir.join(format!("{}.toml", definition.name));
+        let text =
+            toml::to_string_pretty(definition).map_err(|e| ApiError::internal(e.to_string()))?;
+        atomic_write(&path, text.as_bytes()).map_err(|e| ApiError::internal(chain(&e)))
+    }
+
+    /// The directory of an active pool.
+    fn active_dir(&self, pool: &str) -> Result<PathBuf, ApiError> {
+        let pools = self.lock();
+        let entry = pools.get(pool).ok_or_else(|| not_found(pool))?;
+        if !entry.active {
+            return Err(ApiError::conflict(format!(
+                "pool {pool} is not active; start it first"
+            )));
+        }
+        Ok(entry.definition.path.clone())
+    }
+
+    // ----- pools -----
+
+    pub fn define(&self, definition: PoolDefinition) -> Result<PoolInfo, ApiError> {
+        definition.validate().map_err(ApiError::bad_request)?;
+        {
+            let mut pools = self.lock();
+            if pools.contains_key(&definition.name) {
+                return Err(ApiError::conflict(format!(
+                    "a pool named {} already exists",
+                    definition.name
+                )));
+            }
+            if let Some(other) = pools
+                .values()
+                .find(|p| p.definition.path == definition.path)
+            {
+                return Err(ApiError::conflict(format!(
+                    "pool {} already uses {}",
+                    other.definition.name,
+                    definition.path.display()
+                )));
+            }
+            self.save(&definition)?;
+            pools.insert(
+                definition.name.clone(),
+                PoolEntry {
+                    definition: definition.clone(),
+                    active: false,
+                },
+            );
+        }
+        self.info(&definition.name)
+    }
+
+    pub fn undefine(&self, name: &str) -> Result<(), ApiError> {
+        let mut pools = self.lock();
+        let entry = pools.get(name).ok_or_else(|| not_found(name))?;
+        if entry.active {
+            return Err(ApiError::conflict(format!(
+                "pool {name} is active; stop it first"
+            )));
+        }
+        let path = self.dir.join(format!("{name}.toml"));
+        std::fs::remove_file(&path)
+            .map_err(|e| ApiError::internal(format!("cannot remove {}: {e}", path.display())))?;
+        pools.remove(name);
+        Ok(())
+    }
+
+    /// Activates a pool: its directory is created if missing.
+    pub fn start(&self, name: &str) -> Result<PoolInfo, ApiError> {
+        let path = {
+            let pools = self.lock();
+            let entry = pools.get(name).ok_or_else(|| not_found(name))?;
+            if entry.active {
+                return Err(ApiError::conflict(format!("pool {name} is already active")));
+            }
+            entry.definition.path.clone()
+        };
+        std::fs::create_dir_all(&path)
+            .map_err(|e| ApiError::conflict(format!("cannot use {}: {e}", path.display())))?;
+        if let Some(entry) = self.lock().get_mut(name) {
+            entry.active = true;
+        }
+        self.info(name)
+    }
+
+    pub fn stop(&self, name: &str) -> Result<PoolInfo, ApiError> {
+        {
+            let mut pools = self.lock();
+            let entry = pools.get_mut(name).ok_or_else(|| not_found(name))?;
+            if !entry.active {
+                return Err(ApiError::conflict(format!("pool {name} is not active")));
+            }
+            entry.active = false;
+        }
+        self.info(name)
+    }
+
+    pub fn set_autostart(&self, name: &str, enabled: bool) -> Result<PoolInfo, ApiError> {
+        let mut definition = self
+            .lock()
+            .get(name)
+            .map(|e| e.definition.clone())
+            .ok_or_else(|| not_found(name))?;
+        definition.autostart = enabled;
+        self.save(&definition)?;
+        if let Some(entry) = self.lock().get_mut(name) {
+            entry.definition = definition;
+        }
+        self.info(name)
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        self.lock().keys().cloned().collect()
+    }
+
+    pub fn info(&self, name: &str) -> Result<PoolInfo, ApiError> {
+        let (definition, active) = {
+            let pools = self.lock();
+            let entry = pools.get(name).ok_or_else(|| not_found(name))?;
+            (entry.definition.clone(), entry.active)
+        };
+        let (capacity, available) = if active {
+            fs_space(&definition.path).unwrap_or((0, 0))
+        } else {
+            (0, 0)
+        };
+        let volumes = if active {
+            self.volumes(name)?
+        } else {
+            Vec::new()
+        };
+        Ok(PoolInfo {
+            definition,
+            state: if active {
+                PoolState::Active
+            } else {
+                PoolState::Inactive
+            },
+            capacity_bytes: capacity,
+            allocation_bytes: volumes.iter().map(|v| v.allocation_bytes).sum(),
+            available_bytes: available,
+            volumes: volumes.len() as u32,
+        })
+    }
+
+    // ----- volumes -----
+
+    /// Every volume of an active pool (files whose names are valid volume names).
+    pub fn volumes(&self, pool: &str) -> Result<Vec<VolumeInfo>, ApiError> {
+        let dir = self.active_dir(pool)?;
+        let mut names: Vec<String> = std::fs::read_dir(&dir)
+            .map_err(|e| ApiError::internal(format!("cannot list {}: {e}", dir.display())))?
+            .flatten()
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|n| check_volume_name(n).is_ok() && !n.ends_with(".tmp"))
+            .collect();
+        names.sort();
+        Ok(names
+            .iter()
+            .filter_map(|name| volume_info(pool, &dir, name).ok())
+            .collect())
+    }
+
+    pub fn volume(&self, pool: &str, name: &str) -> Result<VolumeInfo, ApiError> {
+        check_volume_name(name)?;
+        let dir = self.active_dir(pool)?;
+        if !dir.join(name).is_file() {
+            return Err(volume_not_found(pool, name));
+        }
+        volume_info(pool, &dir, name)
+    }
+
+    /// The path of volume `name` of `pool` (for VM definitions naming `pool/volume`).
+    pub fn volume_path(&self, pool: &str, name: &str) -> Result<PathBuf, ApiError> {
+        Ok(self.volume(pool, name)?.path)
+    }
+
+    pub fn create_volume(
+        &self,
+        pool: &str,
+        request: &VolumeCreate,
+    ) -> Result<VolumeInfo, ApiError> {
+        check_volume_name(&request.name)?;
+        let dir = self.active_dir(pool)?;
+        let format = parse_format(request.format.as_deref())?;
+        let path = dir.join(&request.name);
+        if path.exists() {
+            return Err(ApiError::conflict(format!(
+                "a volume named {} already exists in pool {pool}",
+                request.name
+            )));
+        }
+        let backing = match &request.backing {
+            Some(base) => {
+                if format != Format::Qcow2 {
+                    return Err(ApiError::bad_request(
+                        "only qcow2 volumes can have a backing volume",
+                    ));
+                }
+                Some(self.volume(pool, base)?)
+            }
+            None => None,
+        };
+        let size = match (request.size, &backing) {
+            (Some(size), _) => size.0,
+            (None, Some(base)) => base.capacity_bytes,
+            (None, None) => return Err(ApiError::bad_request("a new volume needs a size")),
+        };
+        self.check_space(&dir, pool, size)?;
+        let new = NewImage {
+            format,
+            size: Some(size),
+            cluster_size: CLUSTER_SIZE,
+            // Same directory: the plain name keeps the pair movable.
+            backing: backing.as_ref().map(|b| b.name.clone()),
+            backing_format: backing
+                .as_ref()
+                .map(|b| b.format.parse())
+                .transpose()
+                .map_err(ApiError::internal)?,
+        };
+        manage::create(&path, &new).map_err(|e| ApiError::bad_request(chain(&e)))?;
+        self.volume(pool, &request.name)
+    }
+
+    /// Refuses a volume larger than the pool's free space.
+    fn check_space(&self, dir: &Path, pool: &str, size: u64) -> Result<(), ApiError> {
+        if let Some((_, available)) = fs_space(dir) {
+            if size > available {
+                return Err(ApiError::conflict(format!(
+                    "pool {pool} has {} free; the volume needs {}",
+                    api::ByteSize(available),
+                    api::ByteSize(size)
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes a volume unless another volume is an overlay of it or `in_use` says a VM uses it.
+    pub fn delete_volume(
+        &self,
+        pool: &str,
+        name: &str,
+        in_use: impl Fn(&Path) -> Option<String>,
+    ) -> Result<(), ApiError> {
+        let volume = self.volume(pool, name)?;
+        if let Some(overlay) = self
+            .volumes(pool)?
+            .iter()
+            .find(|v| v.backing.as_deref() == Some(name))
+        {
+            return Err(ApiError::conflict(format!(
+                "volume {name} is the backing of {}; delete that first",
+                overlay.name
+            )));
+        }
+        if let Some(vm) = in_use(&volume.path) {
+            return Err(ApiError::conflict(format!(
+                "volume {name} is a disk of VM {vm}"
+            )));
+        }
+        std::fs::remove_file(&volume.path).map_err(|e| {
+            ApiError::internal(format!("cannot delete {}: {e}", volume.path.display()))
+        })
+    }
+
+    pub fn resize_volume(&self, pool: &str, name: &str, size: u64) -> Result<VolumeInfo, ApiError> {
+        let volume = self.volume(pool, name)?;
+        if size > volume.capacity_bytes {
+            let dir = self.active_dir(pool)?;
+            self.check_space(&dir, pool, size - volume.capacity_bytes)?;
+        }
+        manage::resize(&volume.path, size).map_err(|e| ApiError::conflict(chain(&e)))?;
+        self.volume(pool, name)
+    }
+
+    /// A linked clone (qcow2 overlay) or a full, standalone copy of `source`.
+    pub fn clone_volume(
+        &self,
+        pool: &str,
+        source: &str,
+        request: &VolumeClone,
+    ) -> Result<VolumeInfo, ApiError> {
+        let source = self.volume(pool, source)?;
+        if request.linked {
+            return self.create_volume(
+                pool,
+                &VolumeCreate {
+                    name: request.name.clone(),
+                    size: None,
+                    format: Some("qcow2".into()),
+                    backing: Some(source.name.clone()),
+                },
+            );
+        }
+        check_volume_name(&request.name)?;
+        let dir = self.active_dir(pool)?;
+        let target = dir.join(&request.name);
+        if target.exists() {
+            return Err(ApiError::conflict(format!(
+                "a volume named {} already exists in pool {pool}",
+                request.name
+            )));
+        }
+        self.check_space(&dir, pool, source.allocation_bytes)?;
+        let result = full_copy(&source, &target);
+        if result.is_err() {
+            let _ = std::fs::remove_file(&target);
+        }
+        result?;
+        self.volume(pool, &request.name)
+    }
+}
+
+/// Describes volume `name` in `dir`.
+fn volume_info(pool: &str, dir: &Path, name: &str) -> Result<VolumeInfo, ApiError> {
+    let path = dir.join(name);
+    let info = manage::info(&path, None).map_err(|e| ApiError::internal(chain(&e)))?;
+    Ok(VolumeInfo {
+        name: name.to_string(),
+        pool: pool.to_string(),
+        path,
+        format: info.format.name().to_string(),
+        capacity_bytes: info.virtual_size,
+        allocation_bytes: info.actual_size,
+        backing: info.backing_file,
+    })
+}
+
+/// Copies what `source` reads as (backing chain included) into a new image of the same
+/// format without a backing file; all-zero chunks are left unwritten (thin).
+fn full_copy(source: &VolumeInfo, target: &Path) -> Result<(), ApiError> {
+    let format: Format = source.format.parse().map_err(ApiError::internal)?;
+    let new = NewImage {
+        format,
+        size: Some(source.capacity_bytes),
+        cluster_size: CLUSTER_SIZE,
+        backing: None,
+        backing_format: None,
+    };
+    manage::create(target, &new).map_err(|e| ApiError::internal(chain(&e)))?;
+    let io = |e: std::io::Error| ApiError::internal(format!("copy failed: {e}"));
+    let mut from =
+        block::open(&source.path, true, Some(format)).map_err(|e| ApiError::conflict(chain(&e)))?;
+    let mut to =
+        block::open(target, false, Some(format)).map_err(|e| ApiError::internal(chain(&e)))?;
+    let mut buf = vec![0u8; COPY_CHUNK];
+    let mut offset = 0;
+    while offset < source.capacity_bytes {
+        let len = (source.capacity_bytes - offset).min(COPY_CHUNK as u64) as usize;
+        let chunk = &mut buf[..len];
+        from.read_at(offset, &[vm_memory::VolatileSlice::from(&mut *chunk)])
+            .map_err(io)?;
+        if chunk.iter().any(|&b| b != 0) {
+            to.write_at(offset, &[vm_memory::VolatileSlice::from(&mut *chunk)])
+                .map_err(io)?;
+        }
+        offset += len as u64;
+    }
+    to.flush().map_err(io)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn setup() -> (tempfile::TempDir, Pools) {
+        let dir = tempfile::tempdir().unwrap();
+        let pools = Pools::open(dir.path().join("pools")).unwrap();
+        let definition = PoolDefinition {
+            name: "p".into(),
+            path: dir.path().join("images"),
+            autostart: false,
+        };
+        pools.define(definition).unwrap();
+        pools.start("p").unwrap();
+        (dir, pools)
+    }
+
+    fn create(
+        pools: &Pools,
+        name: &str,
+        size: Option<&str>,
+        format: &str,
+        backing: Option<&str>,
+    ) -> Result<VolumeInfo, ApiError> {
+        pools.create_volume(
+            "p",
+            &VolumeCreate {
+                name: name.into(),
+                size: size.map(|s| s.parse().unwrap()),
+                format: Some(format.into()),
+                backing: backing.map(String::from),
+            },
+        )
+    }
+
+    fn write(path: &Path, offset: u64, data: &[u8]) {
+        let mut image = block::open(path, false, None).unwrap();
+        let mut copy = data.to_vec();
+        image
+            .write_at(offset, &[vm_memory::VolatileSlice::from(&mut copy[..])])
+            .unwrap();
+        image.flush().unwrap();
+    }
+
+    fn read(path: &Path, offset: u64, len: usize) -> Vec<u8> {
+        let mut image = block::open(path, true, None).unwrap();
+        let mut buf = vec![0u8; len];
+        image
+            .read_at(offset, &[vm_memory::VolatileSlice::from(&mut buf[..])])
+            .unwrap();
+        buf
+    }
+
+    #[test]
+    fn pools_report_space_and_refuse_bad_changes() {
+        let (dir, pools) = setup();
+        let info = pools.info("p").unwrap();
+        assert_eq!(info.state, PoolState::Active);
+        assert!(info.capacity_bytes > 0 && info.available_bytes > 0);
+        let same_dir = PoolDefinition {
+            name: "q".into(),
+            path: dir.path().join("images"),
+            autostart: false,
+        };
+        assert_eq!(
+            pools.define(same_dir).unwrap_err().status,
+            StatusCode::CONFLICT
+        );
+        assert_eq!(
+            pools.undefine("p").unwrap_err().status,
+            StatusCode::CONFLICT
+        );
+        pools.set_autostart("p", true).unwrap();
+        // A new daemon finds the pool, started because of autostart.
+        let again = Pools::open(dir.path().join("pools")).unwrap();
+        assert_eq!(again.info("p").unwrap().state, PoolState::Active);
+        pools.stop("p").unwrap();
+        assert_eq!(pools.volumes("p").unwrap_err().status, StatusCode::CONFLICT);
+        pools.undefine("p").unwrap();
+        assert_eq!(pools.info("p").unwrap_err().status, StatusCode::NOT_FOUND);
+    }
+
+    #[test]
+    fn volumes_are_created_listed_resized_and_deleted() {
+        let (_dir, pools) = setup();
+        let disk = create(&pools, "disk.qcow2", Some("64M"), "qcow2", None).unwrap();
+        assert_eq!(
+            (disk.format.as_str(), disk.capacity_bytes),
+            ("qcow2", 64 << 20)
+        );
+        let raw = create(&pools, "data.raw", Some("16M"), "raw", None).unwrap();
+        assert_eq!(raw.format, "raw");
+        assert!(raw.allocation_bytes < 16 << 20, "raw volumes are sparse");
+        let names: Vec<String> = pools
+            .volumes("p")
+            .unwrap()
+            .into_iter()
+            .map(|v| v.name)
+            .collect();
+        assert_eq!(names, ["data.raw", "disk.qcow2"]);
+        assert_eq!(
+            create(&pools, "disk.qcow2", Some("1M"), "qcow2", None)
+                .unwrap_err()
+                .status,
+            StatusCode::CONFLICT
+        );
+        assert_eq!(
+            pools
+                .resize_volume("p", "disk.qcow2", 128 << 20)
+                .unwrap()
+                .capacity_bytes,
+            128 << 20
+        );
+        assert!(
+            pools.resize_volume("p", "disk.qcow2", 1 << 20).is_err(),
+            "shrinking"
+        );
+        let in_use = |path: &Path| path.ends_with("data.raw").then(|| "web1".to_string());
+        let refused = pools.delete_volume("p", "data.raw", in_use).unwrap_err();
+        assert!(refused.message.contains("disk of VM web1"), "{refused:?}");
+        pools.delete_volume("p", "disk.qcow2", |_| None).unwrap();
+        assert_eq!(
+            pools.volume("p", "disk.qcow2").unwrap_err().status,
+            StatusCode::NOT_FOUND
+        );
+        assert_eq!(pools.info("p").unwrap().volumes, 1);
+    }
+
+    #[test]
+    fn names_never_leave_the_pool_and_space_is_checked() {
+        let (_dir, pools) = setup();
+        for bad in ["../escape", "a/b", ".hidden", "", "/etc/passwd"] {
+            let err = create(&pools, bad, Some("1M"), "qcow2", None).unwrap_err();
+            assert_eq!(err.status, StatusCode::BAD_REQUEST, "{bad:?}");
+            assert!(pools.volume("p", bad).is_err());
+        }
+        let err = create(&pools, "huge", Some("1000T"), "qcow2", None).unwrap_err();
+        assert_eq!(err.status, StatusCode::CONFLICT);
+        assert!(err.message.contains("free"), "{err:?}");
+        assert_eq!(
+            create(&pools, "x", Some("1M"), "vmdk", None)
+                .unwrap_err()
+                .status,
+            StatusCode::BAD_REQUEST
+        );
+    }
+
+    #[test]
+    fn linked_clones_share_a_base_full_clones_stand_alone() {
+        let (_dir, pools) = setup();
+        let base = create(&pools, "base.raw", Some("8M"), "raw", None).unwrap();
+        write(&base.path, 4096, b"base data");
+        let a = pools
+            .clone_volume(
+                "p",
+                "base.raw",
+                &VolumeClone {
+                    name: "a.qcow2".into(),
+                    linked: true,
+                },
+            )
+            .unwrap();
+        let b = pools
+            .clone_volume(
+                "p",
+                "base.raw",
+                &VolumeClone {
+                    name: "b.qcow2".into(),
+                    linked: true,
+                },
+            )
+            .unwrap();
+        assert_eq!(a.backing.as_deref(), Some("base.raw"));
+        assert_eq!(a.capacity_bytes, 8 << 20);
+        write(&a.path, 4096, b"only in a");
+        assert_eq!(read(&a.path, 4096, 9), b"only in a");
+        assert_eq!(read(&b.path, 4096, 9), b"base data");
+        assert_eq!(read(&base.path, 4096, 9), b"base data");
+        let refused = pools.delete_volume("p", "base.raw", |_| None).unwrap_err();
+        assert!(
+            refused.message.contains("backing of a.qcow2"),
+            "{refused:?}"
+        );
+
+        let full = pools
+            .clone_volume(
+                "p",
+                "a.qcow2",
+                &VolumeClone {
+                    name: "full.qcow2".into(),
+                    linked: false,
+                },
+            )
+            .unwrap();
+        assert_eq!(full.backing, None);
+        assert_eq!(read(&full.path, 4096, 9), b"only in a");
+        assert!(
+            full.allocation_bytes < 2 << 20,
+            "zero chunks stay unallocated"
+        );
+        pools.delete_volume("p", "a.qcow2", |_| None).unwrap();
+        assert_eq!(
+            read(&full.path, 4096, 9),
+            b"only in a",
+            "the copy needs nothing of its source"
+        );
+    }
+}

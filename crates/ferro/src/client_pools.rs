@@ -1,0 +1,345 @@
+//! `ferro pool ...` and `ferro vol ...`: storage pools and volumes through the daemon.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use api::daemon_api::AutostartRequest;
+use api::pool_api::{paths, PoolInfo, VolumeClone, VolumeCreate, VolumeInfo, VolumeResize};
+use api::ByteSize;
+use clap::{Args, Subcommand};
+use http_unix::Client;
+
+use crate::client::{
+    call, client, decode, finish, print_json, DaemonSocket, Failure, Outcome, CLIENT_HELP,
+};
+
+/// Manage storage pools (directories of disk images).
+#[derive(Debug, Args)]
+#[command(after_help = CLIENT_HELP)]
+pub struct PoolArgs {
+    #[command(flatten)]
+    daemon: DaemonSocket,
+    #[command(subcommand)]
+    command: PoolCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum PoolCommand {
+    /// Add a pool from a definition file (TOML: name, path, autostart).
+    Define { file: PathBuf },
+    /// Remove an inactive pool's definition (its files stay).
+    Undefine { name: String },
+    /// List the pools with capacity, allocation and free space.
+    List(Json),
+    /// Show a pool.
+    Info {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Activate a pool (its directory is created if missing).
+    Start { name: String },
+    /// Deactivate a pool.
+    Stop { name: String },
+    /// Start the pool with the daemon (--disable to stop doing so).
+    Autostart {
+        name: String,
+        #[arg(long)]
+        disable: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+struct Json {
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Manage volumes (disk images) in storage pools.
+#[derive(Debug, Args)]
+#[command(after_help = CLIENT_HELP)]
+pub struct VolArgs {
+    #[command(flatten)]
+    daemon: DaemonSocket,
+    #[command(subcommand)]
+    command: VolCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum VolCommand {
+    /// Create a volume (thin qcow2 by default).
+    Create {
+        name: String,
+        #[arg(long)]
+        pool: String,
+        /// Virtual size, e.g. 10G (taken from --backing when absent).
+        #[arg(long)]
+        size: Option<ByteSize>,
+        /// qcow2 or raw.
+        #[arg(long)]
+        format: Option<String>,
+        /// A volume of the same pool the new one is an overlay of.
+        #[arg(long)]
+        backing: Option<String>,
+    },
+    /// Copy a volume: a full, standalone copy, or with --linked a qcow2 overlay on it.
+    Clone {
+        source: String,
+        name: String,
+        #[arg(long)]
+        pool: String,
+        #[arg(long)]
+        linked: bool,
+    },
+    /// Grow a volume (shrinking is refused).
+    Resize {
+        name: String,
+        size: ByteSize,
+        #[arg(long)]
+        pool: String,
+    },
+    /// Delete a volume (refused while a VM or another volume uses it).
+    Delete {
+        name: String,
+        #[arg(long)]
+        pool: String,
+    },
+    /// List a pool's volumes.
+    List {
+        #[arg(long)]
+        pool: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a volume.
+    Info {
+        name: String,
+        #[arg(long)]
+        pool: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn body(value: &impl serde::Serialize) -> Result<Vec<u8>, Failure> {
+    serde_json::to_vec(value).map_err(|e| Failure(1, e.to_string()))
+}
+
+pub fn pool(args: PoolArgs) -> ExitCode {
+    let c = client(&args.daemon, Some(Duration::from_secs(120)));
+    finish(pool_command(&c, args.command))
+}
+
+fn pool_command(c: &Client, command: PoolCommand) -> Outcome {
+    match command {
+        PoolCommand::Define { file } => {
+            let text = std::fs::read_to_string(&file)
+                .map_err(|e| Failure(2, format!("cannot read {}: {e}", file.display())))?;
+            let definition = daemon::parse_pool_definition(&text)
+                .map_err(|e| Failure(2, format!("{}: {e}", file.display())))?;
+            call(c, "POST", paths::POOLS, Some(body(&definition)?))?;
+            println!("pool {} defined", definition.name);
+        }
+        PoolCommand::Undefine { name } => {
+            call(c, "DELETE", &paths::pool(&name), None)?;
+            println!("pool {name} undefined");
+        }
+        PoolCommand::List(flag) => {
+            let pools: Vec<PoolInfo> = decode(&call(c, "GET", paths::POOLS, None)?)?;
+            if flag.json {
+                return print_json(&pools);
+            }
+            println!(
+                "{:<16} {:<9} {:>10} {:>10} {:>10}  PATH",
+                "NAME", "STATE", "CAPACITY", "ALLOCATED", "AVAILABLE"
+            );
+            for p in &pools {
+                println!(
+                    "{:<16} {:<9} {:>10} {:>10} {:>10}  {}",
+                    p.definition.name,
+                    format!("{:?}", p.state).to_lowercase(),
+                    human(p.capacity_bytes),
+                    human(p.allocation_bytes),
+                    human(p.available_bytes),
+                    p.definition.path.display()
+                );
+            }
+        }
+        PoolCommand::Info { name, json } => {
+            let info: PoolInfo = decode(&call(c, "GET", &paths::pool(&name), None)?)?;
+            if json {
+                return print_json(&info);
+            }
+            println!("Name:       {}", info.definition.name);
+            println!("Path:       {}", info.definition.path.display());
+            println!("State:      {}", format!("{:?}", info.state).to_lowercase());
+            println!(
+                "Autostart:  {}",
+                if info.definition.autostart {
+                    "yes"
+                } else {
+                    "no"
+                }
+            );
+            println!("Capacity:   {}", human(info.capacity_bytes));
+            println!("Allocation: {}", human(info.allocation_bytes));
+            println!("Available:  {}", human(info.available_bytes));
+            println!("Volumes:    {}", info.volumes);
+        }
+        PoolCommand::Start { name } => {
+            call(c, "POST", &paths::pool_action(&name, "start"), None)?;
+            println!("pool {name} started");
+        }
+        PoolCommand::Stop { name } => {
+            call(c, "POST", &paths::pool_action(&name, "stop"), None)?;
+            println!("pool {name} stopped");
+        }
+        PoolCommand::Autostart { name, disable } => {
+            let request = AutostartRequest { enabled: !disable };
+            call(
+                c,
+                "PUT",
+                &paths::pool_action(&name, "autostart"),
+                Some(body(&request)?),
+            )?;
+            println!(
+                "pool {name} {} with the daemon",
+                if disable {
+                    "will not start"
+                } else {
+                    "will start"
+                }
+            );
+        }
+    }
+    Ok(())
+}
+
+/// A size in the largest binary unit that keeps one decimal.
+fn human(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+pub fn vol(args: VolArgs) -> ExitCode {
+    // A full clone copies data: give it time.
+    let c = client(&args.daemon, Some(Duration::from_secs(3600)));
+    finish(vol_command(&c, args.command))
+}
+
+fn print_volume(v: &VolumeInfo) {
+    println!("Name:       {}", v.name);
+    println!("Pool:       {}", v.pool);
+    println!("Path:       {}", v.path.display());
+    println!("Format:     {}", v.format);
+    println!("Capacity:   {}", human(v.capacity_bytes));
+    println!("Allocation: {}", human(v.allocation_bytes));
+    if let Some(backing) = &v.backing {
+        println!("Backing:    {backing}");
+    }
+}
+
+fn vol_command(c: &Client, command: VolCommand) -> Outcome {
+    match command {
+        VolCommand::Create {
+            name,
+            pool,
+            size,
+            format,
+            backing,
+        } => {
+            let request = VolumeCreate {
+                name: name.clone(),
+                size,
+                format,
+                backing,
+            };
+            call(c, "POST", &paths::volumes(&pool), Some(body(&request)?))?;
+            println!("volume {name} created in pool {pool}");
+        }
+        VolCommand::Clone {
+            source,
+            name,
+            pool,
+            linked,
+        } => {
+            let request = VolumeClone {
+                name: name.clone(),
+                linked,
+            };
+            call(
+                c,
+                "POST",
+                &paths::volume_action(&pool, &source, "clone"),
+                Some(body(&request)?),
+            )?;
+            let kind = if linked { "linked clone" } else { "copy" };
+            println!("volume {name} created in pool {pool} ({kind} of {source})");
+        }
+        VolCommand::Resize { name, size, pool } => {
+            call(
+                c,
+                "POST",
+                &paths::volume_action(&pool, &name, "resize"),
+                Some(body(&VolumeResize { size })?),
+            )?;
+            println!("volume {name} resized to {size}");
+        }
+        VolCommand::Delete { name, pool } => {
+            call(c, "DELETE", &paths::volume(&pool, &name), None)?;
+            println!("volume {name} deleted from pool {pool}");
+        }
+        VolCommand::List { pool, json } => {
+            let volumes: Vec<VolumeInfo> = decode(&call(c, "GET", &paths::volumes(&pool), None)?)?;
+            if json {
+                return print_json(&volumes);
+            }
+            println!(
+                "{:<24} {:<6} {:>10} {:>10}  BACKING",
+                "NAME", "FORMAT", "CAPACITY", "ALLOCATED"
+            );
+            for v in &volumes {
+                println!(
+                    "{:<24} {:<6} {:>10} {:>10}  {}",
+                    v.name,
+                    v.format,
+                    human(v.capacity_bytes),
+                    human(v.allocation_bytes),
+                    v.backing.as_deref().unwrap_or("-")
+                );
+            }
+        }
+        VolCommand::Info { name, pool, json } => {
+            let volume: VolumeInfo = decode(&call(c, "GET", &paths::volume(&pool, &name), None)?)?;
+            if json {
+                return print_json(&volume);
+            }
+            print_volume(&volume);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_read_like_people_write_them() {
+        assert_eq!(human(512), "512 B");
+        assert_eq!(human(1536), "1.5 KiB");
+        assert_eq!(human(10 << 30), "10.0 GiB");
+    }
+}
