@@ -73,7 +73,7 @@ pub struct VmDefinition {
     #[serde(default = "default_cmdline")]
     pub cmdline: String,
     #[serde(default)]
-    pub disks: Vec<DiskConfig>,
+    pub disks: Vec<DefinitionDisk>,
     #[serde(default)]
     pub nets: Vec<NetConfig>,
     #[serde(default)]
@@ -85,10 +85,85 @@ pub struct VmDefinition {
     pub autostart: bool,
 }
 
+/// A disk of a VM definition: an image file, or a volume of a storage pool.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DefinitionDisk {
+    /// Image file (absolute).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathBuf>,
+    /// `POOL/VOLUME`, resolved by the daemon when the VM starts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume: Option<String>,
+    #[serde(default)]
+    pub readonly: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial: Option<String>,
+    /// `raw` or `qcow2`; detected when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<String>,
+}
+
+impl DefinitionDisk {
+    /// The pool and volume this disk names, if it names one.
+    pub fn volume_ref(&self) -> Option<(&str, &str)> {
+        self.volume.as_deref().and_then(|v| v.split_once('/'))
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        match (&self.path, &self.volume) {
+            (Some(path), None) if path.is_absolute() => Ok(()),
+            (Some(path), None) => Err(format!("the disk path {} must be absolute", path.display())),
+            (None, Some(volume)) => match volume.split_once('/') {
+                Some((pool, name)) if check_name(pool).is_ok() && check_name(name).is_ok() => {
+                    Ok(())
+                }
+                _ => Err(format!("invalid disk volume {volume:?}: write POOL/VOLUME")),
+            },
+            _ => Err("a disk has either a path or a volume".into()),
+        }
+    }
+
+    /// The VMM's disk, with its image at `path`.
+    pub fn with_path(&self, path: PathBuf) -> DiskConfig {
+        DiskConfig {
+            path,
+            readonly: self.readonly,
+            serial: self.serial.clone(),
+            format: self.format.clone(),
+        }
+    }
+}
+
+impl From<DiskConfig> for DefinitionDisk {
+    fn from(disk: DiskConfig) -> Self {
+        DefinitionDisk {
+            path: Some(disk.path),
+            volume: None,
+            readonly: disk.readonly,
+            serial: disk.serial,
+            format: disk.format,
+        }
+    }
+}
+
 impl VmDefinition {
-    /// The VMM configuration this definition runs as.
-    pub fn vm_config(&self) -> VmConfig {
-        VmConfig {
+    /// The VMM configuration this definition runs as; `resolve` turns a pool and volume name
+    /// into the volume's path.
+    pub fn vm_config(
+        &self,
+        resolve: impl Fn(&str, &str) -> Result<PathBuf, String>,
+    ) -> Result<VmConfig, String> {
+        let mut disks = Vec::with_capacity(self.disks.len());
+        for disk in &self.disks {
+            let path = match (&disk.path, disk.volume_ref()) {
+                (Some(path), _) => path.clone(),
+                (None, Some((pool, volume))) => resolve(pool, volume)?,
+                (None, None) => return Err("a disk has neither a path nor a volume".into()),
+            };
+            disks.push(disk.with_path(path));
+        }
+        Ok(VmConfig {
             kernel: self.kernel.clone(),
             initrd: self.initrd.clone(),
             cmdline: self.cmdline.clone(),
@@ -96,22 +171,25 @@ impl VmDefinition {
             memory: self.memory,
             no_reboot: false,
             rng: self.rng,
-            disks: self.disks.clone(),
+            disks,
             console: self.console,
             nets: self.nets.clone(),
-        }
+        })
     }
 
     /// Checks everything that does not depend on the host's files.
     pub fn validate(&self) -> Result<(), String> {
         check_name(&self.name)?;
-        self.vm_config().validate().map_err(|e| e.to_string())?;
+        for disk in &self.disks {
+            disk.validate()?;
+        }
+        // Volumes resolve to placeholder paths here: only their shape matters.
+        self.vm_config(|_, _| Ok(PathBuf::from("/volume")))?
+            .validate()
+            .map_err(|e| e.to_string())?;
         let mut paths = vec![("kernel", &self.kernel)];
         if let Some(initrd) = &self.initrd {
             paths.push(("initrd", initrd));
-        }
-        for disk in &self.disks {
-            paths.push(("disk", &disk.path));
         }
         for (what, path) in paths {
             if !path.is_absolute() {
@@ -258,6 +336,31 @@ mod tests {
         }
         for bad in ["", "-x", ".hidden", "a/b", "a b", "ü", &"x".repeat(65)] {
             assert!(check_name(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn disks_name_a_path_or_a_volume() {
+        let def: VmDefinition = serde_json::from_str(
+            r#"{"name": "a", "kernel": "/k", "disks": [{"volume": "p/v.qcow2"}, {"path": "/d"}]}"#,
+        )
+        .unwrap();
+        def.validate().unwrap();
+        let config = def
+            .vm_config(|pool, v| Ok(format!("/pools/{pool}/{v}").into()))
+            .unwrap();
+        assert_eq!(config.disks[0].path.to_str(), Some("/pools/p/v.qcow2"));
+        assert_eq!(config.disks[1].path.to_str(), Some("/d"));
+        for bad in [
+            r#"[{"volume": "no-slash"}]"#,
+            r#"[{"volume": "p/../x"}]"#,
+            r#"[{"path": "/d", "volume": "p/v"}]"#,
+            r#"[{"readonly": true}]"#,
+            r#"[{"path": "rel"}]"#,
+        ] {
+            let json = format!(r#"{{"name": "a", "kernel": "/k", "disks": {bad}}}"#);
+            let def: VmDefinition = serde_json::from_str(&json).unwrap();
+            assert!(def.validate().is_err(), "{bad}");
         }
     }
 

@@ -284,6 +284,12 @@ impl Pools {
         volume_info(pool, &dir, name)
     }
 
+    /// Where volume `name` of `pool` is or would be (no checks beyond the names).
+    pub fn volume_location(&self, pool: &str, name: &str) -> Option<PathBuf> {
+        check_volume_name(name).ok()?;
+        self.lock().get(pool).map(|e| e.definition.path.join(name))
+    }
+
     /// The path of volume `name` of `pool` (for VM definitions naming `pool/volume`).
     pub fn volume_path(&self, pool: &str, name: &str) -> Result<PathBuf, ApiError> {
         Ok(self.volume(pool, name)?.path)

@@ -10,7 +10,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use api::daemon_api::VmDefinition;
+use api::VmConfig;
 use serde::{Deserialize, Serialize};
 
 /// The files of one running VMM, all in its runtime directory.
@@ -45,8 +45,9 @@ pub struct ProcessRecord {
     pub start_time: u64,
 }
 
-/// `ferro run` arguments for `definition`; every value is its own argument (no shell).
-pub fn vmm_args(definition: &VmDefinition, files: &VmmFiles, console_log: &Path) -> Vec<String> {
+/// `ferro run` arguments for `definition` (a resolved VM configuration); every value is its
+/// own argument (no shell).
+pub fn vmm_args(definition: &VmConfig, files: &VmmFiles, console_log: &Path) -> Vec<String> {
     let mut args: Vec<String> = vec![
         "run".into(),
         "--kernel".into(),
@@ -190,8 +191,8 @@ mod tests {
 
     #[test]
     fn arguments_carry_every_part_of_the_definition() {
-        let definition: VmDefinition = serde_json::from_value(serde_json::json!({
-            "name": "a", "kernel": "/k", "initrd": "/i", "cmdline": "console=ttyS0 x=\"a b\"",
+        let definition: VmConfig = serde_json::from_value(serde_json::json!({
+            "kernel": "/k", "initrd": "/i", "cmdline": "console=ttyS0 x=\"a b\"",
             "cpus": 2, "memory": "1G", "rng": true,
             "disks": [{"path": "/d.qcow2", "readonly": true, "serial": "s1", "format": "qcow2"}],
             "nets": [{"tap": "tap0", "mac": "52:54:00:12:34:56"}]

@@ -49,7 +49,7 @@ pub async fn serve(options: DaemonOptions) -> Result<(), DaemonError> {
     let store = Store::open(&options.state_dir)?;
     let pools = Arc::new(Pools::open(options.state_dir.join("pools"))?);
     let listener = listen(&options.socket)?;
-    let supervisor = Supervisor::new(store, options.ferro.clone());
+    let supervisor = Supervisor::new(store, options.ferro.clone(), pools.clone());
     supervisor.adopt().await;
     tracing::info!("serving on {}", options.socket.display());
     let autostart = supervisor.clone();

@@ -207,8 +207,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let mut def = definition("web1");
-        def.disks
-            .push("path=/var/lib/ferro/web1.qcow2".parse().unwrap());
+        let disk: api::DiskConfig = "path=/var/lib/ferro/web1.qcow2".parse().unwrap();
+        def.disks.push(disk.into());
         def.autostart = true;
         store.save_definition(&def).unwrap();
         store.save_definition(&definition("db")).unwrap();

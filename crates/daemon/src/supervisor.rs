@@ -11,13 +11,14 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use api::daemon_api::{DomainState, Event, VmDefinition, VmDetails, VmSummary};
 use api::vmm_api::{paths as vmm_paths, ExitReport, VmInfo};
-use api::VmState;
+use api::{VmConfig, VmState};
 use axum::http::StatusCode;
 use http_unix::Client;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::broadcast;
 
 use crate::error::{chain, ApiError};
+use crate::pools::Pools;
 use crate::process::{self, ProcessRecord, VmmFiles};
 use crate::store::{atomic_write, Store};
 
@@ -51,6 +52,7 @@ struct VmEntry {
 #[derive(Debug)]
 pub struct Supervisor {
     store: Store,
+    pools: Arc<Pools>,
     ferro: std::path::PathBuf,
     vms: Mutex<BTreeMap<String, VmEntry>>,
     events: broadcast::Sender<Event>,
@@ -78,7 +80,7 @@ fn now() -> u64 {
 
 impl Supervisor {
     /// Loads the definitions and adopts the VMMs that outlived the previous daemon.
-    pub fn new(store: Store, ferro: std::path::PathBuf) -> Arc<Self> {
+    pub fn new(store: Store, ferro: std::path::PathBuf, pools: Arc<Pools>) -> Arc<Self> {
         let (definitions, errors) = store.load_definitions();
         for error in errors {
             tracing::error!("skipping a definition: {}", chain(&error));
@@ -99,6 +101,7 @@ impl Supervisor {
         let (events, _) = broadcast::channel(256);
         Arc::new(Supervisor {
             store,
+            pools,
             ferro,
             vms: Mutex::new(vms),
             events,
@@ -203,12 +206,28 @@ impl Supervisor {
         })
     }
 
-    /// The VM that has `path` as a disk, if any.
+    /// The VM that has `path` as a disk (a file or a volume), if any.
     pub fn vm_using(&self, path: &Path) -> Option<String> {
+        let uses = |disk: &api::daemon_api::DefinitionDisk| match (&disk.path, disk.volume_ref()) {
+            (Some(own), _) => own == path,
+            (None, Some((pool, volume))) => {
+                self.pools.volume_location(pool, volume).as_deref() == Some(path)
+            }
+            (None, None) => false,
+        };
         self.lock()
             .values()
-            .find(|e| e.definition.disks.iter().any(|d| d.path == path))
+            .find(|e| e.definition.disks.iter().any(uses))
             .map(|e| e.definition.name.clone())
+    }
+
+    /// The VMM configuration of `definition`, its volumes resolved to their paths.
+    fn resolve(&self, definition: &VmDefinition) -> Result<VmConfig, String> {
+        definition.vm_config(|pool, volume| {
+            self.pools
+                .volume_path(pool, volume)
+                .map_err(|e| format!("disk volume {pool}/{volume}: {}", e.message))
+        })
     }
 
     pub fn counts(&self) -> (u32, u32) {
@@ -238,7 +257,9 @@ impl Supervisor {
 
     pub fn define(&self, definition: VmDefinition) -> Result<VmDetails, ApiError> {
         definition.validate().map_err(ApiError::bad_request)?;
-        check_files(&definition).map_err(ApiError::bad_request)?;
+        self.resolve(&definition)
+            .and_then(|config| check_files(&config))
+            .map_err(ApiError::bad_request)?;
         let name = definition.name.clone();
         {
             let mut vms = self.lock();
@@ -312,7 +333,9 @@ impl Supervisor {
             ))),
             None => Ok(entry.definition.clone()),
         })?;
-        check_files(&definition)
+        let config = self
+            .resolve(&definition)
+            .and_then(|config| check_files(&config).map(|()| config))
             .map_err(|e| ApiError::conflict(format!("cannot start VM {name}: {e}")))?;
         let files = VmmFiles::new(self.store.run_dir(name));
         let _ = std::fs::remove_dir_all(&files.dir);
@@ -324,7 +347,7 @@ impl Supervisor {
             .map_err(|e| {
                 ApiError::internal(format!("cannot create {}: {e}", files.dir.display()))
             })?;
-        let args = process::vmm_args(&definition, &files, &self.store.console_log(name));
+        let args = process::vmm_args(&config, &files, &self.store.console_log(name));
         let pid = process::spawn_vmm(&self.ferro, &args, &files)
             .map_err(|e| ApiError::internal(format!("cannot run {}: {e}", self.ferro.display())))?;
         let record = ProcessRecord {
@@ -659,8 +682,8 @@ fn watch_fd(fd: std::os::fd::OwnedFd) -> std::io::Result<AsyncFd<std::os::fd::Ow
         .map_err(std::io::Error::from)
 }
 
-/// Checks that the files a definition names exist now.
-fn check_files(definition: &VmDefinition) -> Result<(), String> {
+/// Checks that the files a VM configuration names exist now.
+fn check_files(definition: &VmConfig) -> Result<(), String> {
     let mut files = vec![("kernel", definition.kernel.as_path())];
     if let Some(initrd) = &definition.initrd {
         files.push(("initrd", initrd));

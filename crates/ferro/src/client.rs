@@ -314,7 +314,13 @@ fn print_details(d: &VmDetails) {
     }
     println!("Cmdline:     {}", def.cmdline);
     for disk in &def.disks {
-        println!("Disk:        {}", disk.to_option_string());
+        let source = match (&disk.path, &disk.volume) {
+            (Some(path), _) => path.display().to_string(),
+            (None, Some(volume)) => format!("volume {volume}"),
+            (None, None) => "?".into(),
+        };
+        let ro = if disk.readonly { " (read-only)" } else { "" };
+        println!("Disk:        {source}{ro}");
     }
     for net in &def.nets {
         println!("Net:         {}", net.to_option_string());

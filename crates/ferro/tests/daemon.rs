@@ -607,6 +607,9 @@ fn a_guest_that_ignores_the_power_button_is_reported_still_running() {
 
 #[test]
 fn pools_and_volumes_through_the_cli() {
+    if !kvm_tests_enabled() {
+        return;
+    }
     let d = Daemon::start();
     let images = d.dir.path().join("images");
     let pool_file = d.dir.path().join("pool.toml");
@@ -648,21 +651,46 @@ fn pools_and_volumes_through_the_cli() {
     );
     d.ok(&["vol", "resize", "full.qcow2", "16M", "--pool", "p"]);
 
-    // A VM whose disk is a volume keeps it from being deleted.
-    let vm = d.definition(
-        "user",
+    // VMs name volumes as POOL/VOLUME (or by path); a volume in use cannot be deleted, and
+    // the daemon hands the VMM the volume's path.
+    let vm = d.definition("user", "[[disks]]\nvolume = \"p/full.qcow2\"\n");
+    d.ok(&["vm", "define", vm.to_str().unwrap()]);
+    let by_path = d.definition(
+        "other",
         &format!(
             "[[disks]]\npath = \"{}\"\n",
-            images.join("full.qcow2").display()
+            images.join("a.qcow2").display()
         ),
     );
-    d.ok(&["vm", "define", vm.to_str().unwrap()]);
+    d.ok(&["vm", "define", by_path.to_str().unwrap()]);
     d.fails(
         &["vol", "delete", "full.qcow2", "--pool", "p"],
         4,
         "disk of VM user",
     );
+    d.fails(
+        &["vol", "delete", "a.qcow2", "--pool", "p"],
+        4,
+        "disk of VM other",
+    );
+    d.ok(&["vm", "start", "user"]);
+    let pid = d.details("user").pid.unwrap();
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    let disk = format!("path={}", images.join("full.qcow2").display());
+    assert!(
+        cmdline.split(|&b| b == 0).any(|arg| arg == disk.as_bytes()),
+        "{}",
+        String::from_utf8_lossy(&cmdline)
+    );
+    d.ok(&["vm", "destroy", "user"]);
+    let missing = d.definition("ghost", "[[disks]]\nvolume = \"p/none.qcow2\"\n");
+    d.fails(
+        &["vm", "define", missing.to_str().unwrap()],
+        2,
+        "no volume named \"none.qcow2\"",
+    );
     d.ok(&["vm", "undefine", "user"]);
+    d.ok(&["vm", "undefine", "other"]);
     d.ok(&["vol", "delete", "full.qcow2", "--pool", "p"]);
 
     // The raw API, checked against the document.
