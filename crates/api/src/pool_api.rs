@@ -31,6 +31,16 @@ pub mod paths {
         format!("{POOLS}/{pool}/volumes/{volume}")
     }
 
+    /// `/api/v1/pools/POOL/volumes/VOLUME/snapshots`.
+    pub fn snapshots(pool: &str, volume: &str) -> String {
+        format!("{POOLS}/{pool}/volumes/{volume}/snapshots")
+    }
+
+    /// `/api/v1/pools/POOL/volumes/VOLUME/snapshots/NAME` (DELETE), `.../NAME/revert` (POST).
+    pub fn snapshot(pool: &str, volume: &str, name: &str) -> String {
+        format!("{POOLS}/{pool}/volumes/{volume}/snapshots/{name}")
+    }
+
     /// `/api/v1/pools/POOL/volumes/VOLUME/ACTION` (resize, clone).
     pub fn volume_action(pool: &str, volume: &str, action: &str) -> String {
         format!("{POOLS}/{pool}/volumes/{volume}/{action}")
@@ -132,4 +142,23 @@ pub struct VolumeInfo {
     pub allocation_bytes: u64,
     /// The volume it is an overlay of, if any.
     pub backing: Option<String>,
+}
+
+/// `POST /api/v1/pools/POOL/volumes/VOLUME/snapshots`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotCreate {
+    pub name: String,
+}
+
+/// An internal snapshot of a qcow2 volume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeSnapshot {
+    pub id: String,
+    pub name: String,
+    /// Seconds since the Unix epoch.
+    pub date: u64,
+    /// Virtual size when it was taken (0 when the image does not record it).
+    pub size_bytes: u64,
 }

@@ -9,7 +9,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
-use api::pool_api::{PoolDefinition, PoolInfo, PoolState, VolumeClone, VolumeCreate, VolumeInfo};
+use api::pool_api::{
+    PoolDefinition, PoolInfo, PoolState, VolumeClone, VolumeCreate, VolumeInfo, VolumeSnapshot,
+};
 use axum::http::StatusCode;
 use block::manage::{self, NewImage};
 use block::Format;
@@ -433,6 +435,46 @@ impl Pools {
     }
 }
 
+/// Snapshot operations on a volume; the caller has checked that no running VM uses it.
+impl Pools {
+    pub fn snapshots(
+        &self,
+        pool: &str,
+        volume: &str,
+        op: &manage::SnapshotOp,
+    ) -> Result<Vec<VolumeSnapshot>, ApiError> {
+        if let manage::SnapshotOp::Create(name) = op {
+            if name.is_empty() || name.len() > 128 || name.chars().any(|c| c.is_control()) {
+                return Err(ApiError::bad_request(
+                    "a snapshot name has 1 to 128 printable characters",
+                ));
+            }
+        }
+        let info = self.volume(pool, volume)?;
+        if info.format != "qcow2" {
+            return Err(ApiError::bad_request(format!(
+                "volume {volume} is raw; internal snapshots need qcow2"
+            )));
+        }
+        let snapshots = manage::snapshot(&info.path, op).map_err(|e| match &e {
+            manage::ManageError::Usage(_) => ApiError::bad_request(chain(&e)),
+            _ if chain(&e).contains("no snapshot") => {
+                ApiError::new(StatusCode::NOT_FOUND, chain(&e))
+            }
+            _ => ApiError::conflict(chain(&e)),
+        })?;
+        Ok(snapshots
+            .into_iter()
+            .map(|s| VolumeSnapshot {
+                id: s.id,
+                name: s.name,
+                date: u64::from(s.date_sec),
+                size_bytes: s.disk_size.unwrap_or(0),
+            })
+            .collect())
+    }
+}
+
 /// Describes volume `name` in `dir`.
 fn volume_info(pool: &str, dir: &Path, name: &str) -> Result<VolumeInfo, ApiError> {
     let path = dir.join(name);
@@ -687,5 +729,29 @@ mod tests {
             b"only in a",
             "the copy needs nothing of its source"
         );
+    }
+
+    #[test]
+    fn snapshots_revert_a_volume() {
+        let (_dir, pools) = setup();
+        let disk = create(&pools, "d.qcow2", Some("4M"), "qcow2", None).unwrap();
+        write(&disk.path, 0, b"before");
+        let create_op = manage::SnapshotOp::Create("s1".into());
+        let taken = pools.snapshots("p", "d.qcow2", &create_op).unwrap();
+        assert_eq!(taken.len(), 1);
+        assert_eq!(
+            (taken[0].name.as_str(), taken[0].size_bytes),
+            ("s1", 4 << 20)
+        );
+        write(&disk.path, 0, b"after!");
+        let revert = manage::SnapshotOp::Apply("s1".into());
+        pools.snapshots("p", "d.qcow2", &revert).unwrap();
+        assert_eq!(read(&disk.path, 0, 6), b"before");
+        let missing = pools.snapshots("p", "d.qcow2", &manage::SnapshotOp::Apply("x".into()));
+        assert_eq!(missing.unwrap_err().status, StatusCode::NOT_FOUND);
+        let bad = pools.snapshots("p", "d.qcow2", &manage::SnapshotOp::Create(String::new()));
+        assert_eq!(bad.unwrap_err().status, StatusCode::BAD_REQUEST);
+        let delete = manage::SnapshotOp::Delete("s1".into());
+        assert!(pools.snapshots("p", "d.qcow2", &delete).unwrap().is_empty());
     }
 }

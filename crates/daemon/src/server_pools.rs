@@ -5,13 +5,14 @@
 use std::sync::Arc;
 
 use api::daemon_api::AutostartRequest;
-use api::pool_api::{PoolDefinition, VolumeClone, VolumeCreate, VolumeResize};
+use api::pool_api::{PoolDefinition, SnapshotCreate, VolumeClone, VolumeCreate, VolumeResize};
 use axum::body::Bytes;
 use axum::extract::{Path as UrlPath, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
+use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
+use block::manage::SnapshotOp;
 
 use crate::error::ApiError;
 use crate::pools::Pools;
@@ -54,6 +55,75 @@ pub fn routes() -> Router<App> {
             "/api/v1/pools/{pool}/volumes/{volume}/clone",
             post(clone_volume),
         )
+        .route(
+            "/api/v1/pools/{pool}/volumes/{volume}/snapshots",
+            get(list_snapshots).post(create_snapshot),
+        )
+        .route(
+            "/api/v1/pools/{pool}/volumes/{volume}/snapshots/{snapshot}",
+            delete(delete_snapshot),
+        )
+        .route(
+            "/api/v1/pools/{pool}/volumes/{volume}/snapshots/{snapshot}/revert",
+            post(revert_snapshot),
+        )
+}
+
+async fn list_snapshots(
+    State(pools): State<Arc<Pools>>,
+    UrlPath((pool, volume)): UrlPath<(String, String)>,
+) -> ApiResult {
+    blocking(StatusCode::OK, move || {
+        pools.snapshots(&pool, &volume, &SnapshotOp::List)
+    })
+    .await
+}
+
+/// Runs a snapshot change unless a running VM writes the volume.
+async fn change_snapshots(
+    app: App,
+    pool: String,
+    volume: String,
+    op: SnapshotOp,
+    status: StatusCode,
+) -> ApiResult {
+    let (pools, vms) = (app.pools.clone(), app.vms.clone());
+    blocking(status, move || {
+        let path = pools.volume(&pool, &volume)?.path;
+        if let Some(vm) = vms.vm_writing(&path) {
+            return Err(ApiError::conflict(format!(
+                "VM {vm} is running and writes volume {volume}; shut it down first"
+            )));
+        }
+        pools.snapshots(&pool, &volume, &op)
+    })
+    .await
+}
+
+async fn create_snapshot(
+    State(app): State<App>,
+    UrlPath((pool, volume)): UrlPath<(String, String)>,
+    body: Bytes,
+) -> ApiResult {
+    let request: SnapshotCreate = parse_body(&body)?;
+    let op = SnapshotOp::Create(request.name);
+    change_snapshots(app, pool, volume, op, StatusCode::CREATED).await
+}
+
+async fn delete_snapshot(
+    State(app): State<App>,
+    UrlPath((pool, volume, snapshot)): UrlPath<(String, String, String)>,
+) -> ApiResult {
+    let op = SnapshotOp::Delete(snapshot);
+    change_snapshots(app, pool, volume, op, StatusCode::OK).await
+}
+
+async fn revert_snapshot(
+    State(app): State<App>,
+    UrlPath((pool, volume, snapshot)): UrlPath<(String, String, String)>,
+) -> ApiResult {
+    let op = SnapshotOp::Apply(snapshot);
+    change_snapshots(app, pool, volume, op, StatusCode::OK).await
 }
 
 async fn list_pools(State(pools): State<Arc<Pools>>) -> ApiResult {

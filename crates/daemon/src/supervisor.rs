@@ -206,18 +206,36 @@ impl Supervisor {
         })
     }
 
-    /// The VM that has `path` as a disk (a file or a volume), if any.
-    pub fn vm_using(&self, path: &Path) -> Option<String> {
-        let uses = |disk: &api::daemon_api::DefinitionDisk| match (&disk.path, disk.volume_ref()) {
+    /// Whether `disk` is the image at `path`.
+    fn disk_is(&self, disk: &api::daemon_api::DefinitionDisk, path: &Path) -> bool {
+        match (&disk.path, disk.volume_ref()) {
             (Some(own), _) => own == path,
             (None, Some((pool, volume))) => {
                 self.pools.volume_location(pool, volume).as_deref() == Some(path)
             }
             (None, None) => false,
-        };
+        }
+    }
+
+    /// The VM that has `path` as a disk (a file or a volume), if any.
+    pub fn vm_using(&self, path: &Path) -> Option<String> {
         self.lock()
             .values()
-            .find(|e| e.definition.disks.iter().any(uses))
+            .find(|e| e.definition.disks.iter().any(|d| self.disk_is(d, path)))
+            .map(|e| e.definition.name.clone())
+    }
+
+    /// The running VM that may write `path`, if any.
+    pub fn vm_writing(&self, path: &Path) -> Option<String> {
+        self.lock()
+            .values()
+            .filter(|e| e.runtime.is_some())
+            .find(|e| {
+                e.definition
+                    .disks
+                    .iter()
+                    .any(|d| !d.readonly && self.disk_is(d, path))
+            })
             .map(|e| e.definition.name.clone())
     }
 

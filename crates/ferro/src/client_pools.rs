@@ -5,7 +5,10 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use api::daemon_api::AutostartRequest;
-use api::pool_api::{paths, PoolInfo, VolumeClone, VolumeCreate, VolumeInfo, VolumeResize};
+use api::pool_api::{
+    paths, PoolInfo, SnapshotCreate, VolumeClone, VolumeCreate, VolumeInfo, VolumeResize,
+    VolumeSnapshot,
+};
 use api::ByteSize;
 use clap::{Args, Subcommand};
 use http_unix::Client;
@@ -121,6 +124,103 @@ enum VolCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Internal snapshots of a qcow2 volume (changes refused while a running VM writes it).
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum SnapshotCommand {
+    /// Take a snapshot.
+    Create {
+        volume: String,
+        snapshot: String,
+        #[arg(long)]
+        pool: String,
+    },
+    /// List the snapshots.
+    List {
+        volume: String,
+        #[arg(long)]
+        pool: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Bring the volume back to a snapshot (what was written since is lost).
+    Revert {
+        volume: String,
+        snapshot: String,
+        #[arg(long)]
+        pool: String,
+    },
+    /// Delete a snapshot.
+    Delete {
+        volume: String,
+        snapshot: String,
+        #[arg(long)]
+        pool: String,
+    },
+}
+
+fn snapshot_command(c: &Client, command: SnapshotCommand) -> Outcome {
+    match command {
+        SnapshotCommand::Create {
+            volume,
+            snapshot,
+            pool,
+        } => {
+            let request = SnapshotCreate {
+                name: snapshot.clone(),
+            };
+            call(
+                c,
+                "POST",
+                &paths::snapshots(&pool, &volume),
+                Some(body(&request)?),
+            )?;
+            println!("snapshot {snapshot} of volume {volume} created");
+        }
+        SnapshotCommand::List { volume, pool, json } => {
+            let snapshots: Vec<VolumeSnapshot> =
+                decode(&call(c, "GET", &paths::snapshots(&pool, &volume), None)?)?;
+            if json {
+                return print_json(&snapshots);
+            }
+            println!("{:<4} {:<24} {:>12}  DATE (UNIX)", "ID", "NAME", "SIZE");
+            for s in &snapshots {
+                println!(
+                    "{:<4} {:<24} {:>12}  {}",
+                    s.id,
+                    s.name,
+                    human(s.size_bytes),
+                    s.date
+                );
+            }
+        }
+        SnapshotCommand::Revert {
+            volume,
+            snapshot,
+            pool,
+        } => {
+            let path = format!("{}/revert", paths::snapshot(&pool, &volume, &snapshot));
+            call(c, "POST", &path, None)?;
+            println!("volume {volume} reverted to snapshot {snapshot}");
+        }
+        SnapshotCommand::Delete {
+            volume,
+            snapshot,
+            pool,
+        } => {
+            call(
+                c,
+                "DELETE",
+                &paths::snapshot(&pool, &volume, &snapshot),
+                None,
+            )?;
+            println!("snapshot {snapshot} of volume {volume} deleted");
+        }
+    }
+    Ok(())
 }
 
 fn body(value: &impl serde::Serialize) -> Result<Vec<u8>, Failure> {
@@ -328,6 +428,7 @@ fn vol_command(c: &Client, command: VolCommand) -> Outcome {
             }
             print_volume(&volume);
         }
+        VolCommand::Snapshot(command) => return snapshot_command(c, command),
     }
     Ok(())
 }

@@ -246,6 +246,10 @@ impl Drop for Daemon {
     }
 }
 
+fn pool_snapshots_path(pool: &str, volume: &str) -> String {
+    api::pool_api::paths::snapshots(pool, volume)
+}
+
 fn pid_alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }
@@ -682,7 +686,64 @@ fn pools_and_volumes_through_the_cli() {
         "{}",
         String::from_utf8_lossy(&cmdline)
     );
+    d.fails(
+        &[
+            "vol",
+            "snapshot",
+            "create",
+            "full.qcow2",
+            "s1",
+            "--pool",
+            "p",
+        ],
+        4,
+        "VM user is running and writes volume full.qcow2",
+    );
     d.ok(&["vm", "destroy", "user"]);
+    d.ok(&[
+        "vol",
+        "snapshot",
+        "create",
+        "full.qcow2",
+        "s1",
+        "--pool",
+        "p",
+    ]);
+    let listed = d.ok(&["vol", "snapshot", "list", "full.qcow2", "--pool", "p"]);
+    assert!(listed.contains("s1"), "{listed}");
+    d.ok(&[
+        "vol",
+        "snapshot",
+        "revert",
+        "full.qcow2",
+        "s1",
+        "--pool",
+        "p",
+    ]);
+    d.fails(
+        &[
+            "vol",
+            "snapshot",
+            "revert",
+            "full.qcow2",
+            "nope",
+            "--pool",
+            "p",
+        ],
+        3,
+        "no snapshot named \"nope\"",
+    );
+    d.fails(
+        &["vol", "snapshot", "create", "base.raw", "s1", "--pool", "p"],
+        2,
+        "internal snapshots need qcow2",
+    );
+    let snapshots = pool_snapshots_path("p", "full.qcow2");
+    assert_eq!(d.call("GET", &snapshots, None).status, 200);
+    assert_eq!(
+        d.call("DELETE", &format!("{snapshots}/s1"), None).status,
+        200
+    );
     let missing = d.definition("ghost", "[[disks]]\nvolume = \"p/none.qcow2\"\n");
     d.fails(
         &["vm", "define", missing.to_str().unwrap()],
