@@ -435,6 +435,49 @@ impl Pools {
     }
 }
 
+/// Uploads: the client's bytes land in a hidden file next to the volume and replace it only
+/// once they are known to be a usable image whose backing (if any) stays in the pool.
+impl Pools {
+    /// Where an upload to volume `name` is written first, after checking that `len` bytes fit.
+    pub fn upload_target(&self, pool: &str, name: &str, len: u64) -> Result<PathBuf, ApiError> {
+        let volume = self.volume(pool, name)?;
+        let dir = self.active_dir(pool)?;
+        let grows = len.saturating_sub(volume.allocation_bytes);
+        self.check_space(&dir, pool, grows)?;
+        Ok(dir.join(format!(".{name}.upload")))
+    }
+
+    /// Checks the uploaded file and puts it in place of the volume.
+    pub fn finish_upload(
+        &self,
+        pool: &str,
+        name: &str,
+        upload: &Path,
+    ) -> Result<VolumeInfo, ApiError> {
+        let checked = (|| {
+            let info = manage::info(upload, None).map_err(|e| {
+                ApiError::bad_request(format!("the upload is not a usable image: {}", chain(&e)))
+            })?;
+            if let Some(backing) = &info.backing_file {
+                if check_volume_name(backing).is_err() || self.volume(pool, backing).is_err() {
+                    return Err(ApiError::bad_request(format!(
+                        "the uploaded image's backing file {backing:?} is not a volume of pool {pool}"
+                    )));
+                }
+            }
+            let target = self.volume(pool, name)?.path;
+            std::fs::rename(upload, &target).map_err(|e| {
+                ApiError::internal(format!("cannot replace {}: {e}", target.display()))
+            })
+        })();
+        if checked.is_err() {
+            let _ = std::fs::remove_file(upload);
+        }
+        checked?;
+        self.volume(pool, name)
+    }
+}
+
 /// Snapshot operations on a volume; the caller has checked that no running VM uses it.
 impl Pools {
     pub fn snapshots(

@@ -6,13 +6,18 @@ use std::sync::Arc;
 
 use api::daemon_api::AutostartRequest;
 use api::pool_api::{PoolDefinition, SnapshotCreate, VolumeClone, VolumeCreate, VolumeResize};
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
+use axum::extract::DefaultBodyLimit;
 use axum::extract::{Path as UrlPath, State};
+use axum::http::HeaderMap;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 use block::manage::SnapshotOp;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
 
 use crate::error::ApiError;
 use crate::pools::Pools;
@@ -56,6 +61,12 @@ pub fn routes() -> Router<App> {
             post(clone_volume),
         )
         .route(
+            "/api/v1/pools/{pool}/volumes/{volume}/data",
+            get(download_volume)
+                .put(upload_volume)
+                .layer(DefaultBodyLimit::disable()),
+        )
+        .route(
             "/api/v1/pools/{pool}/volumes/{volume}/snapshots",
             get(list_snapshots).post(create_snapshot),
         )
@@ -67,6 +78,115 @@ pub fn routes() -> Router<App> {
             "/api/v1/pools/{pool}/volumes/{volume}/snapshots/{snapshot}/revert",
             post(revert_snapshot),
         )
+}
+
+/// The volume's file, streamed.
+async fn download_volume(
+    State(pools): State<Arc<Pools>>,
+    UrlPath((pool, volume)): UrlPath<(String, String)>,
+) -> ApiResult {
+    let path = tokio::task::spawn_blocking(move || pools.volume(&pool, &volume))
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))??
+        .path;
+    let mut file = tokio::fs::File::open(&path)
+        .await
+        .map_err(|e| ApiError::internal(format!("cannot open {}: {e}", path.display())))?;
+    let len = file
+        .metadata()
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .len();
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 256 << 10];
+        loop {
+            let sent = match file.read(&mut buf).await {
+                Ok(0) => return,
+                Ok(n) => tx.send(Ok(Bytes::copy_from_slice(&buf[..n]))).await,
+                Err(e) => tx.send(Err(e)).await,
+            };
+            if sent.is_err() {
+                return; // the client went away
+            }
+        }
+    });
+    Response::builder()
+        .header("content-type", "application/octet-stream")
+        .header("content-length", len)
+        .body(Body::from_stream(ReceiverStream::new(rx)))
+        .map_err(|e| ApiError::internal(e.to_string()))
+}
+
+/// Replaces the volume's file with the request body (an image; see `Pools::finish_upload`).
+async fn upload_volume(
+    State(app): State<App>,
+    UrlPath((pool, volume)): UrlPath<(String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult {
+    let len = headers
+        .get("content-length")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::LENGTH_REQUIRED,
+                "an upload needs Content-Length",
+            )
+        })?;
+    let (pools, vms) = (app.pools.clone(), app.vms.clone());
+    let (p, v) = (pool.clone(), volume.clone());
+    let target = tokio::task::spawn_blocking(move || {
+        let path = pools.volume(&p, &v)?.path;
+        if let Some(vm) = vms.vm_writing(&path) {
+            return Err(ApiError::conflict(format!(
+                "VM {vm} is running and writes volume {v}; shut it down first"
+            )));
+        }
+        pools.upload_target(&p, &v, len)
+    })
+    .await
+    .map_err(|e| ApiError::internal(e.to_string()))??;
+    // Its own task: a client that hangs up ends the body stream with an error, and the partial
+    // file is removed, instead of the handler being dropped halfway.
+    let pools = app.pools.clone();
+    tokio::spawn(async move {
+        if let Err(e) = receive(body, &target, len).await {
+            let _ = tokio::fs::remove_file(&target).await;
+            return Err(e);
+        }
+        blocking(StatusCode::OK, move || {
+            pools.finish_upload(&pool, &volume, &target)
+        })
+        .await
+    })
+    .await
+    .map_err(|e| ApiError::internal(e.to_string()))?
+}
+
+/// Writes exactly `len` body bytes to `path`.
+async fn receive(body: Body, path: &std::path::Path, len: u64) -> Result<(), ApiError> {
+    let io = |e: std::io::Error| ApiError::internal(format!("upload failed: {e}"));
+    let mut file = tokio::fs::File::create(path).await.map_err(io)?;
+    let mut stream = body.into_data_stream();
+    let mut received = 0u64;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| ApiError::bad_request(format!("upload interrupted: {e}")))?;
+        received += chunk.len() as u64;
+        if received > len {
+            return Err(ApiError::bad_request(
+                "the upload is longer than its Content-Length",
+            ));
+        }
+        file.write_all(&chunk).await.map_err(io)?;
+    }
+    if received != len {
+        return Err(ApiError::bad_request(format!(
+            "the upload ended after {received} of {len} bytes"
+        )));
+    }
+    file.sync_data().await.map_err(io)
 }
 
 async fn list_snapshots(

@@ -151,13 +151,17 @@ pub(crate) fn call(
     let message = serde_json::from_slice::<api::vmm_api::ErrorBody>(&response.body)
         .map(|b| b.error)
         .unwrap_or_else(|_| response.text());
-    let code = match response.status {
+    Err(Failure(exit_code_for(response.status), message))
+}
+
+/// The CLI's exit code for a daemon's error status.
+pub(crate) fn exit_code_for(status: u16) -> u8 {
+    match status {
         400 | 405 | 411 | 413 | 422 => 2,
         404 => 3,
         409 | 504 => 4,
         _ => 1,
-    };
-    Err(Failure(code, message))
+    }
 }
 
 pub(crate) fn decode<T: DeserializeOwned>(response: &ClientResponse) -> Result<T, Failure> {

@@ -124,6 +124,26 @@ enum VolCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Replace a volume's content with a local image file (raw or qcow2), streamed.
+    Upload {
+        name: String,
+        file: PathBuf,
+        #[arg(long)]
+        pool: String,
+        /// Print progress as JSON lines ({"bytes": N, "total": N}) on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Save a volume's image file to a local file, streamed.
+    Download {
+        name: String,
+        file: PathBuf,
+        #[arg(long)]
+        pool: String,
+        /// Print progress as JSON lines ({"bytes": N, "total": N}) on stdout.
+        #[arg(long)]
+        json: bool,
+    },
     /// Internal snapshots of a qcow2 volume (changes refused while a running VM writes it).
     #[command(subcommand)]
     Snapshot(SnapshotCommand),
@@ -429,6 +449,141 @@ fn vol_command(c: &Client, command: VolCommand) -> Outcome {
             print_volume(&volume);
         }
         VolCommand::Snapshot(command) => return snapshot_command(c, command),
+        VolCommand::Upload {
+            name,
+            file,
+            pool,
+            json,
+        } => upload(c, &pool, &name, &file, json)?,
+        VolCommand::Download {
+            name,
+            file,
+            pool,
+            json,
+        } => download(c, &pool, &name, &file, json)?,
+    }
+    Ok(())
+}
+
+/// Progress of a transfer: a bar on a terminal's stderr, or JSON lines on stdout.
+struct Progress {
+    json: bool,
+    tty: bool,
+    total: u64,
+    shown: Option<u64>,
+}
+
+impl Progress {
+    fn new(json: bool, total: u64) -> Self {
+        use std::io::IsTerminal;
+        Progress {
+            json,
+            tty: std::io::stderr().is_terminal(),
+            total,
+            shown: None,
+        }
+    }
+
+    fn update(&mut self, bytes: u64) {
+        let percent = (bytes * 100).checked_div(self.total).unwrap_or(100);
+        if self.shown == Some(percent) && bytes != self.total {
+            return;
+        }
+        self.shown = Some(percent);
+        if self.json {
+            println!("{{\"bytes\": {bytes}, \"total\": {}}}", self.total);
+        } else if self.tty {
+            let filled = (percent / 5) as usize;
+            eprint!(
+                "\r[{}{}] {percent:>3}% {} / {}",
+                "#".repeat(filled),
+                " ".repeat(20 - filled),
+                human(bytes),
+                human(self.total)
+            );
+            if bytes == self.total {
+                eprintln!();
+            }
+        }
+    }
+}
+
+fn upload(c: &Client, pool: &str, name: &str, file: &PathBuf, json: bool) -> Outcome {
+    let mut source = std::fs::File::open(file)
+        .map_err(|e| Failure(2, format!("cannot read {}: {e}", file.display())))?;
+    let len = source
+        .metadata()
+        .map_err(|e| Failure(2, e.to_string()))?
+        .len();
+    let mut progress = Progress::new(json, len);
+    let response = c
+        .upload(
+            "PUT",
+            &paths::volume_action(pool, name, "data"),
+            &mut source,
+            len,
+            &mut |n| progress.update(n),
+        )
+        .map_err(|e| Failure(5, crate::error_chain(&e)))?;
+    if response.status != 200 {
+        let message = serde_json::from_slice::<api::vmm_api::ErrorBody>(&response.body)
+            .map(|b| b.error)
+            .unwrap_or_else(|_| response.text());
+        return Err(Failure(
+            crate::client::exit_code_for(response.status),
+            message,
+        ));
+    }
+    if !json {
+        println!("volume {name} of pool {pool} now holds {}", file.display());
+    }
+    Ok(())
+}
+
+fn download(c: &Client, pool: &str, name: &str, file: &PathBuf, json: bool) -> Outcome {
+    let (status, len, mut body) = c
+        .download("GET", &paths::volume_action(pool, name, "data"))
+        .map_err(|e| Failure(5, crate::error_chain(&e)))?;
+    if status != 200 {
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(&mut body, &mut text);
+        let message = serde_json::from_str::<api::vmm_api::ErrorBody>(&text)
+            .map(|b| b.error)
+            .unwrap_or(text);
+        return Err(Failure(crate::client::exit_code_for(status), message));
+    }
+    let total = len.unwrap_or(0);
+    let mut progress = Progress::new(json, total);
+    let partial = file.with_extension("part");
+    let mut out = std::fs::File::create(&partial)
+        .map_err(|e| Failure(2, format!("cannot write {}: {e}", partial.display())))?;
+    let mut buf = vec![0u8; 256 << 10];
+    let mut received = 0u64;
+    let copied = (|| -> std::io::Result<()> {
+        loop {
+            let n = std::io::Read::read(&mut body, &mut buf)?;
+            if n == 0 {
+                break;
+            }
+            std::io::Write::write_all(&mut out, &buf[..n])?;
+            received += n as u64;
+            progress.update(received);
+        }
+        out.sync_data()
+    })();
+    if let Err(e) = copied.and_then(|()| {
+        if len.is_some_and(|len| len != received) {
+            return Err(std::io::Error::other(format!(
+                "the daemon sent {received} of {total} bytes"
+            )));
+        }
+        std::fs::rename(&partial, file)
+    }) {
+        let _ = std::fs::remove_file(&partial);
+        return Err(Failure(1, format!("download failed: {e}")));
+    }
+    if !json {
+        println!("volume {name} of pool {pool} saved to {}", file.display());
     }
     Ok(())
 }

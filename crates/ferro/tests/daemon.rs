@@ -754,6 +754,73 @@ fn pools_and_volumes_through_the_cli() {
     d.ok(&["vm", "undefine", "other"]);
     d.ok(&["vol", "delete", "full.qcow2", "--pool", "p"]);
 
+    // Upload and download stream image files; an upload whose backing file would reach
+    // outside the pool is refused and changes nothing.
+    let local = d.dir.path().join("local.raw");
+    let data: Vec<u8> = (0..(2u32 << 20)).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&local, &data).unwrap();
+    d.ok(&[
+        "vol", "create", "up.raw", "--pool", "p", "--size", "2M", "--format", "raw",
+    ]);
+    let progress = d.ok(&[
+        "vol",
+        "upload",
+        "up.raw",
+        local.to_str().unwrap(),
+        "--pool",
+        "p",
+        "--json",
+    ]);
+    let last = progress.lines().last().unwrap();
+    assert_eq!(
+        last,
+        format!("{{\"bytes\": {}, \"total\": {}}}", data.len(), data.len())
+    );
+    let back = d.dir.path().join("back.raw");
+    d.ok(&[
+        "vol",
+        "download",
+        "up.raw",
+        back.to_str().unwrap(),
+        "--pool",
+        "p",
+    ]);
+    assert!(
+        std::fs::read(&back).unwrap() == data,
+        "downloaded bytes differ"
+    );
+    let evil = d.dir.path().join("evil.qcow2");
+    d.ok(&[
+        "img",
+        "create",
+        "-f",
+        "qcow2",
+        "-b",
+        "/etc/hostname",
+        "-F",
+        "raw",
+        evil.to_str().unwrap(),
+        "1M",
+    ]);
+    d.fails(
+        &[
+            "vol",
+            "upload",
+            "up.raw",
+            evil.to_str().unwrap(),
+            "--pool",
+            "p",
+        ],
+        2,
+        "is not a volume of pool p",
+    );
+    assert!(std::fs::read(images.join("up.raw")).unwrap() == data);
+    assert!(
+        !images.join(".up.raw.upload").exists(),
+        "the rejected upload was removed"
+    );
+    d.ok(&["vol", "delete", "up.raw", "--pool", "p"]);
+
     // The raw API, checked against the document.
     use api::pool_api::paths as pool_paths;
     assert_eq!(d.call("GET", pool_paths::POOLS, None).status, 200);

@@ -5,7 +5,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::message::{content_length, read_body, read_head, HttpError};
+use crate::message::{announced_length, read_body, read_head, HttpError};
 
 /// Talks to a server on a Unix socket.
 #[derive(Debug, Clone)]
@@ -32,7 +32,7 @@ impl ClientResponse {
 struct Head {
     status: u16,
     reader: BufReader<UnixStream>,
-    len: usize,
+    len: u64,
     chunked: bool,
 }
 
@@ -165,7 +165,8 @@ impl Client {
             body
         } else {
             let mut reader = head.reader;
-            read_body(&mut reader, head.len).map_err(|source| self.bad(source))?
+            let len = self.limited(head.len)?;
+            read_body(&mut reader, len).map_err(|source| self.bad(source))?
         };
         Ok(ClientResponse { status, body })
     }
@@ -178,6 +179,75 @@ impl Client {
     }
 
     fn send(&self, method: &str, path: &str, body: Option<&[u8]>) -> Result<Head, ClientError> {
+        let body = body.unwrap_or_default();
+        let content_type = (!body.is_empty()).then_some("application/json");
+        self.send_body(
+            method,
+            path,
+            content_type,
+            body.len() as u64,
+            &mut |stream| stream.write_all(body),
+        )
+    }
+
+    /// Sends a request whose `len`-byte body comes from `reader` (copied in 64 KiB pieces,
+    /// `progress` told the bytes sent so far) and reads the whole response.
+    pub fn upload(
+        &self,
+        method: &str,
+        path: &str,
+        reader: &mut dyn Read,
+        len: u64,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<ClientResponse, ClientError> {
+        let head = self.send_body(
+            method,
+            path,
+            Some("application/octet-stream"),
+            len,
+            &mut |stream| {
+                let mut buf = vec![0u8; 64 << 10];
+                let mut sent = 0u64;
+                while sent < len {
+                    let want = buf.len().min((len - sent) as usize);
+                    let n = reader.read(&mut buf[..want])?;
+                    if n == 0 {
+                        return Err(io::ErrorKind::UnexpectedEof.into());
+                    }
+                    stream.write_all(&buf[..n])?;
+                    sent += n as u64;
+                    progress(sent);
+                }
+                Ok(())
+            },
+        )?;
+        let status = head.status;
+        let mut reader = head.reader;
+        let len = self.limited(head.len)?;
+        let body = read_body(&mut reader, len).map_err(|source| self.bad(source))?;
+        Ok(ClientResponse { status, body })
+    }
+
+    /// Sends a request and returns the status, the body's length if announced, and a reader
+    /// of the body (for downloads).
+    pub fn download(
+        &self,
+        method: &str,
+        path: &str,
+    ) -> Result<(u16, Option<u64>, BodyReader), ClientError> {
+        let head = self.send(method, path, None)?;
+        let len = (!head.chunked).then_some(head.len);
+        Ok((head.status, len, BodyReader::new(head.reader, head.chunked)))
+    }
+
+    fn send_body(
+        &self,
+        method: &str,
+        path: &str,
+        content_type: Option<&str>,
+        len: u64,
+        write_body: &mut dyn FnMut(&mut UnixStream) -> io::Result<()>,
+    ) -> Result<Head, ClientError> {
         let stream = UnixStream::connect(&self.socket).map_err(|source| ClientError::Connect {
             path: self.socket.clone(),
             source,
@@ -188,18 +258,16 @@ impl Client {
         };
         stream.set_read_timeout(self.timeout).map_err(io_err)?;
         stream.set_write_timeout(self.timeout).map_err(io_err)?;
-        let body = body.unwrap_or_default();
         let mut message = format!(
-            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: {}\r\n",
-            body.len()
+            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: {len}\r\n"
         );
-        if !body.is_empty() {
-            message.push_str("Content-Type: application/json\r\n");
+        if let Some(content_type) = content_type {
+            message.push_str(&format!("Content-Type: {content_type}\r\n"));
         }
         message.push_str("\r\n");
-        let mut message = message.into_bytes();
-        message.extend_from_slice(body);
-        (&stream).write_all(&message).map_err(io_err)?;
+        let mut stream = stream;
+        stream.write_all(message.as_bytes()).map_err(io_err)?;
+        write_body(&mut stream).map_err(io_err)?;
         let mut reader = BufReader::new(stream);
         let head = read_head(&mut reader)
             .map_err(|source| self.bad(source))?
@@ -225,7 +293,7 @@ impl Client {
         let len = if chunked {
             0
         } else {
-            content_length(response.headers).map_err(|source| self.bad(source))?
+            announced_length(response.headers).map_err(|source| self.bad(source))?
         };
         Ok(Head {
             status,
@@ -233,6 +301,14 @@ impl Client {
             len,
             chunked,
         })
+    }
+
+    /// A body length that may be read into memory.
+    fn limited(&self, len: u64) -> Result<usize, ClientError> {
+        if len > crate::MAX_BODY as u64 {
+            return Err(self.bad(HttpError::BodyTooLarge));
+        }
+        Ok(len as usize)
     }
 
     fn bad(&self, source: HttpError) -> ClientError {

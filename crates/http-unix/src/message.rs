@@ -175,16 +175,22 @@ pub(crate) fn content_length(headers: &[httparse::Header<'_>]) -> Result<usize, 
     if header(headers, "transfer-encoding").is_some() {
         return Err(HttpError::LengthRequired);
     }
-    let Some(value) = header(headers, "content-length") else {
-        return Ok(0);
-    };
-    let len: u64 = value
-        .parse()
-        .map_err(|_| HttpError::Malformed(format!("bad Content-Length {value:?}")))?;
+    let len = announced_length(headers)?;
     if len > MAX_BODY as u64 {
         return Err(HttpError::BodyTooLarge);
     }
     Ok(len as usize)
+}
+
+/// The Content-Length of a message (0 when absent), without a limit: for bodies that are
+/// streamed rather than held in memory.
+pub(crate) fn announced_length(headers: &[httparse::Header<'_>]) -> Result<u64, HttpError> {
+    let Some(value) = header(headers, "content-length") else {
+        return Ok(0);
+    };
+    value
+        .parse()
+        .map_err(|_| HttpError::Malformed(format!("bad Content-Length {value:?}")))
 }
 
 /// Reads the next request on a connection; `Ok(None)` once the client has closed it.
