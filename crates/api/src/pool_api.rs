@@ -162,3 +162,14 @@ pub struct VolumeSnapshot {
     /// Virtual size when it was taken (0 when the image does not record it).
     pub size_bytes: u64,
 }
+
+/// One line of a full clone's progress stream
+/// (`POST .../clone?progress=ndjson`, newline-delimited JSON): progress lines, then one line
+/// with the new volume or the error.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged, deny_unknown_fields)]
+pub enum CloneEvent {
+    Progress { bytes: u64, total: u64 },
+    Done { done: VolumeInfo },
+    Failed { error: String, status: u16 },
+}

@@ -404,6 +404,18 @@ impl Pools {
         source: &str,
         request: &VolumeClone,
     ) -> Result<VolumeInfo, ApiError> {
+        self.clone_volume_with_progress(pool, source, request, &mut |_, _| {})
+    }
+
+    /// Like [`Pools::clone_volume`]; a full copy tells `progress` (bytes done, total) as it
+    /// goes.
+    pub fn clone_volume_with_progress(
+        &self,
+        pool: &str,
+        source: &str,
+        request: &VolumeClone,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<VolumeInfo, ApiError> {
         let source = self.volume(pool, source)?;
         if request.linked {
             return self.create_volume(
@@ -426,7 +438,7 @@ impl Pools {
             )));
         }
         self.check_space(&dir, pool, source.allocation_bytes)?;
-        let result = full_copy(&source, &target);
+        let result = full_copy(&source, &target, progress);
         if result.is_err() {
             let _ = std::fs::remove_file(&target);
         }
@@ -535,7 +547,11 @@ fn volume_info(pool: &str, dir: &Path, name: &str) -> Result<VolumeInfo, ApiErro
 
 /// Copies what `source` reads as (backing chain included) into a new image of the same
 /// format without a backing file; holes and all-zero chunks stay unallocated (thin).
-fn full_copy(source: &VolumeInfo, target: &Path) -> Result<(), ApiError> {
+fn full_copy(
+    source: &VolumeInfo,
+    target: &Path,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<(), ApiError> {
     let format: Format = source.format.parse().map_err(ApiError::internal)?;
     let new = NewImage {
         format,
@@ -550,7 +566,7 @@ fn full_copy(source: &VolumeInfo, target: &Path) -> Result<(), ApiError> {
     let mut from =
         block::open(&source.path, true, Some(format)).map_err(|e| ApiError::conflict(chain(&e)))?;
     if format == Format::Raw {
-        return sparse_file_copy(&source.path, target, source.capacity_bytes).map_err(io);
+        return sparse_file_copy(&source.path, target, source.capacity_bytes, progress).map_err(io);
     }
     let mut to =
         block::open(target, false, Some(format)).map_err(|e| ApiError::internal(chain(&e)))?;
@@ -566,13 +582,19 @@ fn full_copy(source: &VolumeInfo, target: &Path) -> Result<(), ApiError> {
                 .map_err(io)?;
         }
         offset += len as u64;
+        progress(offset, source.capacity_bytes);
     }
     to.flush().map_err(io)
 }
 
 /// Copies the data segments of a raw file (found with SEEK_DATA/SEEK_HOLE) into `target`,
 /// in the kernel (copy_file_range) where the file system allows, as cp and qemu-img do.
-fn sparse_file_copy(source: &Path, target: &Path, size: u64) -> std::io::Result<()> {
+fn sparse_file_copy(
+    source: &Path,
+    target: &Path,
+    size: u64,
+    progress: &mut dyn FnMut(u64, u64),
+) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
     let from = std::fs::File::open(source)?;
     let to = std::fs::OpenOptions::new().write(true).open(target)?;
@@ -615,7 +637,9 @@ fn sparse_file_copy(source: &Path, target: &Path, size: u64) -> std::io::Result<
             }
         }
         offset = end;
+        progress(offset, size);
     }
+    progress(size, size);
     to.sync_data()
 }
 

@@ -5,9 +5,11 @@
 use std::sync::Arc;
 
 use api::daemon_api::AutostartRequest;
-use api::pool_api::{PoolDefinition, SnapshotCreate, VolumeClone, VolumeCreate, VolumeResize};
+use api::pool_api::{
+    CloneEvent, PoolDefinition, SnapshotCreate, VolumeClone, VolumeCreate, VolumeResize,
+};
 use axum::body::{Body, Bytes};
-use axum::extract::DefaultBodyLimit;
+use axum::extract::{DefaultBodyLimit, RawQuery};
 use axum::extract::{Path as UrlPath, State};
 use axum::http::HeaderMap;
 use axum::http::StatusCode;
@@ -15,6 +17,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 use block::manage::SnapshotOp;
+use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
@@ -350,11 +353,46 @@ async fn resize_volume(
 async fn clone_volume(
     State(pools): State<Arc<Pools>>,
     UrlPath((pool, volume)): UrlPath<(String, String)>,
+    RawQuery(query): RawQuery,
     body: Bytes,
 ) -> ApiResult {
     let request: VolumeClone = parse_body(&body)?;
-    blocking(StatusCode::CREATED, move || {
-        pools.clone_volume(&pool, &volume, &request)
-    })
-    .await
+    if query.as_deref() != Some("progress=ndjson") {
+        return blocking(StatusCode::CREATED, move || {
+            pools.clone_volume(&pool, &volume, &request)
+        })
+        .await;
+    }
+    // Progress lines as the copy goes (at most ten a second), then the result; the copy runs
+    // to its end even if the client goes away.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(16);
+    tokio::task::spawn_blocking(move || {
+        let line = |event: &CloneEvent| {
+            let mut bytes = serde_json::to_vec(event).unwrap_or_default();
+            bytes.push(b'\n');
+            Bytes::from(bytes)
+        };
+        let mut last: Option<std::time::Instant> = None;
+        let mut progress = |bytes: u64, total: u64| {
+            if bytes < total && last.is_some_and(|t| t.elapsed() < Duration::from_millis(100)) {
+                return;
+            }
+            last = Some(std::time::Instant::now());
+            let _ = tx.blocking_send(line(&CloneEvent::Progress { bytes, total }));
+        };
+        let result = pools.clone_volume_with_progress(&pool, &volume, &request, &mut progress);
+        let end = match result {
+            Ok(done) => CloneEvent::Done { done },
+            Err(e) => CloneEvent::Failed {
+                error: e.message,
+                status: e.status.as_u16(),
+            },
+        };
+        let _ = tx.blocking_send(line(&end));
+    });
+    let stream = ReceiverStream::new(rx).map(Ok::<_, std::convert::Infallible>);
+    Response::builder()
+        .header("content-type", "application/x-ndjson")
+        .body(Body::from_stream(stream))
+        .map_err(|e| ApiError::internal(e.to_string()))
 }

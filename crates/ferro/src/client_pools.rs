@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use api::daemon_api::AutostartRequest;
 use api::pool_api::{
-    paths, PoolInfo, SnapshotCreate, VolumeClone, VolumeCreate, VolumeInfo, VolumeResize,
-    VolumeSnapshot,
+    paths, CloneEvent, PoolInfo, SnapshotCreate, VolumeClone, VolumeCreate, VolumeInfo,
+    VolumeResize, VolumeSnapshot,
 };
 use api::ByteSize;
 use clap::{Args, Subcommand};
@@ -87,7 +87,8 @@ enum VolCommand {
         #[arg(long)]
         backing: Option<String>,
     },
-    /// Copy a volume: a full, standalone copy, or with --linked a qcow2 overlay on it.
+    /// Copy a volume: a full, standalone copy (with progress), or with --linked a qcow2
+    /// overlay on it.
     Clone {
         source: String,
         name: String,
@@ -95,6 +96,9 @@ enum VolCommand {
         pool: String,
         #[arg(long)]
         linked: bool,
+        /// Print the progress stream as JSON lines on stdout.
+        #[arg(long)]
+        json: bool,
     },
     /// Grow a volume (shrinking is refused).
     Resize {
@@ -394,19 +398,27 @@ fn vol_command(c: &Client, command: VolCommand) -> Outcome {
             name,
             pool,
             linked,
+            json,
         } => {
             let request = VolumeClone {
                 name: name.clone(),
                 linked,
             };
-            call(
-                c,
-                "POST",
-                &paths::volume_action(&pool, &source, "clone"),
-                Some(body(&request)?),
-            )?;
-            let kind = if linked { "linked clone" } else { "copy" };
-            println!("volume {name} created in pool {pool} ({kind} of {source})");
+            let path = paths::volume_action(&pool, &source, "clone");
+            if linked {
+                call(c, "POST", &path, Some(body(&request)?))?;
+                println!("volume {name} created in pool {pool} (linked clone of {source})");
+            } else {
+                full_clone(
+                    c,
+                    &format!("{path}?progress=ndjson"),
+                    &body(&request)?,
+                    json,
+                )?;
+                if !json {
+                    println!("volume {name} created in pool {pool} (copy of {source})");
+                }
+            }
         }
         VolCommand::Resize { name, size, pool } => {
             call(
@@ -506,6 +518,51 @@ impl Progress {
             }
         }
     }
+}
+
+/// A full clone, following its progress stream.
+fn full_clone(c: &Client, path: &str, request: &[u8], json: bool) -> Outcome {
+    let (status, stream) = c
+        .stream_with_body("POST", path, request)
+        .map_err(|e| Failure(5, crate::error_chain(&e)))?;
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stream));
+    if status != 200 {
+        let text: Vec<String> = lines.map_while(Result::ok).collect();
+        let message = serde_json::from_str::<api::vmm_api::ErrorBody>(&text.join("\n"))
+            .map(|b| b.error)
+            .unwrap_or_else(|_| text.join("\n"));
+        return Err(Failure(crate::client::exit_code_for(status), message));
+    }
+    let mut progress: Option<Progress> = None;
+    for line in lines.by_ref() {
+        let line = line.map_err(|e| Failure(5, format!("the daemon went away: {e}")))?;
+        if json {
+            println!("{line}");
+        }
+        match serde_json::from_str::<CloneEvent>(&line) {
+            Ok(CloneEvent::Progress { bytes, total }) => {
+                if !json {
+                    progress
+                        .get_or_insert_with(|| Progress::new(false, total))
+                        .update(bytes);
+                }
+            }
+            Ok(CloneEvent::Done { .. }) => return Ok(()),
+            Ok(CloneEvent::Failed { error, status }) => {
+                return Err(Failure(crate::client::exit_code_for(status), error))
+            }
+            Err(e) => {
+                return Err(Failure(
+                    1,
+                    format!("unexpected answer from the daemon: {e}"),
+                ))
+            }
+        }
+    }
+    Err(Failure(
+        5,
+        "the daemon ended the clone without a result".into(),
+    ))
 }
 
 fn upload(c: &Client, pool: &str, name: &str, file: &PathBuf, json: bool) -> Outcome {

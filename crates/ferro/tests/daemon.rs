@@ -754,6 +754,38 @@ fn pools_and_volumes_through_the_cli() {
     d.ok(&["vm", "undefine", "other"]);
     d.ok(&["vol", "delete", "full.qcow2", "--pool", "p"]);
 
+    // A full clone reports its progress as it goes (JSON lines with --json), then the result.
+    let lines = d.ok(&[
+        "vol",
+        "clone",
+        "a.qcow2",
+        "prog.qcow2",
+        "--pool",
+        "p",
+        "--json",
+    ]);
+    let events: Vec<serde_json::Value> = lines
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(
+        events
+            .iter()
+            .any(|e| e["bytes"] == e["total"] && e["total"].as_u64() > Some(0)),
+        "{lines}"
+    );
+    assert_eq!(
+        events.last().unwrap()["done"]["name"],
+        "prog.qcow2",
+        "{lines}"
+    );
+    d.fails(
+        &["vol", "clone", "a.qcow2", "prog.qcow2", "--pool", "p"],
+        4,
+        "already exists",
+    );
+    d.ok(&["vol", "delete", "prog.qcow2", "--pool", "p"]);
+
     // Upload and download stream image files; an upload whose backing file would reach
     // outside the pool is refused and changes nothing.
     let local = d.dir.path().join("local.raw");

@@ -228,6 +228,18 @@ impl Client {
         Ok(ClientResponse { status, body })
     }
 
+    /// Sends a request with a JSON body and returns the status and a reader of the streamed
+    /// response body.
+    pub fn stream_with_body(
+        &self,
+        method: &str,
+        path: &str,
+        body: &[u8],
+    ) -> Result<(u16, BodyReader), ClientError> {
+        let head = self.send(method, path, Some(body))?;
+        Ok((head.status, BodyReader::new(head.reader, head.chunked)))
+    }
+
     /// Sends a request and returns the status, the body's length if announced, and a reader
     /// of the body (for downloads).
     pub fn download(
