@@ -280,7 +280,10 @@ impl Pools {
     pub fn volume(&self, pool: &str, name: &str) -> Result<VolumeInfo, ApiError> {
         check_volume_name(name)?;
         let dir = self.active_dir(pool)?;
-        if !dir.join(name).is_file() {
+        // A regular file, not a symlink that could lead out of the pool.
+        let is_file =
+            std::fs::symlink_metadata(dir.join(name)).is_ok_and(|m| m.file_type().is_file());
+        if !is_file {
             return Err(volume_not_found(pool, name));
         }
         volume_info(pool, &dir, name)
@@ -808,6 +811,11 @@ mod tests {
     #[test]
     fn names_never_leave_the_pool_and_space_is_checked() {
         let (_dir, pools) = setup();
+        std::os::unix::fs::symlink("/etc/hostname", _dir.path().join("images/link")).unwrap();
+        assert_eq!(
+            pools.volume("p", "link").unwrap_err().status,
+            StatusCode::NOT_FOUND
+        );
         for bad in ["../escape", "a/b", ".hidden", "", "/etc/passwd"] {
             let err = create(&pools, bad, Some("1M"), "qcow2", None).unwrap_err();
             assert_eq!(err.status, StatusCode::BAD_REQUEST, "{bad:?}");

@@ -2,7 +2,7 @@
 //! see it in `vm list`, use its live console, read its stats, suspend and resume, shut it down
 //! gracefully (ACPI power button, the guest's acpid), restart the daemon while a VM runs and
 //! manage it afterwards, a SIGKILLed VMM reported as crashed, autostart after a daemon restart,
-//! destroy.
+//! destroy; and two VMs on linked clones of one pool volume, whose writes stay apart.
 
 use std::time::Duration;
 
@@ -24,8 +24,12 @@ fn wait_for_state(d: &Daemon, name: &str, state: DomainState) -> Result<VmDetail
         if details.state == state {
             return Ok(details);
         }
-        if std::time::Instant::now() > deadline {
-            return Err(format!("{name} is {}, not {state}", details.state));
+        if std::time::Instant::now() > deadline || details.state == DomainState::Crashed {
+            return Err(format!(
+                "{name} is {}, not {state} ({})",
+                details.state,
+                details.reason.unwrap_or_default()
+            ));
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -102,5 +106,68 @@ pub fn manage_the_default_guest() -> TestResult {
     d.ok(&["vm", "destroy", "other"])?;
     check(details(&d, "other")?.state == DomainState::Shutoff, || {
         "other still runs".into()
+    })
+}
+
+/// Writes `data` at `offset` of the file at `path`.
+fn write_at(path: &std::path::Path, offset: u64, data: &[u8]) -> Result<(), String> {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    file.write_all_at(data, offset).map_err(|e| e.to_string())
+}
+
+/// Two VMs on two linked clones of one base volume: what one writes, the other and the base
+/// do not see.
+pub fn linked_clones_keep_writes_apart() -> TestResult {
+    let images = images()?;
+    let d = Daemon::start("clones")?;
+    let dir = d.state_dir().join("images");
+    let pool = d.state_dir().join("pool.toml");
+    std::fs::write(
+        &pool,
+        format!("name = \"p\"\npath = \"{}\"\n", dir.display()),
+    )
+    .map_err(|e| e.to_string())?;
+    d.ok(&["pool", "define", &pool.display().to_string()])?;
+    d.ok(&["pool", "start", "p"])?;
+    d.ok(&[
+        "vol", "create", "base.raw", "--pool", "p", "--size", "16M", "--format", "raw",
+    ])?;
+    write_at(&dir.join("base.raw"), 1 << 20, b"BASE-DATA")?;
+    for clone in ["a.qcow2", "b.qcow2"] {
+        d.ok(&["vol", "clone", "base.raw", clone, "--pool", "p", "--linked"])?;
+    }
+    let read_back = "echo HEAD $(dd if=/dev/vda bs=1 skip=1048576 count=9 2>/dev/null)";
+    let write = format!(
+        "printf CLONE-A-X | dd of=/dev/vda bs=1 seek=1048576 conv=notrunc,fsync 2>/dev/null; {read_back}"
+    );
+    d.define_guest(
+        &images,
+        "va",
+        "256M",
+        &write,
+        "[[disks]]\nvolume = \"p/a.qcow2\"\n",
+    )?;
+    d.define_guest(
+        &images,
+        "vb",
+        "256M",
+        read_back,
+        "[[disks]]\nvolume = \"p/b.qcow2\"\n",
+    )?;
+    for (vm, expected) in [("va", "HEAD CLONE-A-X"), ("vb", "HEAD BASE-DATA")] {
+        d.ok(&["vm", "start", vm])?;
+        wait_for_state(&d, vm, DomainState::Shutoff)?;
+        let log = std::fs::read_to_string(d.console_log_path(vm)).unwrap_or_default();
+        check(log.contains(expected), || {
+            format!("{vm}: no {expected:?} in\n{log}")
+        })?;
+    }
+    let base = std::fs::read(dir.join("base.raw")).map_err(|e| e.to_string())?;
+    check(&base[1 << 20..(1 << 20) + 9] == b"BASE-DATA", || {
+        "the base volume changed".into()
     })
 }

@@ -730,6 +730,10 @@ fn main() {
             "daemon::manage_the_default_guest",
             daemon_e2e::manage_the_default_guest,
         ),
+        Trial::test(
+            "daemon::linked_clones_keep_writes_apart",
+            daemon_e2e::linked_clones_keep_writes_apart,
+        ),
     ];
     // Each test boots a VM; running them one at a time keeps timings and memory predictable.
     let args = Arguments {
