@@ -5,6 +5,7 @@
 pub mod daemon_api;
 pub mod image;
 pub mod net;
+pub mod net_api;
 pub mod options;
 pub mod pool_api;
 pub mod size;

@@ -10,9 +10,11 @@
 
 mod error;
 mod host;
+mod networks;
 mod pools;
 mod process;
 mod server;
+mod server_networks;
 mod server_pools;
 mod store;
 mod supervisor;
@@ -20,6 +22,7 @@ mod supervisor;
 use std::path::PathBuf;
 
 pub use error::DaemonError;
+pub use networks::parse_network_definition;
 pub use store::{parse_definition, parse_pool_definition};
 
 /// Default Unix socket of the daemon.

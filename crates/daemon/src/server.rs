@@ -19,6 +19,7 @@ use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::StreamExt;
 
 use crate::error::{ApiError, DaemonError};
+use crate::networks::Networks;
 use crate::pools::Pools;
 use crate::store::Store;
 use crate::supervisor::{self, Control, Supervisor};
@@ -31,6 +32,13 @@ type Shared = Arc<Supervisor>;
 pub struct App {
     pub vms: Shared,
     pub pools: Arc<Pools>,
+    pub networks: Arc<Networks>,
+}
+
+impl FromRef<App> for Arc<Networks> {
+    fn from_ref(app: &App) -> Arc<Networks> {
+        app.networks.clone()
+    }
 }
 
 impl FromRef<App> for Shared {
@@ -48,6 +56,10 @@ impl FromRef<App> for Arc<Pools> {
 pub async fn serve(options: DaemonOptions) -> Result<(), DaemonError> {
     let store = Store::open(&options.state_dir)?;
     let pools = Arc::new(Pools::open(options.state_dir.join("pools"))?);
+    let networks = Arc::new(Networks::open(
+        options.state_dir.join("networks"),
+        "/sys/class/net".into(),
+    )?);
     let listener = listen(&options.socket)?;
     let supervisor = Supervisor::new(store, options.ferro.clone(), pools.clone());
     supervisor.adopt().await;
@@ -59,6 +71,7 @@ pub async fn serve(options: DaemonOptions) -> Result<(), DaemonError> {
         router(App {
             vms: supervisor,
             pools,
+            networks,
         }),
     )
     .with_graceful_shutdown(termination())
@@ -138,6 +151,7 @@ fn router(app: App) -> Router {
         .route("/api/v1/host", get(host_info))
         .route("/api/v1/events", get(events))
         .merge(crate::server_pools::routes())
+        .merge(crate::server_networks::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(app)

@@ -1,6 +1,7 @@
 //! `ferro`: the command-line entry point of the Ferro virtualization platform.
 
 mod client;
+mod client_networks;
 mod client_pools;
 mod console_attach;
 mod img;
@@ -35,6 +36,7 @@ enum Command {
     Events(client::EventsArgs),
     Pool(client_pools::PoolArgs),
     Vol(client_pools::VolArgs),
+    Net(client_networks::NetArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions {
         shell: clap_complete::Shell,
@@ -113,6 +115,7 @@ fn main() -> ExitCode {
         Command::Events(args) => client::events(args),
         Command::Pool(args) => client_pools::pool(args),
         Command::Vol(args) => client_pools::vol(args),
+        Command::Net(args) => client_networks::net(args),
         Command::Completions { shell } => {
             use clap::CommandFactory;
             clap_complete::generate(shell, &mut Cli::command(), "ferro", &mut std::io::stdout());

@@ -905,3 +905,62 @@ fn pools_and_volumes_through_the_cli() {
         "undefining a pool keeps its files"
     );
 }
+
+#[test]
+fn network_definitions_through_the_cli() {
+    let d = Daemon::start();
+    let file = d.dir.path().join("net.toml");
+    let write = |text: &str| std::fs::write(&file, text).unwrap();
+    write(
+        "name = \"default\"\nmode = \"nat\"\nbridge = \"ferrotest0\"\nsubnet = \"10.213.0.0/24\"\n",
+    );
+    d.ok(&["net", "define", file.to_str().unwrap()]);
+    assert!(d.ok(&["net", "list"]).contains("10.213.0.0/24"));
+    let info = d.ok(&["net", "info", "default"]);
+    assert!(
+        info.contains("DHCP:      10.213.0.2 - 10.213.0.254"),
+        "{info}"
+    );
+    write("name = \"other\"\nmode = \"isolated\"\nbridge = \"ferrotest1\"\nsubnet = \"10.213.0.128/25\"\n");
+    d.fails(
+        &["net", "define", file.to_str().unwrap()],
+        4,
+        "overlaps 10.213.0.0/24",
+    );
+    write("name = \"lo-net\"\nmode = \"nat\"\nbridge = \"lo\"\nsubnet = \"10.214.0.0/24\"\n");
+    d.fails(
+        &["net", "define", file.to_str().unwrap()],
+        4,
+        "an interface named lo already exists",
+    );
+    write("name = \"x\"\nmode = \"nat\"\nbridge = \"b\"\nsubnet = \"10.215.0.1/24\"\n");
+    d.fails(
+        &["net", "define", file.to_str().unwrap()],
+        2,
+        "host bits are set",
+    );
+    write("name = \"x\"\nmode = \"nat\"\nbridge = \"b\"\nsubnet = \"10.215.0.0/24\"\nforward = true\n");
+    d.fails(
+        &["net", "define", file.to_str().unwrap()],
+        2,
+        "unknown field `forward`",
+    );
+    use api::net_api::paths as net_paths;
+    assert_eq!(d.call("GET", net_paths::NETWORKS, None).status, 200);
+    assert_eq!(
+        d.call("GET", &net_paths::network("default"), None).status,
+        200
+    );
+    assert_eq!(d.call("GET", &net_paths::network("nope"), None).status, 404);
+    let bad = d.call(
+        "POST",
+        net_paths::NETWORKS,
+        Some(br#"{"name": "y", "mode": "nat", "bridge": "b"}"#),
+    );
+    assert_eq!(bad.status, 400);
+    assert_eq!(
+        d.call("DELETE", &net_paths::network("default"), None)
+            .status,
+        204
+    );
+}
