@@ -130,6 +130,17 @@ impl Daemon {
         Ok(())
     }
 
+    /// Defines and starts a pool `name` in the state directory; returns its directory.
+    pub fn start_pool(&self, name: &str) -> Result<PathBuf, String> {
+        let dir = self.state_dir().join(format!("pool-{name}"));
+        let file = self.dir.join(format!("pool-{name}.toml"));
+        let text = format!("name = \"{name}\"\npath = \"{}\"\n", dir.display());
+        std::fs::write(&file, text).map_err(|e| e.to_string())?;
+        self.ok(&["pool", "define", &file.display().to_string()])?;
+        self.ok(&["pool", "start", name])?;
+        Ok(dir)
+    }
+
     /// The console log of VM `name`.
     pub fn console_log_path(&self, name: &str) -> PathBuf {
         self.state_dir()

@@ -129,28 +129,24 @@ enum VolCommand {
         json: bool,
     },
     /// Replace a volume's content with a local image file (raw or qcow2), streamed.
-    Upload {
-        name: String,
-        file: PathBuf,
-        #[arg(long)]
-        pool: String,
-        /// Print progress as JSON lines ({"bytes": N, "total": N}) on stdout.
-        #[arg(long)]
-        json: bool,
-    },
+    Upload(Transfer),
     /// Save a volume's image file to a local file, streamed.
-    Download {
-        name: String,
-        file: PathBuf,
-        #[arg(long)]
-        pool: String,
-        /// Print progress as JSON lines ({"bytes": N, "total": N}) on stdout.
-        #[arg(long)]
-        json: bool,
-    },
+    Download(Transfer),
     /// Internal snapshots of a qcow2 volume (changes refused while a running VM writes it).
     #[command(subcommand)]
     Snapshot(SnapshotCommand),
+}
+
+/// A volume and a local file to move data between.
+#[derive(Debug, Args)]
+struct Transfer {
+    name: String,
+    file: PathBuf,
+    #[arg(long)]
+    pool: String,
+    /// Print progress as JSON lines ({"bytes": N, "total": N}) on stdout.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -461,18 +457,8 @@ fn vol_command(c: &Client, command: VolCommand) -> Outcome {
             print_volume(&volume);
         }
         VolCommand::Snapshot(command) => return snapshot_command(c, command),
-        VolCommand::Upload {
-            name,
-            file,
-            pool,
-            json,
-        } => upload(c, &pool, &name, &file, json)?,
-        VolCommand::Download {
-            name,
-            file,
-            pool,
-            json,
-        } => download(c, &pool, &name, &file, json)?,
+        VolCommand::Upload(t) => upload(c, &t.pool, &t.name, &t.file, t.json)?,
+        VolCommand::Download(t) => download(c, &t.pool, &t.name, &t.file, t.json)?,
     }
     Ok(())
 }

@@ -193,29 +193,27 @@ impl Daemon {
 
     /// A definition of a guest that prints "up" and halts for good: it ignores the power button.
     fn deaf_definition(&self, name: &str) -> PathBuf {
-        let kernel = self.dir.path().join("deaf-kernel");
         let code = asm::program(&[&asm::serial(b"up\n")]);
-        std::fs::write(&kernel, test_images::bzimage(&code)).unwrap();
-        let path = self.dir.path().join(format!("{name}.toml"));
-        let text = format!(
-            "name = \"{name}\"\nmemory = \"128M\"\nkernel = \"{}\"\n",
-            kernel.display()
-        );
-        std::fs::write(&path, text).unwrap();
-        path
+        self.definition_with(name, "deaf-kernel", &code, "")
     }
 
-    /// Writes a definition of the tiny guest and returns its path.
+    /// Writes a definition of the tiny guest (it prints "up", waits for the power button, prints
+    /// "bye" and powers off) and returns its path.
     fn definition(&self, name: &str, extra: &str) -> PathBuf {
-        let kernel = self.dir.path().join("kernel");
+        let code = asm::program(&[
+            &asm::serial(b"up\n"),
+            asm::WAIT_FOR_POWER_BUTTON,
+            &asm::serial(b"bye\n"),
+            asm::POWEROFF,
+        ]);
+        self.definition_with(name, "kernel", &code, extra)
+    }
+
+    /// Writes the kernel file `kernel` running `code` (once) and a definition using it.
+    fn definition_with(&self, name: &str, kernel: &str, code: &[u8], extra: &str) -> PathBuf {
+        let kernel = self.dir.path().join(kernel);
         if !kernel.exists() {
-            let code = asm::program(&[
-                &asm::serial(b"up\n"),
-                asm::WAIT_FOR_POWER_BUTTON,
-                &asm::serial(b"bye\n"),
-                asm::POWEROFF,
-            ]);
-            std::fs::write(&kernel, test_images::bzimage(&code)).unwrap();
+            std::fs::write(&kernel, test_images::bzimage(code)).unwrap();
         }
         let path = self.dir.path().join(format!("{name}.toml"));
         let text = format!(
@@ -921,27 +919,27 @@ fn network_definitions_through_the_cli() {
         info.contains("DHCP:      10.213.0.2 - 10.213.0.254"),
         "{info}"
     );
-    write("name = \"other\"\nmode = \"isolated\"\nbridge = \"ferrotest1\"\nsubnet = \"10.213.0.128/25\"\n");
-    d.fails(
-        &["net", "define", file.to_str().unwrap()],
+    let refused = |text: &str, code: i32, message: &str| {
+        write(text);
+        d.fails(&["net", "define", file.to_str().unwrap()], code, message);
+    };
+    refused(
+        "name = \"other\"\nmode = \"isolated\"\nbridge = \"ferrotest1\"\nsubnet = \"10.213.0.128/25\"\n",
         4,
         "overlaps 10.213.0.0/24",
     );
-    write("name = \"lo-net\"\nmode = \"nat\"\nbridge = \"lo\"\nsubnet = \"10.214.0.0/24\"\n");
-    d.fails(
-        &["net", "define", file.to_str().unwrap()],
+    refused(
+        "name = \"lo-net\"\nmode = \"nat\"\nbridge = \"lo\"\nsubnet = \"10.214.0.0/24\"\n",
         4,
         "an interface named lo already exists",
     );
-    write("name = \"x\"\nmode = \"nat\"\nbridge = \"b\"\nsubnet = \"10.215.0.1/24\"\n");
-    d.fails(
-        &["net", "define", file.to_str().unwrap()],
+    refused(
+        "name = \"x\"\nmode = \"nat\"\nbridge = \"b\"\nsubnet = \"10.215.0.1/24\"\n",
         2,
         "host bits are set",
     );
-    write("name = \"x\"\nmode = \"nat\"\nbridge = \"b\"\nsubnet = \"10.215.0.0/24\"\nforward = true\n");
-    d.fails(
-        &["net", "define", file.to_str().unwrap()],
+    refused(
+        "name = \"x\"\nmode = \"nat\"\nbridge = \"b\"\nsubnet = \"10.215.0.0/24\"\nforward = true\n",
         2,
         "unknown field `forward`",
     );

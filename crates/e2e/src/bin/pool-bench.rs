@@ -65,15 +65,7 @@ fn main() {
 
 fn bench() -> Result<(), String> {
     let d = Daemon::start("poolbench")?;
-    let images = d.state_dir().join("images");
-    let pool = d.state_dir().join("pool.toml");
-    std::fs::write(
-        &pool,
-        format!("name = \"bench\"\npath = \"{}\"\n", images.display()),
-    )
-    .map_err(|e| e.to_string())?;
-    d.ok(&["pool", "define", &pool.display().to_string()])?;
-    d.ok(&["pool", "start", "bench"])?;
+    let images = d.start_pool("bench")?;
     d.ok(&[
         "vol",
         "create",

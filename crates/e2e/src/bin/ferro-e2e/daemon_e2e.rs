@@ -124,15 +124,7 @@ fn write_at(path: &std::path::Path, offset: u64, data: &[u8]) -> Result<(), Stri
 pub fn linked_clones_keep_writes_apart() -> TestResult {
     let images = images()?;
     let d = Daemon::start("clones")?;
-    let dir = d.state_dir().join("images");
-    let pool = d.state_dir().join("pool.toml");
-    std::fs::write(
-        &pool,
-        format!("name = \"p\"\npath = \"{}\"\n", dir.display()),
-    )
-    .map_err(|e| e.to_string())?;
-    d.ok(&["pool", "define", &pool.display().to_string()])?;
-    d.ok(&["pool", "start", "p"])?;
+    let dir = d.start_pool("p")?;
     d.ok(&[
         "vol", "create", "base.raw", "--pool", "p", "--size", "16M", "--format", "raw",
     ])?;
