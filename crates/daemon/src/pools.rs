@@ -239,11 +239,17 @@ impl Pools {
         } else {
             (0, 0)
         };
-        let volumes = if active {
-            self.volumes(name)?
+        // Sizes from the file system only: no image is opened to describe the pool.
+        let (dir, names) = if active {
+            self.volume_names(name)?
         } else {
-            Vec::new()
+            (PathBuf::new(), Vec::new())
         };
+        let allocation: u64 = names
+            .iter()
+            .filter_map(|n| std::fs::symlink_metadata(dir.join(n)).ok())
+            .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)
+            .sum();
         Ok(PoolInfo {
             definition,
             state: if active {
@@ -252,25 +258,31 @@ impl Pools {
                 PoolState::Inactive
             },
             capacity_bytes: capacity,
-            allocation_bytes: volumes.iter().map(|v| v.allocation_bytes).sum(),
+            allocation_bytes: allocation,
             available_bytes: available,
-            volumes: volumes.len() as u32,
+            volumes: names.len() as u32,
         })
     }
 
     // ----- volumes -----
 
-    /// Every volume of an active pool (files whose names are valid volume names).
-    pub fn volumes(&self, pool: &str) -> Result<Vec<VolumeInfo>, ApiError> {
+    /// Names of the volumes of an active pool (regular files with valid volume names).
+    fn volume_names(&self, pool: &str) -> Result<(PathBuf, Vec<String>), ApiError> {
         let dir = self.active_dir(pool)?;
         let mut names: Vec<String> = std::fs::read_dir(&dir)
             .map_err(|e| ApiError::internal(format!("cannot list {}: {e}", dir.display())))?
             .flatten()
             .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
             .filter_map(|e| e.file_name().into_string().ok())
-            .filter(|n| check_volume_name(n).is_ok() && !n.ends_with(".tmp"))
+            .filter(|n| check_volume_name(n).is_ok())
             .collect();
         names.sort();
+        Ok((dir, names))
+    }
+
+    /// Every volume of an active pool.
+    pub fn volumes(&self, pool: &str) -> Result<Vec<VolumeInfo>, ApiError> {
+        let (dir, names) = self.volume_names(pool)?;
         Ok(names
             .iter()
             .filter_map(|name| volume_info(pool, &dir, name).ok())
