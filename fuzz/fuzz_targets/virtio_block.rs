@@ -33,7 +33,7 @@ fuzz_target!(|data: &[u8]| {
     queue.set_event_idx(data.first().is_some_and(|b| b & 1 == 1));
     queue.set_ready(true);
     let disk: Box<dyn block::DiskImage> = Box::new(block::mem::MemoryImage::new(64 << 10));
-    let mut executor = virtio::block::Executor::new(Arc::new(Mutex::new(disk)), false, [0; 20]);
+    let executor = virtio::block::Executor::new(Arc::new(Mutex::new(disk)), false, [0; 20]);
     for _ in 0..64 {
         let chain = match queue.iter(&mem) {
             Ok(mut chains) => chains.next(),

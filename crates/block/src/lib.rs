@@ -6,7 +6,9 @@
 //! for read-only use, and for backing files) so two VMs never write one image, picks the format
 //! and opens the backing chain.
 //!
-//! Threading: an image is used by one thread at a time (the block device's worker).
+//! Threading: an image is used by one thread at a time (the block device's worker), except
+//! through its [`ConcurrentIo`] handle, which formats without per-write metadata (raw) offer for
+//! reads and writes from many threads at once.
 
 mod iov;
 mod lock;
@@ -17,6 +19,7 @@ pub mod qcow2;
 pub mod raw;
 
 use std::io;
+use std::sync::Arc;
 
 use vm_memory::VolatileSlice;
 
@@ -40,6 +43,20 @@ pub trait DiskImage: Send {
     fn discard(&mut self, offset: u64, len: u64) -> io::Result<()>;
     /// Makes `len` bytes at `offset` read as zeroes; `may_unmap` allows freeing the space.
     fn write_zeroes(&mut self, offset: u64, len: u64, may_unmap: bool) -> io::Result<()>;
+    /// A handle for reads, writes and flushes that may run on other threads at the same time as
+    /// each other and as this image's own calls; `None` when the format must serialize them
+    /// (its writes change metadata).
+    fn concurrent_io(&self) -> Option<Arc<dyn ConcurrentIo>> {
+        None
+    }
+}
+
+/// Reads, writes and flushes callable from many threads at once (see
+/// [`DiskImage::concurrent_io`]); same meaning as the [`DiskImage`] methods of those names.
+pub trait ConcurrentIo: Send + Sync {
+    fn read_at(&self, offset: u64, buffers: Buffers<'_, '_>) -> io::Result<()>;
+    fn write_at(&self, offset: u64, buffers: Buffers<'_, '_>) -> io::Result<()>;
+    fn flush(&self) -> io::Result<()>;
 }
 
 pub use open::{open, Format, OpenError, MAX_CHAIN_DEPTH};

@@ -1,17 +1,27 @@
 //! Raw images: the file is the disk. Sparse files stay sparse: discard punches holes.
+//!
+//! Reads, writes and flushes are positional system calls with no state of their own, so many
+//! threads may run them at once ([`RawImage::concurrent_io`]).
 
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
+use std::sync::Arc;
 
 use vm_memory::VolatileSlice;
 
 use crate::iov::{read_file_at, slices_len, write_file_at};
-use crate::{Buffers, DiskImage};
+use crate::{Buffers, ConcurrentIo, DiskImage};
 
 /// A raw image file.
 #[derive(Debug)]
 pub struct RawImage {
+    data: Arc<RawData>,
+}
+
+/// The file and its size: all reads and writes need.
+#[derive(Debug)]
+struct RawData {
     file: File,
     size: u64,
 }
@@ -19,9 +29,13 @@ pub struct RawImage {
 impl RawImage {
     pub fn new(file: File) -> io::Result<Self> {
         let size = file_size(&file)?;
-        Ok(RawImage { file, size })
+        Ok(RawImage {
+            data: Arc::new(RawData { file, size }),
+        })
     }
+}
 
+impl RawData {
     fn check_range(&self, offset: u64, len: u64) -> io::Result<()> {
         match offset.checked_add(len) {
             Some(end) if end <= self.size => Ok(()),
@@ -34,12 +48,30 @@ impl RawImage {
             )),
         }
     }
+}
 
+impl ConcurrentIo for RawData {
+    fn read_at(&self, offset: u64, buffers: Buffers<'_, '_>) -> io::Result<()> {
+        self.check_range(offset, slices_len(buffers))?;
+        read_file_at(&self.file, offset, buffers)
+    }
+
+    fn write_at(&self, offset: u64, buffers: Buffers<'_, '_>) -> io::Result<()> {
+        self.check_range(offset, slices_len(buffers))?;
+        write_file_at(&self.file, offset, buffers)
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+}
+
+impl RawImage {
     fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
         // SAFETY: fallocate on an open fd; no memory is passed.
         let ret = unsafe {
             libc::fallocate(
-                self.file.as_raw_fd(),
+                self.data.file.as_raw_fd(),
                 mode,
                 offset as libc::off_t,
                 len as libc::off_t,
@@ -75,25 +107,27 @@ fn file_size(file: &File) -> io::Result<u64> {
 
 impl DiskImage for RawImage {
     fn size(&self) -> u64 {
-        self.size
+        self.data.size
     }
 
     fn read_at(&mut self, offset: u64, buffers: Buffers<'_, '_>) -> io::Result<()> {
-        self.check_range(offset, slices_len(buffers))?;
-        read_file_at(&self.file, offset, buffers)
+        self.data.read_at(offset, buffers)
     }
 
     fn write_at(&mut self, offset: u64, buffers: Buffers<'_, '_>) -> io::Result<()> {
-        self.check_range(offset, slices_len(buffers))?;
-        write_file_at(&self.file, offset, buffers)
+        self.data.write_at(offset, buffers)
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        self.file.sync_data()
+        self.data.flush()
+    }
+
+    fn concurrent_io(&self) -> Option<Arc<dyn ConcurrentIo>> {
+        Some(self.data.clone())
     }
 
     fn discard(&mut self, offset: u64, len: u64) -> io::Result<()> {
-        self.check_range(offset, len)?;
+        self.data.check_range(offset, len)?;
         self.fallocate(
             libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
             offset,
@@ -102,7 +136,7 @@ impl DiskImage for RawImage {
     }
 
     fn write_zeroes(&mut self, offset: u64, len: u64, may_unmap: bool) -> io::Result<()> {
-        self.check_range(offset, len)?;
+        self.data.check_range(offset, len)?;
         let mode = if may_unmap {
             libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
         } else {

@@ -5,18 +5,24 @@
 //! straight between guest memory and the image; flush makes writes durable before the guest
 //! hears of it (and every write is durable at once if the driver did not take FLUSH). Malformed
 //! requests get the spec's error status; a chain without a status byte is completed empty.
+//!
+//! Threading: the device's worker thread takes requests off the queue. When the image allows
+//! concurrent I/O (raw files), requests that arrive together are spread over an [`IoPool`] and
+//! complete in any order, as the spec allows; the last of a batch runs on the worker itself, so
+//! a lone request costs no thread switch. Otherwise (qcow2) the worker serves them in order.
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use block::{DiskImage, Slices};
+use block::{ConcurrentIo, DiskImage, Slices};
 use virtio_queue::DescriptorChain;
 use vm_memory::VolatileSlice;
 
 use crate::counters::Counters;
 use crate::device::{read_config_bytes, ActivateError, Activation, VirtioDevice, VirtioInterrupt};
-use crate::queue::{chain_buffers, ChainBuffers, ChainError, DeviceQueue};
+use crate::io_pool::IoPool;
+use crate::queue::{chain_buffers, ChainBuffers, ChainError, DeviceQueue, QueueBroken};
 use crate::worker::{Poll, Worker, WorkerHandle};
 use crate::{device_type, GuestMemory};
 
@@ -27,6 +33,8 @@ pub const QUEUE_SIZES: &[u16] = &[QUEUE_SIZE];
 /// Longest serial (GET_ID answer).
 pub const ID_LEN: usize = 20;
 const MAX_SEGMENTS: u32 = 32;
+/// Most requests of one disk in flight at once on I/O threads.
+const IO_THREADS: usize = 8;
 /// 4 GiB - 512 in sectors: what one discard or write-zeroes segment may cover.
 const MAX_RANGE_SECTORS: u32 = 0x7f_ffff;
 
@@ -175,17 +183,21 @@ impl VirtioDevice for Block {
         let Some(queue) = activation.queues.into_iter().next() else {
             return Err(ActivateError::MissingQueues { needed: 1, got: 0 });
         };
+        let mut executor = Executor::new(self.disk.clone(), self.read_only, self.id);
+        executor.write_through = activation.features & features::FLUSH == 0;
+        executor.counters = self.counters.clone();
+        let pool = executor
+            .concurrent
+            .is_some()
+            .then(|| IoPool::new("virtio-blk-io", IO_THREADS));
+        let queue = DeviceQueue::from(queue);
         let worker = BlockWorker {
             memory: activation.memory,
-            queue: queue.into(),
+            notify: queue.notify.as_raw_fd(),
+            queue: Arc::new(Mutex::new(queue)),
             interrupt: activation.interrupt,
-            executor: Executor {
-                disk: self.disk.clone(),
-                read_only: self.read_only,
-                id: self.id,
-                write_through: activation.features & features::FLUSH == 0,
-                counters: self.counters.clone(),
-            },
+            executor: Arc::new(executor),
+            pool,
         };
         self.worker =
             Some(WorkerHandle::spawn("virtio-blk", worker).map_err(ActivateError::Worker)?);
@@ -201,22 +213,86 @@ impl VirtioDevice for Block {
 
 struct BlockWorker {
     memory: Arc<GuestMemory>,
-    queue: DeviceQueue,
+    queue: Arc<Mutex<DeviceQueue>>,
+    notify: RawFd,
     interrupt: Arc<dyn VirtioInterrupt>,
-    executor: Executor,
+    executor: Arc<Executor>,
+    /// Present when the image takes concurrent reads and writes. Dropped with the worker,
+    /// which waits for the requests in flight.
+    pool: Option<IoPool>,
+}
+
+fn lock_queue(queue: &Mutex<DeviceQueue>) -> std::sync::MutexGuard<'_, DeviceQueue> {
+    queue.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl BlockWorker {
+    /// Serves every available request in order on this thread.
+    fn serve_in_order(&self) -> Result<(), QueueBroken> {
+        let mem = self.memory.as_ref();
+        lock_queue(&self.queue).process(mem, self.interrupt.as_ref(), |chain| {
+            self.executor.serve(chain, mem)
+        })
+    }
+
+    /// Hands the available requests to the pool, all but the last, which runs here.
+    fn serve_concurrently(&self, pool: &IoPool) -> Result<(), QueueBroken> {
+        let mut chains = lock_queue(&self.queue).pop_all(self.memory.clone())?;
+        let last = chains.pop();
+        for chain in chains {
+            let job = self.completion_context();
+            pool.submit(move || job.serve(chain));
+        }
+        if let Some(chain) = last {
+            self.completion_context().serve(chain);
+        }
+        Ok(())
+    }
+
+    fn completion_context(&self) -> Completion {
+        Completion {
+            memory: self.memory.clone(),
+            queue: self.queue.clone(),
+            interrupt: self.interrupt.clone(),
+            executor: self.executor.clone(),
+        }
+    }
+}
+
+/// What serving one request and returning it to the driver needs, on any thread.
+struct Completion {
+    memory: Arc<GuestMemory>,
+    queue: Arc<Mutex<DeviceQueue>>,
+    interrupt: Arc<dyn VirtioInterrupt>,
+    executor: Arc<Executor>,
+}
+
+impl Completion {
+    fn serve(self, chain: DescriptorChain<Arc<GuestMemory>>) {
+        let mem = self.memory.as_ref();
+        let head = chain.head_index();
+        let len = self.executor.serve(chain, mem);
+        let mut queue = lock_queue(&self.queue);
+        let returned = queue
+            .add_used(mem, head, len)
+            .and_then(|()| queue.signal_used(mem, self.interrupt.as_ref()));
+        if let Err(e) = returned {
+            tracing::warn!("virtio-blk: {e}");
+            self.interrupt.needs_reset();
+        }
+    }
 }
 
 impl Worker for BlockWorker {
     fn sources(&self) -> Vec<(RawFd, u64)> {
-        vec![(self.queue.notify.as_raw_fd(), 0)]
+        vec![(self.notify, 0)]
     }
 
     fn handle(&mut self, _token: u64, _poll: &Poll) -> io::Result<()> {
-        let mem = self.memory.clone();
-        let executor = &mut self.executor;
-        let result = self.queue.process(&mem, self.interrupt.as_ref(), |chain| {
-            executor.serve(chain, &mem)
-        });
+        let result = match &self.pool {
+            Some(pool) => self.serve_concurrently(pool),
+            None => self.serve_in_order(),
+        };
         if let Err(e) = result {
             tracing::warn!("virtio-blk: {e}");
             self.interrupt.needs_reset();
@@ -294,9 +370,14 @@ pub fn parse_request(buffers: ChainBuffers<'_>) -> Result<Request<'_>, RequestEr
     })
 }
 
-/// Executes requests on the disk.
+/// Executes requests on the disk; callable from many threads at once.
 pub struct Executor {
     disk: SharedDisk,
+    /// The image's concurrent read/write handle, when it has one; else reads and writes take
+    /// the disk's lock.
+    concurrent: Option<Arc<dyn ConcurrentIo>>,
+    /// Virtual size in bytes (an attached disk does not change size).
+    capacity: u64,
     read_only: bool,
     id: [u8; ID_LEN],
     write_through: bool,
@@ -314,8 +395,14 @@ impl std::fmt::Debug for Executor {
 impl Executor {
     /// Serves requests on `disk` (used directly by tests and fuzzing; the device builds its own).
     pub fn new(disk: SharedDisk, read_only: bool, id: [u8; ID_LEN]) -> Self {
+        let (concurrent, capacity) = {
+            let image = lock(&disk);
+            (image.concurrent_io(), image.size())
+        };
         Executor {
             disk,
+            concurrent,
+            capacity,
             read_only,
             id,
             write_through: false,
@@ -324,7 +411,10 @@ impl Executor {
     }
 
     /// Serves one chain; returns the bytes written into it.
-    pub fn serve(&mut self, chain: DescriptorChain<&GuestMemory>, mem: &GuestMemory) -> u32 {
+    pub fn serve<M>(&self, chain: DescriptorChain<M>, mem: &GuestMemory) -> u32
+    where
+        M: std::ops::Deref<Target = GuestMemory>,
+    {
         let request = match chain_buffers(chain, mem)
             .map_err(RequestError::from)
             .and_then(parse_request)
@@ -342,11 +432,11 @@ impl Executor {
     }
 
     /// Returns the status and the bytes written into the output buffers.
-    fn execute(&mut self, request: &Request<'_>) -> (u8, u32) {
+    fn execute(&self, request: &Request<'_>) -> (u8, u32) {
         let result = match request.kind {
             request_type::IN => self.read(request),
             request_type::OUT => self.write(request).map(|()| 0),
-            request_type::FLUSH => lock(&self.disk).flush().map(|()| 0).map_err(Status::from),
+            request_type::FLUSH => self.flush().map(|()| 0),
             request_type::GET_ID => Ok(self.get_id(request)),
             request_type::DISCARD => self.ranges(request, false).map(|()| 0),
             request_type::WRITE_ZEROES => self.ranges(request, true).map(|()| 0),
@@ -393,28 +483,41 @@ impl Executor {
             .checked_mul(SECTOR_SIZE)
             .ok_or(Status(status::IOERR))?;
         let end = offset.checked_add(len).ok_or(Status(status::IOERR))?;
-        if !len.is_multiple_of(SECTOR_SIZE) || end > lock(&self.disk).size() {
+        if !len.is_multiple_of(SECTOR_SIZE) || end > self.capacity {
             return Err(Status(status::IOERR));
         }
         Ok(offset)
     }
 
-    fn read(&mut self, request: &Request<'_>) -> Result<u32, Status> {
+    fn read(&self, request: &Request<'_>) -> Result<u32, Status> {
         let len = block::slices_len(&request.output);
         let offset = self.byte_range(request.sector, len)?;
-        lock(&self.disk).read_at(offset, &request.output)?;
+        match &self.concurrent {
+            Some(io) => io.read_at(offset, &request.output)?,
+            None => lock(&self.disk).read_at(offset, &request.output)?,
+        }
         u32::try_from(len).map_err(|_| Status(status::IOERR))
     }
 
-    fn write(&mut self, request: &Request<'_>) -> Result<(), Status> {
+    fn write(&self, request: &Request<'_>) -> Result<(), Status> {
         if self.read_only {
             return Err(Status(status::IOERR));
         }
         let offset = self.byte_range(request.sector, block::slices_len(&request.input))?;
-        let mut disk = lock(&self.disk);
-        disk.write_at(offset, &request.input)?;
+        match &self.concurrent {
+            Some(io) => io.write_at(offset, &request.input)?,
+            None => lock(&self.disk).write_at(offset, &request.input)?,
+        }
         if self.write_through {
-            disk.flush()?;
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<(), Status> {
+        match &self.concurrent {
+            Some(io) => io.flush()?,
+            None => lock(&self.disk).flush()?,
         }
         Ok(())
     }
@@ -434,7 +537,7 @@ impl Executor {
     }
 
     /// DISCARD and WRITE_ZEROES: a list of {sector, num_sectors, flags} segments.
-    fn ranges(&mut self, request: &Request<'_>, zeroes: bool) -> Result<(), Status> {
+    fn ranges(&self, request: &Request<'_>, zeroes: bool) -> Result<(), Status> {
         if self.read_only {
             return Err(Status(status::IOERR));
         }

@@ -15,6 +15,7 @@ pub mod block;
 pub mod console;
 pub mod counters;
 pub mod device;
+pub mod io_pool;
 pub mod net;
 pub mod pci;
 pub mod queue;

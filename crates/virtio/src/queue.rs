@@ -64,6 +64,34 @@ impl DeviceQueue {
         }
     }
 
+    /// Takes every available chain, with the driver's notifications suppressed meanwhile and
+    /// re-checked after re-enabling them (see [`DeviceQueue::process`]); clears the notifier.
+    pub fn pop_all<M>(&mut self, mem: M) -> Result<Vec<DescriptorChain<M>>, QueueBroken>
+    where
+        M: Clone + std::ops::Deref<Target = GuestMemory>,
+    {
+        let _ = self.notify.read();
+        let mut chains = Vec::new();
+        if self.broken {
+            return Ok(chains);
+        }
+        loop {
+            self.queue
+                .disable_notification(&*mem)
+                .map_err(|e| self.broken(e))?;
+            while let Some(chain) = self.pop(mem.clone())? {
+                chains.push(chain);
+            }
+            if !self
+                .queue
+                .enable_notification(&*mem)
+                .map_err(|e| self.broken(e))?
+            {
+                return Ok(chains);
+            }
+        }
+    }
+
     /// Returns chain `head` to the driver with `len` bytes written into it.
     pub fn add_used(&mut self, mem: &GuestMemory, head: u16, len: u32) -> Result<(), QueueBroken> {
         self.queue
@@ -174,10 +202,13 @@ pub enum ChainError {
 }
 
 /// Splits a chain into guest-memory slices, checking the order of its descriptors.
-pub fn chain_buffers<'m>(
-    chain: DescriptorChain<&'m GuestMemory>,
+pub fn chain_buffers<'m, M>(
+    chain: DescriptorChain<M>,
     mem: &'m GuestMemory,
-) -> Result<ChainBuffers<'m>, ChainError> {
+) -> Result<ChainBuffers<'m>, ChainError>
+where
+    M: std::ops::Deref<Target = GuestMemory>,
+{
     let mut buffers = ChainBuffers::default();
     for desc in chain {
         let writable = desc.is_write_only();

@@ -29,13 +29,11 @@ fn setup(read_only: bool) -> Setup {
         .collect();
     file.write_all(&contents).unwrap();
     let disk = block::open(file.path(), read_only, None).unwrap();
-    let executor = Executor {
-        disk: Arc::new(Mutex::new(disk)),
+    let executor = Executor::new(
+        Arc::new(Mutex::new(disk)),
         read_only,
-        id: *b"ferro-disk-serial-01",
-        write_through: false,
-        counters: super::new_counters(),
-    };
+        *b"ferro-disk-serial-01",
+    );
     Setup {
         mem,
         _file: file,
@@ -305,7 +303,7 @@ fn malformed_chains_are_completed_without_status() {
 
 #[test]
 fn a_descriptor_loop_ends() {
-    let mut s = setup(false);
+    let s = setup(false);
     header(&s, request_type::IN, 0);
     let queue = MockSplitQueue::new(&s.mem, 16);
     // Descriptor 1 points back to itself.
@@ -326,4 +324,117 @@ fn config_space_layout() {
     assert_eq!(u32::from_le_bytes(c[20..24].try_into().unwrap()), 512);
     assert_eq!(u16::from_le_bytes(c[34..36].try_into().unwrap()), 1);
     assert_eq!(c[56], 1);
+}
+
+/// Counts the device's interrupts.
+#[derive(Default)]
+struct CountingInterrupt {
+    queue: std::sync::atomic::AtomicUsize,
+    needs_reset: std::sync::atomic::AtomicBool,
+}
+
+impl VirtioInterrupt for CountingInterrupt {
+    fn notify_queue(&self, _index: u16) {
+        self.queue.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+    fn notify_config(&self) {}
+    fn needs_reset(&self) {
+        self.needs_reset
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn an_active_device_serves_a_batch_of_requests_on_a_raw_image() {
+    use crate::device::ActiveQueue;
+    use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_NEXT;
+    const REQUESTS: u16 = 12;
+    let s = setup(false);
+    let mem = Arc::new(s.mem.clone());
+    let mock = MockSplitQueue::new(mem.as_ref(), 64);
+    let (next, write) = (VRING_DESC_F_NEXT as u16, VRING_DESC_F_WRITE as u16);
+    let mut descs = Vec::new();
+    for i in 0..u64::from(REQUESTS) {
+        let (header_at, data_at, status_at) = (HEADER + i * 0x100, DATA + i * 0x1000, STATUS + i);
+        // Even requests read sector 2i; odd ones write 0xc0+i over sector 2i.
+        let kind = if i % 2 == 0 {
+            request_type::IN
+        } else {
+            request_type::OUT
+        };
+        mem.write_obj(kind, GuestAddress(header_at)).unwrap();
+        mem.write_obj(2 * i, GuestAddress(header_at + 8)).unwrap();
+        mem.write_slice(&[0xc0 + i as u8; 512], GuestAddress(data_at))
+            .unwrap();
+        mem.write_obj(0xffu8, GuestAddress(status_at)).unwrap();
+        let first = (i * 3) as u16;
+        let data_flags = if kind == request_type::IN { write } else { 0 };
+        descs.push(RawDescriptor::from(Descriptor::new(
+            header_at,
+            16,
+            next,
+            first + 1,
+        )));
+        descs.push(RawDescriptor::from(Descriptor::new(
+            data_at,
+            512,
+            next | data_flags,
+            first + 2,
+        )));
+        descs.push(RawDescriptor::from(Descriptor::new(status_at, 1, write, 0)));
+    }
+    mock.add_desc_chains(&descs, 0).unwrap();
+    let notify = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    let interrupt = Arc::new(CountingInterrupt::default());
+    let mut device = Block::new(s.executor.disk.clone(), false, "", new_counters());
+    device
+        .activate(Activation {
+            memory: mem.clone(),
+            features: features::FLUSH,
+            queues: vec![ActiveQueue {
+                index: 0,
+                queue: mock.create_queue().unwrap(),
+                notify: notify.try_clone().unwrap(),
+            }],
+            interrupt: interrupt.clone(),
+        })
+        .unwrap();
+    notify.write(1).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while mock.used().idx().load() < REQUESTS {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "requests not completed"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    device.reset();
+    for i in 0..u64::from(REQUESTS) {
+        let status: u8 = mem.read_obj(GuestAddress(STATUS + i)).unwrap();
+        assert_eq!(status, status::OK, "request {i}");
+        let sector = 2 * i as usize;
+        if i % 2 == 0 {
+            let mut data = [0u8; 512];
+            mem.read_slice(&mut data, GuestAddress(DATA + i * 0x1000))
+                .unwrap();
+            assert_eq!(data, [sector as u8; 512], "read of sector {sector}");
+        } else {
+            assert_eq!(
+                disk_bytes(&s, sector * 512, 512),
+                vec![0xc0 + i as u8; 512],
+                "write of sector {sector}"
+            );
+        }
+    }
+    // Every head came back exactly once.
+    let mut heads: Vec<u32> = (0..REQUESTS)
+        .map(|i| mock.used().ring().ref_at(i as usize).unwrap().load().id())
+        .collect();
+    heads.sort_unstable();
+    let expected: Vec<u32> = (0..u32::from(REQUESTS)).map(|i| i * 3).collect();
+    assert_eq!(heads, expected);
+    assert!(interrupt.queue.load(std::sync::atomic::Ordering::SeqCst) > 0);
+    assert!(!interrupt
+        .needs_reset
+        .load(std::sync::atomic::Ordering::SeqCst));
 }
