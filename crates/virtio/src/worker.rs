@@ -28,6 +28,21 @@ pub struct Poll {
 }
 
 impl Poll {
+    pub(crate) fn new() -> io::Result<Self> {
+        Ok(Poll {
+            epoll: Epoll::new()?,
+        })
+    }
+
+    /// Starts watching `fd` for input, reported with `token`.
+    pub(crate) fn add(&self, fd: RawFd, token: u64) -> io::Result<()> {
+        self.epoll.ctl(
+            ControlOperation::Add,
+            fd,
+            EpollEvent::new(EventSet::IN, token),
+        )
+    }
+
     /// Watches (`on`) or ignores `fd`, registered with `token`.
     pub fn watch(&self, fd: RawFd, token: u64, on: bool) -> io::Result<()> {
         let events = if on { EventSet::IN } else { EventSet::empty() };
@@ -47,22 +62,14 @@ impl WorkerHandle {
     /// Starts `worker` on a thread named `name`.
     pub fn spawn<W: Worker>(name: &str, mut worker: W) -> io::Result<Self> {
         let stop = EventFd::new(libc::EFD_NONBLOCK)?;
-        let epoll = Epoll::new()?;
-        epoll.ctl(
-            ControlOperation::Add,
-            stop.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, STOP_TOKEN),
-        )?;
+        let poll = Poll::new()?;
+        poll.add(stop.as_raw_fd(), STOP_TOKEN)?;
         for (fd, token) in worker.sources() {
-            epoll.ctl(
-                ControlOperation::Add,
-                fd,
-                EpollEvent::new(EventSet::IN, token),
-            )?;
+            poll.add(fd, token)?;
         }
         let thread = std::thread::Builder::new()
             .name(name.to_string())
-            .spawn(move || run(Poll { epoll }, &mut worker))?;
+            .spawn(move || run(poll, &mut worker))?;
         Ok(WorkerHandle {
             stop,
             thread: Some(thread),

@@ -3,17 +3,21 @@
 //! Every packet carries the 12-byte virtio-net header, which the TAP device understands too, so
 //! checksum offload and TSO pass through untouched; the device only fills in `num_buffers` on
 //! receive. With mergeable receive buffers a packet may span several of the driver's buffers.
-//! When the driver has no receive buffers left, the packet waits (the TAP is not read) until
-//! the driver adds some.
+//! When the driver has given room for the largest packet, packets are read from the TAP straight
+//! into its buffers (no copy in between); otherwise through a bounce buffer, so a packet is
+//! never cut short. When the driver has no receive buffers left, the packet waits (the TAP is
+//! not read) until the driver adds some.
 
 pub mod tap;
 
+use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 
 use block::Slices;
 use virtio_queue::DescriptorChain;
+use vm_memory::VolatileSlice;
 
 use crate::counters::Counters;
 use crate::device::{read_config_bytes, ActivateError, Activation, VirtioDevice, VirtioInterrupt};
@@ -179,7 +183,7 @@ impl VirtioDevice for Net {
             mergeable: activation.features & features::MRG_RXBUF != 0,
             packet: vec![0; MAX_PACKET],
             pending: None,
-            rx_chains: Vec::new(),
+            rx_chains: VecDeque::new(),
             rx_room: 0,
             tap_watched: true,
             counters: self.counters.clone(),
@@ -196,6 +200,24 @@ impl VirtioDevice for Net {
     }
 }
 
+/// The guest buffers of a receive chain; none if it is malformed (a receive chain is all
+/// device-writable).
+fn receive_buffers<'m>(
+    chain: &DescriptorChain<Arc<GuestMemory>>,
+    mem: &'m GuestMemory,
+) -> Vec<VolatileSlice<'m, ()>> {
+    match chain_buffers(chain.clone(), mem) {
+        Ok(buffers) if buffers.readable.is_empty() => buffers.writable,
+        _ => Vec::new(),
+    }
+}
+
+/// Why a packet could not be received.
+enum ReceiveError {
+    Tap(io::Error),
+    Queue(QueueBroken),
+}
+
 struct NetWorker {
     memory: Arc<GuestMemory>,
     rx: DeviceQueue,
@@ -207,8 +229,9 @@ struct NetWorker {
     packet: Vec<u8>,
     /// Length of a packet read from the TAP but not yet given to the guest.
     pending: Option<usize>,
-    /// Receive chains taken for the pending packet, and their room in bytes.
-    rx_chains: Vec<DescriptorChain<Arc<GuestMemory>>>,
+    /// Receive chains taken from the driver and not used yet, each with its room in bytes,
+    /// and their total room.
+    rx_chains: VecDeque<(DescriptorChain<Arc<GuestMemory>>, usize)>,
     rx_room: usize,
     tap_watched: bool,
     counters: Arc<Counters>,
@@ -248,6 +271,24 @@ impl NetWorker {
         let mem = self.memory.clone();
         let mut delivered = false;
         loop {
+            let direct = match self.pending {
+                Some(_) => false,
+                None => match self.room_for_any_packet(&mem) {
+                    Ok(direct) => direct,
+                    Err(broken) => return Ok(Err(broken)),
+                },
+            };
+            if direct {
+                match self.receive_direct(&mem) {
+                    Ok(Some(())) => {
+                        delivered = true;
+                        continue;
+                    }
+                    Ok(None) => break,
+                    Err(ReceiveError::Tap(e)) => return Err(e),
+                    Err(ReceiveError::Queue(broken)) => return Ok(Err(broken)),
+                }
+            }
             let len = match self.pending {
                 Some(len) => len,
                 None => match self.tap.read_packet(&mut self.packet)? {
@@ -281,6 +322,59 @@ impl NetWorker {
         Ok(Ok(()))
     }
 
+    /// Takes receive chains until they hold the largest packet; false if the driver has not
+    /// given that much (without mergeable buffers, one chain must hold it).
+    fn room_for_any_packet(&mut self, mem: &GuestMemory) -> Result<bool, QueueBroken> {
+        while self.rx_room < MAX_PACKET && (self.mergeable || self.rx_chains.is_empty()) {
+            if !self.take_rx_chain(mem)? {
+                return Ok(false);
+            }
+        }
+        Ok(self.rx_room >= MAX_PACKET)
+    }
+
+    /// Reads one packet from the TAP into the chains taken by [`Self::room_for_any_packet`]
+    /// and returns the ones it filled; None when the TAP has nothing.
+    fn receive_direct(&mut self, mem: &GuestMemory) -> Result<Option<()>, ReceiveError> {
+        let writable: Vec<_> = self
+            .rx_chains
+            .iter()
+            .flat_map(|(chain, _)| receive_buffers(chain, mem))
+            .collect();
+        let slices = Slices::new(&writable);
+        let len = match slices.with_iovecs(|iov| self.tap.read_packet_into(iov)) {
+            Ok(len) => len,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+            Err(e) => return Err(ReceiveError::Tap(e)),
+        };
+        if len < HEADER_LEN {
+            self.counters.add(counter::RX_DROPPED, 1);
+            return Ok(Some(()));
+        }
+        let chains = self.claim_rx_chains(len);
+        let mut header = Slices::new(&writable);
+        header
+            .advance(NUM_BUFFERS_OFFSET)
+            .map_err(ReceiveError::Tap)?;
+        let num_buffers = (chains.len() as u16).to_le_bytes();
+        let mut at = 0;
+        for slice in header.take(2).map_err(ReceiveError::Tap)? {
+            slice.copy_from(&num_buffers[at..at + slice.len()]);
+            at += slice.len();
+        }
+        let mut left = len;
+        for chain in chains {
+            let room = block::slices_len(&receive_buffers(&chain, mem)) as usize;
+            let written = room.min(left);
+            left -= written;
+            self.rx
+                .add_used(mem, chain.head_index(), written as u32)
+                .map_err(ReceiveError::Queue)?;
+        }
+        self.count_received(len);
+        Ok(Some(()))
+    }
+
     fn watch_tap(&mut self, poll: &Poll, on: bool) -> io::Result<()> {
         if self.tap_watched != on {
             poll.watch(self.tap.as_raw_fd(), TOKEN_TAP, on)?;
@@ -297,69 +391,75 @@ impl NetWorker {
             self.counters.add(counter::RX_DROPPED, 1);
             return Ok(true); // not a packet: drop it
         }
-        while self.rx_room < len {
-            let Some(chain) = self.rx.pop(self.memory.clone())? else {
+        while self.rx_room < len && (self.mergeable || self.rx_chains.is_empty()) {
+            if !self.take_rx_chain(mem)? {
                 return Ok(false);
-            };
-            let room = chain.clone().writer(mem).map_or(0, |w| w.available_bytes());
-            if self.rx_chains.is_empty() && room < HEADER_LEN {
-                // A buffer too small for even the header: give it back empty.
-                self.rx.add_used(mem, chain.head_index(), 0)?;
-                continue;
-            }
-            self.rx_room += room;
-            self.rx_chains.push(chain);
-            if !self.mergeable {
-                break;
             }
         }
-        let chains = std::mem::take(&mut self.rx_chains);
-        let room = std::mem::replace(&mut self.rx_room, 0);
-        if room < len {
+        if self.rx_room < len {
             // Without mergeable buffers the packet must fit one buffer: drop it.
             tracing::debug!("virtio-net: dropping a {len}-byte packet that does not fit");
             self.counters.add(counter::RX_DROPPED, 1);
-            for chain in chains {
+            self.rx_room = 0;
+            for (chain, _) in std::mem::take(&mut self.rx_chains) {
                 self.rx.add_used(mem, chain.head_index(), 0)?;
             }
             return Ok(true);
         }
-        // Only as many buffers as the packet needs; the rest go back empty.
-        let mut needed = 0;
-        let mut covered = 0;
-        for chain in &chains {
-            if covered >= len {
-                break;
-            }
-            covered += chain.clone().writer(mem).map_or(0, |w| w.available_bytes());
-            needed += 1;
-        }
+        let chains = self.claim_rx_chains(len);
         self.packet[NUM_BUFFERS_OFFSET..NUM_BUFFERS_OFFSET + 2]
-            .copy_from_slice(&(needed as u16).to_le_bytes());
+            .copy_from_slice(&(chains.len() as u16).to_le_bytes());
         let mut offset = 0;
         for chain in chains {
-            let head = chain.head_index();
-            let written = match chain.writer(mem) {
-                Ok(mut writer) if offset < len => {
-                    let n = writer.available_bytes().min(len - offset);
-                    let done = match std::io::Write::write_all(
-                        &mut writer,
-                        &self.packet[offset..offset + n],
-                    ) {
-                        Ok(()) => n,
-                        Err(_) => writer.bytes_written(),
-                    };
-                    offset += n;
-                    done
-                }
-                _ => 0,
-            };
-            self.rx.add_used(mem, head, written as u32)?;
+            let mut written = 0;
+            for slice in receive_buffers(&chain, mem) {
+                let n = slice.len().min(len - offset);
+                slice.copy_from(&self.packet[offset..offset + n]);
+                offset += n;
+                written += n;
+            }
+            self.rx.add_used(mem, chain.head_index(), written as u32)?;
         }
+        self.count_received(len);
+        Ok(true)
+    }
+
+    fn count_received(&self, len: usize) {
         self.counters.add(counter::RX_PACKETS, 1);
         self.counters
             .add(counter::RX_BYTES, (len - HEADER_LEN) as u64);
+    }
+
+    /// Takes one more receive chain from the driver; false if it has none. A first buffer too
+    /// small for even the header goes back empty.
+    fn take_rx_chain(&mut self, mem: &GuestMemory) -> Result<bool, QueueBroken> {
+        let Some(chain) = self.rx.pop(self.memory.clone())? else {
+            return Ok(false);
+        };
+        let room = block::slices_len(&receive_buffers(&chain, mem)) as usize;
+        if self.rx_chains.is_empty() && room < HEADER_LEN {
+            self.rx.add_used(mem, chain.head_index(), 0)?;
+        } else {
+            self.rx_room += room;
+            self.rx_chains.push_back((chain, room));
+        }
         Ok(true)
+    }
+
+    /// Removes the first chains that together hold `len` bytes (the caller checked they do);
+    /// the rest wait for the next packet.
+    fn claim_rx_chains(&mut self, len: usize) -> Vec<DescriptorChain<Arc<GuestMemory>>> {
+        let mut claimed = Vec::new();
+        let mut covered = 0;
+        while covered < len {
+            let Some((chain, room)) = self.rx_chains.pop_front() else {
+                break;
+            };
+            self.rx_room -= room;
+            covered += room;
+            claimed.push(chain);
+        }
+        claimed
     }
 }
 
@@ -403,5 +503,171 @@ mod tests {
             tap_offloads(GUEST_CSUM | GUEST_TSO4 | GUEST_TSO6 | GUEST_ECN),
             tap::offload::CSUM | tap::offload::TSO4 | tap::offload::TSO6 | tap::offload::TSO_ECN
         );
+    }
+}
+
+/// The receive path against a datagram socket standing in for the TAP device.
+#[cfg(test)]
+mod receive_tests {
+    use super::*;
+    use crate::device::ActiveQueue;
+    use std::os::unix::net::UnixDatagram;
+    use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
+    use virtio_queue::desc::{split::Descriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Bytes, GuestAddress};
+
+    const BUFFERS: u64 = 0x10_0000;
+    const BUFFER_LEN: u32 = 4096;
+
+    struct NoInterrupt;
+    impl VirtioInterrupt for NoInterrupt {
+        fn notify_queue(&self, _index: u16) {}
+        fn notify_config(&self) {}
+        fn needs_reset(&self) {}
+    }
+
+    struct Setup {
+        mem: Arc<GuestMemory>,
+        worker: NetWorker,
+        host: UnixDatagram,
+        poll: Poll,
+    }
+
+    /// A worker whose receive queue holds `buffers` one-descriptor chains of 4 KiB.
+    fn setup(buffers: u16, mergeable: bool) -> (Setup, MockSplitQueue<'static, GuestMemory>) {
+        let mem: &'static GuestMemory = Box::leak(Box::new(
+            GuestMemory::from_ranges(&[(GuestAddress(0), 0x80_0000)]).unwrap(),
+        ));
+        let rx = MockSplitQueue::create(mem, GuestAddress(0), 256);
+        let tx = MockSplitQueue::create(mem, GuestAddress(0x8_0000), 16);
+        let descs: Vec<_> = (0..u64::from(buffers))
+            .map(|i| {
+                RawDescriptor::from(Descriptor::new(
+                    BUFFERS + i * u64::from(BUFFER_LEN),
+                    BUFFER_LEN,
+                    VRING_DESC_F_WRITE as u16,
+                    0,
+                ))
+            })
+            .collect();
+        rx.add_desc_chains(&descs, 0).unwrap();
+        let (host, guest_side) = UnixDatagram::pair().unwrap();
+        guest_side.set_nonblocking(true).unwrap();
+        let tap = Arc::new(Tap::from_file(std::fs::File::from(
+            std::os::fd::OwnedFd::from(guest_side),
+        )));
+        let queue = |mock: &MockSplitQueue<GuestMemory>, index| {
+            DeviceQueue::from(ActiveQueue {
+                index,
+                queue: mock.create_queue().unwrap(),
+                notify: vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            })
+        };
+        let poll = Poll::new().unwrap();
+        poll.add(tap.as_raw_fd(), TOKEN_TAP).unwrap();
+        let memory = Arc::new(mem.clone());
+        let worker = NetWorker {
+            memory: memory.clone(),
+            rx: queue(&rx, RX_QUEUE),
+            tx: queue(&tx, TX_QUEUE),
+            interrupt: Arc::new(NoInterrupt),
+            tap,
+            mergeable,
+            packet: vec![0; MAX_PACKET],
+            pending: None,
+            rx_chains: VecDeque::new(),
+            rx_room: 0,
+            tap_watched: true,
+            counters: new_counters(),
+        };
+        let setup = Setup {
+            mem: memory,
+            worker,
+            host,
+            poll,
+        };
+        (setup, rx)
+    }
+
+    /// A packet of `len` bytes (header included) whose bytes count up from `seed`.
+    fn packet(len: usize, seed: u8) -> Vec<u8> {
+        let mut p: Vec<u8> = (0..len).map(|i| seed.wrapping_add(i as u8)).collect();
+        p[..HEADER_LEN].fill(0);
+        p
+    }
+
+    /// The (head, length) pairs in the used ring.
+    fn used(rx: &MockSplitQueue<GuestMemory>) -> Vec<(u32, u32)> {
+        (0..rx.used().idx().load())
+            .map(|i| {
+                let e = rx.used().ring().ref_at(usize::from(i)).unwrap().load();
+                (e.id(), e.len())
+            })
+            .collect()
+    }
+
+    /// The bytes of the buffers from chain `first` on, `len` of them.
+    fn guest_bytes(s: &Setup, first: u64, len: usize) -> Vec<u8> {
+        let mut bytes = vec![0u8; len];
+        s.mem
+            .read_slice(
+                &mut bytes,
+                GuestAddress(BUFFERS + first * u64::from(BUFFER_LEN)),
+            )
+            .unwrap();
+        bytes
+    }
+
+    #[test]
+    fn packets_land_in_guest_buffers_without_a_bounce() {
+        let (mut s, rx) = setup(64, true);
+        let (small, large) = (packet(1000, 1), packet(10_000, 7));
+        s.host.send(&small).unwrap();
+        s.host.send(&large).unwrap();
+        s.worker.receive(&s.poll).unwrap().unwrap();
+        // The large one needs three 4 KiB buffers (chains 1, 2 and 3).
+        assert_eq!(used(&rx), vec![(0, 1000), (1, 4096), (2, 4096), (3, 1808)]);
+        let mut expected = small.clone();
+        expected[NUM_BUFFERS_OFFSET] = 1;
+        assert_eq!(guest_bytes(&s, 0, 1000), expected);
+        let mut expected = large.clone();
+        expected[NUM_BUFFERS_OFFSET] = 3;
+        assert_eq!(guest_bytes(&s, 1, 10_000), expected);
+        assert!(
+            s.worker.packet.iter().all(|&b| b == 0),
+            "read straight into the guest"
+        );
+        // Buffers not needed yet stay with the device, as many as the largest packet needs.
+        assert_eq!(s.worker.rx_chains.len(), MAX_PACKET / BUFFER_LEN as usize);
+    }
+
+    #[test]
+    fn without_room_for_the_largest_packet_it_goes_through_the_bounce_buffer() {
+        let (mut s, rx) = setup(4, true);
+        let p = packet(6000, 3);
+        s.host.send(&p).unwrap();
+        s.worker.receive(&s.poll).unwrap().unwrap();
+        assert_eq!(used(&rx), vec![(0, 4096), (1, 1904)]);
+        let mut expected = p.clone();
+        expected[NUM_BUFFERS_OFFSET] = 2;
+        assert_eq!(guest_bytes(&s, 0, 6000), expected);
+        // The two buffers it did not need are kept, not handed back empty.
+        assert_eq!(s.worker.rx_chains.len(), 2);
+        // A packet larger than all the room left waits for more buffers.
+        s.host.send(&packet(9000, 5)).unwrap();
+        s.worker.receive(&s.poll).unwrap().unwrap();
+        assert_eq!(used(&rx).len(), 2);
+        assert_eq!(s.worker.pending, Some(9000));
+    }
+
+    #[test]
+    fn without_mergeable_buffers_a_packet_too_big_for_one_buffer_is_dropped() {
+        let (mut s, rx) = setup(4, false);
+        s.host.send(&packet(5000, 1)).unwrap();
+        s.host.send(&packet(100, 9)).unwrap();
+        s.worker.receive(&s.poll).unwrap().unwrap();
+        assert_eq!(used(&rx), vec![(0, 0), (1, 100)]);
+        assert_eq!(s.worker.counters.get(counter::RX_DROPPED), 1);
     }
 }

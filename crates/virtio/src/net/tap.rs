@@ -178,6 +178,30 @@ impl Tap {
         Ok(Some(n as usize))
     }
 
+    /// Reads one packet straight into iovecs (guest buffers); None when no packet is waiting.
+    /// A packet longer than the buffers is cut short, so callers offer room for the largest.
+    pub fn read_packet_into(&self, iovecs: &[libc::iovec]) -> isize {
+        // SAFETY: the caller's iovecs point at writable memory valid for the call (see
+        // block::Slices).
+        unsafe {
+            libc::readv(
+                self.file.as_raw_fd(),
+                iovecs.as_ptr(),
+                iovecs.len() as libc::c_int,
+            )
+        }
+    }
+
+    /// A TAP stand-in on any packet file (a datagram socket), for tests.
+    #[cfg(test)]
+    pub(crate) fn from_file(file: File) -> Tap {
+        Tap {
+            file,
+            name: "test".into(),
+            created: false,
+        }
+    }
+
     /// Writes one packet given as iovecs (virtio-net header first).
     pub fn write_packet(&self, iovecs: &[libc::iovec]) -> isize {
         // SAFETY: the caller's iovecs point at memory valid for the call (see block::Slices).
