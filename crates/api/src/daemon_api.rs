@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::net::NetConfig;
+use crate::net::{valid_interface_name, MacAddress, NetConfig};
 use crate::size::ByteSize;
 use crate::vm_config::{ConsoleKind, DiskConfig, VmConfig};
 use crate::vmm_api::VmCounters;
@@ -75,7 +75,7 @@ pub struct VmDefinition {
     #[serde(default)]
     pub disks: Vec<DefinitionDisk>,
     #[serde(default)]
-    pub nets: Vec<NetConfig>,
+    pub nets: Vec<DefinitionNic>,
     #[serde(default)]
     pub rng: bool,
     #[serde(default)]
@@ -83,6 +83,80 @@ pub struct VmDefinition {
     /// Start the VM when the daemon starts.
     #[serde(default)]
     pub autostart: bool,
+}
+
+/// A NIC of a VM definition: on a TAP device of the host, or on one of the daemon's virtual
+/// networks (which creates its TAP device, `network_tap_name`, while the VM runs).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DefinitionNic {
+    /// TAP device name (created by the VMM if it does not exist).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tap: Option<String>,
+    /// Virtual network name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<String>,
+    /// Guest MAC address; the daemon picks a random one at definition time when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<MacAddress>,
+}
+
+/// The TAP device of NIC `index` of VM `vm` on a virtual network: short enough for an
+/// interface name, the same for every start of the VM, and recognizably Ferro's.
+pub fn network_tap_name(vm: &str, index: usize) -> String {
+    let hash = vm.bytes().fold(0x811c_9dc5u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    });
+    format!("fv{hash:08x}n{index}")
+}
+
+impl DefinitionNic {
+    fn validate(&self) -> Result<(), String> {
+        match (&self.tap, &self.network) {
+            (Some(tap), None) if valid_interface_name(tap) => Ok(()),
+            (Some(tap), None) => Err(format!(
+                "{tap:?} is not a valid interface name (1 to 15 characters, no '/', ':' or spaces)"
+            )),
+            (None, Some(network)) => {
+                check_name(network).map_err(|e| e.replace("VM name", "network name"))
+            }
+            _ => Err("a NIC has either a tap or a network".into()),
+        }
+    }
+
+    /// The VMM's NIC; `index` is its place in the definition of VM `vm`.
+    pub fn vmm_config(&self, vm: &str, index: usize) -> NetConfig {
+        NetConfig {
+            tap: match &self.tap {
+                Some(tap) => tap.clone(),
+                None => network_tap_name(vm, index),
+            },
+            mac: self.mac,
+        }
+    }
+
+    /// `tap=NAME` or `network=NAME`, then `,mac=MAC` when set.
+    pub fn to_option_string(&self) -> String {
+        let mut text = match (&self.tap, &self.network) {
+            (Some(tap), _) => format!("tap={tap}"),
+            (None, Some(network)) => format!("network={network}"),
+            (None, None) => String::new(),
+        };
+        if let Some(mac) = self.mac {
+            text += &format!(",mac={mac}");
+        }
+        text
+    }
+}
+
+impl From<NetConfig> for DefinitionNic {
+    fn from(net: NetConfig) -> Self {
+        DefinitionNic {
+            tap: Some(net.tap),
+            network: None,
+            mac: net.mac,
+        }
+    }
 }
 
 /// A disk of a VM definition: an image file, or a volume of a storage pool.
@@ -173,7 +247,12 @@ impl VmDefinition {
             rng: self.rng,
             disks,
             console: self.console,
-            nets: self.nets.clone(),
+            nets: self
+                .nets
+                .iter()
+                .enumerate()
+                .map(|(i, nic)| nic.vmm_config(&self.name, i))
+                .collect(),
         })
     }
 
@@ -182,6 +261,9 @@ impl VmDefinition {
         check_name(&self.name)?;
         for disk in &self.disks {
             disk.validate()?;
+        }
+        for nic in &self.nets {
+            nic.validate()?;
         }
         // Volumes resolve to placeholder paths here: only their shape matters.
         self.vm_config(|_, _| Ok(PathBuf::from("/volume")))?

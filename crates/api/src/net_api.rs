@@ -16,6 +16,11 @@ pub mod paths {
     pub fn network(name: &str) -> String {
         format!("{NETWORKS}/{name}")
     }
+
+    /// `/api/v1/networks/NAME/leases`.
+    pub fn leases(name: &str) -> String {
+        format!("{NETWORKS}/{name}/leases")
+    }
 }
 
 /// How VMs on the network reach the world.
@@ -167,9 +172,10 @@ impl NetworkDefinition {
     pub fn validate(&self) -> Result<(), String> {
         crate::daemon_api::check_name(&self.name)
             .map_err(|e| e.replace("VM name", "network name"))?;
-        if !valid_interface_name(&self.bridge) {
+        let plain = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+        if !valid_interface_name(&self.bridge) || !self.bridge.chars().all(plain) {
             return Err(format!(
-                "invalid bridge name {:?} (1 to 15 characters, no '/', ':' or spaces)",
+                "invalid bridge name {:?} (1 to 15 letters, digits, '-', '_' or '.')",
                 self.bridge
             ));
         }
@@ -253,6 +259,18 @@ pub enum NetworkState {
 pub struct NetworkInfo {
     pub definition: NetworkDefinition,
     pub state: NetworkState,
+}
+
+/// A DHCP lease handed out on a network (`GET /api/v1/networks/NAME/leases`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    pub mac: MacAddress,
+    pub ip: Ipv4Addr,
+    /// The name the client gave, or its fixed name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    /// When the lease ends, in seconds since the Unix epoch (0: never).
+    pub expires: u64,
 }
 
 #[cfg(test)]

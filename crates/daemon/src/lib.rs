@@ -10,6 +10,7 @@
 
 mod error;
 mod host;
+mod netlink;
 mod networks;
 mod pools;
 mod process;

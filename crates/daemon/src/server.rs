@@ -61,7 +61,15 @@ pub async fn serve(options: DaemonOptions) -> Result<(), DaemonError> {
         "/sys/class/net".into(),
     )?);
     let listener = listen(&options.socket)?;
-    let supervisor = Supervisor::new(store, options.ferro.clone(), pools.clone());
+    // Networks first: the VMs found running again are on their bridges.
+    let resumed = networks.clone();
+    let _ = tokio::task::spawn_blocking(move || resumed.resume()).await;
+    let supervisor = Supervisor::new(
+        store,
+        options.ferro.clone(),
+        pools.clone(),
+        networks.clone(),
+    );
     supervisor.adopt().await;
     tracing::info!("serving on {}", options.socket.display());
     let autostart = supervisor.clone();
@@ -78,6 +86,19 @@ pub async fn serve(options: DaemonOptions) -> Result<(), DaemonError> {
     .await;
     let _ = std::fs::remove_file(&options.socket);
     served.map_err(DaemonError::Serve)
+}
+
+/// Runs `work` (which may block on files, processes or netlink) off the runtime's threads and
+/// answers with its value as JSON.
+pub async fn blocking<T, F>(status: StatusCode, work: F) -> Result<Response, ApiError>
+where
+    T: serde::Serialize + Send + 'static,
+    F: FnOnce() -> Result<T, ApiError> + Send + 'static,
+{
+    let value = tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| ApiError::internal(format!("the operation failed: {e}")))??;
+    Ok((status, Json(value)).into_response())
 }
 
 /// Binds the socket: mode 0660, group `ferro` when it exists; a stale file is replaced.

@@ -15,7 +15,7 @@ use axum::http::HeaderMap;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, put};
-use axum::{Json, Router};
+use axum::Router;
 use block::manage::SnapshotOp;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -24,22 +24,11 @@ use tokio_stream::StreamExt;
 
 use crate::error::ApiError;
 use crate::pools::Pools;
-use crate::server::{parse_body, App};
+use crate::server::{blocking, parse_body, App};
 
 type ApiResult = Result<Response, ApiError>;
 
 /// Runs `work` on the blocking pool and answers with its JSON result and `status`.
-async fn blocking<T, F>(status: StatusCode, work: F) -> ApiResult
-where
-    T: serde::Serialize + Send + 'static,
-    F: FnOnce() -> Result<T, ApiError> + Send + 'static,
-{
-    let value = tokio::task::spawn_blocking(work)
-        .await
-        .map_err(|e| ApiError::internal(format!("the operation failed: {e}")))??;
-    Ok((status, Json(value)).into_response())
-}
-
 pub fn routes() -> Router<App> {
     Router::new()
         .route("/api/v1/pools", get(list_pools).post(define_pool))

@@ -18,6 +18,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::broadcast;
 
 use crate::error::{chain, ApiError};
+use crate::networks::{NetworkNic, Networks};
 use crate::pools::Pools;
 use crate::process::{self, ProcessRecord, VmmFiles};
 use crate::store::{atomic_write, Store};
@@ -53,6 +54,7 @@ struct VmEntry {
 pub struct Supervisor {
     store: Store,
     pools: Arc<Pools>,
+    networks: Arc<Networks>,
     ferro: std::path::PathBuf,
     vms: Mutex<BTreeMap<String, VmEntry>>,
     events: broadcast::Sender<Event>,
@@ -80,7 +82,12 @@ fn now() -> u64 {
 
 impl Supervisor {
     /// Loads the definitions and adopts the VMMs that outlived the previous daemon.
-    pub fn new(store: Store, ferro: std::path::PathBuf, pools: Arc<Pools>) -> Arc<Self> {
+    pub fn new(
+        store: Store,
+        ferro: std::path::PathBuf,
+        pools: Arc<Pools>,
+        networks: Arc<Networks>,
+    ) -> Arc<Self> {
         let (definitions, errors) = store.load_definitions();
         for error in errors {
             tracing::error!("skipping a definition: {}", chain(&error));
@@ -102,6 +109,7 @@ impl Supervisor {
         Arc::new(Supervisor {
             store,
             pools,
+            networks,
             ferro,
             vms: Mutex::new(vms),
             events,
@@ -273,8 +281,17 @@ impl Supervisor {
 
     // ----- definitions -----
 
-    pub fn define(&self, definition: VmDefinition) -> Result<VmDetails, ApiError> {
+    pub fn define(&self, mut definition: VmDefinition) -> Result<VmDetails, ApiError> {
         definition.validate().map_err(ApiError::bad_request)?;
+        for nic in &mut definition.nets {
+            if let Some(network) = &nic.network {
+                self.networks.info(network).map_err(|_| {
+                    ApiError::bad_request(format!("there is no network named {network:?}"))
+                })?;
+            }
+            // A fixed MAC keeps the guest's DHCP lease and DNS name across starts.
+            nic.mac.get_or_insert_with(api::net::MacAddress::random);
+        }
         self.resolve(&definition)
             .and_then(|config| check_files(&config))
             .map_err(ApiError::bad_request)?;
@@ -366,8 +383,22 @@ impl Supervisor {
                 ApiError::internal(format!("cannot create {}: {e}", files.dir.display()))
             })?;
         let args = process::vmm_args(&config, &files, &self.store.console_log(name));
-        let pid = process::spawn_vmm(&self.ferro, &args, &files)
-            .map_err(|e| ApiError::internal(format!("cannot run {}: {e}", self.ferro.display())))?;
+        let nics = network_nics(&definition);
+        let networks = self.networks.clone();
+        let vm = name.to_string();
+        tokio::task::spawn_blocking(move || networks.attach(&vm, &nics))
+            .await
+            .map_err(|e| ApiError::internal(e.to_string()))??;
+        let pid = match process::spawn_vmm(&self.ferro, &args, &files) {
+            Ok(pid) => pid,
+            Err(e) => {
+                self.networks.detach(name);
+                return Err(ApiError::internal(format!(
+                    "cannot run {}: {e}",
+                    self.ferro.display()
+                )));
+            }
+        };
         let record = ProcessRecord {
             pid,
             start_time: process::start_time(pid).unwrap_or(0),
@@ -378,6 +409,7 @@ impl Supervisor {
             .and_then(|bytes| atomic_write(&files.record, &bytes).map_err(|e| chain(&e)));
         if let Err(e) = saved {
             let _ = process::kill(pid, libc::SIGKILL);
+            self.networks.detach(name);
             return Err(ApiError::internal(format!("cannot record the VMM: {e}")));
         }
         let runtime = Runtime { record, files };
@@ -489,6 +521,7 @@ impl Supervisor {
         if entry.runtime.as_ref().map(|r| r.record) != Some(runtime.record) {
             return; // a newer VMM of the same VM
         }
+        self.networks.detach(name);
         entry.runtime = None;
         entry.state = state;
         entry.reason = Some(reason.clone());
@@ -522,6 +555,8 @@ impl Supervisor {
                     if let Some(entry) = self.lock().get_mut(&name) {
                         entry.state = state;
                         entry.runtime = Some(runtime.clone());
+                        self.networks
+                            .reattach(&name, &network_nics(&entry.definition));
                     }
                     tracing::info!("{name}: found its VMM (pid {}) again", runtime.record.pid);
                     self.watch(&name, &runtime);
@@ -652,6 +687,22 @@ pub struct RunningVm {
     pub api_socket: std::path::PathBuf,
     pub state: DomainState,
     pub memory_bytes: u64,
+}
+
+/// The NICs of `definition` that are on virtual networks, with their TAP devices.
+fn network_nics(definition: &VmDefinition) -> Vec<NetworkNic> {
+    definition
+        .nets
+        .iter()
+        .enumerate()
+        .filter_map(|(index, nic)| {
+            Some(NetworkNic {
+                network: nic.network.clone()?,
+                mac: nic.mac?,
+                tap: api::daemon_api::network_tap_name(&definition.name, index),
+            })
+        })
+        .collect()
 }
 
 fn not_running(name: &str, state: DomainState) -> ApiError {

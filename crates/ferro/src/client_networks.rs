@@ -4,7 +4,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use api::net_api::{paths, NetworkInfo};
+use api::daemon_api::AutostartRequest;
+use api::net_api::{paths, Lease, NetworkInfo};
 use clap::{Args, Subcommand};
 
 use crate::client::{call, client, decode, finish, print_json, DaemonSocket, Failure, CLIENT_HELP};
@@ -36,6 +37,26 @@ enum NetCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Bring a network up (bridge, forwarding and masquerading, DHCP and DNS).
+    Start { name: String },
+    /// Take a network down (refused while VMs run on it).
+    Stop { name: String },
+    /// Start the network whenever the daemon starts (--disable to stop doing so).
+    Autostart {
+        name: String,
+        #[arg(long)]
+        disable: bool,
+    },
+    /// List the DHCP leases of a network.
+    Leases {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn action(name: &str, action: &str) -> String {
+    format!("{}/{action}", paths::network(name))
 }
 
 pub fn net(args: NetArgs) -> ExitCode {
@@ -99,7 +120,56 @@ pub fn net(args: NetArgs) -> ExitCode {
                 }
                 println!("Autostart: {}", if d.autostart { "yes" } else { "no" });
             }
+            NetCommand::Start { name } => {
+                call(&c, "POST", &action(&name, "start"), None)?;
+                println!("network {name} started");
+            }
+            NetCommand::Stop { name } => {
+                call(&c, "POST", &action(&name, "stop"), None)?;
+                println!("network {name} stopped");
+            }
+            NetCommand::Autostart { name, disable } => {
+                let request = AutostartRequest { enabled: !disable };
+                let body = serde_json::to_vec(&request).map_err(|e| Failure(1, e.to_string()))?;
+                call(&c, "PUT", &action(&name, "autostart"), Some(body))?;
+                println!(
+                    "network {name} {} with the daemon",
+                    if disable {
+                        "will not start"
+                    } else {
+                        "will start"
+                    }
+                );
+            }
+            NetCommand::Leases { name, json } => {
+                let leases: Vec<Lease> = decode(&call(&c, "GET", &paths::leases(&name), None)?)?;
+                if json {
+                    return print_json(&leases);
+                }
+                print_leases(&leases);
+            }
         }
         Ok(())
     })())
+}
+
+fn print_leases(leases: &[Lease]) {
+    println!("{:<18} {:<16} {:<20} EXPIRES", "MAC", "ADDRESS", "HOSTNAME");
+    for lease in leases {
+        let expires = match lease.expires {
+            0 => "never".to_string(),
+            at => {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                format!("in {} s", at.saturating_sub(now))
+            }
+        };
+        println!(
+            "{:<18} {:<16} {:<20} {expires}",
+            lease.mac.to_string(),
+            lease.ip.to_string(),
+            lease.hostname.as_deref().unwrap_or("-")
+        );
+    }
 }

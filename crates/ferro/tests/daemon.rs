@@ -962,3 +962,68 @@ fn network_definitions_through_the_cli() {
         204
     );
 }
+
+/// Network lifecycle requests that leave the host's interfaces alone (the host side itself is
+/// tested in network namespaces by the daemon's unit tests and with real guests end to end).
+#[test]
+fn network_lifecycle_requests_and_vm_nics() {
+    use api::net_api::paths as net_paths;
+    let d = Daemon::start();
+    let file = d.dir.path().join("net.toml");
+    std::fs::write(
+        &file,
+        "name = \"lab\"\nmode = \"nat\"\nbridge = \"ferrotest2\"\nsubnet = \"10.216.0.0/24\"\n",
+    )
+    .unwrap();
+    d.ok(&["net", "define", file.to_str().unwrap()]);
+    d.fails(&["net", "stop", "lab"], 4, "network lab is not active");
+    assert!(d.ok(&["net", "leases", "lab"]).starts_with("MAC"));
+    let leases = d.call("GET", &net_paths::leases("lab"), None);
+    assert_eq!((leases.status, leases.body.as_slice()), (200, &b"[]"[..]));
+    d.ok(&["net", "autostart", "lab"]);
+    assert!(d.ok(&["net", "info", "lab"]).contains("Autostart: yes"));
+    d.ok(&["net", "autostart", "lab", "--disable"]);
+    assert!(d.ok(&["net", "info", "lab"]).contains("Autostart: no"));
+    // A subnet the host already uses (lo's 127.0.0.1/8) is refused before anything is made.
+    std::fs::write(
+        &file,
+        "name = \"loop\"\nmode = \"isolated\"\nbridge = \"ferrotest3\"\nsubnet = \"127.0.0.0/8\"\n",
+    )
+    .unwrap();
+    d.ok(&["net", "define", file.to_str().unwrap()]);
+    d.fails(
+        &["net", "start", "loop"],
+        4,
+        "in use on this host (lo has 127.0.0.1/8)",
+    );
+    assert!(!std::path::Path::new("/sys/class/net/ferrotest3").exists());
+
+    // NICs on networks: the network must exist; a MAC is fixed at definition.
+    d.fails(
+        &[
+            "vm",
+            "define",
+            d.definition("nic0", "[[nets]]\nnetwork = \"nope\"\n")
+                .to_str()
+                .unwrap(),
+        ],
+        2,
+        "no network named \"nope\"",
+    );
+    d.ok(&[
+        "vm",
+        "define",
+        d.definition("nic1", "[[nets]]\nnetwork = \"lab\"\n")
+            .to_str()
+            .unwrap(),
+    ]);
+    let nic = d.details("nic1").definition.nets[0].clone();
+    assert_eq!(nic.network.as_deref(), Some("lab"));
+    assert!(nic.mac.is_some());
+    assert!(d.ok(&["vm", "info", "nic1"]).contains("network=lab,mac="));
+    d.fails(&["vm", "start", "nic1"], 4, "network lab is not active");
+    assert_eq!(
+        d.details("nic1").state,
+        api::daemon_api::DomainState::Shutoff
+    );
+}

@@ -1,0 +1,199 @@
+//! What a running network is on the host: for nat and isolated networks, the bridge with the
+//! subnet's first address, the nftables table (with IPv4 forwarding on for nat) and dnsmasq;
+//! for bridge-mode networks, only the host's bridge, which Ferro never changes. The TAP
+//! devices of the VMs on a network (one per NIC, put on its bridge) are here too.
+//!
+//! Bringing a network up is idempotent: after a daemon restart the same call finds the bridge,
+//! replaces the table in one transaction and keeps the running dnsmasq, so nothing is
+//! duplicated. Links are configured over netlink; nft and dnsmasq get only validated names.
+//!
+//! Threading: blocking calls, made under the networks' lock.
+
+use std::path::{Path, PathBuf};
+
+use api::net::MacAddress;
+use api::net_api::{NetworkDefinition, NetworkMode, Subnet};
+
+use super::dnsmasq::{self, DnsmasqError, DnsmasqFiles};
+use super::firewall::{self, FirewallError};
+use crate::netlink::{self, NetlinkError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    #[error(transparent)]
+    Netlink(#[from] NetlinkError),
+    #[error(transparent)]
+    Firewall(#[from] FirewallError),
+    #[error(transparent)]
+    Dnsmasq(#[from] DnsmasqError),
+    #[error("cannot turn IPv4 forwarding on")]
+    Forwarding(#[source] std::io::Error),
+    #[error("{0} is not installed (looked in PATH, /usr/sbin and /sbin); {1}")]
+    MissingTool(&'static str, &'static str),
+    #[error("cannot create {path}")]
+    RunDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The programs a nat or isolated network needs.
+#[derive(Debug, Clone)]
+pub struct Tools {
+    pub nft: String,
+    pub dnsmasq: String,
+}
+
+impl Tools {
+    /// Finds nft and dnsmasq.
+    pub fn find() -> Result<Tools, HostError> {
+        Ok(Tools {
+            nft: find_program("nft")
+                .ok_or(HostError::MissingTool("nft", "install Debian's nftables"))?,
+            dnsmasq: find_program("dnsmasq").ok_or(HostError::MissingTool(
+                "dnsmasq",
+                "install Debian's dnsmasq-base",
+            ))?,
+        })
+    }
+}
+
+fn find_program(name: &str) -> Option<String> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
+        .map(|dir| dir.join(name))
+        .find(|candidate| candidate.is_file())
+        .map(|p| p.display().to_string())
+}
+
+/// Brings the host side of a nat or isolated network up (or checks it is, after a restart);
+/// `vms` are the MACs and names of the VMs attached, for DHCP and DNS.
+pub fn bring_up(
+    definition: &NetworkDefinition,
+    subnet: Subnet,
+    run_dir: &Path,
+    tools: &Tools,
+    vms: &[(MacAddress, String)],
+) -> Result<(), HostError> {
+    std::fs::create_dir_all(run_dir).map_err(|source| HostError::RunDir {
+        path: run_dir.into(),
+        source,
+    })?;
+    let bridge = &definition.bridge;
+    if netlink::link_index(bridge)?.is_none() {
+        netlink::create_bridge(bridge, bridge_mac(&definition.name))?;
+    }
+    netlink::add_ipv4_address(bridge, subnet.gateway(), subnet.prefix)?;
+    netlink::set_up(bridge)?;
+    if definition.mode == NetworkMode::Nat {
+        std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").map_err(HostError::Forwarding)?;
+    }
+    if let Some(rules) = firewall::ruleset(definition, subnet) {
+        firewall::apply(&tools.nft, &firewall::table_name(&definition.name), &rules)?;
+    }
+    let files = DnsmasqFiles::new(run_dir.into());
+    let config = dnsmasq::config(definition, subnet, &files);
+    let config_changed = std::fs::read_to_string(files.config()).ok().as_deref() != Some(&config);
+    dnsmasq::write(&files.config(), &config)?;
+    dnsmasq::write(&files.hosts(), &dnsmasq::hosts_file(definition, vms))?;
+    match dnsmasq::running(&files) {
+        Some(_) if !config_changed => dnsmasq::reload(&files),
+        _ => {
+            dnsmasq::stop(&files)?;
+            dnsmasq::start(&tools.dnsmasq, &files)?;
+        }
+    }
+    Ok(())
+}
+
+/// The bridge's MAC address: locally administered, the same at every start of the network.
+fn bridge_mac(network: &str) -> [u8; 6] {
+    let hash = network
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        })
+        .to_le_bytes();
+    [0x02, hash[0], hash[1], hash[2], hash[3], hash[4]]
+}
+
+/// Tells dnsmasq which VMs are attached now.
+pub fn update_hosts(
+    definition: &NetworkDefinition,
+    run_dir: &Path,
+    vms: &[(MacAddress, String)],
+) -> Result<(), HostError> {
+    let files = DnsmasqFiles::new(run_dir.into());
+    dnsmasq::write(&files.hosts(), &dnsmasq::hosts_file(definition, vms))?;
+    dnsmasq::reload(&files);
+    Ok(())
+}
+
+/// Removes everything [`bring_up`] made, whatever is left of it; returns the first error but
+/// tries every step.
+pub fn tear_down(
+    definition: &NetworkDefinition,
+    run_dir: &Path,
+    tools: Option<&Tools>,
+) -> Result<(), HostError> {
+    let files = DnsmasqFiles::new(run_dir.into());
+    let mut result = dnsmasq::stop(&files).map_err(HostError::from);
+    if let Some(tools) = tools {
+        let removed = firewall::remove(&tools.nft, &firewall::table_name(&definition.name));
+        result = result.and(removed.map_err(HostError::from));
+    }
+    result = result.and(netlink::delete_link(&definition.bridge).map_err(HostError::from));
+    let _ = std::fs::remove_dir_all(run_dir);
+    result
+}
+
+/// Creates the TAP device `tap` on `bridge`, replacing a stale one of that name (left by a VM
+/// that ended while no daemon watched).
+pub fn add_tap(tap: &str, bridge: &str) -> Result<(), HostError> {
+    netlink::delete_link(tap)?;
+    netlink::create_tap(tap)?;
+    let attached = netlink::set_master(tap, bridge).and_then(|()| netlink::set_up(tap));
+    if let Err(e) = attached {
+        let _ = netlink::delete_link(tap);
+        return Err(e.into());
+    }
+    Ok(())
+}
+
+/// Puts the TAP device `tap` of a running VM back on `bridge` if it is not there (the bridge
+/// was made again after a host change); the VM keeps its device.
+pub fn ensure_on_bridge(tap: &str, bridge: &str) -> Result<(), HostError> {
+    let bridge_index = netlink::link_index(bridge)?;
+    if bridge_index.is_some() && netlink::master_of(tap)? != bridge_index {
+        netlink::set_master(tap, bridge)?;
+        netlink::set_up(tap)?;
+    }
+    Ok(())
+}
+
+/// Removes the TAP device `tap` (gone already is fine).
+pub fn remove_tap(tap: &str) -> Result<(), HostError> {
+    Ok(netlink::delete_link(tap)?)
+}
+
+/// The host interface (other than `own_bridge`) that has an address in `subnet`, if any.
+pub fn subnet_in_use(subnet: Subnet, own_bridge: &str) -> Result<Option<String>, HostError> {
+    let overlaps = |address: std::net::Ipv4Addr, prefix: u8| {
+        let mask = u32::MAX
+            .checked_shl(32 - u32::from(prefix.min(32)))
+            .unwrap_or(0);
+        let theirs = Subnet {
+            network: (u32::from(address) & mask).into(),
+            prefix,
+        };
+        subnet.contains(address) || theirs.overlaps(&subnet)
+    };
+    Ok(netlink::all_ipv4_addresses()?
+        .into_iter()
+        .find(|(ifname, address, prefix)| {
+            ifname != own_bridge && *prefix > 0 && overlaps(*address, *prefix)
+        })
+        .map(|(ifname, address, prefix)| format!("{ifname} has {address}/{prefix}")))
+}

@@ -1,0 +1,352 @@
+//! Virtual networks with real guests: two VMs whose root file systems are linked clones of one
+//! pool volume (the default guest's files, uploaded), on a nat network, get DHCP leases (listed by `ferro net leases`), resolve each other's names through
+//! the network's DNS and ping each other and the bridge; a VM on an isolated network reaches
+//! its own bridge but nothing behind the host. A daemon restart with both networks up
+//! duplicates nothing and the VMs stay connected; a network with VMs on it cannot be stopped;
+//! stopping the VMs removes their TAP devices and stopping the networks removes the rest.
+
+use std::path::Path;
+use std::time::Duration;
+
+use api::daemon_api::{DomainState, VmDetails};
+use api::net_api::Lease;
+use e2e::daemon::Daemon;
+
+use crate::{check, images, TestResult};
+
+const NAT_BRIDGE: &str = "ferrolab0";
+const ISOLATED_BRIDGE: &str = "ferroiso0";
+/// How long a guest may take from start to its network checks.
+const NETWORK_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// The guest side, handed over gzipped and base64-encoded on the kernel command line. `$1` is
+/// the VM's role: `peer NAME` pings NAME by its DNS name; `iso ADDRESS` expects ADDRESS
+/// (behind the host) to be unreachable.
+const GUEST_SCRIPT: &str = r#"
+# Root is the VM's own clone: what it writes there nobody else sees.
+grep -q ' / ext4' /proc/mounts || { echo NET-FAIL no root disk; exit 1; }
+echo "$(hostname)" > /written-by-$(hostname); sync
+ip link set eth0 up
+# Nested under emulation, with other guests booting, a reply can take seconds: retry.
+for try in 1 2 3 4 5 6; do
+    udhcpc -i eth0 -n -q -t 20 -T 3 -A 1 2>&1 | grep -v discover
+    ip addr show eth0 | grep -q "inet " && break
+done
+ip addr show eth0 | grep -q "inet " || { echo NET-FAIL dhcp; exit 1; }
+echo "NET-LEASE $(ip addr show eth0 | awk '/inet /{print $2}')"
+gw=$(ip route | awk '/^default/{print $3}')
+if [ "$1" = peer ]; then
+    addr=
+    i=0
+    while [ -z "$addr" ] && [ $i -lt 150 ]; do
+        addr=$(nslookup "$2.lab.test" "$gw" 2>/dev/null | awk '/^Name:/{n=1} n && /^Address/{print $2; exit}')
+        [ -z "$addr" ] && sleep 1
+        i=$((i+1))
+    done
+    [ -n "$addr" ] || { echo NET-FAIL dns; exit 1; }
+    echo "NET-RESOLVED $2 $addr"
+    ping -c 3 -W 3 "$addr" >/dev/null && echo NET-PEER-PING-OK
+    ping -c 2 -W 3 "$gw" >/dev/null && echo NET-GW-PING-OK
+    echo "NET-FILES $(ls /written-by-* | tr '\n' ' ')NET-END"
+    while true; do
+        ping -c 1 -W 2 "$addr" >/dev/null && echo NET-PEER-ALIVE
+        sleep 1
+    done
+else
+    ping -c 2 -W 3 "$gw" >/dev/null && echo NET-ISO-GW-OK
+    if ping -c 3 -W 2 "$2" >/dev/null; then echo NET-ISO-LEAK; else echo NET-ISO-BLOCKED; fi
+    while true; do sleep 10; done
+fi
+exit 0
+"#;
+
+fn vm_details(d: &Daemon, name: &str) -> Result<VmDetails, String> {
+    let out = d.ok(&["vm", "info", name, "--json"])?;
+    serde_json::from_str(&out).map_err(|e| format!("vm info: {e}: {out}"))
+}
+
+fn leases(d: &Daemon, network: &str) -> Result<Vec<Lease>, String> {
+    let out = d.ok(&["net", "leases", network, "--json"])?;
+    serde_json::from_str(&out).map_err(|e| format!("net leases: {e}: {out}"))
+}
+
+fn define_network(d: &Daemon, text: &str, name: &str) -> Result<(), String> {
+    let path = d.state_dir().join(format!("net-{name}.toml"));
+    std::fs::write(&path, text).map_err(|e| e.to_string())?;
+    d.ok(&["net", "define", &path.display().to_string()])?;
+    Ok(())
+}
+
+/// How many of the daemon's bridges, dnsmasq processes and nft tables of `network` exist.
+fn host_objects(network: &str, bridge: &str) -> (usize, usize, usize) {
+    let bridges = usize::from(Path::new("/sys/class/net").join(bridge).exists());
+    let needle = format!("networks/{network}.run/dnsmasq.conf");
+    let dnsmasqs = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| std::fs::read(entry.path().join("cmdline")).ok())
+        .filter(|cmdline| String::from_utf8_lossy(cmdline).contains(&needle))
+        .count();
+    let tables = std::process::Command::new("nft")
+        .args(["list", "tables"])
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .filter(|l| l.trim() == format!("table ip ferro_{network}"))
+                .count()
+        })
+        .unwrap_or(0);
+    (bridges, dnsmasqs, tables)
+}
+
+/// Standard base64 of `data`.
+fn base64(data: &[u8]) -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in data.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = u32::from(b[0]) << 16 | u32::from(b[1]) << 8 | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(char::from(ALPHABET[(n >> (18 - 6 * i) & 63) as usize]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// The guest script as a command line can carry it (no quotes, under the 2 KiB limit).
+fn packed_script() -> Result<String, String> {
+    use std::io::Write;
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    gz.write_all(GUEST_SCRIPT.as_bytes())
+        .map_err(|e| e.to_string())?;
+    Ok(base64(&gz.finish().map_err(|e| e.to_string())?))
+}
+
+/// Defines VM `name` booting from its clone `p/NAME.qcow2`, with one NIC on `network`.
+fn define_vm(d: &Daemon, name: &str, network: &str, role: &str, arg: &str) -> Result<(), String> {
+    let images = images().map_err(|e| format!("{e:?}"))?;
+    let command = format!(
+        "hostname {name}; echo {} | base64 -d | gunzip > /tmp/net.sh; sh /tmp/net.sh {role} {arg}",
+        packed_script()?
+    );
+    let path = d.state_dir().join(format!("vm-{name}.toml"));
+    let text = format!(
+        "name = \"{name}\"\nmemory = \"256M\"\nkernel = \"{}\"\ninitrd = \"{}\"\n\
+         cmdline = 'console=ttyS0 quiet ferro.root=/dev/vda ferro.run=\"{command}\"'\n\
+         [[disks]]\nvolume = \"p/{name}.qcow2\"\n[[nets]]\nnetwork = \"{network}\"\n",
+        images.kernel.display(),
+        images.initrd.display()
+    );
+    std::fs::write(&path, text).map_err(|e| e.to_string())?;
+    d.ok(&["vm", "define", &path.display().to_string()])?;
+    Ok(())
+}
+
+fn wait_running(d: &Daemon, name: &str) -> Result<(), String> {
+    let details = vm_details(d, name)?;
+    match details.state {
+        DomainState::Running => Ok(()),
+        other => Err(format!("{name} is {other}: {:?}", details.reason)),
+    }
+}
+
+pub fn nat_and_isolated_networks() -> TestResult {
+    let mut d = Daemon::start("net")?;
+    define_network(
+        &d,
+        &format!("name = \"lab\"\nmode = \"nat\"\nbridge = \"{NAT_BRIDGE}\"\nsubnet = \"10.70.0.0/24\"\ndomain = \"lab.test\"\n"),
+        "lab",
+    )?;
+    define_network(
+        &d,
+        &format!("name = \"iso\"\nmode = \"isolated\"\nbridge = \"{ISOLATED_BRIDGE}\"\nsubnet = \"10.71.0.0/24\"\n"),
+        "iso",
+    )?;
+    // Bad input: a subnet overlapping another network's, a bridge the host has.
+    let overlap = d.state_dir().join("net-bad.toml");
+    std::fs::write(
+        &overlap,
+        "name = \"bad\"\nmode = \"nat\"\nbridge = \"ferrobad0\"\nsubnet = \"10.70.0.128/25\"\n",
+    )
+    .map_err(|e| e.to_string())?;
+    let out = d.cli(&["net", "define", &overlap.display().to_string()])?;
+    check(out.code != 0 && out.stderr.contains("overlaps"), || {
+        format!("overlapping subnet accepted: {out:?}")
+    })?;
+    d.ok(&["net", "start", "lab"])?;
+    d.ok(&["net", "start", "iso"])?;
+    std::fs::write(
+        &overlap,
+        format!("name = \"bad\"\nmode = \"nat\"\nbridge = \"{NAT_BRIDGE}\"\nsubnet = \"10.72.0.0/24\"\n"),
+    )
+    .map_err(|e| e.to_string())?;
+    let out = d.cli(&["net", "define", &overlap.display().to_string()])?;
+    check(out.code != 0, || {
+        format!("a second user of {NAT_BRIDGE} accepted: {out:?}")
+    })?;
+
+    let dir = d.start_pool("p")?;
+    let rootfs = images()?.rootfs;
+    let size = std::fs::metadata(&rootfs).map_err(|e| e.to_string())?.len();
+    d.ok(&[
+        "vol",
+        "create",
+        "base.raw",
+        "--pool",
+        "p",
+        "--size",
+        &format!("{}K", size.div_ceil(1024)),
+        "--format",
+        "raw",
+    ])?;
+    d.ok(&[
+        "vol",
+        "upload",
+        "base.raw",
+        &rootfs.display().to_string(),
+        "--pool",
+        "p",
+    ])?;
+    let base_before = std::fs::read(dir.join("base.raw")).map_err(|e| e.to_string())?;
+    for vm in ["va", "vb", "vc"] {
+        d.ok(&[
+            "vol",
+            "clone",
+            "base.raw",
+            &format!("{vm}.qcow2"),
+            "--pool",
+            "p",
+            "--linked",
+        ])?;
+    }
+    define_vm(&d, "va", "lab", "peer", "vb")?;
+    define_vm(&d, "vb", "lab", "peer", "va")?;
+    d.ok(&["vm", "start", "va"])?;
+    d.ok(&["vm", "start", "vb"])?;
+    for (vm, peer) in [("va", "vb"), ("vb", "va")] {
+        d.wait_for_console(vm, "NET-PEER-PING-OK", 1, NETWORK_TIMEOUT)
+            .map_err(|e| {
+                let log = d.state_dir().join("networks/lab.run/dnsmasq.log");
+                let log = std::fs::read_to_string(log).unwrap_or_default();
+                format!("{e}\n(peer {peer}); dnsmasq said:\n{log}")
+            })?;
+        d.wait_for_console(vm, "NET-GW-PING-OK", 1, Duration::from_secs(30))?;
+        // Both wrote before their DHCP; each sees only its own file.
+        d.wait_for_console(vm, "NET-END", 1, Duration::from_secs(30))?;
+        let log = std::fs::read_to_string(d.console_log_path(vm)).unwrap_or_default();
+        let files = log
+            .lines()
+            .find_map(|l| l.strip_prefix("NET-FILES ")?.split("NET-END").next())
+            .unwrap_or_default()
+            .trim()
+            .to_string();
+        check(files == format!("/written-by-{vm}"), || {
+            format!("{vm} sees {files:?} on its root file system")
+        })?;
+    }
+    let lab_leases = leases(&d, "lab")?;
+    for vm in ["va", "vb"] {
+        let mac = vm_details(&d, vm)?.definition.nets[0].mac;
+        check(lab_leases.iter().any(|l| Some(l.mac) == mac), || {
+            format!("no lease for {vm} ({mac:?}) in {lab_leases:?}")
+        })?;
+    }
+    let table = d.ok(&["net", "leases", "lab"])?;
+    check(table.contains("va") && table.contains("10.70.0."), || {
+        format!("net leases table: {table}")
+    })?;
+
+    // Isolated: its own bridge answers, va (behind the host) does not.
+    let va_ip = lab_leases
+        .iter()
+        .find(|l| {
+            Some(l.mac)
+                == vm_details(&d, "va")
+                    .ok()
+                    .and_then(|v| v.definition.nets[0].mac)
+        })
+        .map(|l| l.ip.to_string())
+        .ok_or("no address for va")?;
+    define_vm(&d, "vc", "iso", "iso", &va_ip)?;
+    d.ok(&["vm", "start", "vc"])?;
+    d.wait_for_console("vc", "NET-ISO-GW-OK", 1, NETWORK_TIMEOUT)?;
+    d.wait_for_console("vc", "NET-ISO-BLOCKED", 1, Duration::from_secs(60))?;
+
+    // A daemon restart finds everything again: nothing twice, the VMs still talk.
+    let before = [
+        host_objects("lab", NAT_BRIDGE),
+        host_objects("iso", ISOLATED_BRIDGE),
+    ];
+    check(before == [(1, 1, 1), (1, 1, 1)], || {
+        format!("bridges, dnsmasqs, tables before the restart: {before:?}")
+    })?;
+    let alive_before = std::fs::read_to_string(d.console_log_path("va"))
+        .unwrap_or_default()
+        .matches("NET-PEER-ALIVE")
+        .count();
+    d.restart()?;
+    let after = [
+        host_objects("lab", NAT_BRIDGE),
+        host_objects("iso", ISOLATED_BRIDGE),
+    ];
+    check(after == before, || {
+        format!("after the restart: {after:?}, before: {before:?}")
+    })?;
+    for vm in ["va", "vb", "vc"] {
+        wait_running(&d, vm)?;
+    }
+    d.wait_for_console(
+        "va",
+        "NET-PEER-ALIVE",
+        alive_before + 3,
+        Duration::from_secs(60),
+    )?;
+
+    let out = d.cli(&["net", "stop", "lab"])?;
+    check(out.code != 0 && out.stderr.contains("running VMs"), || {
+        format!("stopping a network in use: {out:?}")
+    })?;
+    let taps: Vec<String> = ["va", "vb"]
+        .iter()
+        .map(|vm| api::daemon_api::network_tap_name(vm, 0))
+        .collect();
+    for tap in &taps {
+        let master = std::fs::read_link(format!("/sys/class/net/{tap}/master"))
+            .map_err(|e| format!("{tap}: {e}"))?;
+        check(master.ends_with(NAT_BRIDGE), || {
+            format!("{tap} is on {master:?}")
+        })?;
+    }
+    for vm in ["va", "vb", "vc"] {
+        d.ok(&["vm", "destroy", vm])?;
+    }
+    for tap in &taps {
+        check(!Path::new("/sys/class/net").join(tap).exists(), || {
+            format!("{tap} is left after its VM stopped")
+        })?;
+    }
+    d.ok(&["net", "stop", "lab"])?;
+    d.ok(&["net", "stop", "iso"])?;
+    let gone = [
+        host_objects("lab", NAT_BRIDGE),
+        host_objects("iso", ISOLATED_BRIDGE),
+    ];
+    check(gone == [(0, 0, 0), (0, 0, 0)], || {
+        format!("left after stopping the networks: {gone:?}")
+    })?;
+    let base = std::fs::read(dir.join("base.raw")).map_err(|e| e.to_string())?;
+    check(base == base_before, || {
+        "a VM's write reached the base volume".into()
+    })?;
+    Ok(())
+}
