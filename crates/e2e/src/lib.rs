@@ -6,6 +6,7 @@
 //! the test thread polls them with deadlines, so a hung guest fails a test instead of hanging it.
 
 pub mod daemon;
+pub mod resume;
 
 use std::io::{Read, Write};
 use std::path::PathBuf;
@@ -23,6 +24,8 @@ pub struct GuestImages {
     pub kernel: PathBuf,
     pub vmlinux: PathBuf,
     pub initrd: PathBuf,
+    /// The guest's files as an ext4 image (boot it with `ferro.root=/dev/vda`).
+    pub rootfs: PathBuf,
 }
 
 impl GuestImages {
@@ -36,6 +39,7 @@ impl GuestImages {
             kernel: var("FERRO_GUEST_KERNEL")?,
             vmlinux: var("FERRO_GUEST_VMLINUX")?,
             initrd: var("FERRO_GUEST_INITRD")?,
+            rootfs: var("FERRO_GUEST_ROOTFS")?,
         })
     }
 }

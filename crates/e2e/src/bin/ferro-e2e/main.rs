@@ -7,10 +7,12 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use e2e::resume::{self, Test};
 use e2e::{ferro_bin, Finished, GuestImages, Vm, READY};
-use libtest_mimic::{Arguments, Failed, Trial};
+use libtest_mimic::{Arguments, Failed};
 
 mod daemon_e2e;
+mod network_e2e;
 mod vm_api;
 
 /// Upper bound for one boot to the ready line (nested, emulated hardware is slow).
@@ -673,68 +675,73 @@ impl Drop for ChildGuard {
 
 fn main() {
     let args = Arguments::from_args();
-    let trials = vec![
-        Trial::test("boot::one_cpu_256m", || boots_with(1, "256M", 256 << 20)),
-        Trial::test("boot::two_cpus_1g", || boots_with(2, "1G", 1 << 30)),
-        Trial::test("boot::four_cpus_512m", || boots_with(4, "512M", 512 << 20)),
-        Trial::test("boot::minimum_memory_128m", || {
+    const TESTS: &[Test] = &[
+        ("boot::one_cpu_256m", || boots_with(1, "256M", 256 << 20)),
+        ("boot::two_cpus_1g", || boots_with(2, "1G", 1 << 30)),
+        ("boot::four_cpus_512m", || boots_with(4, "512M", 512 << 20)),
+        ("boot::minimum_memory_128m", || {
             boots_with(1, "128M", 128 << 20)
         }),
-        Trial::test("boot::memory_above_4g", || {
+        ("boot::memory_above_4g", || {
             boots_with(1, "3584M", 3584 << 20)
         }),
-        Trial::test("boot::pvh_vmlinux", pvh_vmlinux_boots),
-        Trial::test(
+        ("boot::pvh_vmlinux", pvh_vmlinux_boots),
+        (
             "power::poweroff_exits_zero",
             poweroff_from_the_guest_exits_zero,
         ),
-        Trial::test(
+        (
             "power::reboot_restarts_the_guest",
             reboot_restarts_the_guest,
         ),
-        Trial::test(
+        (
             "power::no_reboot_exits",
             no_reboot_turns_a_reboot_into_an_exit,
         ),
-        Trial::test("devices::wall_clock_time", guest_has_wall_clock_time),
-        Trial::test("devices::console_input", console_input_reaches_the_guest),
-        Trial::test("errors::bad_inputs", bad_inputs_give_their_errors),
-        Trial::test("errors::kvm_permission", kvm_without_permission_is_reported),
-        Trial::test(
+        ("devices::wall_clock_time", guest_has_wall_clock_time),
+        ("devices::console_input", console_input_reaches_the_guest),
+        ("errors::bad_inputs", bad_inputs_give_their_errors),
+        ("errors::kvm_permission", kvm_without_permission_is_reported),
+        (
             "virtio::block_data_reaches_the_image",
             block_data_reaches_the_image,
         ),
-        Trial::test(
+        (
             "virtio::block_synced_data_survives_sigkill",
             block_synced_data_survives_sigkill,
         ),
-        Trial::test(
+        (
             "virtio::block_read_only",
             block_read_only_disk_refuses_writes,
         ),
-        Trial::test("virtio::block_two_disks", block_two_disks_with_serials),
-        Trial::test(
+        ("virtio::block_two_disks", block_two_disks_with_serials),
+        (
             "virtio::block_qcow2_overlay",
             block_qcow2_overlay_keeps_the_base_unchanged,
         ),
-        Trial::test("virtio::pci_ids", pci_ids_are_the_virtio_ones),
-        Trial::test("virtio::rng", rng_feeds_hwrng),
-        Trial::test("virtio::hvc_console", hvc_console_shell_answers),
-        Trial::test("virtio::net_ping_and_tcp", net_ping_and_32m_tcp_both_ways),
-        Trial::test(
+        ("virtio::pci_ids", pci_ids_are_the_virtio_ones),
+        ("virtio::rng", rng_feeds_hwrng),
+        ("virtio::hvc_console", hvc_console_shell_answers),
+        ("virtio::net_ping_and_tcp", net_ping_and_32m_tcp_both_ways),
+        (
             "api::pause_resume_and_power_button",
             vm_api::pause_resume_and_power_button,
         ),
-        Trial::test("api::reset_and_stop", vm_api::reset_and_stop),
-        Trial::test(
+        ("api::reset_and_stop", vm_api::reset_and_stop),
+        (
             "daemon::manage_the_default_guest",
             daemon_e2e::manage_the_default_guest,
         ),
-        Trial::test(
+        (
             "daemon::linked_clones_keep_writes_apart",
             daemon_e2e::linked_clones_keep_writes_apart,
         ),
+        (
+            "network::nat_and_isolated_networks",
+            network_e2e::nat_and_isolated_networks,
+        ),
     ];
+    let trials = resume::trials(TESTS);
     // Each test boots a VM; running them one at a time keeps timings and memory predictable.
     let args = Arguments {
         test_threads: Some(1),
