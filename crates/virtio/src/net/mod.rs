@@ -8,9 +8,9 @@
 //! never cut short. When the driver has no receive buffers left, the packet waits (the TAP is
 //! not read) until the driver adds some.
 
+mod rx_buffers;
 pub mod tap;
 
-use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
@@ -25,6 +25,7 @@ use crate::queue::{chain_buffers, DeviceQueue, QueueBroken};
 use crate::worker::{Poll, Worker, WorkerHandle};
 use crate::{device_type, GuestMemory};
 
+use rx_buffers::{RxBuffers, RxChain};
 pub use tap::Tap;
 
 const QUEUE_SIZE: u16 = 256;
@@ -183,8 +184,7 @@ impl VirtioDevice for Net {
             mergeable: activation.features & features::MRG_RXBUF != 0,
             packet: vec![0; MAX_PACKET],
             pending: None,
-            rx_chains: VecDeque::new(),
-            rx_room: 0,
+            rx_buffers: RxBuffers::default(),
             tap_watched: true,
             counters: self.counters.clone(),
         };
@@ -229,10 +229,8 @@ struct NetWorker {
     packet: Vec<u8>,
     /// Length of a packet read from the TAP but not yet given to the guest.
     pending: Option<usize>,
-    /// Receive chains taken from the driver and not used yet, each with its room in bytes,
-    /// and their total room.
-    rx_chains: VecDeque<(DescriptorChain<Arc<GuestMemory>>, usize)>,
-    rx_room: usize,
+    /// Receive chains taken from the driver and not used yet.
+    rx_buffers: RxBuffers,
     tap_watched: bool,
     counters: Arc<Counters>,
 }
@@ -325,50 +323,49 @@ impl NetWorker {
     /// Takes receive chains until they hold the largest packet; false if the driver has not
     /// given that much (without mergeable buffers, one chain must hold it).
     fn room_for_any_packet(&mut self, mem: &GuestMemory) -> Result<bool, QueueBroken> {
-        while self.rx_room < MAX_PACKET && (self.mergeable || self.rx_chains.is_empty()) {
+        while self.rx_buffers.room() < MAX_PACKET && (self.mergeable || self.rx_buffers.is_empty())
+        {
             if !self.take_rx_chain(mem)? {
                 return Ok(false);
             }
         }
-        Ok(self.rx_room >= MAX_PACKET)
+        Ok(self.rx_buffers.room() >= MAX_PACKET)
     }
 
     /// Reads one packet from the TAP into the chains taken by [`Self::room_for_any_packet`]
     /// and returns the ones it filled; None when the TAP has nothing.
     fn receive_direct(&mut self, mem: &GuestMemory) -> Result<Option<()>, ReceiveError> {
-        let writable: Vec<_> = self
-            .rx_chains
-            .iter()
-            .flat_map(|(chain, _)| receive_buffers(chain, mem))
-            .collect();
-        let slices = Slices::new(&writable);
-        let len = match slices.with_iovecs(|iov| self.tap.read_packet_into(iov)) {
-            Ok(len) => len,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
-            Err(e) => return Err(ReceiveError::Tap(e)),
+        let Some(len) = self
+            .rx_buffers
+            .read_packet(&self.tap)
+            .map_err(ReceiveError::Tap)?
+        else {
+            return Ok(None);
         };
         if len < HEADER_LEN {
             self.counters.add(counter::RX_DROPPED, 1);
             return Ok(Some(()));
         }
-        let chains = self.claim_rx_chains(len);
-        let mut header = Slices::new(&writable);
-        header
-            .advance(NUM_BUFFERS_OFFSET)
-            .map_err(ReceiveError::Tap)?;
-        let num_buffers = (chains.len() as u16).to_le_bytes();
-        let mut at = 0;
-        for slice in header.take(2).map_err(ReceiveError::Tap)? {
-            slice.copy_from(&num_buffers[at..at + slice.len()]);
-            at += slice.len();
+        let chains = self.rx_buffers.claim(len);
+        if let Some(first) = chains.first() {
+            let buffers = receive_buffers(&first.chain, mem);
+            let mut header = Slices::new(&buffers);
+            header
+                .advance(NUM_BUFFERS_OFFSET)
+                .map_err(ReceiveError::Tap)?;
+            let num_buffers = (chains.len() as u16).to_le_bytes();
+            let mut at = 0;
+            for slice in header.take(2).map_err(ReceiveError::Tap)? {
+                slice.copy_from(&num_buffers[at..at + slice.len()]);
+                at += slice.len();
+            }
         }
         let mut left = len;
-        for chain in chains {
-            let room = block::slices_len(&receive_buffers(&chain, mem)) as usize;
-            let written = room.min(left);
+        for rx in chains {
+            let written = rx.room.min(left);
             left -= written;
             self.rx
-                .add_used(mem, chain.head_index(), written as u32)
+                .add_used(mem, rx.chain.head_index(), written as u32)
                 .map_err(ReceiveError::Queue)?;
         }
         self.count_received(len);
@@ -391,26 +388,25 @@ impl NetWorker {
             self.counters.add(counter::RX_DROPPED, 1);
             return Ok(true); // not a packet: drop it
         }
-        while self.rx_room < len && (self.mergeable || self.rx_chains.is_empty()) {
+        while self.rx_buffers.room() < len && (self.mergeable || self.rx_buffers.is_empty()) {
             if !self.take_rx_chain(mem)? {
                 return Ok(false);
             }
         }
-        if self.rx_room < len {
+        if self.rx_buffers.room() < len {
             // Without mergeable buffers the packet must fit one buffer: drop it.
             tracing::debug!("virtio-net: dropping a {len}-byte packet that does not fit");
             self.counters.add(counter::RX_DROPPED, 1);
-            self.rx_room = 0;
-            for (chain, _) in std::mem::take(&mut self.rx_chains) {
-                self.rx.add_used(mem, chain.head_index(), 0)?;
+            for rx in self.rx_buffers.take_all() {
+                self.rx.add_used(mem, rx.chain.head_index(), 0)?;
             }
             return Ok(true);
         }
-        let chains = self.claim_rx_chains(len);
+        let chains = self.rx_buffers.claim(len);
         self.packet[NUM_BUFFERS_OFFSET..NUM_BUFFERS_OFFSET + 2]
             .copy_from_slice(&(chains.len() as u16).to_le_bytes());
         let mut offset = 0;
-        for chain in chains {
+        for RxChain { chain, .. } in chains {
             let mut written = 0;
             for slice in receive_buffers(&chain, mem) {
                 let n = slice.len().min(len - offset);
@@ -436,30 +432,14 @@ impl NetWorker {
         let Some(chain) = self.rx.pop(self.memory.clone())? else {
             return Ok(false);
         };
-        let room = block::slices_len(&receive_buffers(&chain, mem)) as usize;
-        if self.rx_chains.is_empty() && room < HEADER_LEN {
+        let buffers = receive_buffers(&chain, mem);
+        let room = block::slices_len(&buffers) as usize;
+        if self.rx_buffers.is_empty() && room < HEADER_LEN {
             self.rx.add_used(mem, chain.head_index(), 0)?;
         } else {
-            self.rx_room += room;
-            self.rx_chains.push_back((chain, room));
+            self.rx_buffers.push(chain, &buffers);
         }
         Ok(true)
-    }
-
-    /// Removes the first chains that together hold `len` bytes (the caller checked they do);
-    /// the rest wait for the next packet.
-    fn claim_rx_chains(&mut self, len: usize) -> Vec<DescriptorChain<Arc<GuestMemory>>> {
-        let mut claimed = Vec::new();
-        let mut covered = 0;
-        while covered < len {
-            let Some((chain, room)) = self.rx_chains.pop_front() else {
-                break;
-            };
-            self.rx_room -= room;
-            covered += room;
-            claimed.push(chain);
-        }
-        claimed
     }
 }
 
@@ -576,8 +556,7 @@ mod receive_tests {
             mergeable,
             packet: vec![0; MAX_PACKET],
             pending: None,
-            rx_chains: VecDeque::new(),
-            rx_room: 0,
+            rx_buffers: RxBuffers::default(),
             tap_watched: true,
             counters: new_counters(),
         };
@@ -639,7 +618,7 @@ mod receive_tests {
             "read straight into the guest"
         );
         // Buffers not needed yet stay with the device, as many as the largest packet needs.
-        assert_eq!(s.worker.rx_chains.len(), MAX_PACKET / BUFFER_LEN as usize);
+        assert_eq!(s.worker.rx_buffers.len(), MAX_PACKET / BUFFER_LEN as usize);
     }
 
     #[test]
@@ -653,7 +632,7 @@ mod receive_tests {
         expected[NUM_BUFFERS_OFFSET] = 2;
         assert_eq!(guest_bytes(&s, 0, 6000), expected);
         // The two buffers it did not need are kept, not handed back empty.
-        assert_eq!(s.worker.rx_chains.len(), 2);
+        assert_eq!(s.worker.rx_buffers.len(), 2);
         // A packet larger than all the room left waits for more buffers.
         s.host.send(&packet(9000, 5)).unwrap();
         s.worker.receive(&s.poll).unwrap().unwrap();
