@@ -3,7 +3,9 @@
 //!   against `ferro run` until the ready line is on its stdout (interleaved runs, medians;
 //!   target ratio <= 1.1);
 //! - the daemon's resident memory with 0 and with 10 running VMs (target < 20 MiB);
-//! - 10 VMs started at once (10 CLI processes in parallel), all reaching ready.
+//! - 10 VMs started at once (10 CLI processes in parallel), all reaching ready;
+//! - `ferro vm start` until the guest's DHCP lease on a nat network shows in
+//!   `ferro net leases` (the guest runs udhcpc right after its ready line).
 
 use std::time::{Duration, Instant};
 
@@ -128,5 +130,69 @@ pub fn run(runs: usize) -> Result<(), String> {
     for i in 0..MANY {
         d.ok(&["vm", "destroy", &format!("many{i}")])?;
     }
+    dhcp_lease(&d, &images, runs)
+}
+
+/// `ferro vm start` to the guest's lease in `ferro net leases`, in seconds, and to its ready
+/// line, for one start (the VM is destroyed after).
+fn lease_once(d: &Daemon, run: usize) -> Result<(f64, f64), String> {
+    let start = Instant::now();
+    d.ok(&["vm", "start", "dhcp"])?;
+    d.wait_for_console("dhcp", READY, run, TIMEOUT)?;
+    let ready = start.elapsed().as_secs_f64();
+    loop {
+        let out = d.ok(&["net", "leases", "bench", "--json"])?;
+        let leases: Vec<api::net_api::Lease> =
+            serde_json::from_str(&out).map_err(|e| format!("net leases: {e}: {out}"))?;
+        if !leases.is_empty() {
+            break;
+        }
+        if start.elapsed() > TIMEOUT {
+            return Err("no DHCP lease".into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let leased = start.elapsed().as_secs_f64();
+    d.ok(&["vm", "destroy", "dhcp"])?;
+    // A fresh dnsmasq (stop removes its lease file): the next start gets its lease anew.
+    d.ok(&["net", "stop", "bench"])?;
+    d.ok(&["net", "start", "bench"])?;
+    Ok((leased, ready))
+}
+
+fn dhcp_lease(d: &Daemon, images: &GuestImages, runs: usize) -> Result<(), String> {
+    let network = d.state_dir().join("bench-net.toml");
+    std::fs::write(
+        &network,
+        "name = \"bench\"\nmode = \"nat\"\nbridge = \"ferrobench0\"\nsubnet = \"10.90.0.0/24\"\n",
+    )
+    .map_err(|e| e.to_string())?;
+    d.ok(&["net", "define", &network.display().to_string()])?;
+    d.ok(&["net", "start", "bench"])?;
+    d.define_guest(
+        images,
+        "dhcp",
+        MEMORY,
+        "ip link set eth0 up; udhcpc -i eth0 -n -q -t 30 -T 1; sleep 600",
+        "[[nets]]\nnetwork = \"bench\"\n",
+    )?;
+    println!(
+        "vm start to the DHCP lease on a nat network (udhcpc after the ready line), {runs} runs"
+    );
+    println!("{:>4} {:>12} {:>12}", "run", "lease s", "ready s");
+    let (mut leases, mut readies) = (Vec::new(), Vec::new());
+    for run in 1..=runs {
+        let (leased, ready) = lease_once(d, run)?;
+        println!("{run:>4} {leased:>12.3} {ready:>12.3}");
+        leases.push(leased);
+        readies.push(ready);
+    }
+    println!(
+        "median: vm start to lease {:.3} s (ready line at {:.3} s, so DHCP takes {:.3} s)",
+        median(&leases),
+        median(&readies),
+        median(&leases) - median(&readies)
+    );
+    d.ok(&["net", "stop", "bench"])?;
     Ok(())
 }
