@@ -235,16 +235,18 @@ impl BlockWorker {
         })
     }
 
-    /// Hands the available requests to the pool, all but the last, which runs here.
+    /// Hands the available requests to the pool, adjacent reads or writes merged into one
+    /// transfer, all but the last group, which runs here.
     fn serve_concurrently(&self, pool: &IoPool) -> Result<(), QueueBroken> {
-        let mut chains = lock_queue(&self.queue).pop_all(self.memory.clone())?;
-        let last = chains.pop();
-        for chain in chains {
+        let chains = lock_queue(&self.queue).pop_all(self.memory.clone())?;
+        let mut groups = merge::group(chains, &self.memory);
+        let last = groups.pop();
+        for group in groups {
             let job = self.completion_context();
-            pool.submit(move || job.serve(chain));
+            pool.submit(move || job.serve(group));
         }
-        if let Some(chain) = last {
-            self.completion_context().serve(chain);
+        if let Some(group) = last {
+            self.completion_context().serve(group);
         }
         Ok(())
     }
@@ -268,13 +270,13 @@ struct Completion {
 }
 
 impl Completion {
-    fn serve(self, chain: DescriptorChain<Arc<GuestMemory>>) {
+    fn serve(self, group: Vec<DescriptorChain<Arc<GuestMemory>>>) {
         let mem = self.memory.as_ref();
-        let head = chain.head_index();
-        let len = self.executor.serve(chain, mem);
+        let done = self.executor.serve_group(group, mem);
         let mut queue = lock_queue(&self.queue);
-        let returned = queue
-            .add_used(mem, head, len)
+        let returned = done
+            .into_iter()
+            .try_for_each(|(head, len)| queue.add_used(mem, head, len))
             .and_then(|()| queue.signal_used(mem, self.interrupt.as_ref()));
         if let Err(e) = returned {
             tracing::warn!("virtio-blk: {e}");
@@ -491,22 +493,33 @@ impl Executor {
 
     fn read(&self, request: &Request<'_>) -> Result<u32, Status> {
         let len = block::slices_len(&request.output);
-        let offset = self.byte_range(request.sector, len)?;
-        match &self.concurrent {
-            Some(io) => io.read_at(offset, &request.output)?,
-            None => lock(&self.disk).read_at(offset, &request.output)?,
-        }
+        self.read_data(request.sector, &request.output)?;
         u32::try_from(len).map_err(|_| Status(status::IOERR))
     }
 
+    /// Fills `buffers` from the disk at `sector`.
+    fn read_data(&self, sector: u64, buffers: &[VolatileSlice<'_, ()>]) -> Result<(), Status> {
+        let offset = self.byte_range(sector, block::slices_len(buffers))?;
+        match &self.concurrent {
+            Some(io) => io.read_at(offset, buffers)?,
+            None => lock(&self.disk).read_at(offset, buffers)?,
+        }
+        Ok(())
+    }
+
     fn write(&self, request: &Request<'_>) -> Result<(), Status> {
+        self.write_data(request.sector, &request.input)
+    }
+
+    /// Writes `buffers` to the disk at `sector` (durably, without a negotiated FLUSH).
+    fn write_data(&self, sector: u64, buffers: &[VolatileSlice<'_, ()>]) -> Result<(), Status> {
         if self.read_only {
             return Err(Status(status::IOERR));
         }
-        let offset = self.byte_range(request.sector, block::slices_len(&request.input))?;
+        let offset = self.byte_range(sector, block::slices_len(buffers))?;
         match &self.concurrent {
-            Some(io) => io.write_at(offset, &request.input)?,
-            None => lock(&self.disk).write_at(offset, &request.input)?,
+            Some(io) => io.write_at(offset, buffers)?,
+            None => lock(&self.disk).write_at(offset, buffers)?,
         }
         if self.write_through {
             self.flush()?;
@@ -591,5 +604,6 @@ impl From<io::Error> for Status {
     }
 }
 
+mod merge;
 #[cfg(test)]
 mod tests;

@@ -438,3 +438,110 @@ fn an_active_device_serves_a_batch_of_requests_on_a_raw_image() {
         .needs_reset
         .load(std::sync::atomic::Ordering::SeqCst));
 }
+
+#[test]
+fn adjacent_requests_are_served_merged_and_each_gets_its_status() {
+    use crate::device::ActiveQueue;
+    use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_NEXT;
+    // Reads of sectors 0..4 (adjacent), writes of sectors 8 and 9 (adjacent), a read past the
+    // end of the disk (its own error), then a read of sector 20.
+    let plan: [(u32, u64); 8] = [
+        (request_type::IN, 0),
+        (request_type::IN, 1),
+        (request_type::IN, 2),
+        (request_type::IN, 3),
+        (request_type::OUT, 8),
+        (request_type::OUT, 9),
+        (request_type::IN, (DISK_SIZE as u64) / SECTOR_SIZE),
+        (request_type::IN, 20),
+    ];
+    let s = setup(false);
+    let mem = Arc::new(s.mem.clone());
+    let mock = MockSplitQueue::new(mem.as_ref(), 64);
+    let (next, write) = (VRING_DESC_F_NEXT as u16, VRING_DESC_F_WRITE as u16);
+    let mut descs = Vec::new();
+    for (i, &(kind, sector)) in plan.iter().enumerate() {
+        let i = i as u64;
+        let (header_at, data_at, status_at) = (HEADER + i * 0x100, DATA + i * 0x1000, STATUS + i);
+        mem.write_obj(kind, GuestAddress(header_at)).unwrap();
+        mem.write_obj(sector, GuestAddress(header_at + 8)).unwrap();
+        mem.write_slice(&[0xd0 + i as u8; 512], GuestAddress(data_at))
+            .unwrap();
+        mem.write_obj(0xffu8, GuestAddress(status_at)).unwrap();
+        let first = (i * 3) as u16;
+        let data_flags = if kind == request_type::IN { write } else { 0 };
+        descs.push(RawDescriptor::from(Descriptor::new(
+            header_at,
+            16,
+            next,
+            first + 1,
+        )));
+        descs.push(RawDescriptor::from(Descriptor::new(
+            data_at,
+            512,
+            next | data_flags,
+            first + 2,
+        )));
+        descs.push(RawDescriptor::from(Descriptor::new(status_at, 1, write, 0)));
+    }
+    mock.add_desc_chains(&descs, 0).unwrap();
+    let notify = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    let counters = new_counters();
+    let mut device = Block::new(s.executor.disk.clone(), false, "", counters.clone());
+    device
+        .activate(Activation {
+            memory: mem.clone(),
+            features: features::FLUSH,
+            queues: vec![ActiveQueue {
+                index: 0,
+                queue: mock.create_queue().unwrap(),
+                notify: notify.try_clone().unwrap(),
+            }],
+            interrupt: Arc::new(CountingInterrupt::default()),
+        })
+        .unwrap();
+    notify.write(1).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while usize::from(mock.used().idx().load()) < plan.len() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "requests not completed"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    device.reset();
+    for (i, &(kind, sector)) in plan.iter().enumerate() {
+        let i = i as u64;
+        let status: u8 = mem.read_obj(GuestAddress(STATUS + i)).unwrap();
+        if sector * SECTOR_SIZE >= DISK_SIZE as u64 {
+            assert_eq!(status, status::IOERR, "request {i} is past the end");
+            continue;
+        }
+        assert_eq!(status, status::OK, "request {i}");
+        if kind == request_type::IN {
+            let mut data = [0u8; 512];
+            mem.read_slice(&mut data, GuestAddress(DATA + i * 0x1000))
+                .unwrap();
+            assert_eq!(data, [sector as u8; 512], "read of sector {sector}");
+        } else {
+            assert_eq!(
+                disk_bytes(&s, sector as usize * 512, 512),
+                vec![0xd0 + i as u8; 512]
+            );
+        }
+    }
+    // Every used length: data read plus the status byte; writes: the status byte.
+    for i in 0..plan.len() {
+        let used = mock.used().ring().ref_at(i).unwrap().load();
+        let (kind, sector) = plan[(used.id() / 3) as usize];
+        let expected = match kind {
+            _ if sector * SECTOR_SIZE >= DISK_SIZE as u64 => 1,
+            request_type::IN => 513,
+            _ => 1,
+        };
+        assert_eq!(used.len(), expected, "chain {}", used.id());
+    }
+    assert_eq!(counters.get(counter::READ_REQUESTS), 5);
+    assert_eq!(counters.get(counter::WRITE_REQUESTS), 2);
+    assert_eq!(counters.get(counter::ERRORS), 1);
+}
