@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::net::{valid_interface_name, MacAddress, NetConfig};
+use crate::net::{stable_hash, valid_interface_name, MacAddress, NetConfig};
 use crate::size::ByteSize;
 use crate::vm_config::{ConsoleKind, DiskConfig, VmConfig};
 use crate::vmm_api::VmCounters;
@@ -104,10 +104,7 @@ pub struct DefinitionNic {
 /// The TAP device of NIC `index` of VM `vm` on a virtual network: short enough for an
 /// interface name, the same for every start of the VM, and recognizably Ferro's.
 pub fn network_tap_name(vm: &str, index: usize) -> String {
-    let hash = vm.bytes().fold(0x811c_9dc5u32, |h, b| {
-        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
-    });
-    format!("fv{hash:08x}n{index}")
+    format!("fv{:08x}n{index}", stable_hash(vm) as u32)
 }
 
 impl DefinitionNic {

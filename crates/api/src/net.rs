@@ -4,6 +4,14 @@ use serde::{Deserialize, Serialize};
 
 use crate::options::{OptionError, Options};
 
+/// FNV-1a (64-bit) of `text`: the same on every host and run, for short names and addresses
+/// derived from user-given names (TAP devices, nftables tables, bridge MACs).
+pub fn stable_hash(text: &str) -> u64 {
+    text.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
 /// A MAC address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct MacAddress(pub [u8; 6]);

@@ -477,30 +477,31 @@ fn persistent_tap(name: &str) -> io::Result<()> {
     Ok(())
 }
 
+/// Runs `body` on a thread of its own in a new network namespace (the host's interfaces
+/// stay untouched), for tests; skips it where creating one is not allowed (not root).
+#[cfg(test)]
+pub(crate) fn in_new_netns(body: impl FnOnce() + Send + 'static) {
+    let thread = std::thread::spawn(move || {
+        // SAFETY: unshare takes flags only; CLONE_NEWNET moves this thread alone into a new
+        // network namespace, which goes away with the thread.
+        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+            let error = io::Error::last_os_error();
+            if error.raw_os_error() == Some(libc::EPERM) {
+                eprintln!("skipped: cannot create a network namespace ({error})");
+                return;
+            }
+            panic!("unshare(CLONE_NEWNET): {error}");
+        }
+        body();
+    });
+    if let Err(panic) = thread.join() {
+        std::panic::resume_unwind(panic);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Runs `body` on a thread of its own in a new network namespace (the host's interfaces
-    /// stay untouched); skips it where creating one is not allowed (not root).
-    fn in_new_netns(body: impl FnOnce() + Send + 'static) {
-        let thread = std::thread::spawn(move || {
-            // SAFETY: unshare takes flags only; CLONE_NEWNET moves this thread alone into a new
-            // network namespace, which goes away with the thread.
-            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-                let error = io::Error::last_os_error();
-                if error.raw_os_error() == Some(libc::EPERM) {
-                    eprintln!("skipped: cannot create a network namespace ({error})");
-                    return;
-                }
-                panic!("unshare(CLONE_NEWNET): {error}");
-            }
-            body();
-        });
-        if let Err(panic) = thread.join() {
-            std::panic::resume_unwind(panic);
-        }
-    }
 
     const ADDRESS: Ipv4Addr = Ipv4Addr::new(10, 123, 0, 1);
 

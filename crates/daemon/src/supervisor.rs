@@ -521,6 +521,8 @@ impl Supervisor {
         if entry.runtime.as_ref().map(|r| r.record) != Some(runtime.record) {
             return; // a newer VMM of the same VM
         }
+        // Under the VM table's lock: a new start of this VM (same TAP names) must not slip in
+        // between clearing the runtime and removing the old TAPs.
         self.networks.detach(name);
         entry.runtime = None;
         entry.state = state;

@@ -36,10 +36,7 @@ pub fn table_name(name: &str) -> String {
     if plain == name {
         format!("ferro_{name}")
     } else {
-        let hash = name.bytes().fold(0x811c_9dc5u32, |h, b| {
-            (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
-        });
-        format!("ferro_{plain}_{:04x}", hash & 0xffff)
+        format!("ferro_{plain}_{:04x}", api::net::stable_hash(name) & 0xffff)
     }
 }
 
@@ -185,12 +182,7 @@ mod tests {
             eprintln!("skipped: no nft");
             return;
         }
-        std::thread::spawn(move || {
-            // SAFETY: unshare takes no memory; it moves only this thread to a new namespace.
-            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-                eprintln!("skipped: {}", io::Error::last_os_error());
-                return;
-            }
+        crate::netlink::in_new_netns(move || {
             let d = definition("nat");
             let table = table_name(&d.name);
             let rules = ruleset(&d, d.subnet().unwrap().unwrap()).unwrap();
@@ -208,8 +200,6 @@ mod tests {
             remove(nft, &table).unwrap();
             let err = apply(nft, "t", "table ip t { chain c { nonsense } }").unwrap_err();
             assert!(err.to_string().contains("Error:"), "{err}");
-        })
-        .join()
-        .unwrap();
+        });
     }
 }

@@ -110,12 +110,7 @@ pub fn bring_up(
 
 /// The bridge's MAC address: locally administered, the same at every start of the network.
 fn bridge_mac(network: &str) -> [u8; 6] {
-    let hash = network
-        .bytes()
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-        })
-        .to_le_bytes();
+    let hash = api::net::stable_hash(network).to_le_bytes();
     [0x02, hash[0], hash[1], hash[2], hash[3], hash[4]]
 }
 

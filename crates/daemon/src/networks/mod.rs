@@ -549,16 +549,7 @@ mod host_tests {
             eprintln!("skipped: nft or dnsmasq is not installed");
             return;
         }
-        std::thread::spawn(move || {
-            // SAFETY: unshare takes no memory; it moves only this thread to a new namespace.
-            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-                eprintln!("skipped: {}", std::io::Error::last_os_error());
-                return;
-            }
-            test();
-        })
-        .join()
-        .unwrap();
+        netlink::in_new_netns(test);
     }
 
     fn definition(name: &str, mode: &str, bridge: &str, subnet: &str) -> NetworkDefinition {

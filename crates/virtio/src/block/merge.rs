@@ -26,12 +26,10 @@ fn extent(chain: &Chain, mem: &GuestMemory) -> Option<(u32, u64, u64, usize)> {
         .ok()
         .and_then(|b| parse_request(b).ok())?;
     let (data, segments) = data_of(&request)?;
-    Some((
-        request.kind,
-        request.sector.checked_mul(SECTOR_SIZE)?,
-        data,
-        segments,
-    ))
+    let start = request.sector.checked_mul(SECTOR_SIZE)?;
+    // The guest picks the sector: a request ending past u64 stays alone (no overflow below).
+    start.checked_add(data)?;
+    Some((request.kind, start, data, segments))
 }
 
 /// The data length and buffer count of a read or write.
@@ -60,7 +58,7 @@ pub fn group(chains: Vec<Chain>, mem: &GuestMemory) -> Vec<Vec<Chain>> {
             (Some((kind, next, bytes, segments)), Some((k, start, len, n))) => {
                 k == kind
                     && start == next
-                    && bytes + len <= MAX_MERGED_BYTES
+                    && bytes.saturating_add(len) <= MAX_MERGED_BYTES
                     && segments + n <= MAX_MERGED_SEGMENTS
             }
             _ => false,

@@ -344,26 +344,27 @@ impl VirtioInterrupt for CountingInterrupt {
     }
 }
 
-#[test]
-fn an_active_device_serves_a_batch_of_requests_on_a_raw_image() {
+/// Puts one 512-byte request per `plan` entry (kind, sector) on a queue at the start of guest
+/// memory (request i: header at HEADER + 0x100 i, data at DATA + 0x1000 i, holding 0xc0 + i for
+/// writes, status at STATUS + i), runs an active device until every request is used, and
+/// resets the device. Returns the queue, to read the used ring.
+fn run_on_device<'a>(
+    s: &'a Setup,
+    plan: &[(u32, u64)],
+    counters: Arc<Counters>,
+    interrupt: Arc<CountingInterrupt>,
+) -> MockSplitQueue<'a, GuestMemory> {
     use crate::device::ActiveQueue;
     use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_NEXT;
-    const REQUESTS: u16 = 12;
-    let s = setup(false);
-    let mem = Arc::new(s.mem.clone());
-    let mock = MockSplitQueue::new(mem.as_ref(), 64);
+    let mem = &s.mem;
+    let mock = MockSplitQueue::new(mem, 64);
     let (next, write) = (VRING_DESC_F_NEXT as u16, VRING_DESC_F_WRITE as u16);
     let mut descs = Vec::new();
-    for i in 0..u64::from(REQUESTS) {
+    for (i, &(kind, sector)) in plan.iter().enumerate() {
+        let i = i as u64;
         let (header_at, data_at, status_at) = (HEADER + i * 0x100, DATA + i * 0x1000, STATUS + i);
-        // Even requests read sector 2i; odd ones write 0xc0+i over sector 2i.
-        let kind = if i % 2 == 0 {
-            request_type::IN
-        } else {
-            request_type::OUT
-        };
         mem.write_obj(kind, GuestAddress(header_at)).unwrap();
-        mem.write_obj(2 * i, GuestAddress(header_at + 8)).unwrap();
+        mem.write_obj(sector, GuestAddress(header_at + 8)).unwrap();
         mem.write_slice(&[0xc0 + i as u8; 512], GuestAddress(data_at))
             .unwrap();
         mem.write_obj(0xffu8, GuestAddress(status_at)).unwrap();
@@ -385,23 +386,22 @@ fn an_active_device_serves_a_batch_of_requests_on_a_raw_image() {
     }
     mock.add_desc_chains(&descs, 0).unwrap();
     let notify = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
-    let interrupt = Arc::new(CountingInterrupt::default());
-    let mut device = Block::new(s.executor.disk.clone(), false, "", new_counters());
+    let mut device = Block::new(s.executor.disk.clone(), false, "", counters);
     device
         .activate(Activation {
-            memory: mem.clone(),
+            memory: Arc::new(mem.clone()),
             features: features::FLUSH,
             queues: vec![ActiveQueue {
                 index: 0,
                 queue: mock.create_queue().unwrap(),
                 notify: notify.try_clone().unwrap(),
             }],
-            interrupt: interrupt.clone(),
+            interrupt,
         })
         .unwrap();
     notify.write(1).unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while mock.used().idx().load() < REQUESTS {
+    while usize::from(mock.used().idx().load()) < plan.len() {
         assert!(
             std::time::Instant::now() < deadline,
             "requests not completed"
@@ -409,6 +409,27 @@ fn an_active_device_serves_a_batch_of_requests_on_a_raw_image() {
         std::thread::sleep(std::time::Duration::from_millis(1));
     }
     device.reset();
+    mock
+}
+
+#[test]
+fn an_active_device_serves_a_batch_of_requests_on_a_raw_image() {
+    const REQUESTS: u16 = 12;
+    let s = setup(false);
+    // Even requests read sector 2i; odd ones write 0xc0+i over sector 2i.
+    let plan: Vec<(u32, u64)> = (0..u64::from(REQUESTS))
+        .map(|i| {
+            let kind = if i % 2 == 0 {
+                request_type::IN
+            } else {
+                request_type::OUT
+            };
+            (kind, 2 * i)
+        })
+        .collect();
+    let interrupt = Arc::new(CountingInterrupt::default());
+    let mock = run_on_device(&s, &plan, new_counters(), interrupt.clone());
+    let mem = &s.mem;
     for i in 0..u64::from(REQUESTS) {
         let status: u8 = mem.read_obj(GuestAddress(STATUS + i)).unwrap();
         assert_eq!(status, status::OK, "request {i}");
@@ -441,8 +462,6 @@ fn an_active_device_serves_a_batch_of_requests_on_a_raw_image() {
 
 #[test]
 fn adjacent_requests_are_served_merged_and_each_gets_its_status() {
-    use crate::device::ActiveQueue;
-    use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_NEXT;
     // Reads of sectors 0..4 (adjacent), writes of sectors 8 and 9 (adjacent), a read past the
     // end of the disk (its own error), then a read of sector 20.
     let plan: [(u32, u64); 8] = [
@@ -456,60 +475,14 @@ fn adjacent_requests_are_served_merged_and_each_gets_its_status() {
         (request_type::IN, 20),
     ];
     let s = setup(false);
-    let mem = Arc::new(s.mem.clone());
-    let mock = MockSplitQueue::new(mem.as_ref(), 64);
-    let (next, write) = (VRING_DESC_F_NEXT as u16, VRING_DESC_F_WRITE as u16);
-    let mut descs = Vec::new();
-    for (i, &(kind, sector)) in plan.iter().enumerate() {
-        let i = i as u64;
-        let (header_at, data_at, status_at) = (HEADER + i * 0x100, DATA + i * 0x1000, STATUS + i);
-        mem.write_obj(kind, GuestAddress(header_at)).unwrap();
-        mem.write_obj(sector, GuestAddress(header_at + 8)).unwrap();
-        mem.write_slice(&[0xd0 + i as u8; 512], GuestAddress(data_at))
-            .unwrap();
-        mem.write_obj(0xffu8, GuestAddress(status_at)).unwrap();
-        let first = (i * 3) as u16;
-        let data_flags = if kind == request_type::IN { write } else { 0 };
-        descs.push(RawDescriptor::from(Descriptor::new(
-            header_at,
-            16,
-            next,
-            first + 1,
-        )));
-        descs.push(RawDescriptor::from(Descriptor::new(
-            data_at,
-            512,
-            next | data_flags,
-            first + 2,
-        )));
-        descs.push(RawDescriptor::from(Descriptor::new(status_at, 1, write, 0)));
-    }
-    mock.add_desc_chains(&descs, 0).unwrap();
-    let notify = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
     let counters = new_counters();
-    let mut device = Block::new(s.executor.disk.clone(), false, "", counters.clone());
-    device
-        .activate(Activation {
-            memory: mem.clone(),
-            features: features::FLUSH,
-            queues: vec![ActiveQueue {
-                index: 0,
-                queue: mock.create_queue().unwrap(),
-                notify: notify.try_clone().unwrap(),
-            }],
-            interrupt: Arc::new(CountingInterrupt::default()),
-        })
-        .unwrap();
-    notify.write(1).unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while usize::from(mock.used().idx().load()) < plan.len() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "requests not completed"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(1));
-    }
-    device.reset();
+    let mock = run_on_device(
+        &s,
+        &plan,
+        counters.clone(),
+        Arc::new(CountingInterrupt::default()),
+    );
+    let mem = &s.mem;
     for (i, &(kind, sector)) in plan.iter().enumerate() {
         let i = i as u64;
         let status: u8 = mem.read_obj(GuestAddress(STATUS + i)).unwrap();
@@ -526,7 +499,7 @@ fn adjacent_requests_are_served_merged_and_each_gets_its_status() {
         } else {
             assert_eq!(
                 disk_bytes(&s, sector as usize * 512, 512),
-                vec![0xd0 + i as u8; 512]
+                vec![0xc0 + i as u8; 512]
             );
         }
     }

@@ -101,6 +101,14 @@ fn host_objects(network: &str, bridge: &str) -> (usize, usize, usize) {
     (bridges, dnsmasqs, tables)
 }
 
+/// [`host_objects`] of the test's nat and isolated networks.
+fn both_networks_on_host() -> [(usize, usize, usize); 2] {
+    [
+        host_objects("lab", NAT_BRIDGE),
+        host_objects("iso", ISOLATED_BRIDGE),
+    ]
+}
+
 /// Standard base64 of `data`.
 fn base64(data: &[u8]) -> String {
     const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
@@ -255,11 +263,16 @@ pub fn nat_and_isolated_networks() -> TestResult {
         })?;
     }
     let lab_leases = leases(&d, "lab")?;
+    let mut va_ip = None;
     for vm in ["va", "vb"] {
         let mac = vm_details(&d, vm)?.definition.nets[0].mac;
-        check(lab_leases.iter().any(|l| Some(l.mac) == mac), || {
+        let lease = lab_leases.iter().find(|l| Some(l.mac) == mac);
+        check(lease.is_some(), || {
             format!("no lease for {vm} ({mac:?}) in {lab_leases:?}")
         })?;
+        if vm == "va" {
+            va_ip = lease.map(|l| l.ip.to_string());
+        }
     }
     let table = d.ok(&["net", "leases", "lab"])?;
     check(table.contains("va") && table.contains("10.70.0."), || {
@@ -267,26 +280,14 @@ pub fn nat_and_isolated_networks() -> TestResult {
     })?;
 
     // Isolated: its own bridge answers, va (behind the host) does not.
-    let va_ip = lab_leases
-        .iter()
-        .find(|l| {
-            Some(l.mac)
-                == vm_details(&d, "va")
-                    .ok()
-                    .and_then(|v| v.definition.nets[0].mac)
-        })
-        .map(|l| l.ip.to_string())
-        .ok_or("no address for va")?;
+    let va_ip = va_ip.ok_or("no address for va")?;
     define_vm(&d, "vc", "iso", "iso", &va_ip)?;
     d.ok(&["vm", "start", "vc"])?;
     d.wait_for_console("vc", "NET-ISO-GW-OK", 1, NETWORK_TIMEOUT)?;
     d.wait_for_console("vc", "NET-ISO-BLOCKED", 1, Duration::from_secs(60))?;
 
     // A daemon restart finds everything again: nothing twice, the VMs still talk.
-    let before = [
-        host_objects("lab", NAT_BRIDGE),
-        host_objects("iso", ISOLATED_BRIDGE),
-    ];
+    let before = both_networks_on_host();
     check(before == [(1, 1, 1), (1, 1, 1)], || {
         format!("bridges, dnsmasqs, tables before the restart: {before:?}")
     })?;
@@ -295,10 +296,7 @@ pub fn nat_and_isolated_networks() -> TestResult {
         .matches("NET-PEER-ALIVE")
         .count();
     d.restart()?;
-    let after = [
-        host_objects("lab", NAT_BRIDGE),
-        host_objects("iso", ISOLATED_BRIDGE),
-    ];
+    let after = both_networks_on_host();
     check(after == before, || {
         format!("after the restart: {after:?}, before: {before:?}")
     })?;
@@ -337,10 +335,7 @@ pub fn nat_and_isolated_networks() -> TestResult {
     }
     d.ok(&["net", "stop", "lab"])?;
     d.ok(&["net", "stop", "iso"])?;
-    let gone = [
-        host_objects("lab", NAT_BRIDGE),
-        host_objects("iso", ISOLATED_BRIDGE),
-    ];
+    let gone = both_networks_on_host();
     check(gone == [(0, 0, 0), (0, 0, 0)], || {
         format!("left after stopping the networks: {gone:?}")
     })?;
