@@ -102,6 +102,10 @@ pub fn config(definition: &NetworkDefinition, subnet: Subnet, files: &DnsmasqFil
         ),
         "dhcp-no-override".into(),
         "dhcp-authoritative".into(),
+        // dnsmasq would ping each new address and hold the first OFFER for 3 s (a VM's boot
+        // waited that long for its lease). Only this dnsmasq hands out addresses on the bridge,
+        // and its lease file outlives restarts, so the check guards nothing here.
+        "no-ping".into(),
         format!("dhcp-lease-max={}", u32::from(end) - u32::from(start) + 1),
         format!("dhcp-hostsfile={}", files.hosts().display()),
         format!("dhcp-leasefile={}", files.leases().display()),
@@ -275,6 +279,7 @@ mod tests {
             "dhcp-hostsfile=/var/lib/ferro/networks/default.run/dhcp-hosts",
             "dhcp-leasefile=/var/lib/ferro/networks/default.run/leases",
             "pid-file=/var/lib/ferro/networks/default.run/dnsmasq.pid",
+            "no-ping",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
         }

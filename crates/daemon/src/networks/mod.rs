@@ -630,6 +630,51 @@ mod host_tests {
         });
     }
 
+    /// Runs `command` (split at spaces) in the test thread's namespace; its exit status.
+    fn run(command: &str) -> std::process::ExitStatus {
+        let mut words = command.split_whitespace();
+        std::process::Command::new(words.next().unwrap())
+            .args(words)
+            .stdout(std::process::Stdio::null())
+            .status()
+            .unwrap()
+    }
+
+    #[test]
+    fn a_client_on_the_bridge_gets_a_lease_for_its_first_discover() {
+        if run("busybox true").code() != Some(0) {
+            eprintln!("skipped: busybox (udhcpc) is not installed");
+            return;
+        }
+        in_network_namespace(|| {
+            let dir = tempfile::tempdir().unwrap();
+            let networks = open(dir.path());
+            networks
+                .define(definition("dhcp", "nat", "ferrotest2", "10.68.0.0/24"))
+                .unwrap();
+            networks.start("dhcp").unwrap();
+            // A veth pair stands in for a VM's TAP: one end on the bridge, the client on the
+            // other, both in this namespace.
+            let client_mac = "52:54:00:68:00:07";
+            let link =
+                format!("ip link add fvclient0 address {client_mac} type veth peer name fvport0");
+            assert!(run(&link).success());
+            host_side::ensure_on_bridge("fvport0", "ferrotest2").unwrap();
+            netlink::set_up("fvclient0").unwrap();
+            // One DISCOVER, two seconds to answer it: an OFFER held back for an address
+            // check (dnsmasq's ping takes 3 s) fails this.
+            let udhcpc = "busybox udhcpc -i fvclient0 -f -q -n -B -t 1 -T 2 -s /bin/true";
+            let answered = run(udhcpc).success();
+            let leases = networks.leases("dhcp").unwrap();
+            // Stopped before any assertion: dnsmasq would outlive a failed test.
+            networks.stop("dhcp").unwrap();
+            assert!(answered, "no lease for one DISCOVER");
+            assert_eq!(leases.len(), 1, "{leases:?}");
+            assert_eq!(leases[0].mac.to_string(), client_mac);
+            assert!(leases[0].ip.octets()[..3] == [10, 68, 0], "{leases:?}");
+        });
+    }
+
     #[test]
     fn a_subnet_the_host_uses_is_refused_and_nothing_is_left_behind() {
         in_network_namespace(|| {
