@@ -17,6 +17,7 @@ mod process;
 mod server;
 mod server_networks;
 mod server_pools;
+mod sparse_copy;
 mod store;
 mod supervisor;
 

@@ -17,6 +17,7 @@ use block::manage::{self, NewImage};
 use block::Format;
 
 use crate::error::{chain, ApiError};
+use crate::sparse_copy;
 use crate::store::{atomic_write, StoreError};
 
 /// qcow2 cluster size of new volumes (QEMU's default).
@@ -581,7 +582,8 @@ fn full_copy(
     let mut from =
         block::open(&source.path, true, Some(format)).map_err(|e| ApiError::conflict(chain(&e)))?;
     if format == Format::Raw {
-        return sparse_file_copy(&source.path, target, source.capacity_bytes, progress).map_err(io);
+        return sparse_copy::copy_raw(&source.path, target, source.capacity_bytes, progress)
+            .map_err(io);
     }
     let mut to =
         block::open(target, false, Some(format)).map_err(|e| ApiError::internal(chain(&e)))?;
@@ -600,96 +602,6 @@ fn full_copy(
         progress(offset, source.capacity_bytes);
     }
     to.flush().map_err(io)
-}
-
-/// Copies the data segments of a raw file (found with SEEK_DATA/SEEK_HOLE) into `target`,
-/// in the kernel (copy_file_range) where the file system allows, as cp and qemu-img do.
-fn sparse_file_copy(
-    source: &Path,
-    target: &Path,
-    size: u64,
-    progress: &mut dyn FnMut(u64, u64),
-) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let from = std::fs::File::open(source)?;
-    let to = std::fs::OpenOptions::new().write(true).open(target)?;
-    let mut offset = 0u64;
-    while offset < size {
-        let Some(data) = seek(&from, offset, libc::SEEK_DATA)? else {
-            break; // only a hole is left
-        };
-        let end = seek(&from, data, libc::SEEK_HOLE)?
-            .unwrap_or(size)
-            .min(size);
-        let (mut from_off, mut to_off) = (data as i64, data as i64);
-        while (from_off as u64) < end {
-            let len = (end - from_off as u64) as usize;
-            // SAFETY: both fds are open files owned by this frame; the offsets are locals the
-            // call updates; no memory buffer is involved.
-            let n = unsafe {
-                libc::copy_file_range(
-                    from.as_raw_fd(),
-                    &mut from_off,
-                    to.as_raw_fd(),
-                    &mut to_off,
-                    len,
-                    0,
-                )
-            };
-            if n < 0 {
-                let err = std::io::Error::last_os_error();
-                if matches!(
-                    err.raw_os_error(),
-                    Some(libc::EXDEV | libc::ENOSYS | libc::EOPNOTSUPP | libc::EINVAL)
-                ) {
-                    copy_by_hand(&from, &to, from_off as u64, end)?;
-                    break;
-                }
-                return Err(err);
-            }
-            if n == 0 {
-                return Err(std::io::ErrorKind::UnexpectedEof.into());
-            }
-        }
-        offset = end;
-        progress(offset, size);
-    }
-    progress(size, size);
-    to.sync_data()
-}
-
-/// lseek(SEEK_DATA / SEEK_HOLE); None when no data follows (ENXIO).
-fn seek(file: &std::fs::File, offset: u64, whence: libc::c_int) -> std::io::Result<Option<u64>> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: lseek on an open file takes plain integers.
-    let pos = unsafe { libc::lseek(file.as_raw_fd(), offset as i64, whence) };
-    if pos < 0 {
-        let err = std::io::Error::last_os_error();
-        return match err.raw_os_error() {
-            Some(libc::ENXIO) => Ok(None),
-            _ => Err(err),
-        };
-    }
-    Ok(Some(pos as u64))
-}
-
-/// Copies `start..end` with reads and writes (file systems without copy_file_range).
-fn copy_by_hand(
-    from: &std::fs::File,
-    to: &std::fs::File,
-    start: u64,
-    end: u64,
-) -> std::io::Result<()> {
-    use std::os::unix::fs::FileExt;
-    let mut buf = vec![0u8; COPY_CHUNK];
-    let mut offset = start;
-    while offset < end {
-        let len = (end - offset).min(COPY_CHUNK as u64) as usize;
-        from.read_exact_at(&mut buf[..len], offset)?;
-        to.write_all_at(&buf[..len], offset)?;
-        offset += len as u64;
-    }
-    Ok(())
 }
 
 #[cfg(test)]
