@@ -1,6 +1,8 @@
 //! Measurements taken inside a guest (copied into the benchmark guest's initramfs by
 //! `tools/testbed`): raw block device throughput and IOPS with O_DIRECT, and TCP throughput.
-//! Prints `RESULT <name> <value> <unit>` lines for `ferro-bench io` to collect.
+//! Prints `RESULT <name> <value> <unit>` lines for `ferro-bench io` to collect, and `GUESTSTAT`
+//! lines (the guest's interrupts per operation of a phase, its idle driver and clock source)
+//! that tell why two VMMs differ.
 //!
 //! ferro-guest-bench disk DEVICE MIB SECONDS   sequential read and write of MIB MiB, then
 //!                                             4 KiB random reads for SECONDS
@@ -50,6 +52,62 @@ fn result(name: &str, value: f64, unit: &str) {
     println!("RESULT {name} {value:.1} {unit}");
 }
 
+/// /proc/interrupts: each source's counts per CPU, keyed by its name.
+fn interrupt_counts() -> std::collections::BTreeMap<String, Vec<u64>> {
+    let text = std::fs::read_to_string("/proc/interrupts").unwrap_or_default();
+    let mut lines = text.lines();
+    let cpus = lines
+        .next()
+        .map_or(0, |header| header.split_whitespace().count());
+    lines
+        .filter_map(|line| {
+            let (source, rest) = line.split_once(':')?;
+            let words: Vec<&str> = rest.split_whitespace().collect();
+            let counts: Vec<u64> = words
+                .iter()
+                .take(cpus)
+                .map_while(|w| w.parse().ok())
+                .collect();
+            let name = words
+                .get(counts.len()..)
+                .map_or(String::new(), |w| w.join(" "));
+            Some((format!("{}:{name}", source.trim()), counts))
+        })
+        .collect()
+}
+
+/// Prints the interrupts that came during `phase`, per operation and per CPU.
+fn print_interrupts(
+    phase: &str,
+    before: &std::collections::BTreeMap<String, Vec<u64>>,
+    operations: f64,
+) {
+    for (source, counts) in interrupt_counts() {
+        let Some(earlier) = before.get(&source) else {
+            continue;
+        };
+        let deltas: Vec<String> = counts
+            .iter()
+            .zip(earlier)
+            .map(|(now, then)| format!("{:.2}", now.saturating_sub(*then) as f64 / operations))
+            .collect();
+        if deltas.iter().any(|d| d != "0.00") {
+            println!("GUESTSTAT {phase} irq {source} per-op {}", deltas.join("/"));
+        }
+    }
+}
+
+/// The guest's idle driver and clock source, which change how often it exits.
+fn print_platform() {
+    for path in [
+        "/sys/devices/system/cpu/cpuidle/current_driver",
+        "/sys/devices/system/clocksource/clocksource0/current_clocksource",
+    ] {
+        let value = std::fs::read_to_string(path).unwrap_or_else(|_| "none\n".into());
+        println!("GUESTSTAT {path} {}", value.trim());
+    }
+}
+
 fn mib_per_s(bytes: usize, elapsed: Duration) -> f64 {
     bytes as f64 / MIB as f64 / elapsed.as_secs_f64()
 }
@@ -89,6 +147,8 @@ fn disk(device: &str, mib: usize, seconds: u64) -> std::io::Result<()> {
         mib_per_s(mib * MIB, start.elapsed()),
         "MiB/s",
     );
+    print_platform();
+    let before = interrupt_counts();
     let mut small = Aligned::new(4096);
     let blocks = (mib * MIB / 4096) as u64;
     let mut state = 0x9e37_79b9_7f4a_7c15;
@@ -104,6 +164,7 @@ fn disk(device: &str, mib: usize, seconds: u64) -> std::io::Result<()> {
         reads as f64 / start.elapsed().as_secs_f64(),
         "IOPS",
     );
+    print_interrupts("disk-rand-read-4k", &before, reads as f64);
     Ok(())
 }
 

@@ -1,0 +1,306 @@
+//! `ferro-bench io`: virtio-blk and virtio-net throughput, Ferro against QEMU, measured in
+//! the guest by `ferro-guest-bench`, with KVM's exit counters for each phase of the work.
+
+use std::path::PathBuf;
+
+use e2e::{ferro_bin, median, GuestImages, Vm};
+
+use crate::kvm_stats::{self, Counters};
+use crate::thread_stats;
+use crate::{Vmm, TIMEOUT};
+
+const IO_IMAGE: &str = "/tmp/ferro-bench-disk.raw";
+const IO_TAP: &str = "fbench0";
+const IO_HOST_ADDR: &str = "10.9.0.1";
+const IO_GUEST_ADDR: &str = "10.9.0.2";
+const IO_MIB: usize = 256;
+const IO_RANDOM_SECONDS: u32 = 10;
+const IO_METRICS: [&str; 5] = [
+    "disk-seq-read",
+    "disk-seq-write",
+    "disk-rand-read-4k",
+    "tcp-guest-to-host",
+    "tcp-host-to-guest",
+];
+
+fn sh(command: &str) -> Result<(), String> {
+    let status = std::process::Command::new("sh")
+        .args(["-c", command])
+        .status()
+        .map_err(|e| format!("{command}: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{command}: {status}"))
+    }
+}
+
+fn io_command(vmm: Vmm, images: &GuestImages, bench_initrd: &str) -> (PathBuf, Vec<String>) {
+    let kernel = images.kernel.display().to_string();
+    let guest = format!(
+        "ip link set eth0 up; ip addr add {IO_GUEST_ADDR}/24 dev eth0; echo {PHASES_START}; \
+         ferro-guest-bench disk /dev/vda {IO_MIB} {IO_RANDOM_SECONDS}; \
+         ferro-guest-bench tcp-send {IO_HOST_ADDR}:5201 {IO_MIB}; ferro-guest-bench tcp-recv 5202"
+    );
+    let cmdline = format!("console=ttyS0 quiet ferro.run=\"{guest}\"");
+    let args: Vec<String> = match vmm {
+        Vmm::Ferro => [
+            "run",
+            "--kernel",
+            &kernel,
+            "--initrd",
+            bench_initrd,
+            "--cpus",
+            "2",
+            "--memory",
+            "1G",
+            "--cmdline",
+            &cmdline,
+            "--disk",
+            &format!("path={IO_IMAGE}"),
+            "--net",
+            &format!("tap={IO_TAP}"),
+        ]
+        .map(String::from)
+        .to_vec(),
+        Vmm::Qemu | Vmm::QemuMinimal => [
+            "-enable-kvm",
+            "-cpu",
+            "host",
+            "-smp",
+            "2",
+            "-m",
+            "1G",
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-serial",
+            "stdio",
+            "-no-reboot",
+            "-kernel",
+            &kernel,
+            "-initrd",
+            bench_initrd,
+            "-append",
+            &cmdline,
+            "-drive",
+            &format!("file={IO_IMAGE},if=none,id=d0,format=raw"),
+            "-device",
+            "virtio-blk-pci,drive=d0",
+            "-netdev",
+            &format!("tap,id=n0,ifname={IO_TAP},script=no,downscript=no,vhost=off"),
+            "-device",
+            "virtio-net-pci,netdev=n0,romfile=",
+        ]
+        .map(String::from)
+        .to_vec(),
+    };
+    let program = match vmm {
+        Vmm::Ferro => ferro_bin(),
+        _ => PathBuf::from("qemu-system-x86_64"),
+    };
+    (program, args)
+}
+
+/// Printed by the guest just before its first measured phase.
+const PHASES_START: &str = "PHASES-START";
+/// The order in which the guest runs the phases (indices into IO_METRICS).
+const PHASE_ORDER: [usize; 5] = [1, 0, 2, 3, 4];
+
+/// What one boot measured: the values in IO_METRICS order, and KVM's counters for each phase
+/// (same order; None without debugfs).
+struct IoRun {
+    values: Vec<f64>,
+    /// The guest's GUESTSTAT lines.
+    guest_stats: Vec<String>,
+    exits: Option<Vec<Counters>>,
+}
+
+/// One boot running every measurement.
+fn io_once(vmm: Vmm, images: &GuestImages, bench_initrd: &str) -> Result<IoRun, String> {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind((IO_HOST_ADDR, 5201)).map_err(|e| e.to_string())?;
+    let sink = std::thread::spawn(move || -> std::io::Result<()> {
+        let (mut stream, _) = listener.accept()?;
+        let mut buf = vec![0u8; 1 << 20];
+        while stream.read(&mut buf)? > 0 {}
+        Ok(())
+    });
+    let (program, args) = io_command(vmm, images, bench_initrd);
+    let mut vm = Vm::spawn(&program, &args)?;
+    vm.close_stdin();
+    vm.wait_for(PHASES_START, 1, TIMEOUT)?;
+    let mut samples = vec![kvm_stats::read(vm.pid())];
+    let mut switches = Vec::new();
+    for &metric in &PHASE_ORDER[..4] {
+        switches.push(thread_stats::read(vm.pid()));
+        vm.wait_for(&format!("RESULT {} ", IO_METRICS[metric]), 1, TIMEOUT)?;
+        samples.push(kvm_stats::read(vm.pid()));
+        if IO_METRICS[metric].contains("rand") {
+            // The random reads: what the scheduler did per read, by thread.
+            let after = thread_stats::read(vm.pid());
+            let reads = operations(
+                metric,
+                result_value(&vm.stdout(), IO_METRICS[metric]).unwrap_or(1.0),
+            );
+            let per_read =
+                thread_stats::per_operation(&switches[switches.len() - 1], &after, reads);
+            println!(
+                "  {} switches per read (voluntary/involuntary): {}",
+                vmm.name(),
+                per_read.join(", ")
+            );
+        }
+    }
+    vm.wait_for("LISTENING 5202", 1, TIMEOUT)?;
+    let _ = sink.join();
+    let mut stream =
+        std::net::TcpStream::connect((IO_GUEST_ADDR, 5202)).map_err(|e| e.to_string())?;
+    let chunk = vec![0x24u8; 1 << 20];
+    for _ in 0..IO_MIB {
+        stream.write_all(&chunk).map_err(|e| e.to_string())?;
+    }
+    drop(stream);
+    vm.wait_for("RESULT tcp-host-to-guest", 1, TIMEOUT)?;
+    samples.push(kvm_stats::read(vm.pid()));
+    let done = vm.wait(TIMEOUT)?;
+    let values = IO_METRICS
+        .iter()
+        .map(|metric| {
+            result_value(&done.stdout, metric)
+                .ok_or_else(|| format!("{}: no {metric} result\n{}", vmm.name(), done.stdout))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let samples: Option<Vec<Counters>> = samples.into_iter().collect();
+    let exits = samples.map(|samples| {
+        let mut by_metric = vec![Counters::default(); IO_METRICS.len()];
+        for (phase, &metric) in PHASE_ORDER.iter().enumerate() {
+            by_metric[metric] = samples[phase + 1].since(&samples[phase]);
+        }
+        by_metric
+    });
+    let guest_stats = done
+        .stdout
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("GUESTSTAT "))
+        .map(String::from)
+        .collect();
+    Ok(IoRun {
+        values,
+        guest_stats,
+        exits,
+    })
+}
+
+/// The value of the guest's `RESULT metric VALUE UNIT` line in `stdout`.
+fn result_value(stdout: &str, metric: &str) -> Option<f64> {
+    stdout
+        .lines()
+        .find_map(|l| l.trim().strip_prefix(&format!("RESULT {metric} ")))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|v| v.parse::<f64>().ok())
+}
+
+/// How many operations `metric` did: reads for the random phase, MiB for the others.
+fn operations(metric: usize, value: f64) -> f64 {
+    if IO_METRICS[metric].contains("rand") {
+        value * f64::from(IO_RANDOM_SECONDS)
+    } else {
+        IO_MIB as f64
+    }
+}
+
+pub fn run(runs: usize) -> Result<(), String> {
+    let images = GuestImages::from_env()?;
+    let bench_initrd = std::env::var("FERRO_BENCH_INITRD")
+        .map_err(|_| "FERRO_BENCH_INITRD is not set; run under tools/bench")?;
+    // A fully allocated image, so no VMM pays for the first touch of tmpfs pages.
+    sh(&format!(
+        "dd if=/dev/zero of={IO_IMAGE} bs=1M count={} 2>/dev/null",
+        IO_MIB * 2
+    ))?;
+    sh(&format!(
+        "tunctl -t {IO_TAP} >/dev/null && ip addr add {IO_HOST_ADDR}/24 dev {IO_TAP} && ip link set {IO_TAP} up"
+    ))?;
+    let vmms = [Vmm::Ferro, Vmm::Qemu];
+    println!(
+        "virtio I/O: raw {}-MiB image on the host's tmpfs, TAP {IO_TAP}; {IO_MIB} MiB transfers, {IO_RANDOM_SECONDS} s of 4 KiB random reads (QD1, O_DIRECT); 2 vCPUs, 1 GiB; {runs} runs each, interleaved",
+        IO_MIB * 2
+    );
+    kvm_stats::mount_debugfs();
+    let mut values = vec![vec![Vec::new(); IO_METRICS.len()]; vmms.len()];
+    // exits[vmm][metric][counter]: that counter per operation, one entry per run.
+    let mut exits = vec![vec![vec![Vec::new(); kvm_stats::NAMES.len()]; IO_METRICS.len()]; 2];
+    for run in 0..runs {
+        for i in 0..vmms.len() {
+            let slot = (run + i) % vmms.len();
+            let row = io_once(vmms[slot], &images, &bench_initrd)?;
+            println!(
+                "run {} {:>5}: {}",
+                run + 1,
+                vmms[slot].name(),
+                IO_METRICS
+                    .iter()
+                    .zip(&row.values)
+                    .map(|(m, v)| format!("{m} {v:.1}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            for line in &row.guest_stats {
+                println!("  {} {line}", vmms[slot].name());
+            }
+            for (metric, &value) in row.values.iter().enumerate() {
+                values[slot][metric].push(value);
+                let Some(counters) = &row.exits else { continue };
+                let ops = operations(metric, value);
+                for (c, &count) in counters[metric].0.iter().enumerate() {
+                    exits[slot][metric][c].push(count as f64 / ops);
+                }
+            }
+        }
+    }
+    println!(
+        "{:<20} {:>12} {:>12} {:>12}",
+        "median", "ferro", "qemu", "ferro/qemu"
+    );
+    for (m, metric) in IO_METRICS.iter().enumerate() {
+        let ferro = median(&values[0][m]);
+        let qemu = median(&values[1][m]);
+        let unit = if metric.contains("rand") {
+            "IOPS"
+        } else {
+            "MiB/s"
+        };
+        println!(
+            "{:<20} {:>12.1} {:>12.1} {:>12.3}  ({unit}, target >= 1.0)",
+            metric,
+            ferro,
+            qemu,
+            ferro / qemu
+        );
+    }
+    print_exits(&exits);
+    let _ = sh(&format!("tunctl -d {IO_TAP} >/dev/null; rm -f {IO_IMAGE}"));
+    Ok(())
+}
+
+/// The median KVM counters per operation (per 4 KiB read, per MiB moved), Ferro and QEMU.
+fn print_exits(exits: &[Vec<Vec<Vec<f64>>>]) {
+    if exits[0][0][0].is_empty() {
+        println!("(no KVM exit counters: debugfs is not available)");
+        return;
+    }
+    println!("KVM counters per operation (4 KiB read, or MiB moved), medians, ferro / qemu:");
+    for (m, metric) in IO_METRICS.iter().enumerate() {
+        let cells: Vec<String> = kvm_stats::NAMES
+            .iter()
+            .enumerate()
+            .map(|(c, name)| {
+                let (f, q) = (median(&exits[0][m][c]), median(&exits[1][m][c]));
+                format!("{name} {f:.1}/{q:.1}")
+            })
+            .collect();
+        println!("  {metric:<20} {}", cells.join(", "));
+    }
+}
