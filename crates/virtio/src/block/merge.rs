@@ -80,6 +80,16 @@ pub fn group(chains: Vec<Chain>, mem: &GuestMemory) -> Vec<Vec<Chain>> {
 }
 
 impl Executor {
+    /// Serves `chains` (in the driver's order) as the device's concurrent path does, grouped
+    /// and merged, one group after another; returns each chain's head and the bytes written
+    /// into it, in order. For tests and fuzzing: the device spreads groups over threads.
+    pub fn serve_batch(&self, chains: Vec<Chain>, mem: &GuestMemory) -> Vec<(u16, u32)> {
+        group(chains, mem)
+            .into_iter()
+            .flat_map(|chains| self.serve_group(chains, mem))
+            .collect()
+    }
+
     /// Serves a group from [`group`]; returns each chain's head and the bytes written into it.
     pub fn serve_group(&self, chains: Vec<Chain>, mem: &GuestMemory) -> Vec<(u16, u32)> {
         if chains.len() > 1 {
