@@ -65,6 +65,9 @@ fn io_command(vmm: Vmm, images: &GuestImages, bench_initrd: &str) -> (PathBuf, V
         .to_vec(),
         Vmm::Qemu | Vmm::QemuMinimal => [
             "-enable-kvm",
+            // Named threads, for the per-thread figures.
+            "-name",
+            "bench,debug-threads=on",
             "-cpu",
             "host",
             "-smp",
@@ -147,7 +150,7 @@ fn io_once(vmm: Vmm, images: &GuestImages, bench_initrd: &str) -> Result<IoRun, 
             let per_read =
                 thread_stats::per_operation(&switches[switches.len() - 1], &after, reads);
             println!(
-                "  {} switches per read (voluntary/involuntary): {}",
+                "  {} per read, by thread (switches voluntary/involuntary, CPU time): {}",
                 vmm.name(),
                 per_read.join(", ")
             );
