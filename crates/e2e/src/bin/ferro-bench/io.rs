@@ -143,10 +143,7 @@ fn io_once(vmm: Vmm, images: &GuestImages, bench_initrd: &str) -> Result<IoRun, 
         if IO_METRICS[metric].contains("rand") {
             // The random reads: what the scheduler did per read, by thread.
             let after = thread_stats::read(vm.pid());
-            let reads = operations(
-                metric,
-                result_value(&vm.stdout(), IO_METRICS[metric]).unwrap_or(1.0),
-            );
+            let reads = operations(metric, whole_result(&vm, IO_METRICS[metric])?);
             let per_read =
                 thread_stats::per_operation(&switches[switches.len() - 1], &after, reads);
             println!(
@@ -203,6 +200,29 @@ fn result_value(stdout: &str, metric: &str) -> Option<f64> {
         .find_map(|l| l.trim().strip_prefix(&format!("RESULT {metric} ")))
         .and_then(|rest| rest.split_whitespace().next())
         .and_then(|v| v.parse::<f64>().ok())
+}
+
+/// The value of `metric` once its line is complete: a serial console delivers a line a few
+/// bytes at a time, so the name can be there before the number.
+fn whole_result(vm: &Vm, metric: &str) -> Result<f64, String> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let stdout = vm.stdout();
+        // The line is whole once its newline has arrived.
+        let line_done = stdout.split_inclusive('\n').any(|l| {
+            l.ends_with('\n')
+                && l.trim()
+                    .strip_prefix("RESULT ")
+                    .is_some_and(|r| r.starts_with(&format!("{metric} ")))
+        });
+        if let (true, Some(value)) = (line_done, result_value(&stdout, metric)) {
+            return Ok(value);
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(format!("no whole {metric} result line"));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }
 
 /// How many operations `metric` did: reads for the random phase, MiB for the others.
