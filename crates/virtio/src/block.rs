@@ -6,7 +6,10 @@
 //! hears of it (and every write is durable at once if the driver did not take FLUSH). Malformed
 //! requests get the spec's error status; a chain without a status byte is completed empty.
 //!
-//! Threading: the device's worker thread takes requests off the queue. When the image allows
+//! Queues: one request queue per vCPU by default (`VIRTIO_BLK_F_MQ`), as QEMU does, so the
+//! guest submits and completes on the same CPU instead of sending an IPI per request.
+//!
+//! Threading: the device's one worker thread takes requests off every queue. When the image allows
 //! concurrent I/O (raw files), requests that arrive together are spread over an [`IoPool`] and
 //! complete in any order, as the spec allows; the last of a batch runs on the worker itself, so
 //! a lone request costs no thread switch. Otherwise (qcow2) the worker serves them in order.
@@ -28,8 +31,8 @@ use crate::{device_type, GuestMemory};
 
 pub const SECTOR_SIZE: u64 = 512;
 const QUEUE_SIZE: u16 = 256;
-/// The queue layout of every block device (one request queue).
-pub const QUEUE_SIZES: &[u16] = &[QUEUE_SIZE];
+/// Most request queues of one device (the default is one per vCPU).
+pub const MAX_QUEUES: u16 = 64;
 /// Longest serial (GET_ID answer).
 pub const ID_LEN: usize = 20;
 const MAX_SEGMENTS: u32 = 32;
@@ -44,6 +47,7 @@ pub mod features {
     pub const RO: u64 = 1 << 5;
     pub const BLK_SIZE: u64 = 1 << 6;
     pub const FLUSH: u64 = 1 << 9;
+    pub const MQ: u64 = 1 << 12;
     pub const DISCARD: u64 = 1 << 13;
     pub const WRITE_ZEROES: u64 = 1 << 14;
 }
@@ -82,6 +86,8 @@ pub struct Block {
     read_only: bool,
     id: [u8; ID_LEN],
     config: Vec<u8>,
+    /// One entry per request queue.
+    queue_sizes: Vec<u16>,
     worker: Option<WorkerHandle>,
     counters: Arc<Counters>,
 }
@@ -95,12 +101,12 @@ impl std::fmt::Debug for Block {
 }
 
 /// The device configuration layout (struct virtio_blk_config).
-fn config_space(capacity_sectors: u64) -> Vec<u8> {
+fn config_space(capacity_sectors: u64, queues: u16) -> Vec<u8> {
     let mut c = vec![0u8; 60];
     c[0..8].copy_from_slice(&capacity_sectors.to_le_bytes());
     c[12..16].copy_from_slice(&u32::from(QUEUE_SIZE - 2).to_le_bytes()); // seg_max
     c[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes()); // blk_size
-    c[34..36].copy_from_slice(&1u16.to_le_bytes()); // num_queues
+    c[34..36].copy_from_slice(&queues.to_le_bytes()); // num_queues
     c[36..40].copy_from_slice(&MAX_RANGE_SECTORS.to_le_bytes()); // max_discard_sectors
     c[40..44].copy_from_slice(&MAX_SEGMENTS.to_le_bytes()); // max_discard_seg
     c[44..48].copy_from_slice(&8u32.to_le_bytes()); // discard_sector_alignment (4 KiB)
@@ -138,21 +144,36 @@ pub fn new_counters() -> Arc<Counters> {
 }
 
 impl Block {
-    /// A device on `disk`; `serial` (at most 20 bytes are used) answers GET_ID.
+    /// A device on `disk` with one request queue; `serial` (at most 20 bytes are used)
+    /// answers GET_ID.
     pub fn new(disk: SharedDisk, read_only: bool, serial: &str, counters: Arc<Counters>) -> Self {
         let mut id = [0u8; ID_LEN];
         let bytes = serial.as_bytes();
         let n = bytes.len().min(ID_LEN);
         id[..n].copy_from_slice(&bytes[..n]);
-        let config = config_space(lock(&disk).size() / SECTOR_SIZE);
-        Block {
+        let mut block = Block {
             disk,
             read_only,
             id,
-            config,
+            config: Vec::new(),
+            queue_sizes: Vec::new(),
             worker: None,
             counters,
-        }
+        };
+        block.set_queues(1);
+        block
+    }
+
+    /// The same device with `queues` request queues (1 to [`MAX_QUEUES`]; clamped).
+    pub fn with_queues(mut self, queues: u16) -> Self {
+        self.set_queues(queues);
+        self
+    }
+
+    fn set_queues(&mut self, queues: u16) {
+        let queues = queues.clamp(1, MAX_QUEUES);
+        self.queue_sizes = vec![QUEUE_SIZE; usize::from(queues)];
+        self.config = config_space(lock(&self.disk).size() / SECTOR_SIZE, queues);
     }
 }
 
@@ -162,11 +183,14 @@ impl VirtioDevice for Block {
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
-        QUEUE_SIZES
+        &self.queue_sizes
     }
 
     fn features(&self) -> u64 {
         let mut f = features::SEG_MAX | features::BLK_SIZE | features::FLUSH;
+        if self.queue_sizes.len() > 1 {
+            f |= features::MQ;
+        }
         if self.read_only {
             f |= features::RO;
         } else {
@@ -180,9 +204,11 @@ impl VirtioDevice for Block {
     }
 
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
-        let Some(queue) = activation.queues.into_iter().next() else {
+        // The driver sets up as many queues as it wants (at least the first); a driver that
+        // did not take MQ uses queue 0 only.
+        if activation.queues.is_empty() {
             return Err(ActivateError::MissingQueues { needed: 1, got: 0 });
-        };
+        }
         let mut executor = Executor::new(self.disk.clone(), self.read_only, self.id);
         executor.write_through = activation.features & features::FLUSH == 0;
         executor.counters = self.counters.clone();
@@ -190,11 +216,17 @@ impl VirtioDevice for Block {
             .concurrent
             .is_some()
             .then(|| IoPool::new("virtio-blk-io", IO_THREADS));
-        let queue = DeviceQueue::from(queue);
+        let queues = activation
+            .queues
+            .into_iter()
+            .map(|queue| {
+                let queue = DeviceQueue::from(queue);
+                (queue.notify.as_raw_fd(), Arc::new(Mutex::new(queue)))
+            })
+            .collect();
         let worker = BlockWorker {
             memory: activation.memory,
-            notify: queue.notify.as_raw_fd(),
-            queue: Arc::new(Mutex::new(queue)),
+            queues,
             interrupt: activation.interrupt,
             executor: Arc::new(executor),
             pool,
@@ -213,8 +245,8 @@ impl VirtioDevice for Block {
 
 struct BlockWorker {
     memory: Arc<GuestMemory>,
-    queue: Arc<Mutex<DeviceQueue>>,
-    notify: RawFd,
+    /// Each active queue with its notification eventfd; a queue's position is its token.
+    queues: Vec<(RawFd, Arc<Mutex<DeviceQueue>>)>,
     interrupt: Arc<dyn VirtioInterrupt>,
     executor: Arc<Executor>,
     /// Present when the image takes concurrent reads and writes. Dropped with the worker,
@@ -227,34 +259,38 @@ fn lock_queue(queue: &Mutex<DeviceQueue>) -> std::sync::MutexGuard<'_, DeviceQue
 }
 
 impl BlockWorker {
-    /// Serves every available request in order on this thread.
-    fn serve_in_order(&self) -> Result<(), QueueBroken> {
+    /// Serves every available request of `queue` in order on this thread.
+    fn serve_in_order(&self, queue: &Mutex<DeviceQueue>) -> Result<(), QueueBroken> {
         let mem = self.memory.as_ref();
-        lock_queue(&self.queue).process(mem, self.interrupt.as_ref(), |chain| {
+        lock_queue(queue).process(mem, self.interrupt.as_ref(), |chain| {
             self.executor.serve(chain, mem)
         })
     }
 
     /// Hands the available requests to the pool, adjacent reads or writes merged into one
     /// transfer, all but the last group, which runs here.
-    fn serve_concurrently(&self, pool: &IoPool) -> Result<(), QueueBroken> {
-        let chains = lock_queue(&self.queue).pop_all(self.memory.clone())?;
+    fn serve_concurrently(
+        &self,
+        pool: &IoPool,
+        queue: &Arc<Mutex<DeviceQueue>>,
+    ) -> Result<(), QueueBroken> {
+        let chains = lock_queue(queue).pop_all(self.memory.clone())?;
         let mut groups = merge::group(chains, &self.memory);
         let last = groups.pop();
         for group in groups {
-            let job = self.completion_context();
+            let job = self.completion_context(queue);
             pool.submit(move || job.serve(group));
         }
         if let Some(group) = last {
-            self.completion_context().serve(group);
+            self.completion_context(queue).serve(group);
         }
         Ok(())
     }
 
-    fn completion_context(&self) -> Completion {
+    fn completion_context(&self, queue: &Arc<Mutex<DeviceQueue>>) -> Completion {
         Completion {
             memory: self.memory.clone(),
-            queue: self.queue.clone(),
+            queue: queue.clone(),
             interrupt: self.interrupt.clone(),
             executor: self.executor.clone(),
         }
@@ -287,13 +323,19 @@ impl Completion {
 
 impl Worker for BlockWorker {
     fn sources(&self) -> Vec<(RawFd, u64)> {
-        vec![(self.notify, 0)]
+        (0u64..)
+            .zip(&self.queues)
+            .map(|(token, (fd, _))| (*fd, token))
+            .collect()
     }
 
-    fn handle(&mut self, _token: u64, _poll: &Poll) -> io::Result<()> {
+    fn handle(&mut self, token: u64, _poll: &Poll) -> io::Result<()> {
+        let Some((_, queue)) = usize::try_from(token).ok().and_then(|i| self.queues.get(i)) else {
+            return Ok(());
+        };
         let result = match &self.pool {
-            Some(pool) => self.serve_concurrently(pool),
-            None => self.serve_in_order(),
+            Some(pool) => self.serve_concurrently(pool, queue),
+            None => self.serve_in_order(queue),
         };
         if let Err(e) = result {
             tracing::warn!("virtio-blk: {e}");

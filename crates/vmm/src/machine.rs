@@ -96,8 +96,9 @@ impl Disks {
         Ok(Disks { images })
     }
 
-    /// Fresh devices on the shared images, for one boot.
-    fn devices(&self, stats: &Stats) -> Vec<virtio::block::Block> {
+    /// Fresh devices on the shared images, for one boot: one request queue per vCPU, as
+    /// QEMU's default.
+    fn devices(&self, stats: &Stats, cpus: u16) -> Vec<virtio::block::Block> {
         self.images
             .iter()
             .enumerate()
@@ -108,6 +109,7 @@ impl Disks {
                     c.serial.as_deref().unwrap_or(""),
                     stats.device(&format!("block{i}"), virtio::block::new_counters),
                 )
+                .with_queues(cpus)
             })
             .collect()
     }
@@ -276,7 +278,8 @@ impl Machine {
         )?;
         let mmio = Arc::new(Bus::new());
         let mut pci = PciBuilder::new(&pio, &mmio, &power, config.memory.0)?;
-        for disk in disks.devices(stats) {
+        let cpus = u16::try_from(config.cpus).unwrap_or(virtio::block::MAX_QUEUES);
+        for disk in disks.devices(stats, cpus) {
             pci.add_virtio(Box::new(disk), &memory, &interrupts, &vm)?;
         }
         for net in nets.devices(stats) {

@@ -318,24 +318,48 @@ fn a_descriptor_loop_ends() {
 
 #[test]
 fn config_space_layout() {
-    let c = config_space(128);
+    let c = config_space(128, 3);
     assert_eq!(u64::from_le_bytes(c[0..8].try_into().unwrap()), 128);
     assert_eq!(u32::from_le_bytes(c[12..16].try_into().unwrap()), 254);
     assert_eq!(u32::from_le_bytes(c[20..24].try_into().unwrap()), 512);
-    assert_eq!(u16::from_le_bytes(c[34..36].try_into().unwrap()), 1);
+    assert_eq!(u16::from_le_bytes(c[34..36].try_into().unwrap()), 3);
     assert_eq!(c[56], 1);
 }
 
-/// Counts the device's interrupts.
+#[test]
+fn queues_are_offered_with_mq_only_when_there_are_several() {
+    let s = setup(false);
+    let num_queues = |device: &Block| {
+        let mut bytes = [0u8; 2];
+        device.read_config(34, &mut bytes);
+        u16::from_le_bytes(bytes)
+    };
+    let one = Block::new(s.executor.disk.clone(), false, "", new_counters());
+    assert_eq!(one.queue_max_sizes(), [QUEUE_SIZE]);
+    assert_eq!(one.features() & features::MQ, 0);
+    assert_eq!(num_queues(&one), 1);
+    let four = one.with_queues(4);
+    assert_eq!(four.queue_max_sizes(), [QUEUE_SIZE; 4]);
+    assert_ne!(four.features() & features::MQ, 0);
+    assert_eq!(num_queues(&four), 4);
+    let clamped = four.with_queues(0);
+    assert_eq!(clamped.queue_max_sizes().len(), 1);
+    let clamped = clamped.with_queues(u16::MAX);
+    assert_eq!(clamped.queue_max_sizes().len(), usize::from(MAX_QUEUES));
+}
+
+/// Counts the device's interrupts, and which queues they were for.
 #[derive(Default)]
 struct CountingInterrupt {
     queue: std::sync::atomic::AtomicUsize,
+    queues: Mutex<std::collections::BTreeSet<u16>>,
     needs_reset: std::sync::atomic::AtomicBool,
 }
 
 impl VirtioInterrupt for CountingInterrupt {
-    fn notify_queue(&self, _index: u16) {
+    fn notify_queue(&self, index: u16) {
         self.queue.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.queues.lock().unwrap().insert(index);
     }
     fn notify_config(&self) {}
     fn needs_reset(&self) {
@@ -354,62 +378,138 @@ fn run_on_device<'a>(
     counters: Arc<Counters>,
     interrupt: Arc<CountingInterrupt>,
 ) -> MockSplitQueue<'a, GuestMemory> {
-    use crate::device::ActiveQueue;
+    let mut queues = run_on_queues(s, &[plan], counters, interrupt);
+    queues.remove(0)
+}
+
+/// Writes the descriptors of requests `first..` (`plan`, numbered on from `first` for their
+/// memory) into `mock`'s table, three per request.
+fn add_requests(s: &Setup, mock: &MockSplitQueue<GuestMemory>, first: u64, plan: &[(u32, u64)]) {
     use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_NEXT;
     let mem = &s.mem;
-    let mock = MockSplitQueue::new(mem, 64);
     let (next, write) = (VRING_DESC_F_NEXT as u16, VRING_DESC_F_WRITE as u16);
     let mut descs = Vec::new();
-    for (i, &(kind, sector)) in plan.iter().enumerate() {
-        let i = i as u64;
+    for (local, &(kind, sector)) in plan.iter().enumerate() {
+        let i = first + local as u64;
         let (header_at, data_at, status_at) = (HEADER + i * 0x100, DATA + i * 0x1000, STATUS + i);
         mem.write_obj(kind, GuestAddress(header_at)).unwrap();
         mem.write_obj(sector, GuestAddress(header_at + 8)).unwrap();
         mem.write_slice(&[0xc0 + i as u8; 512], GuestAddress(data_at))
             .unwrap();
         mem.write_obj(0xffu8, GuestAddress(status_at)).unwrap();
-        let first = (i * 3) as u16;
+        let head = (local * 3) as u16;
         let data_flags = if kind == request_type::IN { write } else { 0 };
         descs.push(RawDescriptor::from(Descriptor::new(
             header_at,
             16,
             next,
-            first + 1,
+            head + 1,
         )));
         descs.push(RawDescriptor::from(Descriptor::new(
             data_at,
             512,
             next | data_flags,
-            first + 2,
+            head + 2,
         )));
         descs.push(RawDescriptor::from(Descriptor::new(status_at, 1, write, 0)));
     }
     mock.add_desc_chains(&descs, 0).unwrap();
-    let notify = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
-    let mut device = Block::new(s.executor.disk.clone(), false, "", counters);
+}
+
+/// [`run_on_device`] with one plan per queue (queue q's rings at 0x8000 q); requests are
+/// numbered across queues for their memory. Returns the queues.
+fn run_on_queues<'a>(
+    s: &'a Setup,
+    plans: &[&[(u32, u64)]],
+    counters: Arc<Counters>,
+    interrupt: Arc<CountingInterrupt>,
+) -> Vec<MockSplitQueue<'a, GuestMemory>> {
+    use crate::device::ActiveQueue;
+    let mut mocks = Vec::new();
+    let mut first = 0;
+    for (q, plan) in plans.iter().enumerate() {
+        let mock = MockSplitQueue::create(&s.mem, GuestAddress(0x8000 * q as u64), 64);
+        add_requests(s, &mock, first, plan);
+        first += plan.len() as u64;
+        mocks.push(mock);
+    }
+    let notifies: Vec<_> = (0..plans.len())
+        .map(|_| vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap())
+        .collect();
+    let queues = (0u16..)
+        .zip(mocks.iter().zip(&notifies))
+        .map(|(index, (mock, notify))| ActiveQueue {
+            index,
+            queue: mock.create_queue().unwrap(),
+            notify: notify.try_clone().unwrap(),
+        })
+        .collect();
+    let mut device =
+        Block::new(s.executor.disk.clone(), false, "", counters).with_queues(plans.len() as u16);
     device
         .activate(Activation {
-            memory: Arc::new(mem.clone()),
-            features: features::FLUSH,
-            queues: vec![ActiveQueue {
-                index: 0,
-                queue: mock.create_queue().unwrap(),
-                notify: notify.try_clone().unwrap(),
-            }],
+            memory: Arc::new(s.mem.clone()),
+            features: features::FLUSH | features::MQ,
+            queues,
             interrupt,
         })
         .unwrap();
-    notify.write(1).unwrap();
+    for notify in &notifies {
+        notify.write(1).unwrap();
+    }
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while usize::from(mock.used().idx().load()) < plan.len() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "requests not completed"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(1));
+    for (mock, plan) in mocks.iter().zip(plans) {
+        while usize::from(mock.used().idx().load()) < plan.len() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "requests not completed"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
     }
     device.reset();
-    mock
+    mocks
+}
+
+#[test]
+fn each_queue_serves_its_own_requests_and_interrupts_for_itself() {
+    let s = setup(false);
+    let first: [(u32, u64); 2] = [(request_type::IN, 3), (request_type::IN, 4)];
+    let second: [(u32, u64); 3] = [
+        (request_type::OUT, 10),
+        (request_type::IN, 11),
+        (request_type::IN, 12),
+    ];
+    let interrupt = Arc::new(CountingInterrupt::default());
+    let mocks = run_on_queues(&s, &[&first, &second], new_counters(), interrupt.clone());
+    // Requests are numbered across the queues: 0 and 1 on queue 0, 2 to 4 on queue 1.
+    for (i, &(kind, sector)) in first.iter().chain(&second).enumerate() {
+        let i = i as u64;
+        let status: u8 = s.mem.read_obj(GuestAddress(STATUS + i)).unwrap();
+        assert_eq!(status, status::OK, "request {i}");
+        if kind == request_type::IN {
+            let mut data = [0u8; 512];
+            s.mem
+                .read_slice(&mut data, GuestAddress(DATA + i * 0x1000))
+                .unwrap();
+            assert_eq!(data, [sector as u8; 512], "read of sector {sector}");
+        } else {
+            assert_eq!(
+                disk_bytes(&s, sector as usize * 512, 512),
+                vec![0xc0 + i as u8; 512]
+            );
+        }
+    }
+    // Each used ring holds exactly its own queue's heads.
+    for (mock, count) in mocks.iter().zip([first.len(), second.len()]) {
+        assert_eq!(usize::from(mock.used().idx().load()), count);
+        let mut heads: Vec<u32> = (0..count)
+            .map(|i| mock.used().ring().ref_at(i).unwrap().load().id())
+            .collect();
+        heads.sort_unstable();
+        assert_eq!(heads, (0..count as u32).map(|i| i * 3).collect::<Vec<_>>());
+    }
+    assert_eq!(*interrupt.queues.lock().unwrap(), [0, 1].into());
 }
 
 #[test]
