@@ -173,6 +173,9 @@ pub struct DefinitionDisk {
     /// `raw` or `qcow2`; detected when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub format: Option<String>,
+    /// Request queues; one per vCPU when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_queues: Option<u16>,
 }
 
 impl DefinitionDisk {
@@ -182,6 +185,14 @@ impl DefinitionDisk {
     }
 
     fn validate(&self) -> Result<(), String> {
+        if let Some(queues) = self.num_queues {
+            if !(1..=crate::vm_config::MAX_DISK_QUEUES).contains(&queues) {
+                return Err(format!(
+                    "a disk's num_queues is 1 to {}, not {queues}",
+                    crate::vm_config::MAX_DISK_QUEUES
+                ));
+            }
+        }
         match (&self.path, &self.volume) {
             (Some(path), None) if path.is_absolute() => Ok(()),
             (Some(path), None) => Err(format!("the disk path {} must be absolute", path.display())),
@@ -202,6 +213,7 @@ impl DefinitionDisk {
             readonly: self.readonly,
             serial: self.serial.clone(),
             format: self.format.clone(),
+            num_queues: self.num_queues,
         }
     }
 }
@@ -214,6 +226,7 @@ impl From<DiskConfig> for DefinitionDisk {
             readonly: disk.readonly,
             serial: disk.serial,
             format: disk.format,
+            num_queues: disk.num_queues,
         }
     }
 }
@@ -421,7 +434,7 @@ mod tests {
     #[test]
     fn disks_name_a_path_or_a_volume() {
         let def: VmDefinition = serde_json::from_str(
-            r#"{"name": "a", "kernel": "/k", "disks": [{"volume": "p/v.qcow2"}, {"path": "/d"}]}"#,
+            r#"{"name": "a", "kernel": "/k", "disks": [{"volume": "p/v.qcow2"}, {"path": "/d", "num_queues": 3}]}"#,
         )
         .unwrap();
         def.validate().unwrap();
@@ -429,13 +442,17 @@ mod tests {
             .vm_config(|pool, v| Ok(format!("/pools/{pool}/{v}").into()))
             .unwrap();
         assert_eq!(config.disks[0].path.to_str(), Some("/pools/p/v.qcow2"));
+        assert_eq!(config.disks[0].num_queues, None);
         assert_eq!(config.disks[1].path.to_str(), Some("/d"));
+        assert_eq!(config.disks[1].num_queues, Some(3));
         for bad in [
             r#"[{"volume": "no-slash"}]"#,
             r#"[{"volume": "p/../x"}]"#,
             r#"[{"path": "/d", "volume": "p/v"}]"#,
             r#"[{"readonly": true}]"#,
             r#"[{"path": "rel"}]"#,
+            r#"[{"path": "/d", "num_queues": 0}]"#,
+            r#"[{"path": "/d", "num_queues": 65}]"#,
         ] {
             let json = format!(r#"{{"name": "a", "kernel": "/k", "disks": {bad}}}"#);
             let def: VmDefinition = serde_json::from_str(&json).unwrap();

@@ -64,7 +64,13 @@ pub struct DiskConfig {
     /// `raw` or `qcow2`; detected from the image when absent.
     #[serde(default)]
     pub format: Option<String>,
+    /// Request queues (1 to [`MAX_DISK_QUEUES`]); one per vCPU when absent, as QEMU does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_queues: Option<u16>,
 }
+
+/// Most request queues of one disk.
+pub const MAX_DISK_QUEUES: u16 = 64;
 
 impl DiskConfig {
     /// The `--disk` option string that parses back into this disk.
@@ -82,6 +88,9 @@ impl DiskConfig {
         if let Some(format) = &self.format {
             text.push_str(&format!(",format={}", crate::options::escape(format)));
         }
+        if let Some(queues) = self.num_queues {
+            text.push_str(&format!(",num_queues={queues}"));
+        }
         text
     }
 }
@@ -92,14 +101,22 @@ pub const MAX_SERIAL_LEN: usize = 20;
 impl std::str::FromStr for DiskConfig {
     type Err = OptionError;
 
-    /// `path=FILE[,readonly=on][,serial=ID][,format=raw|qcow2]`
+    /// `path=FILE[,readonly=on][,serial=ID][,format=raw|qcow2][,num_queues=N]`
     fn from_str(s: &str) -> Result<Self, OptionError> {
-        let mut o = Options::parse(s, &["path", "readonly", "serial", "format"])?;
+        let mut o = Options::parse(s, &["path", "readonly", "serial", "format", "num_queues"])?;
+        let num_queues = match o.take("num_queues") {
+            None => None,
+            Some(text) => Some(text.parse().map_err(|_| OptionError::Invalid {
+                key: "num_queues".into(),
+                message: format!("{text:?} is not a number of queues"),
+            })?),
+        };
         let disk = DiskConfig {
             path: PathBuf::from(o.required("path")?),
             readonly: o.flag("readonly", false)?,
             serial: o.take("serial"),
             format: o.take("format"),
+            num_queues,
         };
         disk.validate()?;
         Ok(disk)
@@ -121,6 +138,14 @@ impl DiskConfig {
                 return Err(OptionError::Invalid {
                     key: "format".into(),
                     message: format!("{format:?} is not raw or qcow2"),
+                });
+            }
+        }
+        if let Some(queues) = self.num_queues {
+            if !(1..=MAX_DISK_QUEUES).contains(&queues) {
+                return Err(OptionError::Invalid {
+                    key: "num_queues".into(),
+                    message: format!("{queues} is not between 1 and {MAX_DISK_QUEUES}"),
                 });
             }
         }
@@ -291,6 +316,21 @@ mod tests {
             .is_err());
         assert!("path=a,format=vmdk".parse::<DiskConfig>().is_err());
         assert!("path=a,cache=none".parse::<DiskConfig>().is_err());
+    }
+
+    #[test]
+    fn disk_queues_are_checked_and_survive_the_option_string() {
+        let d: DiskConfig = "path=/a.raw,num_queues=4".parse().unwrap();
+        assert_eq!(d.num_queues, Some(4));
+        assert_eq!(d.to_option_string(), "path=/a.raw,num_queues=4");
+        let default: DiskConfig = "path=/a.raw".parse().unwrap();
+        assert_eq!(default.num_queues, None);
+        for bad in ["0", "65", "four", "-1"] {
+            let err = format!("path=/a.raw,num_queues={bad}")
+                .parse::<DiskConfig>()
+                .unwrap_err();
+            assert!(err.to_string().contains("num_queues"), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -61,7 +61,7 @@ pub struct RunArgs {
     #[arg(long)]
     rng: bool,
 
-    /// Add a virtio-blk disk: path=FILE[,readonly=on][,serial=ID][,format=raw|qcow2].
+    /// Add a virtio-blk disk: path=FILE[,readonly=on][,serial=ID][,format=raw|qcow2][,num_queues=N].
     /// Repeat for more disks; they appear as /dev/vda, /dev/vdb... in that order.
     #[arg(long, value_name = "OPTIONS")]
     disk: Vec<api::DiskConfig>,

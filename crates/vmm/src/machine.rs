@@ -96,8 +96,8 @@ impl Disks {
         Ok(Disks { images })
     }
 
-    /// Fresh devices on the shared images, for one boot: one request queue per vCPU, as
-    /// QEMU's default.
+    /// Fresh devices on the shared images, for one boot: the disk's `num_queues` request
+    /// queues, or one per vCPU (QEMU's default).
     fn devices(&self, stats: &Stats, cpus: u16) -> Vec<virtio::block::Block> {
         self.images
             .iter()
@@ -109,7 +109,7 @@ impl Disks {
                     c.serial.as_deref().unwrap_or(""),
                     stats.device(&format!("block{i}"), virtio::block::new_counters),
                 )
-                .with_queues(cpus)
+                .with_queues(c.num_queues.unwrap_or(cpus))
             })
             .collect()
     }

@@ -422,17 +422,24 @@ fn block_two_disks_with_serials() -> TestResult {
     let scratch = Scratch::new("two")?;
     let a = scratch.file("a.raw", "32M")?;
     let b = scratch.file("b.raw", "48M")?;
-    let command = "for d in vda vdb; do echo DISK-$d $(cat /sys/block/$d/size) $(cat /sys/block/$d/serial); done; echo one > /tmp/x; dd if=/tmp/x of=/dev/vdb bs=512 count=1 conv=sync 2>/dev/null; sync";
+    // Two vCPUs: vda gets a request queue per vCPU, vdb the one queue it asks for.
+    let command = "for d in vda vdb; do echo DISK-$d $(cat /sys/block/$d/size) $(cat /sys/block/$d/serial); echo QUEUES-$d $(ls /sys/block/$d/mq | wc -l); done; echo one > /tmp/x; dd if=/tmp/x of=/dev/vdb bs=512 count=1 conv=sync 2>/dev/null; sync";
     let args = with_devices(
         guest_args(&images, 2, "256M", Some(command)),
         &[
             "--disk",
             &format!("path={a},serial=first-disk"),
             "--disk",
-            &format!("path={b},serial=second"),
+            &format!("path={b},serial=second,num_queues=1"),
         ],
     );
     let done = boot_to_poweroff(&args, None)?;
+    for (disk, queues) in [("vda", "2"), ("vdb", "1")] {
+        check(
+            guest_value(&done.stdout, &format!("QUEUES-{disk}"))? == queues,
+            || format!("{disk} should have {queues} queues\n{}", done.stdout),
+        )?;
+    }
     check(
         guest_value(&done.stdout, "DISK-vda")? == "65536 first-disk",
         || done.stdout.clone(),
