@@ -97,6 +97,50 @@ fn print_interrupts(
     }
 }
 
+/// The guest's TCP counters that say how a transfer went: retransmissions, timeouts, zero
+/// windows (from /proc/net/snmp and /proc/net/netstat).
+fn tcp_counters() -> std::collections::BTreeMap<String, u64> {
+    const WANTED: [&str; 9] = [
+        "RetransSegs",
+        "TCPTimeouts",
+        "TCPLossProbes",
+        "TCPFastRetrans",
+        "TCPSlowStartRetrans",
+        "TCPWinProbe",
+        "TCPFromZeroWindowAdv",
+        "TCPToZeroWindowAdv",
+        "TCPOFOQueue",
+    ];
+    let mut counters = std::collections::BTreeMap::new();
+    for path in ["/proc/net/snmp", "/proc/net/netstat"] {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        // Pairs of lines: "Prefix: name name ...", then "Prefix: value value ...".
+        for pair in lines.chunks_exact(2) {
+            let names = pair[0].split_whitespace().skip(1);
+            let values = pair[1].split_whitespace().skip(1);
+            for (name, value) in names.zip(values) {
+                if let (true, Ok(value)) = (WANTED.contains(&name), value.parse()) {
+                    counters.insert(name.to_string(), value);
+                }
+            }
+        }
+    }
+    counters
+}
+
+/// Prints the TCP counters that moved during `phase`.
+fn print_tcp_counters(phase: &str, before: &std::collections::BTreeMap<String, u64>) {
+    let moved: Vec<String> = tcp_counters()
+        .into_iter()
+        .filter_map(|(name, now)| {
+            let delta = now.saturating_sub(before.get(&name).copied().unwrap_or(0));
+            (delta > 0).then(|| format!("{name} {delta}"))
+        })
+        .collect();
+    println!("GUESTSTAT {phase} tcp {}", moved.join(", "));
+}
+
 /// The guest's idle driver and clock source, which change how often it exits.
 fn print_platform() {
     for path in [
@@ -169,6 +213,7 @@ fn disk(device: &str, mib: usize, seconds: u64) -> std::io::Result<()> {
 }
 
 fn tcp_send(addr: &str, mib: usize) -> std::io::Result<()> {
+    let before = tcp_counters();
     let mut stream = TcpStream::connect(addr)?;
     let buf = vec![0x42u8; MIB];
     let start = Instant::now();
@@ -184,10 +229,12 @@ fn tcp_send(addr: &str, mib: usize) -> std::io::Result<()> {
         mib_per_s(mib * MIB, start.elapsed()),
         "MiB/s",
     );
+    print_tcp_counters("tcp-guest-to-host", &before);
     Ok(())
 }
 
 fn tcp_recv(port: u16) -> std::io::Result<()> {
+    let before = tcp_counters();
     let listener = TcpListener::bind(("0.0.0.0", port))?;
     println!("LISTENING {port}");
     let (mut stream, _) = listener.accept()?;
@@ -206,6 +253,7 @@ fn tcp_recv(port: u16) -> std::io::Result<()> {
         mib_per_s(total, start.elapsed()),
         "MiB/s",
     );
+    print_tcp_counters("tcp-host-to-guest", &before);
     Ok(())
 }
 

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use e2e::{ferro_bin, median, GuestImages, Vm};
 
 use crate::kvm_stats::{self, Counters};
-use crate::thread_stats;
+use crate::{host_net, thread_stats};
 use crate::{Vmm, TIMEOUT};
 
 const IO_IMAGE: &str = "/tmp/ferro-bench-disk.raw";
@@ -136,10 +136,21 @@ fn io_once(vmm: Vmm, images: &GuestImages, bench_initrd: &str) -> Result<IoRun, 
     vm.wait_for(PHASES_START, 1, TIMEOUT)?;
     let mut samples = vec![kvm_stats::read(vm.pid())];
     let mut switches = Vec::new();
+    let mut host = host_net::read(IO_TAP);
     for &metric in &PHASE_ORDER[..4] {
         switches.push(thread_stats::read(vm.pid()));
         vm.wait_for(&format!("RESULT {} ", IO_METRICS[metric]), 1, TIMEOUT)?;
         samples.push(kvm_stats::read(vm.pid()));
+        let host_now = host_net::read(IO_TAP);
+        if IO_METRICS[metric].starts_with("tcp") {
+            let moved = host_net::moved(&host, &host_now);
+            println!(
+                "  {} host during {}: {moved}",
+                vmm.name(),
+                IO_METRICS[metric]
+            );
+        }
+        host = host_now;
         if IO_METRICS[metric].contains("rand") {
             // The random reads: what the scheduler did per read, by thread.
             let after = thread_stats::read(vm.pid());
@@ -164,6 +175,8 @@ fn io_once(vmm: Vmm, images: &GuestImages, bench_initrd: &str) -> Result<IoRun, 
     drop(stream);
     vm.wait_for("RESULT tcp-host-to-guest", 1, TIMEOUT)?;
     samples.push(kvm_stats::read(vm.pid()));
+    let moved = host_net::moved(&host, &host_net::read(IO_TAP));
+    println!("  {} host during tcp-host-to-guest: {moved}", vmm.name());
     let done = vm.wait(TIMEOUT)?;
     let values = IO_METRICS
         .iter()

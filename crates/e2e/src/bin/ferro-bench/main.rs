@@ -12,6 +12,7 @@
 //! (userspace backends, no vhost), measured inside the guest by `ferro-guest-bench`.
 
 mod daemon;
+mod host_net;
 mod io;
 mod kvm_stats;
 mod thread_stats;
