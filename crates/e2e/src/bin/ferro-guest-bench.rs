@@ -98,7 +98,8 @@ fn print_interrupts(
 }
 
 /// The guest's TCP counters that say how a transfer went: retransmissions, timeouts, zero
-/// windows (from /proc/net/snmp and /proc/net/netstat).
+/// windows (from /proc/net/snmp and /proc/net/netstat), and eth0's packet counts (keys that
+/// start with a space).
 fn tcp_counters() -> std::collections::BTreeMap<String, u64> {
     const WANTED: [&str; 9] = [
         "RetransSegs",
@@ -112,6 +113,9 @@ fn tcp_counters() -> std::collections::BTreeMap<String, u64> {
         "TCPOFOQueue",
     ];
     let mut counters = std::collections::BTreeMap::new();
+    let [tx, rx] = eth0_packets();
+    counters.insert(" eth0 tx".to_string(), tx);
+    counters.insert(" eth0 rx".to_string(), rx);
     for path in ["/proc/net/snmp", "/proc/net/netstat"] {
         let text = std::fs::read_to_string(path).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
@@ -129,10 +133,33 @@ fn tcp_counters() -> std::collections::BTreeMap<String, u64> {
     counters
 }
 
-/// Prints the TCP counters that moved during `phase`.
+/// eth0's packet counters: TCP segments leave as fewer, larger packets when TSO works well.
+fn eth0_packets() -> [u64; 2] {
+    ["tx_packets", "rx_packets"].map(|name| {
+        std::fs::read_to_string(format!("/sys/class/net/eth0/statistics/{name}"))
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    })
+}
+
+/// The eth0 packet counts kept in a [`tcp_counters`] reading.
+fn before_packets(before: &std::collections::BTreeMap<String, u64>) -> [u64; 2] {
+    [" eth0 tx", " eth0 rx"].map(|key| before.get(key).copied().unwrap_or(0))
+}
+
+/// Prints the TCP counters that moved during `phase`, and eth0's packets in each direction.
 fn print_tcp_counters(phase: &str, before: &std::collections::BTreeMap<String, u64>) {
+    let [tx, rx] = eth0_packets();
+    let [tx0, rx0] = before_packets(before);
+    println!(
+        "GUESTSTAT {phase} eth0 packets tx {} rx {}",
+        tx.saturating_sub(tx0),
+        rx.saturating_sub(rx0)
+    );
     let moved: Vec<String> = tcp_counters()
         .into_iter()
+        .filter(|(name, _)| !name.starts_with(' '))
         .filter_map(|(name, now)| {
             let delta = now.saturating_sub(before.get(&name).copied().unwrap_or(0));
             (delta > 0).then(|| format!("{name} {delta}"))
