@@ -11,8 +11,8 @@
 //!
 //! Threading: the device's one worker thread takes requests off every queue. When the image allows
 //! concurrent I/O (raw files), requests that arrive together are spread over an [`IoPool`] and
-//! complete in any order, as the spec allows; the last of a batch runs on the worker itself, so
-//! a lone request costs no thread switch. Otherwise (qcow2) the worker serves them in order.
+//! complete in any order, as the spec allows; the last of a batch runs on the worker itself
+//! unless it is long, so a lone small request costs no thread switch. Otherwise (qcow2) the worker serves them in order.
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -38,6 +38,8 @@ pub const ID_LEN: usize = 20;
 const MAX_SEGMENTS: u32 = 32;
 /// Most requests of one disk in flight at once on I/O threads.
 const IO_THREADS: usize = 8;
+/// Largest last group of a batch served on the worker itself.
+const INLINE_MAX_BYTES: u64 = 128 << 10;
 /// 4 GiB - 512 in sectors: what one discard or write-zeroes segment may cover.
 const MAX_RANGE_SECTORS: u32 = 0x7f_ffff;
 
@@ -276,7 +278,9 @@ impl BlockWorker {
     ) -> Result<(), QueueBroken> {
         let chains = lock_queue(queue).pop_all(self.memory.clone())?;
         let mut groups = merge::group(chains, &self.memory);
-        let last = groups.pop();
+        // A small last group runs here, saving a thread switch; a long transfer goes to the
+        // pool too, so this thread is free for the next notification at once.
+        let last = groups.pop_if(|group| chains_len(group) < INLINE_MAX_BYTES);
         for group in groups {
             let job = self.completion_context(queue);
             pool.submit(move || job.serve(group));
@@ -295,6 +299,14 @@ impl BlockWorker {
             executor: self.executor.clone(),
         }
     }
+}
+
+/// Bytes the descriptors of `chains` cover (headers and status included).
+fn chains_len(chains: &[DescriptorChain<Arc<GuestMemory>>]) -> u64 {
+    chains
+        .iter()
+        .flat_map(|chain| chain.clone().map(|d| u64::from(d.len())))
+        .sum()
 }
 
 /// What serving one request and returning it to the driver needs, on any thread.

@@ -22,9 +22,14 @@ struct Setup {
 }
 
 fn setup(read_only: bool) -> Setup {
+    setup_sized(read_only, DISK_SIZE)
+}
+
+/// A raw image of `size` bytes whose sector i holds the byte i (mod 256).
+fn setup_sized(read_only: bool, size: usize) -> Setup {
     let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 0x20_0000)]).unwrap();
     let mut file = tempfile::NamedTempFile::new().unwrap();
-    let contents: Vec<u8> = (0..DISK_SIZE)
+    let contents: Vec<u8> = (0..size)
         .map(|i| (i / SECTOR_SIZE as usize) as u8)
         .collect();
     file.write_all(&contents).unwrap();
@@ -617,4 +622,69 @@ fn adjacent_requests_are_served_merged_and_each_gets_its_status() {
     assert_eq!(counters.get(counter::READ_REQUESTS), 5);
     assert_eq!(counters.get(counter::WRITE_REQUESTS), 2);
     assert_eq!(counters.get(counter::ERRORS), 1);
+}
+
+#[test]
+fn a_long_read_is_served_on_an_io_thread_and_lands_whole() {
+    use crate::device::ActiveQueue;
+    use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_NEXT;
+    const LONG: u32 = 256 << 10;
+    const LONG_DATA: u64 = 0x18_0000;
+    let s = setup_sized(false, 1 << 20);
+    let mem = &s.mem;
+    let mock = MockSplitQueue::new(mem, 16);
+    let (next, write) = (VRING_DESC_F_NEXT as u16, VRING_DESC_F_WRITE as u16);
+    // A read of sectors 1024.. (the disk's second half, bytes 1024 % 256 = 0 onward).
+    mem.write_obj(request_type::IN, GuestAddress(HEADER))
+        .unwrap();
+    mem.write_obj(1024u64, GuestAddress(HEADER + 8)).unwrap();
+    let descs = [
+        RawDescriptor::from(Descriptor::new(HEADER, 16, next, 1)),
+        RawDescriptor::from(Descriptor::new(LONG_DATA, LONG, next | write, 2)),
+        RawDescriptor::from(Descriptor::new(STATUS, 1, write, 0)),
+    ];
+    mock.add_desc_chains(&descs, 0).unwrap();
+    let notify = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    let mut device = Block::new(s.executor.disk.clone(), false, "", new_counters());
+    device
+        .activate(Activation {
+            memory: Arc::new(mem.clone()),
+            features: features::FLUSH,
+            queues: vec![ActiveQueue {
+                index: 0,
+                queue: mock.create_queue().unwrap(),
+                notify: notify.try_clone().unwrap(),
+            }],
+            interrupt: Arc::new(CountingInterrupt::default()),
+        })
+        .unwrap();
+    notify.write(1).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while mock.used().idx().load() < 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the read did not complete"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    // An I/O thread served it (nextest runs each test in a process of its own), and reset
+    // waits for it.
+    let io_threads = std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .flatten()
+        .filter(|task| {
+            std::fs::read_to_string(task.path().join("comm"))
+                .unwrap_or_default()
+                .trim()
+                == "virtio-blk-io"
+        })
+        .count();
+    assert!(io_threads >= 1, "no virtio-blk-io thread");
+    device.reset();
+    let status: u8 = mem.read_obj(GuestAddress(STATUS)).unwrap();
+    assert_eq!(status, status::OK);
+    assert_eq!(mock.used().ring().ref_at(0).unwrap().load().len(), LONG + 1);
+    let mut data = vec![0u8; LONG as usize];
+    mem.read_slice(&mut data, GuestAddress(LONG_DATA)).unwrap();
+    assert_eq!(data, disk_bytes(&s, 1024 * 512, LONG as usize));
 }
