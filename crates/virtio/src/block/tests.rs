@@ -492,18 +492,7 @@ fn each_queue_serves_its_own_requests_and_interrupts_for_itself() {
         let i = i as u64;
         let status: u8 = s.mem.read_obj(GuestAddress(STATUS + i)).unwrap();
         assert_eq!(status, status::OK, "request {i}");
-        if kind == request_type::IN {
-            let mut data = [0u8; 512];
-            s.mem
-                .read_slice(&mut data, GuestAddress(DATA + i * 0x1000))
-                .unwrap();
-            assert_eq!(data, [sector as u8; 512], "read of sector {sector}");
-        } else {
-            assert_eq!(
-                disk_bytes(&s, sector as usize * 512, 512),
-                vec![0xc0 + i as u8; 512]
-            );
-        }
+        check_data(&s, i, kind, sector);
     }
     // Each used ring holds exactly its own queue's heads.
     for (mock, count) in mocks.iter().zip([first.len(), second.len()]) {
@@ -515,6 +504,24 @@ fn each_queue_serves_its_own_requests_and_interrupts_for_itself() {
         assert_eq!(heads, (0..count as u32).map(|i| i * 3).collect::<Vec<_>>());
     }
     assert_eq!(*interrupt.queues.lock().unwrap(), [0, 1].into());
+}
+
+/// Checks what request `i` of a [`run_on_device`] plan moved: a read's buffer holds its
+/// sector, a write's sector holds the request's 0xc0 + i.
+fn check_data(s: &Setup, i: u64, kind: u32, sector: u64) {
+    if kind == request_type::IN {
+        let mut data = [0u8; 512];
+        s.mem
+            .read_slice(&mut data, GuestAddress(DATA + i * 0x1000))
+            .unwrap();
+        assert_eq!(data, [sector as u8; 512], "read of sector {sector}");
+    } else {
+        assert_eq!(
+            disk_bytes(s, sector as usize * 512, 512),
+            vec![0xc0 + i as u8; 512],
+            "write of sector {sector}"
+        );
+    }
 }
 
 #[test]
@@ -596,17 +603,7 @@ fn adjacent_requests_are_served_merged_and_each_gets_its_status() {
             continue;
         }
         assert_eq!(status, status::OK, "request {i}");
-        if kind == request_type::IN {
-            let mut data = [0u8; 512];
-            mem.read_slice(&mut data, GuestAddress(DATA + i * 0x1000))
-                .unwrap();
-            assert_eq!(data, [sector as u8; 512], "read of sector {sector}");
-        } else {
-            assert_eq!(
-                disk_bytes(&s, sector as usize * 512, 512),
-                vec![0xc0 + i as u8; 512]
-            );
-        }
+        check_data(&s, i, kind, sector);
     }
     // Every used length: data read plus the status byte; writes: the status byte.
     for i in 0..plan.len() {
