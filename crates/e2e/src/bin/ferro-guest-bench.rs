@@ -52,9 +52,20 @@ fn result(name: &str, value: f64, unit: &str) {
     println!("RESULT {name} {value:.1} {unit}");
 }
 
-/// /proc/interrupts: each source's counts per CPU, keyed by its name.
+/// /proc/interrupts and /proc/softirqs: each source's counts per CPU, keyed by its name.
 fn interrupt_counts() -> std::collections::BTreeMap<String, Vec<u64>> {
-    let text = std::fs::read_to_string("/proc/interrupts").unwrap_or_default();
+    let mut counts = per_cpu_table("/proc/interrupts");
+    counts.extend(
+        per_cpu_table("/proc/softirqs")
+            .into_iter()
+            .map(|(name, c)| (format!("softirq {name}"), c)),
+    );
+    counts
+}
+
+/// A table of counts per CPU with a header line naming the CPUs (/proc/interrupts' layout).
+fn per_cpu_table(path: &str) -> std::collections::BTreeMap<String, Vec<u64>> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
     let mut lines = text.lines();
     let cpus = lines
         .next()
@@ -168,6 +179,48 @@ fn print_tcp_counters(phase: &str, before: &std::collections::BTreeMap<String, u
     println!("GUESTSTAT {phase} tcp {}", moved.join(", "));
 }
 
+/// Each CPU's time in /proc/stat (user, nice, system, idle, iowait, irq, softirq, steal),
+/// in clock ticks.
+fn cpu_times() -> Vec<Vec<u64>> {
+    let text = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    text.lines()
+        .filter(|l| l.starts_with("cpu") && !l.starts_with("cpu "))
+        .map(|l| {
+            l.split_whitespace()
+                .skip(1)
+                .take(8)
+                .map(|v| v.parse().unwrap_or(0))
+                .collect()
+        })
+        .collect()
+}
+
+/// Prints where each CPU's time went during `phase`, in milliseconds: a transfer that
+/// collapses shows whether the guest was busy (and in what) or idle.
+fn print_cpu_times(phase: &str, before: &[Vec<u64>]) {
+    const NAMES: [&str; 8] = [
+        "user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal",
+    ];
+    // SAFETY: sysconf only reads a configuration value.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    for (cpu, (now, then)) in cpu_times().iter().zip(before).enumerate() {
+        let spent: Vec<String> = NAMES
+            .iter()
+            .zip(now.iter().zip(then))
+            .map(|(name, (n, t))| format!("{name} {}", n.saturating_sub(*t) * 1000 / hz))
+            .collect();
+        println!("GUESTSTAT {phase} cpu{cpu} ms: {}", spent.join(", "));
+    }
+}
+
+/// The CPU this process last ran on (field 39 of /proc/self/stat).
+fn current_cpu() -> String {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    stat.rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().nth(36).map(String::from))
+        .unwrap_or_else(|| "?".into())
+}
+
 /// The guest's idle driver and clock source, which change how often it exits.
 fn print_platform() {
     for path in [
@@ -239,13 +292,66 @@ fn disk(device: &str, mib: usize, seconds: u64) -> std::io::Result<()> {
     Ok(())
 }
 
+/// The sender's view of a connection (the kernel's `struct tcp_info`, read by offset so any
+/// kernel's longer or shorter struct works): what limited it, and how long an ACK took.
+fn tcp_info(stream: &TcpStream) -> String {
+    use std::os::fd::AsRawFd;
+    let mut info = [0u8; 256];
+    let mut len = info.len() as libc::socklen_t;
+    // SAFETY: the kernel writes at most `len` bytes into `info` and stores the length it wrote.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return "tcp_info unavailable".into();
+    }
+    let len = len as usize;
+    let u32_at = |offset: usize| {
+        info.get(offset..offset + 4)
+            .filter(|_| offset + 4 <= len)
+            .map_or(0, |b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
+    };
+    let u64_at = |offset: usize| u64::from(u32_at(offset)) | (u64::from(u32_at(offset + 4)) << 32);
+    format!(
+        "rtt {} us, min_rtt {} us, cwnd {}, unacked {}, snd_wnd {}, pacing {} Mbit/s, busy {} ms, rwnd_limited {} ms, sndbuf_limited {} ms",
+        u32_at(68),
+        u32_at(148),
+        u32_at(80),
+        u32_at(24),
+        u32_at(228),
+        u64_at(104) * 8 / 1_000_000,
+        u64_at(168) / 1000,
+        u64_at(176) / 1000,
+        u64_at(184) / 1000,
+    )
+}
+
 fn tcp_send(addr: &str, mib: usize) -> std::io::Result<()> {
     let before = tcp_counters();
+    let interrupts = interrupt_counts();
+    let times = cpu_times();
     let mut stream = TcpStream::connect(addr)?;
     let buf = vec![0x42u8; MIB];
     let start = Instant::now();
-    for _ in 0..mib {
+    // Four looks during the transfer: a connection that collapses shows it in its RTT.
+    let mut looks = Vec::new();
+    for sent in 0..mib {
         stream.write_all(&buf)?;
+        if (sent + 1) % (mib / 4).max(1) == 0 {
+            looks.push(format!(
+                "{} MiB at {:.2} s on cpu{}: {}",
+                sent + 1,
+                start.elapsed().as_secs_f64(),
+                current_cpu(),
+                tcp_info(&stream)
+            ));
+        }
     }
     stream.shutdown(std::net::Shutdown::Write)?;
     // Wait for the receiver to close: everything has arrived.
@@ -257,6 +363,11 @@ fn tcp_send(addr: &str, mib: usize) -> std::io::Result<()> {
         "MiB/s",
     );
     print_tcp_counters("tcp-guest-to-host", &before);
+    print_cpu_times("tcp-guest-to-host", &times);
+    print_interrupts("tcp-guest-to-host", &interrupts, mib as f64);
+    for look in looks {
+        println!("GUESTSTAT tcp-guest-to-host tcp_info {look}");
+    }
     Ok(())
 }
 
@@ -265,6 +376,8 @@ fn tcp_recv(port: u16) -> std::io::Result<()> {
     let listener = TcpListener::bind(("0.0.0.0", port))?;
     println!("LISTENING {port}");
     let (mut stream, _) = listener.accept()?;
+    let interrupts = interrupt_counts();
+    let times = cpu_times();
     let mut buf = vec![0u8; MIB];
     let mut total = 0usize;
     let start = Instant::now();
@@ -281,6 +394,12 @@ fn tcp_recv(port: u16) -> std::io::Result<()> {
         "MiB/s",
     );
     print_tcp_counters("tcp-host-to-guest", &before);
+    print_cpu_times("tcp-host-to-guest", &times);
+    print_interrupts(
+        "tcp-host-to-guest",
+        &interrupts,
+        (total / MIB).max(1) as f64,
+    );
     Ok(())
 }
 

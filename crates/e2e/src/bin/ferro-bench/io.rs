@@ -124,12 +124,15 @@ struct IoRun {
 fn io_once(vmm: Vmm, images: &GuestImages, bench_initrd: &str) -> Result<IoRun, String> {
     use std::io::{Read, Write};
     let listener = std::net::TcpListener::bind((IO_HOST_ADDR, 5201)).map_err(|e| e.to_string())?;
-    let sink = std::thread::spawn(move || -> std::io::Result<()> {
-        let (mut stream, _) = listener.accept()?;
-        let mut buf = vec![0u8; 1 << 20];
-        while stream.read(&mut buf)? > 0 {}
-        Ok(())
-    });
+    let sink = std::thread::Builder::new()
+        .name("tcp-sink".into())
+        .spawn(move || -> std::io::Result<()> {
+            let (mut stream, _) = listener.accept()?;
+            let mut buf = vec![0u8; 1 << 20];
+            while stream.read(&mut buf)? > 0 {}
+            Ok(())
+        })
+        .map_err(|e| e.to_string())?;
     let (program, args) = io_command(vmm, images, bench_initrd);
     let mut vm = Vm::spawn(&program, &args)?;
     vm.close_stdin();
@@ -139,6 +142,7 @@ fn io_once(vmm: Vmm, images: &GuestImages, bench_initrd: &str) -> Result<IoRun, 
     let mut host = host_net::read(IO_TAP);
     for &metric in &PHASE_ORDER[..4] {
         switches.push(thread_stats::read(vm.pid()));
+        let own_switches = thread_stats::read(std::process::id());
         vm.wait_for(&format!("RESULT {} ", IO_METRICS[metric]), 1, TIMEOUT)?;
         samples.push(kvm_stats::read(vm.pid()));
         let host_now = host_net::read(IO_TAP);
@@ -151,18 +155,24 @@ fn io_once(vmm: Vmm, images: &GuestImages, bench_initrd: &str) -> Result<IoRun, 
             );
         }
         host = host_now;
-        if IO_METRICS[metric].contains("rand") {
-            // The random reads: what the scheduler did per read, by thread.
-            let after = thread_stats::read(vm.pid());
-            let reads = operations(metric, whole_result(&vm, IO_METRICS[metric])?);
-            let per_read =
-                thread_stats::per_operation(&switches[switches.len() - 1], &after, reads);
-            println!(
-                "  {} per read, by thread (switches voluntary/involuntary, CPU time): {}",
-                vmm.name(),
-                per_read.join(", ")
-            );
-        }
+        // What the scheduler did per operation, by thread, for the VMM and for this
+        // process (whose sink thread receives the guest's TCP stream).
+        let after = thread_stats::read(vm.pid());
+        let ops = operations(metric, whole_result(&vm, IO_METRICS[metric])?);
+        let own_after = thread_stats::read(std::process::id());
+        let mut per_op = thread_stats::per_operation(&switches[switches.len() - 1], &after, ops);
+        per_op.extend(thread_stats::per_operation(&own_switches, &own_after, ops));
+        println!(
+            "  {} {} per {}, by thread (switches voluntary/involuntary, CPU, runnable wait): {}",
+            vmm.name(),
+            IO_METRICS[metric],
+            if IO_METRICS[metric].contains("rand") {
+                "read"
+            } else {
+                "MiB"
+            },
+            per_op.join(", ")
+        );
     }
     vm.wait_for("LISTENING 5202", 1, TIMEOUT)?;
     let _ = sink.join();
