@@ -99,6 +99,9 @@ pub struct DefinitionNic {
     /// Guest MAC address; the daemon picks a random one at definition time when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mac: Option<MacAddress>,
+    /// Receive/transmit queue pairs; one per vCPU when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_pairs: Option<u16>,
 }
 
 /// The TAP device of NIC `index` of VM `vm` on a virtual network: short enough for an
@@ -109,6 +112,10 @@ pub fn network_tap_name(vm: &str, index: usize) -> String {
 
 impl DefinitionNic {
     fn validate(&self) -> Result<(), String> {
+        if let Some(pairs) = self.queue_pairs {
+            crate::net::check_queue_pairs(pairs)
+                .map_err(|e| format!("a NIC's queue_pairs: {e}"))?;
+        }
         match (&self.tap, &self.network) {
             (Some(tap), None) if valid_interface_name(tap) => Ok(()),
             (Some(tap), None) => Err(format!(
@@ -129,10 +136,11 @@ impl DefinitionNic {
                 None => network_tap_name(vm, index),
             },
             mac: self.mac,
+            queue_pairs: self.queue_pairs,
         }
     }
 
-    /// `tap=NAME` or `network=NAME`, then `,mac=MAC` when set.
+    /// `tap=NAME` or `network=NAME`, then `,mac=MAC` and `,queue_pairs=N` when set.
     pub fn to_option_string(&self) -> String {
         let mut text = match (&self.tap, &self.network) {
             (Some(tap), _) => format!("tap={tap}"),
@@ -141,6 +149,9 @@ impl DefinitionNic {
         };
         if let Some(mac) = self.mac {
             text += &format!(",mac={mac}");
+        }
+        if let Some(pairs) = self.queue_pairs {
+            text += &format!(",queue_pairs={pairs}");
         }
         text
     }
@@ -152,6 +163,7 @@ impl From<NetConfig> for DefinitionNic {
             tap: Some(net.tap),
             network: None,
             mac: net.mac,
+            queue_pairs: net.queue_pairs,
         }
     }
 }

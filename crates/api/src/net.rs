@@ -85,6 +85,24 @@ pub struct NetConfig {
     /// Guest MAC address; random (locally administered) when absent.
     #[serde(default)]
     pub mac: Option<MacAddress>,
+    /// Receive/transmit queue pairs (1 to [`MAX_NET_QUEUE_PAIRS`]); when absent, one per vCPU
+    /// if the TAP device is multi-queue or new, else one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_pairs: Option<u16>,
+}
+
+/// Most queue pairs of a NIC.
+pub const MAX_NET_QUEUE_PAIRS: u16 = 64;
+
+/// Checks a NIC's queue pair count.
+pub fn check_queue_pairs(pairs: u16) -> Result<(), String> {
+    if (1..=MAX_NET_QUEUE_PAIRS).contains(&pairs) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{pairs} is not between 1 and {MAX_NET_QUEUE_PAIRS} queue pairs"
+        ))
+    }
 }
 
 /// Checks a Linux interface name (1 to 15 bytes, no '/', ':' or whitespace).
@@ -106,6 +124,12 @@ impl NetConfig {
                 message: format!("{:?} is not a valid interface name (1 to 15 characters, no '/', ':' or spaces)", self.tap),
             });
         }
+        if let Some(pairs) = self.queue_pairs {
+            check_queue_pairs(pairs).map_err(|message| OptionError::Invalid {
+                key: "queue_pairs".into(),
+                message,
+            })?;
+        }
         Ok(())
     }
 }
@@ -113,19 +137,23 @@ impl NetConfig {
 impl NetConfig {
     /// The `--net` option string that parses back into this interface.
     pub fn to_option_string(&self) -> String {
-        match &self.mac {
-            Some(mac) => format!("tap={},mac={mac}", self.tap),
-            None => format!("tap={}", self.tap),
+        let mut text = format!("tap={}", self.tap);
+        if let Some(mac) = &self.mac {
+            text += &format!(",mac={mac}");
         }
+        if let Some(pairs) = self.queue_pairs {
+            text += &format!(",queue_pairs={pairs}");
+        }
+        text
     }
 }
 
 impl std::str::FromStr for NetConfig {
     type Err = OptionError;
 
-    /// `tap=NAME[,mac=MAC]`
+    /// `tap=NAME[,mac=MAC][,queue_pairs=N]`
     fn from_str(s: &str) -> Result<Self, OptionError> {
-        let mut o = Options::parse(s, &["tap", "mac"])?;
+        let mut o = Options::parse(s, &["tap", "mac", "queue_pairs"])?;
         let tap = o.required("tap")?;
         let mac = o
             .take("mac")
@@ -135,7 +163,18 @@ impl std::str::FromStr for NetConfig {
                 key: "mac".into(),
                 message,
             })?;
-        let net = NetConfig { tap, mac };
+        let queue_pairs = match o.take("queue_pairs") {
+            None => None,
+            Some(text) => Some(text.parse().map_err(|_| OptionError::Invalid {
+                key: "queue_pairs".into(),
+                message: format!("{text:?} is not a number of queue pairs"),
+            })?),
+        };
+        let net = NetConfig {
+            tap,
+            mac,
+            queue_pairs,
+        };
         net.validate()?;
         Ok(net)
     }
@@ -147,7 +186,11 @@ mod tests {
 
     #[test]
     fn option_strings_round_trip() {
-        for text in ["tap=tap0", "tap=t1,mac=52:54:00:12:34:56"] {
+        for text in [
+            "tap=tap0",
+            "tap=t1,mac=52:54:00:12:34:56",
+            "tap=t2,queue_pairs=4",
+        ] {
             let net: NetConfig = text.parse().unwrap();
             assert_eq!(net.to_option_string(), text);
         }
@@ -187,5 +230,16 @@ mod tests {
         assert!("tap=../x".parse::<NetConfig>().is_err());
         assert!("tap=t,mac=nope".parse::<NetConfig>().is_err());
         assert!("mac=52:54:00:00:00:01".parse::<NetConfig>().is_err());
+        assert_eq!(n.queue_pairs, None);
+        let mq: NetConfig = "tap=t,queue_pairs=2".parse().unwrap();
+        assert_eq!(mq.queue_pairs, Some(2));
+        for bad in [
+            "tap=t,queue_pairs=0",
+            "tap=t,queue_pairs=65",
+            "tap=t,queue_pairs=x",
+        ] {
+            let err = bad.parse::<NetConfig>().unwrap_err().to_string();
+            assert!(err.contains("queue_pairs"), "{bad}: {err}");
+        }
     }
 }

@@ -450,7 +450,8 @@ impl Rtnl {
     }
 }
 
-/// TUNSETIFF then TUNSETPERSIST on a new /dev/net/tun file, which closes on return.
+/// TUNSETIFF then TUNSETPERSIST on a new /dev/net/tun file, which closes on return. The device
+/// is multi-queue, so the VMM can give the NIC a queue pair per vCPU.
 fn persistent_tap(name: &str) -> io::Result<()> {
     let tun = OpenOptions::new()
         .read(true)
@@ -463,11 +464,19 @@ fn persistent_tap(name: &str) -> io::Result<()> {
     for (dst, src) in request.ifr_name.iter_mut().zip(name.bytes()) {
         *dst = src as libc::c_char;
     }
-    request.ifr_ifru.ifru_flags =
-        (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
-    // SAFETY: TUNSETIFF reads and writes one ifreq, which `request` is, for the call's duration.
-    if unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF, &mut request) } < 0 {
-        return Err(io::Error::last_os_error());
+    let single_queue = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR;
+    // A single-queue device left from before is reused as it is (EINVAL for the other kind).
+    for flags in [single_queue | libc::IFF_MULTI_QUEUE, single_queue] {
+        request.ifr_ifru.ifru_flags = flags as libc::c_short;
+        // SAFETY: TUNSETIFF reads and writes one ifreq, which `request` is, for the call's
+        // duration.
+        if unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF, &mut request) } == 0 {
+            break;
+        }
+        let error = io::Error::last_os_error();
+        if error.raw_os_error() != Some(libc::EINVAL) || flags == single_queue {
+            return Err(error);
+        }
     }
     let persist: libc::c_ulong = 1;
     // SAFETY: TUNSETPERSIST takes its argument as a plain integer, not a pointer.

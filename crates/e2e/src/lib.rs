@@ -7,6 +7,7 @@
 
 pub mod daemon;
 pub mod resume;
+pub mod tap;
 
 use std::io::{Read, Write};
 use std::path::PathBuf;

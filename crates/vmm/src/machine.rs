@@ -115,14 +115,19 @@ impl Disks {
     }
 }
 
-/// The TAP devices, opened once for all boots (a TAP Ferro created lives as long as Ferro).
+/// The TAP devices, opened once for all boots (a TAP Ferro created lives as long as Ferro):
+/// one queue per queue pair of each NIC.
 pub(crate) struct Nets {
-    taps: Vec<(Arc<virtio::net::Tap>, api::MacAddress)>,
+    taps: Vec<(Vec<Arc<virtio::net::Tap>>, api::MacAddress)>,
 }
 
 impl std::fmt::Debug for Nets {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let names: Vec<_> = self.taps.iter().map(|(t, _)| t.name()).collect();
+        let names: Vec<_> = self
+            .taps
+            .iter()
+            .map(|(t, _)| format!("{} ({} queues)", t[0].name(), t.len()))
+            .collect();
         f.debug_struct("Nets").field("taps", &names).finish()
     }
 }
@@ -131,15 +136,25 @@ impl Nets {
     pub fn open(config: &VmConfig) -> Result<Self, Error> {
         let mut taps = Vec::new();
         for net in &config.nets {
-            let tap = virtio::net::Tap::open(&net.tap).map_err(|source| Error::Net {
-                tap: net.tap.clone(),
-                source,
-            })?;
-            if tap.created() {
-                tracing::info!("created TAP device {}", net.tap);
+            // One pair per vCPU unless the user chose; an existing single-queue TAP then
+            // gets one pair, while a count the user chose must be met.
+            let pairs = net
+                .queue_pairs
+                .map_or(config.cpus as usize, usize::from)
+                .min(virtio::net::MAX_QUEUE_PAIRS);
+            let fewer_ok = net.queue_pairs.is_none();
+            let queues =
+                virtio::net::Tap::open_queues(&net.tap, pairs, fewer_ok).map_err(|source| {
+                    Error::Net {
+                        tap: net.tap.clone(),
+                        source,
+                    }
+                })?;
+            if queues[0].created() {
+                tracing::info!("created TAP device {} ({} queues)", net.tap, queues.len());
             }
             taps.push((
-                Arc::new(tap),
+                queues.into_iter().map(Arc::new).collect(),
                 net.mac.unwrap_or_else(api::MacAddress::random),
             ));
         }
@@ -150,9 +165,9 @@ impl Nets {
         self.taps
             .iter()
             .enumerate()
-            .map(|(i, (tap, mac))| {
+            .map(|(i, (queues, mac))| {
                 let counters = stats.device(&format!("net{i}"), virtio::net::new_counters);
-                virtio::net::Net::new(tap.clone(), mac.0, counters)
+                virtio::net::Net::new(queues.clone(), mac.0, counters)
             })
             .collect()
     }

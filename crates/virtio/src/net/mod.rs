@@ -1,4 +1,9 @@
-//! virtio-net (virtio 1.x section 5.1) on a TAP device: one receive and one transmit queue.
+//! virtio-net (virtio 1.x section 5.1) on a TAP device: one receive and one transmit queue per
+//! queue pair. With several pairs (`VIRTIO_NET_F_MQ`, on a multi-queue TAP) each pair has its
+//! own TAP queue and worker thread, and the driver picks how many pairs carry traffic through
+//! the control queue ([`ctrl`]); until it does, only pair 0 does. The host kernel steers a
+//! flow's packets to the TAP queue its last packet from the guest came through, so a
+//! connection's transmit completions and incoming packets interrupt the vCPU that sends.
 //!
 //! Every packet carries the 12-byte virtio-net header, which the TAP device understands too, so
 //! checksum offload and TSO pass through untouched; the device only fills in `num_buffers` on
@@ -8,6 +13,9 @@
 //! never cut short. When the driver has no receive buffers left, the packet waits (the TAP is
 //! not read) until the driver adds some.
 
+pub mod ctrl;
+#[cfg(test)]
+mod mq_tests;
 mod rx_buffers;
 pub mod tap;
 
@@ -29,8 +37,6 @@ use rx_buffers::{RxBuffers, RxChain};
 pub use tap::Tap;
 
 const QUEUE_SIZE: u16 = 256;
-const RX_QUEUE: u16 = 0;
-const TX_QUEUE: u16 = 1;
 /// The virtio-net header with `num_buffers` (virtio 1.x always uses this layout).
 pub const HEADER_LEN: usize = 12;
 const NUM_BUFFERS_OFFSET: usize = 10;
@@ -56,7 +62,12 @@ pub mod features {
     pub const HOST_ECN: u64 = 1 << 13;
     pub const MRG_RXBUF: u64 = 1 << 15;
     pub const STATUS: u64 = 1 << 16;
+    pub const CTRL_VQ: u64 = 1 << 17;
+    pub const MQ: u64 = 1 << 22;
 }
+
+/// Most queue pairs a device offers (the driver caps its use at its CPU count).
+pub const MAX_QUEUE_PAIRS: usize = 64;
 
 /// The device's counters (indexes into [`COUNTER_NAMES`]); bytes are frame bytes, without
 /// the virtio-net header.
@@ -89,26 +100,40 @@ pub fn new_counters() -> Arc<Counters> {
 /// A network device.
 #[derive(Debug)]
 pub struct Net {
-    tap: Arc<Tap>,
+    /// One TAP queue per queue pair.
+    taps: Vec<Arc<Tap>>,
     mac: [u8; 6],
-    worker: Option<WorkerHandle>,
+    /// Receive and transmit queue of each pair, then the control queue with several pairs.
+    queue_sizes: Vec<u16>,
+    workers: Vec<WorkerHandle>,
     counters: Arc<Counters>,
 }
 
 impl Net {
-    pub fn new(tap: Arc<Tap>, mac: [u8; 6], counters: Arc<Counters>) -> Self {
+    /// A device with one queue pair per TAP queue in `taps` (at least one, at most
+    /// [`MAX_QUEUE_PAIRS`]; extra queues are left unused).
+    pub fn new(mut taps: Vec<Arc<Tap>>, mac: [u8; 6], counters: Arc<Counters>) -> Self {
+        taps.truncate(MAX_QUEUE_PAIRS);
+        let pairs = taps.len().max(1);
+        let queues = if pairs > 1 { 2 * pairs + 1 } else { 2 };
         Net {
-            tap,
+            taps,
             mac,
-            worker: None,
+            queue_sizes: vec![QUEUE_SIZE; queues],
+            workers: Vec::new(),
             counters,
         }
     }
 
-    fn config(&self) -> [u8; 8] {
-        let mut c = [0u8; 8];
+    fn pairs(&self) -> usize {
+        self.taps.len()
+    }
+
+    fn config(&self) -> [u8; 10] {
+        let mut c = [0u8; 10];
         c[..6].copy_from_slice(&self.mac);
         c[6..8].copy_from_slice(&LINK_UP.to_le_bytes());
+        c[8..10].copy_from_slice(&(self.pairs() as u16).to_le_bytes());
         c
     }
 }
@@ -137,12 +162,15 @@ impl VirtioDevice for Net {
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
-        &[QUEUE_SIZE, QUEUE_SIZE]
+        &self.queue_sizes
     }
 
     fn features(&self) -> u64 {
         use self::features::*;
-        CSUM | GUEST_CSUM
+        let multi_queue = if self.pairs() > 1 { MQ | CTRL_VQ } else { 0 };
+        multi_queue
+            | CSUM
+            | GUEST_CSUM
             | MAC
             | GUEST_TSO4
             | GUEST_TSO6
@@ -160,41 +188,75 @@ impl VirtioDevice for Net {
 
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
         let got = activation.queues.len();
-        let mut rx = None;
-        let mut tx = None;
+        let features = activation.features;
+        let multi_queue = features & features::MQ != 0 && self.pairs() > 1;
+        let pairs = if multi_queue { self.pairs() } else { 1 };
+        // The control queue follows the last pair the device offers (virtio 1.x 5.1.2).
+        let ctrl_index = (2 * pairs) as u16;
+        let mut queues: Vec<Option<DeviceQueue>> = (0..=2 * pairs).map(|_| None).collect();
         for q in activation.queues {
-            match q.index {
-                RX_QUEUE => rx = Some(q.into()),
-                TX_QUEUE => tx = Some(q.into()),
-                _ => {}
+            if let Some(slot) = queues.get_mut(usize::from(q.index)) {
+                *slot = Some(q.into());
             }
         }
-        let (Some(rx), Some(tx)) = (rx, tx) else {
+        let ctrl = if features & features::CTRL_VQ != 0 {
+            queues[usize::from(ctrl_index)].take()
+        } else {
+            None
+        };
+        // Pairs the driver enabled both queues of, from pair 0 up to the first gap.
+        let mut pair_queues = Vec::new();
+        for pair in queues.chunks_mut(2).take(pairs) {
+            let (Some(rx), Some(tx)) = (pair[0].take(), pair[1].take()) else {
+                break;
+            };
+            pair_queues.push((rx, tx));
+        }
+        if pair_queues.is_empty() {
             return Err(ActivateError::MissingQueues { needed: 2, got });
-        };
-        self.tap
-            .set_offload(tap_offloads(activation.features))
-            .map_err(|e| ActivateError::Backend(e.to_string()))?;
-        let worker = NetWorker {
-            memory: activation.memory,
-            rx,
-            tx,
-            interrupt: activation.interrupt,
-            tap: self.tap.clone(),
-            mergeable: activation.features & features::MRG_RXBUF != 0,
-            packet: vec![0; MAX_PACKET],
-            pending: None,
-            rx_buffers: RxBuffers::default(),
-            tap_watched: true,
-            counters: self.counters.clone(),
-        };
-        self.worker =
-            Some(WorkerHandle::spawn("virtio-net", worker).map_err(ActivateError::Worker)?);
+        }
+        let backend = |e: tap::TapError| ActivateError::Backend(e.to_string());
+        self.taps[0]
+            .set_offload(tap_offloads(features))
+            .map_err(backend)?;
+        // Only pair 0 carries traffic until the driver asks for more.
+        ctrl::use_queue_pairs(&self.taps, 1).map_err(backend)?;
+        let mut workers = Vec::new();
+        for ((rx, tx), tap) in pair_queues.into_iter().zip(&self.taps) {
+            let worker = NetWorker {
+                memory: activation.memory.clone(),
+                rx,
+                tx,
+                interrupt: activation.interrupt.clone(),
+                tap: tap.clone(),
+                mergeable: features & features::MRG_RXBUF != 0,
+                packet: vec![0; MAX_PACKET],
+                pending: None,
+                rx_buffers: RxBuffers::default(),
+                tap_watched: true,
+                counters: self.counters.clone(),
+            };
+            workers.push(WorkerHandle::spawn("virtio-net", worker).map_err(ActivateError::Worker)?);
+        }
+        if let Some(queue) = ctrl {
+            let worker = ctrl::CtrlWorker {
+                memory: activation.memory.clone(),
+                queue,
+                interrupt: activation.interrupt.clone(),
+                taps: self.taps.clone(),
+                usable_pairs: workers.len() as u16,
+                counters: self.counters.clone(),
+            };
+            workers.push(
+                WorkerHandle::spawn("virtio-net-ctl", worker).map_err(ActivateError::Worker)?,
+            );
+        }
+        self.workers = workers;
         Ok(())
     }
 
     fn reset(&mut self) {
-        if let Some(mut worker) = self.worker.take() {
+        for mut worker in self.workers.drain(..) {
             worker.stop();
         }
     }
@@ -549,8 +611,8 @@ mod receive_tests {
         let memory = Arc::new(mem.clone());
         let worker = NetWorker {
             memory: memory.clone(),
-            rx: queue(&rx, RX_QUEUE),
-            tx: queue(&tx, TX_QUEUE),
+            rx: queue(&rx, 0),
+            tx: queue(&tx, 1),
             interrupt: Arc::new(NoInterrupt),
             tap,
             mergeable,

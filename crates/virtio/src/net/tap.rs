@@ -9,7 +9,11 @@ use std::os::unix::fs::OpenOptionsExt;
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
 const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
+const TUNSETQUEUE: libc::c_ulong = 0x4004_54d9;
 const IFF_TAP: libc::c_short = 0x0002;
+const IFF_MULTI_QUEUE: libc::c_short = 0x0100;
+const IFF_ATTACH_QUEUE: libc::c_short = 0x0200;
+const IFF_DETACH_QUEUE: libc::c_short = 0x0400;
 const IFF_NO_PI: libc::c_short = 0x1000;
 const IFF_VNET_HDR: libc::c_short = 0x4000;
 
@@ -34,6 +38,8 @@ pub enum TapError {
         #[source]
         source: io::Error,
     },
+    #[error("TAP device {name} has one queue; {wanted} queue pairs need one created with `ip tuntap add {name} mode tap multi_queue`")]
+    SingleQueue { name: String, wanted: usize },
     #[error("cannot configure TAP device {name}")]
     Configure {
         name: String,
@@ -71,39 +77,108 @@ pub fn valid_name(name: &str) -> bool {
             .any(|c| c == '/' || c == ':' || c.is_whitespace())
 }
 
+/// Whether network interface `name` exists in this thread's network namespace.
+fn interface_exists(name: &str) -> bool {
+    let Ok(name) = std::ffi::CString::new(name) else {
+        return false;
+    };
+    // SAFETY: `name` is a NUL-terminated string that outlives the call.
+    unsafe { libc::if_nametoindex(name.as_ptr()) != 0 }
+}
+
+/// A new /dev/net/tun file attached to device `name` with `flags`.
+fn attach(name: &str, flags: libc::c_short) -> Result<File, TapError> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open("/dev/net/tun")
+        .map_err(TapError::OpenTun)?;
+    let mut req = ifreq(name);
+    req.ifr_ifru.ifru_flags = flags;
+    // SAFETY: TUNSETIFF reads and writes an ifreq, which `req` is, for the call's duration.
+    let ret = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &mut req) };
+    if ret < 0 {
+        return Err(TapError::Attach {
+            name: name.to_string(),
+            source: io::Error::last_os_error(),
+        });
+    }
+    Ok(file)
+}
+
 impl Tap {
     /// Attaches to TAP device `name`, creating it (and bringing it up) if it does not exist.
     pub fn open(name: &str) -> Result<Self, TapError> {
+        let mut queues = Self::open_queues(name, 1, false)?;
+        Ok(queues.remove(0))
+    }
+
+    /// Opens `queues` queues of TAP device `name` (one file each), creating the device (and
+    /// bringing it up) if it does not exist; a new device is multi-queue. An existing
+    /// single-queue device gives one queue when `fewer_ok`, an error otherwise.
+    pub fn open_queues(name: &str, queues: usize, fewer_ok: bool) -> Result<Vec<Self>, TapError> {
         if !valid_name(name) {
             return Err(TapError::InvalidName(name.to_string()));
         }
-        let existed = std::path::Path::new("/sys/class/net").join(name).exists();
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
-            .open("/dev/net/tun")
-            .map_err(TapError::OpenTun)?;
-        let mut req = ifreq(name);
-        req.ifr_ifru.ifru_flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR;
-        // SAFETY: TUNSETIFF reads and writes an ifreq, which `req` is, for the call's duration.
-        let ret = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &mut req) };
-        if ret < 0 {
-            return Err(TapError::Attach {
-                name: name.to_string(),
-                source: io::Error::last_os_error(),
-            });
-        }
-        let tap = Tap {
-            file,
-            name: name.to_string(),
-            created: !existed,
+        let created = !interface_exists(name);
+        let single_queue = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR;
+        // A queue must be opened as the device was made: try multi-queue first, and an
+        // existing single-queue device answers EINVAL.
+        let (first, flags) = match attach(name, single_queue | IFF_MULTI_QUEUE) {
+            Ok(file) => (file, single_queue | IFF_MULTI_QUEUE),
+            Err(TapError::Attach { source, .. }) if source.raw_os_error() == Some(libc::EINVAL) => {
+                if queues > 1 && !fewer_ok {
+                    return Err(TapError::SingleQueue {
+                        name: name.to_string(),
+                        wanted: queues,
+                    });
+                }
+                (attach(name, single_queue)?, single_queue)
+            }
+            Err(e) => return Err(e),
         };
-        tap.set_vnet_header_size(12)?;
-        if tap.created {
-            tap.bring_up()?;
+        let count = if flags & IFF_MULTI_QUEUE != 0 {
+            queues.max(1)
+        } else {
+            1
+        };
+        let mut taps = Vec::with_capacity(count);
+        let mut file = Some(first);
+        for _ in 0..count {
+            let tap = Tap {
+                file: match file.take() {
+                    Some(first) => first,
+                    None => attach(name, flags)?,
+                },
+                name: name.to_string(),
+                created,
+            };
+            tap.set_vnet_header_size(12)?;
+            taps.push(tap);
         }
-        Ok(tap)
+        if created {
+            taps[0].bring_up()?;
+        }
+        Ok(taps)
+    }
+
+    /// Lets this queue of a multi-queue device carry packets (`on`) or takes it out of the
+    /// device's queue selection: packets from the host only go to attached queues.
+    pub fn set_queue_enabled(&self, on: bool) -> Result<(), TapError> {
+        let mut req = ifreq("");
+        req.ifr_ifru.ifru_flags = if on {
+            IFF_ATTACH_QUEUE
+        } else {
+            IFF_DETACH_QUEUE
+        };
+        // SAFETY: TUNSETQUEUE reads one ifreq, which `req` is, for the call's duration.
+        let ret = unsafe { libc::ioctl(self.file.as_raw_fd(), TUNSETQUEUE, &req) };
+        // Attaching an attached queue (or detaching a detached one) is EINVAL: already so.
+        if ret < 0 && io::Error::last_os_error().raw_os_error() != Some(libc::EINVAL) {
+            return Err(self.configure_err(io::Error::last_os_error()));
+        }
+        Ok(())
     }
 
     pub fn name(&self) -> &str {
@@ -222,8 +297,71 @@ impl AsRawFd for Tap {
 }
 
 #[cfg(test)]
+/// Runs `body` on a thread of its own in a new network namespace, so TAP devices it
+/// makes vanish with it; skipped where that is not allowed (not root, or no /dev/net/tun).
+pub(super) fn in_new_netns(body: impl FnOnce() + Send + 'static) {
+    let thread = std::thread::spawn(move || {
+        // SAFETY: unshare takes flags only; CLONE_NEWNET moves this thread alone into a
+        // new network namespace, which goes away with the thread.
+        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0
+            || !std::path::Path::new("/dev/net/tun").exists()
+        {
+            eprintln!("skipped: no network namespace or TUN device here");
+            return;
+        }
+        body();
+    });
+    if let Err(panic) = thread.join() {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_new_device_is_multi_queue_and_its_queues_switch() {
+        in_new_netns(|| {
+            let taps = Tap::open_queues("fmq0", 3, false).unwrap();
+            assert_eq!(taps.len(), 3);
+            assert!(taps.iter().all(Tap::created));
+            // Detaching and attaching are accepted, and repeating either is harmless.
+            taps[2].set_queue_enabled(false).unwrap();
+            taps[2].set_queue_enabled(false).unwrap();
+            taps[1].set_queue_enabled(false).unwrap();
+            taps[2].set_queue_enabled(true).unwrap();
+            taps[2].set_queue_enabled(true).unwrap();
+            // One more queue of the same device opens as multi-queue too.
+            let more = Tap::open_queues("fmq0", 1, false).unwrap();
+            assert_eq!(more.len(), 1);
+            assert!(!more[0].created(), "the device existed");
+        });
+    }
+
+    #[test]
+    fn a_single_queue_device_gives_one_queue_or_a_clear_error() {
+        in_new_netns(|| {
+            // A persistent single-queue device, as `ip tuntap add NAME mode tap` makes.
+            let file = attach("fsq0", IFF_TAP | IFF_NO_PI | IFF_VNET_HDR).unwrap();
+            const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
+            // SAFETY: TUNSETPERSIST takes a plain integer argument.
+            let persisted = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETPERSIST, 1) };
+            assert_eq!(persisted, 0);
+            drop(file);
+            let err = Tap::open_queues("fsq0", 2, false).unwrap_err();
+            assert!(
+                matches!(err, TapError::SingleQueue { wanted: 2, .. }),
+                "{err}"
+            );
+            assert!(err.to_string().contains("multi_queue"), "{err}");
+            let taps = Tap::open_queues("fsq0", 4, true).unwrap();
+            assert_eq!(taps.len(), 1, "the default count falls back to one pair");
+            assert!(!taps[0].created());
+            // A single-queue device has nothing to switch: accepted as a no-op.
+            taps[0].set_queue_enabled(true).unwrap();
+        });
+    }
 
     #[test]
     fn names_are_checked() {

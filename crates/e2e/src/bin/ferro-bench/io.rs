@@ -120,9 +120,38 @@ struct IoRun {
     exits: Option<Vec<Counters>>,
 }
 
+/// The host's TAP device for one boot, removed afterwards: multi-queue for Ferro, which then
+/// gives each vCPU a queue pair (its default); single-queue for QEMU, whose default
+/// `-netdev tap` cannot open a multi-queue device.
+struct BenchTap(Vmm);
+
+impl BenchTap {
+    fn new(vmm: Vmm) -> Result<Self, String> {
+        match vmm {
+            Vmm::Ferro => e2e::tap::create_multi_queue(IO_TAP).map_err(|e| e.to_string())?,
+            _ => sh(&format!("tunctl -t {IO_TAP} >/dev/null"))?,
+        }
+        let tap = BenchTap(vmm);
+        sh(&format!(
+            "ip addr add {IO_HOST_ADDR}/24 dev {IO_TAP} && ip link set {IO_TAP} up"
+        ))?;
+        Ok(tap)
+    }
+}
+
+impl Drop for BenchTap {
+    fn drop(&mut self) {
+        let _ = match self.0 {
+            Vmm::Ferro => e2e::tap::delete_multi_queue(IO_TAP).map_err(|e| e.to_string()),
+            _ => sh(&format!("tunctl -d {IO_TAP} >/dev/null")),
+        };
+    }
+}
+
 /// One boot running every measurement.
 fn io_once(vmm: Vmm, images: &GuestImages, bench_initrd: &str) -> Result<IoRun, String> {
     use std::io::{Read, Write};
+    let _tap = BenchTap::new(vmm)?;
     let listener = std::net::TcpListener::bind((IO_HOST_ADDR, 5201)).map_err(|e| e.to_string())?;
     let sink = std::thread::Builder::new()
         .name("tcp-sink".into())
@@ -266,9 +295,6 @@ pub fn run(runs: usize) -> Result<(), String> {
         "dd if=/dev/zero of={IO_IMAGE} bs=1M count={} 2>/dev/null",
         IO_MIB * 2
     ))?;
-    sh(&format!(
-        "tunctl -t {IO_TAP} >/dev/null && ip addr add {IO_HOST_ADDR}/24 dev {IO_TAP} && ip link set {IO_TAP} up"
-    ))?;
     let vmms = [Vmm::Ferro, Vmm::Qemu];
     println!(
         "virtio I/O: raw {}-MiB image on the host's tmpfs, TAP {IO_TAP}; {IO_MIB} MiB transfers, {IO_RANDOM_SECONDS} s of 4 KiB random reads (QD1, O_DIRECT); 2 vCPUs, 1 GiB; {runs} runs each, interleaved",
@@ -327,7 +353,7 @@ pub fn run(runs: usize) -> Result<(), String> {
         );
     }
     print_exits(&exits);
-    let _ = sh(&format!("tunctl -d {IO_TAP} >/dev/null; rm -f {IO_IMAGE}"));
+    let _ = sh(&format!("rm -f {IO_IMAGE}"));
     Ok(())
 }
 

@@ -599,26 +599,31 @@ fn hvc_console_shell_answers() -> TestResult {
     })
 }
 
-/// A TAP device with an address on the host, removed afterwards.
+/// A multi-queue TAP device with an address on the host, removed afterwards.
 struct HostTap(&'static str);
 
 impl HostTap {
-    fn new(name: &'static str, address: &str) -> Result<Self, Failed> {
-        host(&format!("tunctl -t {name} >/dev/null && ip addr add {address} dev {name} && ip link set {name} up"))?;
-        Ok(HostTap(name))
+    fn multi_queue(name: &'static str, address: &str) -> Result<Self, Failed> {
+        e2e::tap::create_multi_queue(name).map_err(|e| format!("create TAP {name}: {e}"))?;
+        let tap = HostTap(name);
+        host(&format!(
+            "ip addr add {address} dev {name} && ip link set {name} up"
+        ))?;
+        Ok(tap)
     }
 }
 
 impl Drop for HostTap {
     fn drop(&mut self) {
-        let _ = host(&format!("tunctl -d {} >/dev/null", self.0));
+        let _ = e2e::tap::delete_multi_queue(self.0);
     }
 }
 
 fn net_ping_and_32m_tcp_both_ways() -> TestResult {
     let images = images()?;
     let scratch = Scratch::new("net")?;
-    let _tap = HostTap::new("fe2enet0", "10.9.0.1/24")?;
+    // Multi-queue, so the guest's two vCPUs get a queue pair each.
+    let _tap = HostTap::multi_queue("fe2enet0", "10.9.0.1/24")?;
     let to_guest = scratch.0.join("to-guest").display().to_string();
     let from_guest = scratch.0.join("from-guest").display().to_string();
     host(&format!("head -c 33554432 /dev/urandom > {to_guest}"))?;
@@ -629,7 +634,7 @@ fn net_ping_and_32m_tcp_both_ways() -> TestResult {
         .stdin(std::process::Stdio::piped())
         .spawn()
         .map_err(|e| e.to_string())?;
-    let command = "ip link set eth0 up; ip addr add 10.9.0.2/24 dev eth0; ping -c 3 10.9.0.1 >/dev/null && echo PING-OK; head -c 33554432 /dev/urandom > /tmp/d; echo SENT-MD5 $(md5sum < /tmp/d); nc 10.9.0.1 5001 < /tmp/d; echo SENT; nc -l -p 5002 > /tmp/in; echo RECEIVED-MD5 $(md5sum < /tmp/in)";
+    let command = "echo QUEUES $(ls /sys/class/net/eth0/queues); ip link set eth0 up; ip addr add 10.9.0.2/24 dev eth0; ping -c 3 10.9.0.1 >/dev/null && echo PING-OK; head -c 33554432 /dev/urandom > /tmp/d; echo SENT-MD5 $(md5sum < /tmp/d); nc 10.9.0.1 5001 < /tmp/d; echo SENT; nc -l -p 5002 > /tmp/in; echo RECEIVED-MD5 $(md5sum < /tmp/in)";
     let args = with_devices(
         guest_args(&images, 2, "512M", Some(command)),
         &["--net", "tap=fe2enet0,mac=52:54:00:e2:e0:01"],
@@ -653,6 +658,11 @@ fn net_ping_and_32m_tcp_both_ways() -> TestResult {
     let done = vm.wait(BOOT_TIMEOUT)?;
     check(done.stdout.contains("PING-OK"), || {
         format!("ping failed:\n{}", done.stdout)
+    })?;
+    // The driver took a queue pair per vCPU through the control queue.
+    let queues = guest_value(&done.stdout, "QUEUES")?;
+    check(queues.starts_with("rx-0 rx-1 tx-0 tx-1"), || {
+        format!("guest queues: {queues}")
     })?;
     let sent_md5 = guest_value(&done.stdout, "SENT-MD5")?;
     let got = host_md5(&from_guest, 32 << 20)?;
