@@ -66,8 +66,10 @@ pub struct RunArgs {
     #[arg(long, value_name = "OPTIONS")]
     disk: Vec<api::DiskConfig>,
 
-    /// Add a virtio-net interface on a TAP device: tap=NAME[,mac=MAC]. The TAP device is created
-    /// (and removed on exit) if it does not exist. Repeat for more interfaces.
+    /// Add a virtio-net interface on a TAP device: tap=NAME[,mac=MAC][,queue_pairs=N]. The TAP
+    /// device is created (multi-queue, removed on exit) if it does not exist. One queue pair
+    /// per vCPU unless queue_pairs says otherwise (one on a single-queue TAP). Repeat for more
+    /// interfaces.
     #[arg(long, value_name = "OPTIONS")]
     net: Vec<api::NetConfig>,
 
