@@ -664,18 +664,27 @@ fn a_long_read_is_served_on_an_io_thread_and_lands_whole() {
         );
         std::thread::sleep(std::time::Duration::from_millis(1));
     }
-    // An I/O thread served it (nextest runs each test in a process of its own), and reset
-    // waits for it.
-    let io_threads = std::fs::read_dir("/proc/self/task")
-        .unwrap()
-        .flatten()
-        .filter(|task| {
-            std::fs::read_to_string(task.path().join("comm"))
-                .unwrap_or_default()
-                .trim()
-                == "virtio-blk-io"
+    // An I/O thread served it, and reset waits for it. Reading /proc/self/task can skip an
+    // entry while other tests' threads exit (its positions shift), so look a few times.
+    let io_thread_count = || {
+        std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .flatten()
+            .filter(|task| {
+                std::fs::read_to_string(task.path().join("comm"))
+                    .unwrap_or_default()
+                    .trim()
+                    == "virtio-blk-io"
+            })
+            .count()
+    };
+    let io_threads = (0..100)
+        .map(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+            io_thread_count()
         })
-        .count();
+        .find(|&n| n >= 1)
+        .unwrap_or(0);
     assert!(io_threads >= 1, "no virtio-blk-io thread");
     device.reset();
     let status: u8 = mem.read_obj(GuestAddress(STATUS)).unwrap();
