@@ -91,7 +91,7 @@ pub(super) struct CtrlWorker {
 
 impl CtrlWorker {
     /// Serves every waiting command.
-    fn serve(&mut self) -> Result<(), crate::queue::QueueBroken> {
+    pub(super) fn serve(&mut self) -> Result<(), crate::queue::QueueBroken> {
         let mem = self.memory.clone();
         let taps = self.taps.clone();
         let usable = self.usable_pairs;

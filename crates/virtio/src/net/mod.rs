@@ -14,6 +14,7 @@
 //! not read) until the driver adds some.
 
 pub mod ctrl;
+pub mod harness;
 #[cfg(test)]
 mod mq_tests;
 mod rx_buffers;

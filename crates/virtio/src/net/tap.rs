@@ -267,9 +267,8 @@ impl Tap {
         }
     }
 
-    /// A TAP stand-in on any packet file (a datagram socket), for tests.
-    #[cfg(test)]
-    pub(crate) fn from_file(file: File) -> Tap {
+    /// A TAP stand-in on any packet file (a datagram socket), for tests and fuzzing.
+    pub fn from_file(file: File) -> Tap {
         Tap {
             file,
             name: "test".into(),
