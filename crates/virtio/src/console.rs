@@ -23,6 +23,9 @@ const RECEIVE_QUEUE: usize = 0;
 const TRANSMIT_QUEUE: usize = 1;
 /// Input bytes buffered between the VMM and the guest.
 const INPUT_CAPACITY: usize = 4096;
+/// Output bytes taken from one transmit chain. Linux sends at most a page per buffer; a chain
+/// of descriptors that overlap all of guest memory could otherwise claim hundreds of GiB.
+const MAX_CHAIN_OUTPUT: usize = 64 << 10;
 const TOKEN_RECEIVE: u64 = 0;
 const TOKEN_TRANSMIT: u64 = 1;
 const TOKEN_INPUT: u64 = 2;
@@ -128,8 +131,9 @@ impl ConsoleWorker {
                 let Ok(mut reader) = chain.reader(&mem) else {
                     return 0;
                 };
-                let mut bytes = Vec::with_capacity(reader.available_bytes());
-                if reader.read_to_end(&mut bytes).is_ok() {
+                let mut bytes = Vec::with_capacity(reader.available_bytes().min(MAX_CHAIN_OUTPUT));
+                let mut limited = (&mut reader).take(MAX_CHAIN_OUTPUT as u64);
+                if limited.read_to_end(&mut bytes).is_ok() {
                     counters.add(counter::TX_BYTES, bytes.len() as u64);
                     let mut out = output.lock().unwrap_or_else(PoisonError::into_inner);
                     // A broken terminal must not stall the guest: the bytes are dropped.
@@ -264,6 +268,67 @@ impl VirtioDevice for Console {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A writer the test can read back.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_transmit_chain_claiming_all_memory_many_times_is_cut_short() {
+        use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_NEXT;
+        use virtio_queue::desc::{split::Descriptor, RawDescriptor};
+        use virtio_queue::mock::MockSplitQueue;
+        use vm_memory::GuestAddress;
+
+        const MEMORY: u64 = 4 << 20;
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), MEMORY as usize)]).unwrap();
+        let rx = MockSplitQueue::create(&mem, GuestAddress(0), 16);
+        let tx = MockSplitQueue::create(&mem, GuestAddress(0x1000), 16);
+        // 16 descriptors, each all of guest memory: 64 MiB claimed by one chain.
+        let descs: Vec<_> = (0..16u16)
+            .map(|i| {
+                let flags = if i < 15 { VRING_DESC_F_NEXT as u16 } else { 0 };
+                RawDescriptor::from(Descriptor::new(0, MEMORY as u32, flags, i + 1))
+            })
+            .collect();
+        tx.build_desc_chain(&descs).unwrap();
+        let queue = |mock: &MockSplitQueue<GuestMemory>, index| {
+            DeviceQueue::from(crate::device::ActiveQueue {
+                index,
+                queue: mock.create_queue().unwrap(),
+                notify: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            })
+        };
+        struct NoInterrupt;
+        impl VirtioInterrupt for NoInterrupt {
+            fn notify_queue(&self, _index: u16) {}
+            fn notify_config(&self) {}
+            fn needs_reset(&self) {}
+        }
+        let output = Captured::default();
+        let mut worker = ConsoleWorker {
+            memory: Arc::new(mem.clone()),
+            receive: queue(&rx, 0),
+            transmit: queue(&tx, 1),
+            interrupt: Arc::new(NoInterrupt),
+            output: Arc::new(Mutex::new(Box::new(output.clone()))),
+            input: Arc::new(ConsoleInput::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()).unwrap()),
+            counters: new_counters(),
+        };
+        worker.transmit().unwrap();
+        assert_eq!(output.0.lock().unwrap().len(), MAX_CHAIN_OUTPUT);
+        assert_eq!(tx.used().idx().load(), 1, "the chain is returned");
+    }
 
     #[test]
     fn input_buffer_is_bounded() {
