@@ -53,7 +53,8 @@ struct RngWorker {
 }
 
 /// Fills the writable part of a chain with random bytes; returns how many were written.
-fn fill(chain: virtio_queue::DescriptorChain<&GuestMemory>, mem: &GuestMemory) -> u32 {
+/// Public for fuzzing: the device's worker calls it on every chain.
+pub fn fill(chain: virtio_queue::DescriptorChain<&GuestMemory>, mem: &GuestMemory) -> u32 {
     let Ok(mut writer) = chain.writer(mem) else {
         return 0;
     };

@@ -12,19 +12,10 @@ use vmm_sys_util::eventfd::EventFd;
 use super::ctrl::CtrlWorker;
 use super::rx_buffers::RxBuffers;
 use super::{new_counters, NetWorker, Tap, MAX_PACKET, TOKEN_TAP};
-use crate::device::{ActiveQueue, VirtioInterrupt};
+use crate::device::{ActiveQueue, Silent, VirtioInterrupt};
 use crate::queue::DeviceQueue;
 use crate::worker::Poll;
 use crate::GuestMemory;
-
-/// Interrupts that go nowhere.
-struct Silent;
-
-impl VirtioInterrupt for Silent {
-    fn notify_queue(&self, _index: u16) {}
-    fn notify_config(&self) {}
-    fn needs_reset(&self) {}
-}
 
 /// A queue pair on `tap` (and a control queue), served when asked.
 pub struct Harness {

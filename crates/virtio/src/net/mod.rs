@@ -563,12 +563,7 @@ mod receive_tests {
     const BUFFERS: u64 = 0x10_0000;
     const BUFFER_LEN: u32 = 4096;
 
-    struct NoInterrupt;
-    impl VirtioInterrupt for NoInterrupt {
-        fn notify_queue(&self, _index: u16) {}
-        fn notify_config(&self) {}
-        fn needs_reset(&self) {}
-    }
+    use crate::device::Silent as NoInterrupt;
 
     struct Setup {
         mem: Arc<GuestMemory>,

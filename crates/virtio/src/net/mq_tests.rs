@@ -8,12 +8,7 @@ use virtio_queue::desc::{split::Descriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Bytes, GuestAddress};
 
-struct NoInterrupt;
-impl VirtioInterrupt for NoInterrupt {
-    fn notify_queue(&self, _index: u16) {}
-    fn notify_config(&self) {}
-    fn needs_reset(&self) {}
-}
+use crate::device::Silent as NoInterrupt;
 
 /// `n` datagram sockets standing in for TAP queues.
 fn stand_in_taps(n: usize) -> Vec<Arc<Tap>> {
