@@ -42,7 +42,8 @@ fn io_command(vmm: Vmm, images: &GuestImages, bench_initrd: &str) -> (PathBuf, V
          ferro-guest-bench disk /dev/vda {IO_MIB} {IO_RANDOM_SECONDS}; \
          ferro-guest-bench tcp-send {IO_HOST_ADDR}:5201 {IO_MIB}; ferro-guest-bench tcp-recv 5202"
     );
-    let cmdline = format!("console=ttyS0 quiet ferro.run=\"{guest}\"");
+    // nokaslr: a testbed hang's vCPU dump can then be read against the guest's kallsyms.
+    let cmdline = format!("console=ttyS0 quiet nokaslr ferro.run=\"{guest}\"");
     let args: Vec<String> = match vmm {
         Vmm::Ferro => [
             "run",

@@ -36,7 +36,8 @@ fn images() -> Result<GuestImages, Failed> {
 
 /// `ferro run` arguments for the default guest running `command` (none: just power off).
 fn guest_args(images: &GuestImages, cpus: u32, memory: &str, command: Option<&str>) -> Vec<String> {
-    let mut cmdline = String::from("console=ttyS0 quiet");
+    // nokaslr: a testbed hang's vCPU dump can then be read against the guest's kallsyms.
+    let mut cmdline = String::from("console=ttyS0 quiet nokaslr");
     if let Some(command) = command {
         cmdline.push_str(&format!(" ferro.run=\"{command}\""));
     }
