@@ -12,6 +12,7 @@ mod error;
 mod host;
 mod netlink;
 mod networks;
+mod partial;
 mod pools;
 mod process;
 mod server;

@@ -17,8 +17,8 @@ use block::manage::{self, NewImage};
 use block::Format;
 
 use crate::error::{chain, ApiError};
-use crate::sparse_copy;
 use crate::store::{atomic_write, StoreError};
+use crate::{partial, sparse_copy};
 
 /// qcow2 cluster size of new volumes (QEMU's default).
 const CLUSTER_SIZE: u64 = 64 << 10;
@@ -98,6 +98,9 @@ impl Pools {
             match loaded {
                 Ok(definition) => {
                     let active = definition.autostart && definition.path.is_dir();
+                    if active {
+                        partial::remove_stale(&definition.path);
+                    }
                     pools.insert(definition.name.clone(), PoolEntry { definition, active });
                 }
                 Err(e) => tracing::error!("skipping pool {}: {e}", path.display()),
@@ -193,6 +196,7 @@ impl Pools {
         };
         std::fs::create_dir_all(&path)
             .map_err(|e| ApiError::conflict(format!("cannot use {}: {e}", path.display())))?;
+        partial::remove_stale(&path);
         if let Some(entry) = self.lock().get_mut(name) {
             entry.active = true;
         }
@@ -454,9 +458,19 @@ impl Pools {
             )));
         }
         self.check_space(&dir, pool, source.allocation_bytes)?;
-        let result = full_copy(&source, &target, progress);
+        // The copy becomes the volume only when complete and durable (see `partial`).
+        let copy = partial::path(&dir, &request.name, "clone");
+        let result = full_copy(&source, &copy, progress).and_then(|()| {
+            partial::publish_new(&copy, &target).map_err(|e| match e.kind() {
+                std::io::ErrorKind::AlreadyExists => ApiError::conflict(format!(
+                    "a volume named {} was created in pool {pool} during the copy",
+                    request.name
+                )),
+                _ => ApiError::internal(format!("cannot create {}: {e}", target.display())),
+            })
+        });
         if result.is_err() {
-            let _ = std::fs::remove_file(&target);
+            let _ = std::fs::remove_file(&copy);
         }
         result?;
         self.volume(pool, &request.name)
@@ -472,7 +486,7 @@ impl Pools {
         let dir = self.active_dir(pool)?;
         let grows = len.saturating_sub(volume.allocation_bytes);
         self.check_space(&dir, pool, grows)?;
-        Ok(dir.join(format!(".{name}.upload")))
+        Ok(partial::path(&dir, name, "upload"))
     }
 
     /// Checks the uploaded file and puts it in place of the volume.
@@ -494,7 +508,7 @@ impl Pools {
                 }
             }
             let target = self.volume(pool, name)?.path;
-            std::fs::rename(upload, &target).map_err(|e| {
+            partial::publish_over(upload, &target).map_err(|e| {
                 ApiError::internal(format!("cannot replace {}: {e}", target.display()))
             })
         })();
@@ -863,5 +877,70 @@ mod tests {
             copy.allocation_bytes < 1 << 20,
             "holes stay holes: {copy:?}"
         );
+    }
+    fn hidden_files(dir: &Path) -> Vec<String> {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|n| n.starts_with('.'))
+            .collect()
+    }
+
+    #[test]
+    fn a_full_clone_appears_whole_or_not_at_all() {
+        let (_dir, pools) = setup();
+        let base = create(&pools, "base.raw", Some("24M"), "raw", None).unwrap();
+        write(&base.path, 0, &[7u8; 20 << 20]);
+        let dir = base.path.parent().unwrap().to_path_buf();
+        let target = dir.join("copy.raw");
+        let clone = VolumeClone {
+            name: "copy.raw".into(),
+            linked: false,
+        };
+        let mut calls = 0;
+        pools
+            .clone_volume_with_progress("p", "base.raw", &clone, &mut |_, _| {
+                calls += 1;
+                assert!(!target.exists(), "visible before the copy is done");
+                assert_eq!(hidden_files(&dir).len(), 1, "copying into a hidden file");
+            })
+            .unwrap();
+        assert!(calls > 1);
+        assert!(hidden_files(&dir).is_empty());
+        assert_eq!(read(&target, (20 << 20) - 1, 1), [7]);
+
+        // A source a VM writes cannot be copied: nothing is left behind.
+        let writer = block::open(&base.path, false, None).unwrap();
+        let clone = VolumeClone {
+            name: "second.raw".into(),
+            linked: false,
+        };
+        let err = pools.clone_volume("p", "base.raw", &clone).unwrap_err();
+        assert_eq!(err.status, StatusCode::CONFLICT, "{err:?}");
+        drop(writer);
+        assert!(!dir.join("second.raw").exists());
+        assert!(hidden_files(&dir).is_empty());
+    }
+
+    #[test]
+    fn starting_a_pool_removes_what_a_dead_daemon_left_half_done() {
+        let (dir_guard, pools) = setup();
+        let volume = create(&pools, "v.raw", Some("1M"), "raw", None).unwrap();
+        let dir = volume.path.parent().unwrap().to_path_buf();
+        let leftover = dir.join(".w.raw.clone-4194305-3.part");
+        std::fs::write(&leftover, b"half").unwrap();
+        assert_eq!(pools.volumes("p").unwrap().len(), 1, "never listed");
+        pools.stop("p").unwrap();
+        pools.start("p").unwrap();
+        assert!(!leftover.exists());
+        assert!(volume.path.exists());
+
+        // A daemon restart activates autostart pools: the same cleanup.
+        pools.set_autostart("p", true).unwrap();
+        std::fs::write(&leftover, b"half").unwrap();
+        let reopened = Pools::open(dir_guard.path().join("pools")).unwrap();
+        assert_eq!(reopened.volumes("p").unwrap().len(), 1);
+        assert!(!leftover.exists());
     }
 }

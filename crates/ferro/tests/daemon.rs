@@ -845,9 +845,15 @@ fn pools_and_volumes_through_the_cli() {
         "is not a volume of pool p",
     );
     assert!(std::fs::read(images.join("up.raw")).unwrap() == data);
+    let hidden: Vec<_> = std::fs::read_dir(&images)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with('.'))
+        .map(|e| e.file_name())
+        .collect();
     assert!(
-        !images.join(".up.raw.upload").exists(),
-        "the rejected upload was removed"
+        hidden.is_empty(),
+        "the rejected upload was removed: {hidden:?}"
     );
     d.ok(&["vol", "delete", "up.raw", "--pool", "p"]);
 

@@ -1,0 +1,157 @@
+//! Volumes in the making (full clones, uploads): written to a hidden file in the pool's
+//! directory and put in place by a rename only once complete and on stable storage, so a
+//! daemon killed or a host crashed halfway never leaves a half-copied volume under a user's
+//! name. The hidden name carries the daemon's pid; files of another pid are leftovers of a
+//! daemon that died, removed when the pool is next activated.
+//!
+//! Volume names start with a letter or digit, so these files are never listed as volumes.
+//!
+//! Threading: plain file system calls on the caller's (blocking) thread.
+
+use std::ffi::CString;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+const SUFFIX: &str = ".part";
+
+/// Tells apart the partial files of concurrent operations on the same volume name.
+static SEQUENCE: AtomicU64 = AtomicU64::new(0);
+
+/// A fresh hidden path in `dir` for `purpose` (e.g. "clone") of volume `name`.
+pub fn path(dir: &Path, name: &str, purpose: &str) -> PathBuf {
+    let sequence = SEQUENCE.fetch_add(1, Ordering::Relaxed);
+    let pid = std::process::id();
+    dir.join(format!(".{name}.{purpose}-{pid}-{sequence}{SUFFIX}"))
+}
+
+/// The pid a partial file name carries, or None when `file_name` is not one.
+fn owner(file_name: &str) -> Option<u32> {
+    let stem = file_name.strip_prefix('.')?.strip_suffix(SUFFIX)?;
+    let (rest, _sequence) = stem.rsplit_once('-')?;
+    let (_, pid) = rest.rsplit_once('-')?;
+    pid.parse().ok()
+}
+
+/// Removes the partial files in `dir` left by other (dead) daemon processes; returns how many.
+/// Those of this process belong to operations still running and stay.
+pub fn remove_stale(dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let me = std::process::id();
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(owner) else {
+            continue;
+        };
+        let is_file = entry.file_type().is_ok_and(|t| t.is_file());
+        if pid != me && is_file && std::fs::remove_file(entry.path()).is_ok() {
+            tracing::info!(
+                "removed {}, left by an interrupted operation",
+                entry.path().display()
+            );
+            removed += 1;
+        }
+    }
+    removed
+}
+
+/// Puts the complete file `partial` in place as `target`, which must not exist (an existing
+/// file gives AlreadyExists and is left alone), and makes the new name durable.
+pub fn publish_new(partial: &Path, target: &Path) -> io::Result<()> {
+    rename_no_replace(partial, target)?;
+    sync_parent(target)
+}
+
+/// Puts the complete file `partial` in place of `target` and makes the change durable.
+pub fn publish_over(partial: &Path, target: &Path) -> io::Result<()> {
+    std::fs::rename(partial, target)?;
+    sync_parent(target)
+}
+
+fn sync_parent(path: &Path) -> io::Result<()> {
+    match path.parent() {
+        Some(dir) => std::fs::File::open(dir)?.sync_all(),
+        None => Ok(()),
+    }
+}
+
+fn c_path(path: &Path) -> io::Result<CString> {
+    CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
+}
+
+fn rename_no_replace(from: &Path, to: &Path) -> io::Result<()> {
+    let (from, to) = (c_path(from)?, c_path(to)?);
+    // SAFETY: two NUL-terminated paths that outlive the call; AT_FDCWD for relative ones.
+    let ret = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if ret == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_are_hidden_unique_and_carry_the_pid() {
+        let dir = Path::new("/pool");
+        let (a, b) = (path(dir, "v.raw", "clone"), path(dir, "v.raw", "clone"));
+        assert_ne!(a, b);
+        let name = a.file_name().unwrap().to_str().unwrap();
+        assert!(name.starts_with(".v.raw.clone-"), "{name}");
+        assert_eq!(owner(name), Some(std::process::id()));
+        assert_eq!(owner("disk.raw"), None);
+        assert_eq!(owner(".disk.raw.upload"), None);
+        assert_eq!(owner(".x.clone-abc-1.part"), None);
+    }
+
+    #[test]
+    fn only_other_processes_leftovers_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let ours = path(dir.path(), "a.raw", "clone");
+        let stale = dir.path().join(".a.raw.clone-4194305-0.part");
+        let volume = dir.path().join("a.raw");
+        let other_hidden = dir.path().join(".keep");
+        for file in [&ours, &stale, &volume, &other_hidden] {
+            std::fs::write(file, b"x").unwrap();
+        }
+        assert_eq!(remove_stale(dir.path()), 1);
+        assert!(!stale.exists());
+        assert!(ours.exists() && volume.exists() && other_hidden.exists());
+        assert_eq!(remove_stale(Path::new("/nonexistent/pool")), 0);
+    }
+
+    #[test]
+    fn publish_new_never_replaces_a_volume() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("v.raw");
+        let first = path(dir.path(), "v.raw", "clone");
+        std::fs::write(&first, b"first").unwrap();
+        publish_new(&first, &target).unwrap();
+        assert!(!first.exists());
+
+        let second = path(dir.path(), "v.raw", "clone");
+        std::fs::write(&second, b"second").unwrap();
+        let err = publish_new(&second, &target).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::AlreadyExists);
+        assert_eq!(std::fs::read(&target).unwrap(), b"first");
+        assert!(second.exists(), "the caller removes its own partial file");
+
+        publish_over(&second, &target).unwrap();
+        assert_eq!(std::fs::read(&target).unwrap(), b"second");
+    }
+}
