@@ -365,3 +365,73 @@ fn overlays_share_a_base_that_nobody_may_write() {
     drop((a, b));
     open(&base, false, None).unwrap();
 }
+
+/// Host extents `qemu-img map` reports for data in `[start, end)` of the guest.
+fn data_extents(path: &Path, start: u64, end: u64) -> Vec<(u64, u64, u64)> {
+    let map: serde_json::Value =
+        serde_json::from_str(&qemu_img(&["map", "--output=json", path.to_str().unwrap()])).unwrap();
+    map.as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["data"] == true)
+        .map(|e| {
+            let (at, len) = (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap());
+            (at, len, e["offset"].as_u64().unwrap())
+        })
+        .filter(|&(at, len, _)| at < end && at + len > start)
+        .collect()
+}
+
+#[test]
+fn a_long_write_takes_consecutive_new_clusters_around_owned_ones() {
+    // 4 KiB clusters, so a 3 MiB write crosses refcount blocks (2048 clusters each) and L2
+    // tables (512 entries each).
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.qcow2");
+    let size = 64 * MIB;
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=4k",
+        image.to_str().unwrap(),
+        &size.to_string(),
+    ]);
+    let mut model = vec![0u8; size as usize];
+    let mut qcow = open(&image, false, None).unwrap();
+    let ops = [
+        Op::Write {
+            offset: 10 * 4096,
+            len: 4096,
+            seed: 1,
+        },
+        // A partial cluster first, then whole ones around cluster 10, then a partial one.
+        Op::Write {
+            offset: 512,
+            len: 3 * MIB,
+            seed: 2,
+        },
+        // Whole clusters again over what is now owned: rewritten in place.
+        Op::Write {
+            offset: MIB,
+            len: MIB,
+            seed: 3,
+        },
+    ];
+    for op in ops {
+        apply(qcow.as_mut(), op).unwrap();
+        apply_to_model(&mut model, op);
+    }
+    qcow.flush().unwrap();
+    assert_same(&read_all(qcow.as_mut()), &model);
+    drop(qcow);
+    assert_clean(&image);
+    let extents = data_extents(&image, 0, 3 * MIB + 4096);
+    // Cluster 0 (partial), cluster 10 (written first), clusters 1..10 and 11.. in runs.
+    assert!(
+        extents.len() <= 6,
+        "whole clusters were not allocated in runs: {extents:?}"
+    );
+}

@@ -38,6 +38,8 @@ const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 const COPIED: u64 = 1 << 63;
 const COMPRESSED: u64 = 1 << 62;
 const ZERO: u64 = 1;
+/// Most bytes of new clusters allocated and written at once by one guest write.
+const MAX_WRITE_RUN: u64 = 16 << 20;
 
 /// A metadata inconsistency, reported as invalid data.
 pub(crate) fn corrupt(message: String) -> io::Error {
@@ -449,6 +451,42 @@ impl Qcow2Image {
         Ok(new)
     }
 
+    /// Writes whole clusters from `guest` on, the first of which (mapped as `first`) needs a
+    /// new cluster, together with the following whole clusters that need one too: one
+    /// allocation of consecutive clusters and one write for all of them. Returns the bytes
+    /// written.
+    fn write_new_run(
+        &mut self,
+        guest: u64,
+        first: Mapping,
+        slices: &mut Slices<'_>,
+        pending: &mut Vec<PendingEntry>,
+    ) -> io::Result<u64> {
+        let cluster_size = self.cluster_size();
+        let max_run = (MAX_WRITE_RUN / cluster_size).max(1);
+        let mut olds = vec![first];
+        let mut run = 1;
+        while run < max_run && slices.len() >= (run + 1) * cluster_size {
+            match self.mapping(guest + run * cluster_size)? {
+                Mapping::Data { owned: true, .. } => break,
+                old => olds.push(old),
+            }
+            run += 1;
+        }
+        let len = run * cluster_size;
+        let part = slices.take(len)?;
+        let new = self.allocate(run)?;
+        write_file_at(&self.file, new, &part)?;
+        for (i, old) in (0u64..).zip(olds) {
+            pending.push(PendingEntry {
+                guest: guest + i * cluster_size,
+                entry: (new + i * cluster_size) | COPIED,
+                old,
+            });
+        }
+        Ok(len)
+    }
+
     /// Rewrites every full cluster of `[offset, offset + len)` to `entry` (0: unallocated,
     /// ZERO: reads as zeroes); partial clusters are left to the caller.
     fn unmap(&mut self, offset: u64, len: u64, zero: bool) -> io::Result<()> {
@@ -534,6 +572,9 @@ impl DiskImage for Qcow2Image {
                     }
                     let part = slices.take(len)?;
                     write_file_at(&self.file, host + offset % cluster_size, &part)?;
+                }
+                old if offset.is_multiple_of(cluster_size) && slices.len() >= cluster_size => {
+                    len = self.write_new_run(offset, old, &mut slices, &mut pending)?;
                 }
                 old => {
                     let part = slices.take(len)?;

@@ -206,6 +206,47 @@ impl Refcounts {
         Ok(moved)
     }
 
+    /// Sets the refcounts of clusters `start..start + count` to `value` with one write per
+    /// refcount block (a run of new clusters would otherwise cost a write each); clusters
+    /// whose block does not exist yet go through [`Refcounts::set`].
+    fn set_run(
+        &mut self,
+        file: &File,
+        start: u64,
+        count: u64,
+        value: u64,
+    ) -> io::Result<Vec<TableMove>> {
+        let per_block = self.per_block();
+        let bits = self.bits();
+        let end = start + count;
+        let mut moves = Vec::new();
+        let mut cluster = start;
+        while cluster < end {
+            let table_index = cluster / per_block;
+            let block_offset = self.table.get(table_index as usize).copied().unwrap_or(0);
+            if block_offset == 0 || value > self.max_refcount() {
+                moves.extend(self.set(file, cluster, value)?);
+                cluster += 1;
+                continue;
+            }
+            let run_end = ((table_index + 1) * per_block).min(end);
+            let block = self.block(file, block_offset)?;
+            let first = encode(bits, block, cluster % per_block, value);
+            let mut changed = first;
+            for c in cluster + 1..run_end {
+                changed.end = encode(bits, block, c % per_block, value).end;
+            }
+            file.write_all_at(&block[changed.clone()], block_offset + changed.start as u64)?;
+            if value > 0 {
+                self.end = self.end.max(run_end);
+            } else if cluster < self.free_hint {
+                self.free_hint = cluster;
+            }
+            cluster = run_end;
+        }
+        Ok(moves)
+    }
+
     /// Adds `delta` to the refcount of `cluster`.
     pub fn adjust(
         &mut self,
@@ -292,9 +333,7 @@ impl Refcounts {
             if !still_free {
                 continue;
             }
-            for cluster in start..start + count {
-                self.set(file, cluster, 1)?;
-            }
+            moves.extend(self.set_run(file, start, count, 1)?);
             self.free_hint = start + count;
             return Ok((start << self.cluster_bits, moves));
         }
