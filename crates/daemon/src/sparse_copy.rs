@@ -144,6 +144,13 @@ fn start_write_out(file: &File, start: u64, end: u64) {
     };
 }
 
+/// Starts writing out all of `file` that is dirty, for copies made through an image format
+/// (whose layout is not the caller's to know): the same head start as each piece gets here.
+pub fn start_write_out_all(file: &File) {
+    // SAFETY: as in start_write_out; a length of 0 means up to the end of the file.
+    unsafe { libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
+}
+
 /// Waits until `start..end` is written out and drops it from the page cache: the copy keeps
 /// only a window of dirty pages, so it never runs into the kernel's dirty-page throttling.
 fn finish_write_out(file: &File, start: u64, end: u64) -> io::Result<()> {

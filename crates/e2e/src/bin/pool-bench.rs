@@ -5,7 +5,9 @@
 //! Targets: the full clone no slower than either; a linked clone under 50 ms.
 //!
 //! `POOL_BENCH_MIB` (default 1024) and `POOL_BENCH_STRIDE` (default 4: every 4th MiB written)
-//! change the volume, e.g. to copy more than the host's dirty page cache limit holds.
+//! change the volume, e.g. to copy more than the host's dirty page cache limit holds;
+//! `POOL_BENCH_FORMAT=qcow2` clones a qcow2 volume (made from the raw one by qemu-img) instead,
+//! against `qemu-img convert -O qcow2`.
 
 use std::io::Write;
 use std::os::unix::fs::FileExt;
@@ -104,14 +106,25 @@ fn bench() -> Result<(), String> {
         "--format",
         "raw",
     ])?;
-    let base = images.join("base.raw");
-    fill(&base, shape)?;
+    fill(&images.join("base.raw"), shape)?;
+    let format = std::env::var("POOL_BENCH_FORMAT").unwrap_or_else(|_| "raw".into());
+    let (source, copy_name) = match format.as_str() {
+        "raw" => ("base.raw", "copy.raw"),
+        "qcow2" => {
+            let raw = images.join("base.raw").display().to_string();
+            let qcow2 = images.join("base.qcow2").display().to_string();
+            run("qemu-img", &["convert", "-O", "qcow2", &raw, &qcow2])?;
+            ("base.qcow2", "copy.qcow2")
+        }
+        other => return Err(format!("POOL_BENCH_FORMAT={other:?}: raw or qcow2")),
+    };
+    let base = images.join(source);
     let written = size_mib.div_ceil(shape.stride as u64);
     println!(
-        "full clone of a {size_mib} MiB raw volume ({written} MiB written), {RUNS} runs, medians"
+        "full clone of a {size_mib} MiB {format} volume ({written} MiB written), {RUNS} runs, medians"
     );
     let base_str = base.display().to_string();
-    let target = images.join("copy.raw").display().to_string();
+    let target = images.join(copy_name).display().to_string();
     let copy = |args: &[&str]| -> Vec<String> {
         let mut all: Vec<String> = args.iter().map(|a| a.to_string()).collect();
         all.extend([base_str.clone(), target.clone()]);
@@ -125,7 +138,7 @@ fn bench() -> Result<(), String> {
             "ferro vol clone",
             true,
             Box::new(|| {
-                d.ok(&["vol", "clone", "base.raw", "copy.raw", "--pool", "bench"])
+                d.ok(&["vol", "clone", source, copy_name, "--pool", "bench"])
                     .map(drop)
             }),
         ),
@@ -145,7 +158,7 @@ fn bench() -> Result<(), String> {
         (
             "qemu-img convert",
             false,
-            Box::new(|| run("qemu-img", &copy(&["convert", "-O", "raw"]))),
+            Box::new(|| run("qemu-img", &copy(&["convert", "-O", &format]))),
         ),
         (
             "qemu-img convert -t writeback",
@@ -153,7 +166,7 @@ fn bench() -> Result<(), String> {
             Box::new(|| {
                 run(
                     "qemu-img",
-                    &copy(&["convert", "-t", "writeback", "-O", "raw"]),
+                    &copy(&["convert", "-t", "writeback", "-O", &format]),
                 )
             }),
         ),
