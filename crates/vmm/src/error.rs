@@ -63,6 +63,12 @@ pub enum Error {
         #[source]
         source: virtio::net::tap::TapError,
     },
+    #[error("cannot make the network device on {tap}")]
+    NetDevice {
+        tap: String,
+        #[source]
+        source: virtio::net::NetError,
+    },
     #[error("KVM is not usable")]
     Kvm(#[source] hypervisor::Error),
     #[error("cannot serve the control API")]

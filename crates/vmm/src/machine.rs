@@ -126,7 +126,13 @@ impl std::fmt::Debug for Nets {
         let names: Vec<_> = self
             .taps
             .iter()
-            .map(|(t, _)| format!("{} ({} queues)", t[0].name(), t.len()))
+            .map(|(t, _)| {
+                format!(
+                    "{} ({} queues)",
+                    t.first().map_or("", |q| q.name()),
+                    t.len()
+                )
+            })
             .collect();
         f.debug_struct("Nets").field("taps", &names).finish()
     }
@@ -161,13 +167,18 @@ impl Nets {
         Ok(Nets { taps })
     }
 
-    fn devices(&self, stats: &Stats) -> Vec<virtio::net::Net> {
+    fn devices(&self, stats: &Stats) -> Result<Vec<virtio::net::Net>, Error> {
         self.taps
             .iter()
             .enumerate()
             .map(|(i, (queues, mac))| {
                 let counters = stats.device(&format!("net{i}"), virtio::net::new_counters);
-                virtio::net::Net::new(queues.clone(), mac.0, counters)
+                virtio::net::Net::new(queues.clone(), mac.0, counters).map_err(|source| {
+                    Error::NetDevice {
+                        tap: queues.first().map_or("", |q| q.name()).to_string(),
+                        source,
+                    }
+                })
             })
             .collect()
     }
@@ -297,7 +308,7 @@ impl Machine {
         for disk in disks.devices(stats, cpus) {
             pci.add_virtio(Box::new(disk), &memory, &interrupts, &vm)?;
         }
-        for net in nets.devices(stats) {
+        for net in nets.devices(stats)? {
             pci.add_virtio(Box::new(net), &memory, &interrupts, &vm)?;
         }
         if config.rng {

@@ -8,7 +8,7 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::counters::Counters;
 use crate::device::VirtioInterrupt;
@@ -16,6 +16,7 @@ use crate::queue::{chain_buffers, DeviceQueue};
 use crate::worker::{Poll, Worker};
 use crate::GuestMemory;
 
+use super::tap::TapError;
 use super::{counter, Tap};
 
 /// Command class of multi-queue control.
@@ -63,19 +64,132 @@ pub fn decide(command: &Command, usable: u16) -> (u8, Option<u16>) {
     }
 }
 
-/// Switches TAP queues so only the first `pairs` take packets from the host.
-pub fn use_queue_pairs(taps: &[Arc<Tap>], pairs: u16) -> Result<(), super::tap::TapError> {
-    if taps.len() < 2 {
+/// A host queue that can be switched on and off: a TAP queue, or a fake in tests.
+pub trait HostQueue {
+    fn set_enabled(&self, on: bool) -> Result<(), TapError>;
+}
+
+impl HostQueue for Arc<Tap> {
+    fn set_enabled(&self, on: bool) -> Result<(), TapError> {
+        self.set_queue_enabled(on)
+    }
+}
+
+/// Switches host queues so only the first `pairs` take packets from the host.
+pub fn use_queue_pairs<Q: HostQueue>(queues: &[Q], pairs: u16) -> Result<(), TapError> {
+    if queues.len() < 2 {
         return Ok(()); // a single-queue device has nothing to switch
     }
     // Attach before detaching, so the device never has no queue.
-    for tap in &taps[..usize::from(pairs).min(taps.len())] {
-        tap.set_queue_enabled(true)?;
+    for queue in &queues[..usize::from(pairs).min(queues.len())] {
+        queue.set_enabled(true)?;
     }
-    for tap in taps.iter().skip(usize::from(pairs)) {
-        tap.set_queue_enabled(false)?;
+    for queue in queues.iter().skip(usize::from(pairs)) {
+        queue.set_enabled(false)?;
     }
     Ok(())
+}
+
+/// Whether a pair's worker may place packets in its receive queue. The control worker
+/// closes it while holding the lock the pair worker holds for a whole receive pass, so once
+/// a command is answered no packet lands in a pair it took out of use (virtio 1.x 5.1.6.5.5).
+#[derive(Debug)]
+pub struct PairGate(Mutex<bool>);
+
+impl PairGate {
+    pub fn new(open: bool) -> Self {
+        PairGate(Mutex::new(open))
+    }
+
+    /// Holds the gate; the value says whether it is open.
+    pub fn hold(&self) -> MutexGuard<'_, bool> {
+        // A poisoned gate only means a worker panicked while holding it; the bool is intact.
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn set(&self, open: bool) {
+        *self.hold() = open;
+    }
+}
+
+/// How a change of the pair count went.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Switched {
+    /// In use now (or already were).
+    Done,
+    /// The host refused; the previous pairs are in use again.
+    Refused,
+    /// The host refused, and so did going back: the device needs a reset.
+    Broken,
+}
+
+/// The queue pairs in use: host queues and gates switched together, from pair 0 up.
+#[derive(Debug)]
+pub struct PairSwitch<Q> {
+    queues: Vec<Q>,
+    gates: Vec<Arc<PairGate>>,
+    active: u16,
+}
+
+impl<Q: HostQueue> PairSwitch<Q> {
+    /// Pair 0 alone in use: its gate open, the other host queues detached. `gates` has one
+    /// per pair the driver set up; `queues` may have more (never used).
+    pub fn new(queues: Vec<Q>, gates: Vec<Arc<PairGate>>) -> Result<Self, TapError> {
+        use_queue_pairs(&queues, 1)?;
+        for (i, gate) in gates.iter().enumerate() {
+            gate.set(i == 0);
+        }
+        Ok(PairSwitch {
+            queues,
+            gates,
+            active: 1,
+        })
+    }
+
+    /// Pairs the driver set up: the most it may ask for.
+    pub fn usable(&self) -> u16 {
+        self.gates.len() as u16
+    }
+
+    pub fn active(&self) -> u16 {
+        self.active
+    }
+
+    /// Puts the first `pairs` in use (1 to [`Self::usable`]); a repeat touches nothing.
+    pub fn set(&mut self, pairs: u16) -> Switched {
+        if pairs == self.active {
+            return Switched::Done;
+        }
+        // Gates open before their host queues attach, and close after theirs detach.
+        self.open_gates(pairs.max(self.active));
+        let outcome = match use_queue_pairs(&self.queues, pairs) {
+            Ok(()) => {
+                self.active = pairs;
+                Switched::Done
+            }
+            Err(e) => {
+                tracing::warn!("virtio-net: cannot use {pairs} queue pairs: {e}");
+                match use_queue_pairs(&self.queues, self.active) {
+                    Ok(()) => Switched::Refused,
+                    Err(e) => {
+                        tracing::warn!("virtio-net: cannot go back to {} pairs: {e}", self.active);
+                        Switched::Broken
+                    }
+                }
+            }
+        };
+        self.open_gates(self.active);
+        outcome
+    }
+
+    /// Opens the first `pairs` gates and closes the rest.
+    fn open_gates(&self, pairs: u16) {
+        for (i, gate) in self.gates.iter().enumerate() {
+            gate.set(i < usize::from(pairs));
+        }
+    }
 }
 
 /// The control queue's worker.
@@ -83,19 +197,17 @@ pub(super) struct CtrlWorker {
     pub(super) memory: Arc<GuestMemory>,
     pub(super) queue: DeviceQueue,
     pub(super) interrupt: Arc<dyn VirtioInterrupt>,
-    pub(super) taps: Vec<Arc<Tap>>,
-    /// Queue pairs the driver enabled, counted from pair 0 without a gap.
-    pub(super) usable_pairs: u16,
+    pub(super) pairs: PairSwitch<Arc<Tap>>,
     pub(super) counters: Arc<Counters>,
 }
 
 impl CtrlWorker {
-    /// Serves every waiting command.
-    pub(super) fn serve(&mut self) -> Result<(), crate::queue::QueueBroken> {
+    /// Serves every waiting command; true if one left the device needing a reset.
+    pub(super) fn serve(&mut self) -> Result<bool, crate::queue::QueueBroken> {
         let mem = self.memory.clone();
-        let taps = self.taps.clone();
-        let usable = self.usable_pairs;
         let counters = self.counters.clone();
+        let pairs = &mut self.pairs;
+        let mut broken = false;
         self.queue.process(&mem, self.interrupt.as_ref(), |chain| {
             let Ok(buffers) = chain_buffers(chain, &mem) else {
                 counters.add(counter::ERRORS, 1);
@@ -113,18 +225,24 @@ impl CtrlWorker {
                 bytes.extend_from_slice(&part);
             }
             let command = parse(&bytes);
-            let (mut answer, pairs) = decide(&command, usable);
-            if let Some(pairs) = pairs {
-                if let Err(e) = use_queue_pairs(&taps, pairs) {
-                    tracing::warn!("virtio-net: cannot use {pairs} queue pairs: {e}");
-                    answer = ACK_ERR;
+            let answer = match decide(&command, pairs.usable()) {
+                (_, Some(wanted)) => match pairs.set(wanted) {
+                    Switched::Done => ACK_OK,
+                    Switched::Refused => ACK_ERR,
+                    Switched::Broken => {
+                        broken = true;
+                        ACK_ERR
+                    }
+                },
+                (answer, None) => {
+                    tracing::debug!("virtio-net: refused control command {command:?}");
+                    answer
                 }
-            } else {
-                tracing::debug!("virtio-net: refused control command {command:?}");
-            }
+            };
             ack.copy_from(&[answer]);
             1
-        })
+        })?;
+        Ok(broken)
     }
 }
 
@@ -134,9 +252,13 @@ impl Worker for CtrlWorker {
     }
 
     fn handle(&mut self, _token: u64, _poll: &Poll) -> io::Result<()> {
-        if let Err(e) = self.serve() {
-            tracing::warn!("virtio-net: {e}");
-            self.interrupt.needs_reset();
+        match self.serve() {
+            Ok(false) => {}
+            Ok(true) => self.interrupt.needs_reset(),
+            Err(e) => {
+                tracing::warn!("virtio-net: {e}");
+                self.interrupt.needs_reset();
+            }
         }
         Ok(())
     }
@@ -168,6 +290,127 @@ mod tests {
         );
         assert_eq!(parse(&[4]), Command::Malformed);
         assert_eq!(parse(&[]), Command::Malformed);
+    }
+
+    /// A host queue that records its switches and refuses the ones told to fail.
+    #[derive(Clone)]
+    struct FakeQueue {
+        index: usize,
+        log: Arc<Mutex<Vec<(usize, bool)>>>,
+        refuse: Arc<Mutex<Vec<(usize, bool)>>>,
+    }
+
+    impl HostQueue for FakeQueue {
+        fn set_enabled(&self, on: bool) -> Result<(), TapError> {
+            if self.refuse.lock().unwrap().contains(&(self.index, on)) {
+                return Err(TapError::NotTap("fake".into()));
+            }
+            self.log.lock().unwrap().push((self.index, on));
+            Ok(())
+        }
+    }
+
+    struct Fixture {
+        switch: PairSwitch<FakeQueue>,
+        gates: Vec<Arc<PairGate>>,
+        log: Arc<Mutex<Vec<(usize, bool)>>>,
+        refuse: Arc<Mutex<Vec<(usize, bool)>>>,
+    }
+
+    impl Fixture {
+        /// `queues` host queues, of which the driver set up `usable` pairs.
+        fn new(queues: usize, usable: usize) -> Self {
+            let log = Arc::new(Mutex::new(Vec::new()));
+            let refuse = Arc::new(Mutex::new(Vec::new()));
+            let fakes = (0..queues)
+                .map(|index| FakeQueue {
+                    index,
+                    log: log.clone(),
+                    refuse: refuse.clone(),
+                })
+                .collect();
+            let gates: Vec<_> = (0..usable).map(|_| Arc::new(PairGate::new(true))).collect();
+            let switch = PairSwitch::new(fakes, gates.clone()).unwrap();
+            Fixture {
+                switch,
+                gates,
+                log,
+                refuse,
+            }
+        }
+
+        /// The switches made since the last call.
+        fn switches(&self) -> Vec<(usize, bool)> {
+            std::mem::take(&mut *self.log.lock().unwrap())
+        }
+
+        fn open_gates(&self) -> Vec<bool> {
+            self.gates.iter().map(|g| *g.hold()).collect()
+        }
+    }
+
+    #[test]
+    fn only_the_queues_between_the_old_and_new_count_switch() {
+        let mut f = Fixture::new(4, 4);
+        assert_eq!(f.switch.active(), 1);
+        assert_eq!(f.open_gates(), [true, false, false, false]);
+        f.switches();
+        assert_eq!(f.switch.set(1), Switched::Done);
+        assert_eq!(f.switches(), [], "a repeat makes no host call");
+        assert_eq!(f.switch.set(3), Switched::Done);
+        assert_eq!(f.open_gates(), [true, true, true, false]);
+        assert_eq!(f.switch.set(2), Switched::Done);
+        assert_eq!(f.switch.active(), 2);
+        assert_eq!(f.open_gates(), [true, true, false, false]);
+        // use_queue_pairs asks every queue; the fakes log each ask, Tap skips the no-ops.
+        let calls = f.switches();
+        assert!(calls.contains(&(2, true)) && calls.contains(&(2, false)));
+    }
+
+    #[test]
+    fn a_refused_switch_goes_back_to_the_pairs_in_use() {
+        let mut f = Fixture::new(4, 4);
+        assert_eq!(f.switch.set(2), Switched::Done);
+        f.refuse.lock().unwrap().push((3, true));
+        assert_eq!(f.switch.set(4), Switched::Refused);
+        assert_eq!(f.switch.active(), 2);
+        assert_eq!(f.open_gates(), [true, true, false, false]);
+        let calls = f.switches();
+        assert_eq!(
+            calls.last(),
+            Some(&(3, false)),
+            "queue 2, attached on the way up, is detached again: {calls:?}"
+        );
+        assert!(calls.ends_with(&[(2, false), (3, false)]), "{calls:?}");
+    }
+
+    #[test]
+    fn a_switch_that_cannot_be_undone_breaks_the_device() {
+        let mut f = Fixture::new(3, 3);
+        f.refuse.lock().unwrap().extend([(2, true), (1, false)]);
+        assert_eq!(f.switch.set(3), Switched::Broken);
+        assert_eq!(f.switch.active(), 1);
+        assert_eq!(
+            f.open_gates(),
+            [true, false, false],
+            "only pair 0 may receive"
+        );
+    }
+
+    #[test]
+    fn a_closed_gate_waits_for_the_pass_that_holds_it() {
+        let gate = Arc::new(PairGate::new(true));
+        let held = gate.hold();
+        let closer = {
+            let gate = gate.clone();
+            std::thread::spawn(move || gate.set(false))
+        };
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(!closer.is_finished(), "closing waits for the receive pass");
+        assert!(*held);
+        drop(held);
+        closer.join().unwrap();
+        assert!(!*gate.hold());
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::ctrl::CtrlWorker;
+use super::ctrl::{CtrlWorker, PairGate, PairSwitch};
 use super::rx_buffers::RxBuffers;
 use super::{new_counters, NetWorker, Tap, MAX_PACKET, TOKEN_TAP};
 use crate::device::{ActiveQueue, Silent, VirtioInterrupt};
@@ -52,13 +52,14 @@ impl Harness {
         let interrupt: Arc<dyn VirtioInterrupt> = Arc::new(Silent);
         let poll = Poll::new()?;
         poll.add(tap.as_raw_fd(), TOKEN_TAP)?;
+        let gate = Arc::new(PairGate::new(true));
         let ctrl = match ctrl {
             Some(queue) => Some(CtrlWorker {
                 memory: memory.clone(),
                 queue: device_queue(2, queue)?,
                 interrupt: interrupt.clone(),
-                taps: vec![tap.clone()],
-                usable_pairs: 1,
+                pairs: PairSwitch::new(vec![tap.clone()], vec![gate.clone()])
+                    .map_err(io::Error::other)?,
                 counters: counters.clone(),
             }),
             None => None,
@@ -69,6 +70,7 @@ impl Harness {
             tx: device_queue(1, tx)?,
             interrupt,
             tap,
+            gate,
             mergeable,
             packet: vec![0; MAX_PACKET],
             pending: None,
@@ -90,9 +92,12 @@ impl Harness {
         matches!(self.pair.receive(&self.poll), Ok(Ok(())))
     }
 
-    /// Answers every waiting control command. False once the queue broke.
+    /// Answers every waiting control command. False once the queue broke or the device
+    /// needs a reset.
     pub fn control(&mut self) -> bool {
-        self.ctrl.as_mut().is_none_or(|ctrl| ctrl.serve().is_ok())
+        self.ctrl
+            .as_mut()
+            .is_none_or(|ctrl| matches!(ctrl.serve(), Ok(false)))
     }
 }
 

@@ -106,24 +106,42 @@ pub struct Net {
     mac: [u8; 6],
     /// Receive and transmit queue of each pair, then the control queue with several pairs.
     queue_sizes: Vec<u16>,
+    /// One per pair in use by the driver.
     workers: Vec<WorkerHandle>,
+    /// The control queue's, stopped first on reset so no pair switch races the stop.
+    ctrl_worker: Option<WorkerHandle>,
     counters: Arc<Counters>,
+}
+
+/// Why a network device cannot be made.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error("a network device needs at least one TAP queue")]
+    NoTapQueue,
 }
 
 impl Net {
     /// A device with one queue pair per TAP queue in `taps` (at least one, at most
     /// [`MAX_QUEUE_PAIRS`]; extra queues are left unused).
-    pub fn new(mut taps: Vec<Arc<Tap>>, mac: [u8; 6], counters: Arc<Counters>) -> Self {
+    pub fn new(
+        mut taps: Vec<Arc<Tap>>,
+        mac: [u8; 6],
+        counters: Arc<Counters>,
+    ) -> Result<Self, NetError> {
+        if taps.is_empty() {
+            return Err(NetError::NoTapQueue);
+        }
         taps.truncate(MAX_QUEUE_PAIRS);
-        let pairs = taps.len().max(1);
+        let pairs = taps.len();
         let queues = if pairs > 1 { 2 * pairs + 1 } else { 2 };
-        Net {
+        Ok(Net {
             taps,
             mac,
             queue_sizes: vec![QUEUE_SIZE; queues],
             workers: Vec::new(),
+            ctrl_worker: None,
             counters,
-        }
+        })
     }
 
     fn pairs(&self) -> usize {
@@ -190,7 +208,9 @@ impl VirtioDevice for Net {
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
         let got = activation.queues.len();
         let features = activation.features;
-        let multi_queue = features & features::MQ != 0 && self.pairs() > 1;
+        // MQ is only meaningful with the control queue that picks the pairs (5.1.3.1).
+        let both = features::MQ | features::CTRL_VQ;
+        let multi_queue = features & both == both && self.pairs() > 1;
         let pairs = if multi_queue { self.pairs() } else { 1 };
         // The control queue follows the last pair the device offers (virtio 1.x 5.1.2).
         let ctrl_index = (2 * pairs) as u16;
@@ -221,15 +241,20 @@ impl VirtioDevice for Net {
             .set_offload(tap_offloads(features))
             .map_err(backend)?;
         // Only pair 0 carries traffic until the driver asks for more.
-        ctrl::use_queue_pairs(&self.taps, 1).map_err(backend)?;
+        let gates: Vec<_> = (0..pair_queues.len())
+            .map(|_| Arc::new(ctrl::PairGate::new(false)))
+            .collect();
+        let pair_switch =
+            ctrl::PairSwitch::new(self.taps.clone(), gates.clone()).map_err(backend)?;
         let mut workers = Vec::new();
-        for ((rx, tx), tap) in pair_queues.into_iter().zip(&self.taps) {
+        for (((rx, tx), tap), gate) in pair_queues.into_iter().zip(&self.taps).zip(gates) {
             let worker = NetWorker {
                 memory: activation.memory.clone(),
                 rx,
                 tx,
                 interrupt: activation.interrupt.clone(),
                 tap: tap.clone(),
+                gate,
                 mergeable: features & features::MRG_RXBUF != 0,
                 packet: vec![0; MAX_PACKET],
                 pending: None,
@@ -244,19 +269,20 @@ impl VirtioDevice for Net {
                 memory: activation.memory.clone(),
                 queue,
                 interrupt: activation.interrupt.clone(),
-                taps: self.taps.clone(),
-                usable_pairs: workers.len() as u16,
+                pairs: pair_switch,
                 counters: self.counters.clone(),
             };
-            workers.push(
-                WorkerHandle::spawn("virtio-net-ctl", worker).map_err(ActivateError::Worker)?,
-            );
+            self.ctrl_worker =
+                Some(WorkerHandle::spawn("virtio-net-ctl", worker).map_err(ActivateError::Worker)?);
         }
         self.workers = workers;
         Ok(())
     }
 
     fn reset(&mut self) {
+        if let Some(mut ctrl) = self.ctrl_worker.take() {
+            ctrl.stop();
+        }
         for mut worker in self.workers.drain(..) {
             worker.stop();
         }
@@ -287,6 +313,8 @@ struct NetWorker {
     tx: DeviceQueue,
     interrupt: Arc<dyn VirtioInterrupt>,
     tap: Arc<Tap>,
+    /// Open while the driver has this pair in use.
+    gate: Arc<ctrl::PairGate>,
     mergeable: bool,
     /// Receive buffer for one packet from the TAP.
     packet: Vec<u8>,
@@ -327,8 +355,15 @@ impl NetWorker {
         })
     }
 
-    /// Moves packets from the TAP into receive buffers while both last.
+    /// Moves packets from the TAP into receive buffers while both last; with the pair out of
+    /// use, drops them instead.
     fn receive(&mut self, poll: &Poll) -> io::Result<Result<(), QueueBroken>> {
+        let gate = self.gate.clone();
+        let open = gate.hold();
+        if !*open {
+            self.drop_received()?;
+            return Ok(Ok(()));
+        }
         let mem = self.memory.clone();
         let mut delivered = false;
         loop {
@@ -483,6 +518,17 @@ impl NetWorker {
         Ok(true)
     }
 
+    /// Drops the pending packet and whatever the TAP queue holds (a detached queue holds
+    /// nothing, but a level-triggered wakeup must not spin on one that does).
+    fn drop_received(&mut self) -> io::Result<()> {
+        let mut dropped = u64::from(self.pending.take().is_some());
+        while self.tap.read_packet(&mut self.packet)?.is_some() {
+            dropped += 1;
+        }
+        self.counters.add(counter::RX_DROPPED, dropped);
+        Ok(())
+    }
+
     fn count_received(&self, len: usize) {
         self.counters.add(counter::RX_PACKETS, 1);
         self.counters
@@ -611,6 +657,7 @@ mod receive_tests {
             tx: queue(&tx, 1),
             interrupt: Arc::new(NoInterrupt),
             tap,
+            gate: Arc::new(ctrl::PairGate::new(true)),
             mergeable,
             packet: vec![0; MAX_PACKET],
             pending: None,
@@ -706,5 +753,20 @@ mod receive_tests {
         s.worker.receive(&s.poll).unwrap().unwrap();
         assert_eq!(used(&rx), vec![(0, 0), (1, 100)]);
         assert_eq!(s.worker.counters.get(counter::RX_DROPPED), 1);
+    }
+
+    #[test]
+    fn a_pair_out_of_use_places_nothing_and_drops_what_waits() {
+        let (mut s, rx) = setup(2, true);
+        s.host.send(&packet(9000, 5)).unwrap();
+        s.worker.receive(&s.poll).unwrap().unwrap();
+        assert_eq!(s.worker.pending, Some(9000), "too big for the room given");
+        s.worker.gate = Arc::new(ctrl::PairGate::new(false));
+        s.host.send(&packet(100, 1)).unwrap();
+        s.worker.receive(&s.poll).unwrap().unwrap();
+        assert!(used(&rx).is_empty());
+        assert_eq!(s.worker.pending, None);
+        assert_eq!(s.worker.counters.get(counter::RX_DROPPED), 2);
+        assert_eq!(s.worker.counters.get(counter::RX_PACKETS), 0);
     }
 }

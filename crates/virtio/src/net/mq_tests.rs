@@ -24,11 +24,11 @@ fn stand_in_taps(n: usize) -> Vec<Arc<Tap>> {
 
 #[test]
 fn several_tap_queues_offer_multi_queue_with_a_control_queue() {
-    let single = Net::new(stand_in_taps(1), [2, 0, 0, 0, 0, 1], new_counters());
+    let single = Net::new(stand_in_taps(1), [2, 0, 0, 0, 0, 1], new_counters()).unwrap();
     assert_eq!(single.features() & (features::MQ | features::CTRL_VQ), 0);
     assert_eq!(single.queue_max_sizes().len(), 2);
 
-    let multi = Net::new(stand_in_taps(3), [2, 0, 0, 0, 0, 1], new_counters());
+    let multi = Net::new(stand_in_taps(3), [2, 0, 0, 0, 0, 1], new_counters()).unwrap();
     let offered = multi.features() & (features::MQ | features::CTRL_VQ);
     assert_eq!(offered, features::MQ | features::CTRL_VQ);
     assert_eq!(
@@ -101,7 +101,7 @@ fn the_control_queue_sets_queue_pairs_within_what_the_driver_enabled() {
                 notify: notify.try_clone().unwrap(),
             })
             .collect();
-        let mut net = Net::new(taps, [2, 0, 0, 0, 0, 1], new_counters());
+        let mut net = Net::new(taps, [2, 0, 0, 0, 0, 1], new_counters()).unwrap();
         net.activate(Activation {
             memory: Arc::new(mem.clone()),
             features: features::MQ | features::CTRL_VQ | features::MRG_RXBUF,
@@ -109,11 +109,8 @@ fn the_control_queue_sets_queue_pairs_within_what_the_driver_enabled() {
             interrupt: Arc::new(NoInterrupt),
         })
         .unwrap();
-        assert_eq!(
-            net.workers.len(),
-            3,
-            "a worker per pair and one for control"
-        );
+        assert_eq!(net.workers.len(), 2, "a worker per pair");
+        assert!(net.ctrl_worker.is_some(), "and one for control");
         notifies[4].write(1).unwrap();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while mocks[4].used().idx().load() < 4 {
@@ -133,7 +130,7 @@ fn the_control_queue_sets_queue_pairs_within_what_the_driver_enabled() {
             .collect();
         assert_eq!(lens, [1, 1, 1, 1], "each answer is one byte");
         net.reset();
-        assert!(net.workers.is_empty());
+        assert!(net.workers.is_empty() && net.ctrl_worker.is_none());
     });
 }
 
@@ -162,7 +159,8 @@ fn without_multi_queue_negotiated_only_pair_zero_runs() {
             })
             .collect();
         // Two TAP queues offered, but an old driver takes neither MQ nor the control queue.
-        let mut net = Net::new(real_taps("fmqdev1", 2), [2, 0, 0, 0, 0, 1], new_counters());
+        let mut net =
+            Net::new(real_taps("fmqdev1", 2), [2, 0, 0, 0, 0, 1], new_counters()).unwrap();
         net.activate(Activation {
             memory: Arc::new(mem.clone()),
             features: features::MRG_RXBUF,
@@ -184,7 +182,7 @@ fn a_missing_pair_zero_is_refused() {
         queue: mock.create_queue().unwrap(),
         notify: vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap(),
     }];
-    let mut net = Net::new(stand_in_taps(2), [2, 0, 0, 0, 0, 1], new_counters());
+    let mut net = Net::new(stand_in_taps(2), [2, 0, 0, 0, 0, 1], new_counters()).unwrap();
     let result = net.activate(Activation {
         memory: Arc::new(mem),
         features: features::MQ | features::CTRL_VQ,

@@ -5,6 +5,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
@@ -40,6 +41,8 @@ pub enum TapError {
     },
     #[error("TAP device {name} has one queue; {wanted} queue pairs need one created with `ip tuntap add {name} mode tap multi_queue`")]
     SingleQueue { name: String, wanted: usize },
+    #[error("interface {0} exists and is not a TAP device")]
+    NotTap(String),
     #[error("cannot configure TAP device {name}")]
     Configure {
         name: String,
@@ -55,6 +58,8 @@ pub struct Tap {
     name: String,
     /// Ferro created the device: it disappears when the last file on it closes.
     created: bool,
+    /// Whether this queue is attached (takes packets); a queue opened is attached.
+    attached: AtomicBool,
 }
 
 fn ifreq(name: &str) -> libc::ifreq {
@@ -84,6 +89,10 @@ fn interface_exists(name: &str) -> bool {
     };
     // SAFETY: `name` is a NUL-terminated string that outlives the call.
     unsafe { libc::if_nametoindex(name.as_ptr()) != 0 }
+}
+
+fn is_einval(e: &TapError) -> bool {
+    matches!(e, TapError::Attach { source, .. } if source.raw_os_error() == Some(libc::EINVAL))
 }
 
 /// A new /dev/net/tun file attached to device `name` with `flags`.
@@ -123,19 +132,22 @@ impl Tap {
         }
         let created = !interface_exists(name);
         let single_queue = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR;
-        // A queue must be opened as the device was made: try multi-queue first, and an
-        // existing single-queue device answers EINVAL.
+        // A queue must be opened as the device was made: try multi-queue first. EINVAL comes
+        // from an existing single-queue TAP device, and from an interface that is no TAP
+        // device at all (a bridge, a TUN device), which refuses the single-queue try too.
         let (first, flags) = match attach(name, single_queue | IFF_MULTI_QUEUE) {
             Ok(file) => (file, single_queue | IFF_MULTI_QUEUE),
-            Err(TapError::Attach { source, .. }) if source.raw_os_error() == Some(libc::EINVAL) => {
-                if queues > 1 && !fewer_ok {
+            Err(e) if is_einval(&e) => match attach(name, single_queue) {
+                Ok(_) if queues > 1 && !fewer_ok => {
                     return Err(TapError::SingleQueue {
                         name: name.to_string(),
                         wanted: queues,
-                    });
+                    })
                 }
-                (attach(name, single_queue)?, single_queue)
-            }
+                Ok(file) => (file, single_queue),
+                Err(e) if is_einval(&e) => return Err(TapError::NotTap(name.to_string())),
+                Err(e) => return Err(e),
+            },
             Err(e) => return Err(e),
         };
         let count = if flags & IFF_MULTI_QUEUE != 0 {
@@ -153,6 +165,7 @@ impl Tap {
                 },
                 name: name.to_string(),
                 created,
+                attached: AtomicBool::new(true),
             };
             tap.set_vnet_header_size(12)?;
             taps.push(tap);
@@ -164,8 +177,13 @@ impl Tap {
     }
 
     /// Lets this queue of a multi-queue device carry packets (`on`) or takes it out of the
-    /// device's queue selection: packets from the host only go to attached queues.
+    /// device's queue selection: packets from the host only go to attached queues, and a queue
+    /// detached loses what it held. A queue already so is left alone: each switch takes the
+    /// host's rtnl lock, and a detach waits for an RCU grace period.
     pub fn set_queue_enabled(&self, on: bool) -> Result<(), TapError> {
+        if self.attached.load(Ordering::Acquire) == on {
+            return Ok(());
+        }
         let mut req = ifreq("");
         req.ifr_ifru.ifru_flags = if on {
             IFF_ATTACH_QUEUE
@@ -174,11 +192,16 @@ impl Tap {
         };
         // SAFETY: TUNSETQUEUE reads one ifreq, which `req` is, for the call's duration.
         let ret = unsafe { libc::ioctl(self.file.as_raw_fd(), TUNSETQUEUE, &req) };
-        // Attaching an attached queue (or detaching a detached one) is EINVAL: already so.
-        if ret < 0 && io::Error::last_os_error().raw_os_error() != Some(libc::EINVAL) {
+        if ret < 0 {
             return Err(self.configure_err(io::Error::last_os_error()));
         }
+        self.attached.store(on, Ordering::Release);
         Ok(())
+    }
+
+    /// Whether this queue takes packets from the host.
+    pub fn queue_enabled(&self) -> bool {
+        self.attached.load(Ordering::Acquire)
     }
 
     pub fn name(&self) -> &str {
@@ -273,6 +296,7 @@ impl Tap {
             file,
             name: "test".into(),
             created: false,
+            attached: AtomicBool::new(true),
         }
     }
 
@@ -325,12 +349,19 @@ mod tests {
             let taps = Tap::open_queues("fmq0", 3, false).unwrap();
             assert_eq!(taps.len(), 3);
             assert!(taps.iter().all(Tap::created));
-            // Detaching and attaching are accepted, and repeating either is harmless.
+            assert!(
+                taps.iter().all(Tap::queue_enabled),
+                "opened queues are attached"
+            );
+            // Detaching and attaching are accepted, and repeating either is harmless (the
+            // repeat makes no call: the kernel would answer it EINVAL).
             taps[2].set_queue_enabled(false).unwrap();
             taps[2].set_queue_enabled(false).unwrap();
             taps[1].set_queue_enabled(false).unwrap();
+            assert!(!taps[1].queue_enabled() && !taps[2].queue_enabled());
             taps[2].set_queue_enabled(true).unwrap();
             taps[2].set_queue_enabled(true).unwrap();
+            assert!(taps[2].queue_enabled());
             // One more queue of the same device opens as multi-queue too.
             let more = Tap::open_queues("fmq0", 1, false).unwrap();
             assert_eq!(more.len(), 1);
@@ -343,10 +374,7 @@ mod tests {
         in_new_netns(|| {
             // A persistent single-queue device, as `ip tuntap add NAME mode tap` makes.
             let file = attach("fsq0", IFF_TAP | IFF_NO_PI | IFF_VNET_HDR).unwrap();
-            const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
-            // SAFETY: TUNSETPERSIST takes a plain integer argument.
-            let persisted = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETPERSIST, 1) };
-            assert_eq!(persisted, 0);
+            persist(&file);
             drop(file);
             let err = Tap::open_queues("fsq0", 2, false).unwrap_err();
             assert!(
@@ -360,6 +388,32 @@ mod tests {
             // A single-queue device has nothing to switch: accepted as a no-op.
             taps[0].set_queue_enabled(true).unwrap();
         });
+    }
+
+    #[test]
+    fn an_interface_that_is_no_tap_device_is_named_as_such() {
+        in_new_netns(|| {
+            // A persistent TUN device: an interface of the same driver but the wrong kind.
+            const IFF_TUN: libc::c_short = 0x0001;
+            let file = attach("ftun0", IFF_TUN | IFF_NO_PI).unwrap();
+            persist(&file);
+            for (queues, fewer_ok) in [(1, false), (2, false), (2, true)] {
+                let err = Tap::open_queues("ftun0", queues, fewer_ok).unwrap_err();
+                assert!(matches!(err, TapError::NotTap(_)), "{err}");
+                assert_eq!(
+                    err.to_string(),
+                    "interface ftun0 exists and is not a TAP device"
+                );
+            }
+        });
+    }
+
+    /// Keeps the device `file` is attached to when the file closes.
+    fn persist(file: &File) {
+        const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
+        // SAFETY: TUNSETPERSIST takes a plain integer argument.
+        let persisted = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETPERSIST, 1) };
+        assert_eq!(persisted, 0);
     }
 
     #[test]
