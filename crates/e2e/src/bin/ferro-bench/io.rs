@@ -35,7 +35,38 @@ fn sh(command: &str) -> Result<(), String> {
     }
 }
 
-fn io_command(vmm: Vmm, images: &GuestImages, bench_initrd: &str) -> (PathBuf, Vec<String>) {
+/// The VMM under test, with QEMU's virtio-net queue pairs (1: its default, single queue).
+#[derive(Debug, Clone, Copy)]
+struct Contender {
+    vmm: Vmm,
+    qemu_net_queues: usize,
+}
+
+impl Contender {
+    /// Whether its TAP device must be multi-queue: always for Ferro, which gives each vCPU
+    /// a queue pair by default; for QEMU when asked for more than one queue pair.
+    fn multi_queue_tap(self) -> bool {
+        matches!(self.vmm, Vmm::Ferro) || self.qemu_net_queues > 1
+    }
+}
+
+fn io_command(
+    contender: Contender,
+    images: &GuestImages,
+    bench_initrd: &str,
+) -> (PathBuf, Vec<String>) {
+    let vmm = contender.vmm;
+    let queues = contender.qemu_net_queues;
+    // QEMU's multi-queue: N queues on the TAP, MQ on the device with a vector per queue
+    // plus config and control.
+    let (netdev_queues, device_mq) = if queues > 1 {
+        (
+            format!(",queues={queues}"),
+            format!(",mq=on,vectors={}", 2 * queues + 2),
+        )
+    } else {
+        (String::new(), String::new())
+    };
     let kernel = images.kernel.display().to_string();
     let guest = format!(
         "ip link set eth0 up; ip addr add {IO_GUEST_ADDR}/24 dev eth0; echo {PHASES_START}; \
@@ -93,9 +124,9 @@ fn io_command(vmm: Vmm, images: &GuestImages, bench_initrd: &str) -> (PathBuf, V
             "-device",
             "virtio-blk-pci,drive=d0",
             "-netdev",
-            &format!("tap,id=n0,ifname={IO_TAP},script=no,downscript=no,vhost=off"),
+            &format!("tap,id=n0,ifname={IO_TAP},script=no,downscript=no,vhost=off{netdev_queues}"),
             "-device",
-            "virtio-net-pci,netdev=n0,romfile=",
+            &format!("virtio-net-pci,netdev=n0,romfile={device_mq}"),
         ]
         .map(String::from)
         .to_vec(),
@@ -121,18 +152,20 @@ struct IoRun {
     exits: Option<Vec<Counters>>,
 }
 
-/// The host's TAP device for one boot, removed afterwards: multi-queue for Ferro, which then
-/// gives each vCPU a queue pair (its default); single-queue for QEMU, whose default
-/// `-netdev tap` cannot open a multi-queue device.
-struct BenchTap(Vmm);
+/// The host's TAP device for one boot, removed afterwards: multi-queue where the contender
+/// uses several queues ([`Contender::multi_queue_tap`]); otherwise single-queue, as QEMU's
+/// default `-netdev tap` cannot open a multi-queue device.
+struct BenchTap(bool);
 
 impl BenchTap {
-    fn new(vmm: Vmm) -> Result<Self, String> {
-        match vmm {
-            Vmm::Ferro => e2e::tap::create_multi_queue(IO_TAP).map_err(|e| e.to_string())?,
-            _ => sh(&format!("tunctl -t {IO_TAP} >/dev/null"))?,
+    fn new(contender: Contender) -> Result<Self, String> {
+        let multi_queue = contender.multi_queue_tap();
+        if multi_queue {
+            e2e::tap::create_multi_queue(IO_TAP).map_err(|e| e.to_string())?;
+        } else {
+            sh(&format!("tunctl -t {IO_TAP} >/dev/null"))?;
         }
-        let tap = BenchTap(vmm);
+        let tap = BenchTap(multi_queue);
         sh(&format!(
             "ip addr add {IO_HOST_ADDR}/24 dev {IO_TAP} && ip link set {IO_TAP} up"
         ))?;
@@ -142,17 +175,23 @@ impl BenchTap {
 
 impl Drop for BenchTap {
     fn drop(&mut self) {
-        let _ = match self.0 {
-            Vmm::Ferro => e2e::tap::delete_multi_queue(IO_TAP).map_err(|e| e.to_string()),
-            _ => sh(&format!("tunctl -d {IO_TAP} >/dev/null")),
+        let _ = if self.0 {
+            e2e::tap::delete_multi_queue(IO_TAP).map_err(|e| e.to_string())
+        } else {
+            sh(&format!("tunctl -d {IO_TAP} >/dev/null"))
         };
     }
 }
 
 /// One boot running every measurement.
-fn io_once(vmm: Vmm, images: &GuestImages, bench_initrd: &str) -> Result<IoRun, String> {
+fn io_once(
+    contender: Contender,
+    images: &GuestImages,
+    bench_initrd: &str,
+) -> Result<IoRun, String> {
     use std::io::{Read, Write};
-    let _tap = BenchTap::new(vmm)?;
+    let vmm = contender.vmm;
+    let _tap = BenchTap::new(contender)?;
     let listener = std::net::TcpListener::bind((IO_HOST_ADDR, 5201)).map_err(|e| e.to_string())?;
     let sink = std::thread::Builder::new()
         .name("tcp-sink".into())
@@ -163,7 +202,7 @@ fn io_once(vmm: Vmm, images: &GuestImages, bench_initrd: &str) -> Result<IoRun, 
             Ok(())
         })
         .map_err(|e| e.to_string())?;
-    let (program, args) = io_command(vmm, images, bench_initrd);
+    let (program, args) = io_command(contender, images, bench_initrd);
     let mut vm = Vm::spawn(&program, &args)?;
     vm.close_stdin();
     vm.wait_for(PHASES_START, 1, TIMEOUT)?;
@@ -287,7 +326,7 @@ fn operations(metric: usize, value: f64) -> f64 {
     }
 }
 
-pub fn run(runs: usize) -> Result<(), String> {
+pub fn run(runs: usize, qemu_net_queues: usize) -> Result<(), String> {
     let images = GuestImages::from_env()?;
     let bench_initrd = std::env::var("FERRO_BENCH_INITRD")
         .map_err(|_| "FERRO_BENCH_INITRD is not set; run under tools/bench")?;
@@ -298,7 +337,7 @@ pub fn run(runs: usize) -> Result<(), String> {
     ))?;
     let vmms = [Vmm::Ferro, Vmm::Qemu];
     println!(
-        "virtio I/O: raw {}-MiB image on the host's tmpfs, TAP {IO_TAP}; {IO_MIB} MiB transfers, {IO_RANDOM_SECONDS} s of 4 KiB random reads (QD1, O_DIRECT); 2 vCPUs, 1 GiB; {runs} runs each, interleaved",
+        "virtio I/O: raw {}-MiB image on the host's tmpfs, TAP {IO_TAP}; {IO_MIB} MiB transfers, {IO_RANDOM_SECONDS} s of 4 KiB random reads (QD1, O_DIRECT); 2 vCPUs, 1 GiB; {runs} runs each, interleaved; virtio-net queue pairs: ferro one per vCPU, qemu {qemu_net_queues}",
         IO_MIB * 2
     );
     kvm_stats::mount_debugfs();
@@ -308,7 +347,11 @@ pub fn run(runs: usize) -> Result<(), String> {
     for run in 0..runs {
         for i in 0..vmms.len() {
             let slot = (run + i) % vmms.len();
-            let row = io_once(vmms[slot], &images, &bench_initrd)?;
+            let contender = Contender {
+                vmm: vmms[slot],
+                qemu_net_queues,
+            };
+            let row = io_once(contender, &images, &bench_initrd)?;
             println!(
                 "run {} {:>5}: {}",
                 run + 1,

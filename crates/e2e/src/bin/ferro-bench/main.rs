@@ -6,10 +6,12 @@
 //! initramfs and command line, interleaved; and each VMM's resident memory outside guest RAM
 //! at that moment. Prints every run, the medians and the Ferro/QEMU ratios.
 //!
-//! `ferro-bench io [--runs N]`: virtio-blk on a raw image in the host's tmpfs (sequential read
-//! and write, 4 KiB random reads, O_DIRECT in the guest) and virtio-net on a TAP device (TCP
-//! guest to host and host to guest), Ferro against QEMU's virtio-blk-pci and virtio-net-pci
-//! (userspace backends, no vhost), measured inside the guest by `ferro-guest-bench`.
+//! `ferro-bench io [--runs N] [--qemu-net-queues N]`: virtio-blk on a raw image in the host's
+//! tmpfs (sequential read and write, 4 KiB random reads, O_DIRECT in the guest) and
+//! virtio-net on a TAP device (TCP guest to host and host to guest), Ferro against QEMU's
+//! virtio-blk-pci and virtio-net-pci (userspace backends, no vhost), measured inside the guest
+//! by `ferro-guest-bench`. Ferro runs its defaults (a queue pair per vCPU); QEMU runs its own
+//! (one queue pair) unless `--qemu-net-queues` gives it multi-queue on the same kind of TAP.
 
 mod daemon;
 mod host_net;
@@ -188,24 +190,51 @@ fn boot(runs: usize) -> Result<(), String> {
 }
 
 fn usage() -> ! {
-    eprintln!("usage: ferro-bench boot|io|daemon [--runs N]");
+    eprintln!("usage: ferro-bench boot|io|daemon [--runs N] (io also: [--qemu-net-queues N])");
     std::process::exit(2);
+}
+
+/// The value of option `name` in `options` (pairs of flag and number), or `default`.
+fn option(options: &[String], name: &str, default: usize) -> usize {
+    let mut value = default;
+    for pair in options.chunks(2) {
+        match pair {
+            [flag, n] if flag == name => value = n.parse().unwrap_or_else(|_| usage()),
+            [flag, _] if flag.starts_with("--") => {}
+            _ => usage(),
+        }
+    }
+    value
 }
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let runs = |default: usize| match args.get(1).map(String::as_str) {
-        None => default,
-        Some("--runs") => args
-            .get(2)
-            .and_then(|n| n.parse().ok())
-            .unwrap_or_else(|| usage()),
-        Some(_) => usage(),
+    let options = args.get(1..).unwrap_or_default();
+    let known = |names: &[&str]| {
+        if options
+            .iter()
+            .step_by(2)
+            .any(|f| !names.contains(&f.as_str()))
+        {
+            usage();
+        }
     };
     let result = match args.first().map(String::as_str) {
-        Some("boot") => boot(runs(10)),
-        Some("io") => io::run(runs(5)),
-        Some("daemon") => daemon::run(runs(8)),
+        Some("boot") => {
+            known(&["--runs"]);
+            boot(option(options, "--runs", 10))
+        }
+        Some("io") => {
+            known(&["--runs", "--qemu-net-queues"]);
+            io::run(
+                option(options, "--runs", 5),
+                option(options, "--qemu-net-queues", 1),
+            )
+        }
+        Some("daemon") => {
+            known(&["--runs"]);
+            daemon::run(option(options, "--runs", 8))
+        }
         _ => usage(),
     };
     if let Err(e) = result {
