@@ -162,8 +162,14 @@ impl<Q: HostQueue> PairSwitch<Q> {
         if pairs == self.active {
             return Switched::Done;
         }
-        // Gates open before their host queues attach, and close after theirs detach.
-        self.open_gates(pairs.max(self.active));
+        let previous = self.active;
+        let changing = pairs.min(previous)..pairs.max(previous);
+        // Gates open before their host queues attach, and close after theirs detach. Only
+        // the changing pairs' gates are taken, so a busy pair that stays in use does not
+        // hold up the answer (the driver busy-waits for it).
+        if pairs > previous {
+            self.set_gates(changing.clone(), pairs);
+        }
         let outcome = match use_queue_pairs(&self.queues, pairs) {
             Ok(()) => {
                 self.active = pairs;
@@ -171,23 +177,25 @@ impl<Q: HostQueue> PairSwitch<Q> {
             }
             Err(e) => {
                 tracing::warn!("virtio-net: cannot use {pairs} queue pairs: {e}");
-                match use_queue_pairs(&self.queues, self.active) {
+                match use_queue_pairs(&self.queues, previous) {
                     Ok(()) => Switched::Refused,
                     Err(e) => {
-                        tracing::warn!("virtio-net: cannot go back to {} pairs: {e}", self.active);
+                        tracing::warn!("virtio-net: cannot go back to {previous} pairs: {e}");
                         Switched::Broken
                     }
                 }
             }
         };
-        self.open_gates(self.active);
+        self.set_gates(changing, self.active);
         outcome
     }
 
-    /// Opens the first `pairs` gates and closes the rest.
-    fn open_gates(&self, pairs: u16) {
-        for (i, gate) in self.gates.iter().enumerate() {
-            gate.set(i < usize::from(pairs));
+    /// Sets the gates of `pairs` (indexes): open below `open_below`, closed from it up.
+    fn set_gates(&self, pairs: std::ops::Range<u16>, open_below: u16) {
+        for i in pairs {
+            if let Some(gate) = self.gates.get(usize::from(i)) {
+                gate.set(i < open_below);
+            }
         }
     }
 }
@@ -365,6 +373,27 @@ mod tests {
         // use_queue_pairs asks every queue; the fakes log each ask, Tap skips the no-ops.
         let calls = f.switches();
         assert!(calls.contains(&(2, true)) && calls.contains(&(2, false)));
+    }
+
+    #[test]
+    fn a_switch_takes_only_the_gates_of_the_pairs_that_change() {
+        let Fixture {
+            mut switch, gates, ..
+        } = Fixture::new(4, 4);
+        assert_eq!(switch.set(2), Switched::Done);
+        // Pairs 0 and 1 stay in use: a receive pass holding their gates must not hold up
+        // the switch from 2 to 4 and back.
+        let _busy = [gates[0].hold(), gates[1].hold()];
+        let (answered, answers) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let outcomes = [switch.set(4), switch.set(2)];
+            let _ = answered.send(outcomes);
+        });
+        let outcomes = answers
+            .recv_timeout(std::time::Duration::from_secs(5))
+            .expect("the switch waited for a gate of a pair that stays in use");
+        assert_eq!(outcomes, [Switched::Done, Switched::Done]);
+        assert!(!*gates[2].hold() && !*gates[3].hold());
     }
 
     #[test]

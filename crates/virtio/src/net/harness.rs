@@ -11,7 +11,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::ctrl::{CtrlWorker, PairGate, PairSwitch};
 use super::rx_buffers::RxBuffers;
-use super::{new_counters, NetWorker, Tap, MAX_PACKET, TOKEN_TAP};
+use super::{new_counters, NetWorker, Tap, MAX_PACKET, PACKETS_PER_PASS, TOKEN_TAP};
 use crate::device::{ActiveQueue, Silent, VirtioInterrupt};
 use crate::queue::DeviceQueue;
 use crate::worker::Poll;
@@ -71,6 +71,7 @@ impl Harness {
             interrupt,
             tap,
             gate,
+            packets_per_pass: PACKETS_PER_PASS,
             mergeable,
             packet: vec![0; MAX_PACKET],
             pending: None,

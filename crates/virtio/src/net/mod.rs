@@ -45,6 +45,8 @@ const NUM_BUFFERS_OFFSET: usize = 10;
 /// virtio-net headers; twice that leaves room for any TAP quirk (a short buffer would
 /// silently truncate a packet).
 const MAX_PACKET: usize = 128 << 10;
+/// Most packets placed in one receive pass.
+const PACKETS_PER_PASS: usize = 256;
 const TOKEN_RX: u64 = 0;
 const TOKEN_TX: u64 = 1;
 const TOKEN_TAP: u64 = 2;
@@ -106,10 +108,11 @@ pub struct Net {
     mac: [u8; 6],
     /// Receive and transmit queue of each pair, then the control queue with several pairs.
     queue_sizes: Vec<u16>,
+    /// The control queue's, stopped first (on reset, and on drop by field order) so no
+    /// pair switch races the stop.
+    ctrl_worker: Option<WorkerHandle>,
     /// One per pair in use by the driver.
     workers: Vec<WorkerHandle>,
-    /// The control queue's, stopped first on reset so no pair switch races the stop.
-    ctrl_worker: Option<WorkerHandle>,
     counters: Arc<Counters>,
 }
 
@@ -255,6 +258,7 @@ impl VirtioDevice for Net {
                 interrupt: activation.interrupt.clone(),
                 tap: tap.clone(),
                 gate,
+                packets_per_pass: PACKETS_PER_PASS,
                 mergeable: features & features::MRG_RXBUF != 0,
                 packet: vec![0; MAX_PACKET],
                 pending: None,
@@ -315,6 +319,8 @@ struct NetWorker {
     tap: Arc<Tap>,
     /// Open while the driver has this pair in use.
     gate: Arc<ctrl::PairGate>,
+    /// Most packets placed in one receive pass ([`PACKETS_PER_PASS`]; fewer in tests).
+    packets_per_pass: usize,
     mergeable: bool,
     /// Receive buffer for one packet from the TAP.
     packet: Vec<u8>,
@@ -365,8 +371,11 @@ impl NetWorker {
             return Ok(Ok(()));
         }
         let mem = self.memory.clone();
-        let mut delivered = false;
-        loop {
+        let mut delivered = 0;
+        // A pass ends after a bounded number of packets, so the gate is let go now and then
+        // (a busy pair would otherwise keep a control command waiting); the TAP, still
+        // readable, wakes the worker again.
+        while delivered < self.packets_per_pass {
             let direct = match self.pending {
                 Some(_) => false,
                 None => match self.room_for_any_packet(&mem) {
@@ -377,7 +386,7 @@ impl NetWorker {
             if direct {
                 match self.receive_direct(&mem) {
                     Ok(Some(())) => {
-                        delivered = true;
+                        delivered += 1;
                         continue;
                     }
                     Ok(None) => break,
@@ -396,7 +405,7 @@ impl NetWorker {
             match self.place(&mem, len) {
                 Ok(true) => {
                     self.pending = None;
-                    delivered = true;
+                    delivered += 1;
                 }
                 Ok(false) => match self.rx.wait_for_chains(&mem) {
                     Ok(true) => continue, // buffers arrived meanwhile
@@ -410,7 +419,7 @@ impl NetWorker {
                 Err(broken) => return Ok(Err(broken)),
             }
         }
-        if delivered {
+        if delivered > 0 {
             if let Err(broken) = self.rx.signal_used(&mem, self.interrupt.as_ref()) {
                 return Ok(Err(broken));
             }
@@ -658,6 +667,7 @@ mod receive_tests {
             interrupt: Arc::new(NoInterrupt),
             tap,
             gate: Arc::new(ctrl::PairGate::new(true)),
+            packets_per_pass: PACKETS_PER_PASS,
             mergeable,
             packet: vec![0; MAX_PACKET],
             pending: None,
@@ -753,6 +763,19 @@ mod receive_tests {
         s.worker.receive(&s.poll).unwrap().unwrap();
         assert_eq!(used(&rx), vec![(0, 0), (1, 100)]);
         assert_eq!(s.worker.counters.get(counter::RX_DROPPED), 1);
+    }
+
+    #[test]
+    fn a_receive_pass_ends_after_its_packet_budget_and_the_next_goes_on() {
+        let (mut s, rx) = setup(64, true);
+        s.worker.packets_per_pass = 2;
+        for seed in 0..3 {
+            s.host.send(&packet(100, seed)).unwrap();
+        }
+        s.worker.receive(&s.poll).unwrap().unwrap();
+        assert_eq!(used(&rx).len(), 2, "two packets in the first pass");
+        s.worker.receive(&s.poll).unwrap().unwrap();
+        assert_eq!(used(&rx), vec![(0, 100), (1, 100), (2, 100)]);
     }
 
     #[test]

@@ -11,6 +11,7 @@ const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
 const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
 const TUNSETQUEUE: libc::c_ulong = 0x4004_54d9;
+const TUNGETIFF: libc::c_ulong = 0x8004_54d2;
 const IFF_TAP: libc::c_short = 0x0002;
 const IFF_MULTI_QUEUE: libc::c_short = 0x0100;
 const IFF_ATTACH_QUEUE: libc::c_short = 0x0200;
@@ -138,14 +139,15 @@ impl Tap {
         let (first, flags) = match attach(name, single_queue | IFF_MULTI_QUEUE) {
             Ok(file) => (file, single_queue | IFF_MULTI_QUEUE),
             Err(e) if is_einval(&e) => match attach(name, single_queue) {
-                Ok(_) if queues > 1 && !fewer_ok => {
+                Err(e) if is_einval(&e) => return Err(TapError::NotTap(name.to_string())),
+                // A single-queue TAP device (busy or not) cannot give the pairs asked for.
+                _ if queues > 1 && !fewer_ok => {
                     return Err(TapError::SingleQueue {
                         name: name.to_string(),
                         wanted: queues,
                     })
                 }
                 Ok(file) => (file, single_queue),
-                Err(e) if is_einval(&e) => return Err(TapError::NotTap(name.to_string())),
                 Err(e) => return Err(e),
             },
             Err(e) => return Err(e),
@@ -193,10 +195,29 @@ impl Tap {
         // SAFETY: TUNSETQUEUE reads one ifreq, which `req` is, for the call's duration.
         let ret = unsafe { libc::ioctl(self.file.as_raw_fd(), TUNSETQUEUE, &req) };
         if ret < 0 {
-            return Err(self.configure_err(io::Error::last_os_error()));
+            let error = io::Error::last_os_error();
+            // EINVAL also means the queue was already so: believe the kernel's own word.
+            let already = error.raw_os_error() == Some(libc::EINVAL)
+                && self.kernel_says_attached().ok() == Some(on);
+            if !already {
+                return Err(self.configure_err(error));
+            }
         }
         self.attached.store(on, Ordering::Release);
         Ok(())
+    }
+
+    /// Whether the kernel has this queue attached (TUNGETIFF flags a detached one).
+    fn kernel_says_attached(&self) -> io::Result<bool> {
+        let mut req = ifreq("");
+        // SAFETY: TUNGETIFF writes one ifreq, which `req` is, for the call's duration.
+        let ret = unsafe { libc::ioctl(self.file.as_raw_fd(), TUNGETIFF, &mut req) };
+        if ret < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: TUNGETIFF filled in the flags member of the union.
+        let flags = unsafe { req.ifr_ifru.ifru_flags };
+        Ok(flags & IFF_DETACH_QUEUE == 0)
     }
 
     /// Whether this queue takes packets from the host.
@@ -362,6 +383,12 @@ mod tests {
             taps[2].set_queue_enabled(true).unwrap();
             taps[2].set_queue_enabled(true).unwrap();
             assert!(taps[2].queue_enabled());
+            assert!(taps[2].kernel_says_attached().unwrap());
+            assert!(!taps[1].kernel_says_attached().unwrap());
+            // A flag out of step with the kernel is put right by the kernel's EINVAL.
+            taps[1].attached.store(true, Ordering::Release);
+            taps[1].set_queue_enabled(false).unwrap();
+            assert!(!taps[1].queue_enabled());
             // One more queue of the same device opens as multi-queue too.
             let more = Tap::open_queues("fmq0", 1, false).unwrap();
             assert_eq!(more.len(), 1);
