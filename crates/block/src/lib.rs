@@ -38,6 +38,11 @@ pub trait DiskImage: Send {
     fn write_at(&mut self, offset: u64, buffers: Buffers<'_, '_>) -> io::Result<()>;
     /// Makes everything written so far durable.
     fn flush(&mut self) -> io::Result<()>;
+    /// For an image no one uses until it is complete (a copy put in place afterwards, whose
+    /// file its maker syncs): metadata writes drop their crash-safety ordering, and `flush`
+    /// writes out what the image holds in memory without waiting for storage. Formats that
+    /// hold nothing in memory (raw) keep their flush.
+    fn skip_barriers(&mut self) {}
     /// Tells the image `len` bytes at `offset` are unused (reads may return anything; raw files
     /// read zeroes).
     fn discard(&mut self, offset: u64, len: u64) -> io::Result<()>;

@@ -93,13 +93,13 @@ impl Qcow2Image {
 
     /// Writes the tables changed in memory, in crash-safe order (see the module docs), then
     /// drops the references they released. Returns whether there was anything to write (if
-    /// so, everything written before is durable too).
+    /// so, everything written before is durable too, unless barriers are skipped).
     pub(super) fn flush_metadata(&mut self) -> io::Result<bool> {
         if self.l2.dirty_count() == 0 && self.l1_dirty.is_empty() && self.pending_release.is_empty()
         {
             return Ok(false);
         }
-        self.file.sync_data()?;
+        self.barrier()?;
         self.l2.write_dirty(&self.file)?;
         for index in std::mem::take(&mut self.l1_dirty) {
             let entry = self.l1[index];
@@ -108,11 +108,22 @@ impl Qcow2Image {
                 self.header.l1_table_offset + index as u64 * 8,
             )?;
         }
-        self.file.sync_data()?;
+        self.barrier()?;
         for mapping in std::mem::take(&mut self.pending_release) {
             self.release(mapping)?;
         }
         Ok(true)
+    }
+}
+
+impl Qcow2Image {
+    /// Waits until everything written before is on storage, unless this image's maker syncs
+    /// it later (see [`crate::DiskImage::skip_barriers`]).
+    pub(super) fn barrier(&self) -> io::Result<()> {
+        match self.ordered {
+            true => self.file.sync_data(),
+            false => Ok(()),
+        }
     }
 }
 

@@ -86,6 +86,9 @@ pub struct Qcow2Image {
     l1_dirty: std::collections::BTreeSet<usize>,
     /// Clusters that lose a reference once the tables that dropped it are durable.
     pending_release: Vec<Mapping>,
+    /// Whether metadata writes wait for what they depend on to be on storage (see
+    /// [`crate::DiskImage::skip_barriers`]).
+    ordered: bool,
 }
 
 impl std::fmt::Debug for Qcow2Image {
@@ -158,6 +161,7 @@ impl Qcow2Image {
             inflated: None,
             l1_dirty: Default::default(),
             pending_release: Vec::new(),
+            ordered: true,
         };
         if writable {
             // Refcount problems surface now rather than at the first write.
@@ -594,9 +598,13 @@ impl DiskImage for Qcow2Image {
 
     fn flush(&mut self) -> io::Result<()> {
         if !self.flush_metadata()? {
-            self.file.sync_data()?;
+            self.barrier()?;
         }
         Ok(())
+    }
+
+    fn skip_barriers(&mut self) {
+        self.ordered = false;
     }
 
     fn discard(&mut self, offset: u64, len: u64) -> io::Result<()> {
