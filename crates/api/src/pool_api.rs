@@ -142,6 +142,10 @@ pub struct VolumeInfo {
     pub allocation_bytes: u64,
     /// The volume it is an overlay of, if any.
     pub backing: Option<String>,
+    /// The host went down before this volume's clone was on storage, so it may miss data; VMs
+    /// and clones refuse it until it is deleted or replaced by an upload.
+    #[serde(default)]
+    pub incomplete: bool,
 }
 
 /// `POST /api/v1/pools/POOL/volumes/VOLUME/snapshots`.

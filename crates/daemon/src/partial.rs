@@ -1,7 +1,7 @@
 //! Volumes in the making (full clones, uploads): written to a hidden file in the pool's
-//! directory and put in place by a rename only once complete and on stable storage, so a
-//! daemon killed or a host crashed halfway never leaves a half-copied volume under a user's
-//! name. The hidden name carries the daemon's pid; files of another pid are leftovers of a
+//! directory and put in place by a rename only once complete (an upload: and on stable
+//! storage; a clone's durability is `write_back`'s), so a daemon killed halfway never leaves
+//! a half-copied volume under a user's name. The hidden name carries the daemon's pid; files of another pid are leftovers of a
 //! daemon that died, removed when the pool is next activated.
 //!
 //! Volume names start with a letter or digit, so these files are never listed as volumes.
@@ -59,10 +59,10 @@ pub fn remove_stale(dir: &Path) -> usize {
 }
 
 /// Puts the complete file `partial` in place as `target`, which must not exist (an existing
-/// file gives AlreadyExists and is left alone), and makes the new name durable.
+/// file gives AlreadyExists and is left alone). The new name is not yet durable: the caller's
+/// `write_back` marker settles it.
 pub fn publish_new(partial: &Path, target: &Path) -> io::Result<()> {
-    rename_no_replace(partial, target)?;
-    sync_parent(target)
+    rename_no_replace(partial, target)
 }
 
 /// Puts the complete file `partial` in place of `target` and makes the change durable.

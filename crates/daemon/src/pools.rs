@@ -18,13 +18,15 @@ use block::Format;
 
 use crate::error::{chain, ApiError};
 use crate::store::{atomic_write, StoreError};
+use crate::write_back::{self, WriteBack};
 use crate::{partial, sparse_copy};
 
 /// qcow2 cluster size of new volumes (QEMU's default).
 const CLUSTER_SIZE: u64 = 64 << 10;
 /// Unit of a full copy.
 const COPY_CHUNK: usize = 1 << 20;
-/// Bytes a full copy through an image format writes between starts of their write-out.
+/// Bytes a full copy through an image format writes between starts of their write-out, once
+/// it has written more than `sparse_copy::WINDOW`.
 const WRITE_OUT_EVERY: usize = 8 << 20;
 
 #[derive(Debug)]
@@ -38,6 +40,8 @@ struct PoolEntry {
 pub struct Pools {
     dir: PathBuf,
     pools: Mutex<BTreeMap<String, PoolEntry>>,
+    /// Full clones on their way to stable storage.
+    write_back: WriteBack,
 }
 
 fn not_found(name: &str) -> ApiError {
@@ -101,7 +105,7 @@ impl Pools {
                 Ok(definition) => {
                     let active = definition.autostart && definition.path.is_dir();
                     if active {
-                        partial::remove_stale(&definition.path);
+                        tidy_up(&definition.path);
                     }
                     pools.insert(definition.name.clone(), PoolEntry { definition, active });
                 }
@@ -111,7 +115,13 @@ impl Pools {
         Ok(Pools {
             dir,
             pools: Mutex::new(pools),
+            write_back: WriteBack::default(),
         })
+    }
+
+    /// Waits until every full clone made so far is on stable storage (before the daemon exits).
+    pub fn finish_write_back(&self) {
+        self.write_back.finish();
     }
 
     fn lock(&self) -> MutexGuard<'_, BTreeMap<String, PoolEntry>> {
@@ -198,7 +208,7 @@ impl Pools {
         };
         std::fs::create_dir_all(&path)
             .map_err(|e| ApiError::conflict(format!("cannot use {}: {e}", path.display())))?;
-        partial::remove_stale(&path);
+        tidy_up(&path);
         if let Some(entry) = self.lock().get_mut(name) {
             entry.active = true;
         }
@@ -316,7 +326,19 @@ impl Pools {
 
     /// The path of volume `name` of `pool` (for VM definitions naming `pool/volume`).
     pub fn volume_path(&self, pool: &str, name: &str) -> Result<PathBuf, ApiError> {
-        Ok(self.volume(pool, name)?.path)
+        Ok(self.usable_volume(pool, name)?.path)
+    }
+
+    /// Volume `name` of `pool`, refused if it may miss data (see `write_back`).
+    fn usable_volume(&self, pool: &str, name: &str) -> Result<VolumeInfo, ApiError> {
+        let volume = self.volume(pool, name)?;
+        if volume.incomplete {
+            return Err(ApiError::conflict(format!(
+                "volume {name} may miss data (the host went down before its clone was on \
+                 storage); delete it and clone it again"
+            )));
+        }
+        Ok(volume)
     }
 
     pub fn create_volume(
@@ -341,7 +363,7 @@ impl Pools {
                         "only qcow2 volumes can have a backing volume",
                     ));
                 }
-                Some(self.volume(pool, base)?)
+                Some(self.usable_volume(pool, base)?)
             }
             None => None,
         };
@@ -406,7 +428,9 @@ impl Pools {
         }
         std::fs::remove_file(&volume.path).map_err(|e| {
             ApiError::internal(format!("cannot delete {}: {e}", volume.path.display()))
-        })
+        })?;
+        write_back::forget(&volume.path);
+        Ok(())
     }
 
     pub fn resize_volume(&self, pool: &str, name: &str, size: u64) -> Result<VolumeInfo, ApiError> {
@@ -438,7 +462,7 @@ impl Pools {
         request: &VolumeClone,
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<VolumeInfo, ApiError> {
-        let source = self.volume(pool, source)?;
+        let source = self.usable_volume(pool, source)?;
         if request.linked {
             return self.create_volume(
                 pool,
@@ -460,21 +484,38 @@ impl Pools {
             )));
         }
         self.check_space(&dir, pool, source.allocation_bytes)?;
-        // The copy becomes the volume only when complete and durable (see `partial`).
+        // The copy becomes the volume only when complete (see `partial`), and reaches
+        // storage in the background (see `write_back`).
         let copy = partial::path(&dir, &request.name, "clone");
-        let result = full_copy(&source, &copy, progress).and_then(|()| {
-            partial::publish_new(&copy, &target).map_err(|e| match e.kind() {
-                std::io::ErrorKind::AlreadyExists => ApiError::conflict(format!(
-                    "a volume named {} was created in pool {pool} during the copy",
-                    request.name
-                )),
-                _ => ApiError::internal(format!("cannot create {}: {e}", target.display())),
+        let mut marker = None;
+        let plan = copy_plan(&source)?;
+        let result = create_like(&source, plan, &copy)
+            .and_then(|()| {
+                let begun = write_back::begin(&dir, &request.name, &copy);
+                marker = Some(begun.map_err(|e| {
+                    ApiError::internal(format!("cannot record the clone in {}: {e}", dir.display()))
+                })?);
+                full_copy(&source, plan, &copy, progress)
             })
-        });
-        if result.is_err() {
-            let _ = std::fs::remove_file(&copy);
+            .and_then(|()| {
+                partial::publish_new(&copy, &target).map_err(|e| match e.kind() {
+                    std::io::ErrorKind::AlreadyExists => ApiError::conflict(format!(
+                        "a volume named {} was created in pool {pool} during the copy",
+                        request.name
+                    )),
+                    _ => ApiError::internal(format!("cannot create {}: {e}", target.display())),
+                })
+            });
+        match (result, marker) {
+            (Ok(()), Some(marker)) => self.write_back.settle(marker),
+            (result, marker) => {
+                let _ = std::fs::remove_file(&copy);
+                if let Some(marker) = marker {
+                    marker.abandon();
+                }
+                result?;
+            }
         }
-        result?;
         self.volume(pool, &request.name)
     }
 }
@@ -566,6 +607,7 @@ impl Pools {
 fn volume_info(pool: &str, dir: &Path, name: &str) -> Result<VolumeInfo, ApiError> {
     let path = dir.join(name);
     let info = manage::info(&path, None).map_err(|e| ApiError::internal(chain(&e)))?;
+    let incomplete = write_back::is_incomplete(&path);
     Ok(VolumeInfo {
         name: name.to_string(),
         pool: pool.to_string(),
@@ -574,39 +616,88 @@ fn volume_info(pool: &str, dir: &Path, name: &str) -> Result<VolumeInfo, ApiErro
         capacity_bytes: info.virtual_size,
         allocation_bytes: info.actual_size,
         backing: info.backing_file,
+        incomplete,
     })
 }
 
-/// Copies what `source` reads as (backing chain included) into a new image of the same
-/// format without a backing file; holes and all-zero chunks stay unallocated (thin).
-fn full_copy(
-    source: &VolumeInfo,
-    target: &Path,
-    progress: &mut dyn FnMut(u64, u64),
-) -> Result<(), ApiError> {
-    let format: Format = source.format.parse().map_err(ApiError::internal)?;
+/// What an activated pool's directory needs after a daemon that died: its half-made volumes
+/// removed and its clones' write-back finished or reported.
+fn tidy_up(dir: &Path) {
+    partial::remove_stale(dir);
+    write_back::recover(dir);
+}
+
+/// How a full clone copies its source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CopyPlan {
+    /// The file as it is, data segments only: a raw volume, or a qcow2 one that stands alone
+    /// (no backing file, and neither dirty nor corrupt, which the copy should not inherit).
+    /// Its internal snapshots come along.
+    File { len: u64 },
+    /// Through the image format: what the source reads as, its backing chain flattened in.
+    Image,
+}
+
+fn copy_plan(source: &VolumeInfo) -> Result<CopyPlan, ApiError> {
+    let info = manage::info(&source.path, None).map_err(|e| ApiError::internal(chain(&e)))?;
+    let stands_alone = match &info.qcow2 {
+        None => info.format == Format::Raw,
+        Some(qcow2) => info.backing_file.is_none() && !qcow2.dirty && !qcow2.corrupt,
+    };
+    let len = std::fs::metadata(&source.path)
+        .map_err(|e| ApiError::internal(format!("cannot read {}: {e}", source.path.display())))?
+        .len();
+    Ok(match stands_alone {
+        true => CopyPlan::File { len },
+        false => CopyPlan::Image,
+    })
+}
+
+/// Creates `target` for copying `source` in: an empty file of the source file's length, or an
+/// empty image of its format and size without a backing file.
+fn create_like(source: &VolumeInfo, plan: CopyPlan, target: &Path) -> Result<(), ApiError> {
+    let format: Format = match plan {
+        CopyPlan::File { .. } => Format::Raw,
+        CopyPlan::Image => source.format.parse().map_err(ApiError::internal)?,
+    };
+    let size = match plan {
+        CopyPlan::File { len } => len,
+        CopyPlan::Image => source.capacity_bytes,
+    };
     let new = NewImage {
         format,
-        size: Some(source.capacity_bytes),
+        size: Some(size),
         cluster_size: CLUSTER_SIZE,
         backing: None,
         backing_format: None,
     };
-    manage::create(target, &new).map_err(|e| ApiError::internal(chain(&e)))?;
+    manage::create(target, &new).map_err(|e| ApiError::internal(chain(&e)))
+}
+
+/// Copies `source` into `target`, made by [`create_like`]; holes and (through the format)
+/// all-zero chunks stay unallocated (thin).
+fn full_copy(
+    source: &VolumeInfo,
+    plan: CopyPlan,
+    target: &Path,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<(), ApiError> {
+    let format: Format = source.format.parse().map_err(ApiError::internal)?;
     let io = |e: std::io::Error| ApiError::internal(format!("copy failed: {e}"));
     // Opening the source takes its shared lock: a VM writing it makes the copy fail clearly.
     let mut from =
         block::open(&source.path, true, Some(format)).map_err(|e| ApiError::conflict(chain(&e)))?;
-    if format == Format::Raw {
-        return sparse_copy::copy_raw(&source.path, target, source.capacity_bytes, progress)
-            .map_err(io);
+    if let CopyPlan::File { len } = plan {
+        return sparse_copy::copy_raw(&source.path, target, len, progress).map_err(io);
     }
     let mut to =
         block::open(target, false, Some(format)).map_err(|e| ApiError::internal(chain(&e)))?;
-    // Its own descriptor of the new image, to start the write-out as the copy goes.
+    // No one sees the copy before it is whole, and `write_back` syncs it afterwards.
+    to.skip_barriers();
+    // Its own descriptor of the new image, to start the write-out of a large copy as it goes.
     let target_file = std::fs::File::open(target).map_err(io)?;
     let mut buf = vec![0u8; COPY_CHUNK];
-    let (mut offset, mut unstarted) = (0, 0);
+    let (mut offset, mut written, mut unstarted) = (0, 0, 0);
     while offset < source.capacity_bytes {
         let len = (source.capacity_bytes - offset).min(COPY_CHUNK as u64) as usize;
         let chunk = &mut buf[..len];
@@ -615,8 +706,9 @@ fn full_copy(
         if !is_all_zero(chunk) {
             to.write_at(offset, &[vm_memory::VolatileSlice::from(&mut *chunk)])
                 .map_err(io)?;
+            written += len as u64;
             unstarted += len;
-            if unstarted >= WRITE_OUT_EVERY {
+            if written > sparse_copy::WINDOW && unstarted >= WRITE_OUT_EVERY {
                 sparse_copy::start_write_out_all(&target_file);
                 unstarted = 0;
             }
@@ -824,6 +916,11 @@ mod tests {
             "{refused:?}"
         );
 
+        assert_eq!(
+            copy_plan(&a).unwrap(),
+            CopyPlan::Image,
+            "an overlay is flattened"
+        );
         let full = pools
             .clone_volume(
                 "p",
@@ -870,6 +967,52 @@ mod tests {
         assert_eq!(bad.unwrap_err().status, StatusCode::BAD_REQUEST);
         let delete = manage::SnapshotOp::Delete("s1".into());
         assert!(pools.snapshots("p", "d.qcow2", &delete).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_standalone_qcow2_volume_is_copied_as_it_is_snapshots_and_all() {
+        let (_dir, pools) = setup();
+        let disk = create(&pools, "d.qcow2", Some("4M"), "qcow2", None).unwrap();
+        write(&disk.path, 0, b"before");
+        let taken = manage::SnapshotOp::Create("s1".into());
+        pools.snapshots("p", "d.qcow2", &taken).unwrap();
+        write(&disk.path, 0, b"after!");
+        let len = std::fs::metadata(&disk.path).unwrap().len();
+        assert_eq!(copy_plan(&disk).unwrap(), CopyPlan::File { len });
+        let full = VolumeClone {
+            name: "c.qcow2".into(),
+            linked: false,
+        };
+        let copy = pools.clone_volume("p", "d.qcow2", &full).unwrap();
+        assert_eq!(
+            (copy.format.as_str(), copy.capacity_bytes),
+            ("qcow2", 4 << 20)
+        );
+        assert_eq!(read(&copy.path, 0, 6), b"after!");
+        let revert = manage::SnapshotOp::Apply("s1".into());
+        pools.snapshots("p", "c.qcow2", &revert).unwrap();
+        assert_eq!(read(&copy.path, 0, 6), b"before");
+        assert_eq!(read(&disk.path, 0, 6), b"after!", "the source is its own");
+
+        // Dirty (refcounts not written back): copied through the format, so the copy is
+        // clean and usable.
+        let dirty = pools.volume("p", "d.qcow2").unwrap();
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&dirty.path)
+            .unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&file, &1u64.to_be_bytes(), 72).unwrap();
+        assert_eq!(copy_plan(&dirty).unwrap(), CopyPlan::Image);
+        let full = VolumeClone {
+            name: "clean.qcow2".into(),
+            linked: false,
+        };
+        let clean = pools.clone_volume("p", "d.qcow2", &full).unwrap();
+        assert_eq!(read(&clean.path, 0, 6), b"after!");
+        assert!(
+            block::open(&clean.path, false, None).is_ok(),
+            "opens for writing"
+        );
     }
 
     #[test]
@@ -931,10 +1074,14 @@ mod tests {
             .clone_volume_with_progress("p", "base.raw", &clone, &mut |_, _| {
                 calls += 1;
                 assert!(!target.exists(), "visible before the copy is done");
-                assert_eq!(hidden_files(&dir).len(), 1, "copying into a hidden file");
+                let mut hidden = hidden_files(&dir);
+                hidden.sort();
+                assert_eq!(hidden.len(), 2, "a hidden copy and its record: {hidden:?}");
+                assert!(hidden[0].ends_with(".part") && hidden[1].ends_with(".unsynced"));
             })
             .unwrap();
         assert!(calls > 1);
+        pools.finish_write_back();
         assert!(hidden_files(&dir).is_empty());
         assert_eq!(read(&target, (20 << 20) - 1, 1), [7]);
 
@@ -949,6 +1096,46 @@ mod tests {
         drop(writer);
         assert!(!dir.join("second.raw").exists());
         assert!(hidden_files(&dir).is_empty());
+    }
+
+    #[test]
+    fn a_volume_whose_clone_a_host_crash_cut_short_is_reported_and_refused() {
+        let (_dir, pools) = setup();
+        let volume = create(&pools, "v.raw", Some("1M"), "raw", None).unwrap();
+        let dir = volume.path.parent().unwrap().to_path_buf();
+        // What a daemon of another boot left: its clone's record, never retired.
+        let inode = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&volume.path).unwrap());
+        std::fs::write(
+            dir.join(".v.raw.wb-4194305-0.unsynced"),
+            format!("an-earlier-boot {inode}\n"),
+        )
+        .unwrap();
+        assert!(
+            !pools.volume("p", "v.raw").unwrap().incomplete,
+            "not yet recovered"
+        );
+        pools.stop("p").unwrap();
+        pools.start("p").unwrap();
+
+        let listed = pools.volumes("p").unwrap();
+        assert!(listed[0].incomplete, "{listed:?}");
+        let err = pools.volume_path("p", "v.raw").unwrap_err();
+        assert_eq!(err.status, StatusCode::CONFLICT);
+        assert!(err.message.contains("may miss data"), "{}", err.message);
+        let full = VolumeClone {
+            name: "copy.raw".into(),
+            linked: false,
+        };
+        assert!(pools.clone_volume("p", "v.raw", &full).is_err());
+        assert!(create(&pools, "over", None, "qcow2", Some("v.raw")).is_err());
+
+        pools.delete_volume("p", "v.raw", |_| None).unwrap();
+        assert!(
+            hidden_files(&dir).is_empty(),
+            "the record goes with the volume"
+        );
+        let again = create(&pools, "v.raw", Some("1M"), "raw", None).unwrap();
+        assert!(!again.incomplete);
     }
 
     #[test]

@@ -74,6 +74,7 @@ pub async fn serve(options: DaemonOptions) -> Result<(), DaemonError> {
     tracing::info!("serving on {}", options.socket.display());
     let autostart = supervisor.clone();
     tokio::spawn(async move { autostart.autostart().await });
+    let write_back = pools.clone();
     let served = axum::serve(
         listener,
         router(App {
@@ -84,6 +85,8 @@ pub async fn serve(options: DaemonOptions) -> Result<(), DaemonError> {
     )
     .with_graceful_shutdown(termination())
     .await;
+    // A clone already answered is on storage before the daemon is gone.
+    let _ = tokio::task::spawn_blocking(move || write_back.finish_write_back()).await;
     let _ = std::fs::remove_file(&options.socket);
     served.map_err(DaemonError::Serve)
 }

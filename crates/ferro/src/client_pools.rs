@@ -369,6 +369,9 @@ fn print_volume(v: &VolumeInfo) {
     if let Some(backing) = &v.backing {
         println!("Backing:    {backing}");
     }
+    if v.incomplete {
+        println!("State:      incomplete (the host went down before its clone was on storage)");
+    }
 }
 
 fn vol_command(c: &Client, command: VolCommand) -> Outcome {
@@ -447,6 +450,9 @@ fn vol_command(c: &Client, command: VolCommand) -> Outcome {
                     human(v.allocation_bytes),
                     v.backing.as_deref().unwrap_or("-")
                 );
+                if v.incomplete {
+                    println!("  ^ incomplete: may miss data; delete it and clone it again");
+                }
             }
         }
         VolCommand::Info { name, pool, json } => {

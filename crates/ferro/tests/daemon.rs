@@ -848,8 +848,8 @@ fn pools_and_volumes_through_the_cli() {
     let hidden: Vec<_> = std::fs::read_dir(&images)
         .unwrap()
         .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with('.'))
-        .map(|e| e.file_name())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with('.') && name.ends_with(".part"))
         .collect();
     assert!(
         hidden.is_empty(),
