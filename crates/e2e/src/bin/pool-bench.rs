@@ -1,10 +1,11 @@
 //! `pool-bench` (tools/bench pool): what storage pool operations cost, on this host (no KVM):
 //! a full clone of a 1 GiB raw volume (a quarter of it written, the rest holes) through the
-//! daemon against `cp --sparse=always` and `qemu-img convert -O raw` of the same file, and the
+//! daemon against `cp --sparse=always` and `qemu-img convert -O raw` of the same file (each
+//! as it returns, and followed by `sync --data` to count the time to storage), and the
 //! creation of a linked clone (through the API, and through the CLI with its process start).
 //! Targets: the full clone no slower than either; a linked clone under 50 ms.
 //!
-//! `POOL_BENCH_MIB` (default 1024) and `POOL_BENCH_STRIDE` (default 4: every 4th MiB written)
+//! `POOL_BENCH_RUNS` (default 5) sets the rounds; `POOL_BENCH_MIB` (default 1024) and `POOL_BENCH_STRIDE` (default 4: every 4th MiB written)
 //! change the volume, e.g. to copy more than the host's dirty page cache limit holds;
 //! `POOL_BENCH_FORMAT=qcow2` clones a qcow2 volume (made from the raw one by qemu-img) instead,
 //! against `qemu-img convert -O qcow2`.
@@ -35,7 +36,8 @@ fn env_or(name: &str, default: u64) -> Result<u64, String> {
         Err(_) => Ok(default),
     }
 }
-const RUNS: usize = 5;
+/// Rounds unless `POOL_BENCH_RUNS` says otherwise.
+const RUNS: u64 = 5;
 
 fn run<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(
     program: &str,
@@ -92,6 +94,7 @@ fn bench() -> Result<(), String> {
         size_mib: env_or("POOL_BENCH_MIB", 1024)?,
         stride: env_or("POOL_BENCH_STRIDE", 4)? as usize,
     };
+    let runs = env_or("POOL_BENCH_RUNS", RUNS)?.max(1);
     let size_mib = shape.size_mib;
     let d = Daemon::start("poolbench")?;
     let images = d.start_pool("bench")?;
@@ -121,7 +124,7 @@ fn bench() -> Result<(), String> {
     let base = images.join(source);
     let written = size_mib.div_ceil(shape.stride as u64);
     println!(
-        "full clone of a {size_mib} MiB {format} volume ({written} MiB written), {RUNS} runs, medians"
+        "full clone of a {size_mib} MiB {format} volume ({written} MiB written), {runs} runs, medians"
     );
     let base_str = base.display().to_string();
     let target = images.join(copy_name).display().to_string();
@@ -130,16 +133,23 @@ fn bench() -> Result<(), String> {
         all.extend([base_str.clone(), target.clone()]);
         all
     };
-    // (label, durable, the copy). The daemon makes a clone durable (fdatasync) before it
-    // answers, as libvirt does; cp and qemu-img's default (cache=unsafe) do not.
+    // (label, whether the data is on storage when it returns, the copy). The daemon answers
+    // once the copy is complete and syncs it in the background (a host crash before then
+    // marks the volume incomplete), as cp and qemu-img's default (cache=unsafe) leave it to
+    // the kernel; the "+ sync" forms wait for storage.
     type Copy<'a> = Box<dyn Fn() -> Result<(), String> + 'a>;
-    let contenders: [(&str, bool, Copy); 5] = [
+    let ferro_clone = || {
+        d.ok(&["vol", "clone", source, copy_name, "--pool", "bench"])
+            .map(drop)
+    };
+    let contenders: [(&str, bool, Copy); 6] = [
+        ("ferro vol clone", false, Box::new(ferro_clone)),
         (
-            "ferro vol clone",
+            "ferro vol clone + sync --data",
             true,
             Box::new(|| {
-                d.ok(&["vol", "clone", source, copy_name, "--pool", "bench"])
-                    .map(drop)
+                ferro_clone()?;
+                run("sync", &["--data", &target])
             }),
         ),
         (
@@ -172,11 +182,11 @@ fn bench() -> Result<(), String> {
         ),
     ];
     let mut times = vec![Vec::new(); contenders.len()];
-    for round in 0..RUNS {
+    for round in 0..runs {
         // Each round starts with the next contender, so none always follows the same one
         // (the removal of a synced copy has the file system discard its blocks meanwhile).
         for k in 0..contenders.len() {
-            let i = (round + k) % contenders.len();
+            let i = (round as usize + k) % contenders.len();
             // Each starts with no dirty pages left by the one before.
             run::<&str>("sync", &[])?;
             times[i].push(timed(&contenders[i].2)?);
@@ -184,10 +194,14 @@ fn bench() -> Result<(), String> {
         }
         std::io::stdout().flush().map_err(|e| e.to_string())?;
     }
-    let ferro = median(&times[0]);
+    // Like with like: each is set against Ferro's clone of the same durability.
+    let (ferro, ferro_synced) = (median(&times[0]), median(&times[1]));
     for ((label, durable, _), times) in contenders.iter().zip(&times) {
         let t = median(times);
-        let synced = if *durable { "synced" } else { "not synced" };
+        let (synced, ferro) = match durable {
+            true => ("synced", ferro_synced),
+            false => ("not synced", ferro),
+        };
         println!(
             "  {label:<34} {t:.3} s ({synced}), ferro/this {:.2}",
             ferro / t
@@ -198,7 +212,7 @@ fn bench() -> Result<(), String> {
     let mut api = Vec::new();
     let mut cli = Vec::new();
     let client = http_unix::Client::new(d.socket(), None);
-    for i in 0..RUNS {
+    for i in 0..runs {
         let name = format!("linked{i}.qcow2");
         let body = format!("{{\"name\": \"{name}\", \"linked\": true}}");
         api.push(timed(|| {
