@@ -910,6 +910,80 @@ fn pools_and_volumes_through_the_cli() {
     );
 }
 
+/// Hidden files in `dir` whose names end with `suffix`.
+fn hidden_ending(dir: &Path, suffix: &str) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with('.') && name.ends_with(suffix))
+        .collect()
+}
+
+#[test]
+fn a_clone_that_a_host_crash_cut_short_is_reported_and_refused() {
+    let mut d = Daemon::start();
+    let images = d.dir.path().join("images");
+    let pool_file = d.dir.path().join("pool.toml");
+    std::fs::write(
+        &pool_file,
+        format!(
+            "name = \"p\"\npath = \"{}\"\nautostart = true\n",
+            images.display()
+        ),
+    )
+    .unwrap();
+    d.ok(&["pool", "define", pool_file.to_str().unwrap()]);
+    d.ok(&["pool", "start", "p"]);
+    d.ok(&[
+        "vol", "create", "base.raw", "--pool", "p", "--size", "8M", "--format", "raw",
+    ]);
+    std::fs::write(images.join("base.raw"), vec![5u8; 8 << 20]).unwrap();
+    d.ok(&["vol", "clone", "base.raw", "c.raw", "--pool", "p"]);
+    assert!(std::fs::read(images.join("c.raw")).unwrap() == vec![5u8; 8 << 20]);
+    // The clone reaches storage in the background, then its record goes.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !hidden_ending(&images, ".unsynced").is_empty() {
+        assert!(Instant::now() < deadline, "the clone never settled");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    let vm = d.definition("user", "[[disks]]\nvolume = \"p/c.raw\"\n");
+    d.ok(&["vm", "define", vm.to_str().unwrap()]);
+
+    // What a daemon leaves when the host goes down before the clone is on storage: its
+    // record, from another boot.
+    let inode =
+        std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(images.join("c.raw")).unwrap());
+    std::fs::write(
+        images.join(".c.raw.wb-1-0.unsynced"),
+        format!("an-earlier-boot {inode}\n"),
+    )
+    .unwrap();
+    d.restart();
+    assert!(d
+        .ok(&["vol", "info", "c.raw", "--pool", "p"])
+        .contains("incomplete"));
+    let info: api::pool_api::VolumeInfo =
+        serde_json::from_str(&d.ok(&["vol", "info", "c.raw", "--pool", "p", "--json"])).unwrap();
+    assert!(info.incomplete);
+    d.fails(&["vm", "start", "user"], 4, "may miss data");
+    let other = d.definition("other", "[[disks]]\nvolume = \"p/c.raw\"\n");
+    d.fails(&["vm", "define", other.to_str().unwrap()], 2, "may miss data");
+    d.fails(
+        &["vol", "clone", "c.raw", "d.raw", "--pool", "p"],
+        4,
+        "may miss data",
+    );
+    d.ok(&["vm", "undefine", "user"]);
+    d.ok(&["vol", "delete", "c.raw", "--pool", "p"]);
+    assert!(hidden_ending(&images, "").is_empty());
+    d.ok(&["vol", "clone", "base.raw", "c.raw", "--pool", "p"]);
+    assert!(!d
+        .ok(&["vol", "info", "c.raw", "--pool", "p"])
+        .contains("incomplete"));
+}
+
 #[test]
 fn network_definitions_through_the_cli() {
     let d = Daemon::start();
