@@ -7,7 +7,7 @@
 
 mod common;
 
-use std::io::Read;
+use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -105,16 +105,15 @@ fn killed_writers_leave_no_corruption() {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
+        // The kill's delay counts from the writer's first operation, not from its process
+        // start, which a loaded machine (all tests at once) can make longer than the delay.
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut output = String::new();
+        stdout.read_line(&mut output).unwrap();
         std::thread::sleep(Duration::from_millis(30 + rng.below(300)));
         child.kill().unwrap();
         child.wait().unwrap();
-        let mut output = String::new();
-        child
-            .stdout
-            .take()
-            .unwrap()
-            .read_to_string(&mut output)
-            .unwrap();
+        stdout.read_to_string(&mut output).unwrap();
         let progress = parse_progress(&output);
         assert!(
             progress.completed > 0,
