@@ -61,14 +61,15 @@ impl Marker {
         let _ = std::fs::remove_file(&self.path);
     }
 
-    /// Puts the volume's data and name on storage, then removes the marker.
+    /// Puts the volume's data on storage, then removes the marker; one directory sync makes
+    /// the volume's name and the marker's removal durable. Should a file system make the
+    /// removal durable without the rename that came first, a crash loses the clone (its hidden
+    /// copy is removed as a leftover), but never leaves a volume that silently misses data.
     fn settle(self) {
         let synced = File::open(&self.volume).and_then(|f| f.sync_data());
         match synced {
             Ok(()) => {
-                let removed = parent_of(&self.path)
-                    .and_then(sync_dir)
-                    .and_then(|()| std::fs::remove_file(&self.path))
+                let removed = std::fs::remove_file(&self.path)
                     .and_then(|()| parent_of(&self.path).and_then(sync_dir));
                 if let Err(e) = removed {
                     // The next daemon's recovery syncs again (same boot) or reports the
