@@ -969,7 +969,11 @@ fn a_clone_that_a_host_crash_cut_short_is_reported_and_refused() {
     assert!(info.incomplete);
     d.fails(&["vm", "start", "user"], 4, "may miss data");
     let other = d.definition("other", "[[disks]]\nvolume = \"p/c.raw\"\n");
-    d.fails(&["vm", "define", other.to_str().unwrap()], 2, "may miss data");
+    d.fails(
+        &["vm", "define", other.to_str().unwrap()],
+        2,
+        "may miss data",
+    );
     d.fails(
         &["vol", "clone", "c.raw", "d.raw", "--pool", "p"],
         4,
