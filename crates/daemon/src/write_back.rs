@@ -4,7 +4,8 @@
 //!
 //! Before a copy starts, a durable marker `.NAME.wb-PID-SEQ.unsynced` in the pool's directory
 //! records the host's boot id and the inode of the file being written. It is removed once the
-//! data and the volume's name are on storage. A marker that another daemon process left:
+//! data and the volume's name are on storage. A marker that no clone of this process owns
+//! (another daemon process left it; its pid may well be this one's, as in a container):
 //! - same boot: the host kept its page cache, so the data is whole; it is synced now and the
 //!   marker removed;
 //! - another boot: the host went down before the data was on storage, so some may be lost. The
@@ -17,6 +18,7 @@
 //! Threading: [`begin`] and [`recover`] run on the caller's thread; each settling runs on a
 //! thread of its own, joined by [`WriteBack::finish`] before the daemon exits.
 
+use std::collections::BTreeSet;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::MetadataExt;
@@ -30,6 +32,12 @@ const INCOMPLETE: &str = ".incomplete";
 
 /// Tells apart the markers of concurrent clones to the same name.
 static SEQUENCE: AtomicU64 = AtomicU64::new(0);
+/// The markers this process's clones own, which recovery leaves alone.
+static LIVE: Mutex<BTreeSet<PathBuf>> = Mutex::new(BTreeSet::new());
+
+fn live() -> std::sync::MutexGuard<'static, BTreeSet<PathBuf>> {
+    LIVE.lock().unwrap_or_else(PoisonError::into_inner)
+}
 
 /// The record of one copy not yet on storage.
 #[derive(Debug)]
@@ -45,14 +53,29 @@ pub fn begin(dir: &Path, name: &str, copy: &Path) -> io::Result<Marker> {
     let sequence = SEQUENCE.fetch_add(1, Ordering::Relaxed);
     let pid = std::process::id();
     let path = dir.join(format!(".{name}.wb-{pid}-{sequence}{UNSYNCED}"));
-    let mut file = File::create(&path)?;
-    io::Write::write_all(&mut file, format!("{} {inode}\n", boot_id()).as_bytes())?;
-    file.sync_all()?;
-    sync_dir(dir)?;
-    Ok(Marker {
+    live().insert(path.clone());
+    let marker = Marker {
         path,
         volume: dir.join(name),
-    })
+    };
+    let written = File::create(&marker.path).and_then(|mut file| {
+        io::Write::write_all(&mut file, format!("{} {inode}\n", boot_id()).as_bytes())?;
+        file.sync_all()?;
+        sync_dir(dir)
+    });
+    match written {
+        Ok(()) => Ok(marker),
+        Err(e) => {
+            marker.abandon();
+            Err(e)
+        }
+    }
+}
+
+impl Drop for Marker {
+    fn drop(&mut self) {
+        live().remove(&self.path);
+    }
 }
 
 impl Marker {
@@ -127,13 +150,12 @@ pub fn recover(dir: &Path) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
-    let me = std::process::id();
     for entry in entries.flatten() {
         let file_name = entry.file_name();
-        let Some((name, pid)) = file_name.to_str().and_then(parse_marker_name) else {
+        let Some(name) = file_name.to_str().and_then(parse_marker_name) else {
             continue;
         };
-        if pid != me {
+        if !live().contains(&entry.path()) {
             recover_one(&entry.path(), &dir.join(name));
         }
     }
@@ -204,13 +226,14 @@ fn incomplete_path(volume: &Path) -> Option<PathBuf> {
     Some(volume.with_file_name(format!(".{name}{INCOMPLETE}")))
 }
 
-/// The volume name and pid in a marker's file name `.NAME.wb-PID-SEQ.unsynced`.
-fn parse_marker_name(file_name: &str) -> Option<(&str, u32)> {
+/// The volume name in a marker's file name `.NAME.wb-PID-SEQ.unsynced`.
+fn parse_marker_name(file_name: &str) -> Option<&str> {
     let stem = file_name.strip_prefix('.')?.strip_suffix(UNSYNCED)?;
     let (name, tag) = stem.rsplit_once(".wb-")?;
     let (pid, sequence) = tag.split_once('-')?;
+    pid.parse::<u32>().ok()?;
     sequence.parse::<u64>().ok()?;
-    Some((name, pid.parse().ok()?))
+    Some(name)
 }
 
 /// This boot of the host, as the kernel names it.
@@ -261,10 +284,7 @@ mod tests {
 
     #[test]
     fn marker_names_parse_back() {
-        assert_eq!(
-            parse_marker_name(".a.b.wb-12-3.unsynced"),
-            Some(("a.b", 12))
-        );
+        assert_eq!(parse_marker_name(".a.b.wb-12-3.unsynced"), Some("a.b"));
         assert_eq!(parse_marker_name(".a.wb-12-x.unsynced"), None);
         assert_eq!(parse_marker_name(".a.clone-12-3.part"), None);
         assert_eq!(parse_marker_name("a.wb-12-3.unsynced"), None);
@@ -318,6 +338,19 @@ mod tests {
         assert!(!marker.exists());
         assert!(marker_files(dir.path()).is_empty());
         assert!(!is_incomplete(&dir.path().join("v")));
+    }
+
+    #[test]
+    fn a_marker_with_this_pid_but_no_clone_behind_it_is_recovered() {
+        // A daemon restarted in a container often gets the pid its predecessor had.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("v"), b"data").unwrap();
+        let inode = std::fs::metadata(dir.path().join("v")).unwrap().ino();
+        let pid = std::process::id();
+        let marker = dir.path().join(format!(".v.wb-{pid}-999999{UNSYNCED}"));
+        std::fs::write(&marker, format!("an-earlier-boot {inode}\n")).unwrap();
+        recover(dir.path());
+        assert!(is_incomplete(&dir.path().join("v")));
     }
 
     #[test]
