@@ -23,7 +23,7 @@ const SUFFIX: &str = ".part";
 static SEQUENCE: AtomicU64 = AtomicU64::new(0);
 
 /// This process among all daemons that ever used the pool: `PIDxRANDOM`.
-fn instance() -> &'static str {
+pub fn instance() -> &'static str {
     static INSTANCE: OnceLock<String> = OnceLock::new();
     INSTANCE.get_or_init(|| {
         let mut random = [0u8; 8];

@@ -488,14 +488,14 @@ impl Pools {
         // storage in the background (see `write_back`).
         let copy = partial::path(&dir, &request.name, "clone");
         let mut marker = None;
-        let plan = copy_plan(&source)?;
-        let result = create_like(&source, plan, &copy)
+        let locked = lock_source(&source)?;
+        let result = create_like(locked.plan, &copy)
             .and_then(|()| {
                 let begun = write_back::begin(&dir, &request.name, &copy);
                 marker = Some(begun.map_err(|e| {
                     ApiError::internal(format!("cannot record the clone in {}: {e}", dir.display()))
                 })?);
-                full_copy(&source, plan, &copy, progress)
+                full_copy(locked, &copy, progress)
             })
             .and_then(|()| {
                 partial::publish_new(&copy, &target).map_err(|e| match e.kind() {
@@ -549,11 +549,15 @@ impl Pools {
                         "the uploaded image's backing file {backing:?} is not a volume of pool {pool}"
                     )));
                 }
+                self.usable_volume(pool, backing)?;
             }
             let target = self.volume(pool, name)?.path;
             partial::publish_over(upload, &target).map_err(|e| {
                 ApiError::internal(format!("cannot replace {}: {e}", target.display()))
-            })
+            })?;
+            // The volume is a new file now; a record of the old one could match a reused inode.
+            write_back::forget(&target);
+            Ok(())
         })();
         if checked.is_err() {
             let _ = std::fs::remove_file(upload);
@@ -635,34 +639,70 @@ enum CopyPlan {
     /// Its internal snapshots come along.
     File { len: u64 },
     /// Through the image format: what the source reads as, its backing chain flattened in.
-    Image,
+    Image { format: Format, size: u64 },
 }
 
-fn copy_plan(source: &VolumeInfo) -> Result<CopyPlan, ApiError> {
-    let info = manage::info(&source.path, None).map_err(|e| ApiError::internal(chain(&e)))?;
-    let stands_alone = match &info.qcow2 {
-        None => info.format == Format::Raw,
-        Some(qcow2) => info.backing_file.is_none() && !qcow2.dirty && !qcow2.corrupt,
-    };
-    let len = std::fs::metadata(&source.path)
-        .map_err(|e| ApiError::internal(format!("cannot read {}: {e}", source.path.display())))?
-        .len();
-    Ok(match stands_alone {
-        true => CopyPlan::File { len },
-        false => CopyPlan::Image,
-    })
+/// A clone's source, open and under its shared lock for the whole copy: a VM writing it makes
+/// the clone fail clearly, and nothing resizes it or takes a snapshot meanwhile.
+struct LockedSource {
+    image: Box<dyn block::DiskImage>,
+    /// The same file (checked), for the file copy.
+    file: std::fs::File,
+    plan: CopyPlan,
 }
 
-/// Creates `target` for copying `source` in: an empty file of the source file's length, or an
-/// empty image of its format and size without a backing file.
-fn create_like(source: &VolumeInfo, plan: CopyPlan, target: &Path) -> Result<(), ApiError> {
-    let format: Format = match plan {
-        CopyPlan::File { .. } => Format::Raw,
-        CopyPlan::Image => source.format.parse().map_err(ApiError::internal)?,
+fn lock_source(source: &VolumeInfo) -> Result<LockedSource, ApiError> {
+    use std::os::unix::fs::MetadataExt;
+    let io = |e: std::io::Error| {
+        ApiError::internal(format!("cannot read {}: {e}", source.path.display()))
     };
-    let size = match plan {
-        CopyPlan::File { len } => len,
-        CopyPlan::Image => source.capacity_bytes,
+    let file = std::fs::File::open(&source.path).map_err(io)?;
+    let format = block::open::detect(&file).map_err(io)?;
+    let image =
+        block::open(&source.path, true, Some(format)).map_err(|e| ApiError::conflict(chain(&e)))?;
+    // An upload may have put another file in the volume's place between the two opens.
+    let opened = file.metadata().map_err(io)?;
+    if std::fs::metadata(&source.path).map_err(io)?.ino() != opened.ino() {
+        return Err(ApiError::conflict(format!(
+            "volume {} was replaced during the clone; clone it again",
+            source.name
+        )));
+    }
+    let stands_alone = match format {
+        Format::Raw => true,
+        Format::Qcow2 => {
+            let header = block::qcow2::read_header(&file).map_err(io)?;
+            let unfit = block::qcow2::header::incompatible::DIRTY
+                | block::qcow2::header::incompatible::CORRUPT;
+            header.backing_file.is_none() && header.incompatible_features & unfit == 0
+        }
+    };
+    let plan = match stands_alone {
+        true => CopyPlan::File { len: opened.len() },
+        false => CopyPlan::Image {
+            format,
+            size: image.size(),
+        },
+    };
+    Ok(LockedSource { image, file, plan })
+}
+
+/// Creates `target` for the copy: an empty file of the source file's length, or an empty
+/// image of its format and size without a backing file.
+fn create_like(plan: CopyPlan, target: &Path) -> Result<(), ApiError> {
+    let (format, size) = match plan {
+        CopyPlan::File { len } => {
+            // Any length: qemu-img does not pad its qcow2 files to 512 bytes.
+            let created = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(target)
+                .and_then(|file| file.set_len(len));
+            return created.map_err(|e| {
+                ApiError::internal(format!("cannot create {}: {e}", target.display()))
+            });
+        }
+        CopyPlan::Image { format, size } => (format, size),
     };
     let new = NewImage {
         format,
@@ -677,19 +717,22 @@ fn create_like(source: &VolumeInfo, plan: CopyPlan, target: &Path) -> Result<(),
 /// Copies `source` into `target`, made by [`create_like`]; holes and (through the format)
 /// all-zero chunks stay unallocated (thin).
 fn full_copy(
-    source: &VolumeInfo,
-    plan: CopyPlan,
+    source: LockedSource,
     target: &Path,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<(), ApiError> {
-    let format: Format = source.format.parse().map_err(ApiError::internal)?;
     let io = |e: std::io::Error| ApiError::internal(format!("copy failed: {e}"));
-    // Opening the source takes its shared lock: a VM writing it makes the copy fail clearly.
-    let mut from =
-        block::open(&source.path, true, Some(format)).map_err(|e| ApiError::conflict(chain(&e)))?;
-    if let CopyPlan::File { len } = plan {
-        return sparse_copy::copy_raw(&source.path, target, len, progress).map_err(io);
-    }
+    let LockedSource {
+        image: mut from,
+        file,
+        plan,
+    } = source;
+    let (format, size) = match plan {
+        CopyPlan::File { len } => {
+            return sparse_copy::copy_raw(file, target, len, progress).map_err(io);
+        }
+        CopyPlan::Image { format, size } => (format, size),
+    };
     let mut to =
         block::open(target, false, Some(format)).map_err(|e| ApiError::internal(chain(&e)))?;
     // No one sees the copy before it is whole, and `write_back` syncs it afterwards.
@@ -698,8 +741,8 @@ fn full_copy(
     let target_file = std::fs::File::open(target).map_err(io)?;
     let mut buf = vec![0u8; COPY_CHUNK];
     let (mut offset, mut written, mut unstarted) = (0, 0, 0);
-    while offset < source.capacity_bytes {
-        let len = (source.capacity_bytes - offset).min(COPY_CHUNK as u64) as usize;
+    while offset < size {
+        let len = (size - offset).min(COPY_CHUNK as u64) as usize;
         let chunk = &mut buf[..len];
         from.read_at(offset, &[vm_memory::VolatileSlice::from(&mut *chunk)])
             .map_err(io)?;
@@ -714,7 +757,7 @@ fn full_copy(
             }
         }
         offset += len as u64;
-        progress(offset, source.capacity_bytes);
+        progress(offset, size);
     }
     to.flush().map_err(io)
 }
@@ -917,8 +960,11 @@ mod tests {
         );
 
         assert_eq!(
-            copy_plan(&a).unwrap(),
-            CopyPlan::Image,
+            lock_source(&a).unwrap().plan,
+            CopyPlan::Image {
+                format: Format::Qcow2,
+                size: 8 << 20
+            },
             "an overlay is flattened"
         );
         let full = pools
@@ -978,7 +1024,7 @@ mod tests {
         pools.snapshots("p", "d.qcow2", &taken).unwrap();
         write(&disk.path, 0, b"after!");
         let len = std::fs::metadata(&disk.path).unwrap().len();
-        assert_eq!(copy_plan(&disk).unwrap(), CopyPlan::File { len });
+        assert_eq!(lock_source(&disk).unwrap().plan, CopyPlan::File { len });
         let full = VolumeClone {
             name: "c.qcow2".into(),
             linked: false,
@@ -1002,7 +1048,10 @@ mod tests {
             .open(&dirty.path)
             .unwrap();
         std::os::unix::fs::FileExt::write_all_at(&file, &1u64.to_be_bytes(), 72).unwrap();
-        assert_eq!(copy_plan(&dirty).unwrap(), CopyPlan::Image);
+        assert!(matches!(
+            lock_source(&dirty).unwrap().plan,
+            CopyPlan::Image { .. }
+        ));
         let full = VolumeClone {
             name: "clean.qcow2".into(),
             linked: false,
@@ -1012,6 +1061,48 @@ mod tests {
         assert!(
             block::open(&clean.path, false, None).is_ok(),
             "opens for writing"
+        );
+    }
+
+    #[test]
+    fn a_qcow2_file_of_any_length_is_copied() {
+        // qemu-img does not pad its files to 512 bytes, as Ferro's own images are.
+        let (_dir, pools) = setup();
+        let raw = create(&pools, "r.raw", Some("1M"), "raw", None).unwrap();
+        let made = raw.path.with_file_name("q.qcow2");
+        let status = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&made)
+            .arg("1G")
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let len = std::fs::metadata(&made).unwrap().len();
+        assert_ne!(len % 512, 0, "the case this test is for");
+        let full = VolumeClone {
+            name: "copy.qcow2".into(),
+            linked: false,
+        };
+        let copy = pools.clone_volume("p", "q.qcow2", &full).unwrap();
+        assert_eq!(copy.capacity_bytes, 1 << 30);
+        assert_eq!(std::fs::metadata(&copy.path).unwrap().len(), len);
+    }
+
+    #[test]
+    fn an_upload_replaces_an_incomplete_volume_and_its_record() {
+        let (_dir, pools) = setup();
+        let volume = create(&pools, "v.raw", Some("1M"), "raw", None).unwrap();
+        let inode = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&volume.path).unwrap());
+        let record = volume.path.with_file_name(".v.raw.incomplete");
+        std::fs::write(&record, format!("{inode}\n")).unwrap();
+        assert!(pools.volume("p", "v.raw").unwrap().incomplete);
+        let upload = pools.upload_target("p", "v.raw", 1 << 20).unwrap();
+        std::fs::write(&upload, vec![3u8; 1 << 20]).unwrap();
+        let replaced = pools.finish_upload("p", "v.raw", &upload).unwrap();
+        assert!(!replaced.incomplete);
+        assert!(
+            !record.exists(),
+            "a reused inode cannot bring the mark back"
         );
     }
 

@@ -85,7 +85,9 @@ pub async fn serve(options: DaemonOptions) -> Result<(), DaemonError> {
     )
     .with_graceful_shutdown(termination())
     .await;
-    // A clone already answered is on storage before the daemon is gone.
+    // A clone already answered is on storage before the daemon is gone. One still copying for
+    // a client that went away settles on its own thread, or (cut off by the exit) is synced
+    // by the next daemon: its record stays.
     let _ = tokio::task::spawn_blocking(move || write_back.finish_write_back()).await;
     let _ = std::fs::remove_file(&options.socket);
     served.map_err(DaemonError::Serve)

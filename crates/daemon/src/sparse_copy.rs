@@ -25,16 +25,15 @@ const PIECE: u64 = 8 << 20;
 /// `write_back`'s sync), since waiting on a part of it would cost more than it saves.
 pub const WINDOW: u64 = 1 << 30;
 
-/// Copies the raw file `source` (`size` bytes) into `target` (created, `size` long, empty),
+/// Copies the file `from` (`size` bytes) into `target` (created, `size` long, empty),
 /// leaving holes as holes; tells `progress` (bytes done, total) as it goes and returns once
 /// the data is written (not necessarily on storage: the caller syncs it).
 pub fn copy_raw(
-    source: &Path,
+    from: File,
     target: &Path,
     size: u64,
     progress: &mut dyn FnMut(u64, u64),
 ) -> io::Result<()> {
-    let from = File::open(source)?;
     let pieces = data_pieces(&from, size)?;
     let data: u64 = pieces.iter().map(|(start, end)| end - start).sum();
     let copier = Copier::new(from, target)?;
@@ -360,7 +359,7 @@ mod tests {
         let (from, data) = source(dir.path());
         let to = empty_target(dir.path());
         let mut reports = Vec::new();
-        copy_raw(&from, &to, SIZE, &mut |done, total| {
+        copy_raw(File::open(&from).unwrap(), &to, SIZE, &mut |done, total| {
             reports.push((done, total))
         })
         .unwrap();
@@ -400,7 +399,7 @@ mod tests {
         std::fs::write(&from, [1u8; 4096]).unwrap();
         let to = empty_target(dir.path());
         // The segment search stops at the file's end; asking for more copies what is there.
-        copy_raw(&from, &to, SIZE, &mut |_, _| {}).unwrap();
+        copy_raw(File::open(&from).unwrap(), &to, SIZE, &mut |_, _| {}).unwrap();
         assert_eq!(read(&to, 0, 4096), [1u8; 4096]);
         let from_file = File::open(&from).unwrap();
         let to_file = std::fs::OpenOptions::new().write(true).open(&to).unwrap();

@@ -2,10 +2,11 @@
 //! module then puts each on stable storage in the background and makes sure that a host crash
 //! in between is noticed, instead of leaving a volume with silently missing data.
 //!
-//! Before a copy starts, a durable marker `.NAME.wb-PID-SEQ.unsynced` in the pool's directory
+//! Before a copy starts, a durable marker `.NAME.wb-INSTANCE-SEQ.unsynced` (INSTANCE: the
+//! daemon process's, see `partial`) in the pool's directory
 //! records the host's boot id and the inode of the file being written. It is removed once the
 //! data and the volume's name are on storage. A marker that no clone of this process owns
-//! (another daemon process left it; its pid may well be this one's, as in a container):
+//! (another daemon process left it):
 //! - same boot: the host kept its page cache, so the data is whole; it is synced now and the
 //!   marker removed;
 //! - another boot: the host went down before the data was on storage, so some may be lost. The
@@ -27,15 +28,18 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::thread::JoinHandle;
 
+use crate::partial;
+
 const UNSYNCED: &str = ".unsynced";
 const INCOMPLETE: &str = ".incomplete";
 
 /// Tells apart the markers of concurrent clones to the same name.
 static SEQUENCE: AtomicU64 = AtomicU64::new(0);
-/// The markers this process's clones own, which recovery leaves alone.
-static LIVE: Mutex<BTreeSet<PathBuf>> = Mutex::new(BTreeSet::new());
+/// The file names of the markers this process's clones own, which recovery leaves alone (by
+/// name: a pool's directory may be reached by more than one path).
+static LIVE: Mutex<BTreeSet<std::ffi::OsString>> = Mutex::new(BTreeSet::new());
 
-fn live() -> std::sync::MutexGuard<'static, BTreeSet<PathBuf>> {
+fn live() -> std::sync::MutexGuard<'static, BTreeSet<std::ffi::OsString>> {
     LIVE.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
@@ -51,14 +55,17 @@ pub struct Marker {
 pub fn begin(dir: &Path, name: &str, copy: &Path) -> io::Result<Marker> {
     let inode = std::fs::metadata(copy)?.ino();
     let sequence = SEQUENCE.fetch_add(1, Ordering::Relaxed);
-    let pid = std::process::id();
-    let path = dir.join(format!(".{name}.wb-{pid}-{sequence}{UNSYNCED}"));
-    live().insert(path.clone());
+    let file_name = format!(".{name}.wb-{}-{sequence}{UNSYNCED}", partial::instance());
+    live().insert(file_name.clone().into());
     let marker = Marker {
-        path,
+        path: dir.join(file_name),
         volume: dir.join(name),
     };
-    let written = File::create(&marker.path).and_then(|mut file| {
+    let created = File::options()
+        .write(true)
+        .create_new(true)
+        .open(&marker.path);
+    let written = created.and_then(|mut file| {
         io::Write::write_all(&mut file, format!("{} {inode}\n", boot_id()).as_bytes())?;
         file.sync_all()?;
         sync_dir(dir)
@@ -74,7 +81,9 @@ pub fn begin(dir: &Path, name: &str, copy: &Path) -> io::Result<Marker> {
 
 impl Drop for Marker {
     fn drop(&mut self) {
-        live().remove(&self.path);
+        if let Some(name) = self.path.file_name() {
+            live().remove(name);
+        }
     }
 }
 
@@ -89,8 +98,17 @@ impl Marker {
     /// removal durable without the rename that came first, a crash loses the clone (its hidden
     /// copy is removed as a leftover), but never leaves a volume that silently misses data.
     fn settle(self) {
-        let synced = File::open(&self.volume).and_then(|f| f.sync_data());
-        match synced {
+        let volume = match File::open(&self.volume) {
+            Ok(volume) => volume,
+            // Deleted meanwhile: nothing is left to protect.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return self.abandon(),
+            Err(e) => {
+                // The data may well be fine: the next daemon's recovery tries again.
+                tracing::warn!("cannot settle {}: {e}", self.volume.display());
+                return;
+            }
+        };
+        match volume.sync_data() {
             Ok(()) => {
                 let removed = std::fs::remove_file(&self.path)
                     .and_then(|()| parent_of(&self.path).and_then(sync_dir));
@@ -100,8 +118,6 @@ impl Marker {
                     tracing::warn!("cannot retire {}: {e}", self.path.display());
                 }
             }
-            // Deleted meanwhile: nothing is left to protect.
-            Err(e) if e.kind() == io::ErrorKind::NotFound => self.abandon(),
             Err(e) => {
                 tracing::error!(
                     "volume {} did not reach storage ({e}); it is marked incomplete",
@@ -155,17 +171,16 @@ pub fn recover(dir: &Path) {
         let Some(name) = file_name.to_str().and_then(parse_marker_name) else {
             continue;
         };
-        if !live().contains(&entry.path()) {
+        if !live().contains(&file_name) {
             recover_one(&entry.path(), &dir.join(name));
         }
     }
 }
 
 fn recover_one(marker: &Path, volume: &Path) {
-    let recorded = std::fs::read_to_string(marker).unwrap_or_default();
-    let (boot, inode) = recorded.trim().split_once(' ').unwrap_or(("", ""));
+    let (boot, inode) = read_marker(marker);
     let is_that_copy = std::fs::symlink_metadata(volume)
-        .is_ok_and(|m| m.file_type().is_file() && inode.parse() == Ok(m.ino()));
+        .is_ok_and(|m| m.file_type().is_file() && inode == Some(m.ino()));
     if !is_that_copy {
         let _ = std::fs::remove_file(marker);
     } else if boot == boot_id() && !boot.is_empty() {
@@ -187,11 +202,25 @@ fn recover_one(marker: &Path, volume: &Path) {
     }
 }
 
-/// Turns `marker` into the lasting `.NAME.incomplete` record of `volume`.
-fn mark_incomplete(marker: &Path, volume: &Path) {
+/// A marker's boot id (empty when it could not be read: taken as another boot) and inode.
+fn read_marker(marker: &Path) -> (String, Option<u64>) {
     let recorded = std::fs::read_to_string(marker).unwrap_or_default();
-    let inode = recorded.split_whitespace().nth(1).unwrap_or("");
-    let Some(record) = incomplete_path(volume) else {
+    match recorded.trim_end().rsplit_once(' ') {
+        Some((boot, inode)) => (boot.trim().to_string(), inode.parse().ok()),
+        None => (String::new(), None),
+    }
+}
+
+/// Turns `marker` into the lasting `.NAME.incomplete` record of `volume`, if `volume` is
+/// still the file it names (else the marker just goes).
+fn mark_incomplete(marker: &Path, volume: &Path) {
+    let (_, inode) = read_marker(marker);
+    let still_there = std::fs::metadata(volume).is_ok_and(|m| inode == Some(m.ino()));
+    let Some(record) = incomplete_path(volume).filter(|_| still_there) else {
+        let _ = std::fs::remove_file(marker);
+        return;
+    };
+    let Some(inode) = inode else {
         return;
     };
     let written = std::fs::write(&record, format!("{inode}\n"))
@@ -226,13 +255,15 @@ fn incomplete_path(volume: &Path) -> Option<PathBuf> {
     Some(volume.with_file_name(format!(".{name}{INCOMPLETE}")))
 }
 
-/// The volume name in a marker's file name `.NAME.wb-PID-SEQ.unsynced`.
+/// The volume name in a marker's file name `.NAME.wb-INSTANCE-SEQ.unsynced` (INSTANCE:
+/// `PIDxRANDOM`, or a bare pid).
 fn parse_marker_name(file_name: &str) -> Option<&str> {
     let stem = file_name.strip_prefix('.')?.strip_suffix(UNSYNCED)?;
     let (name, tag) = stem.rsplit_once(".wb-")?;
-    let (pid, sequence) = tag.split_once('-')?;
-    pid.parse::<u32>().ok()?;
+    let (instance, sequence) = tag.rsplit_once('-')?;
     sequence.parse::<u64>().ok()?;
+    let pid = instance.split_once('x').map_or(instance, |(pid, _)| pid);
+    pid.parse::<u32>().ok()?;
     Some(name)
 }
 
@@ -286,6 +317,7 @@ mod tests {
     fn marker_names_parse_back() {
         assert_eq!(parse_marker_name(".a.b.wb-12-3.unsynced"), Some("a.b"));
         assert_eq!(parse_marker_name(".a.wb-12-x.unsynced"), None);
+        assert_eq!(parse_marker_name(".a.wb-12x00ff-4.unsynced"), Some("a"));
         assert_eq!(parse_marker_name(".a.clone-12-3.part"), None);
         assert_eq!(parse_marker_name("a.wb-12-3.unsynced"), None);
     }
@@ -325,6 +357,26 @@ mod tests {
         assert!(!is_incomplete(&dir.path().join("other")));
         forget(&dir.path().join("other"));
         assert!(marker_files(dir.path()).is_empty());
+    }
+
+    #[test]
+    fn a_marker_without_a_boot_id_counts_as_another_boot() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("v"), b"data").unwrap();
+        foreign_marker(dir.path(), "v", "");
+        recover(dir.path());
+        assert!(is_incomplete(&dir.path().join("v")));
+    }
+
+    #[test]
+    fn a_volume_replaced_before_it_is_marked_is_not_marked() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("v"), b"data").unwrap();
+        let marker = foreign_marker(dir.path(), "v", "an-earlier-boot");
+        replace(dir.path(), "v");
+        mark_incomplete(&marker, &dir.path().join("v"));
+        assert!(marker_files(dir.path()).is_empty());
+        assert!(!is_incomplete(&dir.path().join("v")));
     }
 
     #[test]
