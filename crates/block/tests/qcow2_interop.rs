@@ -389,16 +389,7 @@ fn a_long_write_takes_consecutive_new_clusters_around_owned_ones() {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("disk.qcow2");
     let size = 64 * MIB;
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=4k",
-        image.to_str().unwrap(),
-        &size.to_string(),
-    ]);
+    create_qcow2(&image, "4k", size);
     let mut model = vec![0u8; size as usize];
     let mut qcow = open(&image, false, None).unwrap();
     let ops = [
@@ -443,16 +434,7 @@ fn an_image_written_without_barriers_is_whole_and_clean_once_flushed() {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("copy.qcow2");
     let size = 64 * MIB;
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=4k",
-        image.to_str().unwrap(),
-        &size.to_string(),
-    ]);
+    create_qcow2(&image, "4k", size);
     let mut model = vec![0u8; size as usize];
     let mut qcow = open(&image, false, None).unwrap();
     qcow.skip_barriers();

@@ -181,16 +181,7 @@ fn snapshots_interleaved_with_random_writes_keep_every_version() {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("disk.qcow2");
     let size = 8 * MIB;
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=4k",
-        image.to_str().unwrap(),
-        &size.to_string(),
-    ]);
+    create_qcow2(&image, "4k", size);
     let mut model = vec![0u8; size as usize];
     let mut versions = Vec::new();
     let mut disk = open_qcow2(&image);

@@ -160,6 +160,21 @@ pub fn qemu_img(args: &[&str]) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
+/// Creates an empty qcow2 image of `size` bytes with `cluster_size` (as qemu-img's option
+/// takes it, e.g. "4k") at `path`.
+pub fn create_qcow2(path: &std::path::Path, cluster_size: &str, size: u64) {
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        &format!("cluster_size={cluster_size}"),
+        path.to_str().unwrap(),
+        &size.to_string(),
+    ]);
+}
+
 /// Runs `qemu-io` commands on an image.
 pub fn qemu_io(path: &Path, format: &str, commands: &[&str]) {
     let mut cmd = Command::new("qemu-io");
