@@ -3,8 +3,9 @@
 //! [`DiskImage`] is what a block device needs: size, vectored reads and writes straight from and
 //! to guest memory ([`vm_memory::VolatileSlice`]s, no bounce buffers), flush to stable storage,
 //! discard and write-zeroes. [`open`] opens a file, takes an exclusive lock on it (a shared one
-//! for read-only use, and for backing files) so two VMs never write one image, picks the format
-//! and opens the backing chain.
+//! for read-only use, and for backing files) so two VMs never write one image, and opens the
+//! backing chain; the format is the caller's to give ([`probe`] guesses it only when nobody
+//! said, and keeps a guessed raw image raw).
 //!
 //! Threading: an image is used by one thread at a time (the block device's worker), except
 //! through its [`ConcurrentIo`] handle, which formats without per-write metadata (raw) offer for
@@ -15,6 +16,7 @@ mod lock;
 pub mod manage;
 pub mod mem;
 pub mod open;
+pub mod probe;
 pub mod qcow2;
 pub mod raw;
 
@@ -64,7 +66,7 @@ pub trait ConcurrentIo: Send + Sync {
     fn flush(&self) -> io::Result<()>;
 }
 
-pub use open::{open, Format, OpenError, MAX_CHAIN_DEPTH};
+pub use open::{open, open_with, Format, ImageOptions, OpenError, MAX_CHAIN_DEPTH};
 
 #[cfg(test)]
 mod tests {

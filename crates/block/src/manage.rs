@@ -54,7 +54,7 @@ pub struct NewImage {
     pub cluster_size: u64,
     /// Backing file name as it will be stored (relative names are relative to the new image).
     pub backing: Option<String>,
-    /// Format of the backing file; detected when absent.
+    /// Format of the backing file; needed with a backing file (never probed).
     pub backing_format: Option<Format>,
 }
 
@@ -77,10 +77,12 @@ pub fn create(path: &Path, new: &NewImage) -> Result<(), ManageError> {
                 path: backing.clone(),
                 source,
             };
-            let format = match new.backing_format {
-                Some(format) => format,
-                None => probe(&backing).map_err(backing_err)?,
-            };
+            let format = new.backing_format.ok_or_else(|| {
+                usage(
+                    "give the backing file's format (raw or qcow2): Ferro never guesses it from \
+                     the backing file's contents",
+                )
+            })?;
             let image = open(&backing, true, Some(format)).map_err(backing_err)?;
             (new.size.unwrap_or(image.size()), Some(format))
         }
@@ -132,17 +134,6 @@ pub fn create(path: &Path, new: &NewImage) -> Result<(), ManageError> {
     })
 }
 
-fn probe(path: &Path) -> Result<Format, OpenError> {
-    let file = File::open(path).map_err(|source| OpenError::Open {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    detect(&file).map_err(|source| OpenError::Open {
-        path: path.to_path_buf(),
-        source,
-    })
-}
-
 /// qcow2 specifics for [`ImageInfo`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Qcow2Info {
@@ -180,7 +171,10 @@ pub fn info(path: &Path, format: Option<Format>) -> Result<ImageInfo, ManageErro
     let metadata = file.metadata().map_err(open_err)?;
     let format = match format {
         Some(format) => format,
-        None => detect(&file).map_err(open_err)?,
+        None => detect(&file).map_err(|source| OpenError::Unrecognized {
+            path: path.to_path_buf(),
+            source,
+        })?,
     };
     let mut info = ImageInfo {
         path: path.to_path_buf(),
@@ -226,8 +220,8 @@ pub fn info(path: &Path, format: Option<Format>) -> Result<ImageInfo, ManageErro
     Ok(info)
 }
 
-/// Grows the image at `path` to `size` bytes.
-pub fn resize(path: &Path, size: u64) -> Result<(), ManageError> {
+/// Grows the image at `path` (of `format`, probed when `None`) to `size` bytes.
+pub fn resize(path: &Path, format: Option<Format>, size: u64) -> Result<(), ManageError> {
     let image_err = |what: &str| {
         let what = what.to_string();
         move |source| ManageError::Image {
@@ -241,7 +235,7 @@ pub fn resize(path: &Path, size: u64) -> Result<(), ManageError> {
             "the size must be a multiple of 512 bytes".into(),
         ));
     }
-    let current = virtual_size(path)?;
+    let current = virtual_size(path, format)?;
     if size < current {
         return Err(ManageError::Usage(format!(
             "shrinking would lose data ({} is {current} bytes); only growing is supported",
@@ -249,7 +243,11 @@ pub fn resize(path: &Path, size: u64) -> Result<(), ManageError> {
         )));
     }
     let file = open_locked(path, false)?;
-    match detect(&file).map_err(image_err("cannot read it"))? {
+    let format = match format {
+        Some(format) => format,
+        None => detect(&file).map_err(image_err("cannot tell its format"))?,
+    };
+    match format {
         Format::Raw => file.set_len(size).map_err(image_err("cannot resize it")),
         Format::Qcow2 => {
             let mut image = open_qcow2(path, file)?;
@@ -258,9 +256,9 @@ pub fn resize(path: &Path, size: u64) -> Result<(), ManageError> {
     }
 }
 
-/// Current virtual size of the image at `path`.
-pub fn virtual_size(path: &Path) -> Result<u64, ManageError> {
-    Ok(info(path, None)?.virtual_size)
+/// Current virtual size of the image at `path` (of `format`, probed when `None`).
+pub fn virtual_size(path: &Path, format: Option<Format>) -> Result<u64, ManageError> {
+    Ok(info(path, format)?.virtual_size)
 }
 
 fn open_qcow2(path: &Path, file: File) -> Result<Qcow2Image, ManageError> {
@@ -283,15 +281,22 @@ pub enum SnapshotOp {
     Delete(String),
 }
 
-/// Runs a snapshot operation on the qcow2 image at `path` (which must not be in use);
-/// returns the snapshots afterwards.
-pub fn snapshot(path: &Path, op: &SnapshotOp) -> Result<Vec<Snapshot>, ManageError> {
+/// Runs a snapshot operation on the qcow2 image at `path` (of `format`, probed when `None`;
+/// which must not be in use); returns the snapshots afterwards.
+pub fn snapshot(
+    path: &Path,
+    format: Option<Format>,
+    op: &SnapshotOp,
+) -> Result<Vec<Snapshot>, ManageError> {
     let read_only = *op == SnapshotOp::List;
     let file = open_locked(path, read_only)?;
-    let format = detect(&file).map_err(|source| OpenError::Open {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let format = match format {
+        Some(format) => format,
+        None => detect(&file).map_err(|source| OpenError::Unrecognized {
+            path: path.to_path_buf(),
+            source,
+        })?,
+    };
     if format != Format::Qcow2 {
         return Err(ManageError::Usage(format!(
             "{} is a raw image; internal snapshots need qcow2",

@@ -1,8 +1,14 @@
-//! Opening an image file: locking, format detection and the backing chain.
+//! Opening an image file: locking, its format, and the backing chain.
 //!
 //! A writable image is locked exclusively, a read-only one (and every backing file) shared, so
 //! two VMs never write one image and nobody writes a base others read. Backing file names are
-//! resolved relative to the directory of the image that names them, as QEMU does.
+//! resolved relative to the directory of the image that names them, as QEMU does, but a chain
+//! stays where its owner put it: a backing file's format comes from the header naming it,
+//! never from the backing file's own bytes, and it must lie in the top image's directory (or
+//! one the caller allows). An image's own format is probed only when the caller does not know
+//! it (see [`crate::probe`]).
+//!
+//! Threading: called on the opening thread; the opened image follows [`DiskImage`]'s rules.
 
 use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
@@ -10,13 +16,12 @@ use std::io;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+pub use crate::probe::detect;
 use crate::qcow2::{self, Qcow2Image};
 use crate::{lock, raw, DiskImage};
 
 /// The deepest backing chain accepted (QEMU's limit is of the same order).
 pub const MAX_CHAIN_DEPTH: usize = 64;
-
-const QCOW2_MAGIC: [u8; 4] = *b"QFI\xfb";
 
 /// Image formats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,39 +71,186 @@ pub enum OpenError {
         #[source]
         source: io::Error,
     },
+    #[error("cannot tell the format of {}", path.display())]
+    Unrecognized {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("{} names an unknown backing format {name:?}", path.display())]
     BackingFormat { path: PathBuf, name: String },
+    #[error(
+        "{} names backing file {name:?} without its format, and Ferro never guesses a backing \
+         file's format: record it with `qemu-img rebase -u -b {name} -F raw|qcow2 {}`",
+        path.display(),
+        path.display()
+    )]
+    BackingFormatMissing { path: PathBuf, name: String },
+    #[error(
+        "{} names backing file {}, outside {}: allow that directory with backing_dir=DIR",
+        path.display(),
+        backing.display(),
+        dir.display()
+    )]
+    BackingOutside {
+        path: PathBuf,
+        backing: PathBuf,
+        dir: PathBuf,
+    },
+    #[error(
+        "{} names backing file {}, which is not a regular file (a device needs backing_dir=DIR)",
+        path.display(),
+        backing.display()
+    )]
+    BackingNotAFile { path: PathBuf, backing: PathBuf },
     #[error("the backing chain of {} loops back to {}", path.display(), backing.display())]
     BackingLoop { path: PathBuf, backing: PathBuf },
     #[error("the backing chain of {} is deeper than {MAX_CHAIN_DEPTH} images", path.display())]
     ChainTooDeep { path: PathBuf },
 }
 
-/// Opens the image at `path` (format detected from its first bytes unless `format` is given)
-/// with its whole backing chain.
+/// How to open an image.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ImageOptions {
+    /// Open for reading only (shared lock).
+    pub read_only: bool,
+    /// The image's format, as its owner gave it. `None` probes it from the first bytes: only
+    /// for images nobody said the format of, since a guest decides a raw disk's first bytes.
+    /// A raw image opened that way refuses guest writes that would make it probe as another
+    /// format.
+    pub format: Option<Format>,
+    /// A directory backing files may come from besides the image's own directory (and the
+    /// directories below it); backing files there may also be block devices.
+    pub backing_dir: Option<PathBuf>,
+}
+
+/// Opens the image at `path` (format probed from its first bytes unless `format` is given;
+/// see [`ImageOptions::format`]) with its whole backing chain.
 pub fn open(
     path: &Path,
     read_only: bool,
     format: Option<Format>,
 ) -> Result<Box<dyn DiskImage>, OpenError> {
-    open_in_chain(path, read_only, format, &mut HashSet::new())
+    open_with(
+        path,
+        &ImageOptions {
+            read_only,
+            format,
+            backing_dir: None,
+        },
+    )
 }
 
-/// Opens one image of a chain; `seen` holds the images above it (to detect loops).
+/// Opens the image at `path` with its backing chain, as `options` say.
+///
+/// Every backing file must name its format in the header of the image above it (never
+/// probed: a guest could have written the backing file's first bytes) and must resolve, after
+/// symbolic links, to a regular file in the directory of `path` or below it, or to a file or
+/// block device under [`ImageOptions::backing_dir`].
+pub fn open_with(path: &Path, options: &ImageOptions) -> Result<Box<dyn DiskImage>, OpenError> {
+    let canonical = |p: &Path| {
+        p.canonicalize().map_err(|source| OpenError::Open {
+            path: p.to_path_buf(),
+            source,
+        })
+    };
+    let image_dir = match canonical(path)?.parent() {
+        Some(dir) => dir.to_path_buf(),
+        None => PathBuf::from("/"),
+    };
+    let mut chain = Chain {
+        seen: HashSet::new(),
+        image_dir,
+        backing_dir: options.backing_dir.as_deref().map(canonical).transpose()?,
+    };
+    open_in_chain(path, options.read_only, options.format, &mut chain)
+}
+
+/// Where the images of one chain may come from, and the images seen so far.
+#[derive(Debug)]
+struct Chain {
+    /// The images above the one being opened (to detect loops).
+    seen: HashSet<PathBuf>,
+    /// The top image's directory, canonical.
+    image_dir: PathBuf,
+    /// [`ImageOptions::backing_dir`], canonical.
+    backing_dir: Option<PathBuf>,
+}
+
+impl Chain {
+    /// The canonical path and format of backing file `name` of the image at `path`, if the
+    /// chain may use it.
+    fn backing(
+        &self,
+        path: &Path,
+        name: &str,
+        format: Option<&str>,
+    ) -> Result<(PathBuf, Format), OpenError> {
+        let format = match format {
+            None => {
+                return Err(OpenError::BackingFormatMissing {
+                    path: path.to_path_buf(),
+                    name: name.to_string(),
+                })
+            }
+            Some(format) => format.parse().map_err(|_| OpenError::BackingFormat {
+                path: path.to_path_buf(),
+                name: format.to_string(),
+            })?,
+        };
+        let named = backing_path(path, name);
+        let resolved = named.canonicalize().map_err(|source| OpenError::Open {
+            path: named.clone(),
+            source,
+        })?;
+        let in_backing_dir = self
+            .backing_dir
+            .as_ref()
+            .is_some_and(|dir| resolved.starts_with(dir));
+        if !in_backing_dir && !resolved.starts_with(&self.image_dir) {
+            return Err(OpenError::BackingOutside {
+                path: path.to_path_buf(),
+                backing: resolved,
+                dir: self.image_dir.clone(),
+            });
+        }
+        let kind = std::fs::metadata(&resolved)
+            .map_err(|source| OpenError::Open {
+                path: resolved.clone(),
+                source,
+            })?
+            .file_type();
+        if !kind.is_file() && !in_backing_dir {
+            return Err(OpenError::BackingNotAFile {
+                path: path.to_path_buf(),
+                backing: resolved,
+            });
+        }
+        Ok((resolved, format))
+    }
+}
+
+/// Opens one image of a chain.
 fn open_in_chain(
     path: &Path,
     read_only: bool,
     format: Option<Format>,
-    seen: &mut HashSet<PathBuf>,
+    chain: &mut Chain,
 ) -> Result<Box<dyn DiskImage>, OpenError> {
     let open_err = |source| OpenError::Open {
         path: path.to_path_buf(),
         source,
     };
     let file = open_locked(path, read_only)?;
-    let format = match format {
-        Some(format) => format,
-        None => detect(&file).map_err(open_err)?,
+    let (format, probed) = match format {
+        Some(format) => (format, false),
+        None => (
+            detect(&file).map_err(|source| OpenError::Unrecognized {
+                path: path.to_path_buf(),
+                source,
+            })?,
+            true,
+        ),
     };
     let invalid = |source| OpenError::Invalid {
         path: path.to_path_buf(),
@@ -106,6 +258,7 @@ fn open_in_chain(
         source,
     };
     match format {
+        Format::Raw if probed => Ok(Box::new(raw::RawImage::probed(file).map_err(open_err)?)),
         Format::Raw => Ok(Box::new(raw::RawImage::new(file).map_err(open_err)?)),
         Format::Qcow2 => {
             let header = qcow2::read_header(&file).map_err(invalid)?;
@@ -113,32 +266,31 @@ fn open_in_chain(
                 None => None,
                 Some(name) => {
                     let canonical = path.canonicalize().map_err(open_err)?;
-                    if !seen.insert(canonical) {
+                    if !chain.seen.insert(canonical) {
                         return Err(OpenError::BackingLoop {
                             path: path.to_path_buf(),
                             backing: path.to_path_buf(),
                         });
                     }
-                    if seen.len() > MAX_CHAIN_DEPTH {
+                    if chain.seen.len() > MAX_CHAIN_DEPTH {
                         return Err(OpenError::ChainTooDeep {
                             path: path.to_path_buf(),
                         });
                     }
-                    let backing_path = backing_path(path, name);
-                    let backing_format = match header.backing_format.as_deref() {
-                        None => None,
-                        Some(name) => Some(name.parse().map_err(|_| OpenError::BackingFormat {
-                            path: path.to_path_buf(),
-                            name: name.to_string(),
-                        })?),
-                    };
-                    if backing_path.canonicalize().is_ok_and(|b| seen.contains(&b)) {
+                    let (backing_path, backing_format) =
+                        chain.backing(path, name, header.backing_format.as_deref())?;
+                    if chain.seen.contains(&backing_path) {
                         return Err(OpenError::BackingLoop {
                             path: path.to_path_buf(),
                             backing: backing_path,
                         });
                     }
-                    Some(open_in_chain(&backing_path, true, backing_format, seen)?)
+                    Some(open_in_chain(
+                        &backing_path,
+                        true,
+                        Some(backing_format),
+                        chain,
+                    )?)
                 }
             };
             Ok(Box::new(
@@ -186,14 +338,165 @@ pub(crate) fn open_locked(path: &Path, read_only: bool) -> Result<File, OpenErro
     }
 }
 
-/// The format of an image file, from its first bytes.
-pub fn detect(file: &File) -> io::Result<Format> {
-    use std::os::unix::fs::FileExt;
-    let mut magic = [0u8; 4];
-    let n = file.read_at(&mut magic, 0)?;
-    Ok(if n == 4 && magic == QCOW2_MAGIC {
-        Format::Qcow2
-    } else {
-        Format::Raw
-    })
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::qcow2::CreateOptions;
+    use std::io::ErrorKind;
+    use vm_memory::VolatileSlice;
+
+    /// A 1 MiB qcow2 image at `path` naming `backing` (with `format`) as its backing file.
+    fn overlay(path: &Path, backing: &str, format: Option<&str>) {
+        let file = File::create_new(path).unwrap();
+        let options = CreateOptions {
+            size: 1 << 20,
+            cluster_bits: 16,
+            backing: Some((backing.to_string(), format.map(String::from))),
+        };
+        qcow2::create(&file, &options).unwrap();
+    }
+
+    fn write(image: &mut dyn DiskImage, offset: u64, data: &[u8]) -> io::Result<()> {
+        let mut data = data.to_vec();
+        image.write_at(offset, &[VolatileSlice::from(&mut data[..])])
+    }
+
+    #[test]
+    fn a_probed_raw_disk_cannot_be_disguised_by_its_guest() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.img");
+        std::fs::write(&path, vec![0u8; 1 << 20]).unwrap();
+        let mut probed = open(&path, false, None).unwrap();
+        let err = write(&mut *probed, 0, b"QFI\xfb\0\0\0\x03").unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::PermissionDenied, "{err}");
+        // Piece by piece is the same.
+        write(&mut *probed, 0, b"QF").unwrap();
+        let err = write(&mut *probed, 2, b"I\xfb").unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::PermissionDenied, "{err}");
+        // Through the concurrent path too, and for other formats' signatures.
+        let concurrent = probed.concurrent_io().unwrap();
+        let mut vmdk = b"KDMV".to_vec();
+        let err = concurrent
+            .write_at(0, &[VolatileSlice::from(&mut vmdk[..])])
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::PermissionDenied, "{err}");
+        // Anything else goes through: other bytes of sector 0, and the rest of the disk.
+        write(&mut *probed, 0, b"\xeb\x63\x90MSDOS").unwrap();
+        write(&mut *probed, 512, b"QFI\xfb\0\0\0\x03").unwrap();
+        probed.write_zeroes(0, 512, false).unwrap();
+        drop((probed, concurrent));
+        assert_eq!(std::fs::read(&path).unwrap()[..8], [0u8; 8]);
+        // A disk whose owner said raw is the guest's to write, all of it.
+        let mut raw = open(&path, false, Some(Format::Raw)).unwrap();
+        write(&mut *raw, 0, b"QFI\xfb\0\0\0\x03").unwrap();
+        drop(raw);
+        // ...and is never read as qcow2 unless its owner says so.
+        assert!(open(&path, true, Some(Format::Raw)).is_ok());
+    }
+
+    #[test]
+    fn formats_ferro_does_not_open_are_not_taken_for_raw() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.vmdk");
+        std::fs::write(&path, b"KDMV\x01\0\0\0").unwrap();
+        let err = open(&path, true, None).err().unwrap();
+        assert!(matches!(err, OpenError::Unrecognized { .. }), "{err}");
+        open(&path, true, Some(Format::Raw)).unwrap();
+    }
+
+    #[test]
+    fn a_backing_file_stays_in_the_image_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let (images, outside) = (dir.path().join("images"), dir.path().join("outside"));
+        std::fs::create_dir_all(images.join("bases")).unwrap();
+        std::fs::create_dir(&outside).unwrap();
+        std::fs::write(outside.join("secret"), vec![7u8; 1 << 20]).unwrap();
+        std::fs::write(images.join("bases/base.raw"), vec![0u8; 1 << 20]).unwrap();
+        std::os::unix::fs::symlink(outside.join("secret"), images.join("link")).unwrap();
+        let secret = outside.join("secret");
+        let cases = [
+            ("../outside/secret", "outside"),
+            (secret.to_str().unwrap(), "outside"),
+            ("link", "outside"),
+            ("/dev/zero", "outside"),
+        ];
+        for (i, (backing, why)) in cases.into_iter().enumerate() {
+            let top = images.join(format!("top{i}.qcow2"));
+            overlay(&top, backing, Some("raw"));
+            let err = open(&top, false, None).err().unwrap();
+            assert!(
+                matches!(err, OpenError::BackingOutside { .. }),
+                "{backing}: {err}"
+            );
+            assert!(err.to_string().contains(why), "{err}");
+            // The user may allow the directory explicitly.
+            let allowed_dir = match backing {
+                "/dev/zero" => PathBuf::from("/dev"),
+                _ => outside.clone(),
+            };
+            let allowed = ImageOptions {
+                read_only: false,
+                format: Some(Format::Qcow2),
+                backing_dir: Some(allowed_dir),
+            };
+            match open_with(&top, &allowed) {
+                // A character device is no disk, allowed or not.
+                Err(OpenError::NotADisk { path }) => assert_eq!(path, Path::new("/dev/zero")),
+                opened => drop(opened.unwrap()),
+            }
+        }
+        // Below the image's directory, by relative or absolute name: fine.
+        overlay(&images.join("rel.qcow2"), "bases/base.raw", Some("raw"));
+        open(&images.join("rel.qcow2"), false, Some(Format::Qcow2)).unwrap();
+        let absolute = images.join("bases/base.raw");
+        overlay(
+            &images.join("abs.qcow2"),
+            absolute.to_str().unwrap(),
+            Some("raw"),
+        );
+        open(&images.join("abs.qcow2"), false, Some(Format::Qcow2)).unwrap();
+        // A device in the directory is no backing file without backing_dir.
+        let fifo = images.join("fifo");
+        let c_path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+        overlay(&images.join("fifo.qcow2"), "fifo", Some("raw"));
+        let err = open(&images.join("fifo.qcow2"), false, None).err().unwrap();
+        assert!(matches!(err, OpenError::BackingNotAFile { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_backing_file_format_is_never_probed() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.img");
+        std::fs::write(&base, vec![0u8; 1 << 20]).unwrap();
+        overlay(&dir.path().join("top.qcow2"), "base.img", None);
+        let err = open(&dir.path().join("top.qcow2"), false, None)
+            .err()
+            .unwrap();
+        assert!(
+            matches!(err, OpenError::BackingFormatMissing { .. }),
+            "{err}"
+        );
+        assert!(
+            err.to_string()
+                .contains("qemu-img rebase -u -b base.img -F"),
+            "{err}"
+        );
+        // The header's word decides, whatever the backing file's bytes say: a raw base whose
+        // guest wrote a qcow2 header is still read as raw data.
+        overlay(&dir.path().join("named.qcow2"), "base.img", Some("raw"));
+        let header = std::fs::read(dir.path().join("top.qcow2")).unwrap();
+        std::fs::write(
+            &base,
+            [&header[..], &vec![0u8; (1 << 20) - header.len()]].concat(),
+        )
+        .unwrap();
+        let mut image = open(&dir.path().join("named.qcow2"), true, None).unwrap();
+        let mut first = [0u8; 4];
+        image
+            .read_at(0, &[VolatileSlice::from(&mut first[..])])
+            .unwrap();
+        assert_eq!(&first, b"QFI\xfb");
+    }
 }

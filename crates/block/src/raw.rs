@@ -1,16 +1,20 @@
 //! Raw images: the file is the disk. Sparse files stay sparse: discard punches holes.
 //!
 //! Reads, writes and flushes are positional system calls with no state of their own, so many
-//! threads may run them at once ([`RawImage::concurrent_io`]).
+//! threads may run them at once ([`RawImage::concurrent_io`]). A raw image whose format was
+//! probed rather than given refuses changes to its first sector that would make it probe as
+//! another format (see [`crate::probe`]); those changes, and only those, are serialized.
 
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::sync::Arc;
+use std::os::unix::fs::FileExt;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use vm_memory::VolatileSlice;
 
 use crate::iov::{read_file_at, slices_len, write_file_at};
+use crate::probe::{first_sector_after, refuse_disguise, PROBE_LEN};
 use crate::{Buffers, ConcurrentIo, DiskImage};
 
 /// A raw image file.
@@ -24,18 +28,61 @@ pub struct RawImage {
 struct RawData {
     file: File,
     size: u64,
+    /// Set when the format was probed: held while a change to the first sector is checked
+    /// and made, so two writes cannot each pass the check and together form a signature.
+    probed: Option<Mutex<()>>,
 }
 
 impl RawImage {
+    /// A raw image whose owner said it is raw: every byte is the guest's.
     pub fn new(file: File) -> io::Result<Self> {
+        Self::with_probe_guard(file, false)
+    }
+
+    /// A raw image whose format was only probed: guest writes that would make it look like
+    /// another format are refused with `PermissionDenied`.
+    pub fn probed(file: File) -> io::Result<Self> {
+        Self::with_probe_guard(file, true)
+    }
+
+    fn with_probe_guard(file: File, probed: bool) -> io::Result<Self> {
         let size = file_size(&file)?;
         Ok(RawImage {
-            data: Arc::new(RawData { file, size }),
+            data: Arc::new(RawData {
+                file,
+                size,
+                probed: probed.then(|| Mutex::new(())),
+            }),
         })
     }
 }
 
 impl RawData {
+    /// Runs `change` (a write of `len` bytes at `offset` whose first bytes `head` gives) unless
+    /// the image was probed and the change would make it probe as another format.
+    fn guarded<T>(
+        &self,
+        offset: u64,
+        head: impl FnOnce(usize) -> Vec<u8>,
+        change: impl FnOnce() -> io::Result<T>,
+    ) -> io::Result<T> {
+        let Some(lock) = &self.probed else {
+            return change();
+        };
+        let Some(in_sector) = (PROBE_LEN as u64).checked_sub(offset).filter(|&n| n > 0) else {
+            return change();
+        };
+        let _held = lock.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut current = vec![0u8; PROBE_LEN];
+        let read = self.file.read_at(&mut current, 0)?;
+        current.truncate(read);
+        let after = first_sector_after(&current, offset, &head(in_sector as usize));
+        if let Some(refused) = refuse_disguise(&after) {
+            return Err(refused);
+        }
+        change()
+    }
+
     fn check_range(&self, offset: u64, len: u64) -> io::Result<()> {
         match offset.checked_add(len) {
             Some(end) if end <= self.size => Ok(()),
@@ -57,13 +104,36 @@ impl ConcurrentIo for RawData {
     }
 
     fn write_at(&self, offset: u64, buffers: Buffers<'_, '_>) -> io::Result<()> {
-        self.check_range(offset, slices_len(buffers))?;
-        write_file_at(&self.file, offset, buffers)
+        let len = slices_len(buffers);
+        self.check_range(offset, len)?;
+        self.guarded(
+            offset,
+            |n| leading_bytes(buffers, n),
+            || write_file_at(&self.file, offset, buffers),
+        )
     }
 
     fn flush(&self) -> io::Result<()> {
         self.file.sync_data()
     }
+}
+
+/// The first `n` bytes (or all, if fewer) of `buffers`.
+fn leading_bytes(buffers: Buffers<'_, '_>, n: usize) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(n);
+    for slice in buffers {
+        let want = (n - bytes.len()).min(slice.len());
+        if want == 0 {
+            break;
+        }
+        let start = bytes.len();
+        bytes.resize(start + want, 0);
+        let Ok(part) = slice.subslice(0, want) else {
+            break;
+        };
+        part.copy_to(&mut bytes[start..]);
+    }
+    bytes
 }
 
 impl RawImage {
@@ -91,7 +161,8 @@ impl RawImage {
         while offset < end {
             let n = (end - offset).min(zeroes.len() as u64) as usize;
             let slice = VolatileSlice::from(&mut zeroes[..n]);
-            self.write_at(offset, &[slice])?;
+            // Straight to the file: the caller has checked (and guards) the range.
+            write_file_at(&self.data.file, offset, &[slice])?;
             offset += n as u64;
         }
         Ok(())
@@ -128,15 +199,33 @@ impl DiskImage for RawImage {
 
     fn discard(&mut self, offset: u64, len: u64) -> io::Result<()> {
         self.data.check_range(offset, len)?;
-        self.fallocate(
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+        let data = self.data.clone();
+        data.guarded(
             offset,
-            len,
+            |n| vec![0; n.min(len as usize)],
+            || {
+                self.fallocate(
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    offset,
+                    len,
+                )
+            },
         )
     }
 
     fn write_zeroes(&mut self, offset: u64, len: u64, may_unmap: bool) -> io::Result<()> {
         self.data.check_range(offset, len)?;
+        let data = self.data.clone();
+        data.guarded(
+            offset,
+            |n| vec![0; n.min(len as usize)],
+            || self.zero_range(offset, len, may_unmap),
+        )
+    }
+}
+
+impl RawImage {
+    fn zero_range(&mut self, offset: u64, len: u64, may_unmap: bool) -> io::Result<()> {
         let mode = if may_unmap {
             libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
         } else {
