@@ -182,9 +182,15 @@ pub struct DefinitionDisk {
     pub readonly: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serial: Option<String>,
-    /// `raw` or `qcow2`; detected when absent.
+    /// `raw` or `qcow2`: required for a `path` disk (Ferro never guesses the format of a disk
+    /// a guest writes); for a `volume` disk, the format the daemon recorded for the volume
+    /// when absent, and checked against it when given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub format: Option<String>,
+    /// For a `path` disk: a directory (absolute) its backing files may come from besides the
+    /// image's own directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backing_dir: Option<PathBuf>,
     /// Request queues; one per vCPU when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub num_queues: Option<u16>,
@@ -205,9 +211,32 @@ impl DefinitionDisk {
                 ));
             }
         }
+        if let Some(format) = &self.format {
+            if format != "raw" && format != "qcow2" {
+                return Err(format!("a disk's format is raw or qcow2, not {format:?}"));
+            }
+        }
         match (&self.path, &self.volume) {
-            (Some(path), None) if path.is_absolute() => Ok(()),
-            (Some(path), None) => Err(format!("the disk path {} must be absolute", path.display())),
+            (Some(path), None) if !path.is_absolute() => {
+                Err(format!("the disk path {} must be absolute", path.display()))
+            }
+            (Some(path), None) if self.format.is_none() => Err(format!(
+                "the disk {} needs a format (format = \"raw\" or \"qcow2\"): Ferro does not \
+                 guess it, since a guest can make a raw disk look like any format",
+                path.display()
+            )),
+            (Some(_), None) => match &self.backing_dir {
+                Some(dir) if !dir.is_absolute() => Err(format!(
+                    "the disk's backing_dir {} must be absolute",
+                    dir.display()
+                )),
+                _ => Ok(()),
+            },
+            (None, Some(_)) if self.backing_dir.is_some() => Err(
+                "a volume disk takes no backing_dir: a volume's backing files are volumes of \
+                 its pool"
+                    .into(),
+            ),
             (None, Some(volume)) => match volume.split_once('/') {
                 Some((pool, name)) if check_name(pool).is_ok() && check_name(name).is_ok() => {
                     Ok(())
@@ -218,16 +247,24 @@ impl DefinitionDisk {
         }
     }
 
-    /// The VMM's disk, with its image at `path`.
-    pub fn with_path(&self, path: PathBuf) -> DiskConfig {
+    /// The VMM's disk, with its image at `path` in `format`.
+    fn vmm_disk(&self, path: PathBuf, format: Option<String>) -> DiskConfig {
         DiskConfig {
             path,
             readonly: self.readonly,
             serial: self.serial.clone(),
-            format: self.format.clone(),
+            format,
+            backing_dir: self.backing_dir.clone(),
             num_queues: self.num_queues,
         }
     }
+}
+
+/// A pool volume as a VM's disk uses it: its file, and the format the daemon recorded for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResolvedVolume {
+    pub path: PathBuf,
+    pub format: String,
 }
 
 impl From<DiskConfig> for DefinitionDisk {
@@ -238,6 +275,7 @@ impl From<DiskConfig> for DefinitionDisk {
             readonly: disk.readonly,
             serial: disk.serial,
             format: disk.format,
+            backing_dir: disk.backing_dir,
             num_queues: disk.num_queues,
         }
     }
@@ -245,19 +283,30 @@ impl From<DiskConfig> for DefinitionDisk {
 
 impl VmDefinition {
     /// The VMM configuration this definition runs as; `resolve` turns a pool and volume name
-    /// into the volume's path.
+    /// into the volume's path and recorded format. A volume disk whose definition gives
+    /// another format than the recorded one is refused.
     pub fn vm_config(
         &self,
-        resolve: impl Fn(&str, &str) -> Result<PathBuf, String>,
+        resolve: impl Fn(&str, &str) -> Result<ResolvedVolume, String>,
     ) -> Result<VmConfig, String> {
         let mut disks = Vec::with_capacity(self.disks.len());
         for disk in &self.disks {
-            let path = match (&disk.path, disk.volume_ref()) {
-                (Some(path), _) => path.clone(),
-                (None, Some((pool, volume))) => resolve(pool, volume)?,
+            let vmm_disk = match (&disk.path, disk.volume_ref()) {
+                (Some(path), _) => disk.vmm_disk(path.clone(), disk.format.clone()),
+                (None, Some((pool, volume))) => {
+                    let resolved = resolve(pool, volume)?;
+                    if let Some(format) = disk.format.as_ref().filter(|f| **f != resolved.format) {
+                        return Err(format!(
+                            "disk volume {pool}/{volume} is {}, but the definition says \
+                             format = {format:?}",
+                            resolved.format
+                        ));
+                    }
+                    disk.vmm_disk(resolved.path, Some(resolved.format))
+                }
                 (None, None) => return Err("a disk has neither a path nor a volume".into()),
             };
-            disks.push(disk.with_path(path));
+            disks.push(vmm_disk);
         }
         Ok(VmConfig {
             kernel: self.kernel.clone(),
@@ -287,8 +336,19 @@ impl VmDefinition {
         for nic in &self.nets {
             nic.validate()?;
         }
-        // Volumes resolve to placeholder paths here: only their shape matters.
-        self.vm_config(|_, _| Ok(PathBuf::from("/volume")))?
+        // Volumes resolve to placeholders here: only their shape matters.
+        let placeholder = |pool: &str, volume: &str| {
+            let format = self
+                .disks
+                .iter()
+                .find(|d| d.volume_ref() == Some((pool, volume)))
+                .and_then(|d| d.format.clone());
+            Ok(ResolvedVolume {
+                path: PathBuf::from("/volume"),
+                format: format.unwrap_or_else(|| "raw".into()),
+            })
+        };
+        self.vm_config(placeholder)?
             .validate()
             .map_err(|e| e.to_string())?;
         let mut paths = vec![("kernel", &self.kernel)];
@@ -432,6 +492,7 @@ pub struct Event {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     #[test]
     fn names() {
@@ -446,30 +507,66 @@ mod tests {
     #[test]
     fn disks_name_a_path_or_a_volume() {
         let def: VmDefinition = serde_json::from_str(
-            r#"{"name": "a", "kernel": "/k", "disks": [{"volume": "p/v.qcow2"}, {"path": "/d", "num_queues": 3}]}"#,
+            r#"{"name": "a", "kernel": "/k", "disks": [{"volume": "p/v.qcow2"}, {"path": "/d", "format": "raw", "num_queues": 3, "backing_dir": "/bases"}]}"#,
         )
         .unwrap();
         def.validate().unwrap();
-        let config = def
-            .vm_config(|pool, v| Ok(format!("/pools/{pool}/{v}").into()))
-            .unwrap();
+        let resolve = |pool: &str, v: &str| {
+            Ok(ResolvedVolume {
+                path: format!("/pools/{pool}/{v}").into(),
+                format: "qcow2".into(),
+            })
+        };
+        let config = def.vm_config(resolve).unwrap();
         assert_eq!(config.disks[0].path.to_str(), Some("/pools/p/v.qcow2"));
+        assert_eq!(config.disks[0].format.as_deref(), Some("qcow2"));
         assert_eq!(config.disks[0].num_queues, None);
         assert_eq!(config.disks[1].path.to_str(), Some("/d"));
+        assert_eq!(config.disks[1].format.as_deref(), Some("raw"));
         assert_eq!(config.disks[1].num_queues, Some(3));
+        assert_eq!(
+            config.disks[1].backing_dir.as_deref(),
+            Some(Path::new("/bases"))
+        );
         for bad in [
             r#"[{"volume": "no-slash"}]"#,
             r#"[{"volume": "p/../x"}]"#,
             r#"[{"path": "/d", "volume": "p/v"}]"#,
             r#"[{"readonly": true}]"#,
-            r#"[{"path": "rel"}]"#,
-            r#"[{"path": "/d", "num_queues": 0}]"#,
-            r#"[{"path": "/d", "num_queues": 65}]"#,
+            r#"[{"path": "rel", "format": "raw"}]"#,
+            r#"[{"path": "/d", "format": "raw", "num_queues": 0}]"#,
+            r#"[{"path": "/d", "format": "raw", "num_queues": 65}]"#,
+            r#"[{"path": "/d", "format": "vmdk"}]"#,
+            r#"[{"path": "/d", "format": "raw", "backing_dir": "rel"}]"#,
+            r#"[{"volume": "p/v", "backing_dir": "/bases"}]"#,
         ] {
             let json = format!(r#"{{"name": "a", "kernel": "/k", "disks": {bad}}}"#);
             let def: VmDefinition = serde_json::from_str(&json).unwrap();
             assert!(def.validate().is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_disk_format_is_never_left_to_a_guess() {
+        let def: VmDefinition =
+            serde_json::from_str(r#"{"name": "a", "kernel": "/k", "disks": [{"path": "/d"}]}"#)
+                .unwrap();
+        let err = def.validate().unwrap_err();
+        assert!(err.contains("needs a format"), "{err}");
+        // A volume's recorded format wins; a definition that contradicts it is refused.
+        let def: VmDefinition = serde_json::from_str(
+            r#"{"name": "a", "kernel": "/k", "disks": [{"volume": "p/v", "format": "qcow2"}]}"#,
+        )
+        .unwrap();
+        def.validate().unwrap();
+        let recorded_raw = |_: &str, _: &str| {
+            Ok(ResolvedVolume {
+                path: "/pools/p/v".into(),
+                format: "raw".into(),
+            })
+        };
+        let err = def.vm_config(recorded_raw).unwrap_err();
+        assert!(err.contains("is raw, but the definition says"), "{err}");
     }
 
     #[test]

@@ -61,9 +61,14 @@ pub struct DiskConfig {
     /// Serial number the guest reads (at most 20 bytes).
     #[serde(default)]
     pub serial: Option<String>,
-    /// `raw` or `qcow2`; detected from the image when absent.
+    /// `raw` or `qcow2`. When absent, probed from the image's first bytes, and a raw image
+    /// then refuses guest writes that would make it look like another format.
     #[serde(default)]
     pub format: Option<String>,
+    /// A directory the image's backing files may come from besides the image's own
+    /// directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backing_dir: Option<PathBuf>,
     /// Request queues (1 to [`MAX_DISK_QUEUES`]); one per vCPU when absent, as QEMU does.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub num_queues: Option<u16>,
@@ -88,6 +93,12 @@ impl DiskConfig {
         if let Some(format) = &self.format {
             text.push_str(&format!(",format={}", crate::options::escape(format)));
         }
+        if let Some(dir) = &self.backing_dir {
+            text.push_str(&format!(
+                ",backing_dir={}",
+                crate::options::escape(&dir.to_string_lossy())
+            ));
+        }
         if let Some(queues) = self.num_queues {
             text.push_str(&format!(",num_queues={queues}"));
         }
@@ -101,9 +112,19 @@ pub const MAX_SERIAL_LEN: usize = 20;
 impl std::str::FromStr for DiskConfig {
     type Err = OptionError;
 
-    /// `path=FILE[,readonly=on][,serial=ID][,format=raw|qcow2][,num_queues=N]`
+    /// `path=FILE[,readonly=on][,serial=ID][,format=raw|qcow2][,backing_dir=DIR][,num_queues=N]`
     fn from_str(s: &str) -> Result<Self, OptionError> {
-        let mut o = Options::parse(s, &["path", "readonly", "serial", "format", "num_queues"])?;
+        let mut o = Options::parse(
+            s,
+            &[
+                "path",
+                "readonly",
+                "serial",
+                "format",
+                "backing_dir",
+                "num_queues",
+            ],
+        )?;
         let num_queues = match o.take("num_queues") {
             None => None,
             Some(text) => Some(text.parse().map_err(|_| OptionError::Invalid {
@@ -116,6 +137,7 @@ impl std::str::FromStr for DiskConfig {
             readonly: o.flag("readonly", false)?,
             serial: o.take("serial"),
             format: o.take("format"),
+            backing_dir: o.take("backing_dir").map(PathBuf::from),
             num_queues,
         };
         disk.validate()?;

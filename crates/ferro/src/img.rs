@@ -48,10 +48,11 @@ struct CreateArgs {
     #[arg(short = 'f', long, value_name = "FORMAT", default_value = "qcow2", value_parser = parse_format)]
     format: Format,
     /// Backing file (a linked clone: reads come from it until written). A relative name is
-    /// relative to the new image's directory.
-    #[arg(short = 'b', long, value_name = "FILE")]
+    /// relative to the new image's directory. Needs --backing-format.
+    #[arg(short = 'b', long, value_name = "FILE", requires = "backing_format")]
     backing: Option<String>,
-    /// Format of the backing file (detected when omitted).
+    /// Format of the backing file, raw or qcow2, recorded in the new image (never guessed from
+    /// the backing file: a guest may have written its first bytes).
     #[arg(short = 'F', long, value_name = "FORMAT", value_parser = parse_format)]
     backing_format: Option<Format>,
     /// qcow2 cluster size, 4K to 2M.
@@ -69,7 +70,7 @@ struct InfoArgs {
     /// Print JSON (keys as `qemu-img info --output=json`).
     #[arg(long)]
     json: bool,
-    /// Force the format instead of detecting it.
+    /// The image's format, raw or qcow2 (probed from its first bytes when omitted).
     #[arg(short = 'f', long, value_name = "FORMAT", value_parser = parse_format)]
     format: Option<Format>,
     file: PathBuf,
@@ -77,6 +78,10 @@ struct InfoArgs {
 
 #[derive(Debug, Args)]
 struct ResizeArgs {
+    /// The image's format, raw or qcow2 (probed from its first bytes when omitted: give it
+    /// for an image a guest has written, whose first bytes the guest chose).
+    #[arg(short = 'f', long, value_name = "FORMAT", value_parser = parse_format)]
+    format: Option<Format>,
     file: PathBuf,
     /// New size (e.g. 40G), or +SIZE to grow by that much.
     #[arg(allow_hyphen_values = true)]
@@ -98,6 +103,9 @@ struct SnapshotArgs {
     /// Delete a snapshot (by name or ID).
     #[arg(short = 'd', long, value_name = "NAME", group = "op")]
     delete: Option<String>,
+    /// The image's format (probed from its first bytes when omitted; snapshots need qcow2).
+    #[arg(short = 'f', long, value_name = "FORMAT", value_parser = parse_format)]
+    format: Option<Format>,
     file: PathBuf,
 }
 
@@ -154,7 +162,7 @@ fn resize(args: ResizeArgs) -> Result<(), ManageError> {
     let size = match args.size.strip_prefix('+') {
         Some(delta) => {
             let delta = parse_size(delta).map_err(usage)?;
-            manage::virtual_size(&args.file)?
+            manage::virtual_size(&args.file, args.format)?
                 .checked_add(delta)
                 .ok_or_else(|| usage("too large".into()))?
         }
@@ -163,7 +171,7 @@ fn resize(args: ResizeArgs) -> Result<(), ManageError> {
         }
         None => parse_size(&args.size).map_err(usage)?,
     };
-    manage::resize(&args.file, size)?;
+    manage::resize(&args.file, args.format, size)?;
     println!("Resized {} to {}", args.file.display(), human_size(size));
     Ok(())
 }
@@ -175,7 +183,7 @@ fn snapshot(args: SnapshotArgs) -> Result<(), ManageError> {
         (_, _, Some(name)) => SnapshotOp::Delete(name),
         _ => SnapshotOp::List,
     };
-    let snapshots = manage::snapshot(&args.file, &op)?;
+    let snapshots = manage::snapshot(&args.file, args.format, &op)?;
     if op == SnapshotOp::List {
         print!("{}", snapshot_table(&snapshots));
     }

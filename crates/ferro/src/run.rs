@@ -61,8 +61,13 @@ pub struct RunArgs {
     #[arg(long)]
     rng: bool,
 
-    /// Add a virtio-blk disk: path=FILE[,readonly=on][,serial=ID][,format=raw|qcow2][,num_queues=N].
-    /// Repeat for more disks; they appear as /dev/vda, /dev/vdb... in that order.
+    /// Add a virtio-blk disk:
+    /// path=FILE[,format=raw|qcow2][,readonly=on][,serial=ID][,backing_dir=DIR][,num_queues=N].
+    /// Give format: without it the image is probed from its first bytes (with a warning: a
+    /// guest decides a raw disk's first bytes), and a probed raw disk refuses guest writes that
+    /// would make it look like another format. A qcow2 image's backing files must name their
+    /// format and lie in the image's directory (or below it), or under backing_dir. Repeat for
+    /// more disks; they appear as /dev/vda, /dev/vdb... in that order.
     #[arg(long, value_name = "OPTIONS")]
     disk: Vec<api::DiskConfig>,
 

@@ -86,11 +86,24 @@ impl Disks {
                         },
                     })
                 })?;
-            let image =
-                block::open(&disk.path, disk.readonly, format).map_err(|source| Error::Disk {
-                    path: disk.path.clone(),
-                    source,
-                })?;
+            if format.is_none() {
+                tracing::warn!(
+                    "disk {}: no format given, so it is probed from its first bytes, which is \
+                     unsafe for an image a guest has written (a probed raw disk refuses guest \
+                     writes that would make it look like another format); give format=raw or \
+                     format=qcow2",
+                    disk.path.display()
+                );
+            }
+            let options = block::ImageOptions {
+                read_only: disk.readonly,
+                format,
+                backing_dir: disk.backing_dir.clone(),
+            };
+            let image = block::open_with(&disk.path, &options).map_err(|source| Error::Disk {
+                path: disk.path.clone(),
+                source,
+            })?;
             images.push((Arc::new(Mutex::new(image)), disk.clone()));
         }
         Ok(Disks { images })
