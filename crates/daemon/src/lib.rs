@@ -21,6 +21,7 @@ mod server_pools;
 mod sparse_copy;
 mod store;
 mod supervisor;
+mod volume_format;
 mod write_back;
 
 use std::path::PathBuf;

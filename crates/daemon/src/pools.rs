@@ -18,6 +18,7 @@ use block::Format;
 
 use crate::error::{chain, ApiError};
 use crate::store::{atomic_write, StoreError};
+use crate::volume_format::{self, FormatError};
 use crate::write_back::{self, WriteBack};
 use crate::{partial, sparse_copy};
 
@@ -324,12 +325,8 @@ impl Pools {
         self.lock().get(pool).map(|e| e.definition.path.join(name))
     }
 
-    /// The path of volume `name` of `pool` (for VM definitions naming `pool/volume`).
-    pub fn volume_path(&self, pool: &str, name: &str) -> Result<PathBuf, ApiError> {
-        Ok(self.usable_volume(pool, name)?.path)
-    }
-
-    /// Volume `name` of `pool`, refused if it may miss data (see `write_back`).
+    /// Volume `name` of `pool`, refused if it may miss data (see `write_back`) or if its
+    /// backing chain leaves the pool.
     fn usable_volume(&self, pool: &str, name: &str) -> Result<VolumeInfo, ApiError> {
         let volume = self.volume(pool, name)?;
         if volume.incomplete {
@@ -338,7 +335,23 @@ impl Pools {
                  storage); delete it and clone it again"
             )));
         }
+        let format = parse_format(Some(&volume.format))?;
+        let dir = self.active_dir(pool)?;
+        check_chain(pool, &dir, &volume.path, format).map_err(ApiError::conflict)?;
         Ok(volume)
+    }
+
+    /// The path and recorded format of volume `name` of `pool`, for a VM's disk.
+    pub fn volume_for_vm(
+        &self,
+        pool: &str,
+        name: &str,
+    ) -> Result<api::daemon_api::ResolvedVolume, ApiError> {
+        let volume = self.usable_volume(pool, name)?;
+        Ok(api::daemon_api::ResolvedVolume {
+            path: volume.path,
+            format: volume.format,
+        })
     }
 
     pub fn create_volume(
@@ -386,6 +399,10 @@ impl Pools {
                 .map_err(ApiError::internal)?,
         };
         manage::create(&path, &new).map_err(|e| ApiError::bad_request(chain(&e)))?;
+        if let Err(e) = volume_format::record(&path, &path, format) {
+            let _ = std::fs::remove_file(&path);
+            return Err(ApiError::internal(chain(&e)));
+        }
         self.volume(pool, &request.name)
     }
 
@@ -430,6 +447,7 @@ impl Pools {
             ApiError::internal(format!("cannot delete {}: {e}", volume.path.display()))
         })?;
         write_back::forget(&volume.path);
+        volume_format::forget(&volume.path);
         Ok(())
     }
 
@@ -439,7 +457,9 @@ impl Pools {
             let dir = self.active_dir(pool)?;
             self.check_space(&dir, pool, size - volume.capacity_bytes)?;
         }
-        manage::resize(&volume.path, size).map_err(|e| ApiError::conflict(chain(&e)))?;
+        let format = parse_format(Some(&volume.format))?;
+        manage::resize(&volume.path, Some(format), size)
+            .map_err(|e| ApiError::conflict(chain(&e)))?;
         self.volume(pool, name)
     }
 
@@ -489,6 +509,7 @@ impl Pools {
         let copy = partial::path(&dir, &request.name, "clone");
         let mut marker = None;
         let locked = lock_source(&source)?;
+        let copy_format = locked.plan.format();
         let result = create_like(locked.plan, &copy)
             .and_then(|()| {
                 let begun = write_back::begin(&dir, &request.name, &copy);
@@ -496,6 +517,11 @@ impl Pools {
                     ApiError::internal(format!("cannot record the clone in {}: {e}", dir.display()))
                 })?);
                 full_copy(locked, &copy, progress)
+            })
+            .and_then(|()| {
+                // Before the copy has the volume's name, so it is never probed.
+                volume_format::record(&target, &copy, copy_format)
+                    .map_err(|e| ApiError::internal(chain(&e)))
             })
             .and_then(|()| {
                 partial::publish_new(&copy, &target).map_err(|e| match e.kind() {
@@ -509,6 +535,7 @@ impl Pools {
         match (result, marker) {
             (Ok(()), Some(marker)) => self.write_back.settle(marker),
             (result, marker) => {
+                volume_format::unrecord(&target, &copy);
                 let _ = std::fs::remove_file(&copy);
                 if let Some(marker) = marker {
                     marker.abandon();
@@ -532,23 +559,38 @@ impl Pools {
         Ok(partial::path(&dir, name, "upload"))
     }
 
-    /// Checks the uploaded file and puts it in place of the volume.
+    /// Checks the uploaded file and puts it in place of the volume. Its format is `format`,
+    /// or, when the uploader did not say, what its first bytes say now, before any guest has
+    /// seen it; either way it is recorded, and never guessed again.
     pub fn finish_upload(
         &self,
         pool: &str,
         name: &str,
         upload: &Path,
+        format: Option<Format>,
     ) -> Result<VolumeInfo, ApiError> {
         let checked = (|| {
-            let info = manage::info(upload, None).map_err(|e| {
-                ApiError::bad_request(format!("the upload is not a usable image: {}", chain(&e)))
-            })?;
+            let unusable =
+                |e: String| ApiError::bad_request(format!("the upload is not a usable image: {e}"));
+            let format = match format {
+                Some(format) => format,
+                None => {
+                    let file = std::fs::File::open(upload)
+                        .map_err(|e| ApiError::internal(format!("cannot read the upload: {e}")))?;
+                    block::open::detect(&file).map_err(|e| unusable(e.to_string()))?
+                }
+            };
+            let info = manage::info(upload, Some(format)).map_err(|e| unusable(chain(&e)))?;
             if let Some(backing) = &info.backing_file {
-                if check_volume_name(backing).is_err() || self.volume(pool, backing).is_err() {
+                if backing == name {
                     return Err(ApiError::bad_request(format!(
-                        "the uploaded image's backing file {backing:?} is not a volume of pool {pool}"
+                        "the uploaded image names volume {name} itself as its backing file"
                     )));
                 }
+                let dir = self.active_dir(pool)?;
+                check_chain(pool, &dir, upload, format).map_err(|e| {
+                    ApiError::bad_request(format!("the uploaded image is refused: {e}"))
+                })?;
                 self.usable_volume(pool, backing)?;
             }
             let target = self.volume(pool, name)?.path;
@@ -557,6 +599,8 @@ impl Pools {
             })?;
             // The volume is a new file now; a record of the old one could match a reused inode.
             write_back::forget(&target);
+            volume_format::record_replacement(&target, format)
+                .map_err(|e| ApiError::internal(chain(&e)))?;
             Ok(())
         })();
         if checked.is_err() {
@@ -588,13 +632,14 @@ impl Pools {
                 "volume {volume} is raw; internal snapshots need qcow2"
             )));
         }
-        let snapshots = manage::snapshot(&info.path, op).map_err(|e| match &e {
-            manage::ManageError::Usage(_) => ApiError::bad_request(chain(&e)),
-            _ if chain(&e).contains("no snapshot") => {
-                ApiError::new(StatusCode::NOT_FOUND, chain(&e))
-            }
-            _ => ApiError::conflict(chain(&e)),
-        })?;
+        let snapshots =
+            manage::snapshot(&info.path, Some(Format::Qcow2), op).map_err(|e| match &e {
+                manage::ManageError::Usage(_) => ApiError::bad_request(chain(&e)),
+                _ if chain(&e).contains("no snapshot") => {
+                    ApiError::new(StatusCode::NOT_FOUND, chain(&e))
+                }
+                _ => ApiError::conflict(chain(&e)),
+            })?;
         Ok(snapshots
             .into_iter()
             .map(|s| VolumeSnapshot {
@@ -610,7 +655,8 @@ impl Pools {
 /// Describes volume `name` in `dir`.
 fn volume_info(pool: &str, dir: &Path, name: &str) -> Result<VolumeInfo, ApiError> {
     let path = dir.join(name);
-    let info = manage::info(&path, None).map_err(|e| ApiError::internal(chain(&e)))?;
+    let format = volume_format::format_of(&path).map_err(format_error)?;
+    let info = manage::info(&path, Some(format)).map_err(|e| ApiError::conflict(chain(&e)))?;
     let incomplete = write_back::is_incomplete(&path);
     Ok(VolumeInfo {
         name: name.to_string(),
@@ -629,6 +675,58 @@ fn volume_info(pool: &str, dir: &Path, name: &str) -> Result<VolumeInfo, ApiErro
 fn tidy_up(dir: &Path) {
     partial::remove_stale(dir);
     write_back::recover(dir);
+    volume_format::tidy(dir);
+}
+
+fn format_error(e: FormatError) -> ApiError {
+    match e {
+        FormatError::Unrecognized { .. } => ApiError::conflict(chain(&e)),
+        FormatError::Read { .. } | FormatError::Write { .. } => ApiError::internal(chain(&e)),
+    }
+}
+
+/// Checks that the backing chain of the image at `path` (of `format`) stays in the pool
+/// directory `dir`: every backing file is named as a volume of the pool (no directory, no
+/// `..`, no absolute path), is a regular file (not a symbolic link or device), and is named
+/// with the format recorded for that volume. The message says what is wrong.
+fn check_chain(pool: &str, dir: &Path, path: &Path, format: Format) -> Result<(), String> {
+    let (mut path, mut format) = (path.to_path_buf(), format);
+    for _ in 0..=block::MAX_CHAIN_DEPTH {
+        let info = manage::info(&path, Some(format)).map_err(|e| chain(&e))?;
+        let Some(backing) = info.backing_file else {
+            return Ok(());
+        };
+        let named = path.file_name().unwrap_or_default().to_string_lossy();
+        let refused = |why: &str| format!("{named}'s backing file {backing:?} {why}");
+        let backing_path = dir.join(&backing);
+        let is_volume = check_volume_name(&backing).is_ok()
+            && std::fs::symlink_metadata(&backing_path).is_ok_and(|m| m.file_type().is_file());
+        if !is_volume {
+            return Err(refused(&format!(
+                "is not a volume of pool {pool} (a backing file must be a volume of the same \
+                 pool, named without a directory)"
+            )));
+        }
+        let declared = info.backing_format.ok_or_else(|| {
+            refused(&format!(
+                "is named without its format: record it with `qemu-img rebase -u -b {backing} \
+                 -F FORMAT {named}` before uploading"
+            ))
+        })?;
+        let recorded = volume_format::format_of(&backing_path).map_err(|e| chain(&e))?;
+        if declared != recorded.name() {
+            return Err(refused(&format!(
+                "is named as {declared}, but volume {backing} is {}",
+                recorded.name()
+            )));
+        }
+        (path, format) = (backing_path, recorded);
+    }
+    Err(format!(
+        "the backing chain of {} is deeper than {} volumes",
+        path.display(),
+        block::MAX_CHAIN_DEPTH
+    ))
 }
 
 /// How a full clone copies its source.
@@ -637,9 +735,18 @@ enum CopyPlan {
     /// The file as it is, data segments only: a raw volume, or a qcow2 one that stands alone
     /// (no backing file, and neither dirty nor corrupt, which the copy should not inherit).
     /// Its internal snapshots come along.
-    File { len: u64 },
+    File { format: Format, len: u64 },
     /// Through the image format: what the source reads as, its backing chain flattened in.
     Image { format: Format, size: u64 },
+}
+
+impl CopyPlan {
+    /// The format the copy will be.
+    fn format(self) -> Format {
+        match self {
+            CopyPlan::File { format, .. } | CopyPlan::Image { format, .. } => format,
+        }
+    }
 }
 
 /// A clone's source, open and under its shared lock for the whole copy: a VM writing it makes
@@ -657,7 +764,7 @@ fn lock_source(source: &VolumeInfo) -> Result<LockedSource, ApiError> {
         ApiError::internal(format!("cannot read {}: {e}", source.path.display()))
     };
     let file = std::fs::File::open(&source.path).map_err(io)?;
-    let format = block::open::detect(&file).map_err(io)?;
+    let format = parse_format(Some(&source.format))?;
     let image =
         block::open(&source.path, true, Some(format)).map_err(|e| ApiError::conflict(chain(&e)))?;
     // An upload may have put another file in the volume's place between the two opens.
@@ -678,7 +785,10 @@ fn lock_source(source: &VolumeInfo) -> Result<LockedSource, ApiError> {
         }
     };
     let plan = match stands_alone {
-        true => CopyPlan::File { len: opened.len() },
+        true => CopyPlan::File {
+            format,
+            len: opened.len(),
+        },
         false => CopyPlan::Image {
             format,
             size: image.size(),
@@ -691,7 +801,7 @@ fn lock_source(source: &VolumeInfo) -> Result<LockedSource, ApiError> {
 /// image of its format and size without a backing file.
 fn create_like(plan: CopyPlan, target: &Path) -> Result<(), ApiError> {
     let (format, size) = match plan {
-        CopyPlan::File { len } => {
+        CopyPlan::File { len, .. } => {
             // Any length: qemu-img does not pad its qcow2 files to 512 bytes.
             let created = std::fs::OpenOptions::new()
                 .write(true)
@@ -728,7 +838,7 @@ fn full_copy(
         plan,
     } = source;
     let (format, size) = match plan {
-        CopyPlan::File { len } => {
+        CopyPlan::File { len, .. } => {
             return sparse_copy::copy_raw(file, target, len, progress).map_err(io);
         }
         CopyPlan::Image { format, size } => (format, size),
@@ -805,8 +915,14 @@ mod tests {
         )
     }
 
+    /// Opens a volume's image as a VM would: with its recorded format.
+    fn open_volume(path: &Path, read_only: bool) -> Box<dyn block::DiskImage> {
+        let format = volume_format::format_of(path).unwrap();
+        block::open(path, read_only, Some(format)).unwrap()
+    }
+
     fn write(path: &Path, offset: u64, data: &[u8]) {
-        let mut image = block::open(path, false, None).unwrap();
+        let mut image = open_volume(path, false);
         let mut copy = data.to_vec();
         image
             .write_at(offset, &[vm_memory::VolatileSlice::from(&mut copy[..])])
@@ -815,12 +931,178 @@ mod tests {
     }
 
     fn read(path: &Path, offset: u64, len: usize) -> Vec<u8> {
-        let mut image = block::open(path, true, None).unwrap();
+        let mut image = open_volume(path, true);
         let mut buf = vec![0u8; len];
         image
             .read_at(offset, &[vm_memory::VolatileSlice::from(&mut buf[..])])
             .unwrap();
         buf
+    }
+
+    /// A qcow2 image (1 MiB) naming `backing` (of `format`, or none) as its backing file: the
+    /// bytes a hostile guest or uploader would write.
+    fn qcow2_naming(path: &Path, backing: &str, format: Option<&str>) {
+        let file = std::fs::File::create_new(path).unwrap();
+        let options = block::qcow2::CreateOptions {
+            size: 1 << 20,
+            cluster_bits: 16,
+            backing: Some((backing.to_string(), format.map(String::from))),
+        };
+        block::qcow2::create(&file, &options).unwrap();
+    }
+
+    /// Uploads the file at `from` as volume `name` (which exists) of pool `p`.
+    fn upload(
+        pools: &Pools,
+        name: &str,
+        from: &Path,
+        format: Option<Format>,
+    ) -> Result<VolumeInfo, ApiError> {
+        let len = std::fs::metadata(from).unwrap().len();
+        let target = pools.upload_target("p", name, len).unwrap();
+        std::fs::copy(from, &target).unwrap();
+        pools.finish_upload("p", name, &target, format)
+    }
+
+    #[test]
+    fn a_guest_cannot_make_its_raw_volume_a_window_on_host_files() {
+        let (dir, pools) = setup();
+        let volume = create(&pools, "v.raw", Some("1M"), "raw", None).unwrap();
+        let evil = dir.path().join("evil.qcow2");
+        qcow2_naming(&evil, "/etc/passwd", Some("raw"));
+        // The guest writes that header over the start of its raw disk.
+        let header = std::fs::read(&evil).unwrap();
+        let disk = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&volume.path)
+            .unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&disk, &header, 0).unwrap();
+        // Every later use takes the volume as the raw disk it was made as.
+        let info = pools.volume("p", "v.raw").unwrap();
+        assert_eq!((info.format.as_str(), info.backing), ("raw", None));
+        assert_eq!(pools.volume_for_vm("p", "v.raw").unwrap().format, "raw");
+        let full = VolumeClone {
+            name: "copy.raw".into(),
+            linked: false,
+        };
+        let copy = pools.clone_volume("p", "v.raw", &full).unwrap();
+        assert_eq!(copy.format, "raw");
+        assert_eq!(
+            read(&copy.path, 0, 4),
+            b"QFI\xfb",
+            "the guest's bytes, as data"
+        );
+        pools.resize_volume("p", "v.raw", 2 << 20).unwrap();
+        assert_eq!(std::fs::metadata(&volume.path).unwrap().len(), 2 << 20);
+        // Even after a daemon restart.
+        let again = Pools::open(dir.path().join("pools")).unwrap();
+        again.start("p").unwrap();
+        assert_eq!(again.volume("p", "v.raw").unwrap().format, "raw");
+    }
+
+    #[test]
+    fn an_upload_is_recorded_as_the_uploader_said_or_as_it_came() {
+        let (dir, pools) = setup();
+        create(&pools, "v", Some("1M"), "raw", None).unwrap();
+        let qcow2 = dir.path().join("plain.qcow2");
+        let file = std::fs::File::create_new(&qcow2).unwrap();
+        let options = block::qcow2::CreateOptions {
+            size: 1 << 20,
+            cluster_bits: 16,
+            backing: None,
+        };
+        block::qcow2::create(&file, &options).unwrap();
+        // Said raw: raw, whatever it looks like.
+        assert_eq!(
+            upload(&pools, "v", &qcow2, Some(Format::Raw))
+                .unwrap()
+                .format,
+            "raw"
+        );
+        // Not said: probed now, before any guest saw it, and kept.
+        assert_eq!(upload(&pools, "v", &qcow2, None).unwrap().format, "qcow2");
+        // Said qcow2, but it is not: refused, and the volume is left as it was.
+        let junk = dir.path().join("junk");
+        std::fs::write(&junk, vec![1u8; 4096]).unwrap();
+        let err = upload(&pools, "v", &junk, Some(Format::Qcow2)).unwrap_err();
+        assert_eq!(err.status, StatusCode::BAD_REQUEST, "{}", err.message);
+        assert_eq!(pools.volume("p", "v").unwrap().format, "qcow2");
+    }
+
+    #[test]
+    fn an_uploaded_overlay_keeps_its_backing_in_the_pool() {
+        let (dir, pools) = setup();
+        create(&pools, "base.raw", Some("1M"), "raw", None).unwrap();
+        create(&pools, "top", Some("1M"), "raw", None).unwrap();
+        let images = dir.path().join("images");
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, vec![9u8; 1 << 20]).unwrap();
+        std::os::unix::fs::symlink(&secret, images.join("link")).unwrap();
+        let refused = [
+            (
+                secret.to_str().unwrap(),
+                Some("raw"),
+                "not a volume of pool p",
+            ),
+            ("../secret", Some("raw"), "not a volume of pool p"),
+            ("link", Some("raw"), "not a volume of pool p"),
+            ("/dev/zero", Some("raw"), "not a volume of pool p"),
+            (
+                "base.raw",
+                Some("qcow2"),
+                "named as qcow2, but volume base.raw is raw",
+            ),
+            ("base.raw", None, "without its format"),
+            ("top", Some("raw"), "itself"),
+        ];
+        for (i, (backing, format, why)) in refused.into_iter().enumerate() {
+            let overlay = dir.path().join(format!("overlay{i}.qcow2"));
+            qcow2_naming(&overlay, backing, format);
+            let err = upload(&pools, "top", &overlay, None).unwrap_err();
+            assert_eq!(
+                err.status,
+                StatusCode::BAD_REQUEST,
+                "{backing}: {}",
+                err.message
+            );
+            assert!(err.message.contains(why), "{backing}: {}", err.message);
+            assert_eq!(pools.volume("p", "top").unwrap().format, "raw");
+        }
+        // A backing file named as the volume of the pool it is, with its format: fine.
+        let overlay = dir.path().join("good.qcow2");
+        qcow2_naming(&overlay, "base.raw", Some("raw"));
+        let top = upload(&pools, "top", &overlay, None).unwrap();
+        assert_eq!(
+            (top.format.as_str(), top.backing.as_deref()),
+            ("qcow2", Some("base.raw"))
+        );
+        assert!(pools.volume_for_vm("p", "top").is_ok());
+    }
+
+    #[test]
+    fn a_volume_whose_chain_leaves_the_pool_is_refused_to_vms_and_clones() {
+        let (dir, pools) = setup();
+        let images = dir.path().join("images");
+        std::fs::write(dir.path().join("secret"), vec![9u8; 1 << 20]).unwrap();
+        // Put in the pool directory by hand (or by an older Ferro).
+        qcow2_naming(&images.join("old.qcow2"), "../secret", Some("raw"));
+        let err = pools.volume_for_vm("p", "old.qcow2").unwrap_err();
+        assert!(
+            err.message.contains("not a volume of pool p"),
+            "{}",
+            err.message
+        );
+        let full = VolumeClone {
+            name: "copy".into(),
+            linked: false,
+        };
+        assert!(pools.clone_volume("p", "old.qcow2", &full).is_err());
+        let linked = VolumeClone {
+            name: "linked".into(),
+            linked: true,
+        };
+        assert!(pools.clone_volume("p", "old.qcow2", &linked).is_err());
+        assert!(!images.join("copy").exists() && !images.join("linked").exists());
     }
 
     #[test]
@@ -1024,7 +1306,13 @@ mod tests {
         pools.snapshots("p", "d.qcow2", &taken).unwrap();
         write(&disk.path, 0, b"after!");
         let len = std::fs::metadata(&disk.path).unwrap().len();
-        assert_eq!(lock_source(&disk).unwrap().plan, CopyPlan::File { len });
+        assert_eq!(
+            lock_source(&disk).unwrap().plan,
+            CopyPlan::File {
+                format: Format::Qcow2,
+                len
+            }
+        );
         let full = VolumeClone {
             name: "c.qcow2".into(),
             linked: false,
@@ -1059,7 +1347,7 @@ mod tests {
         let clean = pools.clone_volume("p", "d.qcow2", &full).unwrap();
         assert_eq!(read(&clean.path, 0, 6), b"after!");
         assert!(
-            block::open(&clean.path, false, None).is_ok(),
+            block::open(&clean.path, false, Some(Format::Qcow2)).is_ok(),
             "opens for writing"
         );
     }
@@ -1098,7 +1386,7 @@ mod tests {
         assert!(pools.volume("p", "v.raw").unwrap().incomplete);
         let upload = pools.upload_target("p", "v.raw", 1 << 20).unwrap();
         std::fs::write(&upload, vec![3u8; 1 << 20]).unwrap();
-        let replaced = pools.finish_upload("p", "v.raw", &upload).unwrap();
+        let replaced = pools.finish_upload("p", "v.raw", &upload, None).unwrap();
         assert!(!replaced.incomplete);
         assert!(
             !record.exists(),
@@ -1129,12 +1417,13 @@ mod tests {
             "holes stay holes: {copy:?}"
         );
     }
+    /// Hidden files but the volumes' format records.
     fn hidden_files(dir: &Path) -> Vec<String> {
         std::fs::read_dir(dir)
             .unwrap()
             .flatten()
             .filter_map(|e| e.file_name().into_string().ok())
-            .filter(|n| n.starts_with('.'))
+            .filter(|n| n.starts_with('.') && !n.ends_with(".format"))
             .collect()
     }
 
@@ -1177,7 +1466,7 @@ mod tests {
         assert_eq!(read(&target, (20 << 20) - 1, 1), [7]);
 
         // A source a VM writes cannot be copied: nothing is left behind.
-        let writer = block::open(&base.path, false, None).unwrap();
+        let writer = open_volume(&base.path, false);
         let clone = VolumeClone {
             name: "second.raw".into(),
             linked: false,
@@ -1210,7 +1499,7 @@ mod tests {
 
         let listed = pools.volumes("p").unwrap();
         assert!(listed[0].incomplete, "{listed:?}");
-        let err = pools.volume_path("p", "v.raw").unwrap_err();
+        let err = pools.volume_for_vm("p", "v.raw").unwrap_err();
         assert_eq!(err.status, StatusCode::CONFLICT);
         assert!(err.message.contains("may miss data"), "{}", err.message);
         let full = VolumeClone {

@@ -114,9 +114,11 @@ async fn download_volume(
 async fn upload_volume(
     State(app): State<App>,
     UrlPath((pool, volume)): UrlPath<(String, String)>,
+    uri: axum::http::Uri,
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult {
+    let format = upload_format(uri.query())?;
     let len = headers
         .get("content-length")
         .and_then(|v| v.to_str().ok())
@@ -149,12 +151,30 @@ async fn upload_volume(
             return Err(e);
         }
         blocking(StatusCode::OK, move || {
-            pools.finish_upload(&pool, &volume, &target)
+            pools.finish_upload(&pool, &volume, &target, format)
         })
         .await
     })
     .await
     .map_err(|e| ApiError::internal(e.to_string()))?
+}
+
+/// The `format` an upload's query names (`?format=raw|qcow2`), if any; other keys are refused.
+fn upload_format(query: Option<&str>) -> Result<Option<block::Format>, ApiError> {
+    let mut format = None;
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("format", value)) if format.is_none() => {
+                format = Some(value.parse().map_err(ApiError::bad_request)?);
+            }
+            _ => {
+                return Err(ApiError::bad_request(format!(
+                    "unknown or repeated upload parameter {pair:?} (only format=raw|qcow2)"
+                )))
+            }
+        }
+    }
+    Ok(format)
 }
 
 /// Writes exactly `len` body bytes to `path`.

@@ -111,15 +111,19 @@ impl Store {
             path: path.clone(),
             source,
         })?;
-        let definition = parse_definition(&text).map_err(|message| StoreError::Invalid {
+        let invalid = |message| StoreError::Invalid {
             path: path.clone(),
             message,
-        })?;
+        };
+        let mut definition: VmDefinition =
+            toml::from_str(&text).map_err(|e| invalid(e.message().to_string()))?;
+        let migrated = record_disk_formats(&mut definition);
+        definition.validate().map_err(invalid)?;
         if definition.name != name {
-            return Err(StoreError::Invalid {
-                path,
-                message: format!("names the VM {:?}", definition.name),
-            });
+            return Err(invalid(format!("names the VM {:?}", definition.name)));
+        }
+        if migrated {
+            self.save_definition(&definition)?;
         }
         Ok(definition)
     }
@@ -137,6 +141,39 @@ impl Store {
         let path = self.definition_path(name);
         fs::remove_file(&path).map_err(|source| StoreError::Write { path, source })
     }
+}
+
+/// Gives the `path` disks of a definition written before formats were required the format
+/// their images have now, probed once (logged) and kept from then on; returns whether any
+/// disk changed. A disk whose image cannot be read keeps no format, and the definition is
+/// refused with the reason, to be fixed by hand.
+fn record_disk_formats(definition: &mut VmDefinition) -> bool {
+    let mut changed = false;
+    for disk in &mut definition.disks {
+        let Some(path) = disk.path.as_ref().filter(|_| disk.format.is_none()) else {
+            continue;
+        };
+        match fs::File::open(path).and_then(|file| block::open::detect(&file)) {
+            Ok(format) => {
+                tracing::warn!(
+                    "VM {}: disk {} had no format; probed once as {} and recorded in its \
+                     definition",
+                    definition.name,
+                    path.display(),
+                    format.name()
+                );
+                disk.format = Some(format.name().to_string());
+                changed = true;
+            }
+            Err(e) => tracing::error!(
+                "VM {}: disk {} has no format and cannot be probed ({e}): add format = \"raw\" \
+                 or \"qcow2\" to its definition",
+                definition.name,
+                path.display()
+            ),
+        }
+    }
+    changed
 }
 
 /// Parses a definition file (TOML); the message names what is wrong.
@@ -207,7 +244,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let mut def = definition("web1");
-        let disk: api::DiskConfig = "path=/var/lib/ferro/web1.qcow2".parse().unwrap();
+        let disk: api::DiskConfig = "path=/var/lib/ferro/web1.qcow2,format=qcow2"
+            .parse()
+            .unwrap();
         def.disks.push(disk.into());
         def.autostart = true;
         store.save_definition(&def).unwrap();
@@ -218,6 +257,40 @@ mod tests {
         assert_eq!(loaded[1], def);
         store.remove_definition("db").unwrap();
         assert_eq!(store.load_definitions().0.len(), 1);
+    }
+
+    #[test]
+    fn an_old_definition_gets_its_disk_formats_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (raw, qcow2) = (dir.path().join("a.raw"), dir.path().join("b.qcow2"));
+        fs::write(&raw, vec![0u8; 4096]).unwrap();
+        fs::write(&qcow2, b"QFI\xfb\0\0\0\x03").unwrap();
+        let text = format!(
+            "name = \"old\"\nkernel = \"/k\"\n[[disks]]\npath = {raw:?}\n[[disks]]\npath = {qcow2:?}\n"
+        );
+        fs::write(store.definition_path("old"), text).unwrap();
+        let (loaded, errors) = store.load_definitions();
+        assert!(errors.is_empty(), "{errors:?}");
+        let formats: Vec<_> = loaded[0].disks.iter().map(|d| d.format.clone()).collect();
+        assert_eq!(formats, [Some("raw".into()), Some("qcow2".into())]);
+        // Recorded in the file: what the guest writes later changes nothing.
+        fs::write(&raw, b"QFI\xfb\0\0\0\x03").unwrap();
+        let (loaded, _) = store.load_definitions();
+        assert_eq!(loaded[0].disks[0].format.as_deref(), Some("raw"));
+        let saved = fs::read_to_string(store.definition_path("old")).unwrap();
+        assert!(saved.contains(r#"format = "raw""#), "{saved}");
+        // A disk that cannot be read is left to the user, with the reason.
+        fs::write(
+            store.definition_path("gone"),
+            "name = \"gone\"\nkernel = \"/k\"\n[[disks]]\npath = \"/nonexistent/d.img\"\n",
+        )
+        .unwrap();
+        let (_, errors) = store.load_definitions();
+        assert!(
+            errors[0].to_string().contains("needs a format"),
+            "{errors:?}"
+        );
     }
 
     #[test]

@@ -251,7 +251,7 @@ impl Supervisor {
     fn resolve(&self, definition: &VmDefinition) -> Result<VmConfig, String> {
         definition.vm_config(|pool, volume| {
             self.pools
-                .volume_path(pool, volume)
+                .volume_for_vm(pool, volume)
                 .map_err(|e| format!("disk volume {pool}/{volume}: {}", e.message))
         })
     }

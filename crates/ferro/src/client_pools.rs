@@ -128,8 +128,11 @@ enum VolCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Replace a volume's content with a local image file (raw or qcow2), streamed.
-    Upload(Transfer),
+    /// Replace a volume's content with a local image file (raw or qcow2), streamed. The
+    /// volume takes the format given with --format, or, without it, the one the file's first
+    /// bytes show now (recorded, never guessed again). A qcow2 file's backing file must be a
+    /// volume of the same pool, named with its format.
+    Upload(UploadArgs),
     /// Save a volume's image file to a local file, streamed.
     Download(Transfer),
     /// Internal snapshots of a qcow2 volume (changes refused while a running VM writes it).
@@ -140,13 +143,25 @@ enum VolCommand {
 /// A volume and a local file to move data between.
 #[derive(Debug, Args)]
 struct Transfer {
+    /// The volume.
     name: String,
+    /// The local file.
     file: PathBuf,
+    /// The pool holding the volume.
     #[arg(long)]
     pool: String,
     /// Print progress as JSON lines ({"bytes": N, "total": N}) on stdout.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Debug, Args)]
+struct UploadArgs {
+    #[command(flatten)]
+    transfer: Transfer,
+    /// The file's format: raw or qcow2 (probed from its first bytes when omitted).
+    #[arg(long, value_name = "FORMAT", value_parser = ["raw", "qcow2"])]
+    format: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -463,7 +478,7 @@ fn vol_command(c: &Client, command: VolCommand) -> Outcome {
             print_volume(&volume);
         }
         VolCommand::Snapshot(command) => return snapshot_command(c, command),
-        VolCommand::Upload(t) => upload(c, &t.pool, &t.name, &t.file, t.json)?,
+        VolCommand::Upload(u) => upload(c, &u.transfer, u.format.as_deref())?,
         VolCommand::Download(t) => download(c, &t.pool, &t.name, &t.file, t.json)?,
     }
     Ok(())
@@ -557,7 +572,18 @@ fn full_clone(c: &Client, path: &str, request: &[u8], json: bool) -> Outcome {
     ))
 }
 
-fn upload(c: &Client, pool: &str, name: &str, file: &PathBuf, json: bool) -> Outcome {
+fn upload(c: &Client, transfer: &Transfer, format: Option<&str>) -> Outcome {
+    let Transfer {
+        name,
+        file,
+        pool,
+        json,
+    } = transfer;
+    let json = *json;
+    let mut path = paths::volume_action(pool, name, "data");
+    if let Some(format) = format {
+        path += &format!("?format={format}");
+    }
     let mut source = std::fs::File::open(file)
         .map_err(|e| Failure(2, format!("cannot read {}: {e}", file.display())))?;
     let len = source
@@ -566,13 +592,7 @@ fn upload(c: &Client, pool: &str, name: &str, file: &PathBuf, json: bool) -> Out
         .len();
     let mut progress = Progress::new(json, len);
     let response = c
-        .upload(
-            "PUT",
-            &paths::volume_action(pool, name, "data"),
-            &mut source,
-            len,
-            &mut |n| progress.update(n),
-        )
+        .upload("PUT", &path, &mut source, len, &mut |n| progress.update(n))
         .map_err(|e| Failure(5, crate::error_chain(&e)))?;
     if response.status != 200 {
         let message = serde_json::from_slice::<api::vmm_api::ErrorBody>(&response.body)

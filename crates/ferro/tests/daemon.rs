@@ -657,10 +657,22 @@ fn pools_and_volumes_through_the_cli() {
     // the daemon hands the VMM the volume's path.
     let vm = d.definition("user", "[[disks]]\nvolume = \"p/full.qcow2\"\n");
     d.ok(&["vm", "define", vm.to_str().unwrap()]);
-    let by_path = d.definition(
+    let unsaid = d.definition(
         "other",
         &format!(
             "[[disks]]\npath = \"{}\"\n",
+            images.join("a.qcow2").display()
+        ),
+    );
+    d.fails(
+        &["vm", "define", unsaid.to_str().unwrap()],
+        2,
+        "needs a format (format = \"raw\" or \"qcow2\")",
+    );
+    let by_path = d.definition(
+        "other",
+        &format!(
+            "[[disks]]\npath = \"{}\"\nformat = \"qcow2\"\n",
             images.join("a.qcow2").display()
         ),
     );
@@ -678,7 +690,8 @@ fn pools_and_volumes_through_the_cli() {
     d.ok(&["vm", "start", "user"]);
     let pid = d.details("user").pid.unwrap();
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
-    let disk = format!("path={}", images.join("full.qcow2").display());
+    // With the format recorded for the volume: the VMM never guesses it.
+    let disk = format!("path={},format=qcow2", images.join("full.qcow2").display());
     assert!(
         cmdline.split(|&b| b == 0).any(|arg| arg == disk.as_bytes()),
         "{}",
@@ -917,6 +930,8 @@ fn hidden_ending(dir: &Path, suffix: &str) -> Vec<String> {
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .filter(|name| name.starts_with('.') && name.ends_with(suffix))
+        // Volumes' format records stay with their volumes.
+        .filter(|name| !name.ends_with(".format"))
         .collect()
 }
 
