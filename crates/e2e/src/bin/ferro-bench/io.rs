@@ -89,7 +89,7 @@ fn io_command(
             "--cmdline",
             &cmdline,
             "--disk",
-            &format!("path={IO_IMAGE}"),
+            &format!("path={IO_IMAGE},format=raw"),
             "--net",
             &format!("tap={IO_TAP}"),
         ]

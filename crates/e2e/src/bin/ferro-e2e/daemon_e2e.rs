@@ -17,7 +17,11 @@ fn details(d: &Daemon, name: &str) -> Result<VmDetails, String> {
     serde_json::from_str(&out).map_err(|e| format!("vm info: {e}: {out}"))
 }
 
-fn wait_for_state(d: &Daemon, name: &str, state: DomainState) -> Result<VmDetails, String> {
+pub(crate) fn wait_for_state(
+    d: &Daemon,
+    name: &str,
+    state: DomainState,
+) -> Result<VmDetails, String> {
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
         let details = details(d, name)?;

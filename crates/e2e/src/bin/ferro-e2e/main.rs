@@ -12,6 +12,7 @@ use e2e::{ferro_bin, Finished, GuestImages, Vm, READY};
 use libtest_mimic::{Arguments, Failed};
 
 mod daemon_e2e;
+mod image_trust_e2e;
 mod network_e2e;
 mod vm_api;
 
@@ -353,7 +354,7 @@ fn block_data_reaches_the_image() -> TestResult {
     let command = "head -c 67108864 /dev/urandom > /tmp/d; dd if=/tmp/d of=/dev/vda bs=1M 2>/dev/null; sync; echo GUEST-MD5 $(md5sum < /tmp/d)";
     let args = with_devices(
         guest_args(&images, 1, "512M", Some(command)),
-        &["--disk", &format!("path={disk}")],
+        &["--disk", &format!("path={disk},format=raw")],
     );
     let done = boot_to_poweroff(&args, None)?;
     let guest = guest_value(&done.stdout, "GUEST-MD5")?;
@@ -371,7 +372,7 @@ fn block_synced_data_survives_sigkill() -> TestResult {
     let command = "head -c 4194304 /dev/urandom > /tmp/d; dd if=/tmp/d of=/dev/vda bs=64k 2>/dev/null; sync; echo GUEST-MD5 $(md5sum < /tmp/d); echo SYNCED; sleep 600";
     let args = with_devices(
         guest_args(&images, 1, "256M", Some(command)),
-        &["--disk", &format!("path={disk}")],
+        &["--disk", &format!("path={disk},format=raw")],
     );
     let mut vm = Vm::spawn(&ferro_bin(), &args)?;
     vm.wait_for("SYNCED", 1, BOOT_TIMEOUT)?;
@@ -400,7 +401,7 @@ fn block_read_only_disk_refuses_writes() -> TestResult {
     let command = "echo RO $(cat /sys/block/vda/ro); dd if=/dev/zero of=/dev/vda bs=4k count=1 conv=fsync 2>/dev/null && echo WRITE-OK || echo WRITE-REFUSED; echo HEAD $(head -c 15 /dev/vda)";
     let args = with_devices(
         guest_args(&images, 1, "256M", Some(command)),
-        &["--disk", &format!("path={disk},readonly=on")],
+        &["--disk", &format!("path={disk},format=raw,readonly=on")],
     );
     let done = boot_to_poweroff(&args, None)?;
     check(guest_value(&done.stdout, "RO")? == "1", || {
@@ -429,9 +430,9 @@ fn block_two_disks_with_serials() -> TestResult {
         guest_args(&images, 2, "256M", Some(command)),
         &[
             "--disk",
-            &format!("path={a},serial=first-disk"),
+            &format!("path={a},format=raw,serial=first-disk"),
             "--disk",
-            &format!("path={b},serial=second,num_queues=1"),
+            &format!("path={b},format=raw,serial=second,num_queues=1"),
         ],
     );
     let done = boot_to_poweroff(&args, None)?;
@@ -489,9 +490,9 @@ fn block_qcow2_overlay_keeps_the_base_unchanged() -> TestResult {
         guest_args(&images, 1, "256M", Some(command)),
         &[
             "--disk",
-            &format!("path={overlay}"),
+            &format!("path={overlay},format=qcow2"),
             "--disk",
-            &format!("path={payload},readonly=on"),
+            &format!("path={payload},format=raw,readonly=on"),
         ],
     );
     let done = boot_to_poweroff(&args, None)?;
@@ -540,7 +541,7 @@ fn pci_ids_are_the_virtio_ones() -> TestResult {
         guest_args(&images, 1, "256M", Some(command)),
         &[
             "--disk",
-            &format!("path={disk}"),
+            &format!("path={disk},format=raw"),
             "--net",
             "tap=fe2eids0",
             "--rng",
@@ -753,6 +754,18 @@ fn main() {
         (
             "daemon::linked_clones_keep_writes_apart",
             daemon_e2e::linked_clones_keep_writes_apart,
+        ),
+        (
+            "security::raw_volume_stays_raw_after_a_restart",
+            image_trust_e2e::raw_volume_stays_raw_after_a_restart,
+        ),
+        (
+            "security::raw_disk_stays_raw_with_format_raw",
+            image_trust_e2e::raw_disk_stays_raw_with_format_raw,
+        ),
+        (
+            "security::probed_raw_disk_refuses_a_disguise",
+            image_trust_e2e::probed_raw_disk_refuses_a_disguise,
         ),
         (
             "network::nat_and_isolated_networks",

@@ -224,6 +224,8 @@ pub fn nat_and_isolated_networks() -> TestResult {
         &rootfs.display().to_string(),
         "--pool",
         "p",
+        "--format",
+        "raw",
     ])?;
     let base_before = std::fs::read(dir.join("base.raw")).map_err(|e| e.to_string())?;
     for vm in ["va", "vb", "vc"] {
