@@ -61,7 +61,7 @@ pub fn fill(chain: virtio_queue::DescriptorChain<&GuestMemory>, mem: &GuestMemor
     let len = writer.available_bytes().min(MAX_REQUEST);
     let mut buf = vec![0u8; len];
     if let Err(e) = getrandom::fill(&mut buf) {
-        tracing::warn!("getrandom failed: {e}");
+        guest_log::guest_warn!("getrandom failed: {e}");
         return 0;
     }
     match writer.write_all(&buf) {
@@ -85,7 +85,7 @@ impl Worker for RngWorker {
             written
         });
         if let Err(e) = result {
-            tracing::warn!("virtio-rng: {e}");
+            guest_log::guest_warn!("virtio-rng: {e}");
             self.interrupt.needs_reset();
         }
         Ok(())
