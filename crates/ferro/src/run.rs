@@ -92,6 +92,13 @@ pub struct RunArgs {
     #[arg(long, value_name = "PATH")]
     console_log: Option<PathBuf>,
 
+    /// Write the VMM's log (warnings and errors; more with -v or FERRO_LOG) to this file instead
+    /// of stderr, and point stderr at it too. It is rotated at 2 MiB, three old files kept
+    /// (PATH.1 is the newest), so a guest cannot fill the disk through it. The daemon runs
+    /// every VMM with run/NAME/vmm.log here.
+    #[arg(long, value_name = "PATH")]
+    log_file: Option<PathBuf>,
+
     /// When the VMM exits, write how the VM ended (exit code, outcome, error) to this file as
     /// JSON, for supervisors that cannot wait for the process.
     #[arg(long, value_name = "PATH")]
@@ -106,6 +113,11 @@ struct Wiring {
 }
 
 impl RunArgs {
+    /// Where the log goes, if not to stderr.
+    pub fn log_file(&self) -> Option<&std::path::Path> {
+        self.log_file.as_deref()
+    }
+
     fn into_config(self) -> (VmConfig, Wiring) {
         let config = VmConfig {
             kernel: self.kernel,

@@ -128,3 +128,38 @@ fn triple_fault_exits_5_and_prints_registers() {
     );
     assert!(err.contains("rip=") && err.contains("cr3="), "{err}");
 }
+
+#[test]
+fn the_log_file_takes_stderr_and_rotates_at_its_cap() {
+    if !kvm_tests_enabled() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = dir.path().join("crash");
+    std::fs::write(&kernel, arch::test_images::bzimage(&[0x0f, 0x0b])).unwrap();
+    // A log at its 2 MiB cap: it is rotated when the VMM opens it.
+    let log = dir.path().join("vmm.log");
+    let earlier = "an earlier line\n".repeat((2 << 20) / 16);
+    std::fs::write(&log, &earlier).unwrap();
+    let out = ferro(&[
+        "run",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--memory",
+        "128M",
+        "--log-file",
+        log.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(5));
+    assert_eq!(stderr(&out), "", "everything went to the log file");
+    let rotated = dir.path().join("vmm.log.1");
+    assert_eq!(std::fs::read_to_string(&rotated).unwrap(), earlier);
+    let text = std::fs::read_to_string(&log).unwrap();
+    // The error printed on stderr at exit, and the registers, follow the log into its new file.
+    assert!(
+        text.contains("ferro: error: vCPU 0: the guest triple-faulted"),
+        "{text}"
+    );
+    assert!(text.contains("rip="), "{text}");
+    assert!(text.len() < 64 << 10, "{} bytes", text.len());
+}

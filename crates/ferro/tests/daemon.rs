@@ -331,6 +331,14 @@ fn daemon_restart_crash_and_autostart() {
     d.wait_for_state("auto", DomainState::Shutoff);
     d.ok(&["vm", "start", "keep"]);
     let pid = d.details("keep").pid.unwrap();
+    // The VMM logs into a file it caps itself.
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    let log = d.state_dir().join("run/keep/vmm.log");
+    let wanted = format!("--log-file\0{}\0", log.display());
+    assert!(
+        String::from_utf8_lossy(&cmdline).contains(&wanted),
+        "{cmdline:?}"
+    );
 
     // The daemon goes away and comes back: the VM ran on and is managed again; autostart
     // starts the other one.
@@ -354,6 +362,10 @@ fn daemon_restart_crash_and_autostart() {
     assert!(
         !d.state_dir().join("run/keep").exists(),
         "runtime files were cleaned up"
+    );
+    assert!(
+        d.state_dir().join("logs/keep.console.vmm.log").exists(),
+        "the VMM's log is kept"
     );
     // A crashed VM can be started again.
     d.ok(&["vm", "start", "keep"]);

@@ -76,17 +76,21 @@ pub struct RotatingLog {
 }
 
 impl RotatingLog {
-    /// Opens (or creates) `path` for appending.
+    /// Opens (or creates) `path` for appending; a file already at its limit is rotated.
     pub fn open(path: &Path, limits: LogLimits) -> io::Result<Self> {
         let file = OpenOptions::new().create(true).append(true).open(path)?;
         let size = file.metadata()?.len();
-        Ok(RotatingLog {
+        let mut log = RotatingLog {
             path: path.to_path_buf(),
             file,
             size,
             limits,
             stderr: false,
-        })
+        };
+        if size >= limits.max_bytes {
+            log.rotate()?;
+        }
+        Ok(log)
     }
 
     /// Points this process's stderr at the current file, now and after every rotation, so
@@ -173,12 +177,13 @@ mod tests {
     fn the_log_rotates_and_keeps_three_backups() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("console.log");
-        std::fs::write(&path, b"old boot\n").unwrap();
+        std::fs::write(&path, b"an old boot at the limit\n").unwrap();
         let limits = LogLimits {
             max_bytes: 16,
             backups: 3,
         };
         let mut log = RotatingLog::open(&path, limits).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"", "rotated when opened");
         for i in 0..6u8 {
             log.append(&[b'0' + i; 10]).unwrap();
         }
