@@ -79,7 +79,10 @@ pub fn vmm_args(definition: &VmConfig, files: &VmmFiles, console_log: &Path) -> 
         args.extend(["--initrd".into(), initrd.display().to_string()]);
     }
     if definition.rng {
-        args.push("--rng".into());
+        args.push(match definition.rng_options().to_option_string() {
+            limit if limit.is_empty() => "--rng".into(),
+            limit => format!("--rng={limit}"),
+        });
     }
     for disk in &definition.disks {
         args.extend(["--disk".into(), disk.to_option_string()]);
@@ -198,6 +201,23 @@ mod tests {
     }
 
     #[test]
+    fn the_rng_limit_is_passed_when_the_definition_sets_it() {
+        let definition: VmConfig = serde_json::from_value(serde_json::json!({
+            "kernel": "/k", "rng": true, "rng_bytes_per_sec": 4096
+        }))
+        .unwrap();
+        let args = vmm_args(
+            &definition,
+            &VmmFiles::new("/run/a".into()),
+            Path::new("/log"),
+        );
+        assert!(
+            args.contains(&"--rng=bytes_per_sec=4096".to_string()),
+            "{args:?}"
+        );
+    }
+
+    #[test]
     fn arguments_carry_every_part_of_the_definition() {
         let definition: VmConfig = serde_json::from_value(serde_json::json!({
             "kernel": "/k", "initrd": "/i", "cmdline": "console=ttyS0 x=\"a b\"",
@@ -216,7 +236,7 @@ mod tests {
         assert!(joined.contains("--memory|1G|"));
         assert!(joined.contains("--disk|path=/d.qcow2,readonly=on,serial=s1,format=qcow2"));
         assert!(joined.contains("--net|tap=tap0,mac=52:54:00:12:34:56"));
-        assert!(joined.contains("--initrd|/i") && joined.contains("--rng"));
+        assert!(joined.contains("--initrd|/i") && joined.contains("|--rng|"));
         assert!(joined.contains("--log-file|/run/a/vmm.log"), "{joined}");
     }
 }

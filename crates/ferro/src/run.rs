@@ -57,9 +57,13 @@ pub struct RunArgs {
     #[arg(long)]
     no_reboot: bool,
 
-    /// Add a virtio-rng device (entropy from the host's getrandom).
-    #[arg(long)]
-    rng: bool,
+    /// Add a virtio-rng device (entropy from the host's getrandom), optionally with its rate
+    /// limit: --rng bytes_per_sec=N[,period_ms=M]. The guest gets at most N bytes a second
+    /// (default 262144, 256 KiB), handed out every M ms (1 to 60000, default 100); each request
+    /// counts as at least 64 bytes. Requests past the budget wait for the next period, so a
+    /// guest reading /dev/hwrng in a loop cannot keep a host core busy.
+    #[arg(long, value_name = "OPTIONS", num_args = 0..=1, default_missing_value = "")]
+    rng: Option<api::RngOptions>,
 
     /// Add a virtio-blk disk: path=FILE[,readonly=on][,serial=ID][,format=raw|qcow2][,num_queues=N].
     /// Repeat for more disks; they appear as /dev/vda, /dev/vdb... in that order.
@@ -126,7 +130,9 @@ impl RunArgs {
             cpus: self.cpus,
             memory: self.memory,
             no_reboot: self.no_reboot,
-            rng: self.rng,
+            rng: self.rng.is_some(),
+            rng_bytes_per_sec: self.rng.and_then(|o| o.bytes_per_sec),
+            rng_period_ms: self.rng.and_then(|o| o.period_ms),
             disks: self.disk,
             console: self.console,
             nets: self.net,

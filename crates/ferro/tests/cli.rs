@@ -48,6 +48,9 @@ fn help_documents_flags_and_exit_codes() {
         "--cpus",
         "--memory",
         "--no-reboot",
+        "--rng [<OPTIONS>]",
+        "bytes_per_sec",
+        "--log-file",
         "Exit codes",
         "Ctrl-A x",
     ] {
@@ -63,6 +66,13 @@ fn usage_errors_exit_2_with_one_line() {
     let out = ferro(&["run", "--kernel", "/k", "--memory", "12Q"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("invalid size"), "{}", stderr(&out));
+    let out = ferro(&["run", "--kernel", "/k", "--rng", "bytes_per_sec=0"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("option bytes_per_sec: must be at least 1"),
+        "{}",
+        stderr(&out)
+    );
     let out = ferro(&["run"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("--kernel"), "{}", stderr(&out));

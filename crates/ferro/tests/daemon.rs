@@ -322,7 +322,8 @@ fn daemon_restart_crash_and_autostart() {
         return;
     }
     let mut d = Daemon::start();
-    d.ok(&["vm", "define", d.definition("keep", "").to_str().unwrap()]);
+    let limited = d.definition("keep", "rng = true\nrng_bytes_per_sec = 4096\n");
+    d.ok(&["vm", "define", limited.to_str().unwrap()]);
     d.ok(&[
         "vm",
         "define",
@@ -335,8 +336,10 @@ fn daemon_restart_crash_and_autostart() {
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
     let log = d.state_dir().join("run/keep/vmm.log");
     let wanted = format!("--log-file\0{}\0", log.display());
+    let cmdline = String::from_utf8_lossy(&cmdline);
+    assert!(cmdline.contains(&wanted), "{cmdline:?}");
     assert!(
-        String::from_utf8_lossy(&cmdline).contains(&wanted),
+        cmdline.contains("\0--rng=bytes_per_sec=4096\0"),
         "{cmdline:?}"
     );
 
@@ -410,6 +413,18 @@ fn bad_input_gets_clear_errors_and_changes_nothing() {
         &["vm", "define", bad.to_str().unwrap()],
         2,
         "invalid VM name",
+    );
+    std::fs::write(&bad, "name = \"x\"\nkernel = \"/k\"\nrng_period_ms = 5\n").unwrap();
+    d.fails(&["vm", "define", bad.to_str().unwrap()], 2, "they need rng");
+    std::fs::write(
+        &bad,
+        "name = \"x\"\nkernel = \"/k\"\nrng = true\nrng_bytes_per_sec = 0\n",
+    )
+    .unwrap();
+    d.fails(
+        &["vm", "define", bad.to_str().unwrap()],
+        2,
+        "virtio-rng: option bytes_per_sec: must be at least 1",
     );
     std::fs::write(&bad, "name = \"x\"\nkernel = \"/nonexistent/kernel\"\n").unwrap();
     d.fails(
