@@ -211,9 +211,12 @@ fn a_driver_asking_without_pause_gets_the_rate_and_no_host_core() {
         eprintln!("{buffer}-byte requests for {duration:?}: {bytes} bytes, worker CPU {cpu:?}");
         // The budget of the periods in the run (and the one it ends in).
         let periods = duration.as_millis() as u64 / PERIOD_MS + 2;
-        assert!(bytes > 0 && bytes <= periods * limit.bytes, "{bytes} bytes");
-        // Without a limit the worker takes all the CPU it gets (measured: 55% of the run on
-        // two cores shared with the driver's thread).
+        assert!(
+            bytes > 0 && bytes <= periods.saturating_mul(limit.bytes),
+            "{bytes} bytes"
+        );
+        // Without a limit the worker takes all the CPU it gets (measured: 85% of the run with
+        // 1-byte requests, on two cores shared with the driver's thread).
         assert!(
             cpu <= duration / 10,
             "the worker used {cpu:?} of CPU in {duration:?}"
