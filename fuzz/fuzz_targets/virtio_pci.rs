@@ -40,7 +40,10 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let Ok(mut device) = virtio::pci::VirtioPciDevice::new(
-        Box::new(virtio::rng::Rng::new(virtio::rng::new_counters())),
+        Box::new(virtio::rng::Rng::new(
+            virtio::rng::new_counters(),
+            virtio::rng::EntropyLimit::per_second(1 << 20, std::time::Duration::from_millis(100)),
+        )),
         Arc::new(mem),
         Arc::new(NoInterrupts),
         Arc::new(NoIoEvents),

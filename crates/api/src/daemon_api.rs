@@ -78,6 +78,12 @@ pub struct VmDefinition {
     pub nets: Vec<DefinitionNic>,
     #[serde(default)]
     pub rng: bool,
+    /// virtio-rng's rate limit: bytes per second (default 256 KiB).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rng_bytes_per_sec: Option<u64>,
+    /// virtio-rng's rate limit: the period its budget is handed out in, ms (default 100).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rng_period_ms: Option<u32>,
     #[serde(default)]
     pub console: ConsoleKind,
     /// Start the VM when the daemon starts.
@@ -316,6 +322,8 @@ impl VmDefinition {
             memory: self.memory,
             no_reboot: false,
             rng: self.rng,
+            rng_bytes_per_sec: self.rng_bytes_per_sec,
+            rng_period_ms: self.rng_period_ms,
             disks,
             console: self.console,
             nets: self

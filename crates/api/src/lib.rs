@@ -8,12 +8,14 @@ pub mod net;
 pub mod net_api;
 pub mod options;
 pub mod pool_api;
+pub mod rng;
 pub mod size;
 pub mod state;
 pub mod vm_config;
 pub mod vmm_api;
 
 pub use net::{MacAddress, NetConfig};
+pub use rng::RngOptions;
 pub use size::{ByteSize, ParseSizeError};
 pub use state::{InvalidTransition, VmState};
 pub use vm_config::{ConfigError, ConsoleKind, DiskConfig, VmConfig, DEFAULT_CMDLINE};

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::options::{OptionError, Options};
+use crate::rng::RngOptions;
 use crate::size::ByteSize;
 
 /// Kernel command line used when none is given: the serial console on COM1.
@@ -199,6 +200,12 @@ pub struct VmConfig {
     /// A virtio-rng device fed from the host's getrandom.
     #[serde(default)]
     pub rng: bool,
+    /// Most entropy the guest may take per second (virtio-rng); 256 KiB when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rng_bytes_per_sec: Option<u64>,
+    /// How often that budget is handed out, in ms (1 to 60000); 100 when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rng_period_ms: Option<u32>,
     /// virtio-blk disks, in PCI slot order.
     #[serde(default)]
     pub disks: Vec<DiskConfig>,
@@ -229,6 +236,10 @@ pub enum ConfigError {
     },
     #[error("TAP device {0} is used by two interfaces")]
     DuplicateTap(String),
+    #[error("virtio-rng: {0}")]
+    Rng(#[source] OptionError),
+    #[error("rng_bytes_per_sec and rng_period_ms limit virtio-rng: they need rng")]
+    RngLimitWithoutRng,
     #[error("disk {path}: {source}")]
     Disk {
         path: String,
@@ -248,9 +259,19 @@ impl VmConfig {
             memory: default_memory(),
             no_reboot: false,
             rng: false,
+            rng_bytes_per_sec: None,
+            rng_period_ms: None,
             disks: Vec::new(),
             console: ConsoleKind::Serial,
             nets: Vec::new(),
+        }
+    }
+
+    /// virtio-rng's rate limit as given (absent values take their defaults).
+    pub fn rng_options(&self) -> RngOptions {
+        RngOptions {
+            bytes_per_sec: self.rng_bytes_per_sec,
+            period_ms: self.rng_period_ms,
         }
     }
 
@@ -268,6 +289,11 @@ impl VmConfig {
         if !self.memory.0.is_multiple_of(4096) {
             return Err(ConfigError::MemoryNotPageAligned(self.memory));
         }
+        let rng = self.rng_options();
+        if !self.rng && rng != RngOptions::default() {
+            return Err(ConfigError::RngLimitWithoutRng);
+        }
+        rng.validate().map_err(ConfigError::Rng)?;
         let mut taps = std::collections::BTreeSet::new();
         for net in &self.nets {
             net.validate().map_err(|source| ConfigError::Net {
@@ -321,6 +347,23 @@ mod tests {
             with(|c| c.memory = ByteSize((128 << 20) + 1)),
             Err(ConfigError::MemoryNotPageAligned(ByteSize((128 << 20) + 1)))
         );
+    }
+
+    #[test]
+    fn an_rng_limit_needs_the_rng_and_sane_values() {
+        let mut c = VmConfig::new("k");
+        c.rng_period_ms = Some(1000);
+        assert_eq!(c.validate(), Err(ConfigError::RngLimitWithoutRng));
+        c.rng = true;
+        assert_eq!(c.validate(), Ok(()));
+        c.rng_bytes_per_sec = Some(0);
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.starts_with("virtio-rng: option bytes_per_sec"), "{err}");
+        // Old configurations (no limit fields) still read, and get the default limit.
+        let old: VmConfig = serde_json::from_str(r#"{"kernel": "/k", "rng": true}"#).unwrap();
+        assert_eq!(old.rng_options(), RngOptions::default());
+        let text = serde_json::to_string(&old).unwrap();
+        assert!(!text.contains("rng_bytes_per_sec"), "{text}");
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! time, so a recycled pid is not mistaken for it), and waiting for it to end (a pidfd, which
 //! works for processes the daemon did not start).
 
-use std::fs::File;
+use std::fs::OpenOptions;
 use std::io;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
@@ -19,6 +19,7 @@ pub struct VmmFiles {
     pub dir: PathBuf,
     pub api_socket: PathBuf,
     pub console_socket: PathBuf,
+    /// The VMM's log and stderr (`--log-file`: rotated by the VMM, capped on disk).
     pub stderr: PathBuf,
     pub exit_report: PathBuf,
     pub record: PathBuf,
@@ -71,12 +72,17 @@ pub fn vmm_args(definition: &VmConfig, files: &VmmFiles, console_log: &Path) -> 
         console_log.display().to_string(),
         "--exit-report".into(),
         files.exit_report.display().to_string(),
+        "--log-file".into(),
+        files.stderr.display().to_string(),
     ];
     if let Some(initrd) = &definition.initrd {
         args.extend(["--initrd".into(), initrd.display().to_string()]);
     }
     if definition.rng {
-        args.push("--rng".into());
+        args.push(match definition.rng_options().to_option_string() {
+            limit if limit.is_empty() => "--rng".into(),
+            limit => format!("--rng={limit}"),
+        });
     }
     for disk in &definition.disks {
         args.extend(["--disk".into(), disk.to_option_string()]);
@@ -87,9 +93,14 @@ pub fn vmm_args(definition: &VmConfig, files: &VmmFiles, console_log: &Path) -> 
     args
 }
 
-/// Starts the VMM in a session of its own, stdin from /dev/null, stderr to its log.
+/// Starts the VMM in a session of its own, stdin from /dev/null, stderr to its log (what it
+/// prints before it opens the log itself, with `--log-file`, lands there too).
 pub fn spawn_vmm(ferro: &Path, args: &[String], files: &VmmFiles) -> io::Result<u32> {
-    let stderr = File::create(&files.stderr)?;
+    // Appending, as the VMM does: neither overwrites the other.
+    let stderr = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&files.stderr)?;
     let mut command = Command::new(ferro);
     command
         .args(args)
@@ -190,6 +201,23 @@ mod tests {
     }
 
     #[test]
+    fn the_rng_limit_is_passed_when_the_definition_sets_it() {
+        let definition: VmConfig = serde_json::from_value(serde_json::json!({
+            "kernel": "/k", "rng": true, "rng_bytes_per_sec": 4096
+        }))
+        .unwrap();
+        let args = vmm_args(
+            &definition,
+            &VmmFiles::new("/run/a".into()),
+            Path::new("/log"),
+        );
+        assert!(
+            args.contains(&"--rng=bytes_per_sec=4096".to_string()),
+            "{args:?}"
+        );
+    }
+
+    #[test]
     fn arguments_carry_every_part_of_the_definition() {
         let definition: VmConfig = serde_json::from_value(serde_json::json!({
             "kernel": "/k", "initrd": "/i", "cmdline": "console=ttyS0 x=\"a b\"",
@@ -208,6 +236,7 @@ mod tests {
         assert!(joined.contains("--memory|1G|"));
         assert!(joined.contains("--disk|path=/d.qcow2,readonly=on,serial=s1,format=qcow2"));
         assert!(joined.contains("--net|tap=tap0,mac=52:54:00:12:34:56"));
-        assert!(joined.contains("--initrd|/i") && joined.contains("--rng"));
+        assert!(joined.contains("--initrd|/i") && joined.contains("|--rng|"));
+        assert!(joined.contains("--log-file|/run/a/vmm.log"), "{joined}");
     }
 }

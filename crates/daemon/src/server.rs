@@ -74,6 +74,7 @@ pub async fn serve(options: DaemonOptions) -> Result<(), DaemonError> {
     tracing::info!("serving on {}", options.socket.display());
     let autostart = supervisor.clone();
     tokio::spawn(async move { autostart.autostart().await });
+    tokio::spawn(rotate_dnsmasq_logs(networks.clone()));
     let write_back = pools.clone();
     let served = axum::serve(
         listener,
@@ -91,6 +92,17 @@ pub async fn serve(options: DaemonOptions) -> Result<(), DaemonError> {
     let _ = tokio::task::spawn_blocking(move || write_back.finish_write_back()).await;
     let _ = std::fs::remove_file(&options.socket);
     served.map_err(DaemonError::Serve)
+}
+
+/// Keeps the networks' dnsmasq logs, which guests fill, under their cap.
+async fn rotate_dnsmasq_logs(networks: Arc<Networks>) {
+    let mut tick = tokio::time::interval(crate::networks::dnsmasq::LOG_CHECK_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let networks = networks.clone();
+        let _ = tokio::task::spawn_blocking(move || networks.rotate_dnsmasq_logs()).await;
+    }
 }
 
 /// Runs `work` (which may block on files, processes or netlink) off the runtime's threads and

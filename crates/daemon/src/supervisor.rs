@@ -508,10 +508,11 @@ impl Supervisor {
             ),
             (None, _) => (DomainState::Crashed, last_error(&runtime.files.stderr)),
         };
-        // Keep the VMM's stderr for the post-mortem; the rest goes.
-        let _ = std::fs::rename(
+        // Keep the VMM's log (and its rotated files) for the post-mortem; the rest goes.
+        let _ = guest_log::move_log(
             &runtime.files.stderr,
-            self.store.console_log(name).with_extension("vmm.log"),
+            &self.store.console_log(name).with_extension("vmm.log"),
+            guest_log::LogLimits::DEFAULT.backups,
         );
         let _ = std::fs::remove_dir_all(&runtime.files.dir);
         let mut vms = self.lock();

@@ -45,12 +45,12 @@ impl ByteRegisters for AcpiPm {
                 if sleep_type == self.s5_sleep_type {
                     self.events.request_shutdown();
                 } else {
-                    tracing::warn!("guest asked for unsupported sleep type {sleep_type}");
+                    guest_log::guest_warn!("guest asked for unsupported sleep type {sleep_type}");
                 }
             }
             RESET if value == self.reset_value => self.events.request_reset(),
             SLEEP_CONTROL | SLEEP_STATUS | RESET => {}
-            _ => tracing::debug!("write to unknown ACPI PM register {offset:#x}"),
+            _ => guest_log::guest_debug!("write to unknown ACPI PM register {offset:#x}"),
         }
     }
 }

@@ -253,7 +253,7 @@ impl Cmos {
         if t.is_valid() {
             self.offset = t.to_unix() - (self.clock)();
         } else {
-            tracing::warn!("guest wrote an invalid RTC time {t:?}; clock unchanged");
+            guest_log::guest_warn!("guest wrote an invalid RTC time {t:?}; clock unchanged");
         }
     }
 

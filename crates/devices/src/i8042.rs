@@ -79,7 +79,7 @@ impl I8042 {
             CMD_ENABLE_KBD => self.command_byte &= !COMMAND_BYTE_KBD_DISABLED,
             CMD_READ_OUTPUT_PORT => self.output = Some(self.output_port),
             CMD_PULSE_RESET => self.events.request_reset(),
-            other => tracing::debug!("i8042: ignoring command {other:#x}"),
+            other => guest_log::guest_debug!("i8042: ignoring command {other:#x}"),
         }
     }
 

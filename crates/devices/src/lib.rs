@@ -43,16 +43,16 @@ impl PowerEvents {
     }
 
     pub fn request_shutdown(&self) {
-        tracing::debug!("guest requested power-off");
+        guest_log::guest_debug!("guest requested power-off");
         if let Err(e) = self.shutdown.write(1) {
-            tracing::error!("cannot signal guest power-off: {e}");
+            guest_log::guest_error!("cannot signal guest power-off: {e}");
         }
     }
 
     pub fn request_reset(&self) {
-        tracing::debug!("guest requested reset");
+        guest_log::guest_debug!("guest requested reset");
         if let Err(e) = self.reset.write(1) {
-            tracing::error!("cannot signal guest reset: {e}");
+            guest_log::guest_error!("cannot signal guest reset: {e}");
         }
     }
 }

@@ -31,7 +31,7 @@ impl SerialEvents for InputDrained {
     fn tx_lost_byte(&self) {}
     fn in_buffer_empty(&self) {
         if let Err(e) = self.0.write(1) {
-            tracing::warn!("cannot signal serial input drain: {e}");
+            guest_log::guest_warn!("cannot signal serial input drain: {e}");
         }
     }
 }
@@ -89,7 +89,7 @@ impl ByteRegisters for Serial {
         if let Err(e) = self.uart.write(offset, value) {
             // Report a broken console once; the guest must not notice.
             if !self.output_failed {
-                tracing::warn!("serial output lost: {e}");
+                guest_log::guest_warn!("serial output lost: {e}");
                 self.output_failed = true;
             }
         }

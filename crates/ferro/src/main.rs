@@ -11,6 +11,7 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use tracing_subscriber::fmt::writer::BoxMakeWriter;
 use tracing_subscriber::EnvFilter;
 
 /// Ferro: KVM virtual machines, lean and simple.
@@ -76,7 +77,8 @@ fn run_daemon(args: DaemonArgs) -> ExitCode {
     }
 }
 
-fn init_logging(verbose: u8) {
+/// Logs to stderr, or to `log_file` (capped and rotated, stderr following it) when given.
+fn init_logging(verbose: u8, log_file: Option<&std::path::Path>) -> Result<(), String> {
     let default = match verbose {
         0 => "warn",
         1 => "info",
@@ -85,27 +87,58 @@ fn init_logging(verbose: u8) {
     };
     let from_env = EnvFilter::try_from_env("FERRO_LOG").ok();
     // Plain warnings by default; timestamps (seconds since start) once the user asks for more.
+    // A log file has the date and time: it outlives the moment.
     let detailed = verbose > 0 || from_env.is_some();
     let filter = from_env.unwrap_or_else(|| EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(filter)
         .with_target(false);
-    if detailed {
+    let builder = match log_file {
+        Some(path) => {
+            let log = open_log_file(path)
+                .map_err(|e| format!("cannot open the log file {}: {e}", path.display()))?;
+            builder
+                .with_ansi(false)
+                .with_writer(BoxMakeWriter::new(move || log.writer()))
+        }
+        None => builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .with_writer(BoxMakeWriter::new(std::io::stderr)),
+    };
+    if log_file.is_some() {
+        builder
+            .with_timer(tracing_subscriber::fmt::time::SystemTime)
+            .init();
+    } else if detailed {
         builder
             .with_timer(tracing_subscriber::fmt::time::uptime())
             .init();
     } else {
         builder.without_time().init();
     }
+    Ok(())
+}
+
+/// The VMM's log when the daemon runs it: whatever the guest makes it log stays under
+/// [`guest_log::LogLimits::DEFAULT`] on disk, and stderr (panics, the last error) goes there too.
+fn open_log_file(path: &std::path::Path) -> std::io::Result<guest_log::SharedLog> {
+    let mut log = guest_log::RotatingLog::open(path, guest_log::LogLimits::DEFAULT)?;
+    log.take_stderr()?;
+    Ok(guest_log::SharedLog::new(log))
 }
 
 pub(crate) use api::error_chain;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.verbose);
+    let log_file = match &cli.command {
+        Command::Run(args) => args.log_file(),
+        _ => None,
+    };
+    if let Err(e) = init_logging(cli.verbose, log_file) {
+        eprintln!("ferro: error: {e}");
+        return ExitCode::from(1);
+    }
     match cli.command {
         Command::Run(args) => run::run(args),
         Command::Img(args) => img::img(args),

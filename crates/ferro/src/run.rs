@@ -57,9 +57,13 @@ pub struct RunArgs {
     #[arg(long)]
     no_reboot: bool,
 
-    /// Add a virtio-rng device (entropy from the host's getrandom).
-    #[arg(long)]
-    rng: bool,
+    /// Add a virtio-rng device (entropy from the host's getrandom), optionally with its rate
+    /// limit: --rng bytes_per_sec=N[,period_ms=M]. The guest gets at most N bytes a second
+    /// (default 262144, 256 KiB), handed out every M ms (1 to 60000, default 100); each request
+    /// counts as at least 64 bytes. Requests past the budget wait for the next period, so a
+    /// guest reading /dev/hwrng in a loop cannot keep a host core busy.
+    #[arg(long, value_name = "OPTIONS", num_args = 0..=1, default_missing_value = "")]
+    rng: Option<api::RngOptions>,
 
     /// Add a virtio-blk disk:
     /// path=FILE[,format=raw|qcow2][,readonly=on][,serial=ID][,backing_dir=DIR][,num_queues=N].
@@ -97,6 +101,13 @@ pub struct RunArgs {
     #[arg(long, value_name = "PATH")]
     console_log: Option<PathBuf>,
 
+    /// Write the VMM's log (warnings and errors; more with -v or FERRO_LOG) to this file instead
+    /// of stderr, and point stderr at it too. It is rotated at 2 MiB, three old files kept
+    /// (PATH.1 is the newest), so a guest cannot fill the disk through it. The daemon runs
+    /// every VMM with run/NAME/vmm.log here.
+    #[arg(long, value_name = "PATH")]
+    log_file: Option<PathBuf>,
+
     /// When the VMM exits, write how the VM ended (exit code, outcome, error) to this file as
     /// JSON, for supervisors that cannot wait for the process.
     #[arg(long, value_name = "PATH")]
@@ -111,6 +122,11 @@ struct Wiring {
 }
 
 impl RunArgs {
+    /// Where the log goes, if not to stderr.
+    pub fn log_file(&self) -> Option<&std::path::Path> {
+        self.log_file.as_deref()
+    }
+
     fn into_config(self) -> (VmConfig, Wiring) {
         let config = VmConfig {
             kernel: self.kernel,
@@ -119,7 +135,9 @@ impl RunArgs {
             cpus: self.cpus,
             memory: self.memory,
             no_reboot: self.no_reboot,
-            rng: self.rng,
+            rng: self.rng.is_some(),
+            rng_bytes_per_sec: self.rng.and_then(|o| o.bytes_per_sec),
+            rng_period_ms: self.rng.and_then(|o| o.period_ms),
             disks: self.disk,
             console: self.console,
             nets: self.net,

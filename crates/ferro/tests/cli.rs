@@ -48,6 +48,9 @@ fn help_documents_flags_and_exit_codes() {
         "--cpus",
         "--memory",
         "--no-reboot",
+        "--rng [<OPTIONS>]",
+        "bytes_per_sec",
+        "--log-file",
         "Exit codes",
         "Ctrl-A x",
     ] {
@@ -63,6 +66,13 @@ fn usage_errors_exit_2_with_one_line() {
     let out = ferro(&["run", "--kernel", "/k", "--memory", "12Q"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("invalid size"), "{}", stderr(&out));
+    let out = ferro(&["run", "--kernel", "/k", "--rng", "bytes_per_sec=0"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("option bytes_per_sec: must be at least 1"),
+        "{}",
+        stderr(&out)
+    );
     let out = ferro(&["run"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("--kernel"), "{}", stderr(&out));
@@ -127,4 +137,39 @@ fn triple_fault_exits_5_and_prints_registers() {
         "{err}"
     );
     assert!(err.contains("rip=") && err.contains("cr3="), "{err}");
+}
+
+#[test]
+fn the_log_file_takes_stderr_and_rotates_at_its_cap() {
+    if !kvm_tests_enabled() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = dir.path().join("crash");
+    std::fs::write(&kernel, arch::test_images::bzimage(&[0x0f, 0x0b])).unwrap();
+    // A log at its 2 MiB cap: it is rotated when the VMM opens it.
+    let log = dir.path().join("vmm.log");
+    let earlier = "an earlier line\n".repeat((2 << 20) / 16);
+    std::fs::write(&log, &earlier).unwrap();
+    let out = ferro(&[
+        "run",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--memory",
+        "128M",
+        "--log-file",
+        log.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(5));
+    assert_eq!(stderr(&out), "", "everything went to the log file");
+    let rotated = dir.path().join("vmm.log.1");
+    assert_eq!(std::fs::read_to_string(&rotated).unwrap(), earlier);
+    let text = std::fs::read_to_string(&log).unwrap();
+    // The error printed on stderr at exit, and the registers, follow the log into its new file.
+    assert!(
+        text.contains("ferro: error: vCPU 0: the guest triple-faulted"),
+        "{text}"
+    );
+    assert!(text.contains("rip="), "{text}");
+    assert!(text.len() < 64 << 10, "{} bytes", text.len());
 }

@@ -322,7 +322,8 @@ fn daemon_restart_crash_and_autostart() {
         return;
     }
     let mut d = Daemon::start();
-    d.ok(&["vm", "define", d.definition("keep", "").to_str().unwrap()]);
+    let limited = d.definition("keep", "rng = true\nrng_bytes_per_sec = 4096\n");
+    d.ok(&["vm", "define", limited.to_str().unwrap()]);
     d.ok(&[
         "vm",
         "define",
@@ -331,6 +332,16 @@ fn daemon_restart_crash_and_autostart() {
     d.wait_for_state("auto", DomainState::Shutoff);
     d.ok(&["vm", "start", "keep"]);
     let pid = d.details("keep").pid.unwrap();
+    // The VMM logs into a file it caps itself.
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    let log = d.state_dir().join("run/keep/vmm.log");
+    let wanted = format!("--log-file\0{}\0", log.display());
+    let cmdline = String::from_utf8_lossy(&cmdline);
+    assert!(cmdline.contains(&wanted), "{cmdline:?}");
+    assert!(
+        cmdline.contains("\0--rng=bytes_per_sec=4096\0"),
+        "{cmdline:?}"
+    );
 
     // The daemon goes away and comes back: the VM ran on and is managed again; autostart
     // starts the other one.
@@ -354,6 +365,10 @@ fn daemon_restart_crash_and_autostart() {
     assert!(
         !d.state_dir().join("run/keep").exists(),
         "runtime files were cleaned up"
+    );
+    assert!(
+        d.state_dir().join("logs/keep.console.vmm.log").exists(),
+        "the VMM's log is kept"
     );
     // A crashed VM can be started again.
     d.ok(&["vm", "start", "keep"]);
@@ -398,6 +413,18 @@ fn bad_input_gets_clear_errors_and_changes_nothing() {
         &["vm", "define", bad.to_str().unwrap()],
         2,
         "invalid VM name",
+    );
+    std::fs::write(&bad, "name = \"x\"\nkernel = \"/k\"\nrng_period_ms = 5\n").unwrap();
+    d.fails(&["vm", "define", bad.to_str().unwrap()], 2, "they need rng");
+    std::fs::write(
+        &bad,
+        "name = \"x\"\nkernel = \"/k\"\nrng = true\nrng_bytes_per_sec = 0\n",
+    )
+    .unwrap();
+    d.fails(
+        &["vm", "define", bad.to_str().unwrap()],
+        2,
+        "virtio-rng: option bytes_per_sec: must be at least 1",
     );
     std::fs::write(&bad, "name = \"x\"\nkernel = \"/nonexistent/kernel\"\n").unwrap();
     d.fails(

@@ -214,7 +214,7 @@ impl MsixConfig {
         }
         match self.interrupts.route(vector.gsi, Some(message)) {
             Ok(()) => vector.routed = Some(message),
-            Err(e) => tracing::warn!("cannot route MSI-X vector {entry}: {e}"),
+            Err(e) => guest_log::guest_warn!("cannot route MSI-X vector {entry}: {e}"),
         }
     }
 
@@ -245,7 +245,7 @@ impl MsixConfig {
 
     fn signal(&self, vector: usize) {
         if let Err(e) = self.vectors[vector].event.write(1) {
-            tracing::warn!("cannot signal MSI-X vector {vector}: {e}");
+            guest_log::guest_warn!("cannot signal MSI-X vector {vector}: {e}");
         }
     }
 

@@ -151,7 +151,9 @@ impl PciRoot {
                     bar,
                 }));
                 if let Err(e) = self.mmio.insert(window, addr, size) {
-                    tracing::warn!("device {index} BAR {bar} cannot decode at {addr:#x}: {e}");
+                    guest_log::guest_warn!(
+                        "device {index} BAR {bar} cannot decode at {addr:#x}: {e}"
+                    );
                     placed = None;
                 }
             }

@@ -327,7 +327,7 @@ impl Completion {
             .try_for_each(|(head, len)| queue.add_used(mem, head, len))
             .and_then(|()| queue.signal_used(mem, self.interrupt.as_ref()));
         if let Err(e) = returned {
-            tracing::warn!("virtio-blk: {e}");
+            guest_log::guest_warn!("virtio-blk: {e}");
             self.interrupt.needs_reset();
         }
     }
@@ -350,7 +350,7 @@ impl Worker for BlockWorker {
             None => self.serve_in_order(queue),
         };
         if let Err(e) = result {
-            tracing::warn!("virtio-blk: {e}");
+            guest_log::guest_warn!("virtio-blk: {e}");
             self.interrupt.needs_reset();
         }
         Ok(())
@@ -477,7 +477,7 @@ impl Executor {
         {
             Ok(request) => request,
             Err(e) => {
-                tracing::debug!("virtio-blk: malformed request: {e}");
+                guest_log::guest_debug!("virtio-blk: malformed request: {e}");
                 self.counters.add(counter::ERRORS, 1);
                 return 0;
             }
@@ -653,7 +653,7 @@ struct Status(u8);
 
 impl From<io::Error> for Status {
     fn from(e: io::Error) -> Self {
-        tracing::warn!("virtio-blk: I/O error: {e}");
+        guest_log::guest_warn!("virtio-blk: I/O error: {e}");
         Status(status::IOERR)
     }
 }

@@ -252,7 +252,7 @@ impl Worker for ConsoleWorker {
             _ => self.receive(),
         };
         if let Err(e) = result {
-            tracing::warn!("virtio-console: {e}");
+            guest_log::guest_warn!("virtio-console: {e}");
             self.interrupt.needs_reset();
         }
         Ok(())

@@ -87,7 +87,7 @@ impl IoPool {
                 threads.push(thread);
             }
             Err(e) => {
-                tracing::warn!("{}: cannot start an I/O thread: {e}", self.name);
+                guest_log::guest_warn!("{}: cannot start an I/O thread: {e}", self.name);
                 let mut state = self.shared.lock();
                 state.live -= 1;
                 if state.live == 0 {

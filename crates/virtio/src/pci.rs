@@ -171,7 +171,7 @@ impl VirtioInterrupt for PciInterrupt {
 
     fn needs_reset(&self) {
         if !self.needs_reset.swap(true, Ordering::SeqCst) {
-            tracing::warn!("virtio device needs a reset");
+            guest_log::guest_warn!("virtio device needs a reset");
             self.notify_config();
         }
     }
@@ -492,7 +492,7 @@ impl VirtioPciDevice {
         }
         let old = self.status;
         if new & old != old {
-            tracing::warn!(
+            guest_log::guest_warn!(
                 "virtio driver tried to clear status bits ({old:#x} -> {new:#x}); ignored"
             );
             return;
@@ -517,7 +517,7 @@ impl VirtioPciDevice {
         let ok =
             self.driver_features & !offered == 0 && self.driver_features & features::VERSION_1 != 0;
         if !ok {
-            tracing::warn!(
+            guest_log::guest_warn!(
                 "virtio driver chose features {:#x} outside the offer {offered:#x} or without VERSION_1",
                 self.driver_features
             );
@@ -557,14 +557,14 @@ impl VirtioPciDevice {
             let queue = match self.build_queue(config) {
                 Ok(queue) => queue,
                 Err(e) => {
-                    tracing::warn!("virtio queue {index}: {e}");
+                    guest_log::guest_warn!("virtio queue {index}: {e}");
                     return self.fail_activation();
                 }
             };
             let notify = match self.notify[index].try_clone() {
                 Ok(notify) => notify,
                 Err(e) => {
-                    tracing::error!("cannot clone a notification eventfd: {e}");
+                    guest_log::guest_error!("cannot clone a notification eventfd: {e}");
                     return self.fail_activation();
                 }
             };
@@ -590,7 +590,7 @@ impl VirtioPciDevice {
         match self.device.activate(activation) {
             Ok(()) => self.active = true,
             Err(e) => {
-                tracing::warn!("virtio device could not start: {e}");
+                guest_log::guest_warn!("virtio device could not start: {e}");
                 self.fail_activation();
             }
         }
@@ -779,13 +779,13 @@ impl PciDevice for VirtioPciDevice {
         for (index, event) in self.notify.iter().enumerate() {
             if let Some(base) = old {
                 if let Err(e) = self.io_events.unregister(event, notify_addr(base, index)) {
-                    tracing::warn!("cannot remove the ioeventfd of queue {index}: {e}");
+                    guest_log::guest_warn!("cannot remove the ioeventfd of queue {index}: {e}");
                 }
             }
             if let Some(base) = new {
                 if let Err(e) = self.io_events.register(event, notify_addr(base, index)) {
                     // Notifications still arrive through write_bar, just slower.
-                    tracing::warn!("cannot add the ioeventfd of queue {index}: {e}");
+                    guest_log::guest_warn!("cannot add the ioeventfd of queue {index}: {e}");
                 }
             }
         }

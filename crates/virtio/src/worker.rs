@@ -98,7 +98,7 @@ fn run<W: Worker>(poll: Poll, worker: &mut W) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => {
-                tracing::error!("device worker: epoll failed: {e}");
+                guest_log::guest_error!("device worker: epoll failed: {e}");
                 return;
             }
         };
@@ -107,7 +107,7 @@ fn run<W: Worker>(poll: Poll, worker: &mut W) {
                 return;
             }
             if let Err(e) = worker.handle(event.data(), &poll) {
-                tracing::error!("device worker stopped: {e}");
+                guest_log::guest_error!("device worker stopped: {e}");
                 return;
             }
         }

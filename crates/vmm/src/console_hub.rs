@@ -6,12 +6,13 @@
 //! pipe (the console's input). Output is written by whichever thread runs the guest's console
 //! device; a client that cannot keep up is dropped rather than allowed to stall the guest.
 
-use std::fs::{File, OpenOptions};
 use std::io::{self, PipeWriter, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
+
+use guest_log::{LogLimits, RotatingLog};
 
 use crate::console::Console;
 
@@ -47,61 +48,6 @@ impl Write for HubOutput {
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-/// Size at which the console log is rotated (as libvirt's virtlogd does).
-const LOG_MAX_BYTES: u64 = 2 << 20;
-/// Rotated logs kept beside the current one (`LOG.1` is the newest).
-const LOG_BACKUPS: u32 = 3;
-
-/// An append-only log file that rolls over to `PATH.1`, `PATH.2`, ... when it grows past its
-/// limit, so a chatty guest cannot fill the disk.
-struct RotatingLog {
-    path: PathBuf,
-    file: File,
-    size: u64,
-    max: u64,
-}
-
-impl RotatingLog {
-    fn open(path: &Path, max: u64) -> io::Result<Self> {
-        let file = OpenOptions::new().create(true).append(true).open(path)?;
-        let size = file.metadata()?.len();
-        Ok(RotatingLog {
-            path: path.to_path_buf(),
-            file,
-            size,
-            max,
-        })
-    }
-
-    fn backup(&self, n: u32) -> PathBuf {
-        let mut name = self.path.clone().into_os_string();
-        name.push(format!(".{n}"));
-        PathBuf::from(name)
-    }
-
-    fn append(&mut self, buf: &[u8]) -> io::Result<()> {
-        if self.size > 0 && self.size + buf.len() as u64 > self.max {
-            self.rotate()?;
-        }
-        self.file.write_all(buf)?;
-        self.size += buf.len() as u64;
-        Ok(())
-    }
-
-    fn rotate(&mut self) -> io::Result<()> {
-        for n in (1..LOG_BACKUPS).rev() {
-            let _ = std::fs::rename(self.backup(n), self.backup(n + 1));
-        }
-        std::fs::rename(&self.path, self.backup(1))?;
-        self.file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.path)?;
-        self.size = 0;
         Ok(())
     }
 }
@@ -145,7 +91,7 @@ impl ConsoleHub {
     /// Opens the log and the socket and returns the console built on them.
     pub fn start(config: &ConsoleHubConfig) -> io::Result<(ConsoleHub, Console)> {
         let log = match &config.log {
-            Some(path) => Some(RotatingLog::open(path, LOG_MAX_BYTES)?),
+            Some(path) => Some(RotatingLog::open(path, LogLimits::DEFAULT)?),
             None => None,
         };
         let clients: Clients = Arc::default();
@@ -217,21 +163,6 @@ fn copy_input(mut client: UnixStream, input: &Mutex<PipeWriter>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_log_rotates_and_keeps_three_backups() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("console.log");
-        std::fs::write(&path, b"old boot\n").unwrap();
-        let mut log = RotatingLog::open(&path, 16).unwrap();
-        for i in 0..6u8 {
-            log.append(&[b'0' + i; 10]).unwrap();
-        }
-        assert_eq!(std::fs::read(&path).unwrap(), [b'5'; 10]);
-        assert_eq!(std::fs::read(log.backup(1)).unwrap(), [b'4'; 10]);
-        assert_eq!(std::fs::read(log.backup(3)).unwrap(), [b'2'; 10]);
-        assert!(!log.backup(4).exists(), "only three backups are kept");
-    }
 
     #[test]
     fn output_reaches_log_and_clients_and_input_reaches_the_console() {

@@ -78,11 +78,11 @@ impl Machine {
         if result.is_ok() {
             result = self.control_loop(session, &threads, &failures, &failure_event);
         }
-        tracing::debug!("boot ends: {result:?}");
+        guest_log::guest_debug!("boot ends: {result:?}");
         self.transition(VmState::Stopping);
         vcpu::stop_all(&threads.stop, &threads.gate, threads.handles);
         self.transition(VmState::Stopped);
-        tracing::debug!("all vCPUs stopped");
+        guest_log::guest_debug!("all vCPUs stopped");
         // A vCPU that failed while others were being stopped still explains the end.
         match (result, failures.try_recv()) {
             (Ok(StopReason::Reset | StopReason::PowerOff), Ok(failure)) => Err(failure),

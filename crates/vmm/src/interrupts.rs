@@ -100,7 +100,7 @@ impl MsiInterrupts for InterruptRouter {
 
     fn release(&self, gsi: u32, event: &EventFd) {
         if let Err(e) = self.vm.unregister_irqfd(event, gsi) {
-            tracing::warn!("cannot remove the irqfd of GSI {gsi}: {e}");
+            guest_log::guest_warn!("cannot remove the irqfd of GSI {gsi}: {e}");
         }
         let mut table = self.lock();
         if table.routes.remove(&gsi).is_some() {

@@ -325,7 +325,8 @@ impl Machine {
             pci.add_virtio(Box::new(net), &memory, &interrupts, &vm)?;
         }
         if config.rng {
-            let rng = virtio::rng::Rng::new(stats.device("rng0", virtio::rng::new_counters));
+            let counters = stats.device("rng0", virtio::rng::new_counters);
+            let rng = virtio::rng::Rng::new(counters, entropy_limit(config));
             pci.add_virtio(Box::new(rng), &memory, &interrupts, &vm)?;
         }
         if let Some(console) = console_device {
@@ -446,4 +447,11 @@ impl std::fmt::Debug for Machine {
             .field("vm", &self.vm)
             .finish_non_exhaustive()
     }
+}
+
+/// virtio-rng's budget from the configuration (defaults applied).
+fn entropy_limit(config: &VmConfig) -> virtio::rng::EntropyLimit {
+    let options = config.rng_options();
+    let period = std::time::Duration::from_millis(u64::from(options.period_ms()));
+    virtio::rng::EntropyLimit::per_second(options.bytes_per_sec(), period)
 }

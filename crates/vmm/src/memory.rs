@@ -29,7 +29,7 @@ fn advise_huge_pages(region: &vm_memory::GuestRegionMmap<()>) {
     // changes how the kernel backs it and never invalidates its contents.
     let ret = unsafe { libc::madvise(host.cast(), region.len() as usize, libc::MADV_HUGEPAGE) };
     if ret != 0 {
-        tracing::debug!(
+        guest_log::guest_debug!(
             "madvise(MADV_HUGEPAGE) failed: {}",
             std::io::Error::last_os_error()
         );

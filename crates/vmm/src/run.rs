@@ -99,11 +99,11 @@ pub fn run(
             session.console.output(),
         )?;
         session.boots += 1;
-        tracing::debug!("VM built; starting the guest (boot {})", session.boots);
+        guest_log::guest_debug!("VM built; starting the guest (boot {})", session.boots);
         match machine.run(&mut session)? {
             StopReason::PowerOff => return Ok(Outcome::PoweredOff),
             StopReason::Reset if config.no_reboot => return Ok(Outcome::Rebooted),
-            StopReason::Reset => tracing::info!("guest reset; booting again"),
+            StopReason::Reset => guest_log::guest_info!("guest reset; booting again"),
             StopReason::Quit => return Ok(Outcome::Quit),
             StopReason::Signal(signal) => return Ok(Outcome::Signal(signal)),
             StopReason::Stopped => return Ok(Outcome::Stopped),

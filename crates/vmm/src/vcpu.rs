@@ -71,7 +71,7 @@ pub(crate) fn configure(
     ))?;
     let refused = vcpu.set_msrs(&arch::regs::boot_msrs())?;
     if !refused.is_empty() {
-        tracing::debug!("vCPU {}: KVM refused MSRs {refused:x?}", vcpu.id());
+        guest_log::guest_debug!("vCPU {}: KVM refused MSRs {refused:x?}", vcpu.id());
     }
     vcpu.set_fpu(&arch::regs::boot_fpu())?;
     let mut lapic = vcpu.get_lapic()?;
@@ -231,7 +231,7 @@ impl VcpuRunner {
             }
             if let Next::Fail(error) = self.run_once() {
                 self.exits.add(exit::FAILURE, 1);
-                tracing::debug!("vCPU {} stops: {error}", self.vcpu.id());
+                guest_log::guest_debug!("vCPU {} stops: {error}", self.vcpu.id());
                 let _ = self.failures.send(error);
                 let _ = self.failure_event.write(1);
                 return;
@@ -260,27 +260,27 @@ impl VcpuRunner {
         let failure = match exit {
             VcpuExit::IoIn { port, data } => {
                 if !self.pio.read(u64::from(port), data) {
-                    tracing::trace!("unhandled port read {port:#x}");
+                    guest_log::guest_trace!("unhandled port read {port:#x}");
                     data.fill(0xff);
                 }
                 return Next::Continue;
             }
             VcpuExit::IoOut { port, data } => {
                 if !self.pio.write(u64::from(port), data) {
-                    tracing::trace!("unhandled port write {port:#x}");
+                    guest_log::guest_trace!("unhandled port write {port:#x}");
                 }
                 return Next::Continue;
             }
             VcpuExit::MmioRead { addr, data } => {
                 if !self.mmio.read(addr, data) {
-                    tracing::trace!("unhandled MMIO read {addr:#x}");
+                    guest_log::guest_trace!("unhandled MMIO read {addr:#x}");
                     data.fill(0xff);
                 }
                 return Next::Continue;
             }
             VcpuExit::MmioWrite { addr, data } => {
                 if !self.mmio.write(addr, data) {
-                    tracing::trace!("unhandled MMIO write {addr:#x}");
+                    guest_log::guest_trace!("unhandled MMIO write {addr:#x}");
                 }
                 return Next::Continue;
             }

@@ -3,25 +3,32 @@
 //! those names under the network's domain.
 //!
 //! Its files live in `<state-dir>/networks/NAME.run/`: the configuration, the DHCP hosts file
-//! (re-read on SIGHUP when VMs come and go), the leases and the pid file. dnsmasq runs as a
+//! (re-read on SIGHUP when VMs come and go), the leases, the pid file and the log (which
+//! guests' DHCP traffic fills: [`rotate_log`] keeps it to a size). dnsmasq runs as a
 //! daemon of its own, so it outlives a daemon restart; it is found again through its pid file,
 //! checked against the process's command line so a recycled pid is never taken for it.
 //!
 //! Threading: blocking calls, made under the networks' lock.
 
+use std::fs::OpenOptions;
 use std::io;
 use std::net::Ipv4Addr;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use api::net::MacAddress;
 use api::net_api::{Lease, NetworkDefinition, Subnet};
+use guest_log::LogLimits;
 
 /// How long a DHCP lease lasts.
 const LEASE_TIME: &str = "1h";
 /// How long dnsmasq may take to exit after SIGTERM.
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often the daemon checks dnsmasq's log against its cap. A guest flooding DHCP makes
+/// dnsmasq log about 3 MB/s (measured): the log overshoots its cap by at most that much.
+pub const LOG_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DnsmasqError {
@@ -220,6 +227,43 @@ pub fn stop(files: &DnsmasqFiles) -> Result<(), DnsmasqError> {
     Ok(())
 }
 
+/// Rolls dnsmasq's log over once it has reached `limits.max_bytes` (the daemon checks every
+/// [`LOG_CHECK_INTERVAL`]): the log becomes `dnsmasq.log.1` (older ones move up, `limits.backups` are kept), a
+/// new one is created for dnsmasq, and SIGUSR2 makes dnsmasq reopen it. Returns whether it
+/// rotated.
+///
+/// dnsmasq logs every DHCP message a guest sends, so a guest decides how fast this file grows;
+/// it writes the file itself (synchronously, appending), and reopens it on SIGUSR2 as its
+/// unprivileged user, who cannot create files here: the new file is made for it, owned and
+/// mode as the old one.
+pub fn rotate_log(files: &DnsmasqFiles, limits: LogLimits) -> Result<bool, DnsmasqError> {
+    let log = files.log();
+    let Ok(old) = std::fs::metadata(&log) else {
+        return Ok(false);
+    };
+    if old.len() < limits.max_bytes {
+        return Ok(false);
+    }
+    // Not running: nothing writes the file; a started dnsmasq appends to it.
+    let Some(pid) = running(files) else {
+        return Ok(false);
+    };
+    let write_error = |source| DnsmasqError::Write {
+        path: log.clone(),
+        source,
+    };
+    guest_log::shift_backups(&log, limits.backups).map_err(write_error)?;
+    let new = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(old.mode() & 0o777)
+        .open(&log)
+        .map_err(write_error)?;
+    std::os::unix::fs::fchown(&new, Some(old.uid()), Some(old.gid())).map_err(write_error)?;
+    signal(pid, libc::SIGUSR2);
+    Ok(true)
+}
+
 fn signal(pid: u32, signal: libc::c_int) {
     let Ok(pid) = libc::pid_t::try_from(pid) else {
         return;
@@ -322,5 +366,201 @@ mod tests {
         std::fs::write(files.pid_file(), format!("{}\n", std::process::id())).unwrap();
         assert_eq!(running(&files), None);
         stop(&files).unwrap();
+    }
+}
+
+/// dnsmasq's log under a flood of DHCP messages, on this host's kernel inside a network
+/// namespace of the test's thread (skipped without root, nft or dnsmasq).
+#[cfg(test)]
+mod log_tests {
+    use std::net::{Ipv4Addr, UdpSocket};
+    use std::time::Instant;
+
+    use super::*;
+    use crate::netlink;
+    use crate::networks::{host_side, parse_network_definition, Networks};
+
+    /// A BOOTP DHCPDISCOVER from `mac`, asking for a broadcast answer.
+    fn discover(mac: [u8; 6], xid: u32) -> Vec<u8> {
+        let mut packet = vec![0u8; 300];
+        packet[..4].copy_from_slice(&[1, 1, 6, 0]); // request, Ethernet, 6-byte address
+        packet[4..8].copy_from_slice(&xid.to_be_bytes());
+        packet[10] = 0x80; // broadcast flag
+        packet[28..34].copy_from_slice(&mac);
+        packet[236..240].copy_from_slice(&[99, 130, 83, 99]); // magic cookie
+        packet[240..244].copy_from_slice(&[53, 1, 1, 255]); // DHCPDISCOVER, end
+        packet
+    }
+
+    /// Broadcasts from `socket` leave through `device` (this namespace has no default route).
+    fn bind_to_device(socket: &UdpSocket, device: &str) {
+        use std::os::fd::AsRawFd;
+        // SAFETY: setsockopt reads `device.len()` bytes from the live string slice.
+        let ret = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_BINDTODEVICE,
+                device.as_ptr().cast(),
+                device.len() as libc::socklen_t,
+            )
+        };
+        assert_eq!(ret, 0, "{}", io::Error::last_os_error());
+    }
+
+    fn files_on_disk(files: &DnsmasqFiles) -> Vec<(PathBuf, u64)> {
+        (0..=LOG_LIMITS.backups + 1)
+            .map(|n| match n {
+                0 => files.log(),
+                n => guest_log::backup_path(&files.log(), n),
+            })
+            .filter_map(|path| Some((path.clone(), std::fs::metadata(&path).ok()?.len())))
+            .collect()
+    }
+
+    const LOG_LIMITS: LogLimits = LogLimits {
+        max_bytes: 64 << 10,
+        backups: 3,
+    };
+    /// What dnsmasq may write between two checks here (50 DISCOVERs, two lines each, and
+    /// those still queued in its socket).
+    const SLACK: u64 = 64 << 10;
+
+    /// What a flood did.
+    struct Flood {
+        sent: u32,
+        elapsed: Duration,
+        /// Bytes dnsmasq wrote (at least: lines between a size check and a rotation are not
+        /// counted).
+        written: u64,
+        rotations: u32,
+        /// Most bytes the log and its backups held at a check.
+        peak: u64,
+        on_disk: Vec<(PathBuf, u64)>,
+        /// [`Networks::rotate_dnsmasq_logs`] rotated a log at the default cap.
+        daemon_rotated: bool,
+        /// dnsmasq logged a message sent after the flood.
+        logs_on: bool,
+    }
+
+    /// Floods dnsmasq with DISCOVERs from a veth on its bridge, rotating its log as the daemon
+    /// does (more often: every 50 messages).
+    fn flood(networks: &Networks, files: &DnsmasqFiles) -> Flood {
+        // A veth pair stands in for a VM's TAP; the "guest" end has an address to send from.
+        let status = std::process::Command::new("ip")
+            .args(["link", "add", "fvclient5", "type", "veth"])
+            .args(["peer", "name", "fvport5"])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        host_side::ensure_on_bridge("fvport5", "ferrotest5").unwrap();
+        netlink::set_up("fvclient5").unwrap();
+        netlink::set_up("fvport5").unwrap();
+        netlink::add_ipv4_address("fvclient5", Ipv4Addr::new(10, 71, 0, 250), 24).unwrap();
+        // The "guest" address is this namespace's too: the bridge must accept it.
+        std::fs::write("/proc/sys/net/ipv4/conf/ferrotest5/accept_local", "1").unwrap();
+        let socket = UdpSocket::bind((Ipv4Addr::new(10, 71, 0, 250), 68)).unwrap();
+        socket.set_broadcast(true).unwrap();
+        bind_to_device(&socket, "fvclient5");
+        let send = |mac_end: u8, xid: u32| {
+            let packet = discover([0x52, 0x54, 0, 0x71, 0, mac_end], xid);
+            // Lost packets (a full socket buffer) only make the flood smaller.
+            let _ = socket.send_to(&packet, (Ipv4Addr::BROADCAST, 67));
+        };
+
+        let start = Instant::now();
+        let (mut sent, mut written, mut rotations, mut peak, mut last_size) = (0, 0, 0, 0, 0);
+        while sent < 20_000 {
+            for _ in 0..50 {
+                send(7, sent);
+                sent += 1;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+            let size = std::fs::metadata(files.log()).map_or(0, |m| m.len());
+            written += size.saturating_sub(last_size);
+            last_size = size;
+            if rotate_log(files, LOG_LIMITS).unwrap() {
+                rotations += 1;
+                last_size = 0;
+            }
+            peak = peak.max(files_on_disk(files).iter().map(|f| f.1).sum::<u64>());
+        }
+        let elapsed = start.elapsed();
+        std::thread::sleep(Duration::from_millis(200));
+        let on_disk = files_on_disk(files);
+        // The daemon's periodic call rotates at the default cap.
+        let mut log = OpenOptions::new().append(true).open(files.log()).unwrap();
+        let filler = vec![b'.'; LogLimits::DEFAULT.max_bytes as usize];
+        std::io::Write::write_all(&mut log, &filler).unwrap();
+        networks.rotate_dnsmasq_logs();
+        let backup = guest_log::backup_path(&files.log(), 1);
+        let daemon_rotated = std::fs::read(backup).is_ok_and(|kept| kept.ends_with(&filler));
+        send(8, 1);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let logs_on = loop {
+            let text = std::fs::read_to_string(files.log()).unwrap_or_default();
+            if text.contains("52:54:00:71:00:08") || Instant::now() > deadline {
+                break text.contains("52:54:00:71:00:08");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        Flood {
+            sent,
+            elapsed,
+            written,
+            rotations,
+            peak,
+            on_disk,
+            daemon_rotated,
+            logs_on,
+        }
+    }
+
+    #[test]
+    fn a_dhcp_flood_leaves_at_most_the_cap_on_disk_and_dnsmasq_logs_on() {
+        if host_side::Tools::find().is_err() {
+            eprintln!("skipped: nft or dnsmasq is not installed");
+            return;
+        }
+        netlink::in_new_netns(|| {
+            let dir = tempfile::tempdir().unwrap();
+            let networks =
+                Networks::open(dir.path().join("networks"), dir.path().join("sys")).unwrap();
+            let text = "name = \"flood\"\nmode = \"isolated\"\nbridge = \"ferrotest5\"\n\
+                        subnet = \"10.71.0.0/24\"\n";
+            networks
+                .define(parse_network_definition(text).unwrap())
+                .unwrap();
+            networks.start("flood").unwrap();
+            let files = DnsmasqFiles::new(networks.run_dir("flood"));
+            let flood =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| flood(&networks, &files)));
+            // Stopped before any assertion: dnsmasq would outlive a failed test.
+            networks.stop("flood").unwrap();
+            let flood = flood.unwrap();
+            eprintln!(
+                "{} DISCOVERs in {:?}: dnsmasq wrote at least {} bytes, {} rotations, at most \
+                 {} bytes on disk",
+                flood.sent, flood.elapsed, flood.written, flood.rotations, flood.peak
+            );
+            let cap = (LOG_LIMITS.max_bytes + SLACK) * (1 + u64::from(LOG_LIMITS.backups));
+            assert!(flood.peak <= cap, "{} bytes on disk", flood.peak);
+            let on_disk = &flood.on_disk;
+            assert!(
+                on_disk.len() <= 1 + LOG_LIMITS.backups as usize,
+                "{on_disk:?}"
+            );
+            for (path, len) in on_disk {
+                let most = LOG_LIMITS.max_bytes + SLACK;
+                assert!(*len <= most, "{}: {len}", path.display());
+            }
+            assert!(
+                flood.rotations >= 3,
+                "the flood filled the log {} times",
+                flood.rotations
+            );
+            assert!(flood.daemon_rotated, "the daemon's check rotates at 2 MiB");
+            assert!(flood.logs_on, "dnsmasq logs into the file made for it");
+        });
     }
 }

@@ -352,6 +352,24 @@ impl Networks {
         }
     }
 
+    /// Rolls over the dnsmasq logs of the active networks that reached their cap
+    /// ([`dnsmasq::rotate_log`]); the daemon calls it every [`dnsmasq::LOG_CHECK_INTERVAL`].
+    pub fn rotate_dnsmasq_logs(&self) {
+        let dirs: Vec<PathBuf> = self
+            .lock()
+            .values()
+            .filter(|e| e.active)
+            .map(|e| self.run_dir(&e.definition.name))
+            .collect();
+        for dir in dirs {
+            let files = dnsmasq::DnsmasqFiles::new(dir);
+            if let Err(e) = dnsmasq::rotate_log(&files, guest_log::LogLimits::DEFAULT) {
+                // Once a second while it fails: rate-limited.
+                guest_log::guest_warn!("{}", chain(&e));
+            }
+        }
+    }
+
     /// Creates the TAP devices of a starting VM's NICs on their networks' bridges; all or
     /// nothing.
     pub fn attach(&self, vm: &str, nics: &[NetworkNic]) -> Result<(), ApiError> {

@@ -176,11 +176,13 @@ impl<Q: HostQueue> PairSwitch<Q> {
                 Switched::Done
             }
             Err(e) => {
-                tracing::warn!("virtio-net: cannot use {pairs} queue pairs: {e}");
+                guest_log::guest_warn!("virtio-net: cannot use {pairs} queue pairs: {e}");
                 match use_queue_pairs(&self.queues, previous) {
                     Ok(()) => Switched::Refused,
                     Err(e) => {
-                        tracing::warn!("virtio-net: cannot go back to {previous} pairs: {e}");
+                        guest_log::guest_warn!(
+                            "virtio-net: cannot go back to {previous} pairs: {e}"
+                        );
                         Switched::Broken
                     }
                 }
@@ -243,7 +245,7 @@ impl CtrlWorker {
                     }
                 },
                 (answer, None) => {
-                    tracing::debug!("virtio-net: refused control command {command:?}");
+                    guest_log::guest_debug!("virtio-net: refused control command {command:?}");
                     answer
                 }
             };
@@ -264,7 +266,7 @@ impl Worker for CtrlWorker {
             Ok(false) => {}
             Ok(true) => self.interrupt.needs_reset(),
             Err(e) => {
-                tracing::warn!("virtio-net: {e}");
+                guest_log::guest_warn!("virtio-net: {e}");
                 self.interrupt.needs_reset();
             }
         }

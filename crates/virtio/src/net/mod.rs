@@ -353,7 +353,7 @@ impl NetWorker {
                     }
                 }
                 _ => {
-                    tracing::debug!("virtio-net: dropping a malformed transmit chain");
+                    guest_log::guest_debug!("virtio-net: dropping a malformed transmit chain");
                     c.add(counter::ERRORS, 1);
                 }
             }
@@ -502,7 +502,7 @@ impl NetWorker {
         }
         if self.rx_buffers.room() < len {
             // Without mergeable buffers the packet must fit one buffer: drop it.
-            tracing::debug!("virtio-net: dropping a {len}-byte packet that does not fit");
+            guest_log::guest_debug!("virtio-net: dropping a {len}-byte packet that does not fit");
             self.counters.add(counter::RX_DROPPED, 1);
             for rx in self.rx_buffers.take_all() {
                 self.rx.add_used(mem, rx.chain.head_index(), 0)?;
@@ -581,7 +581,7 @@ impl Worker for NetWorker {
             _ => self.receive(poll)?,
         };
         if let Err(e) = result {
-            tracing::warn!("virtio-net: {e}");
+            guest_log::guest_warn!("virtio-net: {e}");
             self.interrupt.needs_reset();
         }
         Ok(())
