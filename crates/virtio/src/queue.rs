@@ -222,8 +222,12 @@ impl DeviceQueue {
 
     /// The device ran out of chains: asks the driver to notify when it adds some. Returns true
     /// if chains arrived in the meantime (then the caller should pop again instead of waiting).
-    /// Without this, a driver using event indices would never notify again.
+    /// Without this, a driver using event indices would never notify again. A broken queue
+    /// has none to offer (its pops return nothing, so "arrived" would have the caller spin).
     pub fn wait_for_chains(&mut self, mem: &GuestMemory) -> Result<bool, QueueBroken> {
+        if self.broken.is_some() {
+            return Ok(false);
+        }
         self.queue
             .enable_notification(mem)
             .map_err(|e| self.broken(e))
@@ -444,6 +448,19 @@ mod tests {
             BrokenCause::HeadOutOfRange { head: 16, size: 16 }
         ));
         assert_eq!(dq.in_flight(), 0);
+    }
+
+    #[test]
+    fn a_broken_queue_offers_no_chains_to_wait_for() {
+        let mem = memory();
+        let (mock, mut dq) = queue_of_buffers(&mem, 2);
+        // An available index more than a ring ahead: corrupt.
+        mock.avail().idx().store(100);
+        assert!(dq.pop(&mem).is_err());
+        assert!(
+            !dq.wait_for_chains(&mem).unwrap(),
+            "nothing to pop, so nothing arrived (a caller would spin)"
+        );
     }
 
     #[test]
