@@ -19,7 +19,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use block::{ConcurrentIo, DiskImage, Slices};
-use virtio_queue::DescriptorChain;
+use virtio_queue::{DescriptorChain, QueueT};
 use vm_memory::VolatileSlice;
 
 use crate::counters::Counters;
@@ -214,10 +214,17 @@ impl VirtioDevice for Block {
         let mut executor = Executor::new(self.disk.clone(), self.read_only, self.id);
         executor.write_through = activation.features & features::FLUSH == 0;
         executor.counters = self.counters.clone();
+        // Each queue holds at most its size in chains (see DeviceQueue), so no more jobs than
+        // that can wait; the bound makes it explicit.
+        let max_waiting = activation
+            .queues
+            .iter()
+            .map(|q| usize::from(q.queue.size()))
+            .sum();
         let pool = executor
             .concurrent
             .is_some()
-            .then(|| IoPool::new("virtio-blk-io", IO_THREADS));
+            .then(|| IoPool::new("virtio-blk-io", IO_THREADS, max_waiting));
         let queues = activation
             .queues
             .into_iter()
