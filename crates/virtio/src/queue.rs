@@ -318,6 +318,8 @@ pub enum ChainError {
     ReadableAfterWritable,
     #[error("a descriptor points outside guest memory")]
     BadAddress,
+    #[error("the chain has more than {0} descriptors")]
+    TooLong(usize),
 }
 
 /// Splits a chain into guest-memory slices, checking the order of its descriptors.
@@ -328,8 +330,24 @@ pub fn chain_buffers<'m, M>(
 where
     M: std::ops::Deref<Target = GuestMemory>,
 {
+    chain_buffers_limited(chain, mem, usize::MAX)
+}
+
+/// [`chain_buffers`] for a chain of at most `max_descriptors` descriptors: the walk stops at
+/// the first one past it, so a longer chain costs no more than that many.
+pub fn chain_buffers_limited<'m, M>(
+    chain: DescriptorChain<M>,
+    mem: &'m GuestMemory,
+    max_descriptors: usize,
+) -> Result<ChainBuffers<'m>, ChainError>
+where
+    M: std::ops::Deref<Target = GuestMemory>,
+{
     let mut buffers = ChainBuffers::default();
-    for desc in chain {
+    for (count, desc) in chain.enumerate() {
+        if count >= max_descriptors {
+            return Err(ChainError::TooLong(max_descriptors));
+        }
         let writable = desc.is_write_only();
         if !writable && !buffers.writable.is_empty() {
             return Err(ChainError::ReadableAfterWritable);

@@ -31,7 +31,7 @@ use vm_memory::VolatileSlice;
 
 use crate::counters::Counters;
 use crate::device::{read_config_bytes, ActivateError, Activation, VirtioDevice, VirtioInterrupt};
-use crate::queue::{chain_buffers, BrokenCause, DeviceQueue, QueueBroken};
+use crate::queue::{chain_buffers, chain_buffers_limited, BrokenCause, DeviceQueue, QueueBroken};
 use crate::worker::{Poll, Worker, WorkerHandle};
 use crate::{device_type, GuestMemory};
 
@@ -46,6 +46,9 @@ const NUM_BUFFERS_OFFSET: usize = 10;
 /// virtio-net headers; twice that leaves room for any TAP quirk (a short buffer would
 /// silently truncate a packet).
 const MAX_PACKET: usize = 128 << 10;
+/// Most buffers of one packet to transmit: the kernel's IOV_MAX, the most one write takes (a
+/// packet in more could only be sent cut short).
+const MAX_TX_SEGMENTS: usize = 1024;
 /// Most packets placed in one receive pass.
 const PACKETS_PER_PASS: usize = 256;
 const TOKEN_RX: u64 = 0;
@@ -358,8 +361,10 @@ impl NetWorker {
         let tap = self.tap.clone();
         let c = self.counters.clone();
         self.tx.process(&mem, self.interrupt.as_ref(), |chain| {
-            match chain_buffers(chain, &mem) {
-                Ok(buffers) if buffers.writable.is_empty() => {
+            match chain_buffers_limited(chain, &mem, MAX_TX_SEGMENTS) {
+                Ok(buffers)
+                    if buffers.writable.is_empty() && buffers.readable.len() <= MAX_TX_SEGMENTS =>
+                {
                     let slices = Slices::new(&buffers.readable);
                     let len = slices.len();
                     if !(HEADER_LEN as u64..=MAX_PACKET as u64).contains(&len) {
@@ -860,6 +865,43 @@ mod receive_tests {
         assert!(s.worker.handle(TOKEN_RX, &s.poll).is_ok());
         assert!(s.worker.handle(TOKEN_TAP, &s.poll).is_ok());
         assert!(used(&rx).len() <= 1);
+    }
+
+    #[test]
+    fn a_packet_in_more_buffers_than_one_write_takes_is_dropped_not_cut_short() {
+        use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT};
+        const TABLE: u64 = 0x40_0000;
+        let (mut s, _rx) = setup(0, true);
+        let tx = MockSplitQueue::create(&*s.mem, GuestAddress(0x8_0000), 16);
+        s.host.set_nonblocking(true).unwrap();
+        let mut got = [0u8; 4096];
+        // Packets of `buffers` 2-byte buffers, in an indirect table.
+        for (head, buffers) in [(0u16, MAX_TX_SEGMENTS), (1, MAX_TX_SEGMENTS + 1)] {
+            for i in 0..buffers {
+                let next = if i + 1 < buffers {
+                    VRING_DESC_F_NEXT
+                } else {
+                    0
+                };
+                let desc = Descriptor::new(0x50_0000 + 2 * i as u64, 2, next as u16, i as u16 + 1);
+                let at = GuestAddress(TABLE + 16 * i as u64);
+                s.mem.write_obj(RawDescriptor::from(desc), at).unwrap();
+            }
+            let len = 16 * buffers as u32;
+            let indirect = Descriptor::new(TABLE, len, VRING_DESC_F_INDIRECT as u16, 0);
+            tx.add_desc_chains(&[RawDescriptor::from(indirect)], head)
+                .unwrap();
+            s.worker.transmit().unwrap();
+            let sent = s.host.recv(&mut got).ok();
+            if buffers == MAX_TX_SEGMENTS {
+                assert_eq!(sent, Some(2 * MAX_TX_SEGMENTS));
+            } else {
+                assert_eq!(sent, None, "nothing sent, not {sent:?} bytes");
+            }
+        }
+        assert_eq!(tx.used().idx().load(), 2, "both chains are returned");
+        assert_eq!(s.worker.counters.get(counter::TX_PACKETS), 1);
+        assert_eq!(s.worker.counters.get(counter::ERRORS), 1);
     }
 
     #[test]
