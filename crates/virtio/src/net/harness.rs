@@ -13,7 +13,7 @@ use super::ctrl::{CtrlWorker, PairGate, PairSwitch};
 use super::rx_buffers::RxBuffers;
 use super::{new_counters, NetWorker, Tap, MAX_PACKET, PACKETS_PER_PASS, TOKEN_TAP};
 use crate::device::{ActiveQueue, Silent, VirtioInterrupt};
-use crate::queue::DeviceQueue;
+use crate::queue::{BrokenBy, DeviceQueue};
 use crate::worker::Poll;
 use crate::GuestMemory;
 
@@ -99,6 +99,22 @@ impl Harness {
         self.ctrl
             .as_mut()
             .is_none_or(|ctrl| matches!(ctrl.serve(), Ok(false)))
+    }
+
+    /// Per queue (receive, transmit, control): the chains the device holds, and whether the
+    /// queue broke and by whose fault. Between steps, a queue that did not break holds only
+    /// receive chains kept for packets.
+    pub fn queue_states(&self) -> Vec<(usize, Option<BrokenBy>)> {
+        [&self.pair.rx, &self.pair.tx]
+            .into_iter()
+            .chain(self.ctrl.as_ref().map(|ctrl| &ctrl.queue))
+            .map(|q| (q.in_flight(), q.broken_by()))
+            .collect()
+    }
+
+    /// The receive chains kept for packets to come.
+    pub fn held_receive_chains(&self) -> usize {
+        self.pair.rx_buffers.len()
     }
 }
 
