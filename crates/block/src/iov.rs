@@ -9,64 +9,81 @@ pub fn slices_len(buffers: &[VolatileSlice<'_, ()>]) -> u64 {
     buffers.iter().map(|b| b.len() as u64).sum()
 }
 
-/// A list of guest buffers that can be consumed piece by piece.
+/// A list of guest buffers that can be consumed piece by piece, from the front. Consuming
+/// moves a cursor (no buffer is shifted), so using up n buffers costs O(n) however they are
+/// taken.
 #[derive(Debug)]
 pub struct Slices<'a> {
     slices: Vec<VolatileSlice<'a, ()>>,
+    /// Index of the first buffer not used up yet; `slices[first]` may be partly consumed.
+    first: usize,
+    /// Bytes left.
+    len: u64,
 }
 
 impl<'a> Slices<'a> {
     pub fn new(buffers: &[VolatileSlice<'a, ()>]) -> Self {
+        let slices: Vec<_> = buffers.iter().filter(|s| !s.is_empty()).copied().collect();
         Slices {
-            slices: buffers.iter().filter(|s| !s.is_empty()).copied().collect(),
+            len: slices_len(&slices),
+            slices,
+            first: 0,
         }
+    }
+
+    /// The buffers not used up yet.
+    fn rest(&self) -> &[VolatileSlice<'a, ()>] {
+        self.slices.get(self.first..).unwrap_or_default()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.slices.is_empty()
+        self.len == 0
     }
 
     pub fn len(&self) -> u64 {
-        slices_len(&self.slices)
+        self.len
     }
 
     /// Drops the first `count` bytes.
-    pub fn advance(&mut self, mut count: usize) -> io::Result<()> {
-        while count > 0 {
-            let Some(first) = self.slices.first_mut() else {
-                return Err(io::Error::other("advanced past the end of the buffers"));
-            };
-            if count < first.len() {
-                *first = first.offset(count).map_err(io::Error::other)?;
-                return Ok(());
-            }
-            count -= first.len();
-            self.slices.remove(0);
+    pub fn advance(&mut self, count: usize) -> io::Result<()> {
+        if count as u64 > self.len {
+            return Err(io::Error::other("advanced past the end of the buffers"));
         }
-        Ok(())
+        self.take_with(count as u64, |_| {})
     }
 
     /// Splits off the first `count` bytes (or fewer, if that is all there is).
     pub fn take(&mut self, count: u64) -> io::Result<Vec<VolatileSlice<'a, ()>>> {
         let mut taken = Vec::new();
+        self.take_with(count.min(self.len), |slice| taken.push(slice))?;
+        Ok(taken)
+    }
+
+    /// Consumes `count` bytes (at most what is left), handing each piece to `each`.
+    fn take_with(
+        &mut self,
+        count: u64,
+        mut each: impl FnMut(VolatileSlice<'a, ()>),
+    ) -> io::Result<()> {
         let mut left = count;
         while left > 0 {
-            let Some(first) = self.slices.first().copied() else {
+            let Some(first) = self.slices.get_mut(self.first) else {
                 break;
             };
             let len = first.len() as u64;
             if len <= left {
-                taken.push(first);
-                self.slices.remove(0);
+                each(*first);
+                self.first += 1;
                 left -= len;
+                self.len -= len;
             } else {
-                let head = first.subslice(0, left as usize).map_err(io::Error::other)?;
-                taken.push(head);
-                self.slices[0] = first.offset(left as usize).map_err(io::Error::other)?;
+                each(first.subslice(0, left as usize).map_err(io::Error::other)?);
+                *first = first.offset(left as usize).map_err(io::Error::other)?;
+                self.len -= left;
                 left = 0;
             }
         }
-        Ok(taken)
+        Ok(())
     }
 
     /// Runs a vectored system call on (up to 1024 of) the buffers; `call` gets the iovecs and
@@ -77,14 +94,14 @@ impl<'a> Slices<'a> {
     {
         const IOV_MAX: usize = 1024;
         let guards: Vec<_> = self
-            .slices
+            .rest()
             .iter()
             .take(IOV_MAX)
             .map(|s| s.ptr_guard_mut())
             .collect();
         let iovecs: Vec<libc::iovec> = guards
             .iter()
-            .zip(&self.slices)
+            .zip(self.rest())
             .map(|(guard, slice)| libc::iovec {
                 iov_base: guard.as_ptr().cast(),
                 iov_len: slice.len(),
@@ -171,9 +188,70 @@ pub fn write_file_at(
     transfer(file, offset, buffers, Transfer::Write)
 }
 
-/// Fills guest buffers with zeroes.
+/// Fills guest buffers with zeroes, from a fixed buffer (a guest buffer may be gigabytes).
 pub fn zero_fill(buffers: &[VolatileSlice<'_, ()>]) {
+    static ZEROES: [u8; 4096] = [0; 4096];
     for slice in buffers {
-        slice.copy_from(&vec![0u8; slice.len()]);
+        let mut rest = *slice;
+        while !rest.is_empty() {
+            let n = rest.len().min(ZEROES.len());
+            rest.copy_from(&ZEROES[..n]);
+            match rest.offset(n) {
+                Ok(next) => rest = next,
+                Err(_) => break,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One single-byte slice per byte of `bytes`.
+    fn byte_slices(bytes: &mut [u8]) -> Vec<VolatileSlice<'_, ()>> {
+        bytes.chunks_mut(1).map(VolatileSlice::from).collect()
+    }
+
+    #[test]
+    fn a_long_list_is_taken_and_advanced_piece_by_piece() {
+        // As many buffers as the longest indirect chain has descriptors.
+        let mut bytes: Vec<u8> = (0..65535u32).map(|i| i as u8).collect();
+        let buffers = byte_slices(&mut bytes);
+        let mut slices = Slices::new(&buffers);
+        assert_eq!(slices.len(), 65535);
+        slices.advance(10).unwrap();
+        let two = slices.take(2).unwrap();
+        assert_eq!(two.len(), 2);
+        let mut first = [0u8; 1];
+        two[0].copy_to(&mut first);
+        assert_eq!(first, [10]);
+        // All but the last byte, then the last, then nothing.
+        let most = slices.take(slices.len() - 1).unwrap();
+        assert_eq!(most.len(), 65535 - 13);
+        assert_eq!(slices.len(), 1);
+        let last = slices.take(100).unwrap();
+        let mut byte = [0u8; 1];
+        last[0].copy_to(&mut byte);
+        assert_eq!(byte, [(65534 % 256) as u8]);
+        assert!(slices.is_empty());
+        assert!(slices.take(1).unwrap().is_empty());
+        assert!(slices.advance(1).is_err());
+    }
+
+    #[test]
+    fn a_buffer_is_split_where_a_take_ends() {
+        let mut bytes = [1u8; 100];
+        let buffers = [VolatileSlice::from(&mut bytes[..])];
+        let mut slices = Slices::new(&buffers);
+        slices.advance(30).unwrap();
+        let taken = slices.take(50).unwrap();
+        assert_eq!((taken.len(), taken[0].len()), (1, 50));
+        assert_eq!(slices.len(), 20);
+        let n = slices.with_iovecs(|iov| iov.iter().map(|v| v.iov_len as isize).sum());
+        assert_eq!(n.unwrap(), 20);
+        zero_fill(&slices.take(20).unwrap());
+        assert_eq!(bytes[..80], [1u8; 80]);
+        assert_eq!(bytes[80..], [0u8; 20]);
     }
 }

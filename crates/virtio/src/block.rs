@@ -4,7 +4,9 @@
 //! header, the data, and the status byte that ends the writable part. Reads and writes go
 //! straight between guest memory and the image; flush makes writes durable before the guest
 //! hears of it (and every write is durable at once if the driver did not take FLUSH). Malformed
-//! requests get the spec's error status; a chain without a status byte is completed empty.
+//! requests get the spec's error status; a chain without a status byte is completed empty. A
+//! request in more descriptors than `seg_max` allows gets IOERR after one walk of its chain,
+//! nothing of it kept.
 //!
 //! Queues: one request queue per vCPU by default (`VIRTIO_BLK_F_MQ`), as QEMU does, so the
 //! guest submits and completes on the same CPU instead of sending an IPI per request.
@@ -19,13 +21,13 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use block::{ConcurrentIo, DiskImage, Slices};
-use virtio_queue::DescriptorChain;
-use vm_memory::VolatileSlice;
+use virtio_queue::{DescriptorChain, QueueT};
+use vm_memory::{Address as _, Bytes as _, VolatileSlice};
 
 use crate::counters::Counters;
 use crate::device::{read_config_bytes, ActivateError, Activation, VirtioDevice, VirtioInterrupt};
 use crate::io_pool::IoPool;
-use crate::queue::{chain_buffers, ChainBuffers, ChainError, DeviceQueue, QueueBroken};
+use crate::queue::{chain_buffers_limited, ChainBuffers, ChainError, DeviceQueue, QueueBroken};
 use crate::worker::{Poll, Worker, WorkerHandle};
 use crate::{device_type, GuestMemory};
 
@@ -35,6 +37,13 @@ const QUEUE_SIZE: u16 = 256;
 pub const MAX_QUEUES: u16 = 64;
 /// Longest serial (GET_ID answer).
 pub const ID_LEN: usize = 20;
+/// Most data segments of one request (`seg_max`): the queue size less the header and status
+/// descriptors, so that a request fits the queue without indirect descriptors.
+const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
+/// Most descriptors of one request: `seg_max` data segments, the header and the status byte.
+/// A longer chain is answered IOERR after a walk to its last descriptor, nothing kept.
+const MAX_REQUEST_DESCRIPTORS: usize = SEG_MAX as usize + 2;
+/// Most discard or write-zeroes segments of one request.
 const MAX_SEGMENTS: u32 = 32;
 /// Most requests of one disk in flight at once on I/O threads.
 const IO_THREADS: usize = 8;
@@ -106,7 +115,7 @@ impl std::fmt::Debug for Block {
 fn config_space(capacity_sectors: u64, queues: u16) -> Vec<u8> {
     let mut c = vec![0u8; 60];
     c[0..8].copy_from_slice(&capacity_sectors.to_le_bytes());
-    c[12..16].copy_from_slice(&u32::from(QUEUE_SIZE - 2).to_le_bytes()); // seg_max
+    c[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
     c[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes()); // blk_size
     c[34..36].copy_from_slice(&queues.to_le_bytes()); // num_queues
     c[36..40].copy_from_slice(&MAX_RANGE_SECTORS.to_le_bytes()); // max_discard_sectors
@@ -214,10 +223,17 @@ impl VirtioDevice for Block {
         let mut executor = Executor::new(self.disk.clone(), self.read_only, self.id);
         executor.write_through = activation.features & features::FLUSH == 0;
         executor.counters = self.counters.clone();
+        // Each queue holds at most its size in chains (see DeviceQueue), so no more jobs than
+        // that can wait; the bound makes it explicit.
+        let max_waiting = activation
+            .queues
+            .iter()
+            .map(|q| usize::from(q.queue.size()))
+            .sum();
         let pool = executor
             .concurrent
             .is_some()
-            .then(|| IoPool::new("virtio-blk-io", IO_THREADS));
+            .then(|| IoPool::new("virtio-blk-io", IO_THREADS, max_waiting));
         let queues = activation
             .queues
             .into_iter()
@@ -380,6 +396,18 @@ pub struct Request<'m> {
     pub status: VolatileSlice<'m, ()>,
 }
 
+/// A request's buffers; a chain of more than [`MAX_REQUEST_DESCRIPTORS`] is not walked
+/// further.
+pub fn request_buffers<M>(
+    chain: DescriptorChain<M>,
+    mem: &GuestMemory,
+) -> Result<ChainBuffers<'_>, ChainError>
+where
+    M: std::ops::Deref<Target = GuestMemory>,
+{
+    chain_buffers_limited(chain, mem, MAX_REQUEST_DESCRIPTORS)
+}
+
 /// Parses a request out of its buffers.
 pub fn parse_request(buffers: ChainBuffers<'_>) -> Result<Request<'_>, RequestError> {
     let mut readable = Slices::new(&buffers.readable);
@@ -469,13 +497,16 @@ impl Executor {
     /// Serves one chain; returns the bytes written into it.
     pub fn serve<M>(&self, chain: DescriptorChain<M>, mem: &GuestMemory) -> u32
     where
-        M: std::ops::Deref<Target = GuestMemory>,
+        M: Clone + std::ops::Deref<Target = GuestMemory>,
     {
-        let request = match chain_buffers(chain, mem)
+        let request = match request_buffers(chain.clone(), mem)
             .map_err(RequestError::from)
             .and_then(parse_request)
         {
             Ok(request) => request,
+            Err(RequestError::Chain(ChainError::TooLong(_))) => {
+                return self.refuse_too_long(chain, mem);
+            }
             Err(e) => {
                 guest_log::guest_debug!("virtio-blk: malformed request: {e}");
                 self.counters.add(counter::ERRORS, 1);
@@ -485,6 +516,25 @@ impl Executor {
         let (status, written) = self.execute(&request);
         request.status.copy_from(&[status]);
         written.saturating_add(1)
+    }
+
+    /// Answers a request of more than `seg_max` segments IOERR: the status byte is the last
+    /// byte of the chain, found by walking it without keeping its descriptors.
+    fn refuse_too_long<M>(&self, chain: DescriptorChain<M>, mem: &GuestMemory) -> u32
+    where
+        M: std::ops::Deref<Target = GuestMemory>,
+    {
+        self.counters.add(counter::ERRORS, 1);
+        let Some(last) = chain.last() else {
+            return 0;
+        };
+        let status_at = u64::from(last.len())
+            .checked_sub(1)
+            .and_then(|offset| last.addr().checked_add(offset));
+        match status_at {
+            Some(at) if last.is_write_only() && mem.write_obj(status::IOERR, at).is_ok() => 1,
+            _ => 0,
+        }
     }
 
     /// Returns the status and the bytes written into the output buffers.

@@ -235,6 +235,12 @@ impl Harness {
     pub fn receive(&mut self) -> bool {
         self.0.receive().is_ok()
     }
+
+    /// Per queue (receive, transmit): the chains the device holds (none between steps), and
+    /// whether the queue broke and by whose fault.
+    pub fn queue_states(&self) -> [(usize, Option<crate::queue::BrokenBy>); 2] {
+        [&self.0.receive, &self.0.transmit].map(|q| (q.in_flight(), q.broken_by()))
+    }
 }
 
 impl Worker for ConsoleWorker {

@@ -2,8 +2,11 @@
 //! requests the driver queued together run at the same time instead of one after another.
 //!
 //! Threads start on demand, up to a maximum, and end after a while without work, so an idle
-//! device costs no threads. Dropping the pool discards jobs not yet started and waits for the
-//! running ones: after a device reset nothing touches the queue again.
+//! device costs no threads. At most a fixed number of jobs wait for a thread; past that the
+//! submitter runs the job itself, which holds it back from taking more work, so the queue
+//! never grows beyond its bound whatever the guest does. Dropping the pool discards jobs not
+//! yet started and waits for the running ones: after a device reset nothing touches the queue
+//! again.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
@@ -39,6 +42,7 @@ impl Shared {
 pub struct IoPool {
     name: String,
     max_threads: usize,
+    max_waiting: usize,
     shared: Arc<Shared>,
     threads: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -48,26 +52,34 @@ impl std::fmt::Debug for IoPool {
         f.debug_struct("IoPool")
             .field("name", &self.name)
             .field("max_threads", &self.max_threads)
+            .field("max_waiting", &self.max_waiting)
             .finish_non_exhaustive()
     }
 }
 
 impl IoPool {
-    /// A pool whose threads are called `name`, at most `max_threads` (at least one) of them.
-    pub fn new(name: &str, max_threads: usize) -> Self {
+    /// A pool whose threads are called `name`, at most `max_threads` (at least one) of them,
+    /// with at most `max_waiting` jobs waiting for a thread.
+    pub fn new(name: &str, max_threads: usize, max_waiting: usize) -> Self {
         IoPool {
             name: name.to_string(),
             max_threads: max_threads.max(1),
+            max_waiting,
             shared: Arc::default(),
             threads: Mutex::default(),
         }
     }
 
-    /// Runs `job` on a pool thread. When no thread can be started (the host is out of
-    /// threads) and none is running, the job runs on the caller's thread instead: slower,
-    /// never lost.
+    /// Runs `job` on a pool thread. When `max_waiting` jobs already wait, or no thread can be
+    /// started (the host is out of threads) and none is running, the job runs on the caller's
+    /// thread instead: slower, never lost.
     pub fn submit(&self, job: impl FnOnce() + Send + 'static) {
         let mut state = self.shared.lock();
+        if state.jobs.len() >= self.max_waiting {
+            drop(state);
+            job();
+            return;
+        }
         state.jobs.push_back(Box::new(job));
         if state.idle > 0 || state.live >= self.max_threads {
             drop(state);
@@ -145,12 +157,12 @@ fn serve(shared: &Shared) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     use std::sync::Barrier;
 
     #[test]
     fn jobs_run_at_the_same_time_up_to_the_limit() {
-        let pool = IoPool::new("test-io", 3);
+        let pool = IoPool::new("test-io", 3, 8);
         // Three jobs that each wait for the other two: they finish only if all run at once.
         let barrier = Arc::new(Barrier::new(3));
         let done = Arc::new(AtomicUsize::new(0));
@@ -169,7 +181,7 @@ mod tests {
 
     #[test]
     fn every_job_runs_even_past_the_thread_limit() {
-        let pool = IoPool::new("test-io", 2);
+        let pool = IoPool::new("test-io", 2, 1000);
         let done = Arc::new(AtomicUsize::new(0));
         for _ in 0..100 {
             let done = done.clone();
@@ -183,9 +195,57 @@ mod tests {
         assert!(pool.threads.lock().unwrap().len() <= 2);
     }
 
+    /// Sets its flag when dropped, even by a failed assertion.
+    struct SetOnDrop(Arc<AtomicBool>);
+
+    impl Drop for SetOnDrop {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn past_its_bound_the_submitter_runs_the_job() {
+        const MAX_WAITING: usize = 4;
+        let pool = IoPool::new("test-io", 2, MAX_WAITING);
+        // Two jobs hold both threads until `open` (set on the way out, so the pool's drop
+        // never waits for them).
+        let open = Arc::new(AtomicBool::new(false));
+        let _open = SetOnDrop(open.clone());
+        let started = Arc::new(Barrier::new(3));
+        for _ in 0..2 {
+            let (open, started) = (open.clone(), started.clone());
+            pool.submit(move || {
+                started.wait();
+                while !open.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            });
+        }
+        started.wait();
+        let submitter = std::thread::current().id();
+        let on_submitter = Arc::new(AtomicUsize::new(0));
+        let done = Arc::new(AtomicUsize::new(0));
+        for _ in 0..100 {
+            let (on_submitter, done) = (on_submitter.clone(), done.clone());
+            pool.submit(move || {
+                if std::thread::current().id() == submitter {
+                    on_submitter.fetch_add(1, Ordering::SeqCst);
+                }
+                done.fetch_add(1, Ordering::SeqCst);
+            });
+            assert!(pool.shared.lock().jobs.len() <= MAX_WAITING);
+        }
+        assert_eq!(on_submitter.load(Ordering::SeqCst), 100 - MAX_WAITING);
+        open.store(true, Ordering::SeqCst);
+        while done.load(Ordering::SeqCst) < 100 {
+            std::thread::yield_now();
+        }
+    }
+
     #[test]
     fn dropping_waits_for_running_jobs_and_discards_queued_ones() {
-        let pool = IoPool::new("test-io", 1);
+        let pool = IoPool::new("test-io", 1, 8);
         let started = Arc::new(Barrier::new(2));
         let finished = Arc::new(AtomicUsize::new(0));
         {

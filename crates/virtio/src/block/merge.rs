@@ -9,8 +9,7 @@ use std::sync::Arc;
 
 use virtio_queue::DescriptorChain;
 
-use super::{parse_request, request_type, Executor, Request, SECTOR_SIZE};
-use crate::queue::chain_buffers;
+use super::{parse_request, request_buffers, request_type, Executor, Request, SECTOR_SIZE};
 use crate::GuestMemory;
 
 /// Largest merged transfer.
@@ -22,7 +21,7 @@ type Chain = DescriptorChain<Arc<GuestMemory>>;
 
 /// Where a read or write request's data goes: its kind, first byte and length.
 fn extent(chain: &Chain, mem: &GuestMemory) -> Option<(u32, u64, u64, usize)> {
-    let request = chain_buffers(chain.clone(), mem)
+    let request = request_buffers(chain.clone(), mem)
         .ok()
         .and_then(|b| parse_request(b).ok())?;
     let (data, segments) = data_of(&request)?;
@@ -111,7 +110,7 @@ impl Executor {
     fn serve_merged(&self, chains: &[Chain], mem: &GuestMemory) -> Option<Vec<(u16, u32)>> {
         let mut requests = Vec::with_capacity(chains.len());
         for chain in chains {
-            let buffers = chain_buffers(chain.clone(), mem).ok()?;
+            let buffers = request_buffers(chain.clone(), mem).ok()?;
             requests.push((chain.head_index(), parse_request(buffers).ok()?));
         }
         let kind = requests.first()?.1.kind;

@@ -27,7 +27,7 @@ fn setup(read_only: bool) -> Setup {
 
 /// A raw image of `size` bytes whose sector i holds the byte i (mod 256).
 fn setup_sized(read_only: bool, size: usize) -> Setup {
-    let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 0x20_0000)]).unwrap();
+    let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
     let mut file = tempfile::NamedTempFile::new().unwrap();
     let contents: Vec<u8> = (0..size)
         .map(|i| (i / SECTOR_SIZE as usize) as u8)
@@ -319,6 +319,78 @@ fn a_descriptor_loop_ends() {
     let chain = queue.build_multiple_desc_chains(&looping).unwrap();
     // Must return (the chain iterator stops after queue-size descriptors).
     let _ = s.executor.serve(chain, &s.mem);
+}
+
+/// Where [`serve_indirect`] puts its table (up to 65535 descriptors, 1 MiB).
+const TABLE: u64 = 0x20_0000;
+
+/// Serves a request whose descriptors, `(address, length, writable)` chained in order, sit in
+/// an indirect table; returns (used length, status byte).
+fn serve_indirect(s: &mut Setup, descs: &[(u64, u32, bool)]) -> (u32, u8) {
+    use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT};
+    s.mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+    for (i, &(addr, len, writable)) in descs.iter().enumerate() {
+        let mut flags = if writable { VRING_DESC_F_WRITE } else { 0 };
+        if i + 1 < descs.len() {
+            flags |= VRING_DESC_F_NEXT;
+        }
+        let desc = Descriptor::new(addr, len, flags as u16, (i + 1) as u16);
+        let at = GuestAddress(TABLE + 16 * i as u64);
+        s.mem.write_obj(RawDescriptor::from(desc), at).unwrap();
+    }
+    let queue = MockSplitQueue::new(&s.mem, 16);
+    let table_len = (descs.len() * 16) as u32;
+    let head = Descriptor::new(TABLE, table_len, VRING_DESC_F_INDIRECT as u16, 0);
+    let chain = queue
+        .build_desc_chain(&[RawDescriptor::from(head)])
+        .unwrap();
+    let used = s.executor.serve(chain, &s.mem);
+    (used, s.mem.read_obj(GuestAddress(STATUS)).unwrap())
+}
+
+/// A read of one sector at 0 in `segments` data segments (all but the last 2 bytes long).
+fn read_in_segments(segments: u32) -> Vec<(u64, u32, bool)> {
+    let mut descs = vec![(HEADER, 16, false)];
+    for i in 0..segments - 1 {
+        descs.push((DATA + 2 * u64::from(i), 2, true));
+    }
+    descs.push((DATA + 0x1000, 512 - 2 * (segments - 1), true));
+    descs.push((STATUS, 1, true));
+    descs
+}
+
+#[test]
+fn a_request_with_more_segments_than_seg_max_gets_an_io_error() {
+    let mut s = setup(false);
+    header(&s, request_type::IN, 0);
+    let seg_max = u32::from_le_bytes(config_space(1, 1)[12..16].try_into().unwrap());
+    assert_eq!(
+        serve_indirect(&mut s, &read_in_segments(seg_max)),
+        (513, status::OK)
+    );
+    assert_eq!(
+        serve_indirect(&mut s, &read_in_segments(seg_max + 1)),
+        (1, status::IOERR)
+    );
+    assert_eq!(s.executor.counters().get(counter::ERRORS), 1);
+}
+
+#[test]
+fn the_longest_indirect_chain_is_answered_an_io_error() {
+    // 65535 descriptors: the header, 65533 data segments (512 KiB in all), the status byte.
+    let mut s = setup_sized(false, 1 << 20);
+    header(&s, request_type::IN, 0);
+    let mut descs = vec![(HEADER, 16, false)];
+    descs.extend((0..65532).map(|_| (DATA, 8, true)));
+    descs.push((DATA, 32, true));
+    descs.push((STATUS, 1, true));
+    assert_eq!(descs.len(), 65535);
+    assert_eq!(serve_indirect(&mut s, &descs), (1, status::IOERR));
+    // Ending in a device-readable descriptor, it has no status byte: nothing is written.
+    *descs.last_mut().unwrap() = (HEADER, 16, false);
+    assert_eq!(serve_indirect(&mut s, &descs), (0, 0xff));
+    assert_eq!(s.executor.counters().get(counter::ERRORS), 2);
+    assert_eq!(s.executor.counters().get(counter::READ_REQUESTS), 0);
 }
 
 #[test]

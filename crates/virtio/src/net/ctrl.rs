@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::counters::Counters;
 use crate::device::VirtioInterrupt;
-use crate::queue::{chain_buffers, DeviceQueue};
+use crate::queue::{chain_buffers_limited, DeviceQueue};
 use crate::worker::{Poll, Worker};
 use crate::GuestMemory;
 
@@ -28,6 +28,9 @@ pub const ACK_OK: u8 = 0;
 pub const ACK_ERR: u8 = 1;
 /// The most command bytes read: MQ's command is 4; longer ones (MAC tables) are refused.
 const MAX_COMMAND: usize = 64;
+/// The most descriptors of one command (drivers use 3 or 4); a longer chain is not walked
+/// further and gets no answer.
+const MAX_COMMAND_DESCRIPTORS: usize = 64;
 
 /// A command, decoded from the driver-readable bytes of a chain.
 #[derive(Debug, PartialEq, Eq)]
@@ -219,7 +222,7 @@ impl CtrlWorker {
         let pairs = &mut self.pairs;
         let mut broken = false;
         self.queue.process(&mem, self.interrupt.as_ref(), |chain| {
-            let Ok(buffers) = chain_buffers(chain, &mem) else {
+            let Ok(buffers) = chain_buffers_limited(chain, &mem, MAX_COMMAND_DESCRIPTORS) else {
                 counters.add(counter::ERRORS, 1);
                 return 0;
             };

@@ -13,7 +13,7 @@ use super::ctrl::{CtrlWorker, PairGate, PairSwitch};
 use super::rx_buffers::RxBuffers;
 use super::{new_counters, NetWorker, Tap, MAX_PACKET, PACKETS_PER_PASS, TOKEN_TAP};
 use crate::device::{ActiveQueue, Silent, VirtioInterrupt};
-use crate::queue::DeviceQueue;
+use crate::queue::{BrokenBy, DeviceQueue};
 use crate::worker::Poll;
 use crate::GuestMemory;
 
@@ -100,6 +100,22 @@ impl Harness {
             .as_mut()
             .is_none_or(|ctrl| matches!(ctrl.serve(), Ok(false)))
     }
+
+    /// Per queue (receive, transmit, control): the chains the device holds, and whether the
+    /// queue broke and by whose fault. Between steps, a queue that did not break holds only
+    /// receive chains kept for packets.
+    pub fn queue_states(&self) -> Vec<(usize, Option<BrokenBy>)> {
+        [&self.pair.rx, &self.pair.tx]
+            .into_iter()
+            .chain(self.ctrl.as_ref().map(|ctrl| &ctrl.queue))
+            .map(|q| (q.in_flight(), q.broken_by()))
+            .collect()
+    }
+
+    /// The receive chains kept for packets to come.
+    pub fn held_receive_chains(&self) -> usize {
+        self.pair.rx_buffers.len()
+    }
 }
 
 #[cfg(test)]
@@ -163,5 +179,55 @@ mod tests {
         assert!(net.control());
         let answer: u8 = mem.read_obj(GuestAddress(0xa080)).unwrap();
         assert_eq!(answer, super::super::ctrl::ACK_OK);
+    }
+
+    /// A command in more descriptors than any driver uses is not walked to its end: no answer,
+    /// and the chain comes back empty.
+    #[test]
+    fn a_command_in_too_many_descriptors_gets_no_answer() {
+        use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_INDIRECT;
+        const TABLE: u64 = 0x4_0000;
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let queues: Vec<_> = [0, 0x1000, 0x2000]
+            .map(|at| MockSplitQueue::create(&mem, GuestAddress(at), 8))
+            .into();
+        // Class MQ, VQ_PAIRS_SET, 1 pair: then 63 empty descriptors, then the answer byte.
+        mem.write_slice(&[4, 0, 1, 0], GuestAddress(0xa000))
+            .unwrap();
+        mem.write_obj(0xffu8, GuestAddress(0xa080)).unwrap();
+        let descs = std::iter::once((0xa000, 4, 0))
+            .chain((0..63).map(|_| (0xa000, 0, 0)))
+            .chain(std::iter::once((0xa080, 1, VRING_DESC_F_WRITE)));
+        let count = descs.clone().count();
+        for (i, (addr, len, flags)) in descs.enumerate() {
+            let next = if i + 1 < count { VRING_DESC_F_NEXT } else { 0 };
+            let desc = Descriptor::new(addr, len, (flags | next) as u16, i as u16 + 1);
+            let at = GuestAddress(TABLE + 16 * i as u64);
+            mem.write_obj(RawDescriptor::from(desc), at).unwrap();
+        }
+        let indirect = Descriptor::new(TABLE, 16 * count as u32, VRING_DESC_F_INDIRECT as u16, 0);
+        queues[2]
+            .add_desc_chains(&[RawDescriptor::from(indirect)], 0)
+            .unwrap();
+        let (_host, guest_end) = UnixDatagram::pair().unwrap();
+        let tap = Arc::new(Tap::from_file(std::fs::File::from(
+            std::os::fd::OwnedFd::from(guest_end),
+        )));
+        let mut net = Harness::new(
+            Arc::new(mem.clone()),
+            [
+                queues[0].create_queue().unwrap(),
+                queues[1].create_queue().unwrap(),
+            ],
+            Some(queues[2].create_queue().unwrap()),
+            tap,
+            true,
+        )
+        .unwrap();
+        assert!(net.control());
+        let answer: u8 = mem.read_obj(GuestAddress(0xa080)).unwrap();
+        assert_eq!(answer, 0xff, "not answered");
+        let used = queues[2].used().ring().ref_at(0).unwrap().load();
+        assert_eq!((queues[2].used().idx().load(), used.len()), (1, 0));
     }
 }

@@ -11,7 +11,8 @@
 //! When the driver has given room for the largest packet, packets are read from the TAP straight
 //! into its buffers (no copy in between); otherwise through a bounce buffer, so a packet is
 //! never cut short. When the driver has no receive buffers left, the packet waits (the TAP is
-//! not read) until the driver adds some.
+//! not read) until the driver adds some. A receive chain the device cannot write into goes
+//! back at once, empty; one too short for the virtio-net header makes the device need a reset.
 
 pub mod ctrl;
 pub mod harness;
@@ -30,7 +31,7 @@ use vm_memory::VolatileSlice;
 
 use crate::counters::Counters;
 use crate::device::{read_config_bytes, ActivateError, Activation, VirtioDevice, VirtioInterrupt};
-use crate::queue::{chain_buffers, DeviceQueue, QueueBroken};
+use crate::queue::{chain_buffers, chain_buffers_limited, BrokenCause, DeviceQueue, QueueBroken};
 use crate::worker::{Poll, Worker, WorkerHandle};
 use crate::{device_type, GuestMemory};
 
@@ -45,6 +46,9 @@ const NUM_BUFFERS_OFFSET: usize = 10;
 /// virtio-net headers; twice that leaves room for any TAP quirk (a short buffer would
 /// silently truncate a packet).
 const MAX_PACKET: usize = 128 << 10;
+/// Most buffers of one packet to transmit: the kernel's IOV_MAX, the most one write takes (a
+/// packet in more could only be sent cut short).
+const MAX_TX_SEGMENTS: usize = 1024;
 /// Most packets placed in one receive pass.
 const PACKETS_PER_PASS: usize = 256;
 const TOKEN_RX: u64 = 0;
@@ -305,6 +309,25 @@ fn receive_buffers<'m>(
     }
 }
 
+/// Writes `num_buffers` into the virtio-net header at the start of `buffers`; false if they
+/// are too short to hold it.
+fn write_num_buffers(buffers: &[VolatileSlice<'_, ()>], num_buffers: u16) -> bool {
+    let mut header = Slices::new(buffers);
+    if header.len() < HEADER_LEN as u64 || header.advance(NUM_BUFFERS_OFFSET).is_err() {
+        return false;
+    }
+    let Ok(field) = header.take(2) else {
+        return false;
+    };
+    let bytes = num_buffers.to_le_bytes();
+    let mut at = 0;
+    for slice in field {
+        slice.copy_from(&bytes[at..at + slice.len()]);
+        at += slice.len();
+    }
+    true
+}
+
 /// Why a packet could not be received.
 enum ReceiveError {
     Tap(io::Error),
@@ -338,8 +361,10 @@ impl NetWorker {
         let tap = self.tap.clone();
         let c = self.counters.clone();
         self.tx.process(&mem, self.interrupt.as_ref(), |chain| {
-            match chain_buffers(chain, &mem) {
-                Ok(buffers) if buffers.writable.is_empty() => {
+            match chain_buffers_limited(chain, &mem, MAX_TX_SEGMENTS) {
+                Ok(buffers)
+                    if buffers.writable.is_empty() && buffers.readable.len() <= MAX_TX_SEGMENTS =>
+                {
                     let slices = Slices::new(&buffers.readable);
                     let len = slices.len();
                     if !(HEADER_LEN as u64..=MAX_PACKET as u64).contains(&len) {
@@ -456,15 +481,12 @@ impl NetWorker {
         let chains = self.rx_buffers.claim(len);
         if let Some(first) = chains.first() {
             let buffers = receive_buffers(&first.chain, mem);
-            let mut header = Slices::new(&buffers);
-            header
-                .advance(NUM_BUFFERS_OFFSET)
-                .map_err(ReceiveError::Tap)?;
-            let num_buffers = (chains.len() as u16).to_le_bytes();
-            let mut at = 0;
-            for slice in header.take(2).map_err(ReceiveError::Tap)? {
-                slice.copy_from(&num_buffers[at..at + slice.len()]);
-                at += slice.len();
+            if !write_num_buffers(&buffers, chains.len() as u16) {
+                // Every chain taken holds the header; one that no longer does (the driver
+                // rewrote its descriptors) breaks the queue, not the worker.
+                return Err(ReceiveError::Queue(self.rx.fail(BrokenCause::Buffer(
+                    "a receive buffer is shorter than the virtio-net header",
+                ))));
             }
         }
         let mut left = len;
@@ -544,16 +566,25 @@ impl NetWorker {
             .add(counter::RX_BYTES, (len - HEADER_LEN) as u64);
     }
 
-    /// Takes one more receive chain from the driver; false if it has none. A first buffer too
-    /// small for even the header goes back empty.
+    /// Takes one more receive chain from the driver; false if it has none. A chain the device
+    /// cannot write a byte into (device-readable or outside guest memory) goes back at once,
+    /// empty, so the driver gets it back instead of the device holding it for ever. One with
+    /// room for less than the virtio-net header breaks the queue: with mergeable buffers the
+    /// spec requires every buffer to hold the header (5.1.6.3.1), and without them no packet
+    /// fits.
     fn take_rx_chain(&mut self, mem: &GuestMemory) -> Result<bool, QueueBroken> {
         let Some(chain) = self.rx.pop(self.memory.clone())? else {
             return Ok(false);
         };
         let buffers = receive_buffers(&chain, mem);
         let room = block::slices_len(&buffers) as usize;
-        if self.rx_buffers.is_empty() && room < HEADER_LEN {
+        if room == 0 {
+            self.counters.add(counter::ERRORS, 1);
             self.rx.add_used(mem, chain.head_index(), 0)?;
+        } else if room < HEADER_LEN {
+            return Err(self.rx.fail(BrokenCause::Buffer(
+                "a receive buffer is shorter than the virtio-net header",
+            )));
         } else {
             self.rx_buffers.push(chain, &buffers);
         }
@@ -629,19 +660,32 @@ mod receive_tests {
 
     /// A worker whose receive queue holds `buffers` one-descriptor chains of 4 KiB.
     fn setup(buffers: u16, mergeable: bool) -> (Setup, MockSplitQueue<'static, GuestMemory>) {
+        setup_chains(&vec![(BUFFER_LEN, true); usize::from(buffers)], mergeable)
+    }
+
+    /// A worker whose receive queue holds one one-descriptor chain per `(length, writable)`,
+    /// their buffers one after another from BUFFERS, each on a 4 KiB boundary.
+    fn setup_chains(
+        chains: &[(u32, bool)],
+        mergeable: bool,
+    ) -> (Setup, MockSplitQueue<'static, GuestMemory>) {
         let mem: &'static GuestMemory = Box::leak(Box::new(
             GuestMemory::from_ranges(&[(GuestAddress(0), 0x80_0000)]).unwrap(),
         ));
         let rx = MockSplitQueue::create(mem, GuestAddress(0), 256);
         let tx = MockSplitQueue::create(mem, GuestAddress(0x8_0000), 16);
-        let descs: Vec<_> = (0..u64::from(buffers))
-            .map(|i| {
-                RawDescriptor::from(Descriptor::new(
-                    BUFFERS + i * u64::from(BUFFER_LEN),
-                    BUFFER_LEN,
-                    VRING_DESC_F_WRITE as u16,
-                    0,
-                ))
+        let mut at = BUFFERS;
+        let descs: Vec<_> = chains
+            .iter()
+            .map(|&(len, writable)| {
+                let flags = if writable {
+                    VRING_DESC_F_WRITE as u16
+                } else {
+                    0
+                };
+                let desc = RawDescriptor::from(Descriptor::new(at, len, flags, 0));
+                at += u64::from(len).next_multiple_of(4096);
+                desc
             })
             .collect();
         rx.add_desc_chains(&descs, 0).unwrap();
@@ -776,6 +820,88 @@ mod receive_tests {
         assert_eq!(used(&rx).len(), 2, "two packets in the first pass");
         s.worker.receive(&s.poll).unwrap().unwrap();
         assert_eq!(used(&rx), vec![(0, 100), (1, 100), (2, 100)]);
+    }
+
+    /// Remembers whether the device asked for a reset.
+    #[derive(Default)]
+    struct ResetFlag(std::sync::atomic::AtomicBool);
+
+    impl VirtioInterrupt for ResetFlag {
+        fn notify_queue(&self, _index: u16) {}
+        fn notify_config(&self) {}
+        fn needs_reset(&self) {
+            self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn receive_chains_the_device_cannot_write_go_back_at_once_empty() {
+        let chains = [(4096, true), (64, false), (64, false), (4096, true)];
+        let (mut s, rx) = setup_chains(&chains, true);
+        s.worker.receive(&s.poll).unwrap().unwrap();
+        assert_eq!(used(&rx), vec![(1, 0), (2, 0)]);
+        assert_eq!(s.worker.rx_buffers.len(), 2, "the writable ones are kept");
+        assert_eq!(s.worker.counters.get(counter::ERRORS), 2);
+        s.host.send(&packet(5000, 3)).unwrap();
+        s.worker.receive(&s.poll).unwrap().unwrap();
+        assert_eq!(used(&rx), vec![(1, 0), (2, 0), (0, 4096), (3, 904)]);
+    }
+
+    #[test]
+    fn a_receive_buffer_shorter_than_the_header_breaks_the_device_not_the_worker() {
+        // Once the first packet took chain 0, the 5-byte chain would come first.
+        let chains = [(100, true), (5, true), (MAX_PACKET as u32, true)];
+        let (mut s, rx) = setup_chains(&chains, true);
+        let reset = Arc::new(ResetFlag::default());
+        s.worker.interrupt = reset.clone();
+        s.host.send(&packet(100, 1)).unwrap();
+        s.host.send(&packet(200, 2)).unwrap();
+        assert!(
+            s.worker.handle(TOKEN_TAP, &s.poll).is_ok(),
+            "the worker thread goes on"
+        );
+        assert!(reset.0.load(std::sync::atomic::Ordering::SeqCst));
+        // The broken queue is left alone; the worker still answers.
+        assert!(s.worker.handle(TOKEN_RX, &s.poll).is_ok());
+        assert!(s.worker.handle(TOKEN_TAP, &s.poll).is_ok());
+        assert!(used(&rx).len() <= 1);
+    }
+
+    #[test]
+    fn a_packet_in_more_buffers_than_one_write_takes_is_dropped_not_cut_short() {
+        use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT};
+        const TABLE: u64 = 0x40_0000;
+        let (mut s, _rx) = setup(0, true);
+        let tx = MockSplitQueue::create(&*s.mem, GuestAddress(0x8_0000), 16);
+        s.host.set_nonblocking(true).unwrap();
+        let mut got = [0u8; 4096];
+        // Packets of `buffers` 2-byte buffers, in an indirect table.
+        for (head, buffers) in [(0u16, MAX_TX_SEGMENTS), (1, MAX_TX_SEGMENTS + 1)] {
+            for i in 0..buffers {
+                let next = if i + 1 < buffers {
+                    VRING_DESC_F_NEXT
+                } else {
+                    0
+                };
+                let desc = Descriptor::new(0x50_0000 + 2 * i as u64, 2, next as u16, i as u16 + 1);
+                let at = GuestAddress(TABLE + 16 * i as u64);
+                s.mem.write_obj(RawDescriptor::from(desc), at).unwrap();
+            }
+            let len = 16 * buffers as u32;
+            let indirect = Descriptor::new(TABLE, len, VRING_DESC_F_INDIRECT as u16, 0);
+            tx.add_desc_chains(&[RawDescriptor::from(indirect)], head)
+                .unwrap();
+            s.worker.transmit().unwrap();
+            let sent = s.host.recv(&mut got).ok();
+            if buffers == MAX_TX_SEGMENTS {
+                assert_eq!(sent, Some(2 * MAX_TX_SEGMENTS));
+            } else {
+                assert_eq!(sent, None, "nothing sent, not {sent:?} bytes");
+            }
+        }
+        assert_eq!(tx.used().idx().load(), 2, "both chains are returned");
+        assert_eq!(s.worker.counters.get(counter::TX_PACKETS), 1);
+        assert_eq!(s.worker.counters.get(counter::ERRORS), 1);
     }
 
     #[test]

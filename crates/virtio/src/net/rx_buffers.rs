@@ -46,7 +46,7 @@ impl RxBuffers {
         self.chains.is_empty()
     }
 
-    #[cfg(test)]
+    /// Chains held.
     pub fn len(&self) -> usize {
         self.chains.len()
     }
