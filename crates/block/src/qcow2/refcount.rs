@@ -4,6 +4,10 @@
 //! Writes happen in an order that never lets metadata point at a cluster whose refcount is not
 //! on disk: a new refcount block is written before the table entry that points at it, and a
 //! new table before the header points at it (with a flush in between).
+//!
+//! The refcounts alone are not trusted to say a cluster is free: every cluster handed out is
+//! first checked against the [`MetadataMap`] of the image's known metadata, which the
+//! allocator keeps (its own table and blocks) and the image updates (everything else).
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -11,14 +15,15 @@ use std::io;
 use std::os::unix::fs::FileExt;
 
 use super::corrupt;
+use super::metadata::{MetadataError, MetadataMap, Structure};
 
 /// Entries per refcount block for a cluster size and refcount width.
-fn entries_per_block(cluster_bits: u32, refcount_order: u32) -> u64 {
+pub(super) fn entries_per_block(cluster_bits: u32, refcount_order: u32) -> u64 {
     (1u64 << (cluster_bits + 3)) >> refcount_order
 }
 
 /// Decodes entry `index` of a refcount block of `bits`-bit entries.
-fn decode(bits: u64, block: &[u8], index: u64) -> u64 {
+pub(super) fn decode(bits: u64, block: &[u8], index: u64) -> u64 {
     if bits >= 8 {
         let width = (bits / 8) as usize;
         let at = index as usize * width;
@@ -32,7 +37,12 @@ fn decode(bits: u64, block: &[u8], index: u64) -> u64 {
 }
 
 /// Encodes `value` into entry `index`; returns the byte range that changed.
-fn encode(bits: u64, block: &mut [u8], index: u64, value: u64) -> std::ops::Range<usize> {
+pub(super) fn encode(
+    bits: u64,
+    block: &mut [u8],
+    index: u64,
+    value: u64,
+) -> std::ops::Range<usize> {
     if bits >= 8 {
         let width = (bits / 8) as usize;
         let at = index as usize * width;
@@ -61,6 +71,8 @@ pub struct Refcounts {
     /// One past the highest cluster given a refcount in this session (it may not be written
     /// yet, so the file's length alone does not tell where free space starts).
     end: u64,
+    /// Where metadata is: never handed out, whatever the refcounts say.
+    metadata: MetadataMap,
 }
 
 /// Where the refcount table lives after it grew.
@@ -73,7 +85,7 @@ pub struct TableMove {
 const OFFSET_MASK: u64 = 0xffff_ffff_ffff_fe00;
 
 impl Refcounts {
-    /// Loads the refcount table.
+    /// Loads the refcount table; the metadata map starts with it and its blocks.
     pub fn load(
         file: &File,
         cluster_bits: u32,
@@ -98,11 +110,26 @@ impl Refcounts {
         // Every block must exist and count its own clusters: a block shared by several table
         // entries (or past the end of the file) would make allocation scan forever.
         let file_len = file.metadata()?.len();
-        let mut seen = std::collections::HashSet::new();
+        let mut metadata = MetadataMap::new(cluster_bits);
+        metadata.add_extent(0, 1 << cluster_bits, Structure::Header)?;
+        metadata.add_extent(offset, len as u64, Structure::RefcountTable)?;
         for &block in table.iter().filter(|&&b| b != 0) {
-            if block % (1 << cluster_bits) != 0 || block >= file_len || !seen.insert(block) {
-                return Err(corrupt(format!("invalid refcount block offset {block:#x}")));
+            let what = Structure::RefcountBlock;
+            if block % (1 << cluster_bits) != 0 {
+                return Err(MetadataError::Unaligned {
+                    what,
+                    offset: block,
+                }
+                .into());
             }
+            if block >= file_len {
+                return Err(MetadataError::PastEnd {
+                    what,
+                    offset: block,
+                }
+                .into());
+            }
+            metadata.add_refcount_block(block)?;
         }
         Ok(Refcounts {
             cluster_bits,
@@ -112,7 +139,24 @@ impl Refcounts {
             blocks: HashMap::new(),
             free_hint: 0,
             end: 0,
+            metadata,
         })
+    }
+
+    /// Refcount table entry `index` (a block's offset, or 0).
+    #[cfg(test)]
+    pub fn table_entry(&self, index: usize) -> u64 {
+        self.table.get(index).copied().unwrap_or(0)
+    }
+
+    /// Where the image's metadata is.
+    pub fn metadata(&self) -> &MetadataMap {
+        &self.metadata
+    }
+
+    /// For the image to record the structures it places, moves and frees.
+    pub fn metadata_mut(&mut self) -> &mut MetadataMap {
+        &mut self.metadata
     }
 
     fn cluster_size(&self) -> u64 {
@@ -275,6 +319,8 @@ impl Refcounts {
             ));
         }
         let offset = first << self.cluster_bits;
+        self.metadata
+            .check_write(first..first + 1, "a new refcount block")?;
         let mut block = vec![0u8; self.cluster_size() as usize];
         encode(self.bits(), &mut block, 0, 1);
         file.write_all_at(&block, offset)?;
@@ -285,6 +331,7 @@ impl Refcounts {
         )?;
         self.table[table_index] = offset;
         self.blocks.insert(offset, block);
+        self.metadata.add_refcount_block(offset)?;
         self.end = self.end.max(first + 1);
         Ok(())
     }
@@ -309,9 +356,18 @@ impl Refcounts {
         Ok(moves)
     }
 
-    /// Allocates `count` contiguous clusters (refcount 1 each); returns the first's offset
-    /// and where the table moved, if it did.
-    pub fn allocate(&mut self, file: &File, count: u64) -> io::Result<(u64, Vec<TableMove>)> {
+    /// Allocates `count` contiguous clusters (refcount 1 each) for `purpose`; returns the
+    /// first's offset and where the table moved, if it did. Free clusters that hold known
+    /// metadata (the refcounts lie) are refused, not handed out.
+    pub fn allocate(
+        &mut self,
+        file: &File,
+        count: u64,
+        purpose: &'static str,
+    ) -> io::Result<(u64, Vec<TableMove>)> {
+        if count == 0 {
+            return Err(io::Error::other("allocation of no clusters"));
+        }
         let mut moves = Vec::new();
         loop {
             let mut start = self.free_hint;
@@ -333,6 +389,7 @@ impl Refcounts {
             if !still_free {
                 continue;
             }
+            self.metadata.check_write(start..start + count, purpose)?;
             moves.extend(self.set_run(file, start, count, 1)?);
             self.free_hint = start + count;
             return Ok((start << self.cluster_bits, moves));
@@ -374,6 +431,8 @@ impl Refcounts {
             }
             counted += 1;
         }
+        self.metadata
+            .check_write(table_start..next, "a new refcount table")?;
         let old_table = (
             self.table_offset >> self.cluster_bits,
             (self.table.len() / per_cluster) as u64,
@@ -414,6 +473,16 @@ impl Refcounts {
         fields[8..].copy_from_slice(&(table_clusters as u32).to_be_bytes());
         file.write_all_at(&fields, super::header::REFCOUNT_TABLE_FIELDS)?;
         file.sync_data()?;
+        self.metadata
+            .remove_extent(old_table.0 << self.cluster_bits);
+        self.metadata.add_extent(
+            self.table_offset,
+            table_clusters * cluster_size,
+            Structure::RefcountTable,
+        )?;
+        for &offset in &new_blocks {
+            self.metadata.add_refcount_block(offset)?;
+        }
         for cluster in old_table.0..old_table.0 + old_table.1 {
             self.set(file, cluster, 0)?;
         }
