@@ -70,13 +70,17 @@ pub enum MetadataError {
         what: Structure,
         offset: u64,
     },
+    /// A refcount about to drop to 0 while metadata is in the cluster (a table also names it
+    /// as data): freed, it would be handed out again.
+    #[error("refusing to free the cluster at offset {offset:#x}: {what} is there")]
+    Free { what: Structure, offset: u64 },
 }
 
 impl MetadataError {
     /// What to do about it, appended to the message.
     fn hint(&self) -> &'static str {
         match self {
-            MetadataError::WriteOver { .. } => {
+            MetadataError::WriteOver { .. } | MetadataError::Free { .. } => {
                 "; the image is now marked corrupt: `ferro img check` lists what is wrong"
             }
             MetadataError::Unreferenced { .. } | MetadataError::SharedButCopied { .. } => {
@@ -98,12 +102,14 @@ impl From<MetadataError> for io::Error {
     }
 }
 
-/// Whether `e` is a write refused because metadata is where it would land.
-pub fn is_write_over(e: &io::Error) -> bool {
+/// Whether `e` refused a write over metadata, or freeing it: the image must be marked corrupt.
+pub fn is_refused_update(e: &io::Error) -> bool {
     matches!(
         e.get_ref()
             .and_then(|inner| inner.downcast_ref::<Corrupt>()),
-        Some(Corrupt(MetadataError::WriteOver { .. }))
+        Some(Corrupt(
+            MetadataError::WriteOver { .. } | MetadataError::Free { .. }
+        ))
     )
 }
 
@@ -257,23 +263,32 @@ impl MetadataMap {
         Ok(())
     }
 
-    /// Every structure with its clusters, extents first, then refcount blocks, then L2 tables
-    /// (each in ascending order).
-    pub fn all(&self) -> impl Iterator<Item = (Structure, Range<u64>)> + '_ {
+    /// Every metadata cluster with its structure, in file order.
+    pub fn clusters_in_order(&self) -> impl Iterator<Item = (u64, Structure)> + '_ {
         let extents = self
             .extents
             .iter()
-            .map(|(&start, &(end, what))| (what, start..end));
+            .flat_map(|(&start, &(end, what))| (start..end).map(move |c| (c, what)));
         let blocks = self
             .refcount_blocks
             .iter()
-            .map(|&c| (Structure::RefcountBlock, c..c + 1));
-        let l2 = self
-            .l2_tables
-            .iter()
-            .map(|&c| (Structure::L2Table, c..c + 1));
-        extents.chain(blocks).chain(l2)
+            .map(|&c| (c, Structure::RefcountBlock));
+        let l2 = self.l2_tables.iter().map(|&c| (c, Structure::L2Table));
+        merge(merge(extents, blocks), l2)
     }
+}
+
+/// Two ascending sequences of clusters as one.
+fn merge(
+    a: impl Iterator<Item = (u64, Structure)>,
+    b: impl Iterator<Item = (u64, Structure)>,
+) -> impl Iterator<Item = (u64, Structure)> {
+    let (mut a, mut b) = (a.peekable(), b.peekable());
+    std::iter::from_fn(move || match (a.peek(), b.peek()) {
+        (Some(x), Some(y)) if y.0 < x.0 => b.next(),
+        (Some(_), _) => a.next(),
+        (None, _) => b.next(),
+    })
 }
 
 #[cfg(test)]
@@ -332,6 +347,22 @@ mod tests {
         assert_eq!(map.find(2..3), None);
         map.replace_l2_tables([8192, 12288]).unwrap();
         assert_eq!(map.find(1..2), None);
-        assert_eq!(map.all().count(), 3);
+        assert_eq!(map.clusters_in_order().count(), 3);
+        map.add_refcount_block(5 * 4096).unwrap();
+        map.add_extent(6 * 4096, 2 * 4096, Structure::L1Table)
+            .unwrap();
+        let order: Vec<(u64, Structure)> = map.clusters_in_order().collect();
+        use Structure::*;
+        assert_eq!(
+            order,
+            [
+                (0, Header),
+                (2, L2Table),
+                (3, L2Table),
+                (5, RefcountBlock),
+                (6, L1Table),
+                (7, L1Table)
+            ]
+        );
     }
 }

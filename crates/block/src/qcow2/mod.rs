@@ -208,11 +208,11 @@ impl Qcow2Image {
         host >> self.header.cluster_bits
     }
 
-    /// Marks the image corrupt after `e`, if `e` is a write refused because metadata is where
-    /// it would land: the corrupt bit goes into the header (version 3) and nothing else is
-    /// written from now on (QEMU's reaction too).
+    /// Marks the image corrupt after `e`, if `e` refused a write over metadata (or freeing
+    /// it): the corrupt bit goes into the header (version 3) and nothing else is written from
+    /// now on (QEMU's reaction too).
     fn on_error(&mut self, e: io::Error) -> io::Error {
-        if !metadata::is_write_over(&e) || self.broken {
+        if !metadata::is_refused_update(&e) || self.broken {
             return e;
         }
         self.broken = true;

@@ -247,7 +247,7 @@ impl Qcow2Image {
         let snapshot = &all[index];
         let target = self.read_l1(snapshot.l1_table_offset, snapshot.l1_size)?;
         // Its L2 tables become active ones: they must be sound, as at open.
-        self.check_l2_tables(&target, false)?;
+        self.check_l2_tables(&target)?;
         if let Some(size) = snapshot.disk_size {
             let needed = header::Header::l1_entries_for(size, self.header.cluster_bits);
             if u64::from(snapshot.l1_size) < needed {

@@ -4,13 +4,14 @@
 //! whose refcounts call metadata free would have it overwritten by the next allocation.
 //!
 //! The cost stays small for large images: L2 tables are located from the L1 table and their
-//! refcounts looked up in the refcount blocks; no L2 table is read. Images with the dirty bit
+//! refcounts looked up in the refcount blocks, which are read once each, in file order, after
+//! asking the kernel to fetch them all; no L2 table is read. Images with the dirty bit
 //! (refcounts known to be stale, opened read-only only) skip the refcount part.
 
 use std::io;
 
 use super::header::incompatible;
-use super::metadata::{MetadataError, MetadataMap, Structure};
+use super::metadata::{MetadataError, Structure};
 use super::snapshot::l2_offsets;
 use super::{Qcow2Image, COPIED, OFFSET_MASK};
 
@@ -50,10 +51,7 @@ impl Qcow2Image {
             }
         }
         self.record_snapshots(&snapshots, table_len)?;
-        let l1 = std::mem::take(&mut self.l1);
-        let checked = self.check_l2_tables(&l1, true);
-        self.l1 = l1;
-        checked?;
+        self.check_l2_layout(&self.l1)?;
         self.refcounts
             .metadata_mut()
             .replace_l2_tables(l2_offsets(&self.l1))?;
@@ -68,30 +66,27 @@ impl Qcow2Image {
         self.header.incompatible_features & incompatible::DIRTY == 0
     }
 
-    /// Checks the L2 tables `l1` names, before they become the active ones: aligned, inside
-    /// the file, clear of other metadata and of each other, and in use (with the COPIED flag
-    /// only where nothing else uses them, when `check_copied`).
-    pub(super) fn check_l2_tables(&mut self, l1: &[u64], check_copied: bool) -> io::Result<()> {
+    /// The L2 table offsets `l1` names, in file order.
+    fn sorted_l2_offsets(l1: &[u64]) -> Vec<u64> {
+        let mut tables: Vec<u64> = l2_offsets(l1).collect();
+        tables.sort_unstable();
+        tables
+    }
+
+    /// Checks that the L2 tables `l1` names are aligned, inside the file, and clear of the
+    /// other metadata and of each other.
+    fn check_l2_layout(&self, l1: &[u64]) -> io::Result<()> {
         let file_len = self.file.metadata()?.len();
-        let cluster_size = self.cluster_size();
-        // In file order, so each refcount block is read once.
-        let mut tables: Vec<u64> = l1
-            .iter()
-            .copied()
-            .filter(|e| e & OFFSET_MASK != 0)
-            .collect();
-        tables.sort_unstable_by_key(|e| e & OFFSET_MASK);
+        let map = self.refcounts.metadata();
+        let what = Structure::L2Table;
         let mut previous = None;
-        for entry in tables {
-            let offset = entry & OFFSET_MASK;
-            let what = Structure::L2Table;
-            if !offset.is_multiple_of(cluster_size) {
+        for offset in Self::sorted_l2_offsets(l1) {
+            if !offset.is_multiple_of(self.cluster_size()) {
                 return Err(MetadataError::Unaligned { what, offset }.into());
             }
             if offset >= file_len {
                 return Err(MetadataError::PastEnd { what, offset }.into());
             }
-            let map = self.refcounts.metadata();
             if let Some((first, cluster)) = map.find_except_l2(map.clusters(offset, 1)) {
                 return Err(MetadataError::Overlap {
                     first,
@@ -109,50 +104,63 @@ impl Qcow2Image {
                 .into());
             }
             previous = Some(offset);
-            if !self.refcounts_trusted() {
-                continue;
-            }
-            let refcount = self
-                .refcounts
-                .get(&self.file, offset >> self.header.cluster_bits)?;
-            if refcount == 0 {
+        }
+        Ok(())
+    }
+
+    /// Checks the L2 tables of a snapshot's L1 table `l1` before it becomes the active one:
+    /// laid out as at open and in use.
+    pub(super) fn check_l2_tables(&mut self, l1: &[u64]) -> io::Result<()> {
+        self.check_l2_layout(l1)?;
+        for offset in Self::sorted_l2_offsets(l1) {
+            let cluster = offset >> self.header.cluster_bits;
+            if self.refcounts.get(&self.file, cluster)? == 0 {
+                let what = Structure::L2Table;
                 return Err(MetadataError::Unreferenced { what, offset }.into());
-            }
-            if check_copied && entry & COPIED != 0 && refcount != 1 {
-                return Err(MetadataError::SharedButCopied {
-                    what,
-                    offset,
-                    refcount,
-                }
-                .into());
             }
         }
         Ok(())
     }
 
-    /// Checks that every recorded structure other than the L2 tables (checked with their L1
-    /// entries) has a refcount.
+    /// Checks that every recorded structure has a refcount, and that the L2 tables the active
+    /// L1 table flags as its own (COPIED) have no other user: one pass in file order.
     fn check_referenced(&mut self) -> io::Result<()> {
         let map = std::mem::take(self.refcounts.metadata_mut());
-        let found = self.first_unreferenced(&map);
-        *self.refcounts.metadata_mut() = map;
-        match found? {
-            Some((what, offset)) => Err(MetadataError::Unreferenced { what, offset }.into()),
-            None => Ok(()),
-        }
-    }
-
-    fn first_unreferenced(&mut self, map: &MetadataMap) -> io::Result<Option<(Structure, u64)>> {
-        for (what, clusters) in map.all() {
-            if what == Structure::L2Table {
-                continue;
-            }
-            for cluster in clusters {
-                if self.refcounts.get(&self.file, cluster)? == 0 {
-                    return Ok(Some((what, cluster << self.header.cluster_bits)));
+        let clusters = map.clusters_in_order().map(|(cluster, _)| cluster);
+        self.refcounts.prefetch(&self.file, clusters);
+        let mut owned: Vec<u64> = self
+            .l1
+            .iter()
+            .filter(|&&e| e & COPIED != 0 && e & OFFSET_MASK != 0)
+            .map(|e| (e & OFFSET_MASK) >> self.header.cluster_bits)
+            .collect();
+        owned.sort_unstable();
+        let mut found = Ok(());
+        for (cluster, what) in map.clusters_in_order() {
+            let offset = cluster << self.header.cluster_bits;
+            let refcount = match self.refcounts.get(&self.file, cluster) {
+                Ok(refcount) => refcount,
+                Err(e) => {
+                    found = Err(e);
+                    break;
                 }
+            };
+            if refcount == 0 {
+                found = Err(MetadataError::Unreferenced { what, offset }.into());
+                break;
+            }
+            if what == Structure::L2Table && refcount != 1 && owned.binary_search(&cluster).is_ok()
+            {
+                found = Err(MetadataError::SharedButCopied {
+                    what,
+                    offset,
+                    refcount,
+                }
+                .into());
+                break;
             }
         }
-        Ok(None)
+        *self.refcounts.metadata_mut() = map;
+        found
     }
 }
