@@ -383,19 +383,76 @@ impl Refcounts {
         Ok(self.get(file, cluster)? == 0)
     }
 
-    /// Makes sure clusters `first..=last` have refcount blocks (growing the table if needed).
-    fn ensure_counted(&mut self, file: &File, first: u64, last: u64) -> io::Result<Vec<TableMove>> {
-        let per_block = self.per_block();
-        let mut moves = Vec::new();
-        for index in (first / per_block) as usize..=(last / per_block) as usize {
-            if index >= self.table.len() {
-                moves.push(self.grow_table(file, index + 1)?);
-            }
-            if self.table[index] == 0 {
-                self.create_block(file, index)?;
+    /// The first run of `count` free clusters at or after `from`.
+    fn find_free_run(&mut self, file: &File, from: u64, count: u64) -> io::Result<u64> {
+        let (mut start, mut run) = (from, 0);
+        while run < count {
+            if self.is_free(file, start + run)? {
+                run += 1;
+            } else {
+                start += run + 1;
+                run = 0;
             }
         }
-        Ok(moves)
+        Ok(start)
+    }
+
+    /// The refcount blocks clusters `start..end` lack, placed at `end`, `end + 1`, ... (their
+    /// own clusters may need blocks too, placed after them): (table index, cluster) each, and
+    /// the end of the last one. Placing them at the start of the ranges they count instead
+    /// would cut every free run at each range, and a run longer than a range would never fit.
+    fn plan_blocks(&self, start: u64, end: u64) -> (Vec<(usize, u64)>, u64) {
+        let per_block = self.per_block();
+        let mut planned: Vec<(usize, u64)> = Vec::new();
+        let mut next = end;
+        let mut counted = start;
+        while counted < next {
+            let index = (counted / per_block) as usize;
+            let has_block = self.table.get(index).is_some_and(|&b| b != 0)
+                || planned.iter().any(|&(i, _)| i == index);
+            if !has_block {
+                planned.push((index, next));
+                next += 1;
+            }
+            counted = (index as u64 + 1) * per_block;
+        }
+        (planned, next)
+    }
+
+    /// Writes the `planned` blocks (counting themselves), then points the table at them.
+    fn write_blocks(&mut self, file: &File, planned: &[(usize, u64)]) -> io::Result<()> {
+        let per_block = self.per_block();
+        let bits = self.bits();
+        let mut fresh: HashMap<usize, Vec<u8>> = planned
+            .iter()
+            .map(|&(index, _)| (index, vec![0u8; self.cluster_size() as usize]))
+            .collect();
+        for &(_, cluster) in planned {
+            let index = (cluster / per_block) as usize;
+            match fresh.get_mut(&index) {
+                Some(block) => {
+                    encode(bits, block, cluster % per_block, 1);
+                }
+                None => {
+                    self.set(file, cluster, 1)?;
+                }
+            }
+        }
+        for &(index, cluster) in planned {
+            let offset = cluster << self.cluster_bits;
+            let block = fresh.remove(&index).unwrap_or_default();
+            file.write_all_at(&block, offset)?;
+            self.blocks.insert(offset, block);
+        }
+        file.sync_data()?;
+        for &(index, cluster) in planned {
+            let offset = cluster << self.cluster_bits;
+            file.write_all_at(&offset.to_be_bytes(), self.table_offset + index as u64 * 8)?;
+            self.table[index] = offset;
+            self.metadata.add_refcount_block(offset)?;
+            self.end = self.end.max(cluster + 1);
+        }
+        Ok(())
     }
 
     /// Allocates `count` contiguous clusters (refcount 1 each) for `purpose`; returns the
@@ -410,30 +467,33 @@ impl Refcounts {
         if count == 0 {
             return Err(io::Error::other("allocation of no clusters"));
         }
+        let per_block = self.per_block();
         let mut moves = Vec::new();
+        let mut from = self.free_hint;
         loop {
-            let mut start = self.free_hint;
-            let mut run = 0;
-            while run < count {
-                if self.is_free(file, start + run)? {
-                    run += 1;
-                } else {
-                    start += run + 1;
-                    run = 0;
-                }
-            }
-            // Counting the run may place new refcount structures inside it: check again.
-            moves.extend(self.ensure_counted(file, start, start + count - 1)?);
-            let mut still_free = true;
-            for cluster in start..start + count {
-                still_free &= self.is_free(file, cluster)?;
-            }
-            if !still_free {
+            let start = self.find_free_run(file, from, count)?;
+            let (planned, end) = self.plan_blocks(start, start + count);
+            let entries = (end - 1) / per_block + 1;
+            if entries > self.table.len() as u64 {
+                // The new table may land in the run: look again.
+                moves.push(self.grow_table(file, entries as usize)?);
                 continue;
             }
-            self.metadata.check_write(start..start + count, purpose)?;
+            let mut taken = None;
+            for cluster in start + count..end {
+                if !self.is_free(file, cluster)? {
+                    taken = Some(cluster);
+                    break;
+                }
+            }
+            if let Some(cluster) = taken {
+                from = cluster + 1;
+                continue;
+            }
+            self.metadata.check_write(start..end, purpose)?;
+            self.write_blocks(file, &planned)?;
             moves.extend(self.set_run(file, start, count, 1)?);
-            self.free_hint = start + count;
+            self.free_hint = self.free_hint.max(end);
             return Ok((start << self.cluster_bits, moves));
         }
     }

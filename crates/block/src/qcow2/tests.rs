@@ -99,6 +99,39 @@ fn allocation_takes_free_clusters_in_order_and_reuses_freed_ones() {
 }
 
 #[test]
+fn a_write_longer_than_a_refcount_block_counts_takes_one_run() {
+    // 512-byte clusters: a refcount block counts 256 of them, and a 1 MiB write needs 2048
+    // consecutive new ones. New blocks used to go at the start of each range they count,
+    // cutting every run: the allocator searched forever (found by the qcow2_writes target).
+    let (file, image) = new_image(9, 4 << 20);
+    let (done, result) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut image = image;
+        let written = write(&mut image, 0, &[7u8; 1 << 20]).and_then(|()| image.flush());
+        let _ = done.send((written, image));
+    });
+    let (written, mut image) = result
+        .recv_timeout(std::time::Duration::from_secs(60))
+        .expect("the write finishes");
+    written.unwrap();
+    let first = match image.mapping(0).unwrap() {
+        Mapping::Data { host, .. } => host,
+        other => panic!("{other:?}"),
+    };
+    let last = image.mapping((1 << 20) - 512).unwrap();
+    assert_eq!(
+        last,
+        Mapping::Data {
+            host: first + (1 << 20) - 512,
+            owned: true
+        }
+    );
+    assert_eq!(read(&mut image, 0, 1 << 20), vec![7u8; 1 << 20]);
+    drop(image);
+    check_clean(&file);
+}
+
+#[test]
 fn allocation_never_hands_out_metadata_whose_refcount_lies() {
     let (file, mut image) = new_image(12, 1 << 20);
     let l1 = image.header.l1_table_offset;
