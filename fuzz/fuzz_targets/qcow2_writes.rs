@@ -317,7 +317,7 @@ fn assert_metadata_kept(before: &Image<'_>, after: &Image<'_>) {
     // Metadata still in use keeps a refcount.
     for &cluster in live.intersection(&now) {
         let count = new.refcount(after, cluster);
-        assert!(count != Some(0), "metadata cluster {cluster} lost its refcount");
+        assert!(count != Some(0), "metadata cluster {cluster} has refcount 0 after the writes");
     }
 }
 
