@@ -1,5 +1,6 @@
 //! Offline image management, as `ferro img` (and later the daemon's storage pools) use it:
-//! creating images, describing them, growing them, and internal snapshots.
+//! creating images, describing them, growing them, internal snapshots, and checking (and
+//! repairing) qcow2 metadata.
 //!
 //! Everything that changes an image takes its exclusive lock first, so an image in use by a
 //! VM is never modified underneath it. [`info`] takes no lock: it only reads the header and
@@ -342,4 +343,45 @@ pub fn snapshot(
     image
         .snapshots()
         .map_err(failed("cannot read its snapshots".into()))
+}
+
+/// What [`check`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CheckOutcome {
+    /// A raw image: no metadata, nothing to check.
+    Raw,
+    Qcow2(qcow2::CheckReport),
+}
+
+/// Checks the image at `path` for corruptions and leaked clusters, as `qemu-img check` does;
+/// with `repair`, also rebuilds its refcounts and COPIED flags (as `qemu-img check -r all`),
+/// which needs the image not to be in use. `format` is detected when absent.
+pub fn check(
+    path: &Path,
+    format: Option<Format>,
+    repair: bool,
+) -> Result<CheckOutcome, ManageError> {
+    let file = open_locked(path, !repair)?;
+    let format = match format {
+        Some(format) => format,
+        None => detect(&file).map_err(|source| OpenError::Open {
+            path: path.to_path_buf(),
+            source,
+        })?,
+    };
+    if format == Format::Raw {
+        return Ok(CheckOutcome::Raw);
+    }
+    qcow2::check(&file, repair)
+        .map(CheckOutcome::Qcow2)
+        .map_err(|source| ManageError::Image {
+            path: path.to_path_buf(),
+            what: if repair {
+                "cannot repair it"
+            } else {
+                "cannot check it"
+            }
+            .to_string(),
+            source,
+        })
 }

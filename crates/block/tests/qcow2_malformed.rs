@@ -172,23 +172,21 @@ fn tables_pointing_outside_the_file_give_io_errors() {
     let dir = tempfile::tempdir().unwrap();
     let path = create(dir.path(), "l2.qcow2", 4 * MIB, None);
     let layout = written_once(&path);
-    // L1 entry 0 -> an L2 table far beyond the end of the file.
+    // L1 entry 0 -> an L2 table far beyond the end of the file: refused on open, read-only
+    // too, since the L1 table is checked then.
     patch(
         &path,
         layout.l1_entry,
         &((1u64 << 63) | (1 << 40)).to_be_bytes(),
     );
-    let mut disk = open(&path, false, None).unwrap();
+    let message = open_error(&path);
+    assert!(
+        message.contains("an L2 table at offset 0x10000000000 is past the end of the file"),
+        "{message}"
+    );
+    assert!(open(&path, true, None).is_err());
     let mut buf = vec![0u8; 4096];
-    let err = disk
-        .read_at(0, &[VolatileSlice::from(&mut buf[..])])
-        .unwrap_err();
-    assert!(err.to_string().contains("L2 table"), "{err}");
-    assert!(disk
-        .write_at(0, &[VolatileSlice::from(&mut buf[..])])
-        .is_err());
     // A data cluster that is not aligned.
-    drop(disk);
     let path = create(dir.path(), "data.qcow2", 4 * MIB, None);
     let layout = written_once(&path);
     patch(
@@ -292,4 +290,195 @@ fn refcount_overflow_is_an_error_not_corruption() {
     drop(disk);
     assert_not_corrupt(&path);
     qemu_io(&path, "qcow2", &["read -P 0x5a 0 1M"]);
+}
+
+/// A qemu-img image with data in two L2 tables and a snapshot: every kind of metadata.
+fn full_image(dir: &Path, name: &str) -> PathBuf {
+    let path = dir.join(name);
+    create_qcow2(&path, "64k", 1 << 30);
+    qemu_io(
+        &path,
+        "qcow2",
+        &["write -P 0x11 0 1M", "write -P 0x22 600M 64k"],
+    );
+    qemu_img(&["snapshot", "-c", "before", path.to_str().unwrap()]);
+    qemu_io(&path, "qcow2", &["write -P 0x33 0 64k"]);
+    assert_clean(&path);
+    path
+}
+
+/// The damaged image is refused by every open, read-only ones too (the daemon's upload
+/// check and `ferro img info` use those), with an error naming what is wrong.
+fn assert_refused(path: &Path, expected: &str) {
+    let message = open_error(path);
+    assert!(message.contains(expected), "{message}");
+    assert!(message.contains("ferro img check"), "{message}");
+    assert!(open(path, true, None).is_err(), "read-only open");
+    assert!(block::manage::info(path, None).is_err(), "info");
+}
+
+#[test]
+fn an_image_whose_header_is_counted_free_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    for maker in ["ferro", "qemu-img"] {
+        let path = dir.path().join(format!("{maker}.qcow2"));
+        if maker == "ferro" {
+            create(dir.path(), "ferro.qcow2", 4 * MIB, None);
+        } else {
+            create_qcow2(&path, "64k", 4 * MIB);
+        }
+        let image = Qcow2File::read(&path);
+        image.set_refcount(0, 0);
+        let damaged = std::fs::read(&path).unwrap();
+        // Before the fix the first guest write took cluster 0: the header.
+        assert_refused(
+            &path,
+            "the header at offset 0x0 is marked free (refcount 0)",
+        );
+        assert!(open_error(&path).contains("ferro img check --repair"));
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            damaged,
+            "a refused open writes nothing"
+        );
+    }
+}
+
+#[test]
+fn metadata_counted_free_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    type Locate = fn(&Qcow2File) -> u64;
+    let cases: &[(&str, Locate, &str)] = &[
+        ("l1", |f| f.l1_offset, "the L1 table"),
+        ("refcount-table", |f| f.refcount_table, "the refcount table"),
+        (
+            "refcount-block",
+            |f| f.refcount_block(0),
+            "a refcount block",
+        ),
+        ("l2", |f| f.l2_table(1), "an L2 table"),
+        (
+            "snapshot-table",
+            |f| f.snapshots_offset,
+            "the snapshot table",
+        ),
+        (
+            "snapshot-l1",
+            |f| f.first_snapshot_l1(),
+            "the L1 table of snapshot #0",
+        ),
+    ];
+    for (name, locate, what) in cases {
+        let path = full_image(dir.path(), &format!("{name}.qcow2"));
+        let image = Qcow2File::read(&path);
+        let offset = locate(&image);
+        image.set_refcount(offset, 0);
+        assert_refused(
+            &path,
+            &format!("{what} at offset {offset:#x} is marked free"),
+        );
+        assert!(open_error(&path).contains("--repair"));
+    }
+}
+
+#[test]
+fn overlapping_tables_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    type Damage = fn(&Qcow2File);
+    let cases: &[(&str, Damage, &str)] = &[
+        (
+            "l1-on-refcount-table",
+            |f| f.set_u64(40, f.refcount_table),
+            "the refcount table and the L1 table overlap",
+        ),
+        (
+            "l2-on-refcount-block",
+            |f| f.set_u64(f.l1_offset + 8, (1 << 63) | f.refcount_block(0)),
+            "a refcount block and an L2 table overlap",
+        ),
+        (
+            "l2-twice",
+            |f| f.set_u64(f.l1_offset + 8, f.l1_entry(0)),
+            "an L2 table and an L2 table overlap",
+        ),
+        (
+            "l2-on-snapshot-table",
+            |f| f.set_u64(f.l1_offset + 8, (1 << 63) | f.snapshots_offset),
+            "the snapshot table and an L2 table overlap",
+        ),
+        (
+            "snapshot-l1-on-active-l1",
+            |f| f.set_u64(f.snapshots_offset, f.l1_offset),
+            "the L1 table and the L1 table of snapshot #0 overlap",
+        ),
+        (
+            "snapshot-table-on-header",
+            |f| f.set_u64(64, 0),
+            "the header and the snapshot table overlap",
+        ),
+        (
+            "refcount-table-on-header",
+            |f| f.set_u64(48, 0),
+            "the header and the refcount table overlap",
+        ),
+    ];
+    for (name, damage, expected) in cases {
+        let path = full_image(dir.path(), &format!("{name}.qcow2"));
+        damage(&Qcow2File::read(&path));
+        assert_refused(&path, expected);
+    }
+}
+
+#[test]
+fn an_owned_flag_on_a_shared_l2_table_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = full_image(dir.path(), "shared.qcow2");
+    let image = Qcow2File::read(&path);
+    // L2 table 1 is shared with the snapshot (refcount 2): writing it in place would change
+    // the snapshot.
+    assert_eq!(image.refcount(image.l2_table(1)), 2);
+    image.set_u64(image.l1_offset + 8, image.l1_entry(1) | (1 << 63));
+    assert_refused(&path, "is shared (refcount 2) but flagged as owned");
+}
+
+#[test]
+fn a_write_over_metadata_fails_and_marks_the_image_corrupt() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = full_image(dir.path(), "over.qcow2");
+    let image = Qcow2File::read(&path);
+    // Guest cluster 1 (in the table L1 entry 0 owns) claims the L1 table as its data cluster.
+    let l2 = image.l2_table(0);
+    image.set_u64(l2 + 8, (1 << 63) | image.l1_offset);
+    image.set_refcount(image.l1_offset, 2);
+    let l1_before = image.bytes_at(image.l1_offset, 65536);
+    let mut disk = open(&path, false, None).unwrap();
+    let mut buf = vec![0xffu8; 4096];
+    let err = disk
+        .write_at(65536, &[VolatileSlice::from(&mut buf[..])])
+        .unwrap_err();
+    let message = err.to_string();
+    assert!(
+        message.contains("refusing to write guest data")
+            && message.contains("the L1 table is there")
+            && message.contains("marked corrupt"),
+        "{message}"
+    );
+    // Nothing more is written, not even to clusters that are fine.
+    assert!(disk
+        .write_at(0, &[VolatileSlice::from(&mut buf[..])])
+        .is_err());
+    assert!(disk.flush().is_err());
+    drop(disk);
+    assert_eq!(image.bytes_at(image.l1_offset, 65536), l1_before);
+    assert_ne!(image.u64_at(72) & 2, 0, "the corrupt bit is set");
+    assert!(open_error(&path).contains("marked corrupt"));
+    // Read-only use goes on.
+    let mut disk = open(&path, true, None).unwrap();
+    let mut first = vec![0u8; 65536];
+    disk.read_at(0, &[VolatileSlice::from(&mut first[..])])
+        .unwrap();
+    assert_eq!(first, vec![0x33u8; 65536]);
+    drop(disk);
+    let report = check_report(&path);
+    assert!(report["corruptions"].as_u64().unwrap() > 0, "{report}");
 }

@@ -1,5 +1,5 @@
-//! `ferro img`: create, describe, grow and snapshot disk images (raw and qcow2), with the
-//! flags qemu-img users know.
+//! `ferro img`: create, describe, grow, snapshot and check disk images (raw and qcow2), with
+//! the flags qemu-img users know.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use api::image::{FormatSpecific, ImageInfo, Qcow2Details, SnapshotInfo};
 use api::ByteSize;
 use block::manage::{self, ManageError, NewImage, SnapshotOp};
-use block::qcow2::Snapshot;
+use block::qcow2::{CheckReport, ProblemKind as CheckProblem, Snapshot};
 use block::Format;
 use clap::{Args, Subcommand};
 
@@ -30,6 +30,11 @@ enum ImgCommand {
     Resize(ResizeArgs),
     /// Manage internal snapshots of a qcow2 image that no VM is using.
     Snapshot(SnapshotArgs),
+    /// Check a qcow2 image for corruptions and leaked clusters (as `qemu-img check`).
+    ///
+    /// Exit status: 0 clean, 2 corruptions found, 3 only leaked clusters found, 1 the check
+    /// could not run, 63 a raw image (nothing to check).
+    Check(CheckArgs),
 }
 
 fn parse_format(s: &str) -> Result<Format, String> {
@@ -109,6 +114,24 @@ struct SnapshotArgs {
     file: PathBuf,
 }
 
+#[derive(Debug, Args)]
+struct CheckArgs {
+    /// Repair what can be repaired, as `qemu-img check -r all`: rebuild the refcounts from the
+    /// tables (leaked clusters, clusters counted as free while in use) and correct COPIED
+    /// flags. The image must not be in use; overlapping tables and offsets outside the file
+    /// are reported, not repaired.
+    #[arg(long)]
+    repair: bool,
+    /// Print JSON (keys as `qemu-img check --output=json`); problems still go to stderr.
+    #[arg(long)]
+    json: bool,
+    /// Format of the image, detected when omitted (give it for images a guest has written).
+    #[arg(short = 'f', long, value_name = "FORMAT", value_parser = parse_format)]
+    format: Option<Format>,
+    /// The image file.
+    file: PathBuf,
+}
+
 /// Exit codes: 0 success, 1 the operation failed, 2 invalid arguments, 3 the image is
 /// missing, unreadable, invalid or locked.
 fn fail(error: &ManageError) -> ExitCode {
@@ -122,6 +145,7 @@ fn fail(error: &ManageError) -> ExitCode {
 
 pub fn img(args: ImgArgs) -> ExitCode {
     let result = match args.command {
+        ImgCommand::Check(args) => return check(args),
         ImgCommand::Create(args) => create(args),
         ImgCommand::Info(args) => info(args),
         ImgCommand::Resize(args) => resize(args),
@@ -334,6 +358,126 @@ fn utc_date(seconds: u64) -> String {
         rem % 3600 / 60,
         rem % 60
     )
+}
+
+/// `ferro img check`: problems on stderr, the summary (or JSON) on stdout, and qemu-img's exit
+/// codes.
+fn check(args: CheckArgs) -> ExitCode {
+    let report = match manage::check(&args.file, args.format, args.repair) {
+        Ok(manage::CheckOutcome::Qcow2(report)) => report,
+        Ok(manage::CheckOutcome::Raw) => {
+            eprintln!(
+                "ferro: {} is a raw image: it has no metadata to check",
+                args.file.display()
+            );
+            return ExitCode::from(63);
+        }
+        Err(e) => {
+            eprintln!("ferro: error: {}", error_chain(&e));
+            return ExitCode::from(1);
+        }
+    };
+    for problem in &report.problems {
+        let kind = match problem.kind {
+            CheckProblem::Corruption => "corruption",
+            CheckProblem::Leak => "leak",
+        };
+        eprintln!("{kind}: {}", problem.message);
+    }
+    if report.unlisted > 0 {
+        eprintln!("... and {} more problems", report.unlisted);
+    }
+    if args.json {
+        println!("{}", check_json(&args.file, &report));
+    } else {
+        print!("{}", check_summary(&args.file, &report, args.repair));
+    }
+    ExitCode::from(match (report.corruptions, report.leaks) {
+        (0, 0) => 0,
+        (0, _) => 3,
+        _ => 2,
+    })
+}
+
+fn check_summary(file: &std::path::Path, r: &CheckReport, repaired: bool) -> String {
+    let mut out = String::new();
+    for line in &r.repairs {
+        out += &format!("Repair: {line}\n");
+    }
+    if r.corruptions_fixed + r.leaks_fixed > 0 {
+        out += &format!(
+            "Repaired {} corruptions and {} leaked clusters.\n",
+            r.corruptions_fixed, r.leaks_fixed
+        );
+    }
+    if r.corruptions == 0 && r.leaks == 0 {
+        out += "No inconsistencies found.\n";
+    }
+    if r.corruptions > 0 {
+        out += &format!(
+            "{} corruptions found: data may be lost, and writing to the image may destroy more.\n",
+            r.corruptions
+        );
+    }
+    if r.leaks > 0 {
+        out += &format!(
+            "{} leaked clusters found: they waste space but put no data at risk.\n",
+            r.leaks
+        );
+    }
+    let repairable = r.problems.iter().any(|p| p.repairable);
+    if !repaired && repairable {
+        out += &format!(
+            "`ferro img check --repair {}` repairs the ones it can (the image must not be in use).\n",
+            file.display()
+        );
+    }
+    let percent = |n: u64| 100.0 * n as f64 / r.total_clusters.max(1) as f64;
+    let of_allocated = |n: u64| 100.0 * n as f64 / r.allocated_clusters.max(1) as f64;
+    out += &format!(
+        "{}/{} clusters allocated ({:.2}%), {:.2}% of them fragmented, {:.2}% compressed\nImage end offset: {}\n",
+        r.allocated_clusters,
+        r.total_clusters,
+        percent(r.allocated_clusters),
+        of_allocated(r.fragmented_clusters),
+        of_allocated(r.compressed_clusters),
+        r.image_end_offset
+    );
+    out
+}
+
+fn check_json(file: &std::path::Path, r: &CheckReport) -> String {
+    let problems: Vec<serde_json::Value> = r
+        .problems
+        .iter()
+        .map(|p| {
+            serde_json::json!({
+                "kind": match p.kind {
+                    CheckProblem::Corruption => "corruption",
+                    CheckProblem::Leak => "leak",
+                },
+                "repairable": p.repairable,
+                "message": p.message,
+            })
+        })
+        .collect();
+    let json = serde_json::json!({
+        "filename": file.display().to_string(),
+        "format": "qcow2",
+        "check-errors": r.check_errors,
+        "corruptions": r.corruptions,
+        "leaks": r.leaks,
+        "corruptions-fixed": r.corruptions_fixed,
+        "leaks-fixed": r.leaks_fixed,
+        "image-end-offset": r.image_end_offset,
+        "total-clusters": r.total_clusters,
+        "allocated-clusters": r.allocated_clusters,
+        "fragmented-clusters": r.fragmented_clusters,
+        "compressed-clusters": r.compressed_clusters,
+        "problems": problems,
+        "repairs": r.repairs,
+    });
+    serde_json::to_string_pretty(&json).unwrap_or_default()
 }
 
 #[cfg(test)]

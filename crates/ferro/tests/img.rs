@@ -310,3 +310,117 @@ fn mistakes_get_one_line_errors_and_nothing_is_lost() {
     drop(held);
     assert_eq!(std::fs::read(d.join("keep.qcow2")).unwrap(), before);
 }
+
+/// Sets the 16-bit refcount of cluster `cluster` of a qcow2 image with one refcount block.
+fn set_refcount(path: &Path, cluster: u64, value: u16) {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let mut b = [0u8; 8];
+    file.read_exact_at(&mut b, 48).unwrap();
+    let table = u64::from_be_bytes(b);
+    file.read_exact_at(&mut b, table).unwrap();
+    let block = u64::from_be_bytes(b);
+    file.write_all_at(&value.to_be_bytes(), block + cluster * 2)
+        .unwrap();
+}
+
+#[test]
+fn check_finds_and_repairs_what_qemu_img_check_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    ferro(&["img", "create", "disk.qcow2", "64M"], d);
+    ok("qemu-io", &["-c", "write -P 0x5a 0 2M", "disk.qcow2"], d);
+    let out = ferro(&["img", "check", "disk.qcow2"], d);
+    assert!(out.contains("No inconsistencies found"), "{out}");
+    // The header counted free: the image is refused, check says so and what to run.
+    set_refcount(&d.join("disk.qcow2"), 0, 0);
+    let refused = run(FERRO, &["img", "info", "disk.qcow2"], d);
+    assert_eq!(refused.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("ferro img check --repair"));
+    let out = run(FERRO, &["img", "check", "disk.qcow2"], d);
+    assert_eq!(out.status.code(), Some(2));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("corruption: cluster 0: refcount 0, 1 references"),
+        "{stderr}"
+    );
+    assert!(stdout.contains("1 corruptions found"), "{stdout}");
+    assert!(
+        stdout.contains("ferro img check --repair disk.qcow2"),
+        "{stdout}"
+    );
+    let json = run(FERRO, &["img", "check", "--json", "disk.qcow2"], d);
+    assert_eq!(json.status.code(), Some(2));
+    let ours: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    let theirs = run("qemu-img", &["check", "--output=json", "disk.qcow2"], d);
+    assert_eq!(theirs.status.code(), Some(2));
+    let theirs: serde_json::Value = serde_json::from_slice(&theirs.stdout).unwrap();
+    for key in [
+        "corruptions",
+        "image-end-offset",
+        "total-clusters",
+        "allocated-clusters",
+    ] {
+        assert_eq!(ours[key], theirs[key], "{key}");
+    }
+    assert_eq!(ours["problems"][0]["repairable"], true);
+    let out = ferro(&["img", "check", "--repair", "disk.qcow2"], d);
+    assert!(out.contains("Repaired 1 corruptions"), "{out}");
+    assert!(out.contains("No inconsistencies found"), "{out}");
+    assert_checks_clean("disk.qcow2", d);
+    ok("qemu-io", &["-c", "read -P 0x5a 0 2M", "disk.qcow2"], d);
+    ferro(&["img", "info", "disk.qcow2"], d);
+    // Leaks only: exit status 3, as qemu-img's.
+    ferro(
+        &["img", "create", "--cluster-size", "4K", "leak.qcow2", "1M"],
+        d,
+    );
+    let path = d.join("leak.qcow2");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(5 * 4096)
+        .unwrap();
+    set_refcount(&path, 4, 1);
+    assert_eq!(
+        run(FERRO, &["img", "check", "leak.qcow2"], d).status.code(),
+        Some(3)
+    );
+    assert_eq!(
+        run("qemu-img", &["check", "leak.qcow2"], d).status.code(),
+        Some(3)
+    );
+    let json = run(
+        FERRO,
+        &["img", "check", "--repair", "--json", "leak.qcow2"],
+        d,
+    );
+    assert_eq!(json.status.code(), Some(0));
+    let ours: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(
+        (ours["leaks"].as_u64(), ours["leaks-fixed"].as_u64()),
+        (Some(0), Some(1))
+    );
+    assert_checks_clean("leak.qcow2", d);
+    // Raw images have nothing to check; a missing file fails the check (1).
+    ferro(&["img", "create", "-f", "raw", "disk.raw", "1M"], d);
+    assert_eq!(
+        run(FERRO, &["img", "check", "disk.raw"], d).status.code(),
+        Some(63)
+    );
+    let missing = run(FERRO, &["img", "check", "missing.qcow2"], d);
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("missing.qcow2"));
+    // A repair needs the image not to be in use; a check does not modify it.
+    let held = block::open(&d.join("disk.qcow2"), false, None).unwrap();
+    let busy = run(FERRO, &["img", "check", "--repair", "disk.qcow2"], d);
+    assert_eq!(busy.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&busy.stderr).contains("in use"));
+    drop(held);
+}

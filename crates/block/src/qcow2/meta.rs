@@ -31,7 +31,7 @@ impl Qcow2Image {
         if old != 0 && entry & COPIED != 0 {
             return Ok(());
         }
-        let new = self.allocate(1)?;
+        let new = self.allocate(1, "an L2 table")?;
         let mut entries = vec![0u64; self.header.l2_entries() as usize];
         if old != 0 {
             // Shared with a snapshot: copy it. Its clusters keep their refcounts (each L1 table
@@ -48,6 +48,11 @@ impl Qcow2Image {
         }
         // Nothing points at the new table yet: writing it now is safe.
         self.l2.store(&self.file, new, entries)?;
+        let map = self.refcounts.metadata_mut();
+        if old != 0 {
+            map.remove_l2_table(old); // the snapshot's from now on
+        }
+        map.add_l2_table(new)?;
         self.l1[l1_index] = new | COPIED;
         self.l1_dirty.insert(l1_index);
         Ok(())
@@ -129,7 +134,7 @@ impl Qcow2Image {
 
 impl Drop for Qcow2Image {
     fn drop(&mut self) {
-        if self.writable {
+        if self.writable && !self.broken {
             if let Err(e) = self.flush_metadata() {
                 tracing::error!("qcow2: cannot write the image's tables on close: {e}");
             }

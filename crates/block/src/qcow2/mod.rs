@@ -11,14 +11,24 @@
 //! decreased (again with a flush between). A crash can leak clusters but never leave a table
 //! pointing at a cluster whose refcount says it is free. Refcounts are kept exact, so the dirty
 //! bit is never needed; an image that has it (or the corrupt bit) is opened read-only only.
+//!
+//! Images are untrusted: every open checks that the metadata is inside the file, does not
+//! overlap and is counted as in use (`verify`), and no write, of guest data or of new
+//! metadata, ever lands on a cluster that holds known metadata (`metadata`), whatever the
+//! refcounts say. A write that would is refused with an I/O error and the image is marked
+//! corrupt. `check` finds inconsistencies offline and rebuilds refcounts.
 
+mod check;
 mod create;
 pub mod header;
 mod l2cache;
 mod meta;
+mod metadata;
 mod refcount;
+mod repair;
 mod resize;
 mod snapshot;
+mod verify;
 
 use std::fs::File;
 use std::io;
@@ -28,9 +38,11 @@ use vm_memory::VolatileSlice;
 
 use crate::iov::{read_file_at, slices_len, write_file_at, zero_fill, Slices};
 use crate::{Buffers, DiskImage};
+pub use check::{check, CheckReport, Problem, ProblemKind};
 pub use create::{create, CreateOptions};
 pub use header::Header;
 use l2cache::L2Cache;
+pub use metadata::{MetadataError, Structure};
 use refcount::Refcounts;
 pub use snapshot::Snapshot;
 
@@ -47,6 +59,12 @@ pub(crate) fn corrupt(message: String) -> io::Error {
         io::ErrorKind::InvalidData,
         format!("corrupt qcow2 image: {message}"),
     )
+}
+
+/// The error for every write to an image after it refused one that would have overwritten its
+/// metadata.
+fn broken() -> io::Error {
+    corrupt("a write was about to overwrite its metadata; it is marked corrupt and takes no more writes (`ferro img check` lists what is wrong)".into())
 }
 
 /// Where a guest cluster's data is.
@@ -77,7 +95,7 @@ pub struct Qcow2Image {
     writable: bool,
     l1: Vec<u64>,
     l2: L2Cache,
-    refcounts: Option<Refcounts>,
+    refcounts: Refcounts,
     backing: Option<Box<dyn DiskImage>>,
     backing_size: u64,
     /// The last cluster inflated: (host offset, data).
@@ -89,6 +107,8 @@ pub struct Qcow2Image {
     /// Whether metadata writes wait for what they depend on to be on storage (see
     /// [`crate::DiskImage::skip_barriers`]).
     ordered: bool,
+    /// Set once a write was found about to land on metadata: nothing is written any more.
+    broken: bool,
 }
 
 impl std::fmt::Debug for Qcow2Image {
@@ -120,13 +140,13 @@ impl Qcow2Image {
         let header = read_header(&file)?;
         if writable && header.incompatible_features & header::incompatible::CORRUPT != 0 {
             return Err(corrupt(
-                "it is marked corrupt; it can only be opened read-only".into(),
+                "it is marked corrupt; it can only be opened read-only (`ferro img check` lists what is wrong, `--repair` fixes what it can)".into(),
             ));
         }
         if writable && header.incompatible_features & header::incompatible::DIRTY != 0 {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
-                "the qcow2 image is dirty (its refcounts may be stale): repair it with `qemu-img check -r all` first",
+                "the qcow2 image is dirty (its refcounts may be stale): repair it with `ferro img check --repair` (or `qemu-img check -r all`) first",
             ));
         }
         let file_len = file.metadata()?.len();
@@ -141,13 +161,13 @@ impl Qcow2Image {
             .chunks_exact(8)
             .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])))
             .collect();
-        let mut header = header;
-        if writable && header.version >= 3 && header.autoclear_features != 0 {
-            // Writes would make what these bits vouch for (bitmaps, raw external data) stale.
-            file.write_all_at(&0u64.to_be_bytes(), header::AUTOCLEAR_FIELD)?;
-            file.sync_data()?;
-            header.autoclear_features = 0;
-        }
+        let refcounts = Refcounts::load(
+            &file,
+            header.cluster_bits,
+            header.refcount_order,
+            header.refcount_table_offset,
+            header.refcount_table_clusters,
+        )?;
         let backing_size = backing.as_ref().map_or(0, |b| b.size());
         let mut image = Qcow2Image {
             l2: L2Cache::new(header.cluster_size()),
@@ -155,17 +175,23 @@ impl Qcow2Image {
             header,
             writable,
             l1,
-            refcounts: None,
+            refcounts,
             backing,
             backing_size,
             inflated: None,
             l1_dirty: Default::default(),
             pending_release: Vec::new(),
             ordered: true,
+            broken: false,
         };
-        if writable {
-            // Refcount problems surface now rather than at the first write.
-            image.refcounts()?;
+        image.verify_metadata()?;
+        if writable && image.header.version >= 3 && image.header.autoclear_features != 0 {
+            // Writes would make what these bits vouch for (bitmaps, raw external data) stale.
+            image
+                .file
+                .write_all_at(&0u64.to_be_bytes(), header::AUTOCLEAR_FIELD)?;
+            image.file.sync_data()?;
+            image.header.autoclear_features = 0;
         }
         Ok(image)
     }
@@ -182,23 +208,34 @@ impl Qcow2Image {
         host >> self.header.cluster_bits
     }
 
-    /// The refcounts (loaded on first use) and the file they live in.
-    fn refcounts(&mut self) -> io::Result<(&mut Refcounts, &File)> {
-        if self.refcounts.is_none() {
-            let h = &self.header;
-            self.refcounts = Some(Refcounts::load(
-                &self.file,
-                h.cluster_bits,
-                h.refcount_order,
-                h.refcount_table_offset,
-                h.refcount_table_clusters,
-            )?);
+    /// Marks the image corrupt after `e`, if `e` refused a write over metadata (or freeing
+    /// it): the corrupt bit goes into the header (version 3) and nothing else is written from
+    /// now on (QEMU's reaction too).
+    fn on_error(&mut self, e: io::Error) -> io::Error {
+        if !metadata::is_refused_update(&e) || self.broken {
+            return e;
         }
-        let counts = self
-            .refcounts
-            .as_mut()
-            .ok_or_else(|| io::Error::other("refcounts not loaded"))?;
-        Ok((counts, &self.file))
+        self.broken = true;
+        tracing::error!("qcow2: {e}");
+        if self.header.version >= 3 {
+            let features = self.header.incompatible_features | header::incompatible::CORRUPT;
+            let marked = self
+                .file
+                .write_all_at(&features.to_be_bytes(), header::INCOMPATIBLE_FIELD)
+                .and_then(|()| self.file.sync_data());
+            match marked {
+                Ok(()) => self.header.incompatible_features = features,
+                Err(mark) => tracing::error!("qcow2: cannot mark the image corrupt: {mark}"),
+            }
+        }
+        e
+    }
+
+    /// Refuses a guest write of `len` bytes at host offset `host` that would land on metadata.
+    fn check_data_write(&mut self, host: u64, len: u64) -> io::Result<()> {
+        let map = self.refcounts.metadata();
+        map.check_write(map.clusters(host, len), "guest data")
+            .map_err(|e| self.on_error(e.into()))
     }
 
     /// (L1 index, L2 index) of a guest offset.
@@ -349,6 +386,9 @@ impl Qcow2Image {
     }
 
     fn check_writable(&self) -> io::Result<()> {
+        if self.broken {
+            return Err(broken());
+        }
         if self.writable {
             Ok(())
         } else {
@@ -359,9 +399,12 @@ impl Qcow2Image {
         }
     }
 
-    fn allocate(&mut self, count: u64) -> io::Result<u64> {
-        let (counts, file) = self.refcounts()?;
-        let (offset, moves) = counts.allocate(file, count)?;
+    /// Allocates `count` consecutive clusters for `purpose` (named in errors).
+    fn allocate(&mut self, count: u64, purpose: &'static str) -> io::Result<u64> {
+        let (offset, moves) = self
+            .refcounts
+            .allocate(&self.file, count, purpose)
+            .map_err(|e| self.on_error(e))?;
         for moved in moves {
             self.header.refcount_table_offset = moved.offset;
             self.header.refcount_table_clusters = moved.clusters;
@@ -386,8 +429,8 @@ impl Qcow2Image {
             Mapping::Unallocated | Mapping::Zero { host: None } => return Ok(()),
         };
         for cluster in clusters {
-            let (counts, file) = self.refcounts()?;
-            if let Some(moved) = counts.adjust(file, cluster, delta)? {
+            let adjusted = self.refcounts.adjust(&self.file, cluster, delta);
+            if let Some(moved) = adjusted.map_err(|e| self.on_error(e))? {
                 self.header.refcount_table_offset = moved.offset;
                 self.header.refcount_table_clusters = moved.clusters;
             }
@@ -400,8 +443,7 @@ impl Qcow2Image {
         match self.decode(entry)? {
             Mapping::Data { host, .. } | Mapping::Zero { host: Some(host) } => {
                 let cluster = self.cluster_index(host);
-                let (counts, file) = self.refcounts()?;
-                let owned = counts.get(file, cluster)? == 1;
+                let owned = self.refcounts.get(&self.file, cluster)? == 1;
                 Ok(if owned {
                     entry | COPIED
                 } else {
@@ -422,7 +464,7 @@ impl Qcow2Image {
     ) -> io::Result<u64> {
         let cluster_size = self.cluster_size();
         let start = guest - guest % cluster_size;
-        let new = self.allocate(1)?;
+        let new = self.allocate(1, "guest data")?;
         let len = slices_len(buffers);
         if len == cluster_size {
             write_file_at(&self.file, new, buffers)?;
@@ -479,7 +521,7 @@ impl Qcow2Image {
         }
         let len = run * cluster_size;
         let part = slices.take(len)?;
-        let new = self.allocate(run)?;
+        let new = self.allocate(run, "guest data")?;
         write_file_at(&self.file, new, &part)?;
         for (i, old) in (0u64..).zip(olds) {
             pending.push(PendingEntry {
@@ -575,7 +617,9 @@ impl DiskImage for Qcow2Image {
                         }
                     }
                     let part = slices.take(len)?;
-                    write_file_at(&self.file, host + offset % cluster_size, &part)?;
+                    let at = host + offset % cluster_size;
+                    self.check_data_write(at, len)?;
+                    write_file_at(&self.file, at, &part)?;
                 }
                 old if offset.is_multiple_of(cluster_size) && slices.len() >= cluster_size => {
                     len = self.write_new_run(offset, old, &mut slices, &mut pending)?;
@@ -597,6 +641,9 @@ impl DiskImage for Qcow2Image {
     }
 
     fn flush(&mut self) -> io::Result<()> {
+        if self.broken {
+            return Err(broken());
+        }
         if !self.flush_metadata()? {
             self.barrier()?;
         }

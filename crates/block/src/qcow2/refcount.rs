@@ -4,6 +4,10 @@
 //! Writes happen in an order that never lets metadata point at a cluster whose refcount is not
 //! on disk: a new refcount block is written before the table entry that points at it, and a
 //! new table before the header points at it (with a flush in between).
+//!
+//! The refcounts alone are not trusted to say a cluster is free: every cluster handed out is
+//! first checked against the [`MetadataMap`] of the image's known metadata, which the
+//! allocator keeps (its own table and blocks) and the image updates (everything else).
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -11,14 +15,15 @@ use std::io;
 use std::os::unix::fs::FileExt;
 
 use super::corrupt;
+use super::metadata::{MetadataError, MetadataMap, Structure};
 
 /// Entries per refcount block for a cluster size and refcount width.
-fn entries_per_block(cluster_bits: u32, refcount_order: u32) -> u64 {
+pub(super) fn entries_per_block(cluster_bits: u32, refcount_order: u32) -> u64 {
     (1u64 << (cluster_bits + 3)) >> refcount_order
 }
 
 /// Decodes entry `index` of a refcount block of `bits`-bit entries.
-fn decode(bits: u64, block: &[u8], index: u64) -> u64 {
+pub(super) fn decode(bits: u64, block: &[u8], index: u64) -> u64 {
     if bits >= 8 {
         let width = (bits / 8) as usize;
         let at = index as usize * width;
@@ -32,7 +37,12 @@ fn decode(bits: u64, block: &[u8], index: u64) -> u64 {
 }
 
 /// Encodes `value` into entry `index`; returns the byte range that changed.
-fn encode(bits: u64, block: &mut [u8], index: u64, value: u64) -> std::ops::Range<usize> {
+pub(super) fn encode(
+    bits: u64,
+    block: &mut [u8],
+    index: u64,
+    value: u64,
+) -> std::ops::Range<usize> {
     if bits >= 8 {
         let width = (bits / 8) as usize;
         let at = index as usize * width;
@@ -61,6 +71,8 @@ pub struct Refcounts {
     /// One past the highest cluster given a refcount in this session (it may not be written
     /// yet, so the file's length alone does not tell where free space starts).
     end: u64,
+    /// Where metadata is: never handed out, whatever the refcounts say.
+    metadata: MetadataMap,
 }
 
 /// Where the refcount table lives after it grew.
@@ -73,7 +85,7 @@ pub struct TableMove {
 const OFFSET_MASK: u64 = 0xffff_ffff_ffff_fe00;
 
 impl Refcounts {
-    /// Loads the refcount table.
+    /// Loads the refcount table; the metadata map starts with it and its blocks.
     pub fn load(
         file: &File,
         cluster_bits: u32,
@@ -98,11 +110,26 @@ impl Refcounts {
         // Every block must exist and count its own clusters: a block shared by several table
         // entries (or past the end of the file) would make allocation scan forever.
         let file_len = file.metadata()?.len();
-        let mut seen = std::collections::HashSet::new();
+        let mut metadata = MetadataMap::new(cluster_bits);
+        metadata.add_extent(0, 1 << cluster_bits, Structure::Header)?;
+        metadata.add_extent(offset, len as u64, Structure::RefcountTable)?;
         for &block in table.iter().filter(|&&b| b != 0) {
-            if block % (1 << cluster_bits) != 0 || block >= file_len || !seen.insert(block) {
-                return Err(corrupt(format!("invalid refcount block offset {block:#x}")));
+            let what = Structure::RefcountBlock;
+            if block % (1 << cluster_bits) != 0 {
+                return Err(MetadataError::Unaligned {
+                    what,
+                    offset: block,
+                }
+                .into());
             }
+            if block >= file_len {
+                return Err(MetadataError::PastEnd {
+                    what,
+                    offset: block,
+                }
+                .into());
+            }
+            metadata.add_refcount_block(block)?;
         }
         Ok(Refcounts {
             cluster_bits,
@@ -112,7 +139,33 @@ impl Refcounts {
             blocks: HashMap::new(),
             free_hint: 0,
             end: 0,
+            metadata,
         })
+    }
+
+    /// Refcount table entry `index` (a block's offset, or 0).
+    #[cfg(test)]
+    pub fn table_entry(&self, index: usize) -> u64 {
+        self.table.get(index).copied().unwrap_or(0)
+    }
+
+    /// Sets a refcount without asking the metadata map: how a lying image looks.
+    #[cfg(test)]
+    pub fn set_unchecked(&mut self, file: &File, cluster: u64, value: u64) -> io::Result<()> {
+        let map = std::mem::take(&mut self.metadata);
+        let result = self.set(file, cluster, value);
+        self.metadata = map;
+        result.map(|_| ())
+    }
+
+    /// Where the image's metadata is.
+    pub fn metadata(&self) -> &MetadataMap {
+        &self.metadata
+    }
+
+    /// For the image to record the structures it places, moves and frees.
+    pub fn metadata_mut(&mut self) -> &mut MetadataMap {
+        &mut self.metadata
     }
 
     fn cluster_size(&self) -> u64 {
@@ -181,6 +234,17 @@ impl Refcounts {
             return Err(corrupt(format!(
                 "refcount of cluster {cluster} would overflow"
             )));
+        }
+        if value == 0 {
+            // Metadata is recorded until it is freed on purpose: a table naming it as data
+            // must not free it.
+            if let Some((what, _)) = self.metadata.find(cluster..cluster + 1) {
+                return Err(MetadataError::Free {
+                    what,
+                    offset: cluster << self.cluster_bits,
+                }
+                .into());
+            }
         }
         let per_block = self.per_block();
         let table_index = (cluster / per_block) as usize;
@@ -275,6 +339,8 @@ impl Refcounts {
             ));
         }
         let offset = first << self.cluster_bits;
+        self.metadata
+            .check_write(first..first + 1, "a new refcount block")?;
         let mut block = vec![0u8; self.cluster_size() as usize];
         encode(self.bits(), &mut block, 0, 1);
         file.write_all_at(&block, offset)?;
@@ -285,8 +351,31 @@ impl Refcounts {
         )?;
         self.table[table_index] = offset;
         self.blocks.insert(offset, block);
+        self.metadata.add_refcount_block(offset)?;
         self.end = self.end.max(first + 1);
         Ok(())
+    }
+
+    /// Asks the kernel to start reading the refcount blocks that count `clusters`, all at
+    /// once: looked up one by one afterwards, they are then read from memory rather than
+    /// with one wait on the disk each (seconds on a cold cache for a large image).
+    pub fn prefetch(&self, file: &File, clusters: impl Iterator<Item = u64>) {
+        let per_block = self.per_block();
+        let blocks: std::collections::BTreeSet<u64> = clusters
+            .filter_map(|c| self.table.get((c / per_block) as usize).copied())
+            .filter(|&block| block != 0 && !self.blocks.contains_key(&block))
+            .collect();
+        for block in blocks {
+            // SAFETY: an advisory call on a descriptor `file` owns; it touches no memory.
+            unsafe {
+                libc::posix_fadvise(
+                    std::os::fd::AsRawFd::as_raw_fd(file),
+                    block as libc::off_t,
+                    self.cluster_size() as libc::off_t,
+                    libc::POSIX_FADV_WILLNEED,
+                );
+            }
+        }
     }
 
     /// Whether `cluster` is free (refcount 0).
@@ -294,47 +383,117 @@ impl Refcounts {
         Ok(self.get(file, cluster)? == 0)
     }
 
-    /// Makes sure clusters `first..=last` have refcount blocks (growing the table if needed).
-    fn ensure_counted(&mut self, file: &File, first: u64, last: u64) -> io::Result<Vec<TableMove>> {
-        let per_block = self.per_block();
-        let mut moves = Vec::new();
-        for index in (first / per_block) as usize..=(last / per_block) as usize {
-            if index >= self.table.len() {
-                moves.push(self.grow_table(file, index + 1)?);
-            }
-            if self.table[index] == 0 {
-                self.create_block(file, index)?;
+    /// The first run of `count` free clusters at or after `from`.
+    fn find_free_run(&mut self, file: &File, from: u64, count: u64) -> io::Result<u64> {
+        let (mut start, mut run) = (from, 0);
+        while run < count {
+            if self.is_free(file, start + run)? {
+                run += 1;
+            } else {
+                start += run + 1;
+                run = 0;
             }
         }
-        Ok(moves)
+        Ok(start)
     }
 
-    /// Allocates `count` contiguous clusters (refcount 1 each); returns the first's offset
-    /// and where the table moved, if it did.
-    pub fn allocate(&mut self, file: &File, count: u64) -> io::Result<(u64, Vec<TableMove>)> {
-        let mut moves = Vec::new();
-        loop {
-            let mut start = self.free_hint;
-            let mut run = 0;
-            while run < count {
-                if self.is_free(file, start + run)? {
-                    run += 1;
-                } else {
-                    start += run + 1;
-                    run = 0;
+    /// The refcount blocks clusters `start..end` lack, placed at `end`, `end + 1`, ... (their
+    /// own clusters may need blocks too, placed after them): (table index, cluster) each, and
+    /// the end of the last one. Placing them at the start of the ranges they count instead
+    /// would cut every free run at each range, and a run longer than a range would never fit.
+    fn plan_blocks(&self, start: u64, end: u64) -> (Vec<(usize, u64)>, u64) {
+        let per_block = self.per_block();
+        let mut planned: Vec<(usize, u64)> = Vec::new();
+        let mut next = end;
+        let mut counted = start;
+        while counted < next {
+            let index = (counted / per_block) as usize;
+            let has_block = self.table.get(index).is_some_and(|&b| b != 0)
+                || planned.iter().any(|&(i, _)| i == index);
+            if !has_block {
+                planned.push((index, next));
+                next += 1;
+            }
+            counted = (index as u64 + 1) * per_block;
+        }
+        (planned, next)
+    }
+
+    /// Writes the `planned` blocks (counting themselves), then points the table at them.
+    fn write_blocks(&mut self, file: &File, planned: &[(usize, u64)]) -> io::Result<()> {
+        let per_block = self.per_block();
+        let bits = self.bits();
+        let mut fresh: HashMap<usize, Vec<u8>> = planned
+            .iter()
+            .map(|&(index, _)| (index, vec![0u8; self.cluster_size() as usize]))
+            .collect();
+        for &(_, cluster) in planned {
+            let index = (cluster / per_block) as usize;
+            match fresh.get_mut(&index) {
+                Some(block) => {
+                    encode(bits, block, cluster % per_block, 1);
+                }
+                None => {
+                    self.set(file, cluster, 1)?;
                 }
             }
-            // Counting the run may place new refcount structures inside it: check again.
-            moves.extend(self.ensure_counted(file, start, start + count - 1)?);
-            let mut still_free = true;
-            for cluster in start..start + count {
-                still_free &= self.is_free(file, cluster)?;
-            }
-            if !still_free {
+        }
+        for &(index, cluster) in planned {
+            let offset = cluster << self.cluster_bits;
+            let block = fresh.remove(&index).unwrap_or_default();
+            file.write_all_at(&block, offset)?;
+            self.blocks.insert(offset, block);
+        }
+        file.sync_data()?;
+        for &(index, cluster) in planned {
+            let offset = cluster << self.cluster_bits;
+            file.write_all_at(&offset.to_be_bytes(), self.table_offset + index as u64 * 8)?;
+            self.table[index] = offset;
+            self.metadata.add_refcount_block(offset)?;
+            self.end = self.end.max(cluster + 1);
+        }
+        Ok(())
+    }
+
+    /// Allocates `count` contiguous clusters (refcount 1 each) for `purpose`; returns the
+    /// first's offset and where the table moved, if it did. Free clusters that hold known
+    /// metadata (the refcounts lie) are refused, not handed out.
+    pub fn allocate(
+        &mut self,
+        file: &File,
+        count: u64,
+        purpose: &'static str,
+    ) -> io::Result<(u64, Vec<TableMove>)> {
+        if count == 0 {
+            return Err(io::Error::other("allocation of no clusters"));
+        }
+        let per_block = self.per_block();
+        let mut moves = Vec::new();
+        let mut from = self.free_hint;
+        loop {
+            let start = self.find_free_run(file, from, count)?;
+            let (planned, end) = self.plan_blocks(start, start + count);
+            let entries = (end - 1) / per_block + 1;
+            if entries > self.table.len() as u64 {
+                // The new table may land in the run: look again.
+                moves.push(self.grow_table(file, entries as usize)?);
                 continue;
             }
+            let mut taken = None;
+            for cluster in start + count..end {
+                if !self.is_free(file, cluster)? {
+                    taken = Some(cluster);
+                    break;
+                }
+            }
+            if let Some(cluster) = taken {
+                from = cluster + 1;
+                continue;
+            }
+            self.metadata.check_write(start..end, purpose)?;
+            self.write_blocks(file, &planned)?;
             moves.extend(self.set_run(file, start, count, 1)?);
-            self.free_hint = start + count;
+            self.free_hint = self.free_hint.max(end);
             return Ok((start << self.cluster_bits, moves));
         }
     }
@@ -374,6 +533,8 @@ impl Refcounts {
             }
             counted += 1;
         }
+        self.metadata
+            .check_write(table_start..next, "a new refcount table")?;
         let old_table = (
             self.table_offset >> self.cluster_bits,
             (self.table.len() / per_cluster) as u64,
@@ -414,6 +575,16 @@ impl Refcounts {
         fields[8..].copy_from_slice(&(table_clusters as u32).to_be_bytes());
         file.write_all_at(&fields, super::header::REFCOUNT_TABLE_FIELDS)?;
         file.sync_data()?;
+        self.metadata
+            .remove_extent(old_table.0 << self.cluster_bits);
+        self.metadata.add_extent(
+            self.table_offset,
+            table_clusters * cluster_size,
+            Structure::RefcountTable,
+        )?;
+        for &offset in &new_blocks {
+            self.metadata.add_refcount_block(offset)?;
+        }
         for cluster in old_table.0..old_table.0 + old_table.1 {
             self.set(file, cluster, 0)?;
         }

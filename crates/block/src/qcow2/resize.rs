@@ -4,6 +4,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 
 use super::header::{self, Header};
+use super::metadata::Structure;
 use super::{Mapping, Qcow2Image};
 
 fn invalid(message: &str) -> io::Error {
@@ -43,7 +44,7 @@ impl Qcow2Image {
         }
         let cluster_size = self.cluster_size();
         let clusters = (entries * 8).div_ceil(cluster_size);
-        let new = self.allocate(clusters)?;
+        let new = self.allocate(clusters, "an L1 table")?;
         let mut l1 = self.l1.clone();
         l1.resize(entries as usize, 0);
         let mut raw: Vec<u8> = l1.iter().flat_map(|e| e.to_be_bytes()).collect();
@@ -60,6 +61,9 @@ impl Qcow2Image {
         self.header.l1_table_offset = new;
         self.header.l1_size = entries as u32;
         self.l1 = l1;
+        let map = self.refcounts.metadata_mut();
+        map.remove_extent(old);
+        map.add_extent(new, entries * 8, Structure::L1Table)?;
         for i in 0..old_clusters {
             self.release(Mapping::Data {
                 host: old + i * cluster_size,

@@ -14,6 +14,7 @@ use std::os::unix::fs::FileExt;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::header::{self, MAX_SNAPSHOTS};
+use super::metadata::Structure;
 use super::{corrupt, Mapping, Qcow2Image, COPIED, OFFSET_MASK};
 
 /// Fixed part of a snapshot table entry.
@@ -56,7 +57,7 @@ fn be64(b: &[u8], at: usize) -> u64 {
 
 impl Snapshot {
     /// Serializes the entry (padded to 8 bytes).
-    fn to_bytes(&self, version: u32) -> io::Result<Vec<u8>> {
+    pub(super) fn to_bytes(&self, version: u32) -> io::Result<Vec<u8>> {
         let mut extra = Vec::new();
         if version >= 3 || self.disk_size.is_some() {
             extra.extend_from_slice(&self.vm_state_size.to_be_bytes());
@@ -93,8 +94,8 @@ impl Snapshot {
     }
 }
 
-/// Parses `count` entries from the table bytes `raw`.
-pub fn parse_table(raw: &[u8], count: u32, cluster_size: u64) -> io::Result<Vec<Snapshot>> {
+/// Parses `count` entries from the table bytes `raw`; returns them and the bytes they use.
+pub fn parse_table(raw: &[u8], count: u32, cluster_size: u64) -> io::Result<(Vec<Snapshot>, u64)> {
     let mut at = 0usize;
     let mut out = Vec::with_capacity(count.min(1024) as usize);
     for index in 0..count {
@@ -139,7 +140,7 @@ pub fn parse_table(raw: &[u8], count: u32, cluster_size: u64) -> io::Result<Vec<
         });
         at = end.next_multiple_of(8);
     }
-    Ok(out)
+    Ok((out, at as u64))
 }
 
 fn not_found(name: &str) -> io::Error {
@@ -152,9 +153,15 @@ fn not_found(name: &str) -> io::Error {
 impl Qcow2Image {
     /// The image's internal snapshots.
     pub fn snapshots(&self) -> io::Result<Vec<Snapshot>> {
+        Ok(self.read_snapshot_table()?.0)
+    }
+
+    /// The snapshots and the bytes their table uses (as stored, which is not always what
+    /// Ferro would write for them: older QEMUs wrote less extra data per entry).
+    pub(super) fn read_snapshot_table(&self) -> io::Result<(Vec<Snapshot>, u64)> {
         let count = self.header.nb_snapshots;
         if count == 0 {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), 0));
         }
         if count > MAX_SNAPSHOTS {
             return Err(corrupt(format!("{count} snapshots")));
@@ -202,8 +209,11 @@ impl Qcow2Image {
             + 1;
         // The snapshot's L1 table: a copy of the active one.
         let l1_bytes: Vec<u8> = self.l1.iter().flat_map(|e| e.to_be_bytes()).collect();
-        let l1_clusters = (l1_bytes.len() as u64).div_ceil(self.cluster_size()).max(1);
-        let l1_offset = self.allocate(l1_clusters)?;
+        let l1_clusters = (l1_bytes.len() as u64).div_ceil(self.cluster_size());
+        let l1_offset = match l1_clusters {
+            0 => 0, // an empty disk: nothing to copy, nothing to count
+            n => self.allocate(n, "a snapshot's L1 table")?,
+        };
         self.file.write_all_at(&l1_bytes, l1_offset)?;
         let active = self.l1.clone();
         self.adjust_tree(&active, 1)?;
@@ -236,6 +246,8 @@ impl Qcow2Image {
         let (index, all) = self.find_snapshot(name)?;
         let snapshot = &all[index];
         let target = self.read_l1(snapshot.l1_table_offset, snapshot.l1_size)?;
+        // Its L2 tables become active ones: they must be sound, as at open.
+        self.check_l2_tables(&target)?;
         if let Some(size) = snapshot.disk_size {
             let needed = header::Header::l1_entries_for(size, self.header.cluster_bits);
             if u64::from(snapshot.l1_size) < needed {
@@ -252,6 +264,9 @@ impl Qcow2Image {
         new.resize(old.len(), 0);
         let raw: Vec<u8> = new.iter().flat_map(|e| e.to_be_bytes()).collect();
         self.file.write_all_at(&raw, self.header.l1_table_offset)?;
+        self.refcounts
+            .metadata_mut()
+            .replace_l2_tables(l2_offsets(&new))?;
         self.l1 = new;
         if let Some(size) = snapshot.disk_size.filter(|&s| s != self.header.size) {
             self.file
@@ -368,11 +383,12 @@ impl Qcow2Image {
             raw.extend_from_slice(&snapshot.to_bytes(self.header.version)?);
         }
         let cluster_size = self.cluster_size();
-        let old = (self.header.snapshots_offset, self.snapshot_table_len()?);
+        let old = (self.header.snapshots_offset, self.read_snapshot_table()?.1);
         let new_offset = if raw.is_empty() {
             0
         } else {
-            let offset = self.allocate((raw.len() as u64).div_ceil(cluster_size))?;
+            let clusters = (raw.len() as u64).div_ceil(cluster_size);
+            let offset = self.allocate(clusters, "a snapshot table")?;
             self.file.write_all_at(&raw, offset)?;
             offset
         };
@@ -384,6 +400,7 @@ impl Qcow2Image {
         self.file.sync_data()?;
         self.header.nb_snapshots = snapshots.len() as u32;
         self.header.snapshots_offset = new_offset;
+        self.record_snapshots(snapshots, raw.len() as u64)?;
         if old.0 != 0 {
             for i in 0..old.1.div_ceil(cluster_size) {
                 self.release(Mapping::Data {
@@ -395,12 +412,41 @@ impl Qcow2Image {
         Ok(())
     }
 
-    /// Bytes the current snapshot table occupies.
-    fn snapshot_table_len(&self) -> io::Result<u64> {
-        let mut len = 0u64;
-        for snapshot in self.snapshots()? {
-            len += snapshot.to_bytes(self.header.version)?.len() as u64;
+    /// Records where the snapshot table and the snapshots' L1 tables are (replacing what was
+    /// recorded), so nothing is allocated over them.
+    pub(super) fn record_snapshots(
+        &mut self,
+        snapshots: &[Snapshot],
+        table_len: u64,
+    ) -> io::Result<()> {
+        let map = self.refcounts.metadata_mut();
+        map.remove_kind(|what| {
+            matches!(
+                what,
+                Structure::SnapshotTable | Structure::SnapshotL1 { .. }
+            )
+        });
+        if !snapshots.is_empty() {
+            map.add_extent(
+                self.header.snapshots_offset,
+                table_len,
+                Structure::SnapshotTable,
+            )?;
         }
-        Ok(len)
+        for (index, snapshot) in snapshots.iter().enumerate() {
+            map.add_extent(
+                snapshot.l1_table_offset,
+                u64::from(snapshot.l1_size) * 8,
+                Structure::SnapshotL1 { index },
+            )?;
+        }
+        Ok(())
     }
+}
+
+/// The L2 table offsets an L1 table names.
+pub(super) fn l2_offsets(l1: &[u64]) -> impl Iterator<Item = u64> + '_ {
+    l1.iter()
+        .map(|e| e & OFFSET_MASK)
+        .filter(|&offset| offset != 0)
 }

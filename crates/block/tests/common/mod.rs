@@ -262,3 +262,102 @@ pub fn assert_same(actual: &[u8], expected: &[u8]) {
         );
     }
 }
+
+/// A qcow2 file's metadata as found on disk (16-bit refcounts), for tests that damage it.
+pub struct Qcow2File {
+    pub path: std::path::PathBuf,
+    pub cluster_bits: u32,
+    pub l1_offset: u64,
+    pub refcount_table: u64,
+    pub snapshots_offset: u64,
+}
+
+impl Qcow2File {
+    pub fn read(path: &Path) -> Self {
+        let mut f = Qcow2File {
+            path: path.to_path_buf(),
+            cluster_bits: 0,
+            l1_offset: 0,
+            refcount_table: 0,
+            snapshots_offset: 0,
+        };
+        f.cluster_bits = f.u32_at(20);
+        f.l1_offset = f.u64_at(40);
+        f.refcount_table = f.u64_at(48);
+        f.snapshots_offset = f.u64_at(64);
+        assert_eq!(f.u32_at(96), 4, "16-bit refcounts expected");
+        f
+    }
+
+    pub fn cluster_size(&self) -> u64 {
+        1 << self.cluster_bits
+    }
+
+    pub fn bytes_at(&self, offset: u64, len: usize) -> Vec<u8> {
+        use std::os::unix::fs::FileExt;
+        let mut buf = vec![0u8; len];
+        let file = std::fs::File::open(&self.path).unwrap();
+        file.read_exact_at(&mut buf, offset).unwrap();
+        buf
+    }
+
+    pub fn u32_at(&self, offset: u64) -> u32 {
+        u32::from_be_bytes(self.bytes_at(offset, 4).try_into().unwrap())
+    }
+
+    pub fn u64_at(&self, offset: u64) -> u64 {
+        u64::from_be_bytes(self.bytes_at(offset, 8).try_into().unwrap())
+    }
+
+    pub fn patch(&self, offset: u64, bytes: &[u8]) {
+        use std::os::unix::fs::FileExt;
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&self.path)
+            .unwrap();
+        file.write_all_at(bytes, offset).unwrap();
+    }
+
+    pub fn set_u64(&self, offset: u64, value: u64) {
+        self.patch(offset, &value.to_be_bytes());
+    }
+
+    /// Offset of refcount block `index`.
+    pub fn refcount_block(&self, index: u64) -> u64 {
+        self.u64_at(self.refcount_table + index * 8)
+    }
+
+    /// Where the refcount of the cluster at byte `offset` is stored.
+    fn refcount_at(&self, offset: u64) -> u64 {
+        let cluster = offset >> self.cluster_bits;
+        let per_block = self.cluster_size() / 2;
+        self.refcount_block(cluster / per_block) + cluster % per_block * 2
+    }
+
+    pub fn refcount(&self, offset: u64) -> u16 {
+        u16::from_be_bytes(
+            self.bytes_at(self.refcount_at(offset), 2)
+                .try_into()
+                .unwrap(),
+        )
+    }
+
+    pub fn set_refcount(&self, offset: u64, value: u16) {
+        self.patch(self.refcount_at(offset), &value.to_be_bytes());
+    }
+
+    /// Active L1 entry `index`, as stored (flags included).
+    pub fn l1_entry(&self, index: u64) -> u64 {
+        self.u64_at(self.l1_offset + index * 8)
+    }
+
+    /// Offset of the L2 table of active L1 entry `index`.
+    pub fn l2_table(&self, index: u64) -> u64 {
+        self.l1_entry(index) & 0x00ff_ffff_ffff_fe00
+    }
+
+    /// Offset of the first snapshot's L1 table.
+    pub fn first_snapshot_l1(&self) -> u64 {
+        self.u64_at(self.snapshots_offset)
+    }
+}
