@@ -11,7 +11,7 @@ use std::io;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use crate::open::{backing_path, detect, open_locked};
+use crate::open::{backing_path, given_or_probed, open_locked};
 use crate::qcow2::{self, header::incompatible, CreateOptions, Qcow2Image, Snapshot};
 use crate::{open, DiskImage, Format, OpenError};
 
@@ -170,13 +170,7 @@ pub fn info(path: &Path, format: Option<Format>) -> Result<ImageInfo, ManageErro
     };
     let file = File::open(path).map_err(open_err)?;
     let metadata = file.metadata().map_err(open_err)?;
-    let format = match format {
-        Some(format) => format,
-        None => detect(&file).map_err(|source| OpenError::Unrecognized {
-            path: path.to_path_buf(),
-            source,
-        })?,
-    };
+    let format = given_or_probed(path, &file, format)?;
     let mut info = ImageInfo {
         path: path.to_path_buf(),
         format,
@@ -244,10 +238,7 @@ pub fn resize(path: &Path, format: Option<Format>, size: u64) -> Result<(), Mana
         )));
     }
     let file = open_locked(path, false)?;
-    let format = match format {
-        Some(format) => format,
-        None => detect(&file).map_err(image_err("cannot tell its format"))?,
-    };
+    let format = given_or_probed(path, &file, format)?;
     match format {
         Format::Raw => file.set_len(size).map_err(image_err("cannot resize it")),
         Format::Qcow2 => {
@@ -291,13 +282,7 @@ pub fn snapshot(
 ) -> Result<Vec<Snapshot>, ManageError> {
     let read_only = *op == SnapshotOp::List;
     let file = open_locked(path, read_only)?;
-    let format = match format {
-        Some(format) => format,
-        None => detect(&file).map_err(|source| OpenError::Unrecognized {
-            path: path.to_path_buf(),
-            source,
-        })?,
-    };
+    let format = given_or_probed(path, &file, format)?;
     if format != Format::Qcow2 {
         return Err(ManageError::Usage(format!(
             "{} is a raw image; internal snapshots need qcow2",
@@ -362,13 +347,7 @@ pub fn check(
     repair: bool,
 ) -> Result<CheckOutcome, ManageError> {
     let file = open_locked(path, !repair)?;
-    let format = match format {
-        Some(format) => format,
-        None => detect(&file).map_err(|source| OpenError::Open {
-            path: path.to_path_buf(),
-            source,
-        })?,
-    };
+    let format = given_or_probed(path, &file, format)?;
     if format == Format::Raw {
         return Ok(CheckOutcome::Raw);
     }

@@ -242,16 +242,8 @@ fn open_in_chain(
         source,
     };
     let file = open_locked(path, read_only)?;
-    let (format, probed) = match format {
-        Some(format) => (format, false),
-        None => (
-            detect(&file).map_err(|source| OpenError::Unrecognized {
-                path: path.to_path_buf(),
-                source,
-            })?,
-            true,
-        ),
-    };
+    let probed = format.is_none();
+    let format = given_or_probed(path, &file, format)?;
     let invalid = |source| OpenError::Invalid {
         path: path.to_path_buf(),
         format,
@@ -297,6 +289,22 @@ fn open_in_chain(
                 Qcow2Image::open(file, !read_only, backing).map_err(invalid)?,
             ))
         }
+    }
+}
+
+/// `format`, or when the caller does not know it, what the first bytes of `file` (the image
+/// at `path`) say.
+pub(crate) fn given_or_probed(
+    path: &Path,
+    file: &File,
+    format: Option<Format>,
+) -> Result<Format, OpenError> {
+    match format {
+        Some(format) => Ok(format),
+        None => detect(file).map_err(|source| OpenError::Unrecognized {
+            path: path.to_path_buf(),
+            source,
+        }),
     }
 }
 
