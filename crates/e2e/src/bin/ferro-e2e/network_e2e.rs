@@ -314,10 +314,11 @@ pub fn nat_and_isolated_networks() -> TestResult {
     check(out.code != 0 && out.stderr.contains("running VMs"), || {
         format!("stopping a network in use: {out:?}")
     })?;
-    let taps: Vec<String> = ["va", "vb"]
-        .iter()
-        .map(|vm| api::daemon_api::network_tap_name(vm, 0))
-        .collect();
+    let mut taps = Vec::new();
+    for vm in ["va", "vb"] {
+        let id = vm_details(&d, vm)?.definition.id.ok_or("a VM without an id")?;
+        taps.push(api::daemon_api::network_tap_name(id, 0));
+    }
     for tap in &taps {
         let master = std::fs::read_link(format!("/sys/class/net/{tap}/master"))
             .map_err(|e| format!("{tap}: {e}"))?;
