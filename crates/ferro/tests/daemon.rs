@@ -1357,3 +1357,29 @@ fn network_taps_are_unique_and_foreign_links_are_left_alone() {
     assert!(d.bridge_ports("ferrotest7").is_empty());
     d.ok(&["net", "stop", "lab"]);
 }
+
+/// Hundreds of idle connections neither exhaust the daemon's file descriptors nor lock a client
+/// out: past its connection limit the oldest idle ones are closed.
+#[test]
+fn idle_connections_do_not_exhaust_the_daemon() {
+    let d = Daemon::start();
+    let pid = d.child.as_ref().unwrap().id();
+    let fds = || {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .count()
+    };
+    let before = fds();
+    let idle: Vec<std::os::unix::net::UnixStream> = (0..400)
+        .map(|_| std::os::unix::net::UnixStream::connect(d.socket()).unwrap())
+        .collect();
+    let started = Instant::now();
+    assert!(d.ok(&["vm", "list"]).starts_with("NAME"));
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let during = fds();
+    assert!(
+        during < before + 140,
+        "{during} descriptors with 400 idle clients ({before} before)"
+    );
+    drop(idle);
+}
