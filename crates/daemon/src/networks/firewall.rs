@@ -9,9 +9,10 @@
 //!   own MAC, nothing but ARP and IPv4. A port the table does not list sends nothing.
 //!
 //! Rules are loaded with `nft -f -` as one transaction that replaces a table, so starting a
-//! network twice (or after a daemon restart) never duplicates them; the bridge table is
-//! replaced whenever a VM's TAP joins or leaves. Only validated names and addresses go into
-//! the rules, and no shell is involved.
+//! network twice (or after a daemon restart) never duplicates them. A VM's TAP that joins or
+//! leaves the bridge adds or removes its own chain and map entry in one transaction, leaving
+//! the other ports' rules (and counters) alone. Only validated names and addresses go into the
+//! rules, and no shell is involved.
 //!
 //! Threading: blocking calls, made under the networks' lock.
 
@@ -112,54 +113,118 @@ fn ip_ruleset(definition: &NetworkDefinition, subnet: Subnet) -> Option<String> 
     Some(replace_table("ip", &table, &(chains + &input)))
 }
 
-/// The ruleset that (re)creates the network's `bridge` table for `ports`; None for bridge-mode
-/// networks.
+/// The ruleset that (re)creates the network's `bridge` table for `ports` (at the network's
+/// start, or a daemon's); None for bridge-mode networks. Frames from a port go through the
+/// verdict map `ports` to the port's own chain; a port the map does not hold sends nothing.
 pub fn bridge_ruleset(definition: &NetworkDefinition, ports: &[PortFilter<'_>]) -> Option<String> {
     if definition.mode == NetworkMode::Bridge {
         return None;
     }
     let table = table_name(&definition.name);
-    let verdicts: Vec<String> = ports
-        .iter()
-        .enumerate()
-        .map(|(i, port)| format!("\"{}\" : jump port{i}", port.tap))
-        .collect();
-    let dispatch = if verdicts.is_empty() {
+    let elements: Vec<String> = ports.iter().map(|port| map_element(port.tap)).collect();
+    let elements = if elements.is_empty() {
         String::new()
     } else {
-        format!("    iifname vmap {{ {} }}\n", verdicts.join(", "))
+        format!("    elements = {{ {} }}\n", elements.join(", "))
     };
     let mut chains = format!(
-        "  chain from_ports {{\n\
+        "  map ports {{\n\
+         \x20   type ifname : verdict\n\
+         {elements}\
+         \x20 }}\n\
+         \x20 chain from_ports {{\n\
          \x20   type filter hook prerouting priority filter; policy accept;\n\
-         {dispatch}\
-         \x20   drop\n\
+         \x20   iifname vmap @ports\n\
+         \x20   counter drop\n\
          \x20 }}\n"
     );
-    for (i, port) in ports.iter().enumerate() {
-        chains += &port_chain(i, port);
+    for port in ports {
+        chains += &format!(
+            "  chain {} {{\n{}  }}\n",
+            port_chain_name(port.tap),
+            port_rules(port)
+                .iter()
+                .map(|rule| format!("    {rule}\n"))
+                .collect::<String>()
+        );
     }
     Some(replace_table("bridge", &table, &chains))
 }
 
-/// What one port may send (the rules end in a drop, so the dispatch's drop is never reached
-/// for it).
-fn port_chain(index: usize, port: &PortFilter<'_>) -> String {
+/// The transaction that gives a port joining the bridge its chain and map entry (replacing
+/// what a port of that name had); None for bridge-mode networks. Other ports' chains, and
+/// their counters, stay as they are.
+pub fn port_joined(definition: &NetworkDefinition, port: &PortFilter<'_>) -> Option<String> {
+    if definition.mode == NetworkMode::Bridge {
+        return None;
+    }
+    let table = table_name(&definition.name);
+    let chain = port_chain_name(port.tap);
+    let mut text =
+        format!("add chain bridge {table} {chain}\nflush chain bridge {table} {chain}\n");
+    for rule in port_rules(port) {
+        text += &format!("add rule bridge {table} {chain} {rule}\n");
+    }
+    text += &format!(
+        "add element bridge {table} ports {{ {} }}\n",
+        map_element(port.tap)
+    );
+    Some(text)
+}
+
+/// The transaction that takes a port leaving the bridge out of the map and removes its chain
+/// (each added first, so that it works whether or not they exist); None for bridge-mode
+/// networks.
+pub fn port_left(definition: &NetworkDefinition, tap: &str) -> Option<String> {
+    if definition.mode == NetworkMode::Bridge {
+        return None;
+    }
+    let table = table_name(&definition.name);
+    let chain = port_chain_name(tap);
+    Some(format!(
+        "add chain bridge {table} {chain}\n\
+         add element bridge {table} ports {{ {element} }}\n\
+         delete element bridge {table} ports {{ \"{tap}\" }}\n\
+         flush chain bridge {table} {chain}\n\
+         delete chain bridge {table} {chain}\n",
+        element = map_element(tap)
+    ))
+}
+
+fn map_element(tap: &str) -> String {
+    format!("\"{tap}\" : jump {}", port_chain_name(tap))
+}
+
+/// The chain of a port: `port_` and its name, with '_' for what nft identifiers cannot hold
+/// (the daemon's TAP names are letters and digits only).
+fn port_chain_name(tap: &str) -> String {
+    let plain: String = tap
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    format!("port_{plain}")
+}
+
+/// What one port may send, in order; the last rule drops the rest, so the dispatch's drop is
+/// never reached for it. Drops are counted: `nft list table bridge ferro_NAME` shows what each
+/// VM tried.
+fn port_rules(port: &PortFilter<'_>) -> [String; 8] {
     let PortFilter { mac, ip, .. } = port;
     // DHCP's client hardware address: 28 bytes into the message, after the 8-byte UDP header.
     let chaddr = format!("0x{}", mac.to_string().replace(':', ""));
-    format!(
-        "  chain port{index} {{\n\
-         \x20   ether saddr != {mac} drop\n\
-         \x20   arp htype 1 arp ptype ip arp hlen 6 arp plen 4 arp saddr ether {mac} arp saddr ip {{ {ip}, 0.0.0.0 }} accept\n\
-         \x20   ether type arp drop\n\
-         \x20   udp sport 67 drop\n\
-         \x20   udp dport 67 @th,288,48 != {chaddr} drop\n\
-         \x20   ip saddr 0.0.0.0 ip daddr 255.255.255.255 udp sport 68 udp dport 67 accept\n\
-         \x20   ip saddr {ip} accept\n\
-         \x20   drop\n\
-         \x20 }}\n"
-    )
+    [
+        format!("ether saddr != {mac} counter drop"),
+        format!(
+            "arp htype 1 arp ptype ip arp hlen 6 arp plen 4 arp saddr ether {mac} \
+             arp saddr ip {{ {ip}, 0.0.0.0 }} accept"
+        ),
+        "ether type arp counter drop".into(),
+        "udp sport 67 counter drop".into(),
+        format!("udp dport 67 @th,288,48 != {chaddr} counter drop"),
+        "ip saddr 0.0.0.0 ip daddr 255.255.255.255 udp sport 68 udp dport 67 accept".into(),
+        format!("ip saddr {ip} accept"),
+        "counter drop".into(),
+    ]
 }
 
 /// Text that replaces table `family name` with one holding `chains`, in one transaction.
@@ -301,28 +366,49 @@ mod tests {
         assert!(rules.starts_with(&format!(
             "table bridge {table} {{}}\ndelete table bridge {table}\ntable bridge {table} {{\n"
         )));
-        let expected = "  chain from_ports {\n\
-             \x20   type filter hook prerouting priority filter; policy accept;\n\
-             \x20   iifname vmap { \"fv1n0\" : jump port0, \"fv2n0\" : jump port1 }\n\
-             \x20   drop\n\
+        let expected = "  map ports {\n\
+             \x20   type ifname : verdict\n\
+             \x20   elements = { \"fv1n0\" : jump port_fv1n0, \"fv2n0\" : jump port_fv2n0 }\n\
              \x20 }\n\
-             \x20 chain port0 {\n\
-             \x20   ether saddr != 52:54:00:00:00:01 drop\n\
+             \x20 chain from_ports {\n\
+             \x20   type filter hook prerouting priority filter; policy accept;\n\
+             \x20   iifname vmap @ports\n\
+             \x20   counter drop\n\
+             \x20 }\n\
+             \x20 chain port_fv1n0 {\n\
+             \x20   ether saddr != 52:54:00:00:00:01 counter drop\n\
              \x20   arp htype 1 arp ptype ip arp hlen 6 arp plen 4 arp saddr ether 52:54:00:00:00:01 \
              arp saddr ip { 10.77.0.10, 0.0.0.0 } accept\n\
-             \x20   ether type arp drop\n\
-             \x20   udp sport 67 drop\n\
-             \x20   udp dport 67 @th,288,48 != 0x525400000001 drop\n\
+             \x20   ether type arp counter drop\n\
+             \x20   udp sport 67 counter drop\n\
+             \x20   udp dport 67 @th,288,48 != 0x525400000001 counter drop\n\
              \x20   ip saddr 0.0.0.0 ip daddr 255.255.255.255 udp sport 68 udp dport 67 accept\n\
              \x20   ip saddr 10.77.0.10 accept\n\
-             \x20   drop\n\
+             \x20   counter drop\n\
              \x20 }\n";
         assert!(rules.contains(expected), "{rules}");
         assert!(rules.contains("ip saddr 10.77.0.11 accept"));
         // No ports: every port is dropped.
         let empty = bridge_ruleset(&d, &[]).unwrap();
-        assert!(empty.contains("policy accept;\n    drop\n"), "{empty}");
-        assert!(!empty.contains("vmap"));
+        assert!(
+            empty.contains("iifname vmap @ports\n    counter drop\n"),
+            "{empty}"
+        );
+        assert!(!empty.contains("elements"));
+        // A port joins and leaves on its own.
+        let joined = port_joined(&d, &ports()[1]).unwrap();
+        assert!(joined.starts_with(&format!(
+            "add chain bridge {table} port_fv2n0\nflush chain bridge {table} port_fv2n0\n\
+             add rule bridge {table} port_fv2n0 ether saddr != 52:54:00:00:00:02 counter drop\n"
+        )));
+        assert!(joined.ends_with(&format!(
+            "add element bridge {table} ports {{ \"fv2n0\" : jump port_fv2n0 }}\n"
+        )));
+        let left = port_left(&d, "fv2n0").unwrap();
+        assert!(left.contains(&format!(
+            "delete element bridge {table} ports {{ \"fv2n0\" }}\n"
+        )));
+        assert!(left.ends_with(&format!("delete chain bridge {table} port_fv2n0\n")));
         // Guests reach the host only for DHCP, DNS and ping on the bridge's address.
         let ip = ruleset(&d, d.subnet().unwrap().unwrap(), &ports()).unwrap();
         for rule in [
@@ -365,16 +451,29 @@ mod tests {
                 .output()
                 .unwrap();
             let text = String::from_utf8_lossy(&bridge.stdout);
-            assert_eq!(text.matches("chain port").count(), 2, "{text}");
-            // A port leaves: the bridge table alone is replaced.
-            let one = bridge_ruleset(&d, &ports()[..1]).unwrap();
-            apply(nft, &table, &one).unwrap();
-            let bridge = Command::new(nft)
-                .args(["list", "table", "bridge", &table])
-                .output()
-                .unwrap();
-            let text = String::from_utf8_lossy(&bridge.stdout);
-            assert_eq!(text.matches("chain port").count(), 1, "{text}");
+            assert_eq!(text.matches("chain port_").count(), 2, "{text}");
+            // Ports leave and join on their own; leaving twice is fine.
+            let bridge_table = |nft: &str| {
+                let out = Command::new(nft)
+                    .args(["list", "table", "bridge", &table])
+                    .output()
+                    .unwrap();
+                String::from_utf8_lossy(&out.stdout).into_owned()
+            };
+            apply(nft, &table, &port_left(&d, "fv2n0").unwrap()).unwrap();
+            apply(nft, &table, &port_left(&d, "fv2n0").unwrap()).unwrap();
+            let text = bridge_table(nft);
+            assert_eq!(text.matches("chain port_").count(), 1, "{text}");
+            assert!(!text.contains("fv2n0"), "{text}");
+            apply(nft, &table, &port_joined(&d, &ports()[1]).unwrap()).unwrap();
+            apply(nft, &table, &port_joined(&d, &ports()[1]).unwrap()).unwrap();
+            let text = bridge_table(nft);
+            assert_eq!(text.matches("chain port_").count(), 2, "{text}");
+            assert_eq!(
+                text.matches("ip saddr 10.77.0.11 accept").count(),
+                1,
+                "{text}"
+            );
             let listing = Command::new(nft)
                 .args(["list", "table", "ip", &table])
                 .output()

@@ -148,19 +148,43 @@ fn bridge_mac(network: &str) -> [u8; 6] {
     [0x02, hash[0], hash[1], hash[2], hash[3], hash[4]]
 }
 
-/// Brings the bridge's filter and dnsmasq's hosts in line with the network's ports (a VM's
-/// TAP device joined or left). The filter first: a port that joins is filtered before it
-/// gets its DHCP entry, and one that leaves loses its entry with its rules.
-pub fn update_ports(
+/// A VM's TAP device joined the bridge (`ports` has it): its filter first, then its DHCP
+/// entry, so it is filtered before it can get a lease.
+pub fn port_joined(
     definition: &NetworkDefinition,
     run_dir: &Path,
     ports: &[Port],
-    filters: &[PortFilter<'_>],
+    filter: &PortFilter<'_>,
 ) -> Result<(), HostError> {
-    if let Some(rules) = firewall::bridge_ruleset(definition, filters) {
+    if let Some(rules) = firewall::port_joined(definition, filter) {
         let tools = Tools::find()?;
         firewall::apply(&tools.nft, &firewall::table_name(&definition.name), &rules)?;
     }
+    write_hosts(definition, run_dir, ports)
+}
+
+/// A VM's TAP device `tap` left the bridge (`ports` no longer has it): its DHCP entry and its
+/// filter go.
+pub fn port_left(
+    definition: &NetworkDefinition,
+    run_dir: &Path,
+    ports: &[Port],
+    tap: &str,
+) -> Result<(), HostError> {
+    let written = write_hosts(definition, run_dir, ports);
+    if let Some(rules) = firewall::port_left(definition, tap) {
+        let tools = Tools::find()?;
+        firewall::apply(&tools.nft, &firewall::table_name(&definition.name), &rules)?;
+    }
+    written
+}
+
+/// Tells dnsmasq the network's DHCP hosts now.
+fn write_hosts(
+    definition: &NetworkDefinition,
+    run_dir: &Path,
+    ports: &[Port],
+) -> Result<(), HostError> {
     let files = DnsmasqFiles::new(run_dir.into());
     dnsmasq::write(&files.hosts(), &dnsmasq::hosts_file(definition, ports))?;
     dnsmasq::reload(&files);

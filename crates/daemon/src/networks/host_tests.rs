@@ -121,10 +121,10 @@ fn a_nat_network_runs_stops_and_is_found_again() {
         );
         let bridge_rules = nft_table("bridge", &table);
         assert!(
-            bridge_rules.contains("\"fvtest0\" : jump port0"),
+            bridge_rules.contains("\"fvtest0\" : jump port_fvtest0"),
             "{bridge_rules}"
         );
-        assert!(bridge_rules.contains("ether saddr != 52:54:00:00:00:42 drop"));
+        assert!(bridge_rules.contains("ether saddr != 52:54:00:00:00:42 counter packets"));
         // Another NIC with the same MAC on the network is refused.
         let twin = nic_with_tap(&nic, "fvtest1");
         let err = networks.attach("vm2", &[twin]).unwrap_err();

@@ -479,11 +479,16 @@ impl Networks {
                 }
                 e => host_error(&network, &e),
             })?;
-        self.record_port(entries, vm, nic, ifindex, ip)
+        let recorded = self.record_port(entries, vm, nic, ifindex, ip);
+        if recorded.is_err() {
+            self.remove_port(entries, &nic.network, &nic.tap);
+        }
+        recorded
     }
 
     /// Records link `ifindex` as the port of `nic` (its TAP device, on the bridge) with address
-    /// `ip`, and brings the network's filter and DHCP hosts in line; on failure, removes it.
+    /// `ip`, then gives it its filter and DHCP entry. A port whose filter could not be loaded
+    /// stays recorded, and sends nothing (the bridge drops what comes from unknown ports).
     fn record_port(
         &self,
         entries: &mut BTreeMap<String, Entry>,
@@ -503,14 +508,19 @@ impl Networks {
             ip,
             dns_name: nic.dns_name.clone(),
         });
-        let updated = self
-            .save_record(entry)
-            .and_then(|()| self.refresh_host_side(entry));
-        if let Err(e) = updated {
-            self.remove_port(entries, &nic.network, &nic.tap);
-            return Err(e);
-        }
-        Ok(())
+        self.save_record(entry).and_then(|()| {
+            let Some(ip) = ip.filter(|_| entry.active) else {
+                return Ok(());
+            };
+            let filter = firewall::PortFilter {
+                tap: &nic.tap,
+                mac: nic.mac,
+                ip,
+            };
+            let run_dir = self.run_dir(&entry.definition.name);
+            host_side::port_joined(&entry.definition, &run_dir, &entry.record.ports, &filter)
+                .map_err(|e| host_error(&entry.definition.name, &e))
+        })
     }
 
     /// The address for a new port with `mac` on `entry` (none on bridge-mode networks).
@@ -557,11 +567,16 @@ impl Networks {
         if let Err(e) = host_side::remove_tap(&port.tap, port.ifindex) {
             tracing::warn!("VM {} on network {network}: {}", port.vm, chain(&e));
         }
-        let updated = self
-            .save_record(entry)
-            .and_then(|()| self.refresh_host_side(entry));
-        if let Err(e) = updated {
+        if let Err(e) = self.save_record(entry) {
             tracing::warn!("network {network}: {}", e.message);
+        }
+        if entry.active && entry.definition.mode != NetworkMode::Bridge {
+            let run_dir = self.run_dir(network);
+            let left =
+                host_side::port_left(&entry.definition, &run_dir, &entry.record.ports, &port.tap);
+            if let Err(e) = left {
+                tracing::warn!("network {network}: {}", chain(&e));
+            }
         }
     }
 
@@ -624,19 +639,10 @@ impl Networks {
             .filter(|link| link.tun)
             .ok_or_else(|| ApiError::conflict(format!("no TAP device {}", nic.tap)))?;
         let entry = entries
-            .get_mut(&nic.network)
+            .get(&nic.network)
             .ok_or_else(|| not_found(&nic.network))?;
         let ip = self.reserve(entry, nic.mac)?;
-        entry.record.ports.push(Port {
-            vm: vm.to_string(),
-            tap: nic.tap.clone(),
-            ifindex: link.index,
-            mac: nic.mac,
-            ip,
-            dns_name: nic.dns_name.clone(),
-        });
-        self.save_record(entry)?;
-        self.refresh_host_side(entry)
+        self.record_port(entries, vm, nic, link.index, ip)
     }
 
     /// Removes a stopped VM's TAP devices from its networks.
@@ -676,22 +682,6 @@ impl Networks {
         host_side::ensure_on_bridge(&nic.tap, &entry.definition.bridge)
             .map_err(|e| ApiError::internal(chain(&e)))?;
         self.record_port(&mut entries, vm, nic, link.index, ip)
-    }
-
-    /// Brings the filter rules and DHCP hosts of a running nat or isolated network in line
-    /// with its ports.
-    fn refresh_host_side(&self, entry: &Entry) -> Result<(), ApiError> {
-        if !entry.active || entry.definition.mode == NetworkMode::Bridge {
-            return Ok(());
-        }
-        let name = &entry.definition.name;
-        host_side::update_ports(
-            &entry.definition,
-            &self.run_dir(name),
-            &entry.record.ports,
-            &entry.port_filters(),
-        )
-        .map_err(|e| host_error(name, &e))
     }
 }
 
