@@ -237,7 +237,7 @@ impl Supervisor {
             .enumerate()
             .filter_map(|(index, nic)| {
                 let network = nic.network.as_deref()?;
-                let mode = self.networks.info(network).ok()?.definition.mode;
+                let mode = self.networks.mode_of(network)?;
                 (mode != NetworkMode::Bridge).then(|| {
                     format!(
                         "NIC {index} on network {network}: the VM's name {:?} is not a DNS name \
@@ -280,6 +280,19 @@ impl Supervisor {
             }
         }
         Ok(())
+    }
+
+    /// The VM whose NIC names the TAP device `tap`, if any.
+    pub fn vm_naming_tap(&self, tap: &str) -> Option<String> {
+        self.lock()
+            .values()
+            .find(|e| {
+                e.definition
+                    .nets
+                    .iter()
+                    .any(|n| n.tap.as_deref() == Some(tap))
+            })
+            .map(|e| e.definition.name.clone())
     }
 
     /// Whether `disk` is the image at `path`.
@@ -356,10 +369,10 @@ impl Supervisor {
         let dns_name = definition.dns_name().map(str::to_string);
         for nic in &mut definition.nets {
             if let Some(network) = &nic.network {
-                let info = self.networks.info(network).map_err(|_| {
+                let mode = self.networks.mode_of(network).ok_or_else(|| {
                     ApiError::bad_request(format!("there is no network named {network:?}"))
                 })?;
-                if info.definition.mode != NetworkMode::Bridge && dns_name.is_none() {
+                if mode != NetworkMode::Bridge && dns_name.is_none() {
                     return Err(ApiError::bad_request(format!(
                         "the VM name {:?} cannot be its DNS name on network {network}: use letters, \
                          digits and inner '-' (at most 63, not all digits)",

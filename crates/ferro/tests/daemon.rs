@@ -1189,7 +1189,7 @@ fn network_lifecycle_requests_and_vm_nics() {
 /// network whose name dnsmasq could misread is refused. Checked at define and again at start.
 #[test]
 fn nics_may_not_name_what_belongs_to_others() {
-    let d = Daemon::start();
+    let mut d = Daemon::start();
     let file = d.dir.path().join("net.toml");
     std::fs::write(
         &file,
@@ -1230,15 +1230,31 @@ fn nics_may_not_name_what_belongs_to_others() {
     }
     let list: Vec<VmSummary> = serde_json::from_str(&d.ok(&["vm", "list", "--json"])).unwrap();
     assert_eq!(list.len(), 1, "{list:?}");
-
-    // At start: a network defined since with the NIC's TAP as its bridge.
-    assert_eq!(define("late", "[[nets]]\ntap = \"ferrotest9\"\n").0, 0);
+    // Nor may a network take a VM's TAP as its bridge.
     std::fs::write(
         &file,
-        "name = \"late-net\"\nmode = \"isolated\"\nbridge = \"ferrotest9\"\nsubnet = \"10.219.0.0/24\"\n",
+        "name = \"thief-net\"\nmode = \"isolated\"\nbridge = \"tap-owner\"\nsubnet = \"10.221.0.0/24\"\n",
     )
     .unwrap();
-    d.ok(&["net", "define", file.to_str().unwrap()]);
+    d.fails(
+        &["net", "define", file.to_str().unwrap()],
+        4,
+        "tap-owner is the TAP device of VM owner",
+    );
+
+    // At start: a network stored before these checks with the NIC's TAP as its bridge (the
+    // daemon refuses to define one now).
+    assert_eq!(define("late", "[[nets]]\ntap = \"ferrotest9\"\n").0, 0);
+    let late_net = "name = \"late-net\"\nmode = \"isolated\"\nbridge = \"ferrotest9\"\nsubnet = \"10.219.0.0/24\"\n";
+    std::fs::write(&file, late_net).unwrap();
+    d.fails(
+        &["net", "define", file.to_str().unwrap()],
+        4,
+        "ferrotest9 is the TAP device of VM late",
+    );
+    d.stop();
+    std::fs::write(d.state_dir().join("networks/late-net.toml"), late_net).unwrap();
+    d.restart();
     d.fails(
         &["vm", "start", "late"],
         4,

@@ -222,6 +222,64 @@ fn links_the_daemon_did_not_make_are_left_alone() {
     });
 }
 
+/// A VM an older daemon started (its TAP under the old hash name, no record of ports) is
+/// adopted: its TAP recorded with its index, filtered and given its DHCP entry; a recorded VM
+/// that no longer runs loses its TAP device.
+#[test]
+fn tap_devices_of_older_and_vanished_runs_are_sorted_out() {
+    in_network_namespace(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let networks = open(dir.path());
+        networks
+            .define(definition("old", "nat", "ferrotest3", "10.64.0.0/24"))
+            .unwrap();
+        networks.start("old").unwrap();
+        let legacy = api::daemon_api::legacy_network_tap_name("web", 0);
+        let index = netlink::create_tap(&legacy).unwrap();
+        host_side::ensure_on_bridge(&legacy, "ferrotest3").unwrap();
+        let nic = nic("old", "52:54:00:64:00:01", &legacy, "web");
+        networks.reattach("web", std::slice::from_ref(&nic));
+        assert_eq!(
+            networks.claim_on(&legacy).as_deref(),
+            Some("the TAP device of VM web on network old")
+        );
+        let record = ports::load(&networks.run_dir("old"));
+        assert_eq!(record.ports.len(), 1);
+        assert_eq!(
+            (record.ports[0].tap.as_str(), record.ports[0].ifindex),
+            (legacy.as_str(), index)
+        );
+        let table = firewall::table_name("old");
+        assert!(nft_table("bridge", &table).contains(&format!("\"{legacy}\" : jump port_{legacy}")));
+        let files = dnsmasq::DnsmasqFiles::new(networks.run_dir("old"));
+        let hosts = std::fs::read_to_string(files.hosts()).unwrap();
+        assert!(
+            hosts.starts_with("52:54:00:64:00:01,10.64.0.") && hosts.ends_with(",\"web\"\n"),
+            "{hosts}"
+        );
+        // Reattached again (another restart): nothing twice.
+        networks.reattach("web", std::slice::from_ref(&nic));
+        assert_eq!(ports::load(&networks.run_dir("old")).ports.len(), 1);
+
+        // A VM recorded on the network that runs no more (its daemon went before it did).
+        networks
+            .attach(
+                "gone",
+                &[nic_with_tap(
+                    &self::nic("old", "52:54:00:64:00:02", "fvtest9", "gone"),
+                    "fvtest9",
+                )],
+            )
+            .unwrap();
+        networks.forget_all_but(&["web".to_string()]);
+        assert_eq!(netlink::link_index("fvtest9").unwrap(), None);
+        assert_eq!(netlink::link_index(&legacy).unwrap(), Some(index));
+        networks.detach("web");
+        assert_eq!(netlink::link_index(&legacy).unwrap(), None);
+        networks.stop("old").unwrap();
+    });
+}
+
 /// A stand-in guest: a network namespace of its own, held by a sleeping process, with the far
 /// end of a veth pair whose near end is a port of the network's bridge.
 struct Guest {

@@ -11,7 +11,9 @@
 //! there instead of duplicating it, and reads the record of their ports there.
 //!
 //! Threading: called from the API's blocking tasks; one mutex over the table, held across the
-//! host changes of one network so two requests never race on it.
+//! host changes of one network so two requests never race on it. What VM operations ask on the
+//! runtime's thread (a network's mode, who claims an interface name) comes from a small index
+//! under a lock of its own, replaced after each change, so they never wait for a host change.
 
 pub mod dnsmasq;
 pub mod firewall;
@@ -92,6 +94,31 @@ pub struct Networks {
     /// Where the host's network interfaces show (`/sys/class/net`; a test directory in tests).
     sys_net: PathBuf,
     entries: Mutex<BTreeMap<String, Entry>>,
+    index: Mutex<Index>,
+}
+
+/// The networks' modes, and the interface names they claim (bridges, VMs' TAP devices) with
+/// what each is: a copy of the table's answers to these two questions.
+#[derive(Debug, Default)]
+struct Index {
+    modes: BTreeMap<String, NetworkMode>,
+    claims: BTreeMap<String, String>,
+}
+
+impl Index {
+    fn of(entries: &BTreeMap<String, Entry>) -> Index {
+        let mut index = Index::default();
+        for (name, entry) in entries {
+            index.modes.insert(name.clone(), entry.definition.mode);
+            let bridge = format!("the bridge of network {name}");
+            index.claims.insert(entry.definition.bridge.clone(), bridge);
+            for port in &entry.record.ports {
+                let tap = format!("the TAP device of VM {} on network {name}", port.vm);
+                index.claims.insert(port.tap.clone(), tap);
+            }
+        }
+        index
+    }
 }
 
 fn not_found(name: &str) -> ApiError {
@@ -136,12 +163,25 @@ impl Networks {
         Ok(Networks {
             dir,
             sys_net,
+            index: Mutex::new(Index::of(&entries)),
             entries: Mutex::new(entries),
         })
     }
 
     fn lock(&self) -> MutexGuard<'_, BTreeMap<String, Entry>> {
         self.entries.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Brings the index in line with the table (after any change of definitions or ports).
+    fn reindex(&self, entries: &BTreeMap<String, Entry>) {
+        let index = Index::of(entries);
+        *self.index.lock().unwrap_or_else(PoisonError::into_inner) = index;
+    }
+
+    /// The mode of network `name`, if it is defined (never waits for a host change).
+    pub fn mode_of(&self, name: &str) -> Option<NetworkMode> {
+        let index = self.index.lock().unwrap_or_else(PoisonError::into_inner);
+        index.modes.get(name).copied()
     }
 
     fn run_dir(&self, name: &str) -> PathBuf {
@@ -202,6 +242,7 @@ impl Networks {
         };
         let info = entry.info();
         entries.insert(entry.definition.name.clone(), entry);
+        self.reindex(&entries);
         Ok(info)
     }
 
@@ -239,6 +280,7 @@ impl Networks {
         std::fs::remove_file(&path)
             .map_err(|e| ApiError::internal(format!("cannot remove {}: {e}", path.display())))?;
         entries.remove(name);
+        self.reindex(&entries);
         Ok(())
     }
 
@@ -264,7 +306,9 @@ impl Networks {
         entry.record = Record::default();
         self.bring_up(entry, false)?;
         entry.active = true;
-        Ok(entry.info())
+        let info = entry.info();
+        self.reindex(&entries);
+        Ok(info)
     }
 
     /// The host side of `entry`: created, or (`again`, after a daemon restart) found and
@@ -346,8 +390,10 @@ impl Networks {
         };
         entry.active = false;
         entry.record = Record::default();
+        let info = entry.info();
+        self.reindex(&entries);
         result.map_err(|e| host_error(name, &e))?;
-        Ok(entry.info())
+        Ok(info)
     }
 
     pub fn set_autostart(&self, name: &str, enabled: bool) -> Result<NetworkInfo, ApiError> {
@@ -404,20 +450,10 @@ impl Networks {
 
     /// What the daemon made for a network, by interface name: the bridge of a network, or the
     /// TAP device of a VM's NIC on one. `None` for names it has no claim on.
+    /// Never waits for a host change.
     pub fn claim_on(&self, interface: &str) -> Option<String> {
-        let entries = self.lock();
-        for entry in entries.values() {
-            if entry.definition.bridge == interface {
-                return Some(format!("the bridge of network {}", entry.definition.name));
-            }
-            if let Some(port) = entry.record.ports.iter().find(|p| p.tap == interface) {
-                return Some(format!(
-                    "the TAP device of VM {} on network {}",
-                    port.vm, entry.definition.name
-                ));
-            }
-        }
-        None
+        let index = self.index.lock().unwrap_or_else(PoisonError::into_inner);
+        index.claims.get(interface).cloned()
     }
 
     /// Creates the TAP devices of a starting VM's NICs on their networks' bridges, each with
@@ -508,7 +544,7 @@ impl Networks {
             ip,
             dns_name: nic.dns_name.clone(),
         });
-        self.save_record(entry).and_then(|()| {
+        let joined = self.save_record(entry).and_then(|()| {
             let Some(ip) = ip.filter(|_| entry.active) else {
                 return Ok(());
             };
@@ -520,7 +556,9 @@ impl Networks {
             let run_dir = self.run_dir(&entry.definition.name);
             host_side::port_joined(&entry.definition, &run_dir, &entry.record.ports, &filter)
                 .map_err(|e| host_error(&entry.definition.name, &e))
-        })
+        });
+        self.reindex(entries);
+        joined
     }
 
     /// The address for a new port with `mac` on `entry` (none on bridge-mode networks).
@@ -578,6 +616,7 @@ impl Networks {
                 tracing::warn!("network {network}: {}", chain(&e));
             }
         }
+        self.reindex(entries);
     }
 
     /// Removes every port of VM `vm`.
