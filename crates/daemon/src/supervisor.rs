@@ -7,7 +7,7 @@
 //! older than ids is loaded) and stored in its definition; its TAP devices on networks are
 //! named after it. A NIC's own `tap =` may not name what belongs to others: the daemon's
 //! network TAP names, a network's bridge or TAP device, or another VM's TAP (checked at define
-//! against every definition, at start against the VMs that run).
+//! against every definition, at start against the VMs that run or are starting).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::PermissionsExt;
@@ -472,8 +472,12 @@ impl Supervisor {
             None => Ok(entry.definition.clone()),
         })?;
         {
+            // VMs that run or are being started (marked before this check, so of two starts
+            // at once at least one sees the other).
             let vms = self.lock();
-            let running = vms.values().filter(|e| e.runtime.is_some());
+            let running = vms
+                .values()
+                .filter(|e| e.runtime.is_some() || e.busy == Some("start"));
             self.check_nic_claims(&definition, running)
                 .map_err(|e| ApiError::conflict(format!("cannot start VM {name}: {e}")))?;
         }

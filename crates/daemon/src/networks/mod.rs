@@ -677,6 +677,10 @@ impl Networks {
             .map_err(|e| ApiError::internal(chain(&e)))?
             .filter(|link| link.tun)
             .ok_or_else(|| ApiError::conflict(format!("no TAP device {}", nic.tap)))?;
+        // Old names could collide: a TAP already recorded for another VM is not taken twice.
+        if let Some(claim) = self.claim_on(&nic.tap) {
+            return Err(ApiError::conflict(format!("{} is {claim}", nic.tap)));
+        }
         let entry = entries
             .get(&nic.network)
             .ok_or_else(|| not_found(&nic.network))?;
