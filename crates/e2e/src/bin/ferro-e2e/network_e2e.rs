@@ -272,7 +272,8 @@ pub fn nat_and_isolated_networks() -> TestResult {
     ])?;
     define_vm(&d, "vd", "lab", "spoof", "-")?;
     d.ok(&["vm", "start", "vd"])?;
-    d.wait_for_console("vd", "NET-SPOOF-GOOD-OK", 1, NETWORK_TIMEOUT)?;
+    d.wait_for_console("vd", "NET-SPOOF-GOOD-OK", 1, NETWORK_TIMEOUT)
+        .map_err(|e| format!("{e}\n{}", lab_state(&d)))?;
     d.wait_for_console("vd", "NET-ROGUE-DHCP-RUNNING", 1, Duration::from_secs(90))?;
     let spoofer = std::fs::read_to_string(d.console_log_path("vd")).unwrap_or_default();
     for blocked in [
@@ -291,11 +292,7 @@ pub fn nat_and_isolated_networks() -> TestResult {
     d.ok(&["vm", "start", "vb"])?;
     for (vm, peer) in [("va", "vb"), ("vb", "va")] {
         d.wait_for_console(vm, "NET-PEER-PING-OK", 1, NETWORK_TIMEOUT)
-            .map_err(|e| {
-                let log = d.state_dir().join("networks/lab.run/dnsmasq.log");
-                let log = std::fs::read_to_string(log).unwrap_or_default();
-                format!("{e}\n(peer {peer}); dnsmasq said:\n{log}")
-            })?;
+            .map_err(|e| format!("{e}\n(peer {peer})\n{}", lab_state(&d)))?;
         d.wait_for_console(vm, "NET-GW-PING-OK", 1, Duration::from_secs(30))?;
         // Both wrote before their DHCP; each sees only its own file.
         d.wait_for_console(vm, "NET-END", 1, Duration::from_secs(30))?;
@@ -459,4 +456,35 @@ fn check_filter_counted(d: &Daemon, vm: &str) -> TestResult {
     check(counted("ether type arp") + last > 0, || {
         format!("{vm}'s filter dropped nothing from another address:\n{rules}")
     })
+}
+
+/// What the nat network looks like on the host, for a failure's message: dnsmasq's log and
+/// hosts, the nft rules with their counters, the bridge's ports.
+fn lab_state(d: &Daemon) -> String {
+    let run = d.state_dir().join("networks/lab.run");
+    let read = |name: &str| std::fs::read_to_string(run.join(name)).unwrap_or_default();
+    let command = |program: &str, args: &[&str]| {
+        std::process::Command::new(program)
+            .args(args)
+            .output()
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout).into_owned()
+                    + &String::from_utf8_lossy(&o.stderr)
+            })
+            .unwrap_or_else(|e| format!("{program}: {e}"))
+    };
+    format!(
+        "dnsmasq said:\n{}\ndhcp-hosts:\n{}\nports.json:\n{}\nnft:\n{}\nlinks:\n{}",
+        read("dnsmasq.log"),
+        read("dhcp-hosts"),
+        read("ports.json"),
+        command("nft", &["list", "ruleset"]),
+        std::fs::read_dir(format!("/sys/class/net/{NAT_BRIDGE}/brif"))
+            .map(|ports| ports
+                .flatten()
+                .map(|p| p.file_name().to_string_lossy().into_owned())
+                .collect::<Vec<_>>()
+                .join(" "))
+            .unwrap_or_else(|e| e.to_string()),
+    )
 }
