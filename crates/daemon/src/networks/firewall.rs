@@ -6,7 +6,9 @@
 //! - `bridge`: what each VM's TAP device may send into the bridge, as libvirt's clean-traffic
 //!   filter has it: only its own MAC as source (ARP's sender included), only its reserved
 //!   address (or 0.0.0.0 for a DHCP request), no DHCP server traffic, DHCP requests only for its
-//!   own MAC, nothing but ARP and IPv4. A port the table does not list sends nothing.
+//!   own MAC, nothing but ARP and IPv4. A bridge-family hook sees the frames of every bridge of
+//!   the host, so the table judges only the ports it lists (each a VM's TAP, listed before its
+//!   VMM runs): other networks' ports and bridges that are not Ferro's pass untouched.
 //!
 //! Rules are loaded with `nft -f -` as one transaction that replaces a table, so starting a
 //! network twice (or after a daemon restart) never duplicates them. A VM's TAP that joins or
@@ -115,7 +117,8 @@ fn ip_ruleset(definition: &NetworkDefinition, subnet: Subnet) -> Option<String> 
 
 /// The ruleset that (re)creates the network's `bridge` table for `ports` (at the network's
 /// start, or a daemon's); None for bridge-mode networks. Frames from a port go through the
-/// verdict map `ports` to the port's own chain; a port the map does not hold sends nothing.
+/// verdict map `ports` to the port's own chain; frames from any other port (of any bridge: the
+/// hook is the whole host's) are not this table's to judge.
 pub fn bridge_ruleset(definition: &NetworkDefinition, ports: &[PortFilter<'_>]) -> Option<String> {
     if definition.mode == NetworkMode::Bridge {
         return None;
@@ -135,7 +138,6 @@ pub fn bridge_ruleset(definition: &NetworkDefinition, ports: &[PortFilter<'_>]) 
          \x20 chain from_ports {{\n\
          \x20   type filter hook prerouting priority filter; policy accept;\n\
          \x20   iifname vmap @ports\n\
-         \x20   counter drop\n\
          \x20 }}\n"
     );
     for port in ports {
@@ -205,9 +207,8 @@ fn port_chain_name(tap: &str) -> String {
     format!("port_{plain}")
 }
 
-/// What one port may send, in order; the last rule drops the rest, so the dispatch's drop is
-/// never reached for it. Drops are counted: `nft list table bridge ferro_NAME` shows what each
-/// VM tried.
+/// What one port may send, in order; the last rule drops the rest. Drops are counted:
+/// `nft list table bridge ferro_NAME` shows what each VM tried.
 fn port_rules(port: &PortFilter<'_>) -> [String; 8] {
     let PortFilter { mac, ip, .. } = port;
     // DHCP's client hardware address: 28 bytes into the message, after the 8-byte UDP header.
@@ -356,8 +357,8 @@ mod tests {
     }
 
     /// Each VM's TAP sends only its MAC and address (ARP's sender too), no DHCP server
-    /// traffic and DHCP requests only for its own MAC; ports the table does not list send
-    /// nothing.
+    /// traffic and DHCP requests only for its own MAC; ports the table does not list are not
+    /// judged.
     #[test]
     fn each_port_may_send_only_its_own_mac_and_address() {
         let d = definition("nat");
@@ -373,7 +374,6 @@ mod tests {
              \x20 chain from_ports {\n\
              \x20   type filter hook prerouting priority filter; policy accept;\n\
              \x20   iifname vmap @ports\n\
-             \x20   counter drop\n\
              \x20 }\n\
              \x20 chain port_fv1n0 {\n\
              \x20   ether saddr != 52:54:00:00:00:01 counter drop\n\
@@ -388,12 +388,10 @@ mod tests {
              \x20 }\n";
         assert!(rules.contains(expected), "{rules}");
         assert!(rules.contains("ip saddr 10.77.0.11 accept"));
-        // No ports: every port is dropped.
+        // No ports: nothing to judge (other bridges' ports are not this table's).
         let empty = bridge_ruleset(&d, &[]).unwrap();
-        assert!(
-            empty.contains("iifname vmap @ports\n    counter drop\n"),
-            "{empty}"
-        );
+        assert!(empty.contains("iifname vmap @ports\n  }\n"), "{empty}");
+        assert!(!empty.contains("drop"), "{empty}");
         assert!(!empty.contains("elements"));
         // A port joins and leaves on its own.
         let joined = port_joined(&d, &ports()[1]).unwrap();

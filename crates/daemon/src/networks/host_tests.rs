@@ -291,6 +291,22 @@ struct Guest {
 impl Guest {
     /// Guest `vm` with `mac` on `network` (a VM whose name is `vm`), as the `index`th guest.
     fn new(networks: &Networks, network: &str, vm: &str, mac: &str, index: u8) -> Guest {
+        let guest = Guest::unrecorded(mac, index);
+        networks
+            .join_link(vm, &nic(network, mac, &format!("fvp{index}"), vm))
+            .unwrap();
+        guest
+    }
+
+    /// A guest with `mac` whose near end is on `bridge`, a bridge the daemon does not manage.
+    fn on_bridge(bridge: &str, mac: &str, index: u8) -> Guest {
+        let guest = Guest::unrecorded(mac, index);
+        host_side::ensure_on_bridge(&format!("fvp{index}"), bridge).unwrap();
+        guest
+    }
+
+    /// The guest's namespace and veth pair (near end `fvpINDEX`, on no bridge yet).
+    fn unrecorded(mac: &str, index: u8) -> Guest {
         let holder = Command::new("unshare")
             .args(["-n", "sleep", "600"])
             .spawn()
@@ -332,9 +348,6 @@ impl Guest {
                 .run(&format!("ip link set lo up; ip link set {dev} up"))
                 .0
         );
-        networks
-            .join_link(vm, &nic(network, mac, &port, vm))
-            .unwrap();
         guest
     }
 
@@ -490,6 +503,49 @@ fn a_guest_may_send_only_its_own_mac_and_address() {
         networks.detach("evil");
         networks.stop("guard").unwrap();
         assert_eq!(failed, "", "{failed}");
+    });
+}
+
+/// Each network's filter judges only its own ports: guests on two networks get their leases
+/// side by side, and a bridge the daemon does not manage carries its traffic as before.
+#[test]
+fn networks_filter_only_their_own_ports() {
+    if guest_tools_missing() {
+        return;
+    }
+    in_network_namespace(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let networks = open(dir.path());
+        for (name, bridge, subnet) in [
+            ("one", "ferrotest11", "10.62.0.0/24"),
+            ("two", "ferrotest12", "10.63.0.0/24"),
+        ] {
+            networks
+                .define(definition(name, "nat", bridge, subnet))
+                .unwrap();
+            networks.start(name).unwrap();
+        }
+        netlink::create_bridge("plainbr0", [2, 0, 0, 0, 0, 0x42]).unwrap();
+        netlink::set_up("plainbr0").unwrap();
+        let first = Guest::new(&networks, "one", "first", "52:54:00:62:00:01", 4);
+        let second = Guest::new(&networks, "two", "second", "52:54:00:63:00:01", 5);
+        let left = Guest::on_bridge("plainbr0", "52:54:00:77:00:01", 6);
+        let right = Guest::on_bridge("plainbr0", "52:54:00:77:00:02", 7);
+        let leases = [first.dhcp(), second.dhcp()];
+        left.run(&format!("ip addr add 192.168.77.1/24 dev {}", left.dev));
+        right.run(&format!("ip addr add 192.168.77.2/24 dev {}", right.dev));
+        let plain = left.pings("192.168.77.2");
+        drop((first, second, left, right));
+        networks.detach("first");
+        networks.detach("second");
+        networks.stop("one").unwrap();
+        networks.stop("two").unwrap();
+        assert!(leases[0].contains("router 10.62.0.1"), "{leases:?}");
+        assert!(leases[1].contains("router 10.63.0.1"), "{leases:?}");
+        assert!(
+            plain,
+            "the daemon's filter stopped traffic on a bridge it does not manage"
+        );
     });
 }
 

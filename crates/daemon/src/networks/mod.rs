@@ -523,8 +523,8 @@ impl Networks {
     }
 
     /// Records link `ifindex` as the port of `nic` (its TAP device, on the bridge) with address
-    /// `ip`, then gives it its filter and DHCP entry. A port whose filter could not be loaded
-    /// stays recorded, and sends nothing (the bridge drops what comes from unknown ports).
+    /// `ip`, then gives it its filter and DHCP entry (an error when its filter cannot be
+    /// loaded: a new TAP device is then removed, see [`Networks::add_port`]).
     fn record_port(
         &self,
         entries: &mut BTreeMap<String, Entry>,
