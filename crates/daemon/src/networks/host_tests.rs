@@ -30,6 +30,23 @@ fn open(dir: &Path) -> Networks {
     Networks::open(dir.join("networks"), dir.join("sys")).unwrap()
 }
 
+/// Stops what the networks under a test's directory run when the test ends, passed or failed
+/// (dnsmasq would outlive a failed test): a fresh `Networks` on the directory removes every
+/// port and stops every active network.
+struct Cleanup(std::path::PathBuf);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let networks = open(&self.0);
+        networks.forget_all_but(&[]);
+        for info in networks.list() {
+            if info.state == NetworkState::Active {
+                let _ = networks.stop(&info.definition.name);
+            }
+        }
+    }
+}
+
 fn nic(network: &str, mac: &str, tap: &str, name: &str) -> NetworkNic {
     NetworkNic {
         network: network.into(),
@@ -83,6 +100,7 @@ fn guest_tools_missing() -> bool {
 fn a_nat_network_runs_stops_and_is_found_again() {
     in_network_namespace(|| {
         let dir = tempfile::tempdir().unwrap();
+        let _cleanup = Cleanup(dir.path().to_path_buf());
         let networks = open(dir.path());
         networks
             .define(definition("lab", "nat", "ferrotest0", "10.66.0.0/24"))
@@ -189,6 +207,7 @@ fn nic_with_tap(nic: &NetworkNic, tap: &str) -> NetworkNic {
 fn links_the_daemon_did_not_make_are_left_alone() {
     in_network_namespace(|| {
         let dir = tempfile::tempdir().unwrap();
+        let _cleanup = Cleanup(dir.path().to_path_buf());
         let networks = open(dir.path());
         networks
             .define(definition("own", "isolated", "ferrotest5", "10.65.0.0/24"))
@@ -229,6 +248,7 @@ fn links_the_daemon_did_not_make_are_left_alone() {
 fn tap_devices_of_older_and_vanished_runs_are_sorted_out() {
     in_network_namespace(|| {
         let dir = tempfile::tempdir().unwrap();
+        let _cleanup = Cleanup(dir.path().to_path_buf());
         let networks = open(dir.path());
         networks
             .define(definition("old", "nat", "ferrotest3", "10.64.0.0/24"))
@@ -421,6 +441,7 @@ fn hostile_names_get_their_lease_and_dns_name() {
     }
     in_network_namespace(|| {
         let dir = tempfile::tempdir().unwrap();
+        let _cleanup = Cleanup(dir.path().to_path_buf());
         let networks = open(dir.path());
         networks
             .define(definition("dhcp", "nat", "ferrotest2", "10.68.0.0/24"))
@@ -485,6 +506,7 @@ fn a_guest_may_send_only_its_own_mac_and_address() {
     }
     in_network_namespace(|| {
         let dir = tempfile::tempdir().unwrap();
+        let _cleanup = Cleanup(dir.path().to_path_buf());
         let networks = open(dir.path());
         networks
             .define(definition("guard", "nat", "ferrotest4", "10.69.0.0/24"))
@@ -515,6 +537,7 @@ fn networks_filter_only_their_own_ports() {
     }
     in_network_namespace(|| {
         let dir = tempfile::tempdir().unwrap();
+        let _cleanup = Cleanup(dir.path().to_path_buf());
         let networks = open(dir.path());
         for (name, bridge, subnet) in [
             ("one", "ferrotest11", "10.62.0.0/24"),
@@ -671,6 +694,7 @@ fn check_spoofing(good: &Guest, evil: &Guest) -> String {
 fn a_subnet_the_host_uses_is_refused_and_nothing_is_left_behind() {
     in_network_namespace(|| {
         let dir = tempfile::tempdir().unwrap();
+        let _cleanup = Cleanup(dir.path().to_path_buf());
         let networks = open(dir.path());
         netlink::create_bridge("hostbr", [2, 0, 0, 0, 0, 9]).unwrap();
         netlink::add_ipv4_address("hostbr", "10.67.1.1".parse().unwrap(), 16).unwrap();
