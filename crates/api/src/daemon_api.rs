@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::net::{stable_hash, valid_interface_name, MacAddress, NetConfig};
+use crate::net_api::dns_host_name;
 use crate::size::ByteSize;
 use crate::vm_config::{ConsoleKind, DiskConfig, VmConfig};
 use crate::vmm_api::VmCounters;
@@ -30,6 +31,9 @@ pub mod paths {
 
 /// Longest VM name.
 pub const MAX_NAME_LEN: usize = 64;
+
+/// Most NICs of a VM definition (the PCI bus has 32 slots); keeps TAP names short.
+pub const MAX_NICS: usize = 32;
 
 /// Why a VM name is refused, if it is.
 pub fn check_name(name: &str) -> Result<(), String> {
@@ -63,6 +67,11 @@ fn default_cmdline() -> String {
 #[serde(deny_unknown_fields)]
 pub struct VmDefinition {
     pub name: String,
+    /// The daemon's number for this VM: unique among the defined VMs, given when the VM is
+    /// defined (or, for a definition older than ids, when the daemon loads it) and kept; it
+    /// names the VM's TAP devices on networks. Read-only: a value in a request is replaced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<u32>,
     #[serde(default = "default_cpus")]
     pub cpus: u32,
     #[serde(default = "default_memory")]
@@ -92,7 +101,7 @@ pub struct VmDefinition {
 }
 
 /// A NIC of a VM definition: on a TAP device of the host, or on one of the daemon's virtual
-/// networks (which creates its TAP device, `network_tap_name`, while the VM runs).
+/// networks (which creates its TAP device, [`network_tap_name`], while the VM runs).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DefinitionNic {
@@ -110,10 +119,45 @@ pub struct DefinitionNic {
     pub queue_pairs: Option<u16>,
 }
 
-/// The TAP device of NIC `index` of VM `vm` on a virtual network: short enough for an
-/// interface name, the same for every start of the VM, and recognizably Ferro's.
-pub fn network_tap_name(vm: &str, index: usize) -> String {
+/// The TAP device of NIC `index` of the VM with id `id` on a virtual network: `fvIDnINDEX`.
+/// Ids are unique among defined VMs, so no two VMs ever share a name; at most 15 bytes (an
+/// id has at most 10 digits, an index below [`MAX_NICS`] at most 2).
+pub fn network_tap_name(id: u32, index: usize) -> String {
+    format!("fv{id}n{index}")
+}
+
+/// The TAP name daemons before VM ids gave NIC `index` of VM `vm` (a 32-bit hash of the name,
+/// which another name can be made to share): only to find the TAP devices of VMs such a
+/// daemon started, which keep running across the upgrade.
+pub fn legacy_network_tap_name(vm: &str, index: usize) -> String {
     format!("fv{:08x}n{index}", stable_hash(vm) as u32)
+}
+
+/// Refuses a NIC's `tap =` that has the shape of the daemon's own network TAP names (checked
+/// by the daemon at define and start, not when a stored definition is read).
+pub fn check_own_tap_name(tap: &str) -> Result<(), String> {
+    if is_network_tap_name(tap) {
+        return Err(format!(
+            "the TAP name {tap:?} is reserved: names like fvNnI are the TAP devices the daemon \
+             makes for NICs on networks; pick another name"
+        ));
+    }
+    Ok(())
+}
+
+/// Whether `name` has the shape of a TAP device the daemon makes for a NIC on a network
+/// (`fv`, hex digits, `n`, digits; today's and older names): such names are the daemon's only.
+pub fn is_network_tap_name(name: &str) -> bool {
+    let Some(rest) = name.strip_prefix("fv") else {
+        return false;
+    };
+    let Some((id, index)) = rest.split_once('n') else {
+        return false;
+    };
+    !id.is_empty()
+        && id.chars().all(|c| c.is_ascii_hexdigit())
+        && !index.is_empty()
+        && index.chars().all(|c| c.is_ascii_digit())
 }
 
 impl DefinitionNic {
@@ -134,12 +178,12 @@ impl DefinitionNic {
         }
     }
 
-    /// The VMM's NIC; `index` is its place in the definition of VM `vm`.
-    pub fn vmm_config(&self, vm: &str, index: usize) -> NetConfig {
+    /// The VMM's NIC; `index` is its place in the definition of the VM with id `id`.
+    pub fn vmm_config(&self, id: u32, index: usize) -> NetConfig {
         NetConfig {
             tap: match &self.tap {
                 Some(tap) => tap.clone(),
-                None => network_tap_name(vm, index),
+                None => network_tap_name(id, index),
             },
             mac: self.mac,
             queue_pairs: self.queue_pairs,
@@ -314,6 +358,17 @@ impl VmDefinition {
             };
             disks.push(vmm_disk);
         }
+        let on_network = self.nets.iter().any(|nic| nic.network.is_some());
+        let id = match self.id {
+            Some(id) => id,
+            None if on_network => {
+                return Err(format!(
+                    "VM {} has no id yet: its NICs on networks have no TAP name",
+                    self.name
+                ))
+            }
+            None => 0,
+        };
         Ok(VmConfig {
             kernel: self.kernel.clone(),
             initrd: self.initrd.clone(),
@@ -330,9 +385,15 @@ impl VmDefinition {
                 .nets
                 .iter()
                 .enumerate()
-                .map(|(i, nic)| nic.vmm_config(&self.name, i))
+                .map(|(i, nic)| nic.vmm_config(id, i))
                 .collect(),
         })
+    }
+
+    /// The VM's name as a DNS name on its networks, if it can be one (see
+    /// [`dns_host_name`]); VMs defined before names were checked may have names that cannot.
+    pub fn dns_name(&self) -> Option<&str> {
+        dns_host_name(&self.name).then_some(self.name.as_str())
     }
 
     /// Checks everything that does not depend on the host's files.
@@ -341,10 +402,13 @@ impl VmDefinition {
         for disk in &self.disks {
             disk.validate()?;
         }
+        if self.nets.len() > MAX_NICS {
+            return Err(format!("a VM has at most {MAX_NICS} NICs"));
+        }
         for nic in &self.nets {
             nic.validate()?;
         }
-        // Volumes resolve to placeholders here: only their shape matters.
+        // Volumes resolve to placeholders and a missing id to 0 here: only their shape matters.
         let placeholder = |pool: &str, volume: &str| {
             let format = self
                 .disks
@@ -356,7 +420,10 @@ impl VmDefinition {
                 format: format.unwrap_or_else(|| "raw".into()),
             })
         };
-        self.vm_config(placeholder)?
+        let mut shaped = self.clone();
+        shaped.id.get_or_insert(0);
+        shaped
+            .vm_config(placeholder)?
             .validate()
             .map_err(|e| e.to_string())?;
         let mut paths = vec![("kernel", &self.kernel)];
@@ -430,6 +497,10 @@ pub struct VmDetails {
     pub console_log: PathBuf,
     /// The live console's socket while the VM runs.
     pub console_socket: Option<PathBuf>,
+    /// What works differently from what the definition asks, and why (e.g. a VM on a network
+    /// whose name cannot be a DNS name).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 /// `PUT /api/v1/vms/NAME/autostart`.
@@ -509,6 +580,96 @@ mod tests {
         }
         for bad in ["", "-x", ".hidden", "a/b", "a b", "ü", &"x".repeat(65)] {
             assert!(check_name(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    /// Names a 32-bit hash gave could be made to collide (a birthday search finds a pair
+    /// in well under a second); names from ids cannot, and stay interface names.
+    #[test]
+    fn network_tap_names_are_unique_by_construction() {
+        let mut seen = std::collections::HashMap::new();
+        let collision = (0u32..1_000_000).find_map(|i| {
+            let name = format!("vm{i}");
+            let tap = legacy_network_tap_name(&name, 0);
+            seen.insert(tap, name.clone()).map(|other| (other, name))
+        });
+        let (a, b) = collision.expect("a 32-bit hash collides within a million names");
+        assert_eq!(
+            legacy_network_tap_name(&a, 0),
+            legacy_network_tap_name(&b, 0)
+        );
+        let mut names = std::collections::HashSet::new();
+        for id in [1, 2, 10, 12, 123, u32::MAX] {
+            for index in [0, 1, 2, 11, MAX_NICS - 1] {
+                let tap = network_tap_name(id, index);
+                assert!(valid_interface_name(&tap), "{tap}");
+                assert!(is_network_tap_name(&tap), "{tap}");
+                assert!(names.insert(tap.clone()), "{tap} twice");
+            }
+        }
+        assert_eq!(network_tap_name(7, 0), "fv7n0");
+    }
+
+    /// A NIC's own TAP may not look like the daemon's network TAPs (today's or older ones).
+    #[test]
+    fn network_tap_shapes_are_reserved() {
+        for reserved in ["fv1n0", "fv4294967295n31", "fvdeadbeefn0", "fv0n12"] {
+            assert!(check_own_tap_name(reserved).is_err(), "{reserved}");
+        }
+        for free in [
+            "tap0",
+            "fv",
+            "fvn0",
+            "fv1n",
+            "fv1x0",
+            "fvgn0",
+            "fv1n0x",
+            "web-fv1n0",
+        ] {
+            check_own_tap_name(free).unwrap();
+        }
+        let def: VmDefinition = serde_json::from_str(
+            r#"{"name": "a", "kernel": "/k", "nets": [{"network": "lab"}, {"tap": "t0"}]}"#,
+        )
+        .unwrap();
+        // Without an id, a NIC on a network has no TAP name yet; with one it has.
+        def.validate().unwrap();
+        let resolve = |_: &str, _: &str| {
+            Ok(ResolvedVolume {
+                path: "/v".into(),
+                format: "raw".into(),
+            })
+        };
+        assert!(def.vm_config(resolve).is_err());
+        let def = VmDefinition { id: Some(5), ..def };
+        let config = def.vm_config(resolve).unwrap();
+        assert_eq!(config.nets[0].tap, "fv5n0");
+        assert_eq!(config.nets[1].tap, "t0");
+        let many = format!(
+            r#"{{"name": "a", "kernel": "/k", "nets": [{}]}}"#,
+            vec![r#"{"network": "lab"}"#; MAX_NICS + 1].join(",")
+        );
+        let def: VmDefinition = serde_json::from_str(&many).unwrap();
+        assert!(def.validate().unwrap_err().contains("at most 32 NICs"));
+    }
+
+    #[test]
+    fn dns_names_are_labels_not_all_digits() {
+        for (name, dns) in [
+            ("web1", true),
+            ("ignore", true),
+            ("5m", true),
+            ("123", false),
+            ("db_1", false),
+            ("a.b", false),
+            ("x-", false),
+            (&"a".repeat(64), false),
+        ] {
+            let def = VmDefinition {
+                name: name.to_string(),
+                ..serde_json::from_str(r#"{"name": "a", "kernel": "/k"}"#).unwrap()
+            };
+            assert_eq!(def.dns_name().is_some(), dns, "{name}");
         }
     }
 

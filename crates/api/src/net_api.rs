@@ -134,6 +134,12 @@ impl std::fmt::Display for Subnet {
     }
 }
 
+/// Whether `name` can be a host's DNS name on a network: a DNS label (see [`dns_label`]) that is
+/// not all digits (`123` reads as an address to resolvers, and as a lease time to dnsmasq).
+pub fn dns_host_name(name: &str) -> bool {
+    dns_label(name) && !name.chars().all(|c| c.is_ascii_digit())
+}
+
 /// Whether `name` is a DNS label (letters, digits, inner hyphens; 1 to 63).
 fn dns_label(name: &str) -> bool {
     !name.is_empty()

@@ -20,8 +20,6 @@ pub enum DaemonError {
         #[source]
         source: std::io::Error,
     },
-    #[error("the API server failed")]
-    Serve(#[source] std::io::Error),
 }
 
 /// An error answer: status and a one-line message, sent as `{"error": ...}`.

@@ -16,6 +16,7 @@ mod partial;
 mod pools;
 mod process;
 mod server;
+mod server_http;
 mod server_networks;
 mod server_pools;
 mod sparse_copy;

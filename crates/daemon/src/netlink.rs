@@ -2,6 +2,12 @@
 //! bridges and persistent TAP devices (create, delete, up/down, bridge membership) and IPv4
 //! addresses (add one; list them, to check a new subnet against the host's).
 //!
+//! The daemon removes only links it made: creation is exclusive (an interface of that name,
+//! whoever made it, is an error) and returns the new link's index, which the caller records;
+//! removal goes by that index, and only while the link still has the recorded name
+//! ([`delete_link_at`]), so a link someone else made under a name the daemon once used is
+//! never taken for its own.
+//!
 //! Blocking: every call opens its own NETLINK_ROUTE socket, sends its requests and waits for the
 //! kernel's answers. The daemon calls these from its blocking tasks, never on the runtime's
 //! thread. Everything acts in the calling thread's network namespace.
@@ -52,6 +58,8 @@ pub(crate) enum NetlinkError {
     },
     #[error("cannot list the host's IPv4 addresses")]
     ListAddresses(#[source] io::Error),
+    #[error("an interface named {0} already exists")]
+    Exists(String),
 }
 
 impl NetlinkError {
@@ -59,7 +67,7 @@ impl NetlinkError {
     /// The errno behind the failure, if the kernel (or a system call) gave one.
     pub(crate) fn raw_os_error(&self) -> Option<i32> {
         match self {
-            NetlinkError::InvalidName(_) => None,
+            NetlinkError::InvalidName(_) | NetlinkError::Exists(_) => None,
             NetlinkError::Link { source, .. }
             | NetlinkError::SetMaster { source, .. }
             | NetlinkError::AddAddress { source, .. }
@@ -202,7 +210,8 @@ pub(crate) fn all_ipv4_addresses() -> Result<Vec<(String, Ipv4Addr, u8)>> {
         .collect())
 }
 
-/// Deletes interface `name`; it being gone already is success.
+/// Deletes interface `name`, whatever it is; it being gone already is success. Only for links
+/// of networks started by daemons that recorded no index (see [`delete_link_at`]).
 pub(crate) fn delete_link(name: &str) -> Result<()> {
     check_name(name)?;
     let message = RouteNetlinkMessage::DelLink(named_link(name));
@@ -212,12 +221,115 @@ pub(crate) fn delete_link(name: &str) -> Result<()> {
     }
 }
 
-/// Creates persistent TAP device `name` (down, not in a bridge), whose users open it with a
-/// virtio-net header on every packet. An existing TAP device of that name that no one holds
-/// open is reused.
-pub(crate) fn create_tap(name: &str) -> Result<()> {
+/// What [`delete_link_at`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Removal {
+    Deleted,
+    /// No link has the index any more.
+    Gone,
+    /// The index now names another link (renamed, or the index was reused): left alone.
+    NotOurs(String),
+}
+
+/// Deletes the link with index `index` if it is still called `name`: the link the caller made
+/// and recorded, and no other.
+pub(crate) fn delete_link_at(index: u32, name: &str) -> Result<Removal> {
     check_name(name)?;
-    persistent_tap(name).map_err(|source| link_error("create TAP device", name, source))
+    let current = match link_at(index)? {
+        None => return Ok(Removal::Gone),
+        Some(link) => link,
+    };
+    if current.name != name {
+        return Ok(Removal::NotOurs(current.name));
+    }
+    let mut link = LinkMessage::default();
+    link.header.index = index;
+    match with_socket(|nl| nl.request(RouteNetlinkMessage::DelLink(link), 0).map(drop)) {
+        Err(e) if e.raw_os_error() == Some(libc::ENODEV) => Ok(Removal::Gone),
+        Ok(()) => Ok(Removal::Deleted),
+        Err(source) => Err(link_error("delete", name, source)),
+    }
+}
+
+/// A link as the daemon's ownership checks see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct LinkIdentity {
+    pub index: u32,
+    pub name: String,
+    /// A TUN/TAP device.
+    pub tun: bool,
+}
+
+impl LinkIdentity {
+    fn from_message(link: LinkMessage) -> Self {
+        let mut name = String::new();
+        let mut tun = false;
+        for attribute in link.attributes {
+            match attribute {
+                LinkAttribute::IfName(n) => name = n,
+                LinkAttribute::LinkInfo(infos) => {
+                    tun |= infos.contains(&LinkInfo::Kind(InfoKind::Tun));
+                }
+                _ => {}
+            }
+        }
+        LinkIdentity {
+            index: link.header.index,
+            name,
+            tun,
+        }
+    }
+}
+
+/// The link named `name`, if there is one.
+pub(crate) fn link_named(name: &str) -> Result<Option<LinkIdentity>> {
+    check_name(name)?;
+    match with_socket(|nl| nl.get_link(name)) {
+        Ok(link) => Ok(Some(LinkIdentity::from_message(link))),
+        Err(e) if e.raw_os_error() == Some(libc::ENODEV) => Ok(None),
+        Err(source) => Err(link_error("look up", name, source)),
+    }
+}
+
+/// The link with index `index`, if there is one.
+pub(crate) fn link_at(index: u32) -> Result<Option<LinkIdentity>> {
+    let mut request = LinkMessage::default();
+    request.header.index = index;
+    let reply = with_socket(|nl| {
+        nl.request(RouteNetlinkMessage::GetLink(request), 0)?
+            .into_iter()
+            .find_map(|reply| match reply {
+                RouteNetlinkMessage::NewLink(link) => Some(link),
+                _ => None,
+            })
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no link in the reply"))
+    });
+    match reply {
+        Ok(link) => Ok(Some(LinkIdentity::from_message(link))),
+        Err(e) if e.raw_os_error() == Some(libc::ENODEV) => Ok(None),
+        Err(source) => Err(link_error("look up", &format!("link #{index}"), source)),
+    }
+}
+
+/// Creates persistent multi-queue TAP device `name` (down, not in a bridge), whose users open
+/// it with a virtio-net header on every packet; returns its index. An interface of that name
+/// that exists already, whoever made it, is [`NetlinkError::Exists`]: it is never taken over.
+pub(crate) fn create_tap(name: &str) -> Result<u32> {
+    check_name(name)?;
+    match persistent_tap(name) {
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+            return Err(NetlinkError::Exists(name.to_string()))
+        }
+        result => result.map_err(|source| link_error("create TAP device", name, source))?,
+    }
+    match link_named(name)? {
+        Some(link) if link.tun => Ok(link.index),
+        _ => Err(link_error(
+            "find the new TAP device",
+            name,
+            io::Error::from_raw_os_error(libc::ENODEV),
+        )),
+    }
 }
 
 fn link_error(op: &'static str, ifname: &str, source: io::Error) -> NetlinkError {
@@ -450,8 +562,9 @@ impl Rtnl {
     }
 }
 
-/// TUNSETIFF then TUNSETPERSIST on a new /dev/net/tun file, which closes on return. The device
-/// is multi-queue, so the VMM can give the NIC a queue pair per vCPU.
+/// TUNSETIFF (exclusive: EBUSY when an interface of that name exists) then TUNSETPERSIST on a
+/// new /dev/net/tun file, which closes on return. The device is multi-queue, so the VMM can
+/// give the NIC a queue pair per vCPU.
 fn persistent_tap(name: &str) -> io::Result<()> {
     let tun = OpenOptions::new()
         .read(true)
@@ -464,19 +577,16 @@ fn persistent_tap(name: &str) -> io::Result<()> {
     for (dst, src) in request.ifr_name.iter_mut().zip(name.bytes()) {
         *dst = src as libc::c_char;
     }
-    let single_queue = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR;
-    // A single-queue device left from before is reused as it is (EINVAL for the other kind).
-    for flags in [single_queue | libc::IFF_MULTI_QUEUE, single_queue] {
-        request.ifr_ifru.ifru_flags = flags as libc::c_short;
-        // SAFETY: TUNSETIFF reads and writes one ifreq, which `request` is, for the call's
-        // duration.
-        if unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF, &mut request) } == 0 {
-            break;
-        }
-        let error = io::Error::last_os_error();
-        if error.raw_os_error() != Some(libc::EINVAL) || flags == single_queue {
-            return Err(error);
-        }
+    let flags = libc::IFF_TAP
+        | libc::IFF_NO_PI
+        | libc::IFF_VNET_HDR
+        | libc::IFF_MULTI_QUEUE
+        | libc::IFF_TUN_EXCL;
+    // The flags are a 16-bit field: IFF_TUN_EXCL is its top bit.
+    request.ifr_ifru.ifru_flags = flags as u16 as libc::c_short;
+    // SAFETY: TUNSETIFF reads and writes one ifreq, which `request` is, for the call's duration.
+    if unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF, &mut request) } != 0 {
+        return Err(io::Error::last_os_error());
     }
     let persist: libc::c_ulong = 1;
     // SAFETY: TUNSETPERSIST takes its argument as a plain integer, not a pointer.

@@ -1,5 +1,6 @@
 //! The REST API (`docs/api/daemon.openapi.json`) on the daemon's Unix socket, and the
-//! daemon's start and stop.
+//! daemon's start and stop. Connections are served within the limits of [`server_http`]
+//! (header and body deadlines, a connection limit).
 
 use std::convert::Infallible;
 use std::os::unix::fs::PermissionsExt;
@@ -21,6 +22,7 @@ use tokio_stream::StreamExt;
 use crate::error::{ApiError, DaemonError};
 use crate::networks::Networks;
 use crate::pools::Pools;
+use crate::server_http::{self, Limits};
 use crate::store::Store;
 use crate::supervisor::{self, Control, Supervisor};
 use crate::{host, DaemonOptions};
@@ -76,22 +78,18 @@ pub async fn serve(options: DaemonOptions) -> Result<(), DaemonError> {
     tokio::spawn(async move { autostart.autostart().await });
     tokio::spawn(rotate_dnsmasq_logs(networks.clone()));
     let write_back = pools.clone();
-    let served = axum::serve(
-        listener,
-        router(App {
-            vms: supervisor,
-            pools,
-            networks,
-        }),
-    )
-    .with_graceful_shutdown(termination())
-    .await;
+    let app = router(App {
+        vms: supervisor,
+        pools,
+        networks,
+    });
+    server_http::serve(listener, app, Limits::default(), termination()).await;
     // A clone already answered is on storage before the daemon is gone. One still copying for
     // a client that went away settles on its own thread, or (cut off by the exit) is synced
     // by the next daemon: its record stays.
     let _ = tokio::task::spawn_blocking(move || write_back.finish_write_back()).await;
     let _ = std::fs::remove_file(&options.socket);
-    served.map_err(DaemonError::Serve)
+    Ok(())
 }
 
 /// Keeps the networks' dnsmasq logs, which guests fill, under their cap.

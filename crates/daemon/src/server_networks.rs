@@ -32,8 +32,16 @@ async fn list(State(networks): State<Arc<Networks>>) -> Response {
     Json(networks.list()).into_response()
 }
 
-async fn define(State(networks): State<Arc<Networks>>, body: Bytes) -> ApiResult {
+async fn define(State(app): State<App>, body: Bytes) -> ApiResult {
     let definition: NetworkDefinition = parse_body(&body)?;
+    // A VM's own TAP device is not a bridge to take (checked again when the VM starts).
+    if let Some(vm) = app.vms.vm_naming_tap(&definition.bridge) {
+        return Err(ApiError::conflict(format!(
+            "{} is the TAP device of VM {vm}; pick another bridge name",
+            definition.bridge
+        )));
+    }
+    let networks = app.networks.clone();
     blocking(StatusCode::CREATED, move || networks.define(definition)).await
 }
 

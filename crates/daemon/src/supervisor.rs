@@ -2,14 +2,21 @@
 //! operation is here: define, undefine, start, shutdown, destroy, reboot, suspend, resume,
 //! autostart, and what happens when a VMM ends (expected or not) or is found again after a
 //! daemon restart.
+//!
+//! Each VM has an id, unique among the defined VMs, given at define time (or when a definition
+//! older than ids is loaded) and stored in its definition; its TAP devices on networks are
+//! named after it. A NIC's own `tap =` may not name what belongs to others: the daemon's
+//! network TAP names, a network's bridge or TAP device, or another VM's TAP (checked at define
+//! against every definition, at start against the VMs that run or are starting).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use api::daemon_api::{DomainState, Event, VmDefinition, VmDetails, VmSummary};
+use api::net_api::NetworkMode;
 use api::vmm_api::{paths as vmm_paths, ExitReport, VmInfo};
 use api::{VmConfig, VmState};
 use axum::http::StatusCode;
@@ -88,10 +95,12 @@ impl Supervisor {
         pools: Arc<Pools>,
         networks: Arc<Networks>,
     ) -> Arc<Self> {
-        let (definitions, errors) = store.load_definitions();
+        let (mut definitions, errors) = store.load_definitions();
         for error in errors {
             tracing::error!("skipping a definition: {}", chain(&error));
         }
+        give_ids(&store, &mut definitions);
+        warn_of_shared_taps(&definitions);
         let vms = definitions
             .into_iter()
             .map(|definition| {
@@ -211,7 +220,79 @@ impl Supervisor {
             reason: e.reason.clone(),
             console_log: self.store.console_log(name),
             console_socket: e.runtime.as_ref().map(|r| r.files.console_socket.clone()),
+            warnings: self.nameless_nics(&e.definition),
         })
+    }
+
+    /// One line for each NIC of `definition` on a nat or isolated network where the VM gets an
+    /// address but no DNS name, its name not being one (definitions from before names were
+    /// checked).
+    fn nameless_nics(&self, definition: &VmDefinition) -> Vec<String> {
+        if definition.dns_name().is_some() {
+            return Vec::new();
+        }
+        definition
+            .nets
+            .iter()
+            .enumerate()
+            .filter_map(|(index, nic)| {
+                let network = nic.network.as_deref()?;
+                let mode = self.networks.mode_of(network)?;
+                (mode != NetworkMode::Bridge).then(|| {
+                    format!(
+                        "NIC {index} on network {network}: the VM's name {:?} is not a DNS name \
+                         (letters, digits, inner '-', at most 63, not all digits), so DHCP gives \
+                         it an address but DNS no name",
+                        definition.name
+                    )
+                })
+            })
+            .collect()
+    }
+
+    /// Refuses NICs that would take what belongs to others (see the module's text); `others`
+    /// are the VMs whose `tap =` devices count as taken.
+    fn check_nic_claims<'a>(
+        &self,
+        definition: &VmDefinition,
+        others: impl Iterator<Item = &'a VmEntry>,
+    ) -> Result<(), String> {
+        let taken: BTreeMap<&str, &str> = others
+            .filter(|other| other.definition.name != definition.name)
+            .flat_map(|other| {
+                let name = other.definition.name.as_str();
+                other
+                    .definition
+                    .nets
+                    .iter()
+                    .filter_map(move |nic| Some((nic.tap.as_deref()?, name)))
+            })
+            .collect();
+        for tap in definition.nets.iter().filter_map(|nic| nic.tap.as_deref()) {
+            api::daemon_api::check_own_tap_name(tap)?;
+            if let Some(owner) = taken.get(tap) {
+                return Err(format!(
+                    "the TAP device {tap} belongs to VM {owner}; give this NIC another tap"
+                ));
+            }
+            if let Some(claim) = self.networks.claim_on(tap) {
+                return Err(format!("{tap} is {claim}; give this NIC another tap"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The VM whose NIC names the TAP device `tap`, if any.
+    pub fn vm_naming_tap(&self, tap: &str) -> Option<String> {
+        self.lock()
+            .values()
+            .find(|e| {
+                e.definition
+                    .nets
+                    .iter()
+                    .any(|n| n.tap.as_deref() == Some(tap))
+            })
+            .map(|e| e.definition.name.clone())
     }
 
     /// Whether `disk` is the image at `path`.
@@ -283,16 +364,31 @@ impl Supervisor {
 
     pub fn define(&self, mut definition: VmDefinition) -> Result<VmDetails, ApiError> {
         definition.validate().map_err(ApiError::bad_request)?;
+        // Ids are the daemon's to give.
+        definition.id = None;
+        let dns_name = definition.dns_name().map(str::to_string);
         for nic in &mut definition.nets {
             if let Some(network) = &nic.network {
-                self.networks.info(network).map_err(|_| {
+                let mode = self.networks.mode_of(network).ok_or_else(|| {
                     ApiError::bad_request(format!("there is no network named {network:?}"))
                 })?;
+                if mode != NetworkMode::Bridge && dns_name.is_none() {
+                    return Err(ApiError::bad_request(format!(
+                        "the VM name {:?} cannot be its DNS name on network {network}: use letters, \
+                         digits and inner '-' (at most 63, not all digits)",
+                        definition.name
+                    )));
+                }
             }
             // A fixed MAC keeps the guest's DHCP lease and DNS name across starts.
             nic.mac.get_or_insert_with(api::net::MacAddress::random);
         }
-        self.resolve(&definition)
+        // The files it names exist (the id, not given yet, does not matter here).
+        let placeholder = VmDefinition {
+            id: Some(0),
+            ..definition.clone()
+        };
+        self.resolve(&placeholder)
             .and_then(|config| check_files(&config))
             .map_err(ApiError::bad_request)?;
         let name = definition.name.clone();
@@ -303,6 +399,13 @@ impl Supervisor {
                     "a VM named {name} already exists"
                 )));
             }
+            self.check_nic_claims(&definition, vms.values())
+                .map_err(ApiError::conflict)?;
+            let used: BTreeSet<u32> = vms.values().filter_map(|e| e.definition.id).collect();
+            definition.id =
+                Some(free_id(&used).ok_or_else(|| {
+                    ApiError::conflict("every VM id is taken; undefine a VM first")
+                })?);
             self.store
                 .save_definition(&definition)
                 .map_err(|e| ApiError::internal(chain(&e)))?;
@@ -368,6 +471,19 @@ impl Supervisor {
             ))),
             None => Ok(entry.definition.clone()),
         })?;
+        {
+            // VMs that run or are being started (marked before this check, so of two starts
+            // at once at least one sees the other).
+            let vms = self.lock();
+            let running = vms
+                .values()
+                .filter(|e| e.runtime.is_some() || e.busy == Some("start"));
+            self.check_nic_claims(&definition, running)
+                .map_err(|e| ApiError::conflict(format!("cannot start VM {name}: {e}")))?;
+        }
+        for warning in self.nameless_nics(&definition) {
+            tracing::warn!("VM {name}: {warning}");
+        }
         let config = self
             .resolve(&definition)
             .and_then(|config| check_files(&config).map(|()| config))
@@ -383,7 +499,7 @@ impl Supervisor {
                 ApiError::internal(format!("cannot create {}: {e}", files.dir.display()))
             })?;
         let args = process::vmm_args(&config, &files, &self.store.console_log(name));
-        let nics = network_nics(&definition);
+        let nics = network_nics(&definition, false);
         let networks = self.networks.clone();
         let vm = name.to_string();
         tokio::task::spawn_blocking(move || networks.attach(&vm, &nics))
@@ -559,7 +675,7 @@ impl Supervisor {
                         entry.state = state;
                         entry.runtime = Some(runtime.clone());
                         self.networks
-                            .reattach(&name, &network_nics(&entry.definition));
+                            .reattach(&name, &network_nics(&entry.definition, true));
                     }
                     tracing::info!("{name}: found its VMM (pid {}) again", runtime.record.pid);
                     self.watch(&name, &runtime);
@@ -576,6 +692,14 @@ impl Supervisor {
                 }
             }
         }
+        let running: Vec<String> = self
+            .lock()
+            .values()
+            .filter(|e| e.runtime.is_some())
+            .map(|e| e.definition.name.clone())
+            .collect();
+        let networks = self.networks.clone();
+        let _ = tokio::task::spawn_blocking(move || networks.forget_all_but(&running)).await;
     }
 
     /// Starts the VMs marked autostart that are not running.
@@ -692,8 +816,17 @@ pub struct RunningVm {
     pub memory_bytes: u64,
 }
 
-/// The NICs of `definition` that are on virtual networks, with their TAP devices.
-fn network_nics(definition: &VmDefinition) -> Vec<NetworkNic> {
+/// The NICs of `definition` that are on virtual networks, with their TAP devices (the names
+/// daemons before VM ids gave them, when `legacy`).
+fn network_nics(definition: &VmDefinition, legacy: bool) -> Vec<NetworkNic> {
+    let tap = |index| match (legacy, definition.id) {
+        (false, Some(id)) => Some(api::daemon_api::network_tap_name(id, index)),
+        (false, None) => None,
+        (true, _) => Some(api::daemon_api::legacy_network_tap_name(
+            &definition.name,
+            index,
+        )),
+    };
     definition
         .nets
         .iter()
@@ -702,10 +835,58 @@ fn network_nics(definition: &VmDefinition) -> Vec<NetworkNic> {
             Some(NetworkNic {
                 network: nic.network.clone()?,
                 mac: nic.mac?,
-                tap: api::daemon_api::network_tap_name(&definition.name, index),
+                tap: tap(index)?,
+                dns_name: definition.dns_name().map(str::to_string),
             })
         })
         .collect()
+}
+
+/// The smallest id (from 1) not in `used`.
+fn free_id(used: &BTreeSet<u32>) -> Option<u32> {
+    (1..=u32::MAX).find(|id| !used.contains(id))
+}
+
+/// Gives an id to each loaded definition without one (older than ids) or with one another
+/// definition has (an edited file), and stores it.
+fn give_ids(store: &Store, definitions: &mut [VmDefinition]) {
+    let mut used = BTreeSet::new();
+    let mut missing = Vec::new();
+    for (i, definition) in definitions.iter().enumerate() {
+        match definition.id {
+            Some(id) if used.insert(id) => {}
+            _ => missing.push(i),
+        }
+    }
+    for i in missing {
+        let Some(id) = free_id(&used) else {
+            tracing::error!("no VM id left for {}", definitions[i].name);
+            continue;
+        };
+        used.insert(id);
+        let definition = &mut definitions[i];
+        definition.id = Some(id);
+        tracing::info!("VM {} gets id {id}", definition.name);
+        if let Err(e) = store.save_definition(definition) {
+            tracing::error!("VM {}: cannot store its id: {}", definition.name, chain(&e));
+        }
+    }
+}
+
+/// Definitions from before `tap =` was checked may share a TAP device: they still load, and
+/// only one of them can run at a time.
+fn warn_of_shared_taps(definitions: &[VmDefinition]) {
+    let mut seen: BTreeMap<&str, &str> = BTreeMap::new();
+    for definition in definitions {
+        for tap in definition.nets.iter().filter_map(|n| n.tap.as_deref()) {
+            if let Some(first) = seen.insert(tap, &definition.name) {
+                tracing::warn!(
+                    "VMs {first} and {} both name the TAP device {tap}: only one of them can run at a time",
+                    definition.name
+                );
+            }
+        }
+    }
 }
 
 fn not_running(name: &str, state: DomainState) -> ApiError {

@@ -303,6 +303,9 @@ fn list(c: &Client, json: bool) -> Outcome {
 fn print_details(d: &VmDetails) {
     let def = &d.definition;
     println!("Name:        {}", def.name);
+    if let Some(id) = def.id {
+        println!("Id:          {id}");
+    }
     println!("State:       {}", d.state);
     if let Some(reason) = &d.reason {
         println!("Reason:      {reason}");
@@ -326,11 +329,20 @@ fn print_details(d: &VmDetails) {
         let ro = if disk.readonly { " (read-only)" } else { "" };
         println!("Disk:        {source}{ro}");
     }
-    for net in &def.nets {
-        println!("Net:         {}", net.to_option_string());
+    for (index, net) in def.nets.iter().enumerate() {
+        let tap = match (&net.network, def.id) {
+            (Some(_), Some(id)) => {
+                format!(" (TAP {})", api::daemon_api::network_tap_name(id, index))
+            }
+            _ => String::new(),
+        };
+        println!("Net:         {}{tap}", net.to_option_string());
     }
     println!("Autostart:   {}", if def.autostart { "yes" } else { "no" });
     println!("Console log: {}", d.console_log.display());
+    for warning in &d.warnings {
+        println!("Warning:     {warning}");
+    }
 }
 
 fn print_stats(s: &VmStats) {

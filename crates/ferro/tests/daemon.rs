@@ -31,10 +31,36 @@ struct Daemon {
     dir: tempfile::TempDir,
     child: Option<Child>,
     api: OpenApi,
+    /// Runs in a network namespace of its own (and its VMMs and dnsmasq with it).
+    own_netns: bool,
 }
 
 impl Daemon {
     fn start() -> Daemon {
+        Self::start_with(false)
+    }
+
+    /// A daemon in a network namespace of its own, for tests that make network interfaces;
+    /// `None` (the test is skipped) where that is not possible (not root, no unshare) or the
+    /// tools of nat networks (nft, dnsmasq) or KVM are missing.
+    fn start_in_own_netns() -> Option<Daemon> {
+        let usable = Command::new("unshare")
+            .args(["-n", "true"])
+            .status()
+            .is_ok_and(|s| s.success());
+        let tools = ["nft", "dnsmasq", "ip", "nsenter"].iter().all(|tool| {
+            ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
+                .iter()
+                .any(|dir| Path::new(dir).join(tool).exists())
+        });
+        if !usable || !tools || !kvm_tests_enabled() {
+            eprintln!("skipped: needs root (unshare -n), nft, dnsmasq, ip, nsenter and KVM");
+            return None;
+        }
+        Some(Self::start_with(true))
+    }
+
+    fn start_with(own_netns: bool) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         let api = OpenApi::parse(
             &std::fs::read_to_string(
@@ -47,6 +73,7 @@ impl Daemon {
             dir,
             child: None,
             api,
+            own_netns,
         };
         daemon.restart();
         daemon
@@ -63,7 +90,14 @@ impl Daemon {
     /// Starts the daemon process (again) and waits for its socket.
     fn restart(&mut self) {
         self.stop();
-        let child = Command::new(ferro())
+        let mut command = if self.own_netns {
+            let mut unshare = Command::new("unshare");
+            unshare.args(["-n", ferro()]);
+            unshare
+        } else {
+            Command::new(ferro())
+        };
+        let child = command
             .args(["daemon", "--socket"])
             .arg(self.socket())
             .arg("--state-dir")
@@ -132,6 +166,33 @@ impl Daemon {
             errors.len() == 1 && errors[0].contains(message),
             "ferro {args:?}: expected one error with {message:?}, got {stderr:?}"
         );
+    }
+
+    /// Runs `args` in the daemon's network namespace: (success, stdout and stderr).
+    fn in_netns(&self, args: &[&str]) -> (bool, String) {
+        assert!(self.own_netns);
+        let pid = self.child.as_ref().unwrap().id().to_string();
+        let out = Command::new("nsenter")
+            .args(["-t", &pid, "-n", "--"])
+            .args(args)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.success(), text)
+    }
+
+    /// The interfaces on `bridge`, in the daemon's network namespace.
+    fn bridge_ports(&self, bridge: &str) -> Vec<String> {
+        let (ok, out) = self.in_netns(&["ip", "-o", "link", "show", "master", bridge]);
+        assert!(ok, "{out}");
+        let mut ports: Vec<String> = out
+            .lines()
+            .filter_map(|l| l.split(": ").nth(1))
+            .map(|name| name.split('@').next().unwrap_or(name).to_string())
+            .collect();
+        ports.sort();
+        ports
     }
 
     /// A raw API request, checked against the OpenAPI document.
@@ -234,6 +295,17 @@ impl Drop for Daemon {
                 let vms: Vec<VmSummary> = serde_json::from_slice(&list.body).unwrap_or_default();
                 for vm in vms {
                     let _ = client.request("POST", &paths::vm_action(&vm.name, "destroy"), None);
+                }
+            }
+            // dnsmasq outlives its daemon: stop the networks.
+            let networks = api::net_api::paths::NETWORKS;
+            if let Ok(list) = client.request("GET", networks, None) {
+                let list: Vec<api::net_api::NetworkInfo> =
+                    serde_json::from_slice(&list.body).unwrap_or_default();
+                for network in list {
+                    let name = &network.definition.name;
+                    let stop = format!("{}/stop", api::net_api::paths::network(name));
+                    let _ = client.request("POST", &stop, None);
                 }
             }
         }
@@ -1152,4 +1224,220 @@ fn network_lifecycle_requests_and_vm_nics() {
         d.details("nic1").state,
         api::daemon_api::DomainState::Shutoff
     );
+}
+
+/// What a tenant with API access may not take through a definition: another VM's TAP device,
+/// a network's bridge, a name shaped like the daemon's network TAP devices; and a VM on a
+/// network whose name dnsmasq could misread is refused. Checked at define and again at start.
+#[test]
+fn nics_may_not_name_what_belongs_to_others() {
+    let mut d = Daemon::start();
+    let file = d.dir.path().join("net.toml");
+    std::fs::write(
+        &file,
+        "name = \"lab\"\nmode = \"nat\"\nbridge = \"ferrotest8\"\nsubnet = \"10.218.0.0/24\"\n",
+    )
+    .unwrap();
+    d.ok(&["net", "define", file.to_str().unwrap()]);
+    let define = |name: &str, nets: &str| {
+        let path = d.definition(name, nets);
+        d.cli(&["vm", "define", path.to_str().unwrap()])
+    };
+    let refused = |name: &str, nets: &str, code: i32, message: &str| {
+        let path = d.definition(name, nets);
+        d.fails(&["vm", "define", path.to_str().unwrap()], code, message);
+    };
+    assert_eq!(define("owner", "[[nets]]\ntap = \"tap-owner\"\n").0, 0);
+    refused(
+        "thief",
+        "[[nets]]\ntap = \"tap-owner\"\n",
+        4,
+        "the TAP device tap-owner belongs to VM owner",
+    );
+    refused("squat", "[[nets]]\ntap = \"fv1n0\"\n", 4, "reserved");
+    refused("squat", "[[nets]]\ntap = \"fvdeadbeefn0\"\n", 4, "reserved");
+    refused(
+        "squat",
+        "[[nets]]\ntap = \"ferrotest8\"\n",
+        4,
+        "ferrotest8 is the bridge of network lab",
+    );
+    for hostile in ["db_1", "123", "a.b"] {
+        refused(
+            hostile,
+            "[[nets]]\nnetwork = \"lab\"\n",
+            2,
+            "cannot be its DNS name on network lab",
+        );
+    }
+    let list: Vec<VmSummary> = serde_json::from_str(&d.ok(&["vm", "list", "--json"])).unwrap();
+    assert_eq!(list.len(), 1, "{list:?}");
+    // Nor may a network take a VM's TAP as its bridge.
+    std::fs::write(
+        &file,
+        "name = \"thief-net\"\nmode = \"isolated\"\nbridge = \"tap-owner\"\nsubnet = \"10.221.0.0/24\"\n",
+    )
+    .unwrap();
+    d.fails(
+        &["net", "define", file.to_str().unwrap()],
+        4,
+        "tap-owner is the TAP device of VM owner",
+    );
+
+    // At start: a network stored before these checks with the NIC's TAP as its bridge (the
+    // daemon refuses to define one now).
+    assert_eq!(define("late", "[[nets]]\ntap = \"ferrotest9\"\n").0, 0);
+    let late_net = "name = \"late-net\"\nmode = \"isolated\"\nbridge = \"ferrotest9\"\nsubnet = \"10.219.0.0/24\"\n";
+    std::fs::write(&file, late_net).unwrap();
+    d.fails(
+        &["net", "define", file.to_str().unwrap()],
+        4,
+        "ferrotest9 is the TAP device of VM late",
+    );
+    d.stop();
+    std::fs::write(d.state_dir().join("networks/late-net.toml"), late_net).unwrap();
+    d.restart();
+    d.fails(
+        &["vm", "start", "late"],
+        4,
+        "ferrotest9 is the bridge of network late-net",
+    );
+    assert_eq!(d.details("late").state, DomainState::Shutoff);
+}
+
+/// Ids are the daemon's: given at define (a requested one is replaced), unique, and given to
+/// definitions stored before ids when they are loaded; such an old VM on a network whose name
+/// cannot be a DNS name runs without one, with a warning.
+#[test]
+fn vm_ids_are_given_by_the_daemon() {
+    let mut d = Daemon::start();
+    let file = d.dir.path().join("net.toml");
+    std::fs::write(
+        &file,
+        "name = \"lab\"\nmode = \"nat\"\nbridge = \"ferrotest10\"\nsubnet = \"10.220.0.0/24\"\n",
+    )
+    .unwrap();
+    d.ok(&["net", "define", file.to_str().unwrap()]);
+    d.ok(&["vm", "define", d.definition("first", "").to_str().unwrap()]);
+    let path = d.definition("second", "id = 1\n");
+    d.ok(&["vm", "define", path.to_str().unwrap()]);
+    assert_eq!(d.details("first").definition.id, Some(1));
+    assert_eq!(d.details("second").definition.id, Some(2));
+    // Definitions of an older daemon: no ids, a name that is no DNS name, on a network.
+    d.stop();
+    let old = d.definition(
+        "db_1",
+        "[[nets]]\nnetwork = \"lab\"\nmac = \"52:54:00:00:00:07\"\n",
+    );
+    std::fs::copy(&old, d.state_dir().join("vms/db_1.toml")).unwrap();
+    let stored = d.state_dir().join("vms/first.toml");
+    let text = std::fs::read_to_string(&stored)
+        .unwrap()
+        .replace("id = 1\n", "");
+    std::fs::write(&stored, text).unwrap();
+    d.restart();
+    let ids: Vec<Option<u32>> = ["first", "second", "db_1"]
+        .iter()
+        .map(|vm| d.details(vm).definition.id)
+        .collect();
+    assert!(ids.iter().all(Option::is_some), "{ids:?}");
+    let mut unique = ids.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), 3, "{ids:?}");
+    assert!(std::fs::read_to_string(d.state_dir().join("vms/db_1.toml"))
+        .unwrap()
+        .contains("id = "));
+    let warnings = d.details("db_1").warnings;
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(warnings[0].contains("is not a DNS name"), "{warnings:?}");
+    assert!(d.ok(&["vm", "info", "db_1"]).contains("Warning:"));
+    assert!(d.details("first").warnings.is_empty());
+}
+
+/// FNV-1a, 32 bits: what daemons before VM ids named network TAP devices by.
+fn old_tap_hash(name: &str) -> u32 {
+    api::net::stable_hash(name) as u32
+}
+
+/// Two VM names whose old TAP names were the same.
+fn colliding_names() -> (String, String) {
+    let mut seen = std::collections::HashMap::new();
+    for i in 0u32.. {
+        let name = format!("c{i}");
+        if let Some(other) = seen.insert(old_tap_hash(&name), name.clone()) {
+            return (other, name);
+        }
+    }
+    unreachable!()
+}
+
+/// Two VMs whose names collided in the old 32-bit TAP names each get their own TAP device;
+/// a link the daemon did not make, under a VM's TAP name, is left alone (the start refused).
+#[test]
+fn network_taps_are_unique_and_foreign_links_are_left_alone() {
+    let Some(d) = Daemon::start_in_own_netns() else {
+        return;
+    };
+    let file = d.dir.path().join("net.toml");
+    std::fs::write(
+        &file,
+        "name = \"lab\"\nmode = \"nat\"\nbridge = \"ferrotest7\"\nsubnet = \"10.217.0.0/24\"\n",
+    )
+    .unwrap();
+    d.ok(&["net", "define", file.to_str().unwrap()]);
+    d.ok(&["net", "start", "lab"]);
+    let (a, b) = colliding_names();
+    for vm in [&a, &b] {
+        let path = d.definition(vm, "[[nets]]\nnetwork = \"lab\"\n");
+        d.ok(&["vm", "define", path.to_str().unwrap()]);
+    }
+    d.ok(&["vm", "start", &a]);
+    let a_taps = d.bridge_ports("ferrotest7");
+    assert_eq!(a_taps.len(), 1, "{a_taps:?}");
+    d.ok(&["vm", "start", &b]);
+    let both = d.bridge_ports("ferrotest7");
+    assert_eq!(both.len(), 2, "{a} and {b} share a TAP device: {both:?}");
+    for vm in [&a, &b] {
+        assert_eq!(d.details(vm).state, DomainState::Running);
+    }
+
+    d.ok(&["vm", "destroy", &a]);
+    assert_eq!(d.bridge_ports("ferrotest7").len(), 1);
+    let tap = &a_taps[0];
+    let (made, out) = d.in_netns(&["ip", "link", "add", tap, "type", "bridge"]);
+    assert!(made, "{out}");
+    d.fails(&["vm", "start", &a], 4, "the daemon did not make it");
+    let (exists, out) = d.in_netns(&["ip", "-d", "link", "show", tap]);
+    assert!(exists && out.contains("bridge"), "{out}");
+    assert_eq!(d.details(&a).state, DomainState::Shutoff);
+    d.ok(&["vm", "destroy", &b]);
+    assert!(d.bridge_ports("ferrotest7").is_empty());
+    d.ok(&["net", "stop", "lab"]);
+}
+
+/// Hundreds of idle connections neither exhaust the daemon's file descriptors nor lock a client
+/// out: past its connection limit the oldest idle ones are closed.
+#[test]
+fn idle_connections_do_not_exhaust_the_daemon() {
+    let d = Daemon::start();
+    let pid = d.child.as_ref().unwrap().id();
+    let fds = || {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .count()
+    };
+    let before = fds();
+    let idle: Vec<std::os::unix::net::UnixStream> = (0..400)
+        .map(|_| std::os::unix::net::UnixStream::connect(d.socket()).unwrap())
+        .collect();
+    let started = Instant::now();
+    assert!(d.ok(&["vm", "list"]).starts_with("NAME"));
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let during = fds();
+    assert!(
+        during < before + 140,
+        "{during} descriptors with 400 idle clients ({before} before)"
+    );
+    drop(idle);
 }

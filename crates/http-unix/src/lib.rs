@@ -5,12 +5,15 @@
 //!
 //! No threads of its own: callers decide how connections are served. Every read is bounded
 //! (header and body limits) so a hostile or broken peer cannot make it allocate without end;
-//! timeouts are the socket's (`set_read_timeout`).
+//! a server bounds the time of a whole request with [`DeadlineReader`] (one deadline for all
+//! its reads, 408 when it passes), a client's reads are the socket's (`set_read_timeout`).
 
 mod client;
+mod deadline;
 mod message;
 
 pub use client::{BodyReader, Client, ClientError, ClientResponse};
+pub use deadline::DeadlineReader;
 pub use message::{read_request, write_response, HttpError, Method, Request, Response};
 
 /// Largest request or response head (request line and headers) accepted.

@@ -94,6 +94,18 @@ pub enum HttpError {
     BodyTooLarge,
     #[error("chunked request bodies are not supported; send Content-Length")]
     LengthRequired,
+    #[error("the message did not arrive in time")]
+    TimedOut,
+}
+
+impl From<io::Error> for HttpError {
+    fn from(e: io::Error) -> Self {
+        match e.kind() {
+            io::ErrorKind::TimedOut => HttpError::TimedOut,
+            io::ErrorKind::UnexpectedEof => HttpError::Truncated,
+            _ => HttpError::Io(e),
+        }
+    }
 }
 
 impl HttpError {
@@ -105,6 +117,7 @@ impl HttpError {
             HttpError::Malformed(_) => Some(400),
             HttpError::BodyTooLarge => Some(413),
             HttpError::LengthRequired => Some(411),
+            HttpError::TimedOut => Some(408),
         }
     }
 }
@@ -117,7 +130,7 @@ pub(crate) fn read_head(reader: &mut impl BufRead) -> Result<Option<Vec<u8>>, Ht
         let available = match reader.fill_buf() {
             Ok(bytes) => bytes,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(HttpError::Io(e)),
+            Err(e) => return Err(e.into()),
         };
         if available.is_empty() {
             return if head.is_empty() {
@@ -154,10 +167,7 @@ fn find_blank_line(bytes: &[u8]) -> Option<usize> {
 /// Reads exactly `len` body bytes.
 pub(crate) fn read_body(reader: &mut impl BufRead, len: usize) -> Result<Vec<u8>, HttpError> {
     let mut body = vec![0u8; len];
-    reader.read_exact(&mut body).map_err(|e| match e.kind() {
-        io::ErrorKind::UnexpectedEof => HttpError::Truncated,
-        _ => HttpError::Io(e),
-    })?;
+    reader.read_exact(&mut body)?;
     Ok(body)
 }
 

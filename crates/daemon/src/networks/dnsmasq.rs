@@ -1,6 +1,16 @@
 //! One dnsmasq per nat or isolated network, as libvirt runs it: DHCP on the network's bridge
-//! (its range, the definition's fixed hosts, and the names of the VMs attached) and DNS for
-//! those names under the network's domain.
+//! (the definition's fixed hosts, and the VMs attached with the addresses reserved for them)
+//! and DNS for their names under the network's domain.
+//!
+//! dnsmasq reads each field of a DHCP host line by its look: a field with ':' is a MAC,
+//! `id:`/`set:`/`tag:`, one that parses as an address is the address, digits with an optional
+//! s/m/h/d/w suffix are a lease time, `infinite` and `ignore` are keywords, the rest a name.
+//! So every field is written so it can be read one way only: MACs and addresses as Ferro
+//! formats them, and the name, which must be a DNS host name (letters, digits, inner '-',
+//! not all digits), in double quotes: dnsmasq hides what is quoted from its field tests, so
+//! `"5m"` or `"ignore"` is a name. A VM whose name cannot be a DNS name gets its address by
+//! MAC, with no name. Names the guests send are ignored (`dhcp-ignore-names`): DNS names are
+//! the daemon's to give.
 //!
 //! Its files live in `<state-dir>/networks/NAME.run/`: the configuration, the DHCP hosts file
 //! (re-read on SIGHUP when VMs come and go), the leases, the pid file and the log (which
@@ -18,9 +28,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use api::net::MacAddress;
-use api::net_api::{Lease, NetworkDefinition, Subnet};
+use api::net_api::{dns_host_name, Lease, NetworkDefinition, Subnet};
 use guest_log::LogLimits;
+
+use super::ports::Port;
 
 /// How long a DHCP lease lasts.
 const LEASE_TIME: &str = "1h";
@@ -115,6 +126,7 @@ pub fn config(definition: &NetworkDefinition, subnet: Subnet, files: &DnsmasqFil
         "no-ping".into(),
         format!("dhcp-lease-max={}", u32::from(end) - u32::from(start) + 1),
         format!("dhcp-hostsfile={}", files.hosts().display()),
+        "dhcp-ignore-names".into(),
         format!("dhcp-leasefile={}", files.leases().display()),
         format!("domain={domain}"),
         format!("local=/{domain}/"),
@@ -130,19 +142,38 @@ fn netmask(prefix: u8) -> Ipv4Addr {
     Ipv4Addr::from(u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0))
 }
 
-/// The DHCP hosts file: the definition's fixed hosts (MAC, address, name), then the attached
-/// VMs (MAC and name: an address from the range, and a DNS name).
-pub fn hosts_file(definition: &NetworkDefinition, vms: &[(MacAddress, String)]) -> String {
+/// The DHCP hosts file: the definition's fixed hosts (MAC, address, name), then the VMs'
+/// ports (MAC, reserved address, name if the VM has one); see the module's text for why each
+/// field cannot be misread.
+pub fn hosts_file(definition: &NetworkDefinition, ports: &[Port]) -> String {
     let mut text = String::new();
     for host in &definition.hosts {
-        text += &format!("{},{},{}\n", host.mac, host.ip, host.name);
+        text += &host_line(&host.mac.to_string(), Some(host.ip), Some(&host.name));
     }
-    for (mac, name) in vms {
-        if definition.hosts.iter().all(|h| h.mac != *mac) {
-            text += &format!("{mac},{name}\n");
+    for port in ports {
+        if definition.hosts.iter().all(|h| h.mac != port.mac) {
+            text += &host_line(&port.mac.to_string(), port.ip, port.dns_name.as_deref());
         }
     }
     text
+}
+
+/// One DHCP host line. A name that could be misread even in quotes (a quote, a comma, a
+/// control character) is left out; names are checked long before, this is the last guard.
+fn host_line(mac: &str, ip: Option<Ipv4Addr>, name: Option<&str>) -> String {
+    let mut line = mac.to_string();
+    if let Some(ip) = ip {
+        line += &format!(",{ip}");
+    }
+    // Fixed hosts of older definitions may have all-digit names, which quoting keeps names.
+    let quotable = |n: &str| {
+        dns_host_name(n)
+            || (!n.is_empty() && n.len() <= 63 && n.chars().all(|c| c.is_ascii_digit()))
+    };
+    if let Some(name) = name.filter(|n| quotable(n)) {
+        line += &format!(",\"{name}\"");
+    }
+    line + "\n"
 }
 
 /// Writes `text` to `path` (whole file, replacing it atomically).
@@ -330,18 +361,62 @@ mod tests {
         assert_eq!(netmask(20), Ipv4Addr::new(255, 255, 240, 0));
     }
 
+    fn port(mac: &str, ip: &str, name: Option<&str>) -> Port {
+        Port {
+            vm: name.unwrap_or("x").into(),
+            tap: "fv1n0".into(),
+            ifindex: 1,
+            mac: mac.parse().unwrap(),
+            ip: Some(ip.parse().unwrap()),
+            dns_name: name.map(str::to_string),
+        }
+    }
+
     #[test]
     fn hosts_file_lists_fixed_hosts_then_vms() {
         let d = definition();
-        let vms = [
-            ("52:54:00:00:00:02".parse().unwrap(), "vm-a".to_string()),
+        let ports = [
+            port("52:54:00:00:00:02", "192.168.122.50", Some("vm-a")),
             // A VM on a fixed host's MAC keeps the fixed entry.
-            ("52:54:00:00:00:01".parse().unwrap(), "vm-b".to_string()),
+            port("52:54:00:00:00:01", "192.168.122.10", Some("vm-b")),
+            // A VM whose name cannot be a DNS name: an address, no name.
+            port("52:54:00:00:00:03", "192.168.122.51", None),
         ];
         assert_eq!(
-            hosts_file(&d, &vms),
-            "52:54:00:00:00:01,192.168.122.10,web\n52:54:00:00:00:02,vm-a\n"
+            hosts_file(&d, &ports),
+            "52:54:00:00:00:01,192.168.122.10,\"web\"\n\
+             52:54:00:00:00:02,192.168.122.50,\"vm-a\"\n\
+             52:54:00:00:00:03,192.168.122.51\n"
         );
+    }
+
+    /// Names dnsmasq would read as a lease time, a keyword, a tag, an address or a client id
+    /// if written bare: valid DNS names are quoted, the rest never reach the file.
+    #[test]
+    fn hostile_names_are_quoted_or_left_out() {
+        let d = definition();
+        for name in ["ignore", "infinite", "5m", "1h", "30s", "2d", "1w", "a-1"] {
+            let line = hosts_file(
+                &d,
+                &[port("52:54:00:00:00:09", "192.168.122.60", Some(name))],
+            );
+            let expected = format!(
+                "52:54:00:00:00:01,192.168.122.10,\"web\"\n52:54:00:00:00:09,192.168.122.60,\"{name}\"\n"
+            );
+            assert_eq!(line, expected, "{name}");
+        }
+        for name in [
+            "10.0.0.1", "set:x", "tag:x", "id:", "id:*", "a,b", "x\"y", "a\nb", "-a", "",
+        ] {
+            let line = hosts_file(
+                &d,
+                &[port("52:54:00:00:00:09", "192.168.122.60", Some(name))],
+            );
+            assert!(
+                line.ends_with("\n52:54:00:00:00:09,192.168.122.60\n"),
+                "{name:?}: {line:?}"
+            );
+        }
     }
 
     #[test]

@@ -1,22 +1,24 @@
 //! What a running network is on the host: for nat and isolated networks, the bridge with the
-//! subnet's first address, the nftables table (with IPv4 forwarding on for nat) and dnsmasq;
+//! subnet's first address, the nftables tables (with IPv4 forwarding on for nat) and dnsmasq;
 //! for bridge-mode networks, only the host's bridge, which Ferro never changes. The TAP
 //! devices of the VMs on a network (one per NIC, put on its bridge) are here too.
 //!
-//! Bringing a network up is idempotent: after a daemon restart the same call finds the bridge,
-//! replaces the table in one transaction and keeps the running dnsmasq, so nothing is
-//! duplicated. Links are configured over netlink; nft and dnsmasq get only validated names.
+//! Bringing a network up is idempotent: after a daemon restart the same call finds the bridge
+//! (the one the daemon made: same index), replaces the tables in one transaction and keeps the
+//! running dnsmasq, so nothing is duplicated. Links are configured over netlink, created
+//! exclusively and removed by the index they were created with; nft and dnsmasq get only
+//! validated names.
 //!
 //! Threading: blocking calls, made under the networks' lock.
 
 use std::path::{Path, PathBuf};
 
-use api::net::MacAddress;
 use api::net_api::{NetworkDefinition, NetworkMode, Subnet};
 
 use super::dnsmasq::{self, DnsmasqError, DnsmasqFiles};
-use super::firewall::{self, FirewallError};
-use crate::netlink::{self, NetlinkError};
+use super::firewall::{self, FirewallError, PortFilter};
+use super::ports::Port;
+use crate::netlink::{self, NetlinkError, Removal};
 
 #[derive(Debug, thiserror::Error)]
 pub enum HostError {
@@ -30,6 +32,15 @@ pub enum HostError {
     Forwarding(#[source] std::io::Error),
     #[error("{0} is not installed (looked in PATH, /usr/sbin and /sbin); {1}")]
     MissingTool(&'static str, &'static str),
+    #[error(
+        "{name} is not the bridge the daemon made for this network (it was link #{recorded}, \
+         now #{found}); it is left alone: stop the network's VMs and remove or rename it"
+    )]
+    ForeignBridge {
+        name: String,
+        recorded: u32,
+        found: u32,
+    },
     #[error("cannot create {path}")]
     RunDir {
         path: PathBuf,
@@ -68,36 +79,59 @@ fn find_program(name: &str) -> Option<String> {
         .map(|p| p.display().to_string())
 }
 
-/// Brings the host side of a nat or isolated network up (or checks it is, after a restart);
-/// `vms` are the MACs and names of the VMs attached, for DHCP and DNS.
-pub fn bring_up(
+/// Creates the runtime directory and the bridge of a nat or isolated network, or finds them
+/// (after a restart: the bridge must be the one recorded, `recorded`); the bridge's index.
+pub fn make_bridge(
     definition: &NetworkDefinition,
-    subnet: Subnet,
     run_dir: &Path,
-    tools: &Tools,
-    vms: &[(MacAddress, String)],
-) -> Result<(), HostError> {
+    recorded: Option<u32>,
+) -> Result<u32, HostError> {
     std::fs::create_dir_all(run_dir).map_err(|source| HostError::RunDir {
         path: run_dir.into(),
         source,
     })?;
     let bridge = &definition.bridge;
-    if netlink::link_index(bridge)?.is_none() {
-        netlink::create_bridge(bridge, bridge_mac(&definition.name))?;
+    match (netlink::link_named(bridge)?, recorded) {
+        (Some(link), Some(recorded)) if link.index != recorded => Err(HostError::ForeignBridge {
+            name: bridge.clone(),
+            recorded,
+            found: link.index,
+        }),
+        (Some(link), _) => Ok(link.index),
+        (None, _) => {
+            netlink::create_bridge(bridge, bridge_mac(&definition.name))?;
+            netlink::link_named(bridge)?
+                .map(|link| link.index)
+                .ok_or_else(|| NetlinkError::Exists(bridge.clone()).into())
+        }
     }
+}
+
+/// Brings the rest of the host side of a nat or isolated network up, on the bridge of
+/// [`make_bridge`] (or checks it is, after a restart); `ports` are the VMs' TAP devices, for
+/// DHCP, DNS and the bridge's filter.
+pub fn bring_up(
+    definition: &NetworkDefinition,
+    subnet: Subnet,
+    run_dir: &Path,
+    tools: &Tools,
+    ports: &[Port],
+    filters: &[PortFilter<'_>],
+) -> Result<(), HostError> {
+    let bridge = &definition.bridge;
     netlink::add_ipv4_address(bridge, subnet.gateway(), subnet.prefix)?;
     netlink::set_up(bridge)?;
     if definition.mode == NetworkMode::Nat {
         std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").map_err(HostError::Forwarding)?;
     }
-    if let Some(rules) = firewall::ruleset(definition, subnet) {
+    if let Some(rules) = firewall::ruleset(definition, subnet, filters) {
         firewall::apply(&tools.nft, &firewall::table_name(&definition.name), &rules)?;
     }
     let files = DnsmasqFiles::new(run_dir.into());
     let config = dnsmasq::config(definition, subnet, &files);
     let config_changed = std::fs::read_to_string(files.config()).ok().as_deref() != Some(&config);
     dnsmasq::write(&files.config(), &config)?;
-    dnsmasq::write(&files.hosts(), &dnsmasq::hosts_file(definition, vms))?;
+    dnsmasq::write(&files.hosts(), &dnsmasq::hosts_file(definition, ports))?;
     match dnsmasq::running(&files) {
         Some(_) if !config_changed => dnsmasq::reload(&files),
         _ => {
@@ -114,24 +148,57 @@ fn bridge_mac(network: &str) -> [u8; 6] {
     [0x02, hash[0], hash[1], hash[2], hash[3], hash[4]]
 }
 
-/// Tells dnsmasq which VMs are attached now.
-pub fn update_hosts(
+/// A VM's TAP device joined the bridge (`ports` has it): its filter first, then its DHCP
+/// entry, so it is filtered before it can get a lease.
+pub fn port_joined(
     definition: &NetworkDefinition,
     run_dir: &Path,
-    vms: &[(MacAddress, String)],
+    ports: &[Port],
+    filter: &PortFilter<'_>,
+) -> Result<(), HostError> {
+    if let Some(rules) = firewall::port_joined(definition, filter) {
+        let tools = Tools::find()?;
+        firewall::apply(&tools.nft, &firewall::table_name(&definition.name), &rules)?;
+    }
+    write_hosts(definition, run_dir, ports)
+}
+
+/// A VM's TAP device `tap` left the bridge (`ports` no longer has it): its DHCP entry and its
+/// filter go.
+pub fn port_left(
+    definition: &NetworkDefinition,
+    run_dir: &Path,
+    ports: &[Port],
+    tap: &str,
+) -> Result<(), HostError> {
+    let written = write_hosts(definition, run_dir, ports);
+    if let Some(rules) = firewall::port_left(definition, tap) {
+        let tools = Tools::find()?;
+        firewall::apply(&tools.nft, &firewall::table_name(&definition.name), &rules)?;
+    }
+    written
+}
+
+/// Tells dnsmasq the network's DHCP hosts now.
+fn write_hosts(
+    definition: &NetworkDefinition,
+    run_dir: &Path,
+    ports: &[Port],
 ) -> Result<(), HostError> {
     let files = DnsmasqFiles::new(run_dir.into());
-    dnsmasq::write(&files.hosts(), &dnsmasq::hosts_file(definition, vms))?;
+    dnsmasq::write(&files.hosts(), &dnsmasq::hosts_file(definition, ports))?;
     dnsmasq::reload(&files);
     Ok(())
 }
 
-/// Removes everything [`bring_up`] made, whatever is left of it; returns the first error but
-/// tries every step.
+/// Removes everything [`make_bridge`] and [`bring_up`] made, whatever is left of it; the
+/// bridge only if it is the one recorded (`bridge_ifindex`; by name for networks started by
+/// daemons that recorded none). Returns the first error but tries every step.
 pub fn tear_down(
     definition: &NetworkDefinition,
     run_dir: &Path,
     tools: Option<&Tools>,
+    bridge_ifindex: Option<u32>,
 ) -> Result<(), HostError> {
     let files = DnsmasqFiles::new(run_dir.into());
     let mut result = dnsmasq::stop(&files).map_err(HostError::from);
@@ -139,22 +206,25 @@ pub fn tear_down(
         let removed = firewall::remove(&tools.nft, &firewall::table_name(&definition.name));
         result = result.and(removed.map_err(HostError::from));
     }
-    result = result.and(netlink::delete_link(&definition.bridge).map_err(HostError::from));
+    let removed = match bridge_ifindex {
+        Some(index) => remove_link(&definition.bridge, index),
+        None => netlink::delete_link(&definition.bridge).map_err(HostError::from),
+    };
+    result = result.and(removed);
     let _ = std::fs::remove_dir_all(run_dir);
     result
 }
 
-/// Creates the TAP device `tap` on `bridge`, replacing a stale one of that name (left by a VM
-/// that ended while no daemon watched).
-pub fn add_tap(tap: &str, bridge: &str) -> Result<(), HostError> {
-    netlink::delete_link(tap)?;
-    netlink::create_tap(tap)?;
+/// Creates the TAP device `tap` on `bridge`; its index. An interface named `tap` that exists
+/// already (whoever made it) is an error ([`NetlinkError::Exists`]) and stays as it is.
+pub fn add_tap(tap: &str, bridge: &str) -> Result<u32, HostError> {
+    let index = netlink::create_tap(tap)?;
     let attached = netlink::set_master(tap, bridge).and_then(|()| netlink::set_up(tap));
     if let Err(e) = attached {
-        let _ = netlink::delete_link(tap);
+        let _ = netlink::delete_link_at(index, tap);
         return Err(e.into());
     }
-    Ok(())
+    Ok(index)
 }
 
 /// Puts the TAP device `tap` of a running VM back on `bridge` if it is not there (the bridge
@@ -168,9 +238,19 @@ pub fn ensure_on_bridge(tap: &str, bridge: &str) -> Result<(), HostError> {
     Ok(())
 }
 
-/// Removes the TAP device `tap` (gone already is fine).
-pub fn remove_tap(tap: &str) -> Result<(), HostError> {
-    Ok(netlink::delete_link(tap)?)
+/// Removes the TAP device `tap` the daemon made with index `index` (gone already is fine; a
+/// link that no longer is that one is left alone).
+pub fn remove_tap(tap: &str, index: u32) -> Result<(), HostError> {
+    remove_link(tap, index)
+}
+
+fn remove_link(name: &str, index: u32) -> Result<(), HostError> {
+    if let Removal::NotOurs(now) = netlink::delete_link_at(index, name)? {
+        tracing::warn!(
+            "{name}: the link the daemon made (#{index}) is now called {now}; it is left alone"
+        );
+    }
+    Ok(())
 }
 
 /// The host interface (other than `own_bridge`) that has an address in `subnet`, if any.

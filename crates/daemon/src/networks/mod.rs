@@ -2,18 +2,23 @@
 //! other (no two networks on one subnet or bridge) and against the host (the bridge of a nat or
 //! isolated network must not exist yet; that of a bridge-mode network must), and their life:
 //! start and stop ([`host_side`]: bridge, nftables, dnsmasq), autostart, DHCP leases, and the
-//! TAP devices of the VMs attached.
+//! TAP devices of the VMs attached ([`ports`]: each made exclusively, recorded with its link
+//! index, its MAC and reserved address pinned by the bridge's filter, removed only by that
+//! index).
 //!
 //! A started network has a runtime directory, `<state-dir>/networks/NAME.run/`; a new daemon
 //! takes the networks that have one as active and brings them up again, which finds what is
-//! there instead of duplicating it.
+//! there instead of duplicating it, and reads the record of their ports there.
 //!
 //! Threading: called from the API's blocking tasks; one mutex over the table, held across the
-//! host changes of one network so two requests never race on it.
+//! host changes of one network so two requests never race on it. What VM operations ask on the
+//! runtime's thread (a network's mode, who claims an interface name) comes from a small index
+//! under a lock of its own, replaced after each change, so they never wait for a host change.
 
 pub mod dnsmasq;
 pub mod firewall;
 pub mod host_side;
+pub mod ports;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -26,14 +31,15 @@ use axum::http::StatusCode;
 use crate::error::{chain, ApiError};
 use crate::store::{atomic_write, StoreError};
 use host_side::{HostError, Tools};
+use ports::{Port, Record};
 
-/// One network: its definition, whether it runs, and the VMs attached to it.
+/// One network: its definition, whether it runs, and what the daemon made for it.
 #[derive(Debug)]
 struct Entry {
     definition: NetworkDefinition,
     active: bool,
-    /// VM name to its NICs on this network: (MAC, TAP device).
-    vms: BTreeMap<String, Vec<(MacAddress, String)>>,
+    /// The bridge and the VMs' TAP devices the daemon made (kept in the runtime directory).
+    record: Record,
 }
 
 impl Entry {
@@ -48,12 +54,26 @@ impl Entry {
         }
     }
 
-    /// The attached VMs' MACs and names, for DHCP and DNS.
-    fn dhcp_clients(&self) -> Vec<(MacAddress, String)> {
-        self.vms
+    /// The ports' filters, for the bridge's table (ports with an address: nat, isolated).
+    fn port_filters(&self) -> Vec<firewall::PortFilter<'_>> {
+        self.record
+            .ports
             .iter()
-            .flat_map(|(vm, nics)| nics.iter().map(move |(mac, _)| (*mac, vm.clone())))
+            .filter_map(|port| {
+                Some(firewall::PortFilter {
+                    tap: &port.tap,
+                    mac: port.mac,
+                    ip: port.ip?,
+                })
+            })
             .collect()
+    }
+
+    /// The names of the VMs with a port here.
+    fn vms(&self) -> Vec<&str> {
+        let mut vms: Vec<&str> = self.record.ports.iter().map(|p| p.vm.as_str()).collect();
+        vms.dedup();
+        vms
     }
 }
 
@@ -63,6 +83,8 @@ pub struct NetworkNic {
     pub network: String,
     pub mac: MacAddress,
     pub tap: String,
+    /// The VM's DNS name (none when its name cannot be one).
+    pub dns_name: Option<String>,
 }
 
 /// The daemon's networks.
@@ -72,6 +94,31 @@ pub struct Networks {
     /// Where the host's network interfaces show (`/sys/class/net`; a test directory in tests).
     sys_net: PathBuf,
     entries: Mutex<BTreeMap<String, Entry>>,
+    index: Mutex<Index>,
+}
+
+/// The networks' modes, and the interface names they claim (bridges, VMs' TAP devices) with
+/// what each is: a copy of the table's answers to these two questions.
+#[derive(Debug, Default)]
+struct Index {
+    modes: BTreeMap<String, NetworkMode>,
+    claims: BTreeMap<String, String>,
+}
+
+impl Index {
+    fn of(entries: &BTreeMap<String, Entry>) -> Index {
+        let mut index = Index::default();
+        for (name, entry) in entries {
+            index.modes.insert(name.clone(), entry.definition.mode);
+            let bridge = format!("the bridge of network {name}");
+            index.claims.insert(entry.definition.bridge.clone(), bridge);
+            for port in &entry.record.ports {
+                let tap = format!("the TAP device of VM {} on network {name}", port.vm);
+                index.claims.insert(port.tap.clone(), tap);
+            }
+        }
+        index
+    }
 }
 
 fn not_found(name: &str) -> ApiError {
@@ -96,11 +143,17 @@ impl Networks {
             }
             match load(&path) {
                 Ok(definition) => {
-                    let active = dir.join(format!("{}.run", definition.name)).is_dir();
+                    let run_dir = dir.join(format!("{}.run", definition.name));
+                    let active = run_dir.is_dir();
+                    let record = if active {
+                        ports::load(&run_dir)
+                    } else {
+                        Record::default()
+                    };
                     let entry = Entry {
                         definition,
                         active,
-                        vms: BTreeMap::new(),
+                        record,
                     };
                     entries.insert(entry.definition.name.clone(), entry);
                 }
@@ -110,12 +163,25 @@ impl Networks {
         Ok(Networks {
             dir,
             sys_net,
+            index: Mutex::new(Index::of(&entries)),
             entries: Mutex::new(entries),
         })
     }
 
     fn lock(&self) -> MutexGuard<'_, BTreeMap<String, Entry>> {
         self.entries.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Brings the index in line with the table (after any change of definitions or ports).
+    fn reindex(&self, entries: &BTreeMap<String, Entry>) {
+        let index = Index::of(entries);
+        *self.index.lock().unwrap_or_else(PoisonError::into_inner) = index;
+    }
+
+    /// The mode of network `name`, if it is defined (never waits for a host change).
+    pub fn mode_of(&self, name: &str) -> Option<NetworkMode> {
+        let index = self.index.lock().unwrap_or_else(PoisonError::into_inner);
+        index.modes.get(name).copied()
     }
 
     fn run_dir(&self, name: &str) -> PathBuf {
@@ -139,6 +205,7 @@ impl Networks {
 
     pub fn define(&self, definition: NetworkDefinition) -> Result<NetworkInfo, ApiError> {
         definition.validate().map_err(ApiError::bad_request)?;
+        check_new_definition(&definition).map_err(ApiError::bad_request)?;
         let subnet = definition.subnet().map_err(ApiError::bad_request)?;
         let mut entries = self.lock();
         if entries.contains_key(&definition.name) {
@@ -171,10 +238,11 @@ impl Networks {
         let entry = Entry {
             definition,
             active: false,
-            vms: BTreeMap::new(),
+            record: Record::default(),
         };
         let info = entry.info();
         entries.insert(entry.definition.name.clone(), entry);
+        self.reindex(&entries);
         Ok(info)
     }
 
@@ -212,6 +280,7 @@ impl Networks {
         std::fs::remove_file(&path)
             .map_err(|e| ApiError::internal(format!("cannot remove {}: {e}", path.display())))?;
         entries.remove(name);
+        self.reindex(&entries);
         Ok(())
     }
 
@@ -234,14 +303,17 @@ impl Networks {
             )));
         }
         self.check_host(&entry.definition, false)?;
+        entry.record = Record::default();
         self.bring_up(entry, false)?;
         entry.active = true;
-        Ok(entry.info())
+        let info = entry.info();
+        self.reindex(&entries);
+        Ok(info)
     }
 
     /// The host side of `entry`: created, or (`again`, after a daemon restart) found and
     /// completed. A failed first start leaves nothing behind.
-    fn bring_up(&self, entry: &Entry, again: bool) -> Result<(), ApiError> {
+    fn bring_up(&self, entry: &mut Entry, again: bool) -> Result<(), ApiError> {
         let definition = &entry.definition;
         let name = &definition.name;
         let run_dir = self.run_dir(name);
@@ -259,15 +331,36 @@ impl Networks {
             )));
         }
         let tools = Tools::find().map_err(|e| host_error(name, &e))?;
-        let result =
-            host_side::bring_up(definition, subnet, &run_dir, &tools, &entry.dhcp_clients());
+        let bridge = host_side::make_bridge(definition, &run_dir, entry.record.bridge_ifindex)
+            .map_err(|e| host_error(name, &e))?;
+        let name = name.clone();
+        if entry.record.bridge_ifindex != Some(bridge) {
+            entry.record.bridge_ifindex = Some(bridge);
+            self.save_record(entry)?;
+        }
+        let definition = &entry.definition;
+        let filters = entry.port_filters();
+        let result = host_side::bring_up(
+            definition,
+            subnet,
+            &run_dir,
+            &tools,
+            &entry.record.ports,
+            &filters,
+        );
         if let Err(e) = result {
             if !again {
-                let _ = host_side::tear_down(definition, &run_dir, Some(&tools));
+                let _ = host_side::tear_down(definition, &run_dir, Some(&tools), Some(bridge));
             }
-            return Err(host_error(name, &e));
+            return Err(host_error(&name, &e));
         }
         Ok(())
+    }
+
+    /// Writes the record of `entry`'s ports and bridge to its runtime directory.
+    fn save_record(&self, entry: &Entry) -> Result<(), ApiError> {
+        let run_dir = self.run_dir(&entry.definition.name);
+        ports::save(&run_dir, &entry.record).map_err(|e| ApiError::internal(chain(&e)))
     }
 
     /// Takes a network down; refused while VMs are attached.
@@ -277,11 +370,10 @@ impl Networks {
         if !entry.active {
             return Err(ApiError::conflict(format!("network {name} is not active")));
         }
-        if !entry.vms.is_empty() {
-            let vms: Vec<&str> = entry.vms.keys().map(String::as_str).collect();
+        if !entry.record.ports.is_empty() {
             return Err(ApiError::conflict(format!(
                 "network {name} has running VMs: {}",
-                vms.join(", ")
+                entry.vms().join(", ")
             )));
         }
         let run_dir = self.run_dir(name);
@@ -292,12 +384,16 @@ impl Networks {
             }
             _ => {
                 let tools = Tools::find().ok();
-                host_side::tear_down(&entry.definition, &run_dir, tools.as_ref())
+                let bridge = entry.record.bridge_ifindex;
+                host_side::tear_down(&entry.definition, &run_dir, tools.as_ref(), bridge)
             }
         };
         entry.active = false;
+        entry.record = Record::default();
+        let info = entry.info();
+        self.reindex(&entries);
         result.map_err(|e| host_error(name, &e))?;
-        Ok(entry.info())
+        Ok(info)
     }
 
     pub fn set_autostart(&self, name: &str, enabled: bool) -> Result<NetworkInfo, ApiError> {
@@ -332,8 +428,8 @@ impl Networks {
             .collect();
         for (name, active) in names {
             let result = if active {
-                let entries = self.lock();
-                match entries.get(&name) {
+                let mut entries = self.lock();
+                match entries.get_mut(&name) {
                     Some(entry) => self.bring_up(entry, true),
                     None => Ok(()),
                 }
@@ -370,8 +466,18 @@ impl Networks {
         }
     }
 
-    /// Creates the TAP devices of a starting VM's NICs on their networks' bridges; all or
-    /// nothing.
+    /// What the daemon made for a network, by interface name: the bridge of a network, or the
+    /// TAP device of a VM's NIC on one. `None` for names it has no claim on.
+    /// Never waits for a host change.
+    pub fn claim_on(&self, interface: &str) -> Option<String> {
+        let index = self.index.lock().unwrap_or_else(PoisonError::into_inner);
+        index.claims.get(interface).cloned()
+    }
+
+    /// Creates the TAP devices of a starting VM's NICs on their networks' bridges, each with
+    /// its reserved address, filter rules and DHCP entry; all or nothing. An interface that
+    /// has a NIC's TAP name and that the daemon did not make for this VM is left alone and
+    /// the start refused.
     pub fn attach(&self, vm: &str, nics: &[NetworkNic]) -> Result<(), ApiError> {
         let mut entries = self.lock();
         for nic in nics {
@@ -385,87 +491,281 @@ impl Networks {
                 )));
             }
         }
+        // A record left by a run of this VM that ended unseen: its links are ours to remove.
+        self.remove_ports(&mut entries, vm);
         for (done, nic) in nics.iter().enumerate() {
-            let bridge = entries
-                .get(&nic.network)
-                .map(|e| e.definition.bridge.clone())
-                .unwrap_or_default();
-            if let Err(e) = host_side::add_tap(&nic.tap, &bridge) {
+            if let Err(e) = self.add_port(&mut entries, vm, nic) {
                 for earlier in &nics[..done] {
-                    let _ = host_side::remove_tap(&earlier.tap);
+                    self.remove_port(&mut entries, &earlier.network, &earlier.tap);
                 }
-                return Err(host_error(&nic.network, &e));
+                return Err(e);
             }
         }
-        self.record(&mut entries, vm, nics);
         Ok(())
     }
 
-    /// Notes the NICs of a VM found running after a daemon restart (its TAPs exist).
-    pub fn reattach(&self, vm: &str, nics: &[NetworkNic]) {
-        let mut entries = self.lock();
-        for nic in nics {
-            let Some(entry) = entries.get(&nic.network) else {
-                continue;
-            };
-            if let Err(e) = host_side::ensure_on_bridge(&nic.tap, &entry.definition.bridge) {
-                tracing::warn!("VM {vm} on network {}: {}", nic.network, chain(&e));
-            }
+    /// Makes the TAP device of one NIC and records it as a port.
+    fn add_port(
+        &self,
+        entries: &mut BTreeMap<String, Entry>,
+        vm: &str,
+        nic: &NetworkNic,
+    ) -> Result<(), ApiError> {
+        let entry = entries
+            .get_mut(&nic.network)
+            .ok_or_else(|| not_found(&nic.network))?;
+        let network = entry.definition.name.clone();
+        if let Some(other) = entry.record.ports.iter().find(|p| p.mac == nic.mac) {
+            return Err(ApiError::conflict(format!(
+                "VM {vm}: MAC {} is already on network {network} (VM {}); give the NIC another mac",
+                nic.mac, other.vm
+            )));
         }
-        self.record(&mut entries, vm, nics);
+        let ip = self.reserve(entry, nic.mac)?;
+        let ifindex =
+            host_side::add_tap(&nic.tap, &entry.definition.bridge).map_err(|e| match e {
+                HostError::Netlink(crate::netlink::NetlinkError::Exists(_)) => {
+                    ApiError::conflict(format!(
+                "VM {vm}: an interface named {} exists and the daemon did not make it for this VM, \
+                 so it is left alone; remove it (ip link delete {}) if it is a leftover",
+                nic.tap, nic.tap
+            ))
+                }
+                e => host_error(&network, &e),
+            })?;
+        let recorded = self.record_port(entries, vm, nic, ifindex, ip);
+        if recorded.is_err() {
+            self.remove_port(entries, &nic.network, &nic.tap);
+        }
+        recorded
     }
 
-    fn record(&self, entries: &mut BTreeMap<String, Entry>, vm: &str, nics: &[NetworkNic]) {
-        for nic in nics {
-            if let Some(entry) = entries.get_mut(&nic.network) {
-                entry
-                    .vms
-                    .entry(vm.to_string())
-                    .or_default()
-                    .push((nic.mac, nic.tap.clone()));
+    /// Records link `ifindex` as the port of `nic` (its TAP device, on the bridge) with address
+    /// `ip`, then gives it its filter and DHCP entry (an error when its filter cannot be
+    /// loaded: a new TAP device is then removed, see [`Networks::add_port`]).
+    fn record_port(
+        &self,
+        entries: &mut BTreeMap<String, Entry>,
+        vm: &str,
+        nic: &NetworkNic,
+        ifindex: u32,
+        ip: Option<std::net::Ipv4Addr>,
+    ) -> Result<(), ApiError> {
+        let entry = entries
+            .get_mut(&nic.network)
+            .ok_or_else(|| not_found(&nic.network))?;
+        entry.record.ports.push(Port {
+            vm: vm.to_string(),
+            tap: nic.tap.clone(),
+            ifindex,
+            mac: nic.mac,
+            ip,
+            dns_name: nic.dns_name.clone(),
+        });
+        let joined = self.save_record(entry).and_then(|()| {
+            let Some(ip) = ip.filter(|_| entry.active) else {
+                return Ok(());
+            };
+            let filter = firewall::PortFilter {
+                tap: &nic.tap,
+                mac: nic.mac,
+                ip,
+            };
+            let run_dir = self.run_dir(&entry.definition.name);
+            host_side::port_joined(&entry.definition, &run_dir, &entry.record.ports, &filter)
+                .map_err(|e| host_error(&entry.definition.name, &e))
+        });
+        self.reindex(entries);
+        joined
+    }
+
+    /// The address for a new port with `mac` on `entry` (none on bridge-mode networks).
+    fn reserve(
+        &self,
+        entry: &Entry,
+        mac: MacAddress,
+    ) -> Result<Option<std::net::Ipv4Addr>, ApiError> {
+        if entry.definition.mode == NetworkMode::Bridge {
+            return Ok(None);
+        }
+        let files = dnsmasq::DnsmasqFiles::new(self.run_dir(&entry.definition.name));
+        let leases =
+            dnsmasq::parse_leases(&std::fs::read_to_string(files.leases()).unwrap_or_default());
+        let taken: Vec<_> = entry.record.ports.iter().filter_map(|p| p.ip).collect();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let taken = ports::Taken {
+            ports: &taken,
+            leases: &leases,
+            now,
+        };
+        ports::reserve_address(&entry.definition, mac, taken)
+            .map(Some)
+            .ok_or_else(|| {
+                ApiError::conflict(format!(
+                    "network {}: every address of its DHCP range is taken",
+                    entry.definition.name
+                ))
+            })
+    }
+
+    /// Removes port `tap` of network `network`: its link (only the one the daemon made), its
+    /// record, rules and DHCP entry.
+    fn remove_port(&self, entries: &mut BTreeMap<String, Entry>, network: &str, tap: &str) {
+        let Some(entry) = entries.get_mut(network) else {
+            return;
+        };
+        let Some(at) = entry.record.ports.iter().position(|p| p.tap == tap) else {
+            return;
+        };
+        let port = entry.record.ports.remove(at);
+        if let Err(e) = host_side::remove_tap(&port.tap, port.ifindex) {
+            tracing::warn!("VM {} on network {network}: {}", port.vm, chain(&e));
+        }
+        if let Err(e) = self.save_record(entry) {
+            tracing::warn!("network {network}: {}", e.message);
+        }
+        if entry.active && entry.definition.mode != NetworkMode::Bridge {
+            let run_dir = self.run_dir(network);
+            let left =
+                host_side::port_left(&entry.definition, &run_dir, &entry.record.ports, &port.tap);
+            if let Err(e) = left {
+                tracing::warn!("network {network}: {}", chain(&e));
             }
         }
-        self.refresh_dhcp(entries, nics.iter().map(|n| n.network.as_str()));
+        self.reindex(entries);
+    }
+
+    /// Removes every port of VM `vm`.
+    fn remove_ports(&self, entries: &mut BTreeMap<String, Entry>, vm: &str) {
+        let ports: Vec<(String, String)> = entries
+            .iter()
+            .flat_map(|(network, entry)| {
+                entry
+                    .record
+                    .ports
+                    .iter()
+                    .filter(|p| p.vm == vm)
+                    .map(move |p| (network.clone(), p.tap.clone()))
+            })
+            .collect();
+        for (network, tap) in ports {
+            self.remove_port(entries, &network, &tap);
+        }
+    }
+
+    /// After a daemon restart, for a VM found running: its ports are on their bridges again.
+    /// A VM started by a daemon that kept no record of ports (older than records) has its TAP
+    /// devices under `legacy` names: the TAP devices of those names are taken as its own, as
+    /// that daemon did, and recorded.
+    pub fn reattach(&self, vm: &str, legacy: &[NetworkNic]) {
+        let mut entries = self.lock();
+        let recorded = entries
+            .values()
+            .any(|e| e.record.ports.iter().any(|p| p.vm == vm));
+        if !recorded {
+            for nic in legacy {
+                if let Err(e) = self.adopt_legacy_port(&mut entries, vm, nic) {
+                    tracing::warn!("VM {vm} on network {}: {}", nic.network, e.message);
+                }
+            }
+        }
+        for entry in entries.values() {
+            for port in entry.record.ports.iter().filter(|p| p.vm == vm) {
+                if let Err(e) = host_side::ensure_on_bridge(&port.tap, &entry.definition.bridge) {
+                    tracing::warn!(
+                        "VM {vm} on network {}: {}",
+                        entry.definition.name,
+                        chain(&e)
+                    );
+                }
+            }
+        }
+    }
+
+    /// Records the existing TAP device of a VM an older daemon started.
+    fn adopt_legacy_port(
+        &self,
+        entries: &mut BTreeMap<String, Entry>,
+        vm: &str,
+        nic: &NetworkNic,
+    ) -> Result<(), ApiError> {
+        let link = crate::netlink::link_named(&nic.tap)
+            .map_err(|e| ApiError::internal(chain(&e)))?
+            .filter(|link| link.tun)
+            .ok_or_else(|| ApiError::conflict(format!("no TAP device {}", nic.tap)))?;
+        // Old names could collide: a TAP already recorded for another VM is not taken twice.
+        if let Some(claim) = self.claim_on(&nic.tap) {
+            return Err(ApiError::conflict(format!("{} is {claim}", nic.tap)));
+        }
+        let entry = entries
+            .get(&nic.network)
+            .ok_or_else(|| not_found(&nic.network))?;
+        let ip = self.reserve(entry, nic.mac)?;
+        self.record_port(entries, vm, nic, link.index, ip)
     }
 
     /// Removes a stopped VM's TAP devices from its networks.
     pub fn detach(&self, vm: &str) {
         let mut entries = self.lock();
-        let mut touched = Vec::new();
-        for (name, entry) in entries.iter_mut() {
-            for (_, tap) in entry.vms.remove(vm).unwrap_or_default() {
-                if let Err(e) = host_side::remove_tap(&tap) {
-                    tracing::warn!("VM {vm}: {}", chain(&e));
-                }
-                touched.push(name.clone());
-            }
-        }
-        self.refresh_dhcp(&entries, touched.iter().map(String::as_str));
+        self.remove_ports(&mut entries, vm);
     }
 
-    /// Rewrites the DHCP hosts of `names` (nat and isolated networks that run).
-    fn refresh_dhcp<'a>(
-        &self,
-        entries: &BTreeMap<String, Entry>,
-        names: impl Iterator<Item = &'a str>,
-    ) {
-        for name in names {
-            let Some(entry) = entries.get(name) else {
-                continue;
-            };
-            if !entry.active || entry.definition.mode == NetworkMode::Bridge {
-                continue;
-            }
-            let updated = host_side::update_hosts(
-                &entry.definition,
-                &self.run_dir(name),
-                &entry.dhcp_clients(),
-            );
-            if let Err(e) = updated {
-                tracing::warn!("network {name}: {}", chain(&e));
-            }
+    /// Removes the ports of VMs not in `running` (recorded by a daemon that stopped before
+    /// their VMs ended, whose run is gone without a trace): called once VMs are adopted.
+    pub fn forget_all_but(&self, running: &[String]) {
+        let mut entries = self.lock();
+        let stale: Vec<String> = entries
+            .values()
+            .flat_map(|e| e.record.ports.iter().map(|p| p.vm.clone()))
+            .filter(|vm| !running.contains(vm))
+            .collect();
+        for vm in stale {
+            tracing::info!("removing the TAP devices of VM {vm}, which no longer runs");
+            self.remove_ports(&mut entries, &vm);
         }
     }
+
+    /// Records an existing link on no bridge (a veth end, standing in for a VM's TAP device)
+    /// as the port of `nic`, for tests of the filter and DHCP with real clients.
+    #[cfg(test)]
+    fn join_link(&self, vm: &str, nic: &NetworkNic) -> Result<(), ApiError> {
+        let mut entries = self.lock();
+        let entry = entries
+            .get(&nic.network)
+            .ok_or_else(|| not_found(&nic.network))?;
+        let ip = self.reserve(entry, nic.mac)?;
+        let link = crate::netlink::link_named(&nic.tap)
+            .ok()
+            .flatten()
+            .ok_or_else(|| not_found(&nic.tap))?;
+        host_side::ensure_on_bridge(&nic.tap, &entry.definition.bridge)
+            .map_err(|e| ApiError::internal(chain(&e)))?;
+        self.record_port(&mut entries, vm, nic, link.index, ip)
+    }
+}
+
+/// Checks a network definition needs at `define` only (definitions stored before these checks
+/// still load).
+fn check_new_definition(definition: &NetworkDefinition) -> Result<(), String> {
+    if api::daemon_api::is_network_tap_name(&definition.bridge) {
+        return Err(format!(
+            "the bridge name {:?} is reserved: names like fvNnI are the TAP devices of VMs",
+            definition.bridge
+        ));
+    }
+    if let Some(host) = definition
+        .hosts
+        .iter()
+        .find(|h| !api::net_api::dns_host_name(&h.name))
+    {
+        return Err(format!(
+            "host name {:?} is all digits: a DNS name needs a letter",
+            host.name
+        ));
+    }
+    Ok(())
 }
 
 fn load(path: &Path) -> Result<NetworkDefinition, String> {
@@ -555,160 +855,7 @@ mod tests {
     }
 }
 
-/// The whole life of networks on this host's kernel, inside a network namespace of the test's
-/// thread (skipped without root, nft or dnsmasq).
+/// The whole life of networks on this host's kernel, inside network namespaces of the tests'
+/// threads (skipped without root, nft or dnsmasq).
 #[cfg(test)]
-mod host_tests {
-    use super::*;
-    use crate::netlink;
-
-    fn in_network_namespace(test: impl FnOnce() + Send + 'static) {
-        if Tools::find().is_err() {
-            eprintln!("skipped: nft or dnsmasq is not installed");
-            return;
-        }
-        netlink::in_new_netns(test);
-    }
-
-    fn definition(name: &str, mode: &str, bridge: &str, subnet: &str) -> NetworkDefinition {
-        parse_network_definition(&format!(
-            "name = \"{name}\"\nmode = \"{mode}\"\nbridge = \"{bridge}\"\nsubnet = \"{subnet}\"\n"
-        ))
-        .unwrap()
-    }
-
-    fn open(dir: &Path) -> Networks {
-        Networks::open(dir.join("networks"), dir.join("sys")).unwrap()
-    }
-
-    #[test]
-    fn a_nat_network_runs_stops_and_is_found_again() {
-        in_network_namespace(|| {
-            let dir = tempfile::tempdir().unwrap();
-            let networks = open(dir.path());
-            networks
-                .define(definition("lab", "nat", "ferrotest0", "10.66.0.0/24"))
-                .unwrap();
-            let info = networks.start("lab").unwrap();
-            assert_eq!(info.state, NetworkState::Active);
-            let tools = Tools::find().unwrap();
-            let table = firewall::table_name("lab");
-            assert!(firewall::exists(&tools.nft, &table));
-            let files = dnsmasq::DnsmasqFiles::new(networks.run_dir("lab"));
-            let pid = dnsmasq::running(&files).expect("dnsmasq runs");
-            assert_eq!(
-                netlink::ipv4_addresses("ferrotest0").unwrap(),
-                [("10.66.0.1".parse().unwrap(), 24)]
-            );
-            assert_eq!(
-                networks.start("lab").unwrap_err().status,
-                StatusCode::CONFLICT
-            );
-
-            // A VM's NIC: a TAP on the bridge, its MAC and name handed to dnsmasq.
-            let nic = NetworkNic {
-                network: "lab".into(),
-                mac: "52:54:00:00:00:42".parse().unwrap(),
-                tap: "fvtest0".into(),
-            };
-            networks.attach("vm1", std::slice::from_ref(&nic)).unwrap();
-            assert_eq!(
-                netlink::master_of("fvtest0").unwrap(),
-                netlink::link_index("ferrotest0").unwrap()
-            );
-            let hosts = std::fs::read_to_string(files.hosts()).unwrap();
-            assert_eq!(hosts, "52:54:00:00:00:42,vm1\n");
-            let err = networks.stop("lab").unwrap_err();
-            assert!(err.message.contains("has running VMs: vm1"), "{err:?}");
-            let missing = NetworkNic {
-                network: "nope".into(),
-                ..nic.clone()
-            };
-            assert!(networks.attach("vm2", &[missing]).is_err());
-
-            // A new daemon: the same bridge, table and dnsmasq, nothing twice.
-            drop(networks);
-            let networks = open(dir.path());
-            networks.resume();
-            networks.reattach("vm1", std::slice::from_ref(&nic));
-            assert_eq!(dnsmasq::running(&files), Some(pid));
-            assert!(firewall::exists(&tools.nft, &table));
-            assert_eq!(networks.info("lab").unwrap().state, NetworkState::Active);
-            assert_eq!(netlink::ipv4_addresses("ferrotest0").unwrap().len(), 1);
-
-            networks.detach("vm1");
-            assert_eq!(netlink::link_index("fvtest0").unwrap(), None);
-            assert_eq!(std::fs::read_to_string(files.hosts()).unwrap(), "");
-            networks.stop("lab").unwrap();
-            assert_eq!(netlink::link_index("ferrotest0").unwrap(), None);
-            assert!(!firewall::exists(&tools.nft, &table));
-            assert_eq!(dnsmasq::running(&files), None);
-            assert!(networks.leases("lab").unwrap().is_empty());
-            networks.undefine("lab").unwrap();
-        });
-    }
-
-    /// Runs `command` (split at spaces) in the test thread's namespace; its exit status.
-    fn run(command: &str) -> std::process::ExitStatus {
-        let mut words = command.split_whitespace();
-        std::process::Command::new(words.next().unwrap())
-            .args(words)
-            .stdout(std::process::Stdio::null())
-            .status()
-            .unwrap()
-    }
-
-    #[test]
-    fn a_client_on_the_bridge_gets_a_lease_for_its_first_discover() {
-        if run("busybox true").code() != Some(0) {
-            eprintln!("skipped: busybox (udhcpc) is not installed");
-            return;
-        }
-        in_network_namespace(|| {
-            let dir = tempfile::tempdir().unwrap();
-            let networks = open(dir.path());
-            networks
-                .define(definition("dhcp", "nat", "ferrotest2", "10.68.0.0/24"))
-                .unwrap();
-            networks.start("dhcp").unwrap();
-            // A veth pair stands in for a VM's TAP: one end on the bridge, the client on the
-            // other, both in this namespace.
-            let client_mac = "52:54:00:68:00:07";
-            let link =
-                format!("ip link add fvclient0 address {client_mac} type veth peer name fvport0");
-            assert!(run(&link).success());
-            host_side::ensure_on_bridge("fvport0", "ferrotest2").unwrap();
-            netlink::set_up("fvclient0").unwrap();
-            // One DISCOVER, two seconds to answer it: an OFFER held back for an address
-            // check (dnsmasq's ping takes 3 s) fails this.
-            let udhcpc = "busybox udhcpc -i fvclient0 -f -q -n -B -t 1 -T 2 -s /bin/true";
-            let answered = run(udhcpc).success();
-            let leases = networks.leases("dhcp").unwrap();
-            // Stopped before any assertion: dnsmasq would outlive a failed test.
-            networks.stop("dhcp").unwrap();
-            assert!(answered, "no lease for one DISCOVER");
-            assert_eq!(leases.len(), 1, "{leases:?}");
-            assert_eq!(leases[0].mac.to_string(), client_mac);
-            assert!(leases[0].ip.octets()[..3] == [10, 68, 0], "{leases:?}");
-        });
-    }
-
-    #[test]
-    fn a_subnet_the_host_uses_is_refused_and_nothing_is_left_behind() {
-        in_network_namespace(|| {
-            let dir = tempfile::tempdir().unwrap();
-            let networks = open(dir.path());
-            netlink::create_bridge("hostbr", [2, 0, 0, 0, 0, 9]).unwrap();
-            netlink::add_ipv4_address("hostbr", "10.67.1.1".parse().unwrap(), 16).unwrap();
-            networks
-                .define(definition("lab", "isolated", "ferrotest1", "10.67.5.0/24"))
-                .unwrap();
-            let err = networks.start("lab").unwrap_err();
-            assert_eq!(err.status, StatusCode::CONFLICT);
-            assert!(err.message.contains("hostbr has 10.67.1.1/16"), "{err:?}");
-            assert_eq!(netlink::link_index("ferrotest1").unwrap(), None);
-            assert_eq!(networks.info("lab").unwrap().state, NetworkState::Inactive);
-            assert!(!networks.run_dir("lab").exists());
-        });
-    }
-}
+mod host_tests;

@@ -1,9 +1,13 @@
 //! Virtual networks with real guests: two VMs whose root file systems are linked clones of one
-//! pool volume (the default guest's files, uploaded), on a nat network, get DHCP leases (listed by `ferro net leases`), resolve each other's names through
-//! the network's DNS and ping each other and the bridge; a VM on an isolated network reaches
-//! its own bridge but nothing behind the host. A daemon restart with both networks up
-//! duplicates nothing and the VMs stay connected; a network with VMs on it cannot be stopped;
-//! stopping the VMs removes their TAP devices and stopping the networks removes the rest.
+//! pool volume (the default guest's files, uploaded), on a nat network, get DHCP leases (listed
+//! by `ferro net leases`), resolve each other's names through the network's DNS and ping each
+//! other and the bridge; a VM on an isolated network reaches its own bridge but nothing behind
+//! the host. A hostile guest on the nat network, started first, gets nothing through once it
+//! takes another address or MAC, and then runs a DHCP server of its own: the well-behaved VMs
+//! started after it still get their leases (and DNS) from the network, and the bridge's filter
+//! counted what it dropped. A daemon restart with both networks up duplicates nothing and the
+//! VMs stay connected; a network with VMs on it cannot be stopped; stopping the VMs removes
+//! their TAP devices and stopping the networks removes the rest.
 
 use std::path::Path;
 use std::time::Duration;
@@ -21,7 +25,8 @@ const NETWORK_TIMEOUT: Duration = Duration::from_secs(180);
 
 /// The guest side, handed over gzipped and base64-encoded on the kernel command line. `$1` is
 /// the VM's role: `peer NAME` pings NAME by its DNS name; `iso ADDRESS` expects ADDRESS
-/// (behind the host) to be unreachable.
+/// (behind the host) to be unreachable; `spoof -` pings the bridge, then tries another address
+/// and another MAC (each must get nothing through), then serves DHCP itself.
 const GUEST_SCRIPT: &str = r#"
 # Root is the VM's own clone: what it writes there nobody else sees.
 grep -q ' / ext4' /proc/mounts || { echo NET-FAIL no root disk; exit 1; }
@@ -52,6 +57,25 @@ if [ "$1" = peer ]; then
         ping -c 1 -W 2 "$addr" >/dev/null && echo NET-PEER-ALIVE
         sleep 1
     done
+elif [ "$1" = spoof ]; then
+    ping -c 2 -W 3 "$gw" >/dev/null && echo NET-SPOOF-GOOD-OK
+    mine=$(ip addr show eth0 | awk '/inet /{print $2}')
+    mac=$(cat /sys/class/net/eth0/address)
+    readdress() { ip addr flush dev eth0; ip addr add "$1" dev eth0; ip route replace default via "$gw"; }
+    readdress 10.70.0.250/24
+    if ping -c 2 -W 2 "$gw" >/dev/null; then echo NET-SPOOF-IP-LEAK; else echo NET-SPOOF-IP-BLOCKED; fi
+    readdress "$mine"
+    remac() { ip link set eth0 down; ip link set eth0 address "$1"; ip link set eth0 up; ip neigh flush dev eth0; readdress "$mine"; }
+    remac 52:54:00:66:66:66
+    if ping -c 2 -W 2 "$gw" >/dev/null; then echo NET-SPOOF-MAC-LEAK; else echo NET-SPOOF-MAC-BLOCKED; fi
+    remac "$mac"
+    ping -c 2 -W 3 "$gw" >/dev/null && echo NET-SPOOF-BACK-OK
+    printf 'start 10.70.0.200\nend 10.70.0.210\ninterface eth0\nopt router 10.70.0.66\nopt dns 10.70.0.66\nlease_file /tmp/rogue.leases\n' > /tmp/rogue.conf
+    touch /tmp/rogue.leases
+    udhcpd -f /tmp/rogue.conf &
+    sleep 1
+    echo NET-ROGUE-DHCP-RUNNING
+    while true; do sleep 10; done
 else
     ping -c 2 -W 3 "$gw" >/dev/null && echo NET-ISO-GW-OK
     if ping -c 3 -W 2 "$2" >/dev/null; then echo NET-ISO-LEAK; else echo NET-ISO-BLOCKED; fi
@@ -77,7 +101,8 @@ fn define_network(d: &Daemon, text: &str, name: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// How many of the daemon's bridges, dnsmasq processes and nft tables of `network` exist.
+/// How many of the daemon's bridges, dnsmasq processes and nft tables (ip and bridge) of
+/// `network` exist.
 fn host_objects(network: &str, bridge: &str) -> (usize, usize, usize) {
     let bridges = usize::from(Path::new("/sys/class/net").join(bridge).exists());
     let needle = format!("networks/{network}.run/dnsmasq.conf");
@@ -94,7 +119,11 @@ fn host_objects(network: &str, bridge: &str) -> (usize, usize, usize) {
         .map(|o| {
             String::from_utf8_lossy(&o.stdout)
                 .lines()
-                .filter(|l| l.trim() == format!("table ip ferro_{network}"))
+                .filter(|l| {
+                    let l = l.trim();
+                    l == format!("table ip ferro_{network}")
+                        || l == format!("table bridge ferro_{network}")
+                })
                 .count()
         })
         .unwrap_or(0);
@@ -239,17 +268,33 @@ pub fn nat_and_isolated_networks() -> TestResult {
             "--linked",
         ])?;
     }
+    // The hostile guest first: its DHCP server runs before the others ask for leases.
+    d.ok(&[
+        "vol", "clone", "base.raw", "vd.qcow2", "--pool", "p", "--linked",
+    ])?;
+    define_vm(&d, "vd", "lab", "spoof", "-")?;
+    d.ok(&["vm", "start", "vd"])?;
+    d.wait_for_console("vd", "NET-SPOOF-GOOD-OK", 1, NETWORK_TIMEOUT)
+        .map_err(|e| format!("{e}\n{}", lab_state(&d)))?;
+    d.wait_for_console("vd", "NET-ROGUE-DHCP-RUNNING", 1, Duration::from_secs(90))?;
+    let spoofer = std::fs::read_to_string(d.console_log_path("vd")).unwrap_or_default();
+    for blocked in [
+        "NET-SPOOF-IP-BLOCKED",
+        "NET-SPOOF-MAC-BLOCKED",
+        "NET-SPOOF-BACK-OK",
+    ] {
+        check(spoofer.contains(blocked), || {
+            format!("the spoofing guest did not print {blocked}:\n{spoofer}")
+        })?;
+    }
+
     define_vm(&d, "va", "lab", "peer", "vb")?;
     define_vm(&d, "vb", "lab", "peer", "va")?;
     d.ok(&["vm", "start", "va"])?;
     d.ok(&["vm", "start", "vb"])?;
     for (vm, peer) in [("va", "vb"), ("vb", "va")] {
         d.wait_for_console(vm, "NET-PEER-PING-OK", 1, NETWORK_TIMEOUT)
-            .map_err(|e| {
-                let log = d.state_dir().join("networks/lab.run/dnsmasq.log");
-                let log = std::fs::read_to_string(log).unwrap_or_default();
-                format!("{e}\n(peer {peer}); dnsmasq said:\n{log}")
-            })?;
+            .map_err(|e| format!("{e}\n(peer {peer})\n{}", lab_state(&d)))?;
         d.wait_for_console(vm, "NET-GW-PING-OK", 1, Duration::from_secs(30))?;
         // Both wrote before their DHCP; each sees only its own file.
         d.wait_for_console(vm, "NET-END", 1, Duration::from_secs(30))?;
@@ -264,6 +309,7 @@ pub fn nat_and_isolated_networks() -> TestResult {
             format!("{vm} sees {files:?} on its root file system")
         })?;
     }
+    check_filter_counted(&d, "vd")?;
     let lab_leases = leases(&d, "lab")?;
     let mut va_ip = None;
     for vm in ["va", "vb"] {
@@ -290,7 +336,7 @@ pub fn nat_and_isolated_networks() -> TestResult {
 
     // A daemon restart finds everything again: nothing twice, the VMs still talk.
     let before = both_networks_on_host();
-    check(before == [(1, 1, 1), (1, 1, 1)], || {
+    check(before == [(1, 1, 2), (1, 1, 2)], || {
         format!("bridges, dnsmasqs, tables before the restart: {before:?}")
     })?;
     let alive_before = std::fs::read_to_string(d.console_log_path("va"))
@@ -302,7 +348,7 @@ pub fn nat_and_isolated_networks() -> TestResult {
     check(after == before, || {
         format!("after the restart: {after:?}, before: {before:?}")
     })?;
-    for vm in ["va", "vb", "vc"] {
+    for vm in ["va", "vb", "vc", "vd"] {
         wait_running(&d, vm)?;
     }
     d.wait_for_console(
@@ -316,10 +362,14 @@ pub fn nat_and_isolated_networks() -> TestResult {
     check(out.code != 0 && out.stderr.contains("running VMs"), || {
         format!("stopping a network in use: {out:?}")
     })?;
-    let taps: Vec<String> = ["va", "vb"]
-        .iter()
-        .map(|vm| api::daemon_api::network_tap_name(vm, 0))
-        .collect();
+    let mut taps = Vec::new();
+    for vm in ["va", "vb", "vd"] {
+        let id = vm_details(&d, vm)?
+            .definition
+            .id
+            .ok_or("a VM without an id")?;
+        taps.push(api::daemon_api::network_tap_name(id, 0));
+    }
     for tap in &taps {
         let master = std::fs::read_link(format!("/sys/class/net/{tap}/master"))
             .map_err(|e| format!("{tap}: {e}"))?;
@@ -327,7 +377,7 @@ pub fn nat_and_isolated_networks() -> TestResult {
             format!("{tap} is on {master:?}")
         })?;
     }
-    for vm in ["va", "vb", "vc"] {
+    for vm in ["va", "vb", "vc", "vd"] {
         d.ok(&["vm", "destroy", vm])?;
     }
     for tap in &taps {
@@ -346,4 +396,97 @@ pub fn nat_and_isolated_networks() -> TestResult {
         "a VM's write reached the base volume".into()
     })?;
     Ok(())
+}
+
+/// The bridge's filter of `vm`'s NIC on the nat network counted drops of another source MAC,
+/// of DHCP server traffic and of other addresses (the spoofing guest's attempts).
+fn check_filter_counted(d: &Daemon, vm: &str) -> TestResult {
+    let id = vm_details(d, vm)?
+        .definition
+        .id
+        .ok_or("a VM without an id")?;
+    let tap = api::daemon_api::network_tap_name(id, 0);
+    let out = std::process::Command::new("nft")
+        .args(["list", "table", "bridge", "ferro_lab"])
+        .output()
+        .map_err(|e| format!("nft: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    // `"fvNn0" : jump port_fvNn0`, then that chain's rules.
+    let chain = text
+        .split(&format!("\"{tap}\" : jump "))
+        .nth(1)
+        .and_then(|rest| {
+            rest.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .next()
+        })
+        .ok_or_else(|| format!("no chain for {tap} in:\n{text}"))?;
+    // The chain's rules: its lines up to the one closing it (sets in rules have braces too).
+    let rules: String = text
+        .split(&format!("chain {chain} {{"))
+        .nth(1)
+        .ok_or_else(|| format!("no chain {chain} in:\n{text}"))?
+        .lines()
+        .take_while(|l| l.trim() != "}")
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let counted = |needle: &str| {
+        rules
+            .lines()
+            .find(|l| l.contains(needle))
+            .and_then(|l| l.split("counter packets ").nth(1))
+            .and_then(|n| n.split_whitespace().next())
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    for (what, needle) in [
+        ("another MAC", "ether saddr !="),
+        ("DHCP server traffic", "udp sport 67"),
+    ] {
+        check(counted(needle) > 0, || {
+            format!("{vm}'s filter dropped no {what}:\n{rules}")
+        })?;
+    }
+    // Another address: its ARP (another sender address) or its packets (the last rule).
+    let last = rules
+        .lines()
+        .rev()
+        .find(|l| l.contains("counter packets"))
+        .and_then(|l| l.split("counter packets ").nth(1))
+        .and_then(|n| n.split_whitespace().next())
+        .and_then(|n| n.parse::<u64>().ok())
+        .unwrap_or(0);
+    check(counted("ether type arp") + last > 0, || {
+        format!("{vm}'s filter dropped nothing from another address:\n{rules}")
+    })
+}
+
+/// What the nat network looks like on the host, for a failure's message: dnsmasq's log and
+/// hosts, the nft rules with their counters, the bridge's ports.
+fn lab_state(d: &Daemon) -> String {
+    let run = d.state_dir().join("networks/lab.run");
+    let read = |name: &str| std::fs::read_to_string(run.join(name)).unwrap_or_default();
+    let command = |program: &str, args: &[&str]| {
+        std::process::Command::new(program)
+            .args(args)
+            .output()
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout).into_owned()
+                    + &String::from_utf8_lossy(&o.stderr)
+            })
+            .unwrap_or_else(|e| format!("{program}: {e}"))
+    };
+    format!(
+        "dnsmasq said:\n{}\ndhcp-hosts:\n{}\nports.json:\n{}\nnft:\n{}\nlinks:\n{}",
+        read("dnsmasq.log"),
+        read("dhcp-hosts"),
+        read("ports.json"),
+        command("nft", &["list", "ruleset"]),
+        std::fs::read_dir(format!("/sys/class/net/{NAT_BRIDGE}/brif"))
+            .map(|ports| ports
+                .flatten()
+                .map(|p| p.file_name().to_string_lossy().into_owned())
+                .collect::<Vec<_>>()
+                .join(" "))
+            .unwrap_or_else(|e| e.to_string()),
+    )
 }
