@@ -120,7 +120,8 @@ pub struct ImageOptions {
     /// format.
     pub format: Option<Format>,
     /// A directory backing files may come from besides the image's own directory (and the
-    /// directories below it); backing files there may also be block devices.
+    /// directories below it, which the image's own directory does not include); backing files
+    /// there may also be block devices.
     pub backing_dir: Option<PathBuf>,
 }
 
@@ -145,8 +146,9 @@ pub fn open(
 ///
 /// Every backing file must name its format in the header of the image above it (never
 /// probed: a guest could have written the backing file's first bytes) and must resolve, after
-/// symbolic links, to a regular file in the directory of `path` or below it, or to a file or
-/// block device under [`ImageOptions::backing_dir`].
+/// symbolic links, to a regular file in the directory of `path` itself (not a directory below
+/// it: an image in a home directory must not reach `.ssh/`), or to a file or block device
+/// under [`ImageOptions::backing_dir`].
 pub fn open_with(path: &Path, options: &ImageOptions) -> Result<Box<dyn DiskImage>, OpenError> {
     let canonical = |p: &Path| {
         p.canonicalize().map_err(|source| OpenError::Open {
@@ -171,7 +173,7 @@ pub fn open_with(path: &Path, options: &ImageOptions) -> Result<Box<dyn DiskImag
 struct Chain {
     /// The images above the one being opened (to detect loops).
     seen: HashSet<PathBuf>,
-    /// The top image's directory, canonical.
+    /// The top image's directory, canonical: backing files may be files in it, not below it.
     image_dir: PathBuf,
     /// [`ImageOptions::backing_dir`], canonical.
     backing_dir: Option<PathBuf>,
@@ -207,7 +209,8 @@ impl Chain {
             .backing_dir
             .as_ref()
             .is_some_and(|dir| resolved.starts_with(dir));
-        if !in_backing_dir && !resolved.starts_with(&self.image_dir) {
+        let in_image_dir = resolved.parent() == Some(self.image_dir.as_path());
+        if !in_backing_dir && !in_image_dir {
             return Err(OpenError::BackingOutside {
                 path: path.to_path_buf(),
                 backing: resolved,
@@ -388,6 +391,18 @@ mod tests {
             .write_at(0, &[VolatileSlice::from(&mut vmdk[..])])
             .unwrap_err();
         assert_eq!(err.kind(), ErrorKind::PermissionDenied, "{err}");
+        // An empty buffer in front changes nothing.
+        let (mut empty, mut magic) = (Vec::new(), b"QFI\xfb".to_vec());
+        let err = concurrent
+            .write_at(
+                0,
+                &[
+                    VolatileSlice::from(&mut empty[..]),
+                    VolatileSlice::from(&mut magic[..]),
+                ],
+            )
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::PermissionDenied, "{err}");
         // Anything else goes through: other bytes of sector 0, and the rest of the disk.
         write(&mut *probed, 0, b"\xeb\x63\x90MSDOS").unwrap();
         write(&mut *probed, 512, b"QFI\xfb\0\0\0\x03").unwrap();
@@ -400,6 +415,48 @@ mod tests {
         drop(raw);
         // ...and is never read as qcow2 unless its owner says so.
         assert!(open(&path, true, Some(Format::Raw)).is_ok());
+    }
+
+    #[test]
+    fn a_guest_changing_its_buffer_during_the_check_cannot_disguise_its_disk() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.img");
+        std::fs::write(&path, vec![0u8; 1 << 20]).unwrap();
+        let image = open(&path, false, None).unwrap();
+        let io = image.concurrent_io().unwrap();
+        let mem = Arc::new(GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 4096)]).unwrap());
+        // Another vCPU flips the buffer between the magic and zeroes as fast as it can.
+        let stop = Arc::new(AtomicBool::new(false));
+        let flipper = {
+            let (mem, stop) = (mem.clone(), stop.clone());
+            std::thread::spawn(move || {
+                for n in 0u64.. {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let bytes: &[u8] = if n % 2 == 0 { b"QFI\xfb" } else { b"\0\0\0\0" };
+                    mem.write_slice(bytes, GuestAddress(0)).unwrap();
+                }
+            })
+        };
+        let file = File::open(&path).unwrap();
+        let mut landed = None;
+        for attempt in 0..20_000 {
+            let slice = mem.get_slice(GuestAddress(0), 512).unwrap();
+            let _ = io.write_at(0, &[slice]);
+            let mut first = [0u8; 4];
+            std::os::unix::fs::FileExt::read_exact_at(&file, &mut first, 0).unwrap();
+            if &first == b"QFI\xfb" {
+                landed = Some(attempt);
+                break;
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        flipper.join().unwrap();
+        assert_eq!(landed, None, "the magic reached sector 0");
     }
 
     #[test]
@@ -453,16 +510,27 @@ mod tests {
                 opened => drop(opened.unwrap()),
             }
         }
-        // Below the image's directory, by relative or absolute name: fine.
-        overlay(&images.join("rel.qcow2"), "bases/base.raw", Some("raw"));
+        // In the image's own directory, by relative or absolute name: fine.
+        std::fs::write(images.join("base.raw"), vec![0u8; 1 << 20]).unwrap();
+        overlay(&images.join("rel.qcow2"), "base.raw", Some("raw"));
         open(&images.join("rel.qcow2"), false, Some(Format::Qcow2)).unwrap();
-        let absolute = images.join("bases/base.raw");
+        let absolute = images.join("base.raw");
         overlay(
             &images.join("abs.qcow2"),
             absolute.to_str().unwrap(),
             Some("raw"),
         );
         open(&images.join("abs.qcow2"), false, Some(Format::Qcow2)).unwrap();
+        // Below it (an image in a home directory naming .ssh/id_rsa): only with backing_dir.
+        overlay(&images.join("sub.qcow2"), "bases/base.raw", Some("raw"));
+        let err = open(&images.join("sub.qcow2"), false, None).err().unwrap();
+        assert!(matches!(err, OpenError::BackingOutside { .. }), "{err}");
+        let allowed = ImageOptions {
+            read_only: true,
+            format: Some(Format::Qcow2),
+            backing_dir: Some(images.join("bases")),
+        };
+        open_with(&images.join("sub.qcow2"), &allowed).unwrap();
         // A device in the directory is no backing file without backing_dir.
         let fifo = images.join("fifo");
         let c_path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();

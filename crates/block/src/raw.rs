@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use vm_memory::VolatileSlice;
 
-use crate::iov::{read_file_at, slices_len, write_file_at};
+use crate::iov::{read_file_at, slices_len, write_file_at, Slices};
 use crate::probe::{first_sector_after, refuse_disguise, PROBE_LEN};
 use crate::{Buffers, ConcurrentIo, DiskImage};
 
@@ -58,29 +58,67 @@ impl RawImage {
 }
 
 impl RawData {
-    /// Runs `change` (a write of `len` bytes at `offset` whose first bytes `head` gives) unless
-    /// the image was probed and the change would make it probe as another format.
-    fn guarded<T>(
-        &self,
-        offset: u64,
-        head: impl FnOnce(usize) -> Vec<u8>,
-        change: impl FnOnce() -> io::Result<T>,
-    ) -> io::Result<T> {
-        let Some(lock) = &self.probed else {
-            return change();
-        };
-        let Some(in_sector) = (PROBE_LEN as u64).checked_sub(offset).filter(|&n| n > 0) else {
-            return change();
-        };
-        let _held = lock.lock().unwrap_or_else(PoisonError::into_inner);
+    /// The lock a change at `offset` must hold while its effect on the first sector is checked
+    /// and made: `None` when the format was given, or the change starts past the probed bytes.
+    fn probe_guard(&self, offset: u64) -> Option<&Mutex<()>> {
+        self.probed.as_ref().filter(|_| offset < PROBE_LEN as u64)
+    }
+
+    /// Refuses a change that would put `head` (host bytes) at `offset` if the first sector
+    /// would then probe as another format. The caller holds [`RawData::probe_guard`].
+    fn check_first_sector(&self, offset: u64, head: &[u8]) -> io::Result<()> {
         let mut current = vec![0u8; PROBE_LEN];
         let read = self.file.read_at(&mut current, 0)?;
         current.truncate(read);
-        let after = first_sector_after(&current, offset, &head(in_sector as usize));
-        if let Some(refused) = refuse_disguise(&after) {
-            return Err(refused);
+        match refuse_disguise(&first_sector_after(&current, offset, head)) {
+            Some(refused) => Err(refused),
+            None => Ok(()),
         }
+    }
+
+    /// Runs `change`, which writes zeroes from `offset` on (`len` bytes), unless the image was
+    /// probed and the zeroes would make it probe as another format.
+    fn guarded_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        change: impl FnOnce() -> io::Result<()>,
+    ) -> io::Result<()> {
+        let Some(lock) = self.probe_guard(offset) else {
+            return change();
+        };
+        let _held = lock.lock().unwrap_or_else(PoisonError::into_inner);
+        let in_sector = (PROBE_LEN as u64 - offset).min(len) as usize;
+        self.check_first_sector(offset, &vec![0; in_sector])?;
         change()
+    }
+
+    /// Writes `buffers` (guest memory) at `offset` of a probed image, where it reaches the
+    /// first sector. The bytes for the first sector are copied once, checked and written from
+    /// that copy: checking guest memory and then writing from it would let another vCPU change
+    /// them in between.
+    fn write_guarded(
+        &self,
+        offset: u64,
+        buffers: Buffers<'_, '_>,
+        lock: &Mutex<()>,
+    ) -> io::Result<()> {
+        let _held = lock.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut rest = Slices::new(buffers);
+        let in_sector = (PROBE_LEN as u64 - offset).min(rest.len());
+        let mut head = Vec::new();
+        for piece in rest.take(in_sector)? {
+            let start = head.len();
+            head.resize(start + piece.len(), 0);
+            piece.copy_to(&mut head[start..]);
+        }
+        self.check_first_sector(offset, &head)?;
+        write_file_at(&self.file, offset, &[VolatileSlice::from(&mut head[..])])?;
+        if rest.is_empty() {
+            return Ok(());
+        }
+        let tail = rest.take(rest.len())?;
+        write_file_at(&self.file, offset + in_sector, &tail)
     }
 
     fn check_range(&self, offset: u64, len: u64) -> io::Result<()> {
@@ -104,36 +142,16 @@ impl ConcurrentIo for RawData {
     }
 
     fn write_at(&self, offset: u64, buffers: Buffers<'_, '_>) -> io::Result<()> {
-        let len = slices_len(buffers);
-        self.check_range(offset, len)?;
-        self.guarded(
-            offset,
-            |n| leading_bytes(buffers, n),
-            || write_file_at(&self.file, offset, buffers),
-        )
+        self.check_range(offset, slices_len(buffers))?;
+        match self.probe_guard(offset) {
+            Some(lock) => self.write_guarded(offset, buffers, lock),
+            None => write_file_at(&self.file, offset, buffers),
+        }
     }
 
     fn flush(&self) -> io::Result<()> {
         self.file.sync_data()
     }
-}
-
-/// The first `n` bytes (or all, if fewer) of `buffers`.
-fn leading_bytes(buffers: Buffers<'_, '_>, n: usize) -> Vec<u8> {
-    let mut bytes = Vec::with_capacity(n);
-    for slice in buffers {
-        let want = (n - bytes.len()).min(slice.len());
-        if want == 0 {
-            break;
-        }
-        let start = bytes.len();
-        bytes.resize(start + want, 0);
-        let Ok(part) = slice.subslice(0, want) else {
-            break;
-        };
-        part.copy_to(&mut bytes[start..]);
-    }
-    bytes
 }
 
 impl RawImage {
@@ -200,27 +218,19 @@ impl DiskImage for RawImage {
     fn discard(&mut self, offset: u64, len: u64) -> io::Result<()> {
         self.data.check_range(offset, len)?;
         let data = self.data.clone();
-        data.guarded(
-            offset,
-            |n| vec![0; n.min(len as usize)],
-            || {
-                self.fallocate(
-                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                    offset,
-                    len,
-                )
-            },
-        )
+        data.guarded_zeroes(offset, len, || {
+            self.fallocate(
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                offset,
+                len,
+            )
+        })
     }
 
     fn write_zeroes(&mut self, offset: u64, len: u64, may_unmap: bool) -> io::Result<()> {
         self.data.check_range(offset, len)?;
         let data = self.data.clone();
-        data.guarded(
-            offset,
-            |n| vec![0; n.min(len as usize)],
-            || self.zero_range(offset, len, may_unmap),
-        )
+        data.guarded_zeroes(offset, len, || self.zero_range(offset, len, may_unmap))
     }
 }
 

@@ -70,7 +70,7 @@ pub struct RunArgs {
     /// Give format: without it the image is probed from its first bytes (with a warning: a
     /// guest decides a raw disk's first bytes), and a probed raw disk refuses guest writes that
     /// would make it look like another format. A qcow2 image's backing files must name their
-    /// format and lie in the image's directory (or below it), or under backing_dir. Repeat for
+    /// format and lie in the image's own directory (not below it), or under backing_dir. Repeat for
     /// more disks; they appear as /dev/vda, /dev/vdb... in that order.
     #[arg(long, value_name = "OPTIONS")]
     disk: Vec<api::DiskConfig>,
