@@ -1,7 +1,7 @@
 //! The daemon's REST API (`ferro daemon`, `docs/api/daemon.openapi.json`): VM definitions as
 //! stored and sent, and the bodies of its responses. The CLI speaks it.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -252,7 +252,9 @@ impl DefinitionDisk {
         self.volume.as_deref().and_then(|v| v.split_once('/'))
     }
 
-    fn validate(&self) -> Result<(), String> {
+    /// `require_format`: a `path` disk needs a format (a new definition); a stored one from
+    /// before formats were required may lack it (its VM then cannot start).
+    fn validate(&self, require_format: bool) -> Result<(), String> {
         if let Some(queues) = self.num_queues {
             if !(1..=crate::vm_config::MAX_DISK_QUEUES).contains(&queues) {
                 return Err(format!(
@@ -270,7 +272,7 @@ impl DefinitionDisk {
             (Some(path), None) if !path.is_absolute() => {
                 Err(format!("the disk path {} must be absolute", path.display()))
             }
-            (Some(path), None) if self.format.is_none() => Err(format!(
+            (Some(path), None) if require_format && self.format.is_none() => Err(format!(
                 "the disk {} needs a format (format = \"raw\" or \"qcow2\"): Ferro does not \
                  guess it, since a guest can make a raw disk look like any format",
                 path.display()
@@ -398,9 +400,29 @@ impl VmDefinition {
 
     /// Checks everything that does not depend on the host's files.
     pub fn validate(&self) -> Result<(), String> {
+        self.validate_with(true)
+    }
+
+    /// Like [`VmDefinition::validate`], for a definition the daemon stored before disk
+    /// formats were required: a `path` disk may lack its format (the VM cannot start until it
+    /// has one).
+    pub fn validate_stored(&self) -> Result<(), String> {
+        self.validate_with(false)
+    }
+
+    /// The `path` disks without a format: such a VM cannot start (a definition stored before
+    /// formats were required, whose disk could not be probed safely).
+    pub fn disks_without_format(&self) -> impl Iterator<Item = &Path> {
+        self.disks
+            .iter()
+            .filter(|d| d.format.is_none())
+            .filter_map(|d| d.path.as_deref())
+    }
+
+    fn validate_with(&self, require_format: bool) -> Result<(), String> {
         check_name(&self.name)?;
         for disk in &self.disks {
-            disk.validate()?;
+            disk.validate(require_format)?;
         }
         if self.nets.len() > MAX_NICS {
             return Err(format!("a VM has at most {MAX_NICS} NICs"));
@@ -571,7 +593,6 @@ pub struct Event {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::path::Path;
 
     #[test]
     fn names() {

@@ -123,6 +123,18 @@ pub struct VolumeClone {
     pub linked: bool,
 }
 
+/// The header of a volume download that carries the volume's recorded format.
+pub const FORMAT_HEADER: &str = "ferro-volume-format";
+
+/// `PUT /api/v1/pools/POOL/volumes/VOLUME/format`: an administrator's word on a volume's
+/// format (for a volume whose format was never recorded, or was recorded wrongly).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeFormat {
+    /// `raw` or `qcow2`.
+    pub format: String,
+}
+
 /// `POST /api/v1/pools/POOL/volumes/VOLUME/resize`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

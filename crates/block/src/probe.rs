@@ -89,7 +89,7 @@ pub fn detect(file: &File) -> io::Result<Format> {
             io::ErrorKind::InvalidData,
             format!(
                 "it looks like a {name} image, which Ferro does not open: convert it with \
-                 `qemu-img convert -O qcow2`, or give format=raw if it is raw data"
+                 `qemu-img convert -O qcow2`, or, if it is raw data, say its format is raw"
             ),
         )),
     }

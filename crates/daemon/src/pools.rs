@@ -5,7 +5,7 @@
 //! Threading: called from the API's blocking tasks; one mutex over the pool table, held for
 //! table changes only (image work runs outside it).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
@@ -43,6 +43,27 @@ pub struct Pools {
     pools: Mutex<BTreeMap<String, PoolEntry>>,
     /// Full clones on their way to stable storage.
     write_back: WriteBack,
+    /// Volumes (pool, name) whose file or format record an operation is changing: one at a
+    /// time, so two uploads, an upload and a delete, or a clone and a create never interleave
+    /// their files and records.
+    claimed: Mutex<BTreeSet<(String, String)>>,
+}
+
+/// A claim on a volume name (see [`Pools::claimed`]), released when dropped.
+#[derive(Debug)]
+struct VolumeClaim<'a> {
+    pools: &'a Pools,
+    key: (String, String),
+}
+
+impl Drop for VolumeClaim<'_> {
+    fn drop(&mut self) {
+        self.pools
+            .claimed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.key);
+    }
 }
 
 fn not_found(name: &str) -> ApiError {
@@ -107,6 +128,8 @@ impl Pools {
                     let active = definition.autostart && definition.path.is_dir();
                     if active {
                         tidy_up(&definition.path);
+                        // No operation of this daemon can be under way yet.
+                        volume_format::tidy(&definition.path);
                     }
                     pools.insert(definition.name.clone(), PoolEntry { definition, active });
                 }
@@ -117,7 +140,31 @@ impl Pools {
             dir,
             pools: Mutex::new(pools),
             write_back: WriteBack::default(),
+            claimed: Mutex::new(BTreeSet::new()),
         })
+    }
+
+    /// Claims volume `name` of `pool` for an operation that changes its file or record; a
+    /// volume claimed already is busy (409).
+    fn claim(&self, pool: &str, name: &str) -> Result<VolumeClaim<'_>, ApiError> {
+        let key = (pool.to_string(), name.to_string());
+        let mut claimed = self.claimed.lock().unwrap_or_else(PoisonError::into_inner);
+        if !claimed.insert(key.clone()) {
+            return Err(ApiError::conflict(format!(
+                "volume {name} of pool {pool} is busy with another operation; try again when it \
+                 is done"
+            )));
+        }
+        Ok(VolumeClaim { pools: self, key })
+    }
+
+    /// Whether an operation is under way on a volume of `pool`.
+    fn pool_busy(&self, pool: &str) -> bool {
+        self.claimed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .any(|(p, _)| p == pool)
     }
 
     /// Waits until every full clone made so far is on stable storage (before the daemon exits).
@@ -210,6 +257,9 @@ impl Pools {
         std::fs::create_dir_all(&path)
             .map_err(|e| ApiError::conflict(format!("cannot use {}: {e}", path.display())))?;
         tidy_up(&path);
+        if !self.pool_busy(name) {
+            volume_format::tidy(&path);
+        }
         if let Some(entry) = self.lock().get_mut(name) {
             entry.active = true;
         }
@@ -217,6 +267,11 @@ impl Pools {
     }
 
     pub fn stop(&self, name: &str) -> Result<PoolInfo, ApiError> {
+        if self.pool_busy(name) {
+            return Err(ApiError::conflict(format!(
+                "pool {name} has a volume operation under way; stop it when that is done"
+            )));
+        }
         {
             let mut pools = self.lock();
             let entry = pools.get_mut(name).ok_or_else(|| not_found(name))?;
@@ -298,12 +353,18 @@ impl Pools {
         Ok((dir, names))
     }
 
-    /// Every volume of an active pool.
+    /// Every volume of an active pool; one that cannot be described is listed with what its
+    /// file shows (and the reason logged), not left out.
     pub fn volumes(&self, pool: &str) -> Result<Vec<VolumeInfo>, ApiError> {
         let (dir, names) = self.volume_names(pool)?;
         Ok(names
             .iter()
-            .filter_map(|name| volume_info(pool, &dir, name).ok())
+            .map(|name| {
+                volume_info(pool, &dir, name).unwrap_or_else(|e| {
+                    tracing::warn!("volume {name} of pool {pool}: {}", e.message);
+                    undescribed_volume(pool, &dir, name, "unknown")
+                })
+            })
             .collect())
     }
 
@@ -335,10 +396,57 @@ impl Pools {
                  storage); delete it and clone it again"
             )));
         }
-        let format = parse_format(Some(&volume.format))?;
+        let format = volume_format::format_of(&volume.path).map_err(format_error)?;
         let dir = self.active_dir(pool)?;
-        check_chain(pool, &dir, &volume.path, format).map_err(ApiError::conflict)?;
+        check_chain(pool, &dir, &volume.path, format, name).map_err(ApiError::conflict)?;
         Ok(volume)
+    }
+
+    /// Records `format` as volume `name`'s, an administrator's word for a volume whose format
+    /// was never recorded (or was recorded wrongly); `in_use` names a VM running or starting
+    /// with it, which refuses the change.
+    pub fn set_format(
+        &self,
+        pool: &str,
+        name: &str,
+        format: &str,
+        in_use: impl Fn(&Path) -> Option<String>,
+    ) -> Result<VolumeInfo, ApiError> {
+        let format = parse_format(Some(format))?;
+        let _claim = self.claim(pool, name)?;
+        let path = self.volume(pool, name)?.path;
+        if let Some(vm) = in_use(&path) {
+            return Err(ApiError::conflict(format!(
+                "VM {vm} is running with volume {name}; shut it down first"
+            )));
+        }
+        volume_format::confirm(&path, format).map_err(|e| ApiError::internal(chain(&e)))?;
+        tracing::info!(
+            "volume {name} of pool {pool} confirmed as {}",
+            format.name()
+        );
+        self.volume(pool, name)
+    }
+
+    /// Records the format a VM definition gives a volume that has no record yet (at daemon
+    /// start, before anything probes it): the definition's author said what it is.
+    pub fn seed_format(&self, pool: &str, name: &str, format: &str) {
+        let (Ok(format), Some(path)) =
+            (parse_format(Some(format)), self.volume_location(pool, name))
+        else {
+            return;
+        };
+        if !std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_file()) {
+            return;
+        }
+        match volume_format::seed(&path, format) {
+            Ok(true) => tracing::info!(
+                "volume {name} of pool {pool}: recorded as {} from a VM definition",
+                format.name()
+            ),
+            Ok(false) => {}
+            Err(e) => tracing::warn!("volume {name} of pool {pool}: {}", chain(&e)),
+        }
     }
 
     /// The path and recorded format of volume `name` of `pool`, for a VM's disk.
@@ -362,6 +470,7 @@ impl Pools {
         check_volume_name(&request.name)?;
         let dir = self.active_dir(pool)?;
         let format = parse_format(request.format.as_deref())?;
+        let _claim = self.claim(pool, &request.name)?;
         let path = dir.join(&request.name);
         if path.exists() {
             return Err(ApiError::conflict(format!(
@@ -443,11 +552,15 @@ impl Pools {
                 "volume {name} is a disk of VM {vm}"
             )));
         }
+        let _claim = self.claim(pool, name)?;
+        let inode = volume_format::inode_of(&volume.path);
         std::fs::remove_file(&volume.path).map_err(|e| {
             ApiError::internal(format!("cannot delete {}: {e}", volume.path.display()))
         })?;
         write_back::forget(&volume.path);
-        volume_format::forget(&volume.path);
+        if let Ok(inode) = inode {
+            volume_format::forget(&volume.path, inode);
+        }
         Ok(())
     }
 
@@ -496,6 +609,7 @@ impl Pools {
         }
         check_volume_name(&request.name)?;
         let dir = self.active_dir(pool)?;
+        let _claim = self.claim(pool, &request.name)?;
         let target = dir.join(&request.name);
         if target.exists() {
             return Err(ApiError::conflict(format!(
@@ -560,26 +674,26 @@ impl Pools {
     }
 
     /// Checks the uploaded file and puts it in place of the volume. Its format is `format`,
-    /// or, when the uploader did not say, what its first bytes say now, before any guest has
-    /// seen it; either way it is recorded, and never guessed again.
+    /// or, when the uploader did not say, what its first bytes say, if that cannot reach other
+    /// files (raw, or qcow2 without a backing file): a downloaded disk that a guest wrote must
+    /// come back with its format said. Refused while `in_use` names a VM running or starting
+    /// with the volume, or while another volume is an overlay of it.
     pub fn finish_upload(
         &self,
         pool: &str,
         name: &str,
         upload: &Path,
         format: Option<Format>,
+        in_use: impl Fn(&Path) -> Option<String>,
     ) -> Result<VolumeInfo, ApiError> {
         let checked = (|| {
-            let unusable =
-                |e: String| ApiError::bad_request(format!("the upload is not a usable image: {e}"));
+            let claim = self.claim(pool, name)?;
             let format = match format {
                 Some(format) => format,
-                None => {
-                    let file = std::fs::File::open(upload)
-                        .map_err(|e| ApiError::internal(format!("cannot read the upload: {e}")))?;
-                    block::open::detect(&file).map_err(|e| unusable(e.to_string()))?
-                }
+                None => upload_format(upload)?,
             };
+            let unusable =
+                |e: String| ApiError::bad_request(format!("the upload is not a usable image: {e}"));
             let info = manage::info(upload, Some(format)).map_err(|e| unusable(chain(&e)))?;
             if let Some(backing) = &info.backing_file {
                 if backing == name {
@@ -588,19 +702,28 @@ impl Pools {
                     )));
                 }
                 let dir = self.active_dir(pool)?;
-                check_chain(pool, &dir, upload, format).map_err(|e| {
+                check_chain(pool, &dir, upload, format, "the uploaded image").map_err(|e| {
                     ApiError::bad_request(format!("the uploaded image is refused: {e}"))
                 })?;
                 self.usable_volume(pool, backing)?;
             }
             let target = self.volume(pool, name)?.path;
-            partial::publish_over(upload, &target).map_err(|e| {
-                ApiError::internal(format!("cannot replace {}: {e}", target.display()))
-            })?;
+            self.check_replaceable(pool, name, &target, &in_use)?;
+            // Recorded before the upload takes the name, by its own inode.
+            volume_format::record(&target, upload, format)
+                .map_err(|e| ApiError::internal(chain(&e)))?;
+            let inode = volume_format::inode_of(upload).map_err(|e| ApiError::internal(chain(&e)));
+            if let Err(e) = partial::publish_over(upload, &target) {
+                volume_format::unrecord(&target, upload);
+                return Err(ApiError::internal(format!(
+                    "cannot replace {}: {e}",
+                    target.display()
+                )));
+            }
             // The volume is a new file now; a record of the old one could match a reused inode.
             write_back::forget(&target);
-            volume_format::record_replacement(&target, format)
-                .map_err(|e| ApiError::internal(chain(&e)))?;
+            volume_format::drop_others(&target, inode?);
+            drop(claim);
             Ok(())
         })();
         if checked.is_err() {
@@ -609,6 +732,47 @@ impl Pools {
         checked?;
         self.volume(pool, name)
     }
+
+    /// Refuses to replace volume `name` (at `path`) while a VM runs with it or another volume
+    /// is an overlay of it (whose contents would change under it).
+    fn check_replaceable(
+        &self,
+        pool: &str,
+        name: &str,
+        path: &Path,
+        in_use: &impl Fn(&Path) -> Option<String>,
+    ) -> Result<(), ApiError> {
+        if let Some(vm) = in_use(path) {
+            return Err(ApiError::conflict(format!(
+                "VM {vm} is running with volume {name}; shut it down first"
+            )));
+        }
+        if let Some(overlay) = self
+            .volumes(pool)?
+            .iter()
+            .find(|v| v.backing.as_deref() == Some(name))
+        {
+            return Err(ApiError::conflict(format!(
+                "volume {name} is the backing of {}, whose contents it would change; delete \
+                 that first",
+                overlay.name
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The format of an upload whose uploader did not give one: what its first bytes say, if
+/// that cannot reach other files.
+fn upload_format(upload: &Path) -> Result<Format, ApiError> {
+    let file = std::fs::File::open(upload)
+        .map_err(|e| ApiError::internal(format!("cannot read the upload: {e}")))?;
+    volume_format::trusted_probe(&file).map_err(|looks| {
+        ApiError::bad_request(format!(
+            "the upload {looks}: say its format with --format (format=raw|qcow2), since a disk a \
+             guest has written can look like anything"
+        ))
+    })
 }
 
 /// Snapshot operations on a volume; the caller has checked that no running VM uses it.
@@ -652,10 +816,17 @@ impl Pools {
     }
 }
 
-/// Describes volume `name` in `dir`.
+/// Describes volume `name` in `dir`; a volume whose format was never confirmed shows as
+/// `unknown`.
 fn volume_info(pool: &str, dir: &Path, name: &str) -> Result<VolumeInfo, ApiError> {
     let path = dir.join(name);
-    let format = volume_format::format_of(&path).map_err(format_error)?;
+    let format = match volume_format::format_of(&path) {
+        Ok(format) => format,
+        Err(volume_format::FormatError::Unconfirmed { .. }) => {
+            return Ok(undescribed_volume(pool, dir, name, "unknown"))
+        }
+        Err(e) => return Err(format_error(e)),
+    };
     let info = manage::info(&path, Some(format)).map_err(|e| ApiError::conflict(chain(&e)))?;
     let incomplete = write_back::is_incomplete(&path);
     Ok(VolumeInfo {
@@ -670,6 +841,23 @@ fn volume_info(pool: &str, dir: &Path, name: &str) -> Result<VolumeInfo, ApiErro
     })
 }
 
+/// What the file of volume `name` shows without reading it as an image.
+fn undescribed_volume(pool: &str, dir: &Path, name: &str, format: &str) -> VolumeInfo {
+    use std::os::unix::fs::MetadataExt;
+    let path = dir.join(name);
+    let metadata = std::fs::metadata(&path).ok();
+    VolumeInfo {
+        name: name.to_string(),
+        pool: pool.to_string(),
+        format: format.to_string(),
+        capacity_bytes: metadata.as_ref().map_or(0, |m| m.len()),
+        allocation_bytes: metadata.as_ref().map_or(0, |m| m.blocks() * 512),
+        backing: None,
+        incomplete: write_back::is_incomplete(&path),
+        path,
+    }
+}
+
 /// What an activated pool's directory needs after a daemon that died: its half-made volumes
 /// removed and its clones' write-back finished or reported.
 fn tidy_up(dir: &Path) {
@@ -680,24 +868,33 @@ fn tidy_up(dir: &Path) {
 
 fn format_error(e: FormatError) -> ApiError {
     match e {
-        FormatError::Unrecognized { .. } => ApiError::conflict(chain(&e)),
+        FormatError::Unconfirmed { .. } | FormatError::Damaged { .. } => {
+            ApiError::conflict(chain(&e))
+        }
         FormatError::Read { .. } | FormatError::Write { .. } => ApiError::internal(chain(&e)),
     }
 }
 
-/// Checks that the backing chain of the image at `path` (of `format`) stays in the pool
-/// directory `dir`: every backing file is named as a volume of the pool (no directory, no
-/// `..`, no absolute path), is a regular file (not a symbolic link or device), and is named
-/// with the format recorded for that volume. The message says what is wrong.
-fn check_chain(pool: &str, dir: &Path, path: &Path, format: Format) -> Result<(), String> {
-    let (mut path, mut format) = (path.to_path_buf(), format);
-    for _ in 0..=block::MAX_CHAIN_DEPTH {
+/// Checks that the backing chain of the image at `path` (of `format`; `label` names it in
+/// messages) stays in the pool directory `dir`: every backing file is named as a volume of
+/// the pool (no directory, no `..`, no absolute path), is a regular file (not a symbolic link
+/// or device), appears once, and is named with the format recorded for that volume. The
+/// message says what is wrong.
+fn check_chain(
+    pool: &str,
+    dir: &Path,
+    path: &Path,
+    format: Format,
+    label: &str,
+) -> Result<(), String> {
+    let (mut path, mut format, mut label) = (path.to_path_buf(), format, label.to_string());
+    let mut seen = BTreeSet::new();
+    loop {
         let info = manage::info(&path, Some(format)).map_err(|e| chain(&e))?;
         let Some(backing) = info.backing_file else {
             return Ok(());
         };
-        let named = path.file_name().unwrap_or_default().to_string_lossy();
-        let refused = |why: &str| format!("{named}'s backing file {backing:?} {why}");
+        let refused = |why: &str| format!("{label}'s backing file {backing:?} {why}");
         let backing_path = dir.join(&backing);
         let is_volume = check_volume_name(&backing).is_ok()
             && std::fs::symlink_metadata(&backing_path).is_ok_and(|m| m.file_type().is_file());
@@ -707,11 +904,16 @@ fn check_chain(pool: &str, dir: &Path, path: &Path, format: Format) -> Result<()
                  pool, named without a directory)"
             )));
         }
+        if !seen.insert(backing.clone()) || seen.len() > block::MAX_CHAIN_DEPTH {
+            return Err(refused(
+                "makes the backing chain loop (or deeper than 64 volumes)",
+            ));
+        }
         let declared = info.backing_format.ok_or_else(|| {
-            refused(&format!(
-                "is named without its format: record it with `qemu-img rebase -u -b {backing} \
-                 -F FORMAT {named}` before uploading"
-            ))
+            refused(
+                "is named without its format: record it in the image with `qemu-img rebase -u \
+                 -b BACKING -F raw|qcow2 FILE` on your copy before uploading",
+            )
         })?;
         let recorded = volume_format::format_of(&backing_path).map_err(|e| chain(&e))?;
         if declared != recorded.name() {
@@ -720,13 +922,8 @@ fn check_chain(pool: &str, dir: &Path, path: &Path, format: Format) -> Result<()
                 recorded.name()
             )));
         }
-        (path, format) = (backing_path, recorded);
+        (path, format, label) = (backing_path, recorded, format!("volume {backing}"));
     }
-    Err(format!(
-        "the backing chain of {} is deeper than {} volumes",
-        path.display(),
-        block::MAX_CHAIN_DEPTH
-    ))
 }
 
 /// How a full clone copies its source.
@@ -764,7 +961,8 @@ fn lock_source(source: &VolumeInfo) -> Result<LockedSource, ApiError> {
         ApiError::internal(format!("cannot read {}: {e}", source.path.display()))
     };
     let file = std::fs::File::open(&source.path).map_err(io)?;
-    let format = parse_format(Some(&source.format))?;
+    // The record of the file opened, not of whatever had the name when it was described.
+    let format = volume_format::format_of_open(&source.path, &file).map_err(format_error)?;
     let image =
         block::open(&source.path, true, Some(format)).map_err(|e| ApiError::conflict(chain(&e)))?;
     // An upload may have put another file in the volume's place between the two opens.
@@ -961,7 +1159,7 @@ mod tests {
         let len = std::fs::metadata(from).unwrap().len();
         let target = pools.upload_target("p", name, len).unwrap();
         std::fs::copy(from, &target).unwrap();
-        pools.finish_upload("p", name, &target, format)
+        pools.finish_upload("p", name, &target, format, |_| None)
     }
 
     #[test]
@@ -1058,7 +1256,7 @@ mod tests {
         for (i, (backing, format, why)) in refused.into_iter().enumerate() {
             let overlay = dir.path().join(format!("overlay{i}.qcow2"));
             qcow2_naming(&overlay, backing, format);
-            let err = upload(&pools, "top", &overlay, None).unwrap_err();
+            let err = upload(&pools, "top", &overlay, Some(Format::Qcow2)).unwrap_err();
             assert_eq!(
                 err.status,
                 StatusCode::BAD_REQUEST,
@@ -1068,15 +1266,85 @@ mod tests {
             assert!(err.message.contains(why), "{backing}: {}", err.message);
             assert_eq!(pools.volume("p", "top").unwrap().format, "raw");
         }
-        // A backing file named as the volume of the pool it is, with its format: fine.
+        // A backing file named as the volume of the pool it is, with its format: fine, once
+        // the uploader says it is qcow2 (a guest's raw disk, downloaded, can look like this).
         let overlay = dir.path().join("good.qcow2");
         qcow2_naming(&overlay, "base.raw", Some("raw"));
-        let top = upload(&pools, "top", &overlay, None).unwrap();
+        let err = upload(&pools, "top", &overlay, None).unwrap_err();
+        assert!(
+            err.message.contains("say its format with --format"),
+            "{}",
+            err.message
+        );
+        let top = upload(&pools, "top", &overlay, Some(Format::Qcow2)).unwrap();
         assert_eq!(
             (top.format.as_str(), top.backing.as_deref()),
             ("qcow2", Some("base.raw"))
         );
         assert!(pools.volume_for_vm("p", "top").is_ok());
+    }
+
+    #[test]
+    fn a_volume_in_use_or_busy_is_not_replaced() {
+        let (dir, pools) = setup();
+        create(&pools, "base.raw", Some("1M"), "raw", None).unwrap();
+        create(&pools, "top.qcow2", None, "qcow2", Some("base.raw")).unwrap();
+        let new = dir.path().join("new.raw");
+        std::fs::write(&new, vec![5u8; 1 << 20]).unwrap();
+        // The backing of an overlay: replacing it would change the overlay's contents.
+        let err = upload(&pools, "base.raw", &new, Some(Format::Raw)).unwrap_err();
+        assert!(
+            err.message.contains("is the backing of top.qcow2"),
+            "{}",
+            err.message
+        );
+        // A disk of a VM that runs.
+        let len = 1 << 20;
+        let target = pools.upload_target("p", "top.qcow2", len).unwrap();
+        std::fs::copy(&new, &target).unwrap();
+        let err = pools
+            .finish_upload("p", "top.qcow2", &target, Some(Format::Raw), |_| {
+                Some("web".into())
+            })
+            .unwrap_err();
+        assert!(err.message.contains("VM web is running"), "{}", err.message);
+        assert!(!target.exists(), "the refused upload is removed");
+        // Another operation on the same volume under way.
+        let claim = pools.claim("p", "top.qcow2").unwrap();
+        let err = upload(&pools, "top.qcow2", &new, Some(Format::Raw)).unwrap_err();
+        assert_eq!(err.status, StatusCode::CONFLICT);
+        assert!(err.message.contains("busy"), "{}", err.message);
+        let err = pools.stop("p").unwrap_err();
+        assert!(err.message.contains("under way"), "{}", err.message);
+        drop(claim);
+        assert_eq!(
+            upload(&pools, "top.qcow2", &new, Some(Format::Raw))
+                .unwrap()
+                .format,
+            "raw"
+        );
+    }
+
+    #[test]
+    fn a_clone_reads_the_format_of_the_file_it_copies() {
+        let (dir, pools) = setup();
+        let source = create(&pools, "src", Some("1M"), "raw", None).unwrap();
+        // Replaced behind the daemon's back by a qcow2 naming another volume: the record of
+        // the old file does not apply to it, and the new one is not trusted.
+        create(&pools, "other", Some("1M"), "raw", None).unwrap();
+        let evil = dir.path().join("evil");
+        qcow2_naming(&evil, "other", Some("raw"));
+        std::fs::rename(&evil, &source.path).unwrap();
+        let full = VolumeClone {
+            name: "copy".into(),
+            linked: false,
+        };
+        let err = pools.clone_volume("p", "src", &full).unwrap_err();
+        assert!(
+            err.message.contains("no recorded format"),
+            "{}",
+            err.message
+        );
     }
 
     #[test]
@@ -1086,6 +1354,23 @@ mod tests {
         std::fs::write(dir.path().join("secret"), vec![9u8; 1 << 20]).unwrap();
         // Put in the pool directory by hand (or by an older Ferro).
         qcow2_naming(&images.join("old.qcow2"), "../secret", Some("raw"));
+        // Never recorded, and a guest could have written that header: not trusted.
+        let err = pools.volume_for_vm("p", "old.qcow2").unwrap_err();
+        assert!(
+            err.message.contains("no recorded format"),
+            "{}",
+            err.message
+        );
+        assert_eq!(pools.volume("p", "old.qcow2").unwrap().format, "unknown");
+        assert!(pools
+            .volumes("p")
+            .unwrap()
+            .iter()
+            .any(|v| v.name == "old.qcow2"));
+        // Confirmed by an administrator, its chain still has to stay in the pool.
+        pools
+            .set_format("p", "old.qcow2", "qcow2", |_| None)
+            .unwrap();
         let err = pools.volume_for_vm("p", "old.qcow2").unwrap_err();
         assert!(
             err.message.contains("not a volume of pool p"),
@@ -1386,7 +1671,9 @@ mod tests {
         assert!(pools.volume("p", "v.raw").unwrap().incomplete);
         let upload = pools.upload_target("p", "v.raw", 1 << 20).unwrap();
         std::fs::write(&upload, vec![3u8; 1 << 20]).unwrap();
-        let replaced = pools.finish_upload("p", "v.raw", &upload, None).unwrap();
+        let replaced = pools
+            .finish_upload("p", "v.raw", &upload, None, |_| None)
+            .unwrap();
         assert!(!replaced.incomplete);
         assert!(
             !record.exists(),

@@ -6,7 +6,8 @@ use std::sync::Arc;
 
 use api::daemon_api::AutostartRequest;
 use api::pool_api::{
-    CloneEvent, PoolDefinition, SnapshotCreate, VolumeClone, VolumeCreate, VolumeResize,
+    CloneEvent, PoolDefinition, SnapshotCreate, VolumeClone, VolumeCreate, VolumeFormat,
+    VolumeResize,
 };
 use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, RawQuery};
@@ -53,6 +54,10 @@ pub fn routes() -> Router<App> {
             post(clone_volume),
         )
         .route(
+            "/api/v1/pools/{pool}/volumes/{volume}/format",
+            put(set_volume_format),
+        )
+        .route(
             "/api/v1/pools/{pool}/volumes/{volume}/data",
             get(download_volume)
                 .put(upload_volume)
@@ -72,15 +77,16 @@ pub fn routes() -> Router<App> {
         )
 }
 
-/// The volume's file, streamed.
+/// The volume's file, streamed, with its recorded format in `Ferro-Volume-Format` (an upload
+/// of the file gives it back with `?format=`).
 async fn download_volume(
     State(pools): State<Arc<Pools>>,
     UrlPath((pool, volume)): UrlPath<(String, String)>,
 ) -> ApiResult {
-    let path = tokio::task::spawn_blocking(move || pools.volume(&pool, &volume))
+    let info = tokio::task::spawn_blocking(move || pools.volume(&pool, &volume))
         .await
-        .map_err(|e| ApiError::internal(e.to_string()))??
-        .path;
+        .map_err(|e| ApiError::internal(e.to_string()))??;
+    let path = info.path;
     let mut file = tokio::fs::File::open(&path)
         .await
         .map_err(|e| ApiError::internal(format!("cannot open {}: {e}", path.display())))?;
@@ -106,6 +112,7 @@ async fn download_volume(
     Response::builder()
         .header("content-type", "application/octet-stream")
         .header("content-length", len)
+        .header(api::pool_api::FORMAT_HEADER, info.format)
         .body(Body::from_stream(ReceiverStream::new(rx)))
         .map_err(|e| ApiError::internal(e.to_string()))
 }
@@ -133,9 +140,9 @@ async fn upload_volume(
     let (p, v) = (pool.clone(), volume.clone());
     let target = tokio::task::spawn_blocking(move || {
         let path = pools.volume(&p, &v)?.path;
-        if let Some(vm) = vms.vm_writing(&path) {
+        if let Some(vm) = vms.vm_running_with(&path) {
             return Err(ApiError::conflict(format!(
-                "VM {vm} is running and writes volume {v}; shut it down first"
+                "VM {vm} is running with volume {v}; shut it down first"
             )));
         }
         pools.upload_target(&p, &v, len)
@@ -144,14 +151,16 @@ async fn upload_volume(
     .map_err(|e| ApiError::internal(e.to_string()))??;
     // Its own task: a client that hangs up ends the body stream with an error, and the partial
     // file is removed, instead of the handler being dropped halfway.
-    let pools = app.pools.clone();
+    let (pools, vms) = (app.pools.clone(), app.vms.clone());
     tokio::spawn(async move {
         if let Err(e) = receive(body, &target, len).await {
             let _ = tokio::fs::remove_file(&target).await;
             return Err(e);
         }
         blocking(StatusCode::OK, move || {
-            pools.finish_upload(&pool, &volume, &target, format)
+            pools.finish_upload(&pool, &volume, &target, format, |path| {
+                vms.vm_running_with(path)
+            })
         })
         .await
     })
@@ -345,6 +354,21 @@ async fn delete_volume(
     .await
     .map_err(|e| ApiError::internal(e.to_string()))??;
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn set_volume_format(
+    State(app): State<App>,
+    UrlPath((pool, volume)): UrlPath<(String, String)>,
+    body: Bytes,
+) -> ApiResult {
+    let request: VolumeFormat = parse_body(&body)?;
+    let (pools, vms) = (app.pools.clone(), app.vms.clone());
+    blocking(StatusCode::OK, move || {
+        pools.set_format(&pool, &volume, &request.format, |path| {
+            vms.vm_running_with(path)
+        })
+    })
+    .await
 }
 
 async fn resize_volume(

@@ -118,7 +118,7 @@ impl Store {
         let mut definition: VmDefinition =
             toml::from_str(&text).map_err(|e| invalid(e.message().to_string()))?;
         let migrated = record_disk_formats(&mut definition);
-        definition.validate().map_err(invalid)?;
+        definition.validate_stored().map_err(invalid)?;
         if definition.name != name {
             return Err(invalid(format!("names the VM {:?}", definition.name)));
         }
@@ -144,16 +144,21 @@ impl Store {
 }
 
 /// Gives the `path` disks of a definition written before formats were required the format
-/// their images have now, probed once (logged) and kept from then on; returns whether any
-/// disk changed. A disk whose image cannot be read keeps no format, and the definition is
-/// refused with the reason, to be fixed by hand.
+/// their images have now, where a guest's writes could not have made it (raw, or qcow2 with
+/// no backing file), recorded in the definition and kept from then on; returns whether any
+/// disk changed. A disk that looks like anything else (a qcow2 image naming a backing file,
+/// which its guest may have written) keeps no format, and its VM cannot start until its
+/// definition gives one.
 fn record_disk_formats(definition: &mut VmDefinition) -> bool {
     let mut changed = false;
     for disk in &mut definition.disks {
         let Some(path) = disk.path.as_ref().filter(|_| disk.format.is_none()) else {
             continue;
         };
-        match fs::File::open(path).and_then(|file| block::open::detect(&file)) {
+        let probed = fs::File::open(path)
+            .map_err(|e| format!("cannot be read ({e})"))
+            .and_then(|file| crate::volume_format::trusted_probe(&file));
+        match probed {
             Ok(format) => {
                 tracing::warn!(
                     "VM {}: disk {} had no format; probed once as {} and recorded in its \
@@ -165,9 +170,9 @@ fn record_disk_formats(definition: &mut VmDefinition) -> bool {
                 disk.format = Some(format.name().to_string());
                 changed = true;
             }
-            Err(e) => tracing::error!(
-                "VM {}: disk {} has no format and cannot be probed ({e}): add format = \"raw\" \
-                 or \"qcow2\" to its definition",
+            Err(looks) => tracing::error!(
+                "VM {}: disk {} has no format and {looks}: it cannot start until its \
+                 definition says format = \"raw\" or \"qcow2\"",
                 definition.name,
                 path.display()
             ),
@@ -259,38 +264,50 @@ mod tests {
         assert_eq!(store.load_definitions().0.len(), 1);
     }
 
+    /// A 1 MiB qcow2 image at `path`, naming `backing` (raw) if given.
+    fn qcow2(path: &Path, backing: Option<&str>) {
+        let file = fs::File::create(path).unwrap();
+        let options = block::qcow2::CreateOptions {
+            size: 1 << 20,
+            cluster_bits: 16,
+            backing: backing.map(|b| (b.to_string(), Some("raw".to_string()))),
+        };
+        block::qcow2::create(&file, &options).unwrap();
+    }
+
     #[test]
-    fn an_old_definition_gets_its_disk_formats_once() {
+    fn an_old_definition_gets_its_disk_formats_once_where_no_guest_could_fake_them() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let (raw, qcow2) = (dir.path().join("a.raw"), dir.path().join("b.qcow2"));
+        let raw = dir.path().join("a.raw");
+        let alone = dir.path().join("b.qcow2");
+        let overlay = dir.path().join("c.qcow2");
+        let missing = dir.path().join("d.img");
         fs::write(&raw, vec![0u8; 4096]).unwrap();
-        fs::write(&qcow2, b"QFI\xfb\0\0\0\x03").unwrap();
-        let text = format!(
-            "name = \"old\"\nkernel = \"/k\"\n[[disks]]\npath = {raw:?}\n[[disks]]\npath = {qcow2:?}\n"
-        );
+        qcow2(&alone, None);
+        qcow2(&overlay, Some("a.raw"));
+        let mut text = "name = \"old\"\nkernel = \"/k\"\n".to_string();
+        for disk in [&raw, &alone, &overlay, &missing] {
+            text += &format!("[[disks]]\npath = {disk:?}\n");
+        }
         fs::write(store.definition_path("old"), text).unwrap();
         let (loaded, errors) = store.load_definitions();
         assert!(errors.is_empty(), "{errors:?}");
         let formats: Vec<_> = loaded[0].disks.iter().map(|d| d.format.clone()).collect();
-        assert_eq!(formats, [Some("raw".into()), Some("qcow2".into())]);
+        // An overlay (maybe a guest's header in a raw disk) and an unreadable disk stay
+        // without: the VM is kept, and cannot start until its definition says.
+        assert_eq!(
+            formats,
+            [Some("raw".into()), Some("qcow2".into()), None, None]
+        );
+        let unset: Vec<_> = loaded[0].disks_without_format().collect();
+        assert_eq!(unset, [overlay.as_path(), missing.as_path()]);
         // Recorded in the file: what the guest writes later changes nothing.
-        fs::write(&raw, b"QFI\xfb\0\0\0\x03").unwrap();
+        qcow2(&raw, Some("b.qcow2"));
         let (loaded, _) = store.load_definitions();
         assert_eq!(loaded[0].disks[0].format.as_deref(), Some("raw"));
         let saved = fs::read_to_string(store.definition_path("old")).unwrap();
         assert!(saved.contains(r#"format = "raw""#), "{saved}");
-        // A disk that cannot be read is left to the user, with the reason.
-        fs::write(
-            store.definition_path("gone"),
-            "name = \"gone\"\nkernel = \"/k\"\n[[disks]]\npath = \"/nonexistent/d.img\"\n",
-        )
-        .unwrap();
-        let (_, errors) = store.load_definitions();
-        assert!(
-            errors[0].to_string().contains("needs a format"),
-            "{errors:?}"
-        );
     }
 
     #[test]

@@ -100,6 +100,14 @@ impl Supervisor {
             tracing::error!("skipping a definition: {}", chain(&error));
         }
         give_ids(&store, &mut definitions);
+        // What definitions say of their volumes' formats, before anything probes a volume.
+        for definition in &definitions {
+            for disk in &definition.disks {
+                if let (Some((pool, volume)), Some(format)) = (disk.volume_ref(), &disk.format) {
+                    pools.seed_format(pool, volume, format);
+                }
+            }
+        }
         warn_of_shared_taps(&definitions);
         let vms = definitions
             .into_iter()
@@ -314,6 +322,16 @@ impl Supervisor {
             .map(|e| e.definition.name.clone())
     }
 
+    /// A VM that runs or is being started with `path` as a disk (in any mode), if any: its
+    /// file must not be replaced or its format changed under it.
+    pub fn vm_running_with(&self, path: &Path) -> Option<String> {
+        self.lock()
+            .values()
+            .filter(|e| e.runtime.is_some() || e.busy == Some("start"))
+            .find(|e| e.definition.disks.iter().any(|d| self.disk_is(d, path)))
+            .map(|e| e.definition.name.clone())
+    }
+
     /// The running VM that may write `path`, if any.
     pub fn vm_writing(&self, path: &Path) -> Option<String> {
         self.lock()
@@ -328,8 +346,17 @@ impl Supervisor {
             .map(|e| e.definition.name.clone())
     }
 
-    /// The VMM configuration of `definition`, its volumes resolved to their paths.
+    /// The VMM configuration of `definition`, its volumes resolved to their paths and
+    /// recorded formats; a `path` disk without a format (an old definition) is refused.
     fn resolve(&self, definition: &VmDefinition) -> Result<VmConfig, String> {
+        if let Some(path) = definition.disks_without_format().next() {
+            return Err(format!(
+                "the disk {} has no format, and Ferro does not guess one: define the VM again \
+                 with format = \"raw\" or \"qcow2\" on that disk (ferro vm undefine, then \
+                 ferro vm define)",
+                path.display()
+            ));
+        }
         definition.vm_config(|pool, volume| {
             self.pools
                 .volume_for_vm(pool, volume)

@@ -107,6 +107,20 @@ enum VolCommand {
         #[arg(long)]
         pool: String,
     },
+    /// Record a volume's format: for a volume whose format was never recorded (made by an
+    /// older Ferro, or copied into the pool directory by hand) and that looks like something a
+    /// guest could have written (a qcow2 image naming a backing file), or one recorded wrongly.
+    /// Refused while a VM runs with it.
+    SetFormat {
+        /// The volume.
+        name: String,
+        /// Its format: raw or qcow2.
+        #[arg(value_parser = ["raw", "qcow2"])]
+        format: String,
+        /// The pool holding the volume.
+        #[arg(long)]
+        pool: String,
+    },
     /// Delete a volume (refused while a VM or another volume uses it).
     Delete {
         name: String,
@@ -378,7 +392,14 @@ fn print_volume(v: &VolumeInfo) {
     println!("Name:       {}", v.name);
     println!("Pool:       {}", v.pool);
     println!("Path:       {}", v.path.display());
-    println!("Format:     {}", v.format);
+    match v.format.as_str() {
+        "unknown" => println!(
+            "Format:     unknown (never recorded, and it may be a guest's work: set it with \
+             `ferro vol set-format {} raw|qcow2 --pool {}`)",
+            v.name, v.pool
+        ),
+        format => println!("Format:     {format}"),
+    }
     println!("Capacity:   {}", human(v.capacity_bytes));
     println!("Allocation: {}", human(v.allocation_bytes));
     if let Some(backing) = &v.backing {
@@ -442,6 +463,17 @@ fn vol_command(c: &Client, command: VolCommand) -> Outcome {
                 Some(body(&VolumeResize { size })?),
             )?;
             println!("volume {name} resized to {size}");
+        }
+        VolCommand::SetFormat { name, format, pool } => {
+            call(
+                c,
+                "PUT",
+                &paths::volume_action(&pool, &name, "format"),
+                Some(body(&api::pool_api::VolumeFormat {
+                    format: format.clone(),
+                })?),
+            )?;
+            println!("volume {name} of pool {pool} is {format}");
         }
         VolCommand::Delete { name, pool } => {
             call(c, "DELETE", &paths::volume(&pool, &name), None)?;
@@ -652,7 +684,15 @@ fn download(c: &Client, pool: &str, name: &str, file: &PathBuf, json: bool) -> O
         return Err(Failure(1, format!("download failed: {e}")));
     }
     if !json {
-        println!("volume {name} of pool {pool} saved to {}", file.display());
+        // Its format goes with it: an upload must say it again.
+        let format = call(c, "GET", &paths::volume(pool, name), None)
+            .and_then(|b| decode::<VolumeInfo>(&b))
+            .map(|v| v.format)
+            .unwrap_or_else(|_| "raw|qcow2".into());
+        println!(
+            "volume {name} of pool {pool} ({format}) saved to {}; upload it with --format {format}",
+            file.display()
+        );
     }
     Ok(())
 }

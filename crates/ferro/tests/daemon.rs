@@ -952,6 +952,8 @@ fn pools_and_volumes_through_the_cli() {
             evil.to_str().unwrap(),
             "--pool",
             "p",
+            "--format",
+            "qcow2",
         ],
         2,
         "is not a volume of pool p",
@@ -1032,6 +1034,93 @@ fn hidden_ending(dir: &Path, suffix: &str) -> Vec<String> {
         // Volumes' format records stay with their volumes.
         .filter(|name| !name.ends_with(".format"))
         .collect()
+}
+
+#[test]
+fn a_volume_of_unknown_format_waits_for_its_owner() {
+    if !kvm_tests_enabled() {
+        return;
+    }
+    let d = Daemon::start();
+    let images = d.dir.path().join("images");
+    let pool_file = d.dir.path().join("pool.toml");
+    let text = format!("name = \"p\"\npath = \"{}\"\n", images.display());
+    std::fs::write(&pool_file, text).unwrap();
+    d.ok(&["pool", "define", pool_file.to_str().unwrap()]);
+    d.ok(&["pool", "start", "p"]);
+    d.ok(&[
+        "vol", "create", "base.raw", "--pool", "p", "--size", "8M", "--format", "raw",
+    ]);
+    // Copied into the pool by hand: a qcow2 overlay, which could be a guest's raw disk.
+    let legacy = images.join("legacy.qcow2");
+    let created = std::process::Command::new(ferro())
+        .args(["img", "create", "-b", "base.raw", "-F", "raw"])
+        .arg(&legacy)
+        .output()
+        .unwrap();
+    assert!(created.status.success(), "{created:?}");
+    let info = d.ok(&["vol", "info", "legacy.qcow2", "--pool", "p"]);
+    assert!(
+        info.contains("unknown") && info.contains("vol set-format"),
+        "{info}"
+    );
+    let listed = d.call("GET", &api::pool_api::paths::volumes("p"), None);
+    assert_eq!(listed.status, 200);
+    let vm = d.definition("user", "[[disks]]\nvolume = \"p/legacy.qcow2\"\n");
+    d.fails(
+        &["vm", "define", vm.to_str().unwrap()],
+        2,
+        "no recorded format",
+    );
+    let format_path = api::pool_api::paths::volume_action("p", "legacy.qcow2", "format");
+    assert_eq!(
+        d.call("PUT", &format_path, Some(b"{\"format\": \"vmdk\"}"))
+            .status,
+        400
+    );
+    d.ok(&["vol", "set-format", "legacy.qcow2", "qcow2", "--pool", "p"]);
+    let confirmed = d.call("PUT", &format_path, Some(b"{\"format\": \"qcow2\"}"));
+    assert_eq!(confirmed.status, 200);
+    d.ok(&["vm", "define", vm.to_str().unwrap()]);
+    // A download says the format it must come back with; the volume is an overlay's base now.
+    let saved = d.dir.path().join("saved.qcow2");
+    let out = d.ok(&[
+        "vol",
+        "download",
+        "legacy.qcow2",
+        saved.to_str().unwrap(),
+        "--pool",
+        "p",
+    ]);
+    assert!(out.contains("--format qcow2"), "{out}");
+    d.fails(
+        &[
+            "vol",
+            "upload",
+            "base.raw",
+            saved.to_str().unwrap(),
+            "--pool",
+            "p",
+        ],
+        2,
+        "say its format with --format",
+    );
+    let raw = d.dir.path().join("new.raw");
+    std::fs::write(&raw, vec![1u8; 1 << 20]).unwrap();
+    d.fails(
+        &[
+            "vol",
+            "upload",
+            "base.raw",
+            raw.to_str().unwrap(),
+            "--pool",
+            "p",
+            "--format",
+            "raw",
+        ],
+        4,
+        "is the backing of legacy.qcow2",
+    );
 }
 
 #[test]
