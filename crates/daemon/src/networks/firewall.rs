@@ -1,20 +1,27 @@
-//! nftables rules of nat and isolated networks, two tables per network, both `ferro_NAME`:
+//! nftables rules of nat and isolated networks, two tables per network, both `ferro-NAME`
+//! (network names are letters, digits, '-', '_' and '.', which nft takes as one identifier, so
+//! two networks never share a table):
 //! - `ip`: nat: traffic from the subnet leaving it is masqueraded; the bridge forwards what its
 //!   VMs send out and the replies, nothing that starts outside; isolated: nothing is forwarded
 //!   to or from the bridge. Both: guests reach the host itself only for DHCP, DNS and ping on
-//!   the bridge's address (and replies to what the host started).
-//! - `bridge`: what each VM's TAP device may send into the bridge, as libvirt's clean-traffic
-//!   filter has it: only its own MAC as source (ARP's sender included), only its reserved
-//!   address (or 0.0.0.0 for a DHCP request), no DHCP server traffic, DHCP requests only for its
-//!   own MAC, nothing but ARP and IPv4. A bridge-family hook sees the frames of every bridge of
-//!   the host, so the table judges only the ports it lists (each a VM's TAP, listed before its
-//!   VMM runs): other networks' ports and bridges that are not Ferro's pass untouched.
+//!   the bridge's address (and replies to what the host started). Traffic between two ports of
+//!   the bridge is accepted first: where `br_netfilter` is loaded (Docker loads it) bridged
+//!   frames cross this hook too, and guests of one network may talk to each other.
+//! - `netdev`: one ingress chain per VM's TAP device, on the device itself, as libvirt's
+//!   clean-traffic filter has it: only its own MAC as source (ARP's sender included), only its
+//!   reserved address (or 0.0.0.0 for a DHCP request), no DHCP server traffic (from port 67,
+//!   to port 68, or a BOOTREPLY), DHCP requests only for its own MAC, nothing but ARP and IPv4.
+//!   The ingress hook sees every frame the guest sends before the bridge does, so frames a
+//!   bridge does not pass through its own hooks are judged too: those to the 802.1D
+//!   link-local group addresses (STP, LLDP, 802.1X), which it hands to the port device
+//!   itself, are dropped (an IPv4 packet sent to one would reach the host through the TAP,
+//!   past the `ip` table's rules for the bridge).
 //!
 //! Rules are loaded with `nft -f -` as one transaction that replaces a table, so starting a
-//! network twice (or after a daemon restart) never duplicates them. A VM's TAP that joins or
-//! leaves the bridge adds or removes its own chain and map entry in one transaction, leaving
-//! the other ports' rules (and counters) alone. Only validated names and addresses go into the
-//! rules, and no shell is involved.
+//! network twice (or after a daemon restart) never duplicates them, and a port that joins or
+//! leaves reloads the `netdev` table with the ports of that moment; a failed load leaves the
+//! previous rules in place. Only validated names and addresses go into the rules, and no shell
+//! is involved.
 //!
 //! Threading: blocking calls, made under the networks' lock.
 
@@ -38,9 +45,16 @@ pub enum FirewallError {
     Refused { table: String, message: String },
 }
 
-/// The table of network `name`. nft names are letters, digits and '_': other characters map
-/// to '_' and a short hash of the name keeps the result unique.
+/// The tables of network `name` (a validated network name: letters, digits, '-', '_', '.',
+/// starting with a letter or digit, which nft reads as one identifier after `ferro-`).
 pub fn table_name(name: &str) -> String {
+    format!("ferro-{name}")
+}
+
+/// The name older daemons gave the tables of network `name` (`ferro_` and the name with '_'
+/// for other characters, and a 16-bit hash when it had any: two networks could be given the
+/// same table). Removed when the network starts or stops.
+pub fn legacy_table_name(name: &str) -> String {
     let plain: String = name
         .chars()
         .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
@@ -66,7 +80,7 @@ pub fn ruleset(
     subnet: Subnet,
     ports: &[PortFilter<'_>],
 ) -> Option<String> {
-    Some(ip_ruleset(definition, subnet)? + &bridge_ruleset(definition, ports)?)
+    Some(ip_ruleset(definition, subnet)? + &ports_ruleset(definition, ports)?)
 }
 
 /// The ruleset that (re)creates the network's `ip` table.
@@ -89,6 +103,9 @@ fn ip_ruleset(definition: &NetworkDefinition, subnet: Subnet) -> Option<String> 
          \x20   drop\n\
          \x20 }}\n"
     );
+    // Guest to guest (bridged, seen here only under br_netfilter): already judged at each
+    // port's ingress.
+    let between_guests = format!("\x20   iifname \"{bridge}\" oifname \"{bridge}\" accept\n");
     let chains = match definition.mode {
         NetworkMode::Bridge => return None,
         NetworkMode::Nat => format!(
@@ -98,6 +115,7 @@ fn ip_ruleset(definition: &NetworkDefinition, subnet: Subnet) -> Option<String> 
              \x20 }}\n\
              \x20 chain forward {{\n\
              \x20   type filter hook forward priority filter; policy accept;\n\
+             {between_guests}\
              \x20   iifname \"{bridge}\" ip saddr {subnet} accept\n\
              \x20   oifname \"{bridge}\" ip daddr {subnet} ct state established,related accept\n\
              \x20   iifname \"{bridge}\" drop\n\
@@ -107,6 +125,7 @@ fn ip_ruleset(definition: &NetworkDefinition, subnet: Subnet) -> Option<String> 
         NetworkMode::Isolated => format!(
             "  chain forward {{\n\
              \x20   type filter hook forward priority filter; policy accept;\n\
+             {between_guests}\
              \x20   iifname \"{bridge}\" drop\n\
              \x20   oifname \"{bridge}\" drop\n\
              \x20 }}\n"
@@ -115,86 +134,29 @@ fn ip_ruleset(definition: &NetworkDefinition, subnet: Subnet) -> Option<String> 
     Some(replace_table("ip", &table, &(chains + &input)))
 }
 
-/// The ruleset that (re)creates the network's `bridge` table for `ports` (at the network's
-/// start, or a daemon's); None for bridge-mode networks. Frames from a port go through the
-/// verdict map `ports` to the port's own chain; frames from any other port (of any bridge: the
-/// hook is the whole host's) are not this table's to judge.
-pub fn bridge_ruleset(definition: &NetworkDefinition, ports: &[PortFilter<'_>]) -> Option<String> {
+/// The ruleset that (re)creates the network's `netdev` table with one ingress chain for each
+/// of `ports` (whose TAP devices must exist); None for bridge-mode networks.
+pub fn ports_ruleset(definition: &NetworkDefinition, ports: &[PortFilter<'_>]) -> Option<String> {
     if definition.mode == NetworkMode::Bridge {
         return None;
     }
     let table = table_name(&definition.name);
-    let elements: Vec<String> = ports.iter().map(|port| map_element(port.tap)).collect();
-    let elements = if elements.is_empty() {
-        String::new()
-    } else {
-        format!("    elements = {{ {} }}\n", elements.join(", "))
-    };
-    let mut chains = format!(
-        "  map ports {{\n\
-         \x20   type ifname : verdict\n\
-         {elements}\
-         \x20 }}\n\
-         \x20 chain from_ports {{\n\
-         \x20   type filter hook prerouting priority filter; policy accept;\n\
-         \x20   iifname vmap @ports\n\
-         \x20 }}\n"
-    );
+    let mut chains = String::new();
     for port in ports {
         chains += &format!(
-            "  chain {} {{\n{}  }}\n",
+            "  chain {} {{\n\
+             \x20   type filter hook ingress device \"{}\" priority filter; policy accept;\n\
+             {}\
+             \x20 }}\n",
             port_chain_name(port.tap),
+            port.tap,
             port_rules(port)
                 .iter()
                 .map(|rule| format!("    {rule}\n"))
                 .collect::<String>()
         );
     }
-    Some(replace_table("bridge", &table, &chains))
-}
-
-/// The transaction that gives a port joining the bridge its chain and map entry (replacing
-/// what a port of that name had); None for bridge-mode networks. Other ports' chains, and
-/// their counters, stay as they are.
-pub fn port_joined(definition: &NetworkDefinition, port: &PortFilter<'_>) -> Option<String> {
-    if definition.mode == NetworkMode::Bridge {
-        return None;
-    }
-    let table = table_name(&definition.name);
-    let chain = port_chain_name(port.tap);
-    let mut text =
-        format!("add chain bridge {table} {chain}\nflush chain bridge {table} {chain}\n");
-    for rule in port_rules(port) {
-        text += &format!("add rule bridge {table} {chain} {rule}\n");
-    }
-    text += &format!(
-        "add element bridge {table} ports {{ {} }}\n",
-        map_element(port.tap)
-    );
-    Some(text)
-}
-
-/// The transaction that takes a port leaving the bridge out of the map and removes its chain
-/// (each added first, so that it works whether or not they exist); None for bridge-mode
-/// networks.
-pub fn port_left(definition: &NetworkDefinition, tap: &str) -> Option<String> {
-    if definition.mode == NetworkMode::Bridge {
-        return None;
-    }
-    let table = table_name(&definition.name);
-    let chain = port_chain_name(tap);
-    Some(format!(
-        "add chain bridge {table} {chain}\n\
-         add element bridge {table} ports {{ {element} }}\n\
-         delete element bridge {table} ports {{ \"{tap}\" }}\n\
-         flush chain bridge {table} {chain}\n\
-         delete chain bridge {table} {chain}\n",
-        element = map_element(tap)
-    ))
-}
-
-fn map_element(tap: &str) -> String {
-    format!("\"{tap}\" : jump {}", port_chain_name(tap))
+    Some(replace_table("netdev", &table, &chains))
 }
 
 /// The chain of a port: `port_` and its name, with '_' for what nft identifiers cannot hold
@@ -208,19 +170,26 @@ fn port_chain_name(tap: &str) -> String {
 }
 
 /// What one port may send, in order; the last rule drops the rest. Drops are counted:
-/// `nft list table bridge ferro_NAME` shows what each VM tried.
-fn port_rules(port: &PortFilter<'_>) -> [String; 8] {
+/// `nft list table netdev ferro-NAME` shows what each VM tried.
+fn port_rules(port: &PortFilter<'_>) -> [String; 11] {
     let PortFilter { mac, ip, .. } = port;
-    // DHCP's client hardware address: 28 bytes into the message, after the 8-byte UDP header.
+    // DHCP's client hardware address: 28 bytes into the message, after the 8-byte UDP header;
+    // its first byte is the operation (1: request, 2: reply).
     let chaddr = format!("0x{}", mac.to_string().replace(':', ""));
     [
         format!("ether saddr != {mac} counter drop"),
+        // IEEE 802.1D link-local group addresses (STP, pause, LLDP, 802.1X): a bridge hands
+        // these to the port device itself, past the bridge's rules and the host's
+        // `iifname BRIDGE` ones.
+        "ether daddr & ff:ff:ff:ff:ff:f0 == 01:80:c2:00:00:00 counter drop".into(),
         format!(
             "arp htype 1 arp ptype ip arp hlen 6 arp plen 4 arp saddr ether {mac} \
              arp saddr ip {{ {ip}, 0.0.0.0 }} accept"
         ),
         "ether type arp counter drop".into(),
         "udp sport 67 counter drop".into(),
+        "udp dport 68 counter drop".into(),
+        "udp dport 67 @th,64,8 != 1 counter drop".into(),
         format!("udp dport 67 @th,288,48 != {chaddr} counter drop"),
         "ip saddr 0.0.0.0 ip daddr 255.255.255.255 udp sport 68 udp dport 67 accept".into(),
         format!("ip saddr {ip} accept"),
@@ -241,7 +210,7 @@ pub fn apply(nft: &str, table: &str, rules: &str) -> Result<(), FirewallError> {
     run(nft, &["-f", "-"], Some(rules)).map_err(|e| e.for_table(table))
 }
 
-/// Removes both tables of a network, those that exist.
+/// Removes the tables named `table` of every family Ferro used, those that exist.
 pub fn remove(nft: &str, table: &str) -> Result<(), FirewallError> {
     for family in FAMILIES {
         if exists_in(nft, family, table) {
@@ -251,8 +220,8 @@ pub fn remove(nft: &str, table: &str) -> Result<(), FirewallError> {
     Ok(())
 }
 
-/// The families of a network's tables.
-const FAMILIES: [&str; 2] = ["ip", "bridge"];
+/// The families of a network's tables (`bridge`: older daemons' port filters).
+const FAMILIES: [&str; 3] = ["ip", "netdev", "bridge"];
 
 /// Whether table `family table` is loaded.
 pub fn exists_in(nft: &str, family: &str, table: &str) -> bool {
@@ -317,12 +286,15 @@ mod tests {
     }
 
     #[test]
-    fn table_names_are_nft_identifiers_and_unique() {
-        assert_eq!(table_name("default"), "ferro_default");
-        let (a, b) = (table_name("lab-1"), table_name("lab_1"));
-        assert!(a.starts_with("ferro_lab_1_"), "{a}");
-        assert_ne!(a, b);
-        assert!(a.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'));
+    fn table_names_are_the_network_names() {
+        assert_eq!(table_name("default"), "ferro-default");
+        // Older daemons' names mapped '-' to '_' with a 16-bit hash: "lab_1_XXXX" could be
+        // named to get "lab-1"'s table. Today's names are the network names themselves.
+        let old = legacy_table_name("lab-1");
+        assert!(old.starts_with("ferro_lab_1_"), "{old}");
+        let squatter = old.trim_start_matches("ferro_");
+        assert_ne!(table_name(squatter), table_name("lab-1"));
+        assert_eq!(legacy_table_name("default"), "ferro_default");
     }
 
     #[test]
@@ -339,6 +311,13 @@ mod tests {
         let rules = ruleset(&isolated, isolated.subnet().unwrap().unwrap(), &[]).unwrap();
         assert!(!rules.contains("masquerade"));
         assert!(rules.contains("iifname \"ferro-lab\" drop"));
+        // Under br_netfilter, guests of one network still reach each other: first rule.
+        let forward = rules.split("chain forward").nth(1).unwrap();
+        let first_rule = forward.lines().nth(2).unwrap().trim();
+        assert_eq!(
+            first_rule,
+            "iifname \"ferro-lab\" oifname \"ferro-lab\" accept"
+        );
     }
 
     fn ports() -> [PortFilter<'static>; 2] {
@@ -357,58 +336,39 @@ mod tests {
     }
 
     /// Each VM's TAP sends only its MAC and address (ARP's sender too), no DHCP server
-    /// traffic and DHCP requests only for its own MAC; ports the table does not list are not
-    /// judged.
+    /// traffic (from port 67, to port 68, or a BOOTREPLY) and DHCP requests only for its own
+    /// MAC; the filter sits on the device's ingress, ahead of the bridge.
     #[test]
     fn each_port_may_send_only_its_own_mac_and_address() {
         let d = definition("nat");
-        let rules = bridge_ruleset(&d, &ports()).unwrap();
+        let rules = ports_ruleset(&d, &ports()).unwrap();
         let table = table_name("lab-1");
         assert!(rules.starts_with(&format!(
-            "table bridge {table} {{}}\ndelete table bridge {table}\ntable bridge {table} {{\n"
+            "table netdev {table} {{}}\ndelete table netdev {table}\ntable netdev {table} {{\n"
         )));
-        let expected = "  map ports {\n\
-             \x20   type ifname : verdict\n\
-             \x20   elements = { \"fv1n0\" : jump port_fv1n0, \"fv2n0\" : jump port_fv2n0 }\n\
-             \x20 }\n\
-             \x20 chain from_ports {\n\
-             \x20   type filter hook prerouting priority filter; policy accept;\n\
-             \x20   iifname vmap @ports\n\
-             \x20 }\n\
-             \x20 chain port_fv1n0 {\n\
+        let expected = "  chain port_fv1n0 {\n\
+             \x20   type filter hook ingress device \"fv1n0\" priority filter; policy accept;\n\
              \x20   ether saddr != 52:54:00:00:00:01 counter drop\n\
+             \x20   ether daddr & ff:ff:ff:ff:ff:f0 == 01:80:c2:00:00:00 counter drop\n\
              \x20   arp htype 1 arp ptype ip arp hlen 6 arp plen 4 arp saddr ether 52:54:00:00:00:01 \
              arp saddr ip { 10.77.0.10, 0.0.0.0 } accept\n\
              \x20   ether type arp counter drop\n\
              \x20   udp sport 67 counter drop\n\
+             \x20   udp dport 68 counter drop\n\
+             \x20   udp dport 67 @th,64,8 != 1 counter drop\n\
              \x20   udp dport 67 @th,288,48 != 0x525400000001 counter drop\n\
              \x20   ip saddr 0.0.0.0 ip daddr 255.255.255.255 udp sport 68 udp dport 67 accept\n\
              \x20   ip saddr 10.77.0.10 accept\n\
              \x20   counter drop\n\
              \x20 }\n";
         assert!(rules.contains(expected), "{rules}");
+        assert!(rules.contains("device \"fv2n0\""));
         assert!(rules.contains("ip saddr 10.77.0.11 accept"));
-        // No ports: nothing to judge (other bridges' ports are not this table's).
-        let empty = bridge_ruleset(&d, &[]).unwrap();
-        assert!(empty.contains("iifname vmap @ports\n  }\n"), "{empty}");
-        assert!(!empty.contains("drop"), "{empty}");
-        assert!(!empty.contains("elements"));
-        // A port joins and leaves on its own.
-        let joined = port_joined(&d, &ports()[1]).unwrap();
-        assert!(joined.starts_with(&format!(
-            "add chain bridge {table} port_fv2n0\nflush chain bridge {table} port_fv2n0\n\
-             add rule bridge {table} port_fv2n0 ether saddr != 52:54:00:00:00:02 counter drop\n"
-        )));
-        assert!(joined.ends_with(&format!(
-            "add element bridge {table} ports {{ \"fv2n0\" : jump port_fv2n0 }}\n"
-        )));
-        let left = port_left(&d, "fv2n0").unwrap();
-        assert!(left.contains(&format!(
-            "delete element bridge {table} ports {{ \"fv2n0\" }}\n"
-        )));
-        assert!(left.ends_with(&format!("delete chain bridge {table} port_fv2n0\n")));
+        // No ports: an empty table.
+        let empty = ports_ruleset(&d, &[]).unwrap();
+        assert!(!empty.contains("chain"), "{empty}");
         // Guests reach the host only for DHCP, DNS and ping on the bridge's address.
-        let ip = ruleset(&d, d.subnet().unwrap().unwrap(), &ports()).unwrap();
+        let whole = ruleset(&d, d.subnet().unwrap().unwrap(), &ports()).unwrap();
         for rule in [
             "iifname \"ferro-lab\" jump from_guests",
             "ct state established,related accept",
@@ -416,15 +376,15 @@ mod tests {
             "ip daddr 10.77.0.1 meta l4proto { tcp, udp } th dport 53 accept",
             "ip daddr 10.77.0.1 icmp type echo-request accept",
         ] {
-            assert!(ip.contains(rule), "{rule} missing in {ip}");
+            assert!(whole.contains(rule), "{rule} missing in {whole}");
         }
         assert!(
-            ip.contains(&rules),
-            "the bridge table is part of the whole ruleset"
+            whole.contains(&rules),
+            "the port table is part of the whole ruleset"
         );
         let mut bridge_mode = d.clone();
         bridge_mode.mode = NetworkMode::Bridge;
-        assert_eq!(bridge_ruleset(&bridge_mode, &ports()), None);
+        assert_eq!(ports_ruleset(&bridge_mode, &ports()), None);
     }
 
     /// Loads the rules into a network namespace of this thread only, when nft and the right
@@ -437,51 +397,49 @@ mod tests {
             return;
         }
         crate::netlink::in_new_netns(move || {
-            let d = definition("nat");
-            let table = table_name(&d.name);
-            let rules = ruleset(&d, d.subnet().unwrap().unwrap(), &ports()).unwrap();
-            apply(nft, &table, &rules).unwrap();
-            apply(nft, &table, &rules).unwrap();
-            assert!(exists_in(nft, "ip", &table));
-            assert!(exists_in(nft, "bridge", &table));
-            let bridge = Command::new(nft)
-                .args(["list", "table", "bridge", &table])
-                .output()
-                .unwrap();
-            let text = String::from_utf8_lossy(&bridge.stdout);
-            assert_eq!(text.matches("chain port_").count(), 2, "{text}");
-            // Ports leave and join on their own; leaving twice is fine.
-            let bridge_table = |nft: &str| {
+            for port in ports() {
+                let made = Command::new("ip")
+                    .args(["tuntap", "add", "dev", port.tap, "mode", "tap"])
+                    .status()
+                    .unwrap();
+                assert!(made.success());
+            }
+            let list = |family: &str, table: &str| {
                 let out = Command::new(nft)
-                    .args(["list", "table", "bridge", &table])
+                    .args(["list", "table", family, table])
                     .output()
                     .unwrap();
                 String::from_utf8_lossy(&out.stdout).into_owned()
             };
-            apply(nft, &table, &port_left(&d, "fv2n0").unwrap()).unwrap();
-            apply(nft, &table, &port_left(&d, "fv2n0").unwrap()).unwrap();
-            let text = bridge_table(nft);
-            assert_eq!(text.matches("chain port_").count(), 1, "{text}");
-            assert!(!text.contains("fv2n0"), "{text}");
-            apply(nft, &table, &port_joined(&d, &ports()[1]).unwrap()).unwrap();
-            apply(nft, &table, &port_joined(&d, &ports()[1]).unwrap()).unwrap();
-            let text = bridge_table(nft);
-            assert_eq!(text.matches("chain port_").count(), 2, "{text}");
-            assert_eq!(
-                text.matches("ip saddr 10.77.0.11 accept").count(),
-                1,
-                "{text}"
-            );
-            let listing = Command::new(nft)
-                .args(["list", "table", "ip", &table])
-                .output()
-                .unwrap();
-            let text = String::from_utf8_lossy(&listing.stdout);
-            assert_eq!(text.matches("masquerade").count(), 1, "{text}");
-            remove(nft, &table).unwrap();
-            assert!(!exists_in(nft, "ip", &table));
-            assert!(!exists_in(nft, "bridge", &table));
-            remove(nft, &table).unwrap();
+            // Names with '-' and '.' (and an address-like tail) are one identifier to nft.
+            for name in ["lab-1", "a.b_c", "net-10.0.0.1"] {
+                let mut d = definition("nat");
+                d.name = name.into();
+                let table = table_name(&d.name);
+                let rules = ruleset(&d, d.subnet().unwrap().unwrap(), &ports()).unwrap();
+                apply(nft, &table, &rules).unwrap();
+                apply(nft, &table, &rules).unwrap();
+                assert!(exists_in(nft, "ip", &table), "{table}");
+                let text = list("netdev", &table);
+                assert_eq!(text.matches("chain port_").count(), 2, "{text}");
+                assert_eq!(list("ip", &table).matches("masquerade").count(), 1);
+                // A port leaves: the table is loaded again without it.
+                apply(nft, &table, &ports_ruleset(&d, &ports()[..1]).unwrap()).unwrap();
+                let text = list("netdev", &table);
+                assert_eq!(text.matches("chain port_").count(), 1, "{text}");
+                assert!(!text.contains("fv2n0"), "{text}");
+                remove(nft, &table).unwrap();
+                assert!(!exists_in(nft, "ip", &table));
+                assert!(!exists_in(nft, "netdev", &table));
+                remove(nft, &table).unwrap();
+            }
+            // A load that fails leaves the previous rules in place.
+            let d = definition("isolated");
+            let table = table_name(&d.name);
+            apply(nft, &table, &ports_ruleset(&d, &ports()).unwrap()).unwrap();
+            let broken = ports_ruleset(&d, &ports()[..1]).unwrap() + "nonsense\n";
+            assert!(apply(nft, &table, &broken).is_err());
+            assert!(list("netdev", &table).contains("fv2n0"));
             let err = apply(nft, "t", "table ip t { chain c { nonsense } }").unwrap_err();
             assert!(err.to_string().contains("Error:"), "{err}");
         });

@@ -124,7 +124,10 @@ pub fn bring_up(
     if definition.mode == NetworkMode::Nat {
         std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").map_err(HostError::Forwarding)?;
     }
-    if let Some(rules) = firewall::ruleset(definition, subnet, filters) {
+    let filters = present(filters)?;
+    if let Some(rules) = firewall::ruleset(definition, subnet, &filters) {
+        // Tables of older daemons (other names; port filters in the bridge family) go.
+        firewall::remove(&tools.nft, &firewall::legacy_table_name(&definition.name))?;
         firewall::apply(&tools.nft, &firewall::table_name(&definition.name), &rules)?;
     }
     let files = DnsmasqFiles::new(run_dir.into());
@@ -148,35 +151,54 @@ fn bridge_mac(network: &str) -> [u8; 6] {
     [0x02, hash[0], hash[1], hash[2], hash[3], hash[4]]
 }
 
-/// A VM's TAP device joined the bridge (`ports` has it): its filter first, then its DHCP
-/// entry, so it is filtered before it can get a lease.
+/// A VM's TAP device joined the bridge (`ports` and `filters` have it): the ports' filters
+/// first, then its DHCP entry, so it is filtered before it can get a lease. An error leaves
+/// the previous filters loaded.
 pub fn port_joined(
     definition: &NetworkDefinition,
     run_dir: &Path,
     ports: &[Port],
-    filter: &PortFilter<'_>,
+    filters: &[PortFilter<'_>],
 ) -> Result<(), HostError> {
-    if let Some(rules) = firewall::port_joined(definition, filter) {
-        let tools = Tools::find()?;
-        firewall::apply(&tools.nft, &firewall::table_name(&definition.name), &rules)?;
-    }
+    load_port_filters(definition, filters)?;
     write_hosts(definition, run_dir, ports)
 }
 
-/// A VM's TAP device `tap` left the bridge (`ports` no longer has it): its DHCP entry and its
-/// filter go.
+/// A VM's TAP device left the bridge (`ports` and `filters` no longer have it): its DHCP entry
+/// and its filter go.
 pub fn port_left(
     definition: &NetworkDefinition,
     run_dir: &Path,
     ports: &[Port],
-    tap: &str,
+    filters: &[PortFilter<'_>],
 ) -> Result<(), HostError> {
     let written = write_hosts(definition, run_dir, ports);
-    if let Some(rules) = firewall::port_left(definition, tap) {
+    load_port_filters(definition, filters)?;
+    written
+}
+
+/// Loads the network's `netdev` table with the filters of the ports whose devices exist.
+fn load_port_filters(
+    definition: &NetworkDefinition,
+    filters: &[PortFilter<'_>],
+) -> Result<(), HostError> {
+    if let Some(rules) = firewall::ports_ruleset(definition, &present(filters)?) {
         let tools = Tools::find()?;
         firewall::apply(&tools.nft, &firewall::table_name(&definition.name), &rules)?;
     }
-    written
+    Ok(())
+}
+
+/// The filters of ports whose TAP devices exist (an ingress chain needs its device; one
+/// removed behind the daemon's back has nothing left to filter).
+fn present<'a>(filters: &[PortFilter<'a>]) -> Result<Vec<PortFilter<'a>>, HostError> {
+    let mut kept = Vec::with_capacity(filters.len());
+    for filter in filters {
+        if netlink::link_named(filter.tap)?.is_some() {
+            kept.push(*filter);
+        }
+    }
+    Ok(kept)
 }
 
 /// Tells dnsmasq the network's DHCP hosts now.
@@ -203,8 +225,13 @@ pub fn tear_down(
     let files = DnsmasqFiles::new(run_dir.into());
     let mut result = dnsmasq::stop(&files).map_err(HostError::from);
     if let Some(tools) = tools {
-        let removed = firewall::remove(&tools.nft, &firewall::table_name(&definition.name));
-        result = result.and(removed.map_err(HostError::from));
+        for table in [
+            firewall::table_name(&definition.name),
+            firewall::legacy_table_name(&definition.name),
+        ] {
+            let removed = firewall::remove(&tools.nft, &table);
+            result = result.and(removed.map_err(HostError::from));
+        }
     }
     let removed = match bridge_ifindex {
         Some(index) => remove_link(&definition.bridge, index),

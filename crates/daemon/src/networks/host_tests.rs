@@ -110,7 +110,7 @@ fn a_nat_network_runs_stops_and_is_found_again() {
         let tools = Tools::find().unwrap();
         let table = firewall::table_name("lab");
         assert!(firewall::exists_in(&tools.nft, "ip", &table));
-        assert!(firewall::exists_in(&tools.nft, "bridge", &table));
+        assert!(firewall::exists_in(&tools.nft, "netdev", &table));
         let files = dnsmasq::DnsmasqFiles::new(networks.run_dir("lab"));
         let pid = dnsmasq::running(&files).expect("dnsmasq runs");
         assert_eq!(
@@ -137,12 +137,13 @@ fn a_nat_network_runs_stops_and_is_found_again() {
             rest.starts_with("10.66.0.") && rest.ends_with(",\"vm1\"\n"),
             "{hosts}"
         );
-        let bridge_rules = nft_table("bridge", &table);
+        let port_rules = nft_table("netdev", &table);
         assert!(
-            bridge_rules.contains("\"fvtest0\" : jump port_fvtest0"),
-            "{bridge_rules}"
+            port_rules
+                .contains("chain port_fvtest0 {\n\t\ttype filter hook ingress device \"fvtest0\""),
+            "{port_rules}"
         );
-        assert!(bridge_rules.contains("ether saddr != 52:54:00:00:00:42 counter packets"));
+        assert!(port_rules.contains("ether saddr != 52:54:00:00:00:42 counter packets"));
         // Another NIC with the same MAC on the network is refused.
         let twin = nic_with_tap(&nic, "fvtest1");
         let err = networks.attach("vm2", &[twin]).unwrap_err();
@@ -174,7 +175,7 @@ fn a_nat_network_runs_stops_and_is_found_again() {
         networks.reattach("vm1", &[]);
         assert_eq!(dnsmasq::running(&files), Some(pid));
         assert!(firewall::exists_in(&tools.nft, "ip", &table));
-        assert_eq!(nft_table("bridge", &table), bridge_rules);
+        assert_eq!(nft_table("netdev", &table), port_rules);
         assert_eq!(std::fs::read_to_string(files.hosts()).unwrap(), hosts);
         assert_eq!(networks.info("lab").unwrap().state, NetworkState::Active);
         assert_eq!(netlink::ipv4_addresses("ferrotest0").unwrap().len(), 1);
@@ -182,11 +183,11 @@ fn a_nat_network_runs_stops_and_is_found_again() {
         networks.detach("vm1");
         assert_eq!(netlink::link_index("fvtest0").unwrap(), None);
         assert_eq!(std::fs::read_to_string(files.hosts()).unwrap(), "");
-        assert!(!nft_table("bridge", &table).contains("fvtest0"));
+        assert!(!nft_table("netdev", &table).contains("fvtest0"));
         networks.stop("lab").unwrap();
         assert_eq!(netlink::link_index("ferrotest0").unwrap(), None);
         assert!(!firewall::exists_in(&tools.nft, "ip", &table));
-        assert!(!firewall::exists_in(&tools.nft, "bridge", &table));
+        assert!(!firewall::exists_in(&tools.nft, "netdev", &table));
         assert_eq!(dnsmasq::running(&files), None);
         assert!(networks.leases("lab").unwrap().is_empty());
         networks.undefine("lab").unwrap();
@@ -270,7 +271,7 @@ fn tap_devices_of_older_and_vanished_runs_are_sorted_out() {
             (legacy.as_str(), index)
         );
         let table = firewall::table_name("old");
-        assert!(nft_table("bridge", &table).contains(&format!("\"{legacy}\" : jump port_{legacy}")));
+        assert!(nft_table("netdev", &table).contains(&format!("device \"{legacy}\"")));
         let files = dnsmasq::DnsmasqFiles::new(networks.run_dir("old"));
         let hosts = std::fs::read_to_string(files.hosts()).unwrap();
         assert!(
@@ -662,6 +663,29 @@ fn check_spoofing(good: &Guest, evil: &Guest) -> String {
         evil.dev
     ));
 
+    // The host's services through the TAP itself: a bridge hands a frame to a link-local
+    // group address (here LLDP's) to the port device, not through the bridge, and the host
+    // takes an IPv4 packet in it (TCP would not: the frame is not PACKET_HOST; UDP does).
+    let host_udp = UdpSocket::bind("10.69.0.1:5556").unwrap();
+    host_udp
+        .set_read_timeout(Some(std::time::Duration::from_secs(1)))
+        .unwrap();
+    evil.run(&format!(
+        "ip neigh replace 10.69.0.1 lladdr 01:80:c2:00:00:0e dev {} nud permanent",
+        evil.dev
+    ));
+    let sender = evil.in_namespace(|| UdpSocket::bind("0.0.0.0:0")).unwrap();
+    for _ in 0..3 {
+        let _ = sender.send_to(b"link-local", "10.69.0.1:5556");
+    }
+    let mut buffer = [0u8; 16];
+    let received = host_udp.recv_from(&mut buffer);
+    expect(
+        received.is_err(),
+        &format!("a guest reached a host UDP service through a link-local frame: {received:?}"),
+    );
+    evil.run(&format!("ip neigh del 10.69.0.1 dev {}", evil.dev));
+
     // A DHCP server: what it sends from port 67 never reaches the other guest.
     let client = good.in_namespace(|| UdpSocket::bind("0.0.0.0:68")).unwrap();
     client
@@ -674,11 +698,25 @@ fn check_spoofing(good: &Guest, evil: &Guest) -> String {
         let _ = server.send_to(b"OFFER", ("10.69.0.255", 68));
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
-    let mut buffer = [0u8; 16];
     let received = client.recv_from(&mut buffer);
     expect(
         received.is_err(),
         &format!("a DHCP server reply from a guest reached another guest: {received:?}"),
+    );
+    // Nor from any other port: a client takes a BOOTREPLY to port 68 whatever its source.
+    let rogue = evil
+        .in_namespace(|| UdpSocket::bind("0.0.0.0:6767"))
+        .unwrap();
+    rogue.set_broadcast(true).unwrap();
+    for _ in 0..5 {
+        let _ = rogue.send_to(b"OFFER", (good_ip.as_str(), 68));
+        let _ = rogue.send_to(b"OFFER", ("10.69.0.255", 68));
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let received = client.recv_from(&mut buffer);
+    expect(
+        received.is_err(),
+        &format!("a DHCP reply from a guest's port 6767 reached another guest: {received:?}"),
     );
     drop(client);
     // And the well-behaved guest still renews its lease.

@@ -563,16 +563,12 @@ impl Networks {
             dns_name: nic.dns_name.clone(),
         });
         let joined = self.save_record(entry).and_then(|()| {
-            let Some(ip) = ip.filter(|_| entry.active) else {
+            if ip.is_none() || !entry.active {
                 return Ok(());
-            };
-            let filter = firewall::PortFilter {
-                tap: &nic.tap,
-                mac: nic.mac,
-                ip,
-            };
+            }
             let run_dir = self.run_dir(&entry.definition.name);
-            host_side::port_joined(&entry.definition, &run_dir, &entry.record.ports, &filter)
+            let filters = entry.port_filters();
+            host_side::port_joined(&entry.definition, &run_dir, &entry.record.ports, &filters)
                 .map_err(|e| host_error(&entry.definition.name, &e))
         });
         self.reindex(entries);
@@ -628,8 +624,9 @@ impl Networks {
         }
         if entry.active && entry.definition.mode != NetworkMode::Bridge {
             let run_dir = self.run_dir(network);
+            let filters = entry.port_filters();
             let left =
-                host_side::port_left(&entry.definition, &run_dir, &entry.record.ports, &port.tap);
+                host_side::port_left(&entry.definition, &run_dir, &entry.record.ports, &filters);
             if let Err(e) = left {
                 tracing::warn!("network {network}: {}", chain(&e));
             }
