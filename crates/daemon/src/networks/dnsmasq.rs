@@ -28,7 +28,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use api::net_api::{dns_host_name, Lease, NetworkDefinition, Subnet};
+use api::net_api::{dns_host_name, Lease, NetworkDefinition, NetworkMode, Subnet};
 use guest_log::LogLimits;
 
 use super::ports::Port;
@@ -127,6 +127,9 @@ pub fn config(definition: &NetworkDefinition, subnet: Subnet, files: &DnsmasqFil
         format!("dhcp-lease-max={}", u32::from(end) - u32::from(start) + 1),
         format!("dhcp-hostsfile={}", files.hosts().display()),
         "dhcp-ignore-names".into(),
+        // Leases by MAC alone: a guest sending another VM's client identifier must not take
+        // over (or release) that VM's lease.
+        "dhcp-ignore-clid".into(),
         format!("dhcp-leasefile={}", files.leases().display()),
         format!("domain={domain}"),
         format!("local=/{domain}/"),
@@ -135,7 +138,13 @@ pub fn config(definition: &NetworkDefinition, subnet: Subnet, files: &DnsmasqFil
         "domain-needed".into(),
         "expand-hosts".into(),
     ];
-    lines.join("\n") + "\n"
+    let mut text = lines.join("\n") + "\n";
+    if definition.mode == NetworkMode::Isolated {
+        // No upstream servers: an isolated network's guests resolve each other's names and
+        // nothing else, so DNS queries cannot carry data out of the network.
+        text += "no-resolv\nno-poll\n";
+    }
+    text
 }
 
 fn netmask(prefix: u8) -> Ipv4Addr {
@@ -147,15 +156,35 @@ fn netmask(prefix: u8) -> Ipv4Addr {
 /// field cannot be misread.
 pub fn hosts_file(definition: &NetworkDefinition, ports: &[Port]) -> String {
     let mut text = String::new();
+    let mut names = Vec::new();
     for host in &definition.hosts {
         text += &host_line(&host.mac.to_string(), Some(host.ip), Some(&host.name));
+        names.push(host.name.as_str());
     }
     for port in ports {
         if definition.hosts.iter().all(|h| h.mac != port.mac) {
-            text += &host_line(&port.mac.to_string(), port.ip, port.dns_name.as_deref());
+            // The last guard (see [`name_free`]): a port's name is checked when it joins.
+            let name = port
+                .dns_name
+                .as_deref()
+                .filter(|name| name_free(name, names.iter().copied()));
+            text += &host_line(&port.mac.to_string(), port.ip, name);
+            names.extend(name);
         }
     }
     text
+}
+
+/// Names no VM gets: the ones other machines look up to configure themselves (a web proxy by
+/// WPAD, an IPv6 tunnel by ISATAP) or that mean this machine.
+const RESERVED_NAMES: [&str; 3] = ["wpad", "isatap", "localhost"];
+
+/// Whether a VM may have DNS name `name` on a network whose hosts and VMs have `taken`: not
+/// reserved, and no other has it in any case (DNS names are case-insensitive, so "Web" would
+/// answer for "web").
+pub fn name_free<'a>(name: &str, mut taken: impl Iterator<Item = &'a str>) -> bool {
+    !RESERVED_NAMES.iter().any(|r| r.eq_ignore_ascii_case(name))
+        && !taken.any(|t| t.eq_ignore_ascii_case(name))
 }
 
 /// One DHCP host line. A name that could be misread even in quotes (a quote, a comma, a
@@ -355,9 +384,17 @@ mod tests {
             "dhcp-leasefile=/var/lib/ferro/networks/default.run/leases",
             "pid-file=/var/lib/ferro/networks/default.run/dnsmasq.pid",
             "no-ping",
+            "dhcp-ignore-clid",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
         }
+        // A nat network forwards other names upstream; an isolated one has no upstream.
+        assert!(!text.contains("no-resolv"));
+        let mut isolated = d.clone();
+        isolated.mode = NetworkMode::Isolated;
+        let text = config(&isolated, d.subnet().unwrap().unwrap(), &files);
+        assert!(text.lines().any(|l| l == "no-resolv"), "{text}");
+        assert!(!text.contains("server="), "{text}");
         assert_eq!(netmask(20), Ipv4Addr::new(255, 255, 240, 0));
     }
 
@@ -388,6 +425,33 @@ mod tests {
              52:54:00:00:00:02,192.168.122.50,\"vm-a\"\n\
              52:54:00:00:00:03,192.168.122.51\n"
         );
+    }
+
+    /// A VM cannot take a name another host or VM of the network has, in any case, nor a
+    /// name other guests look up to configure themselves: it gets its address without it.
+    #[test]
+    fn taken_and_reserved_names_are_left_out() {
+        let d = definition();
+        let ports = [
+            port("52:54:00:00:00:02", "192.168.122.50", Some("vm-a")),
+            port("52:54:00:00:00:03", "192.168.122.51", Some("WEB")),
+            port("52:54:00:00:00:04", "192.168.122.52", Some("VM-A")),
+            port("52:54:00:00:00:05", "192.168.122.53", Some("wpad")),
+            port("52:54:00:00:00:06", "192.168.122.54", Some("ISATAP")),
+            port("52:54:00:00:00:07", "192.168.122.55", Some("localhost")),
+        ];
+        assert_eq!(
+            hosts_file(&d, &ports),
+            "52:54:00:00:00:01,192.168.122.10,\"web\"\n\
+             52:54:00:00:00:02,192.168.122.50,\"vm-a\"\n\
+             52:54:00:00:00:03,192.168.122.51\n\
+             52:54:00:00:00:04,192.168.122.52\n\
+             52:54:00:00:00:05,192.168.122.53\n\
+             52:54:00:00:00:06,192.168.122.54\n\
+             52:54:00:00:00:07,192.168.122.55\n"
+        );
+        assert!(name_free("vm-b", ["web", "vm-a"].into_iter()));
+        assert!(!name_free("Vm-A", ["web", "vm-a"].into_iter()));
     }
 
     /// Names dnsmasq would read as a lease time, a keyword, a tag, an address or a client id

@@ -152,6 +152,18 @@ fn a_nat_network_runs_stops_and_is_found_again() {
             "{err:?}"
         );
         assert_eq!(netlink::link_index("fvtest1").unwrap(), None);
+        // A VM whose name differs only in case, or is reserved, runs without a DNS name.
+        for (vm, mac) in [("VM1", "52:54:00:00:00:43"), ("wpad", "52:54:00:00:00:44")] {
+            networks
+                .attach(vm, &[self::nic("lab", mac, "fvtest1", vm)])
+                .unwrap();
+            let record = ports::load(&networks.run_dir("lab"));
+            let port = record.ports.iter().find(|p| p.vm == vm).unwrap();
+            assert_eq!(port.dns_name, None, "{vm}");
+            let hosts = std::fs::read_to_string(files.hosts()).unwrap();
+            assert!(hosts.contains(mac) && !hosts.contains(&format!("\"{vm}\"")));
+            networks.detach(vm);
+        }
         let err = networks.stop("lab").unwrap_err();
         assert!(err.message.contains("has running VMs: vm1"), "{err:?}");
         let missing = NetworkNic {

@@ -554,13 +554,14 @@ impl Networks {
         let entry = entries
             .get_mut(&nic.network)
             .ok_or_else(|| not_found(&nic.network))?;
+        let dns_name = free_dns_name(entry, vm, nic);
         entry.record.ports.push(Port {
             vm: vm.to_string(),
             tap: nic.tap.clone(),
             ifindex,
             mac: nic.mac,
             ip,
-            dns_name: nic.dns_name.clone(),
+            dns_name,
         });
         let joined = self.save_record(entry).and_then(|()| {
             if ip.is_none() || !entry.active {
@@ -741,6 +742,28 @@ impl Networks {
             .map_err(|e| ApiError::internal(chain(&e)))?;
         self.record_port(&mut entries, vm, nic, link.index, ip)
     }
+}
+
+/// The DNS name a VM's port joining `entry` gets: its own, unless reserved or taken (in any
+/// case) by a fixed host or another VM on the network, which keeps it; then none, with a
+/// warning, and the VM is reached by address.
+fn free_dns_name(entry: &Entry, vm: &str, nic: &NetworkNic) -> Option<String> {
+    let name = nic.dns_name.as_deref()?;
+    let hosts = entry.definition.hosts.iter().map(|h| h.name.as_str());
+    let ports = entry
+        .record
+        .ports
+        .iter()
+        .filter_map(|p| p.dns_name.as_deref());
+    if dnsmasq::name_free(name, hosts.chain(ports)) {
+        return Some(name.to_string());
+    }
+    tracing::warn!(
+        "VM {vm} on network {}: the DNS name {name} is reserved or another host of the network \
+         has it (names are case-insensitive); the VM gets its address without a name",
+        entry.definition.name
+    );
+    None
 }
 
 /// Checks a network definition needs at `define` only (definitions stored before these checks
