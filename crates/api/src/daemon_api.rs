@@ -145,6 +145,16 @@ pub fn check_own_tap_name(tap: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// The VM id in a TAP name of [`network_tap_name`]'s shape.
+pub fn network_tap_id(name: &str) -> Option<u32> {
+    let (id, index) = name.strip_prefix("fv")?.split_once('n')?;
+    let digits = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_digit());
+    if !digits(id) || !digits(index) {
+        return None;
+    }
+    id.parse().ok()
+}
+
 /// Whether `name` has the shape of a TAP device the daemon makes for a NIC on a network
 /// (`fv`, hex digits, `n`, digits; today's and older names): such names are the daemon's only.
 pub fn is_network_tap_name(name: &str) -> bool {
@@ -672,6 +682,21 @@ mod tests {
         );
         let def: VmDefinition = serde_json::from_str(&many).unwrap();
         assert!(def.validate().unwrap_err().contains("at most 32 NICs"));
+    }
+
+    #[test]
+    fn tap_names_give_their_vm_id() {
+        assert_eq!(network_tap_id(&network_tap_name(42, 3)), Some(42));
+        for name in [
+            "fvtest0",
+            "fv7n",
+            "fvn0",
+            "fv1an0",
+            "tap0",
+            "fv99999999999n0",
+        ] {
+            assert_eq!(network_tap_id(name), None, "{name}");
+        }
     }
 
     #[test]

@@ -99,7 +99,7 @@ impl Supervisor {
         for error in errors {
             tracing::error!("skipping a definition: {}", chain(&error));
         }
-        give_ids(&store, &mut definitions);
+        give_ids(&store, &mut definitions, networks.recorded_tap_ids());
         // What definitions say of their volumes' formats, before anything probes a volume.
         for definition in &definitions {
             for disk in &definition.disks {
@@ -428,7 +428,10 @@ impl Supervisor {
             }
             self.check_nic_claims(&definition, vms.values())
                 .map_err(ApiError::conflict)?;
-            let used: BTreeSet<u32> = vms.values().filter_map(|e| e.definition.id).collect();
+            // Ids whose TAP names are still recorded (a device that could not be removed)
+            // are not given again.
+            let mut used: BTreeSet<u32> = self.networks.recorded_tap_ids();
+            used.extend(vms.values().filter_map(|e| e.definition.id));
             definition.id =
                 Some(free_id(&used).ok_or_else(|| {
                     ApiError::conflict("every VM id is taken; undefine a VM first")
@@ -627,7 +630,9 @@ impl Supervisor {
                     }
                 }
             }
-            supervisor.vmm_ended(&name, &runtime);
+            // Reaping, files, netlink and nft: blocking work, off the runtime's threads.
+            let ended = tokio::task::spawn_blocking(move || supervisor.vmm_ended(&name, &runtime));
+            let _ = ended.await;
         });
     }
 
@@ -658,16 +663,26 @@ impl Supervisor {
             guest_log::LogLimits::DEFAULT.backups,
         );
         let _ = std::fs::remove_dir_all(&runtime.files.dir);
+        let ours = |vms: &BTreeMap<String, VmEntry>| {
+            vms.get(name)
+                .and_then(|e| e.runtime.as_ref())
+                .map(|r| r.record)
+                == Some(runtime.record)
+        };
+        if !ours(&self.lock()) {
+            return; // undefined, or a newer VMM of the same VM
+        }
+        // The TAP devices go while the runtime is still recorded, so a new start of this VM
+        // (same TAP names) is refused as running until they are gone; and without the VM
+        // table's lock, which the whole API needs, held over netlink and nft.
+        self.networks.detach(name);
         let mut vms = self.lock();
+        if !ours(&vms) {
+            return;
+        }
         let Some(entry) = vms.get_mut(name) else {
             return;
         };
-        if entry.runtime.as_ref().map(|r| r.record) != Some(runtime.record) {
-            return; // a newer VMM of the same VM
-        }
-        // Under the VM table's lock: a new start of this VM (same TAP names) must not slip in
-        // between clearing the runtime and removing the old TAPs.
-        self.networks.detach(name);
         entry.runtime = None;
         entry.state = state;
         entry.reason = Some(reason.clone());
@@ -876,7 +891,7 @@ fn free_id(used: &BTreeSet<u32>) -> Option<u32> {
 
 /// Gives an id to each loaded definition without one (older than ids) or with one another
 /// definition has (an edited file), and stores it.
-fn give_ids(store: &Store, definitions: &mut [VmDefinition]) {
+fn give_ids(store: &Store, definitions: &mut [VmDefinition], recorded: BTreeSet<u32>) {
     let mut used = BTreeSet::new();
     let mut missing = Vec::new();
     for (i, definition) in definitions.iter().enumerate() {
@@ -885,6 +900,8 @@ fn give_ids(store: &Store, definitions: &mut [VmDefinition]) {
             _ => missing.push(i),
         }
     }
+    // Recorded TAP names of VMs no longer defined keep their ids from new definitions.
+    used.extend(recorded);
     for i in missing {
         let Some(id) = free_id(&used) else {
             tracing::error!("no VM id left for {}", definitions[i].name);

@@ -164,6 +164,16 @@ fn a_nat_network_runs_stops_and_is_found_again() {
             assert!(hosts.contains(mac) && !hosts.contains(&format!("\"{vm}\"")));
             networks.detach(vm);
         }
+        // The ids in recorded TAP names are not given to new VMs.
+        networks
+            .attach(
+                "vm7",
+                &[self::nic("lab", "52:54:00:00:00:47", "fv7n0", "vm7")],
+            )
+            .unwrap();
+        assert_eq!(networks.recorded_tap_ids(), [7].into());
+        networks.detach("vm7");
+        assert!(networks.recorded_tap_ids().is_empty());
         let err = networks.stop("lab").unwrap_err();
         assert!(err.message.contains("has running VMs: vm1"), "{err:?}");
         let missing = NetworkNic {

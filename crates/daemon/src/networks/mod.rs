@@ -474,6 +474,17 @@ impl Networks {
         index.claims.get(interface).cloned()
     }
 
+    /// The VM ids in the names of the TAP devices recorded on networks: not to be given to a
+    /// new VM while a device of that name may be left (one that could not be removed).
+    pub fn recorded_tap_ids(&self) -> std::collections::BTreeSet<u32> {
+        let index = self.index.lock().unwrap_or_else(PoisonError::into_inner);
+        index
+            .claims
+            .keys()
+            .filter_map(|name| api::daemon_api::network_tap_id(name))
+            .collect()
+    }
+
     /// Creates the TAP devices of a starting VM's NICs on their networks' bridges, each with
     /// its reserved address, filter rules and DHCP entry; all or nothing. An interface that
     /// has a NIC's TAP name and that the daemon did not make for this VM is left alone and
@@ -491,8 +502,20 @@ impl Networks {
                 )));
             }
         }
-        // A record left by a run of this VM that ended unseen: its links are ours to remove.
+        // A record left by a run of this VM that ended unseen, or whose TAP devices could not
+        // be removed then: its links are ours to remove.
         self.remove_ports(&mut entries, vm);
+        if let Some(left) = entries
+            .values()
+            .flat_map(|e| &e.record.ports)
+            .find(|p| p.vm == vm)
+        {
+            return Err(ApiError::internal(format!(
+                "VM {vm}: its TAP device {} from an earlier run cannot be removed (see the \
+                 daemon's log); remove it (ip link delete {}) and start the VM again",
+                left.tap, left.tap
+            )));
+        }
         for (done, nic) in nics.iter().enumerate() {
             if let Err(e) = self.add_port(&mut entries, vm, nic) {
                 for earlier in &nics[..done] {
@@ -616,10 +639,21 @@ impl Networks {
         let Some(at) = entry.record.ports.iter().position(|p| p.tap == tap) else {
             return;
         };
-        let port = entry.record.ports.remove(at);
-        if let Err(e) = host_side::remove_tap(&port.tap, port.ifindex) {
-            tracing::warn!("VM {} on network {network}: {}", port.vm, chain(&e));
+        if let Err(e) =
+            host_side::remove_tap(&entry.record.ports[at].tap, entry.record.ports[at].ifindex)
+        {
+            // Still recorded, so still this VM's (its name, and so its VM id, given to no one
+            // else; its filter kept), and tried again at the VM's next start.
+            let port = &entry.record.ports[at];
+            tracing::warn!(
+                "VM {} on network {network}: {}; its TAP device {} stays recorded",
+                port.vm,
+                chain(&e),
+                port.tap
+            );
+            return;
         }
+        entry.record.ports.remove(at);
         if let Err(e) = self.save_record(entry) {
             tracing::warn!("network {network}: {}", e.message);
         }
