@@ -1,6 +1,7 @@
 //! The REST API (`docs/api/daemon.openapi.json`) on the daemon's Unix socket, and the
 //! daemon's start and stop. Connections are served within the limits of [`server_http`]
-//! (header and body deadlines, a connection limit).
+//! (header and body deadlines, connection limits overall and per user, a cap on each user's
+//! event streams, a bounded stop).
 
 use std::convert::Infallible;
 use std::os::unix::fs::PermissionsExt;
@@ -14,7 +15,7 @@ use axum::extract::{FromRef, Path as UrlPath, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::StreamExt;
@@ -22,7 +23,7 @@ use tokio_stream::StreamExt;
 use crate::error::{ApiError, DaemonError};
 use crate::networks::Networks;
 use crate::pools::Pools;
-use crate::server_http::{self, Limits};
+use crate::server_http::{self, Client, Limits};
 use crate::store::Store;
 use crate::supervisor::{self, Control, Supervisor};
 use crate::{host, DaemonOptions};
@@ -327,16 +328,21 @@ async fn host_info(State(s): State<Shared>) -> ApiResult<Response> {
     Ok(Json(info).into_response())
 }
 
-/// Newline-delimited JSON events, as they happen, until the client goes away.
-async fn events(State(s): State<Shared>) -> Response {
+/// Newline-delimited JSON events, as they happen, until the client goes away or the daemon
+/// stops; one of the user's few long-lived responses (429 past them).
+async fn events(
+    State(s): State<Shared>,
+    Extension(client): Extension<Client>,
+) -> ApiResult<Response> {
     let stream = BroadcastStream::new(s.subscribe()).filter_map(|event| {
         let event = event.ok()?;
         let mut line = serde_json::to_vec(&event).ok()?;
         line.push(b'\n');
         Some(Ok::<_, Infallible>(Bytes::from(line)))
     });
+    let body = client.long_lived(Body::from_stream(stream))?;
     Response::builder()
         .header("content-type", "application/x-ndjson")
-        .body(Body::from_stream(stream))
-        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+        .body(body)
+        .map_err(|e| ApiError::internal(e.to_string()))
 }

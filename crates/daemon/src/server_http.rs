@@ -1,30 +1,44 @@
 //! The daemon's HTTP connections: the accept loop on its Unix socket, with the limits that keep
-//! one client from holding the daemon (hyper's HTTP/1.1 serves each connection; the router
-//! answers its requests):
+//! one client, or one user, from holding the daemon (hyper's HTTP/1.1 serves each connection;
+//! the router answers its requests):
 //! - a request's head (and the wait for it on an idle keep-alive connection) must arrive whole
 //!   within [`Limits::header_timeout`] (hyper's header read timeout, one deadline);
 //! - its body must keep coming: no gap longer than [`Limits::body_timeout`], and on average at
 //!   least [`Limits::min_body_rate`] after the first [`Limits::body_timeout`] (a 4 GiB upload at
 //!   local speed is never near it, one byte a second is cut off within the timeout);
 //! - a response the client does not read for [`Limits::write_stall`] ends the connection;
-//! - at most [`Limits::max_connections`] connections are open; a new one past that closes the
-//!   connection that has waited longest without a request in flight, or, when every one is busy
-//!   with a request, is answered 503 and closed. So idle connections cannot use up the daemon's
-//!   file descriptors nor lock a good client out.
+//! - at most [`Limits::max_connections`] connections are open; a new one past that closes an
+//!   idle connection (one without a request in flight: of the user with the most connections,
+//!   the one idle longest), or, when every one is busy with a request, is answered 503 and
+//!   closed. So idle connections cannot use up the daemon's file descriptors nor lock a good
+//!   client out;
+//! - the socket is shared by the users of group `ferro`, so one user (the peer's uid, from
+//!   SO_PEERCRED) has at most [`Limits::max_connections_per_user`]: past that, a new connection
+//!   closes that user's own idle connection, never another user's, or is answered 503 saying
+//!   to close some. Root is counted like anyone: it gains nothing from an exemption (it can
+//!   stop the daemon anyway), and a runaway root script must not lock the tenants out;
+//! - a response that lasts until the client leaves (the event stream) is opened through the
+//!   [`Client`] each request carries as an extension: at most
+//!   [`Limits::max_streams_per_user`] per user (429 past that), so a user's streams leave it
+//!   connections for its other requests; they end when the daemon stops;
+//! - on stop, requests in flight get [`Limits::shutdown_grace`] to finish; connections still
+//!   open then are closed, so a stalled client cannot keep the daemon from exiting.
 //!
 //! Threading: one task per connection on the daemon's runtime, plus the accept loop; the table
-//! of connections is behind a mutex held for a few instructions at a time.
+//! of connections and the count of streams are behind mutexes held for a few instructions at a
+//! time.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
+use axum::http::StatusCode;
 use axum::Router;
 use http_body::Frame;
 use hyper::body::Incoming;
@@ -33,9 +47,12 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{watch, Notify};
-use tokio::time::{sleep, sleep_until, Instant, Sleep};
+use tokio::task::JoinSet;
+use tokio::time::{sleep, sleep_until, timeout, Instant, Sleep};
 
-/// The bounds of one client (see the module's text).
+use crate::error::ApiError;
+
+/// The bounds of one client and of one user (see the module's text).
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     pub header_timeout: Duration,
@@ -44,6 +61,9 @@ pub struct Limits {
     pub min_body_rate: u64,
     pub write_stall: Duration,
     pub max_connections: usize,
+    pub max_connections_per_user: usize,
+    pub max_streams_per_user: usize,
+    pub shutdown_grace: Duration,
 }
 
 impl Default for Limits {
@@ -54,14 +74,26 @@ impl Default for Limits {
             min_body_rate: 64 << 10,
             write_stall: Duration::from_secs(60),
             max_connections: 128,
+            // Four users can fill the daemon between them, one cannot.
+            max_connections_per_user: 32,
+            max_streams_per_user: 8,
+            shutdown_grace: Duration::from_secs(10),
         }
     }
 }
 
-/// One open connection: since when it has had no request in flight (None while one is), and
-/// the way to close it.
+/// A peer's user id (SO_PEERCRED: the credentials it connected with).
+type Uid = u32;
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// One open connection: whose it is, since when it has had no request in flight (None while
+/// one is), and the way to close it.
 #[derive(Debug)]
 struct Open {
+    uid: Uid,
     idle_since: Option<Instant>,
     close: Arc<Notify>,
 }
@@ -75,36 +107,79 @@ struct Table {
 
 type Shared = Arc<Mutex<Table>>;
 
-fn lock(table: &Shared) -> std::sync::MutexGuard<'_, Table> {
-    table.lock().unwrap_or_else(PoisonError::into_inner)
+/// Why a new connection is turned away (with 503).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+enum Refused {
+    #[error("the daemon is busy with other clients; retry")]
+    Busy,
+    #[error(
+        "uid {uid} has {max} connections open, all busy with requests (the most one user may \
+         have; an event stream holds one): close some of them and retry"
+    )]
+    UserFull { uid: Uid, max: usize },
 }
 
 impl Table {
-    /// Makes room for one more connection: Some(id) for it, None when every open connection is
-    /// busy. The connection idle longest is told to close.
-    fn admit(&mut self, max: usize) -> Option<(u64, Arc<Notify>)> {
-        if self.open.len() >= max {
-            let oldest = self
-                .open
-                .iter()
-                .filter_map(|(id, open)| Some((*id, open.idle_since?)))
-                .min_by_key(|(_, since)| *since)
-                .map(|(id, _)| id)?;
-            if let Some(evicted) = self.open.remove(&oldest) {
-                evicted.close.notify_one();
-            }
+    /// Makes room for one more connection of `uid`: its id and the way to close it. A user at
+    /// its cap makes room among its own idle connections only; past the global cap, the idle
+    /// connection that goes is one of the user with the most connections (its flood pays
+    /// first), the one idle longest.
+    fn admit(
+        &mut self,
+        uid: Uid,
+        limits: &Limits,
+        now: Instant,
+    ) -> Result<(u64, Arc<Notify>), Refused> {
+        let counts = self.counts();
+        let mine = counts.get(&uid).copied().unwrap_or(0);
+        if mine >= limits.max_connections_per_user {
+            let own = self.idlest(|open| (open.uid == uid).then_some(()));
+            self.close(own.ok_or(Refused::UserFull {
+                uid,
+                max: limits.max_connections_per_user,
+            })?);
+        } else if self.open.len() >= limits.max_connections {
+            let victim = self.idlest(|open| counts.get(&open.uid).copied());
+            self.close(victim.ok_or(Refused::Busy)?);
         }
+        Ok(self.insert(uid, now))
+    }
+
+    fn counts(&self) -> HashMap<Uid, usize> {
+        let mut counts = HashMap::new();
+        for open in self.open.values() {
+            *counts.entry(open.uid).or_default() += 1;
+        }
+        counts
+    }
+
+    /// Of the idle connections `rank` takes (Some), one with the greatest rank, of those the
+    /// one idle longest.
+    fn idlest<R: Ord>(&self, rank: impl Fn(&Open) -> Option<R>) -> Option<u64> {
+        self.open
+            .iter()
+            .filter_map(|(id, open)| Some((*id, rank(open)?, open.idle_since?)))
+            .max_by(|a, b| a.1.cmp(&b.1).then(b.2.cmp(&a.2)))
+            .map(|(id, _, _)| id)
+    }
+
+    fn close(&mut self, id: u64) {
+        if let Some(closed) = self.open.remove(&id) {
+            closed.close.notify_one();
+        }
+    }
+
+    fn insert(&mut self, uid: Uid, now: Instant) -> (u64, Arc<Notify>) {
         let id = self.next_id;
         self.next_id += 1;
         let close = Arc::new(Notify::new());
-        self.open.insert(
-            id,
-            Open {
-                idle_since: Some(Instant::now()),
-                close: close.clone(),
-            },
-        );
-        Some((id, close))
+        let open = Open {
+            uid,
+            idle_since: Some(now),
+            close: close.clone(),
+        };
+        self.open.insert(id, open);
+        (id, close)
     }
 
     fn set_idle(&mut self, id: u64, idle: bool) {
@@ -114,8 +189,141 @@ impl Table {
     }
 }
 
+/// The client of a request, for its handler (inserted into every request's extensions): who
+/// it is, and the way to answer with a response that lasts until the client leaves.
+#[derive(Debug, Clone)]
+pub struct Client {
+    uid: Uid,
+    streams: Arc<Streams>,
+    stopping: watch::Receiver<bool>,
+}
+
+impl Client {
+    /// `body` as a long-lived response: counted against the user's streams while it is sent,
+    /// and ended (cleanly) when the daemon stops.
+    pub fn long_lived(&self, body: Body) -> Result<Body, TooManyStreams> {
+        let permit = Streams::acquire(&self.streams, self.uid)?;
+        let mut stopping = self.stopping.clone();
+        // An error means the server is gone: an end as well.
+        let stopped = async move {
+            let _ = stopping.wait_for(|stopping| *stopping).await;
+        };
+        Ok(Body::new(LongLived {
+            inner: body,
+            stopped: Some(Box::pin(stopped)),
+            _permit: permit,
+        }))
+    }
+}
+
+/// Why a long-lived response was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("uid {uid} has {max} event streams open, the most one user may have: close one and retry")]
+pub struct TooManyStreams {
+    uid: Uid,
+    max: usize,
+}
+
+impl From<TooManyStreams> for ApiError {
+    fn from(e: TooManyStreams) -> Self {
+        ApiError::new(StatusCode::TOO_MANY_REQUESTS, e.to_string())
+    }
+}
+
+/// The long-lived responses being sent, by user.
+#[derive(Debug)]
+struct Streams {
+    max_per_user: usize,
+    open: Mutex<HashMap<Uid, usize>>,
+}
+
+impl Streams {
+    fn new(max_per_user: usize) -> Self {
+        Streams {
+            max_per_user,
+            open: Mutex::default(),
+        }
+    }
+
+    fn acquire(streams: &Arc<Streams>, uid: Uid) -> Result<StreamPermit, TooManyStreams> {
+        let mut open = lock(&streams.open);
+        let count = open.entry(uid).or_default();
+        if *count >= streams.max_per_user {
+            return Err(TooManyStreams {
+                uid,
+                max: streams.max_per_user,
+            });
+        }
+        *count += 1;
+        Ok(StreamPermit {
+            streams: streams.clone(),
+            uid,
+        })
+    }
+}
+
+/// One of a user's streams, given back when dropped.
+#[derive(Debug)]
+struct StreamPermit {
+    streams: Arc<Streams>,
+    uid: Uid,
+}
+
+impl Drop for StreamPermit {
+    fn drop(&mut self) {
+        let mut open = lock(&self.streams.open);
+        if let Some(count) = open.get_mut(&self.uid) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                open.remove(&self.uid);
+            }
+        }
+    }
+}
+
+/// A long-lived response body: ends when the server stops, holds its permit until dropped.
+struct LongLived {
+    inner: Body,
+    /// None once the server has stopped (the future must not be polled again).
+    stopped: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+    _permit: StreamPermit,
+}
+
+impl std::fmt::Debug for LongLived {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LongLived")
+            .field("stopped", &self.stopped.is_none())
+            .field("permit", &self._permit)
+            .finish_non_exhaustive()
+    }
+}
+
+impl http_body::Body for LongLived {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        let Some(stopped) = self.stopped.as_mut() else {
+            return Poll::Ready(None);
+        };
+        if stopped.as_mut().poll(cx).is_ready() {
+            self.stopped = None;
+            return Poll::Ready(None);
+        }
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.stopped.is_none() || self.inner.is_end_stream()
+    }
+}
+
 /// Serves `router` on `listener` within `limits` until `shutdown` resolves; then lets the
-/// requests in flight finish (as axum's graceful shutdown does) and returns.
+/// requests in flight finish for [`Limits::shutdown_grace`] (as axum's graceful shutdown does,
+/// with streams ended), closes the connections left, and returns.
 pub async fn serve(
     listener: UnixListener,
     router: Router,
@@ -123,66 +331,138 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) {
     let table: Shared = Arc::default();
+    let streams = Arc::new(Streams::new(limits.max_streams_per_user));
     let (stop, stopping) = watch::channel(false);
+    let mut connections = JoinSet::new();
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             () = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => admit(stream, &router, limits, &table, stopping.clone()),
+                Ok((stream, _)) => {
+                    let server = Server {
+                        router: &router,
+                        limits,
+                        table: &table,
+                        streams: &streams,
+                        stopping: &stopping,
+                    };
+                    admit(stream, &server, &mut connections);
+                }
                 Err(e) => {
                     // Out of descriptors, most likely: wait for connections to end.
                     tracing::warn!("cannot accept a connection: {e}");
                     sleep(Duration::from_millis(100)).await;
                 }
             },
+            // Reaped as they end, so the set holds the open connections only.
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
         }
     }
     drop(listener);
     let _ = stop.send(true);
-    // Every connection task holds a receiver: they are all done when the channel closes.
-    drop(stopping);
-    stop.closed().await;
+    finish(connections, limits.shutdown_grace).await;
 }
 
-/// Serves a new connection, or refuses it when every connection is busy.
-fn admit(
-    stream: UnixStream,
-    router: &Router,
-    limits: Limits,
-    table: &Shared,
-    stopping: watch::Receiver<bool>,
-) {
-    let Some((id, close)) = lock(table).admit(limits.max_connections) else {
-        // Best effort, never waiting: a client that does not read gets the close alone.
-        let _ = stream.try_write(
-            b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
-              content-length: 53\r\nconnection: close\r\n\r\n\
-              {\"error\":\"the daemon is busy with other clients; retry\"}",
+/// Waits up to `grace` for the connections to end, then closes the rest (their tasks are
+/// aborted, which drops their sockets and responses).
+async fn finish(mut connections: JoinSet<()>, grace: Duration) {
+    let ended = timeout(grace, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    if ended.is_err() {
+        tracing::warn!(
+            "closing {} connections still open {grace:?} after the stop",
+            connections.len()
         );
-        return;
+        connections.shutdown().await;
+    }
+}
+
+/// What the accept loop shares with the connections it admits.
+#[derive(Debug)]
+struct Server<'a> {
+    router: &'a Router,
+    limits: Limits,
+    table: &'a Shared,
+    streams: &'a Arc<Streams>,
+    stopping: &'a watch::Receiver<bool>,
+}
+
+/// One admitted connection, as its task sees it.
+#[derive(Debug)]
+struct Slot {
+    table: Shared,
+    id: u64,
+    close: Arc<Notify>,
+    limits: Limits,
+    client: Client,
+}
+
+/// Serves a new connection, or refuses it (see [`Table::admit`]).
+fn admit(stream: UnixStream, server: &Server<'_>, connections: &mut JoinSet<()>) {
+    let uid = match stream.peer_cred() {
+        Ok(credentials) => credentials.uid(),
+        Err(e) => {
+            // Linux always knows a Unix socket's peer; without it no limit could hold.
+            tracing::warn!("cannot tell who connected, closing the connection: {e}");
+            return;
+        }
     };
-    let router = router.clone();
-    let table = table.clone();
-    tokio::spawn(async move {
-        serve_connection(stream, router, limits, &table, id, close, stopping).await;
+    let admitted = lock(server.table).admit(uid, &server.limits, Instant::now());
+    let (id, close) = match admitted {
+        Ok(admitted) => admitted,
+        Err(why) => return refuse(&stream, &why),
+    };
+    let slot = Slot {
+        table: server.table.clone(),
+        id,
+        close,
+        limits: server.limits,
+        client: Client {
+            uid,
+            streams: server.streams.clone(),
+            stopping: server.stopping.clone(),
+        },
+    };
+    let router = server.router.clone();
+    connections.spawn(async move {
+        let table = slot.table.clone();
+        serve_connection(stream, router, slot).await;
         lock(&table).open.remove(&id);
     });
 }
 
-async fn serve_connection(
-    stream: UnixStream,
-    router: Router,
-    limits: Limits,
-    table: &Shared,
-    id: u64,
-    close: Arc<Notify>,
-    mut stopping: watch::Receiver<bool>,
-) {
+/// Answers 503 with `why`, best effort, never waiting: a client that does not read gets the
+/// close alone.
+fn refuse(stream: &UnixStream, why: &Refused) {
+    let body = api::vmm_api::ErrorBody {
+        error: why.to_string(),
+    };
+    let body = serde_json::to_string(&body).unwrap_or_default();
+    let answer = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = stream.try_write(answer.as_bytes());
+}
+
+async fn serve_connection(stream: UnixStream, router: Router, slot: Slot) {
+    let Slot {
+        table,
+        id,
+        close,
+        limits,
+        client,
+    } = slot;
+    let mut stopping = client.stopping.clone();
     let service_table = table.clone();
-    let service = service_fn(move |request: hyper::Request<Incoming>| {
+    let service = service_fn(move |mut request: hyper::Request<Incoming>| {
         let table = service_table.clone();
         let router = TowerToHyperService::new(router.clone());
+        request.extensions_mut().insert(client.clone());
         async move {
             lock(&table).set_idle(id, false);
             let in_flight = InFlight { table, id };
@@ -207,6 +487,7 @@ async fn serve_connection(
             () = close.notified() => return,
             changed = stopping.changed() => {
                 if changed.is_err() || *stopping.borrow() {
+                    // Bounded by the grace period of `finish`, which aborts this task.
                     connection.as_mut().graceful_shutdown();
                     let _ = connection.as_mut().await;
                     return;
@@ -426,6 +707,7 @@ mod tests {
     use std::time::Instant as StdInstant;
 
     use axum::routing::{get, post};
+    use axum::Extension;
 
     use super::*;
 
@@ -434,7 +716,13 @@ mod tests {
         _dir: tempfile::TempDir,
         path: PathBuf,
         stop: Option<tokio::sync::oneshot::Sender<()>>,
+        /// Told when `serve` returns.
+        done: std::sync::mpsc::Receiver<()>,
         thread: Option<std::thread::JoinHandle<()>>,
+    }
+
+    fn never_ending() -> Body {
+        Body::from_stream(tokio_stream::pending::<Result<Bytes, Infallible>>())
     }
 
     fn router() -> Router {
@@ -444,10 +732,11 @@ mod tests {
                 "/echo",
                 post(|body: Bytes| async move { body.len().to_string() }),
             )
+            .route("/stream", get(|| async { never_ending() }))
             .route(
-                "/stream",
-                get(|| async {
-                    Body::from_stream(tokio_stream::pending::<Result<Bytes, Infallible>>())
+                "/long",
+                get(|Extension(client): Extension<Client>| async move {
+                    client.long_lived(never_ending()).map_err(ApiError::from)
                 }),
             )
             .route("/big", get(|| async { vec![b'x'; 32 << 20] }))
@@ -459,6 +748,7 @@ mod tests {
             let path = dir.path().join("api.sock");
             let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
             let (ready, is_ready) = std::sync::mpsc::channel();
+            let (returned, done) = std::sync::mpsc::channel();
             let socket = path.clone();
             let thread = std::thread::spawn(move || {
                 let runtime = tokio::runtime::Builder::new_current_thread()
@@ -468,20 +758,48 @@ mod tests {
                 runtime.block_on(async move {
                     let listener = UnixListener::bind(&socket).unwrap();
                     ready.send(()).unwrap();
-                    // Dropped, not shut down gracefully: streams that never end would wait.
-                    tokio::select! {
-                        () = serve(listener, router(), limits, std::future::pending()) => {}
-                        _ = stopped => {}
-                    }
+                    // A dropped sender stops it too.
+                    let stop = async {
+                        let _ = stopped.await;
+                    };
+                    serve(listener, router(), limits, stop).await;
                 });
+                let _ = returned.send(());
             });
             is_ready.recv().unwrap();
             TestServer {
                 _dir: dir,
                 path,
                 stop: Some(stop),
+                done,
                 thread: Some(thread),
             }
+        }
+
+        /// Stops the server: how long `serve` took to return (None: not within 10 s; its
+        /// thread is left behind).
+        fn shut_down(&mut self) -> Option<Duration> {
+            let start = StdInstant::now();
+            if let Some(stop) = self.stop.take() {
+                let _ = stop.send(());
+            }
+            let thread = self.thread.take()?;
+            self.done.recv_timeout(Duration::from_secs(10)).ok()?;
+            thread.join().unwrap();
+            Some(start.elapsed())
+        }
+
+        /// A request for a response that does not end, on a new connection, its head read: the
+        /// status line's first 12 bytes.
+        fn open_stream(&self, path: &str) -> (StdStream, String) {
+            let mut stream = self.connect();
+            write!(stream, "GET {path} HTTP/1.1\r\n\r\n").unwrap();
+            stream
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
+            let mut head = [0u8; 12];
+            stream.read_exact(&mut head).unwrap();
+            (stream, String::from_utf8_lossy(&head).into_owned())
         }
 
         fn connect(&self) -> StdStream {
@@ -503,13 +821,15 @@ mod tests {
 
     impl Drop for TestServer {
         fn drop(&mut self) {
-            if let Some(stop) = self.stop.take() {
-                let _ = stop.send(());
-            }
-            if let Some(thread) = self.thread.take() {
-                thread.join().unwrap();
-            }
+            let _ = self.shut_down();
         }
+    }
+
+    /// The `error` of a JSON error answer.
+    fn error_of(answer: &str) -> String {
+        let (_, body) = answer.split_once("\r\n\r\n").unwrap_or_default();
+        let body: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
+        body["error"].as_str().unwrap_or_default().to_owned()
     }
 
     fn limits() -> Limits {
@@ -519,6 +839,9 @@ mod tests {
             min_body_rate: 1000,
             write_stall: Duration::from_secs(1),
             max_connections: 8,
+            max_connections_per_user: 8,
+            max_streams_per_user: 8,
+            shutdown_grace: Duration::from_millis(500),
         }
     }
 
@@ -688,5 +1011,218 @@ mod tests {
             "the whole response came: {}",
             got.len()
         );
+    }
+
+    /// The time the table tests count from.
+    static BASE: std::sync::LazyLock<Instant> = std::sync::LazyLock::new(Instant::now);
+
+    /// Admits a connection of `uid` at `at` seconds, busy or idle.
+    fn admit_at(table: &mut Table, uid: Uid, limits: &Limits, at: u64, busy: bool) -> u64 {
+        let (id, _) = table
+            .admit(uid, limits, *BASE + Duration::from_secs(at))
+            .unwrap();
+        if busy {
+            table.set_idle(id, false);
+        }
+        id
+    }
+
+    fn uids(table: &Table) -> Vec<Uid> {
+        let mut uids: Vec<Uid> = table.open.values().map(|open| open.uid).collect();
+        uids.sort_unstable();
+        uids
+    }
+
+    /// A user whose connections are all busy gets no more; another user still does.
+    #[test]
+    fn a_user_at_its_cap_is_refused_while_others_are_admitted() {
+        let limits = Limits {
+            max_connections: 8,
+            max_connections_per_user: 2,
+            ..limits()
+        };
+        let mut table = Table::default();
+        admit_at(&mut table, 1000, &limits, 0, true);
+        admit_at(&mut table, 1000, &limits, 0, true);
+        let refused = table.admit(1000, &limits, Instant::now()).unwrap_err();
+        assert_eq!(refused, Refused::UserFull { uid: 1000, max: 2 });
+        assert!(table.admit(1001, &limits, Instant::now()).is_ok());
+        assert_eq!(uids(&table), [1000, 1000, 1001]);
+    }
+
+    /// A user at its cap (and the table full) makes room by closing its own idle connection,
+    /// though another user's have been idle longer; with none idle it is refused, and the
+    /// other user keeps its connections.
+    #[test]
+    fn a_user_at_its_cap_closes_only_its_own_idle_connections() {
+        let limits = Limits {
+            max_connections: 4,
+            max_connections_per_user: 2,
+            ..limits()
+        };
+        let mut table = Table::default();
+        let other = [
+            admit_at(&mut table, 1001, &limits, 0, false),
+            admit_at(&mut table, 1001, &limits, 0, false),
+        ];
+        admit_at(&mut table, 1000, &limits, 1, true);
+        let own_idle = admit_at(&mut table, 1000, &limits, 1, false);
+        let newest = admit_at(&mut table, 1000, &limits, 2, true);
+        assert!(!table.open.contains_key(&own_idle));
+        assert!(table.open.contains_key(&newest));
+        assert!(other.iter().all(|id| table.open.contains_key(id)));
+
+        let refused = table.admit(1000, &limits, Instant::now());
+        assert!(
+            matches!(refused, Err(Refused::UserFull { uid: 1000, .. })),
+            "{refused:?}"
+        );
+        assert_eq!(uids(&table), [1000, 1000, 1001, 1001]);
+    }
+
+    /// Past the global cap, the idle connection closed is one of the user with the most
+    /// connections, not the one idle longest overall (another user's).
+    #[test]
+    fn past_the_global_cap_the_heaviest_users_idle_connection_goes() {
+        let limits = Limits {
+            max_connections: 4,
+            max_connections_per_user: 3,
+            ..limits()
+        };
+        let mut table = Table::default();
+        let light = admit_at(&mut table, 1001, &limits, 0, false);
+        admit_at(&mut table, 1000, &limits, 1, true);
+        let heavy_oldest = admit_at(&mut table, 1000, &limits, 2, false);
+        let heavy_newest = admit_at(&mut table, 1000, &limits, 3, false);
+        admit_at(&mut table, 1002, &limits, 4, false);
+        assert!(table.open.contains_key(&light));
+        assert!(!table.open.contains_key(&heavy_oldest));
+        assert!(table.open.contains_key(&heavy_newest));
+        assert_eq!(uids(&table), [1000, 1000, 1001, 1002]);
+    }
+
+    /// Over the socket (every connection here is this test's uid): with room left overall, a
+    /// user's connection past its cap of busy ones gets 503 saying what to do.
+    #[test]
+    fn a_users_connection_past_its_cap_gets_503_saying_why() {
+        let server = TestServer::start(Limits {
+            max_connections: 8,
+            max_connections_per_user: 2,
+            ..limits()
+        });
+        let busy: Vec<StdStream> = (0..2)
+            .map(|_| {
+                let (stream, head) = server.open_stream("/stream");
+                assert_eq!(head, "HTTP/1.1 200");
+                stream
+            })
+            .collect();
+        let answer = server.get("/");
+        assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+        let error = error_of(&answer);
+        assert!(
+            error.contains("uid") && error.contains("close some"),
+            "{error}"
+        );
+        drop(busy);
+    }
+
+    /// A user's long-lived responses past its cap get 429 (its other requests are served);
+    /// one that ends gives its place back.
+    #[test]
+    fn a_stream_past_the_users_cap_gets_429() {
+        let server = TestServer::start(Limits {
+            max_streams_per_user: 2,
+            ..limits()
+        });
+        let mut streams: Vec<StdStream> = (0..2)
+            .map(|_| {
+                let (stream, head) = server.open_stream("/long");
+                assert_eq!(head, "HTTP/1.1 200");
+                stream
+            })
+            .collect();
+        let answer = server.get("/long");
+        assert!(answer.starts_with("HTTP/1.1 429"), "{answer}");
+        assert!(error_of(&answer).contains("close one"), "{answer}");
+        // As the API document says the event stream answers.
+        let document = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../docs/api/daemon.openapi.json");
+        let api = openapi_check::OpenApi::parse(&std::fs::read_to_string(document).unwrap());
+        let (_, body) = answer.split_once("\r\n\r\n").unwrap();
+        api.unwrap()
+            .check("GET", "/api/v1/events", 429, body.as_bytes())
+            .unwrap();
+        assert!(server.get("/").ends_with("ok"));
+
+        streams.pop();
+        let deadline = StdInstant::now() + Duration::from_secs(3);
+        loop {
+            let (stream, head) = server.open_stream("/long");
+            if head == "HTTP/1.1 200" {
+                streams.push(stream);
+                break;
+            }
+            assert!(StdInstant::now() < deadline, "the place was not given back");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// On stop, a long-lived response ends cleanly at once (not after the grace period).
+    #[test]
+    fn on_stop_long_lived_responses_end_at_once() {
+        let mut server = TestServer::start(Limits {
+            shutdown_grace: Duration::from_secs(5),
+            ..limits()
+        });
+        let (mut stream, head) = server.open_stream("/long");
+        assert_eq!(head, "HTTP/1.1 200");
+        let took = server.shut_down().expect("serve returns");
+        assert!(took < Duration::from_secs(2), "{took:?}");
+        let mut rest = String::new();
+        stream.read_to_string(&mut rest).unwrap();
+        assert!(rest.ends_with("0\r\n\r\n"), "{rest}");
+    }
+
+    /// On stop, connections still busy after the grace period (a response that never ends, a
+    /// client that does not read) are closed and `serve` returns.
+    #[test]
+    fn on_stop_connections_left_after_the_grace_period_are_closed() {
+        let mut server = TestServer::start(Limits {
+            header_timeout: Duration::from_secs(30),
+            write_stall: Duration::from_secs(30),
+            shutdown_grace: Duration::from_millis(500),
+            ..limits()
+        });
+        let (mut endless, head) = server.open_stream("/stream");
+        assert_eq!(head, "HTTP/1.1 200");
+        let mut unread = server.connect();
+        unread
+            .write_all(b"GET /big HTTP/1.1\r\nconnection: close\r\n\r\n")
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+
+        let took = server.shut_down().expect("serve returns");
+        assert!(
+            took >= Duration::from_millis(400) && took < Duration::from_secs(3),
+            "{took:?}"
+        );
+        for stream in [&mut endless, &mut unread] {
+            stream
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
+            let mut got = Vec::new();
+            // The end (or a reset), not the read timeout.
+            if let Err(e) = stream.read_to_end(&mut got) {
+                assert!(
+                    !matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ),
+                    "{e}"
+                );
+            }
+            assert!(got.len() < 32 << 20);
+        }
     }
 }
