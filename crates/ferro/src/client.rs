@@ -404,7 +404,15 @@ pub fn events(args: EventsArgs) -> ExitCode {
             )
         })?;
         if status != 200 {
-            return Err(Failure(1, format!("the daemon answered {status}")));
+            // The error's own words (a refusal says what to do), read within a bound.
+            let mut text = String::new();
+            let _ =
+                std::io::Read::read_to_string(&mut std::io::Read::take(body, 64 << 10), &mut text);
+            let message = serde_json::from_str::<serde_json::Value>(&text)
+                .ok()
+                .and_then(|v| v.get("error")?.as_str().map(str::to_string))
+                .unwrap_or_else(|| format!("the daemon answered {status}"));
+            return Err(Failure(1, message));
         }
         let stdout = std::io::stdout();
         for line in BufReader::new(body).lines() {

@@ -584,8 +584,27 @@ fn host_info_and_events() {
         kinds.push(event["kind"].as_str().unwrap().to_string());
     }
     assert_eq!(kinds, ["defined", "started", "stopped"]);
-    events.kill().unwrap();
-    events.wait().unwrap();
+    // A user may hold 8 event streams; the 9th is refused with what to do.
+    let mut more: Vec<_> = (0..7)
+        .map(|_| {
+            Command::new(ferro())
+                .args(["events"])
+                .env("FERRO_SOCKET", d.socket())
+                .stdout(Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500)); // let them subscribe
+    d.fails(
+        &["events"],
+        1,
+        "event streams open, the most one user may have: close one",
+    );
+    for child in more.iter_mut().chain([&mut events]) {
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
     let completions = d.ok(&["completions", "bash"]);
     assert!(completions.contains("ferro") && completions.contains("undefine"));
 }
