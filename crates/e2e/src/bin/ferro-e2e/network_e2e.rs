@@ -101,7 +101,7 @@ fn define_network(d: &Daemon, text: &str, name: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// How many of the daemon's bridges, dnsmasq processes and nft tables (ip and bridge) of
+/// How many of the daemon's bridges, dnsmasq processes and nft tables (ip and netdev) of
 /// `network` exist.
 fn host_objects(network: &str, bridge: &str) -> (usize, usize, usize) {
     let bridges = usize::from(Path::new("/sys/class/net").join(bridge).exists());
@@ -121,8 +121,8 @@ fn host_objects(network: &str, bridge: &str) -> (usize, usize, usize) {
                 .lines()
                 .filter(|l| {
                     let l = l.trim();
-                    l == format!("table ip ferro_{network}")
-                        || l == format!("table bridge ferro_{network}")
+                    l == format!("table ip ferro-{network}")
+                        || l == format!("table netdev ferro-{network}")
                 })
                 .count()
         })
@@ -407,19 +407,15 @@ fn check_filter_counted(d: &Daemon, vm: &str) -> TestResult {
         .ok_or("a VM without an id")?;
     let tap = api::daemon_api::network_tap_name(id, 0);
     let out = std::process::Command::new("nft")
-        .args(["list", "table", "bridge", "ferro_lab"])
+        .args(["list", "table", "netdev", "ferro-lab"])
         .output()
         .map_err(|e| format!("nft: {e}"))?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    // `"fvNn0" : jump port_fvNn0`, then that chain's rules.
-    let chain = text
-        .split(&format!("\"{tap}\" : jump "))
-        .nth(1)
-        .and_then(|rest| {
-            rest.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-                .next()
-        })
-        .ok_or_else(|| format!("no chain for {tap} in:\n{text}"))?;
+    // Each TAP has its own ingress chain, `port_fvNn0`, hooked on the device.
+    let chain = format!("port_{tap}");
+    if !text.contains(&format!("device \"{tap}\"")) {
+        return Err(format!("no chain on device {tap} in:\n{text}").into());
+    }
     // The chain's rules: its lines up to the one closing it (sets in rules have braces too).
     let rules: String = text
         .split(&format!("chain {chain} {{"))
