@@ -18,9 +18,9 @@
 //!   past the `ip` table's rules for the bridge).
 //!
 //! Rules are loaded with `nft -f -` as one transaction that replaces a table, so starting a
-//! network twice (or after a daemon restart) never duplicates them, and a port that joins or
-//! leaves reloads the `netdev` table with the ports of that moment; a failed load leaves the
-//! previous rules in place. Only validated names and addresses go into the rules, and no shell
+//! network twice (or after a daemon restart) never duplicates them. A port that joins adds its
+//! own chain in one transaction and one that leaves removes it, leaving the other ports' rules
+//! (and their drop counters) alone; a failed load leaves the previous rules in place. Only validated names and addresses go into the rules, and no shell
 //! is involved.
 //!
 //! Threading: blocking calls, made under the networks' lock.
@@ -157,6 +157,63 @@ pub fn ports_ruleset(definition: &NetworkDefinition, ports: &[PortFilter<'_>]) -
         );
     }
     Some(replace_table("netdev", &table, &chains))
+}
+
+/// The transaction that gives a port joining the bridge its chain (replacing the rules of a
+/// chain of that name); None for bridge-mode networks. Other ports' chains, and their counters,
+/// stay as they are.
+pub fn port_joined(definition: &NetworkDefinition, port: &PortFilter<'_>) -> Option<String> {
+    if definition.mode == NetworkMode::Bridge {
+        return None;
+    }
+    let table = table_name(&definition.name);
+    let chain = port_chain_name(port.tap);
+    let mut text = format!(
+        "add table netdev {table}\n\
+         add chain netdev {table} {chain} {{ type filter hook ingress device \"{}\" priority filter; policy accept; }}\n\
+         flush chain netdev {table} {chain}\n",
+        port.tap
+    );
+    for rule in port_rules(port) {
+        text += &format!("add rule netdev {table} {chain} {rule}\n");
+    }
+    Some(text)
+}
+
+/// The command that removes the chain of a port that left the bridge (see [`port_left`]).
+pub fn port_left_command(definition: &NetworkDefinition, tap: &str) -> Option<[String; 5]> {
+    if definition.mode == NetworkMode::Bridge {
+        return None;
+    }
+    Some([
+        "delete".into(),
+        "chain".into(),
+        "netdev".into(),
+        table_name(&definition.name),
+        port_chain_name(tap),
+    ])
+}
+
+/// Removes the chain of a port that left the bridge, if it is there: a kernel may have removed
+/// it with its device (Linux before 6.x drops a one-device ingress chain whose device goes,
+/// later ones keep it without a hook).
+pub fn port_left(
+    nft: &str,
+    definition: &NetworkDefinition,
+    tap: &str,
+) -> Result<(), FirewallError> {
+    let Some(command) = port_left_command(definition, tap) else {
+        return Ok(());
+    };
+    let table = table_name(&definition.name);
+    let mut list = command.clone();
+    list[0] = "list".into();
+    let args: Vec<&str> = list.iter().map(String::as_str).collect();
+    if run(nft, &args, None).is_err() {
+        return Ok(());
+    }
+    let args: Vec<&str> = command.iter().map(String::as_str).collect();
+    run(nft, &args, None).map_err(|e| e.for_table(&table))
 }
 
 /// The chain of a port: `port_` and its name, with '_' for what nft identifiers cannot hold
@@ -364,6 +421,18 @@ mod tests {
         assert!(rules.contains(expected), "{rules}");
         assert!(rules.contains("device \"fv2n0\""));
         assert!(rules.contains("ip saddr 10.77.0.11 accept"));
+        // A port joins on its own: its chain on its device, the same rules.
+        let joined = port_joined(&d, &ports()[1]).unwrap();
+        assert!(joined.contains(&format!(
+            "add chain netdev {table} port_fv2n0 {{ type filter hook ingress device \"fv2n0\""
+        )));
+        assert!(joined.contains(&format!(
+            "add rule netdev {table} port_fv2n0 ip saddr 10.77.0.11 accept\n"
+        )));
+        assert_eq!(
+            port_left_command(&d, "fv2n0").unwrap().join(" "),
+            format!("delete chain netdev {table} port_fv2n0")
+        );
         // No ports: an empty table.
         let empty = ports_ruleset(&d, &[]).unwrap();
         assert!(!empty.contains("chain"), "{empty}");
@@ -423,11 +492,26 @@ mod tests {
                 let text = list("netdev", &table);
                 assert_eq!(text.matches("chain port_").count(), 2, "{text}");
                 assert_eq!(list("ip", &table).matches("masquerade").count(), 1);
-                // A port leaves: the table is loaded again without it.
-                apply(nft, &table, &ports_ruleset(&d, &ports()[..1]).unwrap()).unwrap();
+                // A port leaves and joins on its own (twice each: nothing fails, nothing is
+                // doubled); the other port's chain is untouched.
+                let other = |text: &str| text.split("chain port_fv2n0").next().unwrap().to_string();
+                let before = other(&list("netdev", &table));
+                port_left(nft, &d, "fv2n0").unwrap();
+                port_left(nft, &d, "fv2n0").unwrap();
                 let text = list("netdev", &table);
                 assert_eq!(text.matches("chain port_").count(), 1, "{text}");
                 assert!(!text.contains("fv2n0"), "{text}");
+                for _ in 0..2 {
+                    apply(nft, &table, &port_joined(&d, &ports()[1]).unwrap()).unwrap();
+                }
+                let text = list("netdev", &table);
+                assert_eq!(text.matches("chain port_").count(), 2, "{text}");
+                assert_eq!(
+                    text.matches("ip saddr 10.77.0.11 accept").count(),
+                    1,
+                    "{text}"
+                );
+                assert_eq!(other(&text), before);
                 remove(nft, &table).unwrap();
                 assert!(!exists_in(nft, "ip", &table));
                 assert!(!exists_in(nft, "netdev", &table));

@@ -151,42 +151,36 @@ fn bridge_mac(network: &str) -> [u8; 6] {
     [0x02, hash[0], hash[1], hash[2], hash[3], hash[4]]
 }
 
-/// A VM's TAP device joined the bridge (`ports` and `filters` have it): the ports' filters
-/// first, then its DHCP entry, so it is filtered before it can get a lease. An error leaves
-/// the previous filters loaded.
+/// A VM's TAP device joined the bridge (`ports` has it): its filter first, then its DHCP
+/// entry, so it is filtered before it can get a lease. An error leaves the other ports'
+/// filters as they were.
 pub fn port_joined(
     definition: &NetworkDefinition,
     run_dir: &Path,
     ports: &[Port],
-    filters: &[PortFilter<'_>],
+    filter: &PortFilter<'_>,
 ) -> Result<(), HostError> {
-    load_port_filters(definition, filters)?;
+    if let Some(rules) = firewall::port_joined(definition, filter) {
+        let tools = Tools::find()?;
+        firewall::apply(&tools.nft, &firewall::table_name(&definition.name), &rules)?;
+    }
     write_hosts(definition, run_dir, ports)
 }
 
-/// A VM's TAP device left the bridge (`ports` and `filters` no longer have it): its DHCP entry
-/// and its filter go.
+/// A VM's TAP device `tap` left the bridge (`ports` no longer has it): its DHCP entry and its
+/// filter go.
 pub fn port_left(
     definition: &NetworkDefinition,
     run_dir: &Path,
     ports: &[Port],
-    filters: &[PortFilter<'_>],
+    tap: &str,
 ) -> Result<(), HostError> {
     let written = write_hosts(definition, run_dir, ports);
-    load_port_filters(definition, filters)?;
-    written
-}
-
-/// Loads the network's `netdev` table with the filters of the ports whose devices exist.
-fn load_port_filters(
-    definition: &NetworkDefinition,
-    filters: &[PortFilter<'_>],
-) -> Result<(), HostError> {
-    if let Some(rules) = firewall::ports_ruleset(definition, &present(filters)?) {
+    if definition.mode != NetworkMode::Bridge {
         let tools = Tools::find()?;
-        firewall::apply(&tools.nft, &firewall::table_name(&definition.name), &rules)?;
+        firewall::port_left(&tools.nft, definition, tap)?;
     }
-    Ok(())
+    written
 }
 
 /// The filters of ports whose TAP devices exist (an ingress chain needs its device; one

@@ -587,12 +587,16 @@ impl Networks {
             dns_name,
         });
         let joined = self.save_record(entry).and_then(|()| {
-            if ip.is_none() || !entry.active {
+            let Some(ip) = ip.filter(|_| entry.active) else {
                 return Ok(());
-            }
+            };
+            let filter = firewall::PortFilter {
+                tap: &nic.tap,
+                mac: nic.mac,
+                ip,
+            };
             let run_dir = self.run_dir(&entry.definition.name);
-            let filters = entry.port_filters();
-            host_side::port_joined(&entry.definition, &run_dir, &entry.record.ports, &filters)
+            host_side::port_joined(&entry.definition, &run_dir, &entry.record.ports, &filter)
                 .map_err(|e| host_error(&entry.definition.name, &e))
         });
         self.reindex(entries);
@@ -659,9 +663,7 @@ impl Networks {
         }
         if entry.active && entry.definition.mode != NetworkMode::Bridge {
             let run_dir = self.run_dir(network);
-            let filters = entry.port_filters();
-            let left =
-                host_side::port_left(&entry.definition, &run_dir, &entry.record.ports, &filters);
+            let left = host_side::port_left(&entry.definition, &run_dir, &entry.record.ports, tap);
             if let Err(e) = left {
                 tracing::warn!("network {network}: {}", chain(&e));
             }
