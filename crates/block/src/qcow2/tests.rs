@@ -5,7 +5,6 @@
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 
-use super::l2cache::L2Cache;
 use super::metadata::Structure;
 use super::testing::{check_clean, new_image, read, read_bytes, refcount, reopen, write};
 use super::*;
@@ -75,44 +74,6 @@ fn l2_tables_get_their_own_clusters_and_are_recorded_as_metadata() {
     assert_eq!(read(&mut image, 2 << 20, 4096), vec![2u8; 4096]);
     drop(image);
     check_clean(&file);
-}
-
-#[test]
-fn the_l2_cache_evicts_the_oldest_clean_table_and_never_a_dirty_one() {
-    let file = tempfile::tempfile().unwrap();
-    // 2 MiB tables: the 8 MiB budget holds 4.
-    let cluster: u64 = 2 << 20;
-    let mut cache = L2Cache::new(cluster);
-    assert_eq!(cache.capacity(), 4);
-    let entries = (cluster / 8) as usize;
-    for t in 0..4u64 {
-        cache.store(&file, t * cluster, vec![t; entries]).unwrap();
-    }
-    cache.set_deferred(&file, 0, 5, 99).unwrap();
-    assert_eq!(cache.dirty_count(), 1);
-    // A fifth table evicts table 1 (the oldest clean one), not the dirty table 0.
-    cache.store(&file, 4 * cluster, vec![4; entries]).unwrap();
-    file.write_all_at(&[0xee; 8], cluster).unwrap();
-    assert_eq!(
-        cache.entry(&file, cluster, 0).unwrap(),
-        0xeeee_eeee_eeee_eeee
-    );
-    assert_eq!(cache.entry(&file, 0, 5).unwrap(), 99);
-    // Table 0's change is on disk only once written.
-    assert_eq!(read_bytes(&file, 5 * 8, 8), 0u64.to_be_bytes());
-    cache.write_dirty(&file).unwrap();
-    assert_eq!(cache.dirty_count(), 0);
-    assert_eq!(read_bytes(&file, 5 * 8, 8), 99u64.to_be_bytes());
-    // With every table dirty the cache grows rather than drop a change.
-    for t in 0..5u64 {
-        cache.set_deferred(&file, t * cluster, 0, t + 100).unwrap();
-    }
-    assert_eq!(cache.dirty_count(), 5);
-    for t in 0..5u64 {
-        assert_eq!(cache.entry(&file, t * cluster, 0).unwrap(), t + 100);
-    }
-    cache.clear();
-    assert_eq!(cache.entry(&file, 4 * cluster, 0).unwrap(), 104);
 }
 
 #[test]
