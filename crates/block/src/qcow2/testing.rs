@@ -71,6 +71,17 @@ pub fn host_of(image: &mut Qcow2Image, guest: u64) -> u64 {
     }
 }
 
+/// The on-disk L2 entry for guest offset `guest` (0 when its L1 entry on disk is empty).
+pub fn l2_entry_on_disk(file: &File, image: &Qcow2Image, guest: u64) -> u64 {
+    let (l1_index, l2_index) = image.indices(guest);
+    let l1_entry = read_u64(file, image.header.l1_table_offset + l1_index as u64 * 8);
+    let table = l1_entry & super::OFFSET_MASK;
+    if table == 0 {
+        return 0;
+    }
+    read_u64(file, table + l2_index as u64 * 8)
+}
+
 /// Checks the image offline: no corruption, no leaked cluster.
 pub fn check_clean(file: &File) {
     let report = check(file, false).unwrap();

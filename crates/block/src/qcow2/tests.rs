@@ -55,28 +55,6 @@ fn writes_through_an_l2_table_that_points_at_itself_are_refused() {
 }
 
 #[test]
-fn l2_tables_get_their_own_clusters_and_are_recorded_as_metadata() {
-    let (file, mut image) = new_image(12, 4 << 20);
-    // 4 KiB clusters: an L2 table maps 2 MiB.
-    write(&mut image, 0, &[1u8; 4096]).unwrap();
-    write(&mut image, 2 << 20, &[2u8; 4096]).unwrap();
-    image.flush().unwrap();
-    let tables: Vec<u64> = image.l1.iter().map(|e| e & OFFSET_MASK).collect();
-    assert_eq!(tables.len(), 2);
-    for table in &tables {
-        assert_eq!(refcount(&mut image, *table), 1);
-        let map = image.refcounts.metadata();
-        assert_eq!(
-            map.find(map.clusters(*table, 1)).map(|(what, _)| what),
-            Some(Structure::L2Table)
-        );
-    }
-    assert_eq!(read(&mut image, 2 << 20, 4096), vec![2u8; 4096]);
-    drop(image);
-    check_clean(&file);
-}
-
-#[test]
 fn snapshot_table_entries_round_trip() {
     let (_file, mut image) = new_image(12, 1 << 20);
     write(&mut image, 0, &[3u8; 4096]).unwrap();
