@@ -450,3 +450,6 @@ pub(super) fn l2_offsets(l1: &[u64]) -> impl Iterator<Item = u64> + '_ {
         .map(|e| e & OFFSET_MASK)
         .filter(|&offset| offset != 0)
 }
+
+#[cfg(test)]
+mod tests;
