@@ -8,6 +8,7 @@ use std::os::unix::fs::FileExt;
 use vm_memory::VolatileSlice;
 
 use super::{check, create, CreateOptions, Mapping, Qcow2Image};
+use crate::mem::MemoryImage;
 use crate::DiskImage;
 
 /// A new empty image of `size` bytes with clusters of 2^`cluster_bits` bytes, open for
@@ -30,6 +31,16 @@ pub fn new_file(cluster_bits: u32, size: u64) -> File {
     file
 }
 
+/// An image over `backing` (held in memory), as `open` would give it.
+pub fn new_overlay(cluster_bits: u32, size: u64, backing: &[u8]) -> (File, Qcow2Image) {
+    let file = new_file(cluster_bits, size);
+    let backing = MemoryImage {
+        bytes: backing.to_vec(),
+    };
+    let image = Qcow2Image::open(file.try_clone().unwrap(), true, Some(Box::new(backing))).unwrap();
+    (file, image)
+}
+
 pub fn reopen(file: &File) -> Qcow2Image {
     Qcow2Image::open(file.try_clone().unwrap(), true, None).unwrap()
 }
@@ -49,12 +60,14 @@ pub fn write(image: &mut Qcow2Image, offset: u64, bytes: &[u8]) -> std::io::Resu
     image.write_at(offset, &[VolatileSlice::from(&mut data[..])])
 }
 
-pub fn read(image: &mut Qcow2Image, offset: u64, len: usize) -> Vec<u8> {
+pub fn try_read(image: &mut Qcow2Image, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
     let mut data = vec![0u8; len];
-    image
-        .read_at(offset, &[VolatileSlice::from(&mut data[..])])
-        .unwrap();
-    data
+    image.read_at(offset, &[VolatileSlice::from(&mut data[..])])?;
+    Ok(data)
+}
+
+pub fn read(image: &mut Qcow2Image, offset: u64, len: usize) -> Vec<u8> {
+    try_read(image, offset, len).unwrap()
 }
 
 /// The refcount of the cluster at host offset `offset`.
