@@ -289,6 +289,43 @@ fn snapshot_names_must_be_new_and_not_empty() {
     check_clean(&file);
 }
 
+#[test]
+fn a_name_too_long_for_the_table_changes_nothing() {
+    let (file, mut image) = new_image(12, 1 << 20);
+    write(&mut image, 0, &[1u8; 4096]).unwrap();
+    let long = "n".repeat(usize::from(u16::MAX) + 1);
+    let err = image.create_snapshot(&long).unwrap_err();
+    assert_eq!(err.kind(), io::ErrorKind::InvalidInput, "{err}");
+    assert!(image.snapshots().unwrap().is_empty());
+    let host = host_of(&mut image, 0);
+    assert_eq!(
+        image.mapping(0).unwrap(),
+        Mapping::Data { host, owned: true }
+    );
+    drop(image);
+    check_clean(&file);
+}
+
+#[test]
+fn a_table_too_large_to_read_back_is_refused_before_anything_changes() {
+    let (file, mut image) = new_image(12, 1 << 20);
+    let len = file.metadata().unwrap().len();
+    // 1025 entries of about 64 KiB each: just over the 64 MiB readers accept.
+    let name = "n".repeat(usize::from(u16::MAX));
+    let huge: Vec<Snapshot> = (0..1025)
+        .map(|i| Snapshot {
+            l1_table_offset: 0,
+            l1_size: 0,
+            ..sample(&i.to_string(), &name)
+        })
+        .collect();
+    let err = image.write_snapshot_table(&huge).unwrap_err();
+    assert_eq!(err.kind(), io::ErrorKind::InvalidInput, "{err}");
+    assert_eq!(image.header.nb_snapshots, 0);
+    assert_eq!(read_header(&file).unwrap().nb_snapshots, 0);
+    assert_eq!(file.metadata().unwrap().len(), len, "nothing was written");
+}
+
 /// Rewrites the snapshot table in place as an older QEMU wrote it: 16 bytes of extra data per
 /// entry instead of Ferro's 24, so it is shorter than Ferro would write it.
 fn shrink_snapshot_extra_data(file: &File, image: &Qcow2Image) -> u64 {
