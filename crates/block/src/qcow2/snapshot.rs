@@ -66,8 +66,12 @@ impl Snapshot {
             extra.extend_from_slice(&self.extra_rest);
         }
         let (id, name) = (self.id.as_bytes(), self.name.as_bytes());
-        let too_long =
-            || io::Error::new(io::ErrorKind::InvalidInput, "the snapshot name is too long");
+        let too_long = || {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "the snapshot name is too long (at most 65535 bytes)",
+            )
+        };
         let mut b = Vec::with_capacity(ENTRY_HEADER + extra.len() + id.len() + name.len() + 8);
         b.extend_from_slice(&self.l1_table_offset.to_be_bytes());
         b.extend_from_slice(&self.l1_size.to_be_bytes());
@@ -143,6 +147,26 @@ pub fn parse_table(raw: &[u8], count: u32, cluster_size: u64) -> io::Result<(Vec
     Ok((out, at as u64))
 }
 
+/// The stored form of a snapshot table, refused if it could not be read back (QEMU and
+/// Ferro read at most [`MAX_TABLE_BYTES`]).
+fn table_bytes(snapshots: &[Snapshot], version: u32) -> io::Result<Vec<u8>> {
+    let mut raw = Vec::new();
+    for snapshot in snapshots {
+        raw.extend_from_slice(&snapshot.to_bytes(version)?);
+    }
+    if raw.len() as u64 > MAX_TABLE_BYTES {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "the snapshot table would take {} bytes, more than the {} MiB an image may hold: delete snapshots or use shorter names",
+                raw.len(),
+                MAX_TABLE_BYTES >> 20
+            ),
+        ));
+    }
+    Ok(raw)
+}
+
 fn not_found(name: &str) -> io::Error {
     io::Error::new(
         io::ErrorKind::NotFound,
@@ -207,6 +231,27 @@ impl Qcow2Image {
             .max()
             .unwrap_or(0)
             + 1;
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        let mut snapshot = Snapshot {
+            id: id.to_string(),
+            name: name.to_string(),
+            l1_table_offset: 0,
+            l1_size: self.l1.len() as u32,
+            date_sec: now.as_secs() as u32,
+            date_nsec: now.subsec_nanos(),
+            vm_clock_nsec: 0,
+            vm_state_size: 0,
+            disk_size: Some(self.header.size),
+            extra_rest: Vec::new(),
+            icount: None,
+        };
+        all.push(snapshot.clone());
+        // Refused before anything changes: once references are added, only the new table
+        // would account for them.
+        table_bytes(&all, self.header.version)?;
+        all.pop();
         // The snapshot's L1 table: a copy of the active one.
         let l1_bytes: Vec<u8> = self.l1.iter().flat_map(|e| e.to_be_bytes()).collect();
         let l1_clusters = (l1_bytes.len() as u64).div_ceil(self.cluster_size());
@@ -218,22 +263,7 @@ impl Qcow2Image {
         let active = self.l1.clone();
         self.adjust_tree(&active, 1)?;
         self.fix_copied_flags()?;
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default();
-        let snapshot = Snapshot {
-            id: id.to_string(),
-            name: name.to_string(),
-            l1_table_offset: l1_offset,
-            l1_size: self.l1.len() as u32,
-            date_sec: now.as_secs() as u32,
-            date_nsec: now.subsec_nanos(),
-            vm_clock_nsec: 0,
-            vm_state_size: 0,
-            disk_size: Some(self.header.size),
-            extra_rest: Vec::new(),
-            icount: None,
-        };
+        snapshot.l1_table_offset = l1_offset;
         all.push(snapshot.clone());
         self.write_snapshot_table(&all)?;
         Ok(snapshot)
@@ -378,10 +408,7 @@ impl Qcow2Image {
     /// Writes `snapshots` as a new table, points the header at it once it is durable, then
     /// frees the old table.
     fn write_snapshot_table(&mut self, snapshots: &[Snapshot]) -> io::Result<()> {
-        let mut raw = Vec::new();
-        for snapshot in snapshots {
-            raw.extend_from_slice(&snapshot.to_bytes(self.header.version)?);
-        }
+        let raw = table_bytes(snapshots, self.header.version)?;
         let cluster_size = self.cluster_size();
         let old = (self.header.snapshots_offset, self.read_snapshot_table()?.1);
         let new_offset = if raw.is_empty() {
