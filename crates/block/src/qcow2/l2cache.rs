@@ -282,6 +282,30 @@ mod tests {
     }
 
     #[test]
+    fn a_cache_that_grew_over_dirty_tables_shrinks_back_once_they_are_written() {
+        let cluster: u64 = 2 << 20;
+        let file = tables_file();
+        file.set_len(10 * cluster).unwrap();
+        let mut cache = L2Cache::new(cluster);
+        for t in 0..6 {
+            cache.set_deferred(&file, t * cluster, 0, t + 1).unwrap();
+        }
+        assert_eq!(cache.tables.len(), 6, "dirty tables are kept over capacity");
+        cache.write_dirty(&file).unwrap();
+        for t in 6..8 {
+            cache.entry(&file, t * cluster, 0).unwrap();
+        }
+        assert!(
+            cache.tables.len() <= cache.capacity(),
+            "{} tables cached, capacity {}",
+            cache.tables.len(),
+            cache.capacity()
+        );
+        assert_eq!(cache.entry(&file, 7 * cluster, 0).unwrap(), 0);
+        assert_eq!(peek(&file, cluster, 5, 0), 6);
+    }
+
+    #[test]
     fn deferred_changes_reach_the_file_only_when_written_and_only_once() {
         let cluster = 4096;
         let file = tables_file();
