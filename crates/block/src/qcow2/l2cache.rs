@@ -34,13 +34,14 @@ impl L2Cache {
 
     fn insert(&mut self, offset: u64, entries: Vec<u64>) {
         if !self.tables.contains_key(&offset) {
-            if self.tables.len() >= self.capacity {
-                // The oldest clean table goes; with none clean the cache grows until the
-                // owner flushes (it does so well before, see `dirty_count`).
-                if let Some(at) = self.order.iter().position(|t| !self.dirty.contains(t)) {
-                    if let Some(evicted) = self.order.remove(at) {
-                        self.tables.remove(&evicted);
-                    }
+            // The oldest clean tables go; with none clean the cache grows until the owner
+            // flushes (it does so well before, see `dirty_count`), and shrinks back after.
+            while self.tables.len() >= self.capacity {
+                let Some(at) = self.order.iter().position(|t| !self.dirty.contains(t)) else {
+                    break;
+                };
+                if let Some(evicted) = self.order.remove(at) {
+                    self.tables.remove(&evicted);
                 }
             }
             self.order.push_back(offset);
