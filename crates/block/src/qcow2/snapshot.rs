@@ -225,28 +225,7 @@ impl Qcow2Image {
         if all.len() as u32 >= MAX_SNAPSHOTS {
             return Err(io::Error::other("the image has too many snapshots"));
         }
-        let id = all
-            .iter()
-            .filter_map(|s| s.id.parse::<u64>().ok())
-            .max()
-            .unwrap_or(0)
-            + 1;
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default();
-        let mut snapshot = Snapshot {
-            id: id.to_string(),
-            name: name.to_string(),
-            l1_table_offset: 0,
-            l1_size: self.l1.len() as u32,
-            date_sec: now.as_secs() as u32,
-            date_nsec: now.subsec_nanos(),
-            vm_clock_nsec: 0,
-            vm_state_size: 0,
-            disk_size: Some(self.header.size),
-            extra_rest: Vec::new(),
-            icount: None,
-        };
+        let mut snapshot = self.new_entry(name, &all);
         all.push(snapshot.clone());
         // Refused before anything changes: once references are added, only the new table
         // would account for them.
@@ -267,6 +246,33 @@ impl Qcow2Image {
         all.push(snapshot.clone());
         self.write_snapshot_table(&all)?;
         Ok(snapshot)
+    }
+
+    /// The entry for a new snapshot named `name` of the current disk, numbered after
+    /// `existing`; its L1 table is still to be placed.
+    fn new_entry(&self, name: &str, existing: &[Snapshot]) -> Snapshot {
+        let id = existing
+            .iter()
+            .filter_map(|s| s.id.parse::<u64>().ok())
+            .max()
+            .unwrap_or(0)
+            + 1;
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        Snapshot {
+            id: id.to_string(),
+            name: name.to_string(),
+            l1_table_offset: 0,
+            l1_size: self.l1.len() as u32,
+            date_sec: now.as_secs() as u32,
+            date_nsec: now.subsec_nanos(),
+            vm_clock_nsec: 0,
+            vm_state_size: 0,
+            disk_size: Some(self.header.size),
+            extra_rest: Vec::new(),
+            icount: None,
+        }
     }
 
     /// Reverts the disk to snapshot `name` (a name or an id); the snapshot stays.
