@@ -141,3 +141,162 @@ impl Drop for Qcow2Image {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::{
+        check_clean, host_of, l2_entry_on_disk, new_image, read, read_bytes, read_u64, refcount,
+        reopen, write,
+    };
+    use super::*;
+    use crate::qcow2::metadata::Structure;
+    use crate::DiskImage;
+
+    #[test]
+    fn a_new_cluster_is_published_only_when_metadata_is_flushed() {
+        let (file, mut image) = new_image(12, 1 << 20);
+        write(&mut image, 0, &[5u8; 4096]).unwrap();
+        let host = host_of(&mut image, 0);
+        // Data and refcount are there; nothing on disk points at them yet.
+        assert_eq!(read_bytes(&file, host, 4096), vec![5u8; 4096]);
+        assert_eq!(refcount(&mut image, host), 1);
+        assert_eq!(read_u64(&file, image.header.l1_table_offset), 0);
+        assert!(image.flush_metadata().unwrap());
+        let l1_entry = read_u64(&file, image.header.l1_table_offset);
+        assert_ne!(l1_entry & COPIED, 0);
+        assert_eq!(l2_entry_on_disk(&file, &image, 0), host | COPIED);
+        assert!(!image.flush_metadata().unwrap(), "nothing left to write");
+        drop(image);
+        check_clean(&file);
+    }
+
+    #[test]
+    fn a_released_cluster_keeps_its_refcount_until_no_table_on_disk_names_it() {
+        let (file, mut image) = new_image(12, 1 << 20);
+        write(&mut image, 0, &[5u8; 4096]).unwrap();
+        image.flush().unwrap();
+        let host = host_of(&mut image, 0);
+        image.discard(0, 4096).unwrap();
+        assert_eq!(image.mapping(0).unwrap(), Mapping::Unallocated);
+        assert_eq!(l2_entry_on_disk(&file, &image, 0), host | COPIED);
+        assert_eq!(refcount(&mut image, host), 1, "the disk still uses it");
+        image.flush().unwrap();
+        assert_eq!(l2_entry_on_disk(&file, &image, 0), 0);
+        assert_eq!(refcount(&mut image, host), 0);
+        drop(image);
+        check_clean(&file);
+    }
+
+    #[test]
+    fn half_a_cache_of_dirty_tables_forces_a_flush() {
+        // 2 MiB clusters: the cache holds 4 tables, each maps 512 GiB.
+        let table_span = 1u64 << 39;
+        let (file, mut image) = new_image(21, 3 * table_span);
+        assert_eq!(image.l2.capacity(), 4);
+        let l1 = image.header.l1_table_offset;
+        write(&mut image, 0, &[1u8; 512]).unwrap();
+        assert_eq!(image.l2.dirty_count(), 1);
+        assert_eq!(read_u64(&file, l1), 0, "one dirty table waits");
+        write(&mut image, table_span, &[2u8; 512]).unwrap();
+        assert_eq!(image.l2.dirty_count(), 0);
+        assert_ne!(read_u64(&file, l1), 0);
+        assert_ne!(read_u64(&file, l1 + 8), 0);
+        assert_eq!(read(&mut image, table_span, 512), vec![2u8; 512]);
+    }
+
+    #[test]
+    fn thousands_of_pending_releases_force_a_flush() {
+        // 512-byte clusters: 4096 of them are 2 MiB.
+        let (file, mut image) = new_image(9, 4 << 20);
+        write(&mut image, 0, &vec![3u8; 4096 * 512]).unwrap();
+        image.flush().unwrap();
+        let first = host_of(&mut image, 0);
+        image.discard(0, 4095 * 512).unwrap();
+        assert_eq!(image.pending_release.len(), 4095);
+        assert_eq!(refcount(&mut image, first), 1);
+        image.discard(4095 * 512, 512).unwrap();
+        assert!(image.pending_release.is_empty());
+        assert_eq!(refcount(&mut image, first), 0);
+        assert_eq!(l2_entry_on_disk(&file, &image, 0), 0);
+        drop(image);
+        check_clean(&file);
+    }
+
+    #[test]
+    fn writing_through_a_table_shared_with_a_snapshot_copies_the_table() {
+        let (file, mut image) = new_image(12, 1 << 20);
+        write(&mut image, 0, &[1u8; 8192]).unwrap();
+        image.create_snapshot("s").unwrap();
+        let old_table = image.l1[0] & OFFSET_MASK;
+        let (host0, host1) = (host_of(&mut image, 0), host_of(&mut image, 4096));
+        assert_eq!(refcount(&mut image, old_table), 2);
+        write(&mut image, 4096, &[2u8; 4096]).unwrap();
+        let new_table = image.l1[0] & OFFSET_MASK;
+        assert_ne!(new_table, old_table);
+        assert_ne!(image.l1[0] & COPIED, 0);
+        // The untouched cluster stays shared, the rewritten one is the active table's own.
+        assert_eq!(
+            image.mapping(0).unwrap(),
+            Mapping::Data {
+                host: host0,
+                owned: false
+            }
+        );
+        assert!(matches!(
+            image.mapping(4096).unwrap(),
+            Mapping::Data { host, owned: true } if host != host1
+        ));
+        let map = image.refcounts.metadata();
+        assert_eq!(map.find(map.clusters(old_table, 1)), None);
+        assert_eq!(
+            map.find(map.clusters(new_table, 1)).map(|(what, _)| what),
+            Some(Structure::L2Table)
+        );
+        assert_eq!(
+            refcount(&mut image, old_table),
+            2,
+            "released after the flush"
+        );
+        image.flush().unwrap();
+        assert_eq!(refcount(&mut image, old_table), 1, "the snapshot's now");
+        assert_eq!(read_u64(&file, old_table + 8) & OFFSET_MASK, host1);
+        assert_eq!(read(&mut image, 0, 8192)[4096..], [2u8; 4096]);
+        drop(image);
+        check_clean(&file);
+    }
+
+    #[test]
+    fn l2_tables_get_their_own_clusters_and_are_recorded_as_metadata() {
+        let (file, mut image) = new_image(12, 4 << 20);
+        // 4 KiB clusters: an L2 table maps 2 MiB.
+        write(&mut image, 0, &[1u8; 4096]).unwrap();
+        write(&mut image, 2 << 20, &[2u8; 4096]).unwrap();
+        image.flush().unwrap();
+        let tables: Vec<u64> = image.l1.iter().map(|e| e & OFFSET_MASK).collect();
+        assert_eq!(tables.len(), 2);
+        assert_ne!(tables[0], tables[1]);
+        for table in &tables {
+            assert_eq!(refcount(&mut image, *table), 1);
+            let map = image.refcounts.metadata();
+            assert_eq!(
+                map.find(map.clusters(*table, 1)).map(|(what, _)| what),
+                Some(Structure::L2Table)
+            );
+        }
+        assert_eq!(read(&mut image, 2 << 20, 4096), vec![2u8; 4096]);
+        drop(image);
+        check_clean(&file);
+    }
+
+    #[test]
+    fn closing_an_image_writes_its_tables() {
+        let (file, mut image) = new_image(12, 1 << 20);
+        write(&mut image, 8192, &[4u8; 100]).unwrap();
+        assert_eq!(read_u64(&file, image.header.l1_table_offset), 0);
+        drop(image);
+        let mut image = reopen(&file);
+        assert_eq!(read(&mut image, 8192, 100), vec![4u8; 100]);
+        drop(image);
+        check_clean(&file);
+    }
+}

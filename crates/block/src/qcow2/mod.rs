@@ -703,4 +703,6 @@ fn write_zero_bytes(image: &mut dyn DiskImage, mut offset: u64, len: u64) -> io:
 }
 
 #[cfg(test)]
+mod testing;
+#[cfg(test)]
 mod tests;

@@ -595,3 +595,6 @@ impl Refcounts {
         })
     }
 }
+
+#[cfg(test)]
+mod tests;

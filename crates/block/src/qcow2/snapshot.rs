@@ -66,8 +66,12 @@ impl Snapshot {
             extra.extend_from_slice(&self.extra_rest);
         }
         let (id, name) = (self.id.as_bytes(), self.name.as_bytes());
-        let too_long =
-            || io::Error::new(io::ErrorKind::InvalidInput, "the snapshot name is too long");
+        let too_long = || {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "the snapshot name is too long (at most 65535 bytes)",
+            )
+        };
         let mut b = Vec::with_capacity(ENTRY_HEADER + extra.len() + id.len() + name.len() + 8);
         b.extend_from_slice(&self.l1_table_offset.to_be_bytes());
         b.extend_from_slice(&self.l1_size.to_be_bytes());
@@ -143,6 +147,26 @@ pub fn parse_table(raw: &[u8], count: u32, cluster_size: u64) -> io::Result<(Vec
     Ok((out, at as u64))
 }
 
+/// The stored form of a snapshot table, refused if it could not be read back (QEMU and
+/// Ferro read at most [`MAX_TABLE_BYTES`]).
+fn table_bytes(snapshots: &[Snapshot], version: u32) -> io::Result<Vec<u8>> {
+    let mut raw = Vec::new();
+    for snapshot in snapshots {
+        raw.extend_from_slice(&snapshot.to_bytes(version)?);
+    }
+    if raw.len() as u64 > MAX_TABLE_BYTES {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "the snapshot table would take {} bytes, more than the {} MiB an image may hold: delete snapshots or use shorter names",
+                raw.len(),
+                MAX_TABLE_BYTES >> 20
+            ),
+        ));
+    }
+    Ok(raw)
+}
+
 fn not_found(name: &str) -> io::Error {
     io::Error::new(
         io::ErrorKind::NotFound,
@@ -201,12 +225,12 @@ impl Qcow2Image {
         if all.len() as u32 >= MAX_SNAPSHOTS {
             return Err(io::Error::other("the image has too many snapshots"));
         }
-        let id = all
-            .iter()
-            .filter_map(|s| s.id.parse::<u64>().ok())
-            .max()
-            .unwrap_or(0)
-            + 1;
+        let mut snapshot = self.new_entry(name, &all);
+        all.push(snapshot.clone());
+        // Refused before anything changes: once references are added, only the new table
+        // would account for them.
+        table_bytes(&all, self.header.version)?;
+        all.pop();
         // The snapshot's L1 table: a copy of the active one.
         let l1_bytes: Vec<u8> = self.l1.iter().flat_map(|e| e.to_be_bytes()).collect();
         let l1_clusters = (l1_bytes.len() as u64).div_ceil(self.cluster_size());
@@ -218,13 +242,28 @@ impl Qcow2Image {
         let active = self.l1.clone();
         self.adjust_tree(&active, 1)?;
         self.fix_copied_flags()?;
+        snapshot.l1_table_offset = l1_offset;
+        all.push(snapshot.clone());
+        self.write_snapshot_table(&all)?;
+        Ok(snapshot)
+    }
+
+    /// The entry for a new snapshot named `name` of the current disk, numbered after
+    /// `existing`; its L1 table is still to be placed.
+    fn new_entry(&self, name: &str, existing: &[Snapshot]) -> Snapshot {
+        let id = existing
+            .iter()
+            .filter_map(|s| s.id.parse::<u64>().ok())
+            .max()
+            .unwrap_or(0)
+            + 1;
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();
-        let snapshot = Snapshot {
+        Snapshot {
             id: id.to_string(),
             name: name.to_string(),
-            l1_table_offset: l1_offset,
+            l1_table_offset: 0,
             l1_size: self.l1.len() as u32,
             date_sec: now.as_secs() as u32,
             date_nsec: now.subsec_nanos(),
@@ -233,10 +272,7 @@ impl Qcow2Image {
             disk_size: Some(self.header.size),
             extra_rest: Vec::new(),
             icount: None,
-        };
-        all.push(snapshot.clone());
-        self.write_snapshot_table(&all)?;
-        Ok(snapshot)
+        }
     }
 
     /// Reverts the disk to snapshot `name` (a name or an id); the snapshot stays.
@@ -378,10 +414,7 @@ impl Qcow2Image {
     /// Writes `snapshots` as a new table, points the header at it once it is durable, then
     /// frees the old table.
     fn write_snapshot_table(&mut self, snapshots: &[Snapshot]) -> io::Result<()> {
-        let mut raw = Vec::new();
-        for snapshot in snapshots {
-            raw.extend_from_slice(&snapshot.to_bytes(self.header.version)?);
-        }
+        let raw = table_bytes(snapshots, self.header.version)?;
         let cluster_size = self.cluster_size();
         let old = (self.header.snapshots_offset, self.read_snapshot_table()?.1);
         let new_offset = if raw.is_empty() {
@@ -450,3 +483,6 @@ pub(super) fn l2_offsets(l1: &[u64]) -> impl Iterator<Item = u64> + '_ {
         .map(|e| e & OFFSET_MASK)
         .filter(|&offset| offset != 0)
 }
+
+#[cfg(test)]
+mod tests;

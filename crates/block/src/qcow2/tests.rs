@@ -1,158 +1,383 @@
-//! Unit tests of the qcow2 core on images in temporary files: allocation, refcount updates,
-//! the L2 cache, the snapshot table, and writes that would land on metadata.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+//! Unit tests of the image itself (this module's `mod.rs`): how guest offsets map to clusters,
+//! reads of every kind of cluster, allocating and in-place writes, discard and write-zeroes,
+//! and guest writes that would land on metadata.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 
-use vm_memory::VolatileSlice;
-
-use super::l2cache::L2Cache;
-use super::metadata::{is_refused_update, Structure};
-use super::refcount::{decode, encode};
+use super::testing::{
+    check_clean, host_of, new_file, new_image, new_overlay, read, read_bytes, read_u64, refcount,
+    reopen, try_read, write,
+};
 use super::*;
 
-/// A new empty image of `size` bytes with clusters of 2^`cluster_bits` bytes, open for
-/// writing, and a second handle on its file.
-fn new_image(cluster_bits: u32, size: u64) -> (File, Qcow2Image) {
-    let file = tempfile::tempfile().unwrap();
-    let options = CreateOptions {
-        size,
-        cluster_bits,
-        backing: None,
-    };
-    create(&file, &options).unwrap();
-    let image = Qcow2Image::open(file.try_clone().unwrap(), true, None).unwrap();
-    (file, image)
+/// Bytes that differ from cluster to cluster and compress well.
+fn pattern(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 7 % 251) as u8).collect()
 }
 
-fn reopen(file: &File) -> Qcow2Image {
-    Qcow2Image::open(file.try_clone().unwrap(), true, None).unwrap()
-}
-
-fn read_bytes(file: &File, offset: u64, len: u64) -> Vec<u8> {
-    let mut buf = vec![0u8; len as usize];
-    file.read_exact_at(&mut buf, offset).unwrap();
-    buf
-}
-
-fn write(image: &mut Qcow2Image, offset: u64, bytes: &[u8]) -> std::io::Result<()> {
-    let mut data = bytes.to_vec();
-    image.write_at(offset, &[VolatileSlice::from(&mut data[..])])
-}
-
-fn read(image: &mut Qcow2Image, offset: u64, len: usize) -> Vec<u8> {
-    let mut data = vec![0u8; len];
-    image
-        .read_at(offset, &[VolatileSlice::from(&mut data[..])])
+/// A raw deflate stream of `data`, as qcow2 stores compressed clusters.
+fn deflate(data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(data.len() + 64);
+    let mut compress = flate2::Compress::new(flate2::Compression::default(), false);
+    let status = compress
+        .compress_vec(data, &mut out, flate2::FlushCompress::Finish)
         .unwrap();
-    data
+    assert_eq!(status, flate2::Status::StreamEnd);
+    out
 }
 
-fn refcount(image: &mut Qcow2Image, offset: u64) -> u64 {
-    let cluster = offset >> image.header.cluster_bits;
-    image.refcounts.get(&image.file, cluster).unwrap()
-}
-
-fn check_clean(file: &File) {
-    let report = check(file, false).unwrap();
-    assert_eq!(
-        (report.corruptions, report.leaks),
-        (0, 0),
-        "{:#?}",
-        report.problems
-    );
-}
-
-#[test]
-fn allocation_takes_free_clusters_in_order_and_reuses_freed_ones() {
+/// A 4 KiB-cluster image whose guest cluster 0 is `compressed` (stored 100 bytes into a cluster
+/// of its own, counted) and whose cluster 1 is data of 9s. Returns the compressed bytes' host.
+fn compressed_image(compressed: &[u8]) -> (File, Qcow2Image, u64) {
     let (file, mut image) = new_image(12, 1 << 20);
-    let end = file.metadata().unwrap().len();
-    let a = image.allocate(1, "test data").unwrap();
-    assert_eq!(a, end, "the first free cluster follows the metadata");
-    let b = image.allocate(3, "test data").unwrap();
-    assert_eq!(b, a + 4096);
-    for offset in [a, b, b + 4096, b + 8192] {
-        assert_eq!(refcount(&mut image, offset), 1);
-    }
-    image
-        .release(Mapping::Data {
-            host: a,
-            owned: true,
-        })
-        .unwrap();
-    assert_eq!(refcount(&mut image, a), 0);
-    assert_eq!(
-        image.allocate(1, "test data").unwrap(),
-        a,
-        "a freed cluster is reused"
-    );
-    image
-        .release(Mapping::Data {
-            host: a,
-            owned: true,
-        })
-        .unwrap();
-    // A run does not fit in a one-cluster hole.
-    let run = image.allocate(2, "test data").unwrap();
-    assert_eq!(run, b + 3 * 4096);
+    write(&mut image, 4096, &[9u8; 4096]).unwrap();
+    image.flush().unwrap();
+    let host = file.metadata().unwrap().len().next_multiple_of(4096) + 100;
+    file.write_all_at(compressed, host).unwrap();
+    image.refcounts.set(&image.file, host >> 12, 1).unwrap();
+    let l2 = image.l1[0] & OFFSET_MASK;
+    drop(image);
+    let offset_bits = 62 - (12 - 8);
+    let sectors = (host % 512 + compressed.len() as u64).div_ceil(512) - 1;
+    let entry = COMPRESSED | (sectors << offset_bits) | host;
+    file.write_all_at(&entry.to_be_bytes(), l2).unwrap();
+    let image = reopen(&file);
+    (file, image, host)
 }
 
 #[test]
-fn a_write_longer_than_a_refcount_block_counts_takes_one_run() {
-    // 512-byte clusters: a refcount block counts 256 of them, and a 1 MiB write needs 2048
-    // consecutive new ones. New blocks used to go at the start of each range they count,
-    // cutting every run: the allocator searched forever (found by the qcow2_writes target).
-    let (file, image) = new_image(9, 4 << 20);
-    let (done, result) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut image = image;
-        let written = write(&mut image, 0, &[7u8; 1 << 20]).and_then(|()| image.flush());
-        let _ = done.send((written, image));
-    });
-    let (written, mut image) = result
-        .recv_timeout(std::time::Duration::from_secs(60))
-        .expect("the write finishes");
-    written.unwrap();
-    let first = match image.mapping(0).unwrap() {
-        Mapping::Data { host, .. } => host,
-        other => panic!("{other:?}"),
-    };
-    let last = image.mapping((1 << 20) - 512).unwrap();
+fn guest_offsets_split_into_l1_and_l2_indices() {
+    // 4 KiB clusters: 512 entries per L2 table, each table maps 2 MiB.
+    let (_file, image) = new_image(12, 16 << 20);
+    assert_eq!(image.indices(0), (0, 0));
+    assert_eq!(image.indices((3 << 21) + (5 << 12) + 4095), (3, 5));
+    assert_eq!(image.indices((1 << 21) - 1), (0, 511));
+    // 64 KiB clusters: 8192 entries, 512 MiB per table.
+    let (_file, image) = new_image(16, 2 << 30);
+    assert_eq!(image.indices((1 << 29) + (9 << 16) + 1), (1, 9));
+}
+
+#[test]
+fn table_entries_decode_to_mappings() {
+    let (_file, mut image) = new_image(16, 1 << 30);
+    let c = 1u64 << 16;
+    assert_eq!(image.decode(0).unwrap(), Mapping::Unallocated);
     assert_eq!(
-        last,
+        image.decode(3 * c).unwrap(),
         Mapping::Data {
-            host: first + (1 << 20) - 512,
+            host: 3 * c,
+            owned: false
+        }
+    );
+    assert_eq!(
+        image.decode((3 * c) | COPIED).unwrap(),
+        Mapping::Data {
+            host: 3 * c,
             owned: true
         }
     );
-    assert_eq!(read(&mut image, 0, 1 << 20), vec![7u8; 1 << 20]);
+    assert_eq!(image.decode(ZERO).unwrap(), Mapping::Zero { host: None });
+    assert_eq!(
+        image.decode(ZERO | (2 * c) | COPIED).unwrap(),
+        Mapping::Zero { host: Some(2 * c) }
+    );
+    assert!(image.decode(3 * c + 512).is_err(), "unaligned data");
+    assert!(
+        image.decode(ZERO | (3 * c + 512)).is_err(),
+        "unaligned zeroes"
+    );
+    // Compressed, 64 KiB clusters: 54 offset bits, then the count of extra 512-byte sectors.
+    let host = 0x12345;
+    assert_eq!(
+        image.decode(COMPRESSED | (2 << 54) | host).unwrap(),
+        Mapping::Compressed {
+            host,
+            len: 3 * 512 - (host & 511)
+        }
+    );
+    // Version 2 has no zero flag: the bit is reserved, the entry is data.
+    image.header.version = 2;
+    assert_eq!(
+        image.decode(ZERO | (3 * c)).unwrap(),
+        Mapping::Data {
+            host: 3 * c,
+            owned: false
+        }
+    );
+    image.header.version = 3;
+}
+
+#[test]
+fn unallocated_clusters_read_as_zeroes_or_from_the_backing_image() {
+    let (_file, mut image) = new_image(12, 16384);
+    assert_eq!(read(&mut image, 0, 16384), vec![0u8; 16384]);
+    // A backing image shorter than the disk: zeroes after its end.
+    let backing = pattern(6000);
+    let (_file, mut image) = new_overlay(12, 16384, &backing);
+    let all = read(&mut image, 0, 16384);
+    assert_eq!(all[..6000], backing[..]);
+    assert_eq!(all[6000..], [0u8; 16384 - 6000]);
+    assert_eq!(read(&mut image, 4000, 4000)[..2000], backing[4000..6000]);
+}
+
+#[test]
+fn a_partial_write_fills_the_rest_of_its_new_cluster() {
+    let backing = pattern(6000);
+    let (file, mut image) = new_overlay(12, 16384, &backing);
+    write(&mut image, 4096 + 50, &[1u8; 100]).unwrap();
+    let mut expected = backing[4096..].to_vec();
+    expected.resize(4096, 0);
+    expected[50..150].fill(1);
+    assert_eq!(read(&mut image, 4096, 4096), expected);
+    // The whole cluster is in the image, the backing image's part copied into it.
+    let host = host_of(&mut image, 4096);
+    assert_eq!(read_bytes(&file, host, 4096), expected);
+    // Without a backing image the rest is zeroes.
+    let (file, mut image) = new_image(12, 16384);
+    write(&mut image, 4096 + 50, &[1u8; 100]).unwrap();
+    let mut expected = vec![0u8; 4096];
+    expected[50..150].fill(1);
+    let host = host_of(&mut image, 4096);
+    assert_eq!(read_bytes(&file, host, 4096), expected);
+    assert_eq!(read(&mut image, 0, 8192)[4096..], expected[..]);
+}
+
+#[test]
+fn rewrites_of_an_owned_cluster_stay_in_place() {
+    let (file, mut image) = new_image(12, 1 << 20);
+    write(&mut image, 0, &[1u8; 4096]).unwrap();
+    image.flush().unwrap();
+    let host = host_of(&mut image, 0);
+    let len = file.metadata().unwrap().len();
+    write(&mut image, 100, &[2u8; 50]).unwrap();
+    write(&mut image, 0, &[3u8; 10]).unwrap();
+    assert_eq!(host_of(&mut image, 0), host);
+    assert_eq!(file.metadata().unwrap().len(), len, "nothing allocated");
+    assert_eq!(refcount(&mut image, host), 1);
+    let on_disk = read_bytes(&file, host, 4096);
+    assert_eq!(on_disk[..10], [3u8; 10]);
+    assert_eq!(on_disk[10..100], [1u8; 90]);
+    assert_eq!(on_disk[100..150], [2u8; 50]);
+    assert_eq!(on_disk[150..], [1u8; 4096 - 150]);
+}
+
+#[test]
+fn a_write_spanning_clusters_lands_in_each() {
+    let (file, mut image) = new_image(12, 1 << 20);
+    // Cluster 1 is owned already; clusters 0 and 2 get new ones.
+    write(&mut image, 4096, &[1u8; 4096]).unwrap();
+    image.flush().unwrap();
+    let owned = host_of(&mut image, 4096);
+    let data = pattern(8192);
+    write(&mut image, 2048, &data).unwrap();
+    assert_eq!(host_of(&mut image, 4096), owned, "rewritten in place");
+    for guest in [0, 8192] {
+        assert!(matches!(
+            image.mapping(guest).unwrap(),
+            Mapping::Data { owned: true, .. }
+        ));
+    }
+    let all = read(&mut image, 0, 16384);
+    assert_eq!(all[..2048], [0u8; 2048]);
+    assert_eq!(all[2048..10240], data[..]);
+    assert_eq!(all[10240..], [0u8; 6144]);
     drop(image);
     check_clean(&file);
 }
 
 #[test]
-fn allocation_never_hands_out_metadata_whose_refcount_lies() {
+fn a_long_aligned_write_takes_consecutive_clusters() {
     let (file, mut image) = new_image(12, 1 << 20);
-    let l1 = image.header.l1_table_offset;
-    let l1_before = read_bytes(&file, l1, 4096);
-    // The refcounts now call the L1 table free; the allocator must not believe them.
-    image
-        .refcounts
-        .set_unchecked(&image.file, l1 >> 12, 0)
-        .unwrap();
-    let err = image.allocate(1, "guest data").unwrap_err();
-    assert!(is_refused_update(&err), "{err}");
-    assert!(err.to_string().contains("the L1 table"), "{err}");
-    // The image takes no more writes and is marked corrupt on disk.
-    let err = write(&mut image, 0, &[7u8; 4096]).unwrap_err();
-    assert!(err.to_string().contains("corrupt"), "{err}");
+    let data = pattern(64 << 10);
+    write(&mut image, 8192, &data).unwrap();
+    let first = host_of(&mut image, 8192);
+    for i in 0..16 {
+        assert_eq!(host_of(&mut image, 8192 + i * 4096), first + i * 4096);
+    }
+    assert_eq!(read_bytes(&file, first, 64 << 10), data);
+    assert_eq!(read(&mut image, 8192, 64 << 10), data);
+}
+
+#[test]
+fn discard_unmaps_whole_clusters_only() {
+    let (file, mut image) = new_image(12, 1 << 20);
+    write(&mut image, 0, &[1u8; 12288]).unwrap();
+    image.flush().unwrap();
+    let middle = host_of(&mut image, 4096);
+    image.discard(1000, 8192).unwrap();
+    assert_eq!(image.mapping(4096).unwrap(), Mapping::Unallocated);
+    let all = read(&mut image, 0, 12288);
+    assert_eq!(all[..4096], [1u8; 4096]);
+    assert_eq!(all[4096..8192], [0u8; 4096]);
+    assert_eq!(all[8192..], [1u8; 4096]);
+    image.flush().unwrap();
+    assert_eq!(refcount(&mut image, middle), 0);
     drop(image);
-    assert_eq!(read_bytes(&file, l1, 4096), l1_before);
-    let features = u64::from_be_bytes(read_bytes(&file, 72, 8).try_into().unwrap());
-    assert_ne!(features & header::incompatible::CORRUPT, 0);
-    assert!(Qcow2Image::open(file.try_clone().unwrap(), true, None).is_err());
-    assert!(Qcow2Image::open(file.try_clone().unwrap(), false, None).is_err());
+    check_clean(&file);
+}
+
+#[test]
+fn discard_over_a_backing_image_reads_zeroes_not_the_backing_data() {
+    let backing = pattern(16384);
+    let (_file, mut image) = new_overlay(12, 16384, &backing);
+    image.discard(4096, 4096).unwrap();
+    assert_eq!(image.mapping(4096).unwrap(), Mapping::Zero { host: None });
+    assert_eq!(read(&mut image, 4096, 4096), vec![0u8; 4096]);
+    assert_eq!(read(&mut image, 0, 4096), backing[..4096]);
+    // A partial write into the discarded cluster copies zeroes, not the backing data.
+    write(&mut image, 4096 + 5, &[1u8; 10]).unwrap();
+    let mut expected = vec![0u8; 4096];
+    expected[5..15].fill(1);
+    assert_eq!(read(&mut image, 4096, 4096), expected);
+    // Version 2 has no zero clusters: discard leaves the backing data visible.
+    let (_file, mut image) = new_overlay(12, 16384, &backing);
+    image.header.version = 2;
+    write(&mut image, 4096, &[1u8; 4096]).unwrap();
+    image.discard(4096, 4096).unwrap();
+    assert_eq!(read(&mut image, 4096, 4096), vec![1u8; 4096]);
+}
+
+#[test]
+fn write_zeroes_writes_partial_clusters_and_unmaps_whole_ones() {
+    let (file, mut image) = new_image(12, 1 << 20);
+    write(&mut image, 0, &[1u8; 12288]).unwrap();
+    image.flush().unwrap();
+    let (first, last) = (host_of(&mut image, 0), host_of(&mut image, 8192));
+    image.write_zeroes(1000, 8192, true).unwrap();
+    assert_eq!(image.mapping(4096).unwrap(), Mapping::Unallocated);
+    assert_eq!(
+        (host_of(&mut image, 0), host_of(&mut image, 8192)),
+        (first, last)
+    );
+    let all = read(&mut image, 0, 12288);
+    assert_eq!(all[..1000], [1u8; 1000]);
+    assert_eq!(all[1000..9192], [0u8; 8192]);
+    assert_eq!(all[9192..], [1u8; 12288 - 9192]);
+    drop(image);
+    check_clean(&file);
+    // Over a backing image whole clusters become zero clusters.
+    let backing = pattern(16384);
+    let (_file, mut image) = new_overlay(12, 16384, &backing);
+    image.write_zeroes(0, 16384, false).unwrap();
+    assert_eq!(image.mapping(8192).unwrap(), Mapping::Zero { host: None });
+    assert_eq!(read(&mut image, 0, 16384), vec![0u8; 16384]);
+    // Version 2 over a backing image: zeroes are written as data.
+    let (_file, mut image) = new_overlay(12, 16384, &backing);
+    image.header.version = 2;
+    image.write_zeroes(4096, 4096, true).unwrap();
+    assert!(matches!(
+        image.mapping(4096).unwrap(),
+        Mapping::Data { owned: true, .. }
+    ));
+    assert_eq!(read(&mut image, 4096, 4096), vec![0u8; 4096]);
+}
+
+#[test]
+fn compressed_clusters_are_inflated_on_read() {
+    let data = pattern(4096);
+    let (_file, mut image, host) = compressed_image(&deflate(&data));
+    assert!(matches!(
+        image.mapping(0).unwrap(),
+        Mapping::Compressed { host: h, .. } if h == host
+    ));
+    assert_eq!(read(&mut image, 0, 4096), data);
+    assert_eq!(read(&mut image, 100, 200), data[100..300]);
+    let across = read(&mut image, 4000, 200);
+    assert_eq!(across[..96], data[4000..]);
+    assert_eq!(across[96..], [9u8; 104]);
+}
+
+#[test]
+fn a_write_into_a_compressed_cluster_copies_it_and_frees_it() {
+    let data = pattern(4096);
+    let (file, mut image, host) = compressed_image(&deflate(&data));
+    write(&mut image, 50, &[7u8; 10]).unwrap();
+    assert!(matches!(
+        image.mapping(0).unwrap(),
+        Mapping::Data { owned: true, .. }
+    ));
+    let mut expected = data.clone();
+    expected[50..60].fill(7);
+    assert_eq!(read(&mut image, 0, 4096), expected);
+    assert_eq!(refcount(&mut image, host), 1);
+    image.flush().unwrap();
+    assert_eq!(refcount(&mut image, host), 0);
+    drop(image);
+    check_clean(&file);
+}
+
+#[test]
+fn damaged_compressed_clusters_are_read_errors() {
+    let short = deflate(&pattern(100));
+    let garbage = vec![0xffu8; 300];
+    for compressed in [short, garbage] {
+        let (_file, mut image, _) = compressed_image(&compressed);
+        let err = try_read(&mut image, 0, 4096).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
+        assert_eq!(read(&mut image, 4096, 4096), vec![9u8; 4096]);
+    }
+}
+
+#[test]
+fn accesses_beyond_the_disk_are_refused() {
+    let (_file, mut image) = new_image(12, 1 << 20);
+    let size = 1u64 << 20;
+    assert_eq!(
+        try_read(&mut image, size - 10, 20).unwrap_err().kind(),
+        io::ErrorKind::InvalidInput
+    );
+    assert_eq!(
+        write(&mut image, u64::MAX - 5, &[1u8; 10])
+            .unwrap_err()
+            .kind(),
+        io::ErrorKind::InvalidInput
+    );
+    assert!(image.discard(size, 1).is_err());
+    assert!(image.write_zeroes(size - 4096, 8192, true).is_err());
+    assert_eq!(read(&mut image, size - 4096, 4096), vec![0u8; 4096]);
+}
+
+#[test]
+fn a_read_only_image_takes_no_writes() {
+    let (file, mut image) = new_image(12, 1 << 20);
+    write(&mut image, 0, &[1u8; 4096]).unwrap();
+    drop(image);
+    let before = read_bytes(&file, 0, file.metadata().unwrap().len());
+    let mut image = Qcow2Image::open(file.try_clone().unwrap(), false, None).unwrap();
+    let denied = io::ErrorKind::PermissionDenied;
+    assert_eq!(write(&mut image, 0, &[2u8; 10]).unwrap_err().kind(), denied);
+    assert_eq!(image.discard(0, 4096).unwrap_err().kind(), denied);
+    assert_eq!(
+        image.write_zeroes(0, 4096, true).unwrap_err().kind(),
+        denied
+    );
+    assert_eq!(read(&mut image, 0, 4096), vec![1u8; 4096]);
+    drop(image);
+    assert_eq!(read_bytes(&file, 0, file.metadata().unwrap().len()), before);
+}
+
+#[test]
+fn opening_for_writing_clears_autoclear_bits_and_refuses_dirty_images() {
+    let file = new_file(12, 1 << 20);
+    let bits = header::autoclear::BITMAPS.to_be_bytes();
+    file.write_all_at(&bits, header::AUTOCLEAR_FIELD).unwrap();
+    drop(Qcow2Image::open(file.try_clone().unwrap(), false, None).unwrap());
+    assert_eq!(
+        read_u64(&file, header::AUTOCLEAR_FIELD),
+        header::autoclear::BITMAPS
+    );
+    let image = reopen(&file);
+    assert_eq!(image.header().autoclear_features, 0);
+    assert_eq!(read_u64(&file, header::AUTOCLEAR_FIELD), 0);
+    drop(image);
+    let dirty = header::incompatible::DIRTY.to_be_bytes();
+    file.write_all_at(&dirty, header::INCOMPATIBLE_FIELD)
+        .unwrap();
+    let err = Qcow2Image::open(file.try_clone().unwrap(), true, None).unwrap_err();
+    assert!(err.to_string().contains("dirty"), "{err}");
+    assert!(Qcow2Image::open(file.try_clone().unwrap(), false, None).is_ok());
 }
 
 #[test]
@@ -182,30 +407,8 @@ fn a_guest_write_into_a_data_cluster_that_is_metadata_is_refused() {
     );
     drop(image);
     assert_eq!(read_bytes(&file, block, 4096), block_before);
-}
-
-#[test]
-fn a_table_naming_metadata_as_data_cannot_free_it() {
-    // Found by the qcow2_writes fuzz target: a shared-looking L2 entry naming the refcount
-    // block; overwriting that guest cluster copies it elsewhere and drops the old reference,
-    // which would have freed the refcount block for the next allocation.
-    let (file, mut image) = new_image(12, 1 << 20);
-    write(&mut image, 0, &[1u8; 4096]).unwrap();
-    drop(image);
-    let image = reopen(&file);
-    let l2 = image.l1[0] & OFFSET_MASK;
-    let block = image.refcounts.table_entry(0);
-    drop(image);
-    file.write_all_at(&block.to_be_bytes(), l2 + 8).unwrap();
-    let mut image = reopen(&file);
-    write(&mut image, 4096, &[9u8; 4096]).unwrap();
-    let err = image.flush().unwrap_err();
-    assert!(is_refused_update(&err), "{err}");
-    assert!(err.to_string().contains("refusing to free"), "{err}");
-    assert_eq!(refcount(&mut image, block), 1);
-    assert!(write(&mut image, 0, &[2u8; 512]).is_err());
-    drop(image);
-    assert!(Qcow2Image::open(file.try_clone().unwrap(), true, None).is_err());
+    let features = read_u64(&file, header::INCOMPATIBLE_FIELD);
+    assert_ne!(features & header::incompatible::CORRUPT, 0);
 }
 
 #[test]
@@ -222,232 +425,4 @@ fn writes_through_an_l2_table_that_points_at_itself_are_refused() {
     assert!(err.to_string().contains("an L2 table"), "{err}");
     drop(image);
     assert_eq!(read_bytes(&file, l2, 4096), l2_before);
-}
-
-#[test]
-fn refcount_entries_of_every_width_keep_their_neighbours() {
-    for order in 0..=6u32 {
-        let bits = 1u64 << order;
-        let max = if order == 6 {
-            u64::MAX
-        } else {
-            (1 << bits) - 1
-        };
-        let mut block = vec![0u8; 512];
-        let entries = 512 * 8 / bits;
-        for index in 0..entries {
-            encode(bits, &mut block, index, index % 3 % (max.min(2) + 1));
-        }
-        for index in [0, 1, entries / 2, entries - 1] {
-            encode(bits, &mut block, index, max);
-            assert_eq!(decode(bits, &block, index), max, "order {order}");
-            if index + 1 < entries {
-                let expected = (index + 1) % 3 % (max.min(2) + 1);
-                assert_eq!(decode(bits, &block, index + 1), expected, "order {order}");
-            }
-            encode(bits, &mut block, index, 0);
-            assert_eq!(decode(bits, &block, index), 0, "order {order}");
-        }
-    }
-}
-
-#[test]
-fn refcounts_beyond_the_table_grow_it_and_the_old_one_is_freed() {
-    // 512-byte clusters: a block counts 256 clusters, the one-cluster table 64 blocks.
-    let (file, mut image) = new_image(9, 64 << 20);
-    let old_table = image.header.refcount_table_offset;
-    let far = 64 * 256 + 10;
-    let moved = image.refcounts.set(&image.file, far, 1).unwrap().unwrap();
-    assert_ne!(moved.offset, old_table);
-    let header = read_header(&file).unwrap();
-    assert_eq!(header.refcount_table_offset, moved.offset);
-    assert_eq!(header.refcount_table_clusters, moved.clusters);
-    assert_eq!(image.refcounts.get(&image.file, far).unwrap(), 1);
-    // The old table is free, the new one and its blocks are counted and recorded.
-    assert_eq!(image.refcounts.get(&image.file, old_table >> 9).unwrap(), 0);
-    assert_eq!(
-        image.refcounts.get(&image.file, moved.offset >> 9).unwrap(),
-        1
-    );
-    let map = image.refcounts.metadata();
-    assert_eq!(map.find(map.clusters(old_table, 512)), None);
-    assert_eq!(
-        map.find(map.clusters(moved.offset, 512)),
-        Some((Structure::RefcountTable, moved.offset >> 9))
-    );
-    let new_block = image.refcounts.table_entry(64);
-    assert_eq!(
-        map.find(map.clusters(new_block, 1)).map(|(what, _)| what),
-        Some(Structure::RefcountBlock)
-    );
-    // Decrements below zero are refused, not wrapped.
-    assert!(image
-        .refcounts
-        .adjust(&image.file, old_table >> 9, -1)
-        .is_err());
-}
-
-#[test]
-fn l2_tables_get_their_own_clusters_and_are_recorded_as_metadata() {
-    let (file, mut image) = new_image(12, 4 << 20);
-    // 4 KiB clusters: an L2 table maps 2 MiB.
-    write(&mut image, 0, &[1u8; 4096]).unwrap();
-    write(&mut image, 2 << 20, &[2u8; 4096]).unwrap();
-    image.flush().unwrap();
-    let tables: Vec<u64> = image.l1.iter().map(|e| e & OFFSET_MASK).collect();
-    assert_eq!(tables.len(), 2);
-    for table in &tables {
-        assert_eq!(refcount(&mut image, *table), 1);
-        let map = image.refcounts.metadata();
-        assert_eq!(
-            map.find(map.clusters(*table, 1)).map(|(what, _)| what),
-            Some(Structure::L2Table)
-        );
-    }
-    assert_eq!(read(&mut image, 2 << 20, 4096), vec![2u8; 4096]);
-    drop(image);
-    check_clean(&file);
-}
-
-#[test]
-fn the_l2_cache_evicts_the_oldest_clean_table_and_never_a_dirty_one() {
-    let file = tempfile::tempfile().unwrap();
-    // 2 MiB tables: the 8 MiB budget holds 4.
-    let cluster: u64 = 2 << 20;
-    let mut cache = L2Cache::new(cluster);
-    assert_eq!(cache.capacity(), 4);
-    let entries = (cluster / 8) as usize;
-    for t in 0..4u64 {
-        cache.store(&file, t * cluster, vec![t; entries]).unwrap();
-    }
-    cache.set_deferred(&file, 0, 5, 99).unwrap();
-    assert_eq!(cache.dirty_count(), 1);
-    // A fifth table evicts table 1 (the oldest clean one), not the dirty table 0.
-    cache.store(&file, 4 * cluster, vec![4; entries]).unwrap();
-    file.write_all_at(&[0xee; 8], cluster).unwrap();
-    assert_eq!(
-        cache.entry(&file, cluster, 0).unwrap(),
-        0xeeee_eeee_eeee_eeee
-    );
-    assert_eq!(cache.entry(&file, 0, 5).unwrap(), 99);
-    // Table 0's change is on disk only once written.
-    assert_eq!(read_bytes(&file, 5 * 8, 8), 0u64.to_be_bytes());
-    cache.write_dirty(&file).unwrap();
-    assert_eq!(cache.dirty_count(), 0);
-    assert_eq!(read_bytes(&file, 5 * 8, 8), 99u64.to_be_bytes());
-    // With every table dirty the cache grows rather than drop a change.
-    for t in 0..5u64 {
-        cache.set_deferred(&file, t * cluster, 0, t + 100).unwrap();
-    }
-    assert_eq!(cache.dirty_count(), 5);
-    for t in 0..5u64 {
-        assert_eq!(cache.entry(&file, t * cluster, 0).unwrap(), t + 100);
-    }
-    cache.clear();
-    assert_eq!(cache.entry(&file, 4 * cluster, 0).unwrap(), 104);
-}
-
-#[test]
-fn snapshot_table_entries_round_trip() {
-    let (_file, mut image) = new_image(12, 1 << 20);
-    write(&mut image, 0, &[3u8; 4096]).unwrap();
-    let made = image.create_snapshot("first").unwrap();
-    image.create_snapshot("second").unwrap();
-    let (snapshots, len) = image.read_snapshot_table().unwrap();
-    assert_eq!(snapshots.len(), 2);
-    assert_eq!(snapshots[0], made);
-    assert_eq!(
-        (snapshots[0].id.as_str(), snapshots[1].id.as_str()),
-        ("1", "2")
-    );
-    let bytes: Vec<u8> = snapshots
-        .iter()
-        .flat_map(|s| s.to_bytes(3).unwrap())
-        .collect();
-    assert_eq!(bytes.len() as u64, len);
-    let (parsed, parsed_len) = snapshot::parse_table(&bytes, 2, 4096).unwrap();
-    assert_eq!((parsed, parsed_len), (snapshots, len));
-    // Truncated tables and absurd entries are errors.
-    assert!(snapshot::parse_table(&bytes[..50], 2, 4096).is_err());
-    let mut bad = bytes.clone();
-    bad[36..40].copy_from_slice(&u32::MAX.to_be_bytes());
-    assert!(snapshot::parse_table(&bad, 2, 4096).is_err());
-}
-
-/// Rewrites the snapshot table in place as an older QEMU wrote it: 16 bytes of extra data per
-/// entry instead of Ferro's 24, so it is shorter than Ferro would write it.
-fn shrink_snapshot_extra_data(file: &File, image: &Qcow2Image) -> u64 {
-    let (snapshots, _) = image.read_snapshot_table().unwrap();
-    let mut raw = Vec::new();
-    for snapshot in &snapshots {
-        let full = snapshot.to_bytes(3).unwrap();
-        let (id, name) = (snapshot.id.len(), snapshot.name.len());
-        let mut entry = full[..40].to_vec();
-        entry[36..40].copy_from_slice(&16u32.to_be_bytes());
-        entry.extend_from_slice(&full[40..56]);
-        entry.extend_from_slice(&full[64..64 + id + name]);
-        entry.resize(entry.len().next_multiple_of(8), 0);
-        raw.extend_from_slice(&entry);
-    }
-    file.write_all_at(&raw, image.header.snapshots_offset)
-        .unwrap();
-    raw.len() as u64
-}
-
-#[test]
-fn replacing_a_snapshot_table_frees_exactly_the_clusters_it_used() {
-    // 512-byte clusters; eight entries take 576 bytes as Ferro writes them, 512 as older
-    // QEMUs did. The old table's length must come from the table, not from re-encoding it.
-    let (file, mut image) = new_image(9, 1 << 20);
-    for i in 0..8 {
-        image.create_snapshot(&format!("s{i}")).unwrap();
-    }
-    let table = image.header.snapshots_offset;
-    assert_eq!(refcount(&mut image, table + 512), 1, "a two-cluster table");
-    let len = shrink_snapshot_extra_data(&file, &image);
-    assert_eq!(len, 512);
-    // Its second cluster is free now, and guest data takes it.
-    image
-        .refcounts
-        .set_unchecked(&image.file, (table + 512) >> 9, 0)
-        .unwrap();
-    drop(image);
-    check_clean(&file);
-    // A guest write takes the lowest free clusters (for its data and its L2 table): that one.
-    let mut image = reopen(&file);
-    write(&mut image, 0, &[5u8; 512]).unwrap();
-    image.flush().unwrap();
-    assert_eq!(refcount(&mut image, table + 512), 1);
-    image.delete_snapshot("s3").unwrap();
-    assert_eq!(
-        refcount(&mut image, table + 512),
-        1,
-        "the guest's cluster stays in use"
-    );
-    drop(image);
-    check_clean(&file);
-    let mut image = reopen(&file);
-    assert_eq!(read(&mut image, 0, 512), vec![5u8; 512]);
-}
-
-#[test]
-fn snapshots_are_recorded_as_metadata_and_forgotten_when_deleted() {
-    let (_file, mut image) = new_image(12, 1 << 20);
-    write(&mut image, 0, &[3u8; 4096]).unwrap();
-    let snapshot = image.create_snapshot("s").unwrap();
-    let table = image.header.snapshots_offset;
-    let map = image.refcounts.metadata();
-    assert_eq!(
-        map.find(map.clusters(table, 1)).map(|(what, _)| what),
-        Some(Structure::SnapshotTable)
-    );
-    assert_eq!(
-        map.find(map.clusters(snapshot.l1_table_offset, 1))
-            .map(|(what, _)| what),
-        Some(Structure::SnapshotL1 { index: 0 })
-    );
-    image.delete_snapshot("s").unwrap();
-    let map = image.refcounts.metadata();
-    assert_eq!(map.find(map.clusters(table, 1)), None);
-    assert_eq!(map.find(map.clusters(snapshot.l1_table_offset, 1)), None);
 }
