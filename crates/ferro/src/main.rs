@@ -5,6 +5,7 @@ mod client_networks;
 mod client_pools;
 mod console_attach;
 mod img;
+mod man_pages;
 mod run;
 
 use std::io::IsTerminal;
@@ -41,6 +42,15 @@ enum Command {
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions {
         shell: clap_complete::Shell,
+    },
+    /// Write the man pages (ferro.1 and one per subcommand) into DIR, for packaging.
+    #[command(hide = true)]
+    Man {
+        /// The directory to write them to (created if missing).
+        dir: std::path::PathBuf,
+        /// The date in the pages' footer (the release's, e.g. 2026-12-07).
+        #[arg(long)]
+        date: String,
     },
 }
 
@@ -153,6 +163,19 @@ fn main() -> ExitCode {
             use clap::CommandFactory;
             clap_complete::generate(shell, &mut Cli::command(), "ferro", &mut std::io::stdout());
             ExitCode::SUCCESS
+        }
+        Command::Man { dir, date } => {
+            use clap::CommandFactory;
+            match man_pages::write(Cli::command(), &dir, &date) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!(
+                        "ferro: error: cannot write the man pages to {}: {e}",
+                        dir.display()
+                    );
+                    ExitCode::from(1)
+                }
+            }
         }
     }
 }
