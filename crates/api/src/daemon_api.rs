@@ -11,6 +11,10 @@ use crate::size::ByteSize;
 use crate::vm_config::{ConsoleKind, DiskConfig, VmConfig};
 use crate::vmm_api::VmCounters;
 
+/// Where the daemon listens unless told otherwise (`ferro daemon --socket`, and the clients'
+/// `-c`/`--socket` or `FERRO_SOCKET`).
+pub const DEFAULT_SOCKET: &str = "/run/ferro/ferro.sock";
+
 /// Paths of the daemon API.
 pub mod paths {
     pub const VMS: &str = "/api/v1/vms";
@@ -22,8 +26,8 @@ pub mod paths {
         format!("{VMS}/{name}")
     }
 
-    /// `/api/v1/vms/NAME/ACTION` (start, shutdown, destroy, reboot, suspend, resume,
-    /// autostart, stats, console).
+    /// `/api/v1/vms/NAME/ACTION` (start, shutdown, destroy, reboot, reset, suspend, resume,
+    /// autostart, stats).
     pub fn vm_action(name: &str, action: &str) -> String {
         format!("{VMS}/{name}/{action}")
     }
@@ -491,13 +495,14 @@ pub enum DomainState {
 }
 
 impl std::fmt::Display for DomainState {
+    /// The name the JSON has, so text and `--json` spell a state the same way.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let name = match self {
-            DomainState::Shutoff => "shut off",
+            DomainState::Shutoff => "shutoff",
             DomainState::Starting => "starting",
             DomainState::Running => "running",
             DomainState::Paused => "paused",
-            DomainState::ShuttingDown => "shutting down",
+            DomainState::ShuttingDown => "shutting-down",
             DomainState::Crashed => "crashed",
         };
         f.write_str(name)
@@ -533,6 +538,17 @@ pub struct VmDetails {
     /// whose name cannot be a DNS name).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
+    /// The definition the next start uses, when the VM was defined again while it ran (it
+    /// runs on with `definition`); absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending_definition: Option<VmDefinition>,
+}
+
+impl VmDetails {
+    /// The definition a new start would use: the pending one if there is one.
+    pub fn next_definition(&self) -> &VmDefinition {
+        self.pending_definition.as_ref().unwrap_or(&self.definition)
+    }
 }
 
 /// `PUT /api/v1/vms/NAME/autostart`.
@@ -542,11 +558,12 @@ pub struct AutostartRequest {
     pub enabled: bool,
 }
 
-/// `POST /api/v1/vms/NAME/shutdown` (body optional).
+/// `POST /api/v1/vms/NAME/shutdown` and `.../reboot` (body optional).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct ShutdownRequest {
-    /// Seconds to wait for the guest to power off (default 60).
+    /// Seconds to wait for the guest to power off (a reboot: and to run again); default 60.
+    /// 0 presses the power button and answers at once.
     #[serde(default)]
     pub timeout_secs: Option<u64>,
 }
@@ -593,8 +610,9 @@ pub struct Event {
     /// Seconds since the Unix epoch.
     pub time: u64,
     pub vm: String,
-    /// `defined`, `undefined`, `started`, `stopped`, `crashed`, `paused`, `resumed`,
-    /// `shutdown-requested`, `rebooted`.
+    /// `defined` (detail `updated` when an existing VM's definition changed), `undefined`,
+    /// `started`, `stopped`, `crashed`, `paused`, `resumed`, `shutdown-requested`,
+    /// `reboot-requested`, `reset`.
     pub kind: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,

@@ -1,8 +1,9 @@
 //! Types shared by the VMM, the daemon and the CLI: what a VM is made of, its lifecycle, the
-//! bodies of the control APIs, and how sizes are written. Plain data with serde; no I/O, no
-//! threads.
+//! bodies of the control APIs, definition files, and how sizes are written. Plain data with
+//! serde; no I/O, no threads.
 
 pub mod daemon_api;
+pub mod definition_file;
 pub mod image;
 pub mod net;
 pub mod net_api;

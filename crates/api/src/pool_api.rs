@@ -101,8 +101,11 @@ pub struct PoolInfo {
 #[serde(deny_unknown_fields)]
 pub struct VolumeCreate {
     pub name: String,
-    /// Virtual size; taken from the backing volume when absent.
-    #[serde(default)]
+    /// Virtual size (a bare number is bytes); taken from the backing volume when absent.
+    #[serde(
+        default,
+        deserialize_with = "crate::size::disk_size::option::deserialize"
+    )]
     pub size: Option<ByteSize>,
     /// `qcow2` (default, thin) or `raw` (sparse).
     #[serde(default)]
@@ -139,6 +142,8 @@ pub struct VolumeFormat {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VolumeResize {
+    /// The new virtual size (a bare number is bytes).
+    #[serde(deserialize_with = "crate::size::disk_size::deserialize")]
     pub size: ByteSize,
 }
 

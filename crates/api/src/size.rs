@@ -1,5 +1,6 @@
-//! Byte sizes as users write them: `512M`, `2G`, `1536MiB`, `4096` (MiB, as QEMU reads a bare
-//! number for memory).
+//! Byte sizes as users write them: `512M`, `2G`, `1536MiB`. A bare number is MiB for memory
+//! (as QEMU's `-m` reads it) and bytes for images and volumes (as qemu-img and virsh read it):
+//! [`ByteSize::parse_disk_size`], and [`disk_size`] for the API's volume sizes.
 
 use std::fmt;
 use std::str::FromStr;
@@ -108,6 +109,31 @@ impl<'de> Deserialize<'de> for ByteSize {
     }
 }
 
+/// Serde `deserialize_with` for image and volume sizes: a bare number is bytes.
+pub mod disk_size {
+    use super::ByteSize;
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<ByteSize, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        ByteSize::parse_disk_size(&text).map_err(serde::de::Error::custom)
+    }
+
+    /// The same for an optional size.
+    pub mod option {
+        use super::ByteSize;
+        use serde::{Deserialize, Deserializer};
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(
+            deserializer: D,
+        ) -> Result<Option<ByteSize>, D::Error> {
+            Option::<String>::deserialize(deserializer)?
+                .map(|text| ByteSize::parse_disk_size(&text).map_err(serde::de::Error::custom))
+                .transpose()
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -168,6 +194,25 @@ mod tests {
         assert_eq!(ByteSize(1536 << 20).to_string(), "1536M");
         assert_eq!(ByteSize(2 << 30).to_string(), "2G");
         assert_eq!(ByteSize(1000).to_string(), "1000B");
+    }
+
+    #[test]
+    fn volume_sizes_in_requests_read_bare_numbers_as_bytes() {
+        #[derive(serde::Deserialize)]
+        struct Request {
+            #[serde(with = "disk_size")]
+            size: ByteSize,
+            #[serde(default, with = "disk_size::option")]
+            other: Option<ByteSize>,
+        }
+        let r: Request = serde_json::from_str(r#"{"size": "1048576", "other": "2G"}"#).unwrap();
+        assert_eq!(
+            (r.size, r.other),
+            (ByteSize(1 << 20), Some(ByteSize(2 << 30)))
+        );
+        let r: Request = serde_json::from_str(r#"{"size": "512M"}"#).unwrap();
+        assert_eq!((r.size, r.other), (ByteSize(512 << 20), None));
+        assert!(serde_json::from_str::<Request>(r#"{"size": "x"}"#).is_err());
     }
 
     #[test]

@@ -27,12 +27,12 @@ mod write_back;
 
 use std::path::PathBuf;
 
+pub use api::daemon_api::DEFAULT_SOCKET;
+pub use api::definition_file::{
+    parse_network as parse_network_definition, parse_pool as parse_pool_definition,
+    parse_vm as parse_definition,
+};
 pub use error::DaemonError;
-pub use networks::parse_network_definition;
-pub use store::{parse_definition, parse_pool_definition};
-
-/// Default Unix socket of the daemon.
-pub const DEFAULT_SOCKET: &str = "/run/ferro/ferro.sock";
 /// Default state directory.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/ferro";
 

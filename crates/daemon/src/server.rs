@@ -75,6 +75,7 @@ pub async fn serve(options: DaemonOptions) -> Result<(), DaemonError> {
     );
     supervisor.adopt().await;
     tracing::info!("serving on {}", options.socket.display());
+    tokio::spawn(supervisor.clone().run_restarts());
     let autostart = supervisor.clone();
     tokio::spawn(async move { autostart.autostart().await });
     tokio::spawn(rotate_dnsmasq_logs(networks.clone()));
@@ -181,6 +182,7 @@ fn router(app: App) -> Router {
         .route("/api/v1/vms/{name}/shutdown", post(shutdown))
         .route("/api/v1/vms/{name}/destroy", post(destroy))
         .route("/api/v1/vms/{name}/reboot", post(reboot))
+        .route("/api/v1/vms/{name}/reset", post(reset))
         .route("/api/v1/vms/{name}/suspend", post(suspend))
         .route("/api/v1/vms/{name}/resume", post(resume))
         .route("/api/v1/vms/{name}/autostart", put(autostart))
@@ -228,10 +230,16 @@ async fn list(State(s): State<Shared>) -> Json<Vec<api::daemon_api::VmSummary>> 
     Json(s.list())
 }
 
+/// 201 for a new VM, 200 for an existing one's new definition.
 async fn define(State(s): State<Shared>, body: Bytes) -> ApiResult<Response> {
     let definition: VmDefinition = parse_body(&body)?;
-    let details = detached(async move { s.define(definition) }).await?;
-    Ok((StatusCode::CREATED, Json(details)).into_response())
+    let (details, created) = detached(async move { s.define(definition) }).await?;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(details)).into_response())
 }
 
 async fn details(State(s): State<Shared>, UrlPath(name): UrlPath<String>) -> ApiResult<Response> {
@@ -251,20 +259,35 @@ async fn start(State(s): State<Shared>, UrlPath(name): UrlPath<String>) -> ApiRe
     Ok(Json(details).into_response())
 }
 
+/// The wait of a shutdown or reboot: its optional body's, or the default.
+fn power_timeout(body: &Bytes) -> ApiResult<Duration> {
+    let request: ShutdownRequest = if body.is_empty() {
+        ShutdownRequest::default()
+    } else {
+        parse_body(body)?
+    };
+    Ok(request
+        .timeout_secs
+        .map_or(supervisor::SHUTDOWN_TIMEOUT, Duration::from_secs))
+}
+
 async fn shutdown(
     State(s): State<Shared>,
     UrlPath(name): UrlPath<String>,
     body: Bytes,
 ) -> ApiResult<Response> {
-    let request: ShutdownRequest = if body.is_empty() {
-        ShutdownRequest::default()
-    } else {
-        parse_body(&body)?
-    };
-    let timeout = request
-        .timeout_secs
-        .map_or(supervisor::SHUTDOWN_TIMEOUT, Duration::from_secs);
+    let timeout = power_timeout(&body)?;
     let details = detached(async move { s.shutdown(&name, timeout).await }).await?;
+    Ok(Json(details).into_response())
+}
+
+async fn reboot(
+    State(s): State<Shared>,
+    UrlPath(name): UrlPath<String>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let timeout = power_timeout(&body)?;
+    let details = detached(async move { s.reboot(&name, timeout).await }).await?;
     Ok(Json(details).into_response())
 }
 
@@ -278,8 +301,8 @@ async fn control(s: Shared, name: String, action: Control) -> ApiResult<Response
     Ok(Json(details).into_response())
 }
 
-async fn reboot(State(s): State<Shared>, UrlPath(name): UrlPath<String>) -> ApiResult<Response> {
-    control(s, name, Control::Reboot).await
+async fn reset(State(s): State<Shared>, UrlPath(name): UrlPath<String>) -> ApiResult<Response> {
+    control(s, name, Control::Reset).await
 }
 
 async fn suspend(State(s): State<Shared>, UrlPath(name): UrlPath<String>) -> ApiResult<Response> {

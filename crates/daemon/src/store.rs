@@ -181,21 +181,6 @@ fn record_disk_formats(definition: &mut VmDefinition) -> bool {
     changed
 }
 
-/// Parses a definition file (TOML); the message names what is wrong.
-pub fn parse_definition(text: &str) -> Result<VmDefinition, String> {
-    let definition: VmDefinition = toml::from_str(text).map_err(|e| e.message().to_string())?;
-    definition.validate()?;
-    Ok(definition)
-}
-
-/// Parses a pool definition file (TOML).
-pub fn parse_pool_definition(text: &str) -> Result<api::pool_api::PoolDefinition, String> {
-    let definition: api::pool_api::PoolDefinition =
-        toml::from_str(text).map_err(|e| e.message().to_string())?;
-    definition.validate()?;
-    Ok(definition)
-}
-
 fn list_names(dir: &Path, suffix: Option<&str>) -> Vec<String> {
     let Ok(entries) = fs::read_dir(dir) else {
         return Vec::new();
@@ -239,6 +224,7 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use api::definition_file::parse_vm as parse_definition;
 
     fn definition(name: &str) -> VmDefinition {
         parse_definition(&format!("name = \"{name}\"\nkernel = \"/boot/vmlinuz\"\n")).unwrap()

@@ -8,7 +8,9 @@ use api::daemon_api::AutostartRequest;
 use api::net_api::{paths, Lease, NetworkInfo};
 use clap::{Args, Subcommand};
 
-use crate::client::{call, client, decode, finish, print_json, DaemonSocket, Failure, CLIENT_HELP};
+use crate::client::{
+    call, client, decode, exit_codes, finish, print_json, DaemonSocket, Failure, CLIENT_HELP,
+};
 
 /// Manage virtual networks (nat, isolated, or an existing host bridge).
 #[derive(Debug, Args)]
@@ -20,36 +22,68 @@ pub struct NetArgs {
     command: NetCommand,
 }
 
+/// Exit codes of a network command that names a network.
+fn net_codes() -> String {
+    exit_codes("network", true, true)
+}
+
 #[derive(Debug, Subcommand)]
 enum NetCommand {
     /// Add a network from a definition file (TOML, see docs/network-definition.md).
-    Define { file: PathBuf },
+    #[command(after_help = exit_codes("network", false, true))]
+    Define {
+        /// The definition file.
+        file: PathBuf,
+    },
     /// Remove a network's definition.
-    Undefine { name: String },
+    #[command(after_help = net_codes())]
+    Undefine {
+        /// The network.
+        name: String,
+    },
     /// List the networks.
+    #[command(after_help = exit_codes("network", false, false))]
     List {
+        /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
     /// Show a network.
+    #[command(after_help = exit_codes("network", true, false))]
     Info {
+        /// The network.
         name: String,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
     /// Bring a network up (bridge, forwarding and masquerading, DHCP and DNS).
-    Start { name: String },
-    /// Take a network down (refused while VMs run on it).
-    Stop { name: String },
-    /// Start the network whenever the daemon starts (--disable to stop doing so).
-    Autostart {
+    #[command(after_help = net_codes())]
+    Start {
+        /// The network.
         name: String,
+    },
+    /// Take a network down (refused while VMs run on it).
+    #[command(after_help = net_codes())]
+    Stop {
+        /// The network.
+        name: String,
+    },
+    /// Start the network whenever the daemon starts (--disable to stop doing so).
+    #[command(after_help = net_codes())]
+    Autostart {
+        /// The network.
+        name: String,
+        /// Do not start it with the daemon any more.
         #[arg(long)]
         disable: bool,
     },
     /// List the DHCP leases of a network.
+    #[command(after_help = exit_codes("network", true, false))]
     Leases {
+        /// The network.
         name: String,
+        /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
@@ -66,7 +100,7 @@ pub fn net(args: NetArgs) -> ExitCode {
             NetCommand::Define { file } => {
                 let text = std::fs::read_to_string(&file)
                     .map_err(|e| Failure(2, format!("cannot read {}: {e}", file.display())))?;
-                let definition = daemon::parse_network_definition(&text)
+                let definition = api::definition_file::parse_network(&text)
                     .map_err(|e| Failure(2, format!("{}: {e}", file.display())))?;
                 let body =
                     serde_json::to_vec(&definition).map_err(|e| Failure(1, e.to_string()))?;

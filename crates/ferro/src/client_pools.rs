@@ -14,7 +14,8 @@ use clap::{Args, Subcommand};
 use http_unix::Client;
 
 use crate::client::{
-    call, client, decode, finish, print_json, DaemonSocket, Failure, Outcome, CLIENT_HELP,
+    call, client, decode, exit_codes, finish, human, print_json, DaemonSocket, Failure, Outcome,
+    CLIENT_HELP,
 };
 
 /// Manage storage pools (directories of disk images).
@@ -27,27 +28,60 @@ pub struct PoolArgs {
     command: PoolCommand,
 }
 
+/// Exit codes of a pool command that names a pool.
+fn pool_codes() -> String {
+    exit_codes("pool", true, true)
+}
+
+/// Exit codes of a volume command.
+fn vol_codes() -> String {
+    exit_codes("pool or volume", true, true)
+}
+
 #[derive(Debug, Subcommand)]
 enum PoolCommand {
     /// Add a pool from a definition file (TOML: name, path, autostart).
-    Define { file: PathBuf },
+    #[command(after_help = exit_codes("pool", false, true))]
+    Define {
+        /// The definition file.
+        file: PathBuf,
+    },
     /// Remove an inactive pool's definition (its files stay).
-    Undefine { name: String },
+    #[command(after_help = pool_codes())]
+    Undefine {
+        /// The pool.
+        name: String,
+    },
     /// List the pools with capacity, allocation and free space.
+    #[command(after_help = exit_codes("pool", false, false))]
     List(Json),
     /// Show a pool.
+    #[command(after_help = exit_codes("pool", true, false))]
     Info {
+        /// The pool.
         name: String,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
     /// Activate a pool (its directory is created if missing).
-    Start { name: String },
-    /// Deactivate a pool.
-    Stop { name: String },
-    /// Start the pool with the daemon (--disable to stop doing so).
-    Autostart {
+    #[command(after_help = pool_codes())]
+    Start {
+        /// The pool.
         name: String,
+    },
+    /// Deactivate a pool.
+    #[command(after_help = pool_codes())]
+    Stop {
+        /// The pool.
+        name: String,
+    },
+    /// Start the pool with the daemon (--disable to stop doing so).
+    #[command(after_help = pool_codes())]
+    Autostart {
+        /// The pool.
+        name: String,
+        /// Do not start it with the daemon any more.
         #[arg(long)]
         disable: bool,
     },
@@ -73,15 +107,19 @@ pub struct VolArgs {
 #[derive(Debug, Subcommand)]
 enum VolCommand {
     /// Create a volume (thin qcow2 by default).
+    #[command(after_help = vol_codes())]
     Create {
+        /// The new volume's name (its file name in the pool's directory).
         name: String,
+        /// The pool to create it in.
         #[arg(long)]
         pool: String,
-        /// Virtual size, e.g. 10G (taken from --backing when absent).
-        #[arg(long)]
+        /// Virtual size, e.g. 10G (a bare number is bytes, as qemu-img reads it); taken from
+        /// --backing when absent.
+        #[arg(long, value_parser = parse_size)]
         size: Option<ByteSize>,
         /// qcow2 or raw.
-        #[arg(long)]
+        #[arg(long, value_parser = ["raw", "qcow2"])]
         format: Option<String>,
         /// A volume of the same pool the new one is an overlay of.
         #[arg(long)]
@@ -89,21 +127,31 @@ enum VolCommand {
     },
     /// Copy a volume: a full, standalone copy (with progress), or with --linked a qcow2
     /// overlay on it.
+    #[command(after_help = vol_codes())]
     Clone {
+        /// The volume to copy.
         source: String,
+        /// The new volume.
         name: String,
+        /// The pool of both.
         #[arg(long)]
         pool: String,
+        /// Make a thin qcow2 overlay on the source instead of a copy.
         #[arg(long)]
         linked: bool,
         /// Print the progress stream as JSON lines on stdout.
         #[arg(long)]
         json: bool,
     },
-    /// Grow a volume (shrinking is refused).
+    /// Grow a volume (shrinking is refused), as `img resize` grows an image.
+    #[command(after_help = vol_codes())]
     Resize {
+        /// The volume.
         name: String,
-        size: ByteSize,
+        /// New virtual size (e.g. 40G; a bare number is bytes), or +SIZE to grow by that much.
+        #[arg(allow_hyphen_values = true)]
+        size: String,
+        /// The pool holding the volume.
         #[arg(long)]
         pool: String,
     },
@@ -111,6 +159,7 @@ enum VolCommand {
     /// older Ferro, or copied into the pool directory by hand) and that looks like something a
     /// guest could have written (a qcow2 image naming a backing file), or one recorded wrongly.
     /// Refused while a VM runs with it.
+    #[command(after_help = vol_codes())]
     SetFormat {
         /// The volume.
         name: String,
@@ -122,23 +171,33 @@ enum VolCommand {
         pool: String,
     },
     /// Delete a volume (refused while a VM or another volume uses it).
+    #[command(after_help = vol_codes())]
     Delete {
+        /// The volume.
         name: String,
+        /// The pool holding the volume.
         #[arg(long)]
         pool: String,
     },
     /// List a pool's volumes.
+    #[command(after_help = exit_codes("pool", true, true))]
     List {
+        /// The pool.
         #[arg(long)]
         pool: String,
+        /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
     /// Show a volume.
+    #[command(after_help = exit_codes("pool or volume", true, true))]
     Info {
+        /// The volume.
         name: String,
+        /// The pool holding the volume.
         #[arg(long)]
         pool: String,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -146,12 +205,18 @@ enum VolCommand {
     /// volume takes the format given with --format, or, without it, the one the file's first
     /// bytes show now (recorded, never guessed again). A qcow2 file's backing file must be a
     /// volume of the same pool, named with its format.
+    #[command(after_help = vol_codes())]
     Upload(UploadArgs),
     /// Save a volume's image file to a local file, streamed.
+    #[command(after_help = vol_codes())]
     Download(Transfer),
     /// Internal snapshots of a qcow2 volume (changes refused while a running VM writes it).
     #[command(subcommand)]
     Snapshot(SnapshotCommand),
+}
+
+fn parse_size(s: &str) -> Result<ByteSize, String> {
+    ByteSize::parse_disk_size(s).map_err(|e| e.to_string())
 }
 
 /// A volume and a local file to move data between.
@@ -181,31 +246,47 @@ struct UploadArgs {
 #[derive(Debug, Subcommand)]
 enum SnapshotCommand {
     /// Take a snapshot.
+    #[command(after_help = vol_codes())]
     Create {
+        /// The qcow2 volume.
         volume: String,
+        /// The snapshot's name.
         snapshot: String,
+        /// The pool holding the volume.
         #[arg(long)]
         pool: String,
     },
     /// List the snapshots.
+    #[command(after_help = vol_codes())]
     List {
+        /// The qcow2 volume.
         volume: String,
+        /// The pool holding the volume.
         #[arg(long)]
         pool: String,
+        /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
     /// Bring the volume back to a snapshot (what was written since is lost).
+    #[command(after_help = vol_codes())]
     Revert {
+        /// The qcow2 volume.
         volume: String,
+        /// The snapshot to go back to.
         snapshot: String,
+        /// The pool holding the volume.
         #[arg(long)]
         pool: String,
     },
     /// Delete a snapshot.
+    #[command(after_help = vol_codes())]
     Delete {
+        /// The qcow2 volume.
         volume: String,
+        /// The snapshot to delete.
         snapshot: String,
+        /// The pool holding the volume.
         #[arg(long)]
         pool: String,
     },
@@ -286,7 +367,7 @@ fn pool_command(c: &Client, command: PoolCommand) -> Outcome {
         PoolCommand::Define { file } => {
             let text = std::fs::read_to_string(&file)
                 .map_err(|e| Failure(2, format!("cannot read {}: {e}", file.display())))?;
-            let definition = daemon::parse_pool_definition(&text)
+            let definition = api::definition_file::parse_pool(&text)
                 .map_err(|e| Failure(2, format!("{}: {e}", file.display())))?;
             call(c, "POST", paths::POOLS, Some(body(&definition)?))?;
             println!("pool {} defined", definition.name);
@@ -366,22 +447,6 @@ fn pool_command(c: &Client, command: PoolCommand) -> Outcome {
     Ok(())
 }
 
-/// A size in the largest binary unit that keeps one decimal.
-fn human(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit < UNITS.len() - 1 {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
-    }
-}
-
 pub fn vol(args: VolArgs) -> ExitCode {
     // A full clone copies data: give it time.
     let c = client(&args.daemon, Some(Duration::from_secs(3600)));
@@ -456,13 +521,14 @@ fn vol_command(c: &Client, command: VolCommand) -> Outcome {
             }
         }
         VolCommand::Resize { name, size, pool } => {
+            let size = resize_target(c, &pool, &name, &size)?;
             call(
                 c,
                 "POST",
                 &paths::volume_action(&pool, &name, "resize"),
                 Some(body(&VolumeResize { size })?),
             )?;
-            println!("volume {name} resized to {size}");
+            println!("volume {name} resized to {}", human(size.bytes()));
         }
         VolCommand::SetFormat { name, format, pool } => {
             call(
@@ -514,6 +580,28 @@ fn vol_command(c: &Client, command: VolCommand) -> Outcome {
         VolCommand::Download(t) => download(c, &t.pool, &t.name, &t.file, t.json)?,
     }
     Ok(())
+}
+
+/// The size `vol resize` asks for: SIZE, or the volume's size now plus SIZE for +SIZE (the
+/// rules of `img resize`).
+fn resize_target(c: &Client, pool: &str, name: &str, size: &str) -> Result<ByteSize, Failure> {
+    let invalid = |e: String| Failure(2, format!("invalid size {size:?}: {e}"));
+    match size.strip_prefix('+') {
+        Some(delta) => {
+            let delta = parse_size(delta).map_err(invalid)?;
+            let volume: VolumeInfo = decode(&call(c, "GET", &paths::volume(pool, name), None)?)?;
+            volume
+                .capacity_bytes
+                .checked_add(delta.bytes())
+                .map(ByteSize)
+                .ok_or_else(|| invalid("too large".into()))
+        }
+        None if size.starts_with('-') => Err(Failure(
+            2,
+            "shrinking a volume is not supported (it would lose data)".into(),
+        )),
+        None => parse_size(size).map_err(invalid),
+    }
 }
 
 /// Progress of a transfer: a bar on a terminal's stderr, or JSON lines on stdout.
@@ -695,16 +783,4 @@ fn download(c: &Client, pool: &str, name: &str, file: &PathBuf, json: bool) -> O
         );
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sizes_read_like_people_write_them() {
-        assert_eq!(human(512), "512 B");
-        assert_eq!(human(1536), "1.5 KiB");
-        assert_eq!(human(10 << 30), "10.0 GiB");
-    }
 }

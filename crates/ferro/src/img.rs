@@ -78,6 +78,7 @@ struct InfoArgs {
     /// The image's format, raw or qcow2 (probed from its first bytes when omitted).
     #[arg(short = 'f', long, value_name = "FORMAT", value_parser = parse_format)]
     format: Option<Format>,
+    /// The image file.
     file: PathBuf,
 }
 
@@ -87,6 +88,7 @@ struct ResizeArgs {
     /// for an image a guest has written, whose first bytes the guest chose).
     #[arg(short = 'f', long, value_name = "FORMAT", value_parser = parse_format)]
     format: Option<Format>,
+    /// The image file.
     file: PathBuf,
     /// New size (e.g. 40G), or +SIZE to grow by that much.
     #[arg(allow_hyphen_values = true)]
@@ -111,6 +113,7 @@ struct SnapshotArgs {
     /// The image's format (probed from its first bytes when omitted; snapshots need qcow2).
     #[arg(short = 'f', long, value_name = "FORMAT", value_parser = parse_format)]
     format: Option<Format>,
+    /// The image file.
     file: PathBuf,
 }
 

@@ -3,6 +3,7 @@
 mod client;
 mod client_networks;
 mod client_pools;
+mod client_vm_definition;
 mod console_attach;
 mod img;
 mod man_pages;
@@ -24,6 +25,16 @@ struct Cli {
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     verbose: u8,
 
+    /// The daemon's socket, for the commands that talk to it (vm, host, events, pool, vol,
+    /// net; `ferro -c PATH vm list`, as `virsh -c`) and the one `ferro daemon` listens on.
+    #[arg(
+        short = 'c',
+        long = "socket",
+        env = "FERRO_SOCKET",
+        value_name = "PATH"
+    )]
+    socket: Option<std::path::PathBuf>,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -41,6 +52,7 @@ enum Command {
     Net(client_networks::NetArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions {
+        /// The shell to complete for.
         shell: clap_complete::Shell,
     },
     /// Write the man pages (ferro.1 and one per subcommand) into DIR, for packaging.
@@ -57,15 +69,17 @@ enum Command {
 /// Run the Ferro daemon: persistent VMs, one VMM process per running VM, REST API.
 #[derive(Debug, clap::Args)]
 struct DaemonArgs {
-    /// Unix socket to serve the API on (mode 0660, group `ferro` if it exists).
-    #[arg(long, default_value = daemon::DEFAULT_SOCKET)]
-    socket: std::path::PathBuf,
+    /// Unix socket to serve the API on (mode 0660, group `ferro` if it exists). Default: the
+    /// socket given before the subcommand (`ferro -c PATH daemon`) or FERRO_SOCKET, else
+    /// /run/ferro/ferro.sock.
+    #[arg(long, value_name = "PATH")]
+    socket: Option<std::path::PathBuf>,
     /// Where definitions, console logs and runtime files live.
     #[arg(long, default_value = daemon::DEFAULT_STATE_DIR)]
     state_dir: std::path::PathBuf,
 }
 
-fn run_daemon(args: DaemonArgs) -> ExitCode {
+fn run_daemon(args: DaemonArgs, fallback_socket: Option<std::path::PathBuf>) -> ExitCode {
     let ferro = match std::env::current_exe() {
         Ok(path) => path,
         Err(e) => {
@@ -74,7 +88,10 @@ fn run_daemon(args: DaemonArgs) -> ExitCode {
         }
     };
     let options = daemon::DaemonOptions {
-        socket: args.socket,
+        socket: args
+            .socket
+            .or(fallback_socket)
+            .unwrap_or_else(|| daemon::DEFAULT_SOCKET.into()),
         state_dir: args.state_dir,
         ferro,
     };
@@ -149,10 +166,13 @@ fn main() -> ExitCode {
         eprintln!("ferro: error: {e}");
         return ExitCode::from(1);
     }
+    if let Some(socket) = &cli.socket {
+        client::set_fallback_socket(socket.clone());
+    }
     match cli.command {
         Command::Run(args) => run::run(args),
         Command::Img(args) => img::img(args),
-        Command::Daemon(args) => run_daemon(args),
+        Command::Daemon(args) => run_daemon(args, cli.socket),
         Command::Vm(args) => client::vm(args),
         Command::Host(args) => client::host(args),
         Command::Events(args) => client::events(args),
@@ -177,5 +197,47 @@ fn main() -> ExitCode {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every argument of every command says what it is for in `--help`.
+    #[test]
+    fn every_argument_has_help() {
+        use clap::CommandFactory;
+        fn walk(command: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in command.get_arguments() {
+                let id = arg.get_id().as_str();
+                if arg.get_help().is_none() && !matches!(id, "help" | "version") {
+                    missing.push(format!("{path} {id}"));
+                }
+            }
+            for sub in command.get_subcommands() {
+                if sub.get_about().is_none() {
+                    missing.push(format!("{path} {} (the command)", sub.get_name()));
+                }
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "ferro", &mut missing);
+        assert!(missing.is_empty(), "without help: {missing:#?}");
+    }
+
+    /// `-c`/`--socket` goes before the subcommand (as `virsh -c`) or after it.
+    #[test]
+    fn the_socket_goes_before_or_after_the_subcommand() {
+        let before = Cli::try_parse_from(["ferro", "-c", "/run/x.sock", "vm", "list"]).unwrap();
+        assert_eq!(
+            before.socket.as_deref(),
+            Some(std::path::Path::new("/run/x.sock"))
+        );
+        let after = Cli::try_parse_from(["ferro", "vm", "list", "--socket", "/run/y.sock"]);
+        assert!(after.is_ok());
+        let daemon = Cli::try_parse_from(["ferro", "-c", "/run/z.sock", "daemon"]);
+        assert!(daemon.is_ok());
     }
 }

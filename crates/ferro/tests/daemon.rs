@@ -148,6 +148,16 @@ impl Daemon {
         )
     }
 
+    /// Starts `ferro ARGS` against this daemon without waiting for it (stdout piped).
+    fn spawn_cli(&self, args: &[&str]) -> Child {
+        Command::new(ferro())
+            .args(args)
+            .env("FERRO_SOCKET", self.socket())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+
     fn ok(&self, args: &[&str]) -> String {
         let (code, stdout, stderr) = self.cli(args);
         assert_eq!(code, 0, "ferro {args:?}: {stdout}{stderr}");
@@ -379,8 +389,18 @@ fn lifecycle_through_the_cli() {
 
     d.ok(&["vm", "start", "tiny"]);
     d.wait_for_console("tiny", "up", 2);
-    d.ok(&["vm", "reboot", "tiny"]);
+    let pid = d.details("tiny").pid.unwrap();
+    // A reboot asks the guest (power button): it powers off, and the daemon starts it again.
+    assert!(d.ok(&["vm", "reboot", "tiny"]).contains("VM tiny rebooted"));
+    let rebooted = d.details("tiny");
+    assert_eq!(rebooted.state, DomainState::Running);
+    assert_ne!(rebooted.pid, Some(pid), "a new VMM runs the rebooted VM");
+    assert!(d.console_log("tiny").contains("up\nbye\nup\nbye\n"));
     d.wait_for_console("tiny", "up", 3);
+    // A reset is the hard one: the same VMM boots the guest again.
+    d.ok(&["vm", "reset", "tiny"]);
+    d.wait_for_console("tiny", "up", 4);
+    assert_eq!(d.details("tiny").pid, rebooted.pid);
     d.ok(&["vm", "destroy", "tiny"]);
     assert_eq!(d.details("tiny").state, DomainState::Shutoff);
     d.ok(&["vm", "undefine", "tiny"]);
@@ -508,11 +528,10 @@ fn bad_input_gets_clear_errors_and_changes_nothing() {
 
     let file = d.definition("one", "");
     d.ok(&["vm", "define", file.to_str().unwrap()]);
-    d.fails(
-        &["vm", "define", file.to_str().unwrap()],
-        4,
-        "already exists",
-    );
+    // Defining it again updates it (as virsh define does).
+    assert!(d
+        .ok(&["vm", "define", file.to_str().unwrap()])
+        .contains("VM one updated"));
     d.fails(&["vm", "suspend", "one"], 4, "not running");
     d.ok(&["vm", "start", "one"]);
     d.fails(&["vm", "start", "one"], 4, "already running");
@@ -523,10 +542,11 @@ fn bad_input_gets_clear_errors_and_changes_nothing() {
     );
     d.ok(&["vm", "destroy", "one"]);
 
-    // The kernel vanished since the VM was defined.
+    // The kernel vanished since the VM was defined: the definition is wrong (exit 2), not
+    // the VM's state.
     let kernel = d.dir.path().join("kernel");
     std::fs::rename(&kernel, kernel.with_extension("moved")).unwrap();
-    d.fails(&["vm", "start", "one"], 4, "No such file or directory");
+    d.fails(&["vm", "start", "one"], 2, "No such file or directory");
     assert_eq!(d.details("one").state, DomainState::Shutoff);
     std::fs::rename(kernel.with_extension("moved"), &kernel).unwrap();
 
@@ -653,11 +673,11 @@ fn every_route_answers_as_documented() {
     let d = Daemon::start();
     let kernel_file = d.definition("api", "");
     let definition =
-        daemon::parse_definition(&std::fs::read_to_string(kernel_file).unwrap()).unwrap();
+        api::definition_file::parse_vm(&std::fs::read_to_string(kernel_file).unwrap()).unwrap();
     let body = serde_json::to_vec(&definition).unwrap();
     let status = |method: &str, path: &str, body: Option<&[u8]>| d.call(method, path, body).status;
     assert_eq!(status("POST", paths::VMS, Some(&body)), 201);
-    assert_eq!(status("POST", paths::VMS, Some(&body)), 409);
+    assert_eq!(status("POST", paths::VMS, Some(&body)), 200);
     assert_eq!(status("POST", paths::VMS, Some(b"{\"name\": \"x\"}")), 400);
     assert_eq!(status("GET", paths::VMS, None), 200);
     assert_eq!(status("GET", &paths::vm("api"), None), 200);
@@ -671,6 +691,11 @@ fn every_route_answers_as_documented() {
     assert_eq!(status("POST", &action("api", "suspend"), None), 200);
     assert_eq!(status("POST", &action("api", "resume"), None), 200);
     assert_eq!(status("POST", &action("api", "reboot"), None), 200);
+    assert_eq!(status("POST", &action("api", "reset"), None), 200);
+    assert_eq!(
+        status("POST", &action("api", "reboot"), Some(b"{\"wait\": 1}")),
+        400
+    );
     assert_eq!(
         status(
             "PUT",
@@ -719,10 +744,44 @@ fn a_guest_that_ignores_the_power_button_is_reported_still_running() {
         "still running 1 s after the power button was pressed",
     );
     assert_eq!(d.details("deaf").state, DomainState::Running);
+    // A reboot it ignores leaves it running, with no restart armed.
+    d.fails(
+        &["vm", "reboot", "deaf", "--timeout", "1"],
+        4,
+        "did not power off to reboot",
+    );
+    assert_eq!(d.details("deaf").state, DomainState::Running);
+    // --timeout 0: press the button and return.
+    let pressed = d.ok(&["vm", "shutdown", "deaf", "--timeout", "0"]);
+    assert!(pressed.contains("power button was pressed"), "{pressed}");
+    assert_eq!(d.details("deaf").state, DomainState::ShuttingDown);
     d.ok(&["vm", "destroy", "deaf"]);
     let off = d.details("deaf");
     assert_eq!(off.state, DomainState::Shutoff);
     assert_eq!(off.reason.as_deref(), Some("destroyed"));
+
+    // A waiting shutdown holds nothing: destroy goes through at once, and the waiting client
+    // hears how its VM ended.
+    d.ok(&["vm", "start", "deaf"]);
+    let waiting = d.spawn_cli(&["vm", "shutdown", "deaf", "--timeout", "120"]);
+    d.wait_for_state("deaf", DomainState::ShuttingDown);
+    let started = Instant::now();
+    d.ok(&["vm", "destroy", "deaf"]);
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let out = waiting.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("destroyed while it shut down"));
+
+    // Ctrl-C stops the waiting; the VM is not left busy.
+    d.ok(&["vm", "start", "deaf"]);
+    let mut waiting = d.spawn_cli(&["vm", "shutdown", "deaf", "--timeout", "120"]);
+    d.wait_for_state("deaf", DomainState::ShuttingDown);
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(waiting.id() as i32, libc::SIGINT) };
+    let status = waiting.wait().unwrap();
+    assert!(!status.success());
+    d.ok(&["vm", "suspend", "deaf"]);
+    d.ok(&["vm", "destroy", "deaf"]);
 }
 
 #[test]
@@ -770,6 +829,35 @@ fn pools_and_volumes_through_the_cli() {
         "free",
     );
     d.ok(&["vol", "resize", "full.qcow2", "16M", "--pool", "p"]);
+    // Sizes of volumes read as qemu-img reads them: a bare number is bytes; +SIZE grows.
+    d.ok(&["vol", "resize", "full.qcow2", "+1048576", "--pool", "p"]);
+    d.ok(&[
+        "vol",
+        "create",
+        "bytes.raw",
+        "--pool",
+        "p",
+        "--size",
+        "1048576",
+        "--format",
+        "raw",
+    ]);
+    let capacity = |name: &str| {
+        let info: api::pool_api::VolumeInfo =
+            serde_json::from_str(&d.ok(&["vol", "info", name, "--pool", "p", "--json"])).unwrap();
+        info.capacity_bytes
+    };
+    assert_eq!(capacity("full.qcow2"), 17 << 20);
+    assert_eq!(capacity("bytes.raw"), 1 << 20);
+    assert!(d
+        .ok(&["vol", "info", "bytes.raw", "--pool", "p"])
+        .contains("1.0 MiB"));
+    d.fails(
+        &["vol", "resize", "bytes.raw", "-1M", "--pool", "p"],
+        2,
+        "shrinking",
+    );
+    d.ok(&["vol", "delete", "bytes.raw", "--pool", "p"]);
 
     // VMs name volumes as POOL/VOLUME (or by path); a volume in use cannot be deleted, and
     // the daemon hands the VMM the volume's path.
@@ -1548,4 +1636,165 @@ fn idle_connections_do_not_exhaust_the_daemon() {
         "{during} descriptors with 400 idle clients ({before} before)"
     );
     drop(idle);
+}
+
+/// `vm define` on an existing VM updates it (id and MACs kept; a running VM takes it at its
+/// next start, also across a daemon restart); `vm dump` prints what `vm define` takes back;
+/// `vm edit` checks an edit before it is saved.
+#[test]
+fn definitions_update_dump_and_edit() {
+    if !kvm_tests_enabled() {
+        return;
+    }
+    let mut d = Daemon::start();
+    let file = d.definition("ed", "[[nets]]\ntap = \"edtap0\"\n");
+    d.ok(&["vm", "define", file.to_str().unwrap()]);
+    let first = d.details("ed").definition;
+    let mac = first.nets[0].mac;
+    assert!(mac.is_some());
+    let text = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(&file, format!("cpus = 2\n{text}")).unwrap();
+    assert!(d
+        .ok(&["vm", "define", file.to_str().unwrap()])
+        .contains("VM ed updated"));
+    let second = d.details("ed").definition;
+    assert_eq!(
+        (second.cpus, second.id, second.nets[0].mac),
+        (2, first.id, mac)
+    );
+
+    // The dump is a definition file: defined back, nothing changes.
+    let dumped = d.ok(&["vm", "dump", "ed"]);
+    assert_eq!(api::definition_file::parse_vm(&dumped).unwrap(), second);
+    let dump_file = d.dir.path().join("dumped.toml");
+    std::fs::write(&dump_file, &dumped).unwrap();
+    d.ok(&["vm", "define", dump_file.to_str().unwrap()]);
+    assert_eq!(d.details("ed").definition, second);
+    assert_eq!(d.ok(&["vm", "dump", "ed"]), dumped);
+
+    // vm edit: the editor's change is saved; an invalid one is refused and kept.
+    let edit = |editor: &str| {
+        Command::new(ferro())
+            .args(["vm", "edit", "ed"])
+            .env("FERRO_SOCKET", d.socket())
+            .env("EDITOR", editor)
+            .env_remove("VISUAL")
+            .output()
+            .unwrap()
+    };
+    let out = edit("sed -i s/^cpus\\ =\\ 2/cpus\\ =\\ 3/");
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(d.details("ed").definition.cpus, 3);
+    let out = edit("true");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("unchanged"));
+    let out = edit("sed -i s/^cpus\\ =/cpu\\ =/");
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("unknown field `cpu`"), "{stderr}");
+    let kept = stderr
+        .split("kept in ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .unwrap();
+    assert!(std::fs::read_to_string(kept).unwrap().contains("cpu = 3"));
+    std::fs::remove_file(kept).unwrap();
+    assert_eq!(
+        d.details("ed").definition.cpus,
+        3,
+        "the refused edit changed nothing"
+    );
+    d.fails(&["vm", "dump", "ghost"], 3, "no VM named");
+
+    // A running VM runs on as it is; its new definition waits for the next start.
+    d.ok(&["vm", "define", d.definition("run", "").to_str().unwrap()]);
+    d.ok(&["vm", "start", "run"]);
+    d.wait_for_console("run", "up", 1);
+    let changed = d.definition("run", "cpus = 2\n");
+    let said = d.ok(&["vm", "define", changed.to_str().unwrap()]);
+    assert!(said.contains("runs on as it is"), "{said}");
+    let details = d.details("run");
+    assert_eq!(details.definition.cpus, 1);
+    assert_eq!(details.pending_definition.as_ref().unwrap().cpus, 2);
+    assert!(d.ok(&["vm", "info", "run"]).contains("Pending:"));
+    assert!(d.ok(&["vm", "dump", "run"]).contains("cpus = 2"));
+    d.restart();
+    let details = d.details("run");
+    assert_eq!(details.state, DomainState::Running);
+    assert_eq!(
+        details.definition.cpus, 1,
+        "the adopted VMM runs the old definition"
+    );
+    assert_eq!(details.pending_definition.unwrap().cpus, 2);
+    // A reboot starts a new VMM: the new definition applies.
+    d.ok(&["vm", "reboot", "run"]);
+    let details = d.details("run");
+    assert_eq!(
+        (details.state, details.definition.cpus),
+        (DomainState::Running, 2)
+    );
+    assert!(details.pending_definition.is_none());
+    d.ok(&["vm", "destroy", "run"]);
+}
+
+/// The CLI as a virsh user writes it: `-c SOCKET` before the subcommand, `vm stats` of every
+/// VM, states spelled as in JSON, human sizes, and each command's own exit codes in its help.
+#[test]
+fn the_cli_reads_like_virsh() {
+    if !kvm_tests_enabled() {
+        return;
+    }
+    let d = Daemon::start();
+    let socket = d.socket();
+    let run = |args: &[&str]| {
+        Command::new(ferro())
+            .args(args)
+            .env_remove("FERRO_SOCKET")
+            .output()
+            .unwrap()
+    };
+    let s = socket.to_str().unwrap();
+    assert!(run(&["-c", s, "vm", "list"]).status.success());
+    assert!(run(&["--socket", s, "vm", "list"]).status.success());
+    assert!(run(&["vm", "list", "-c", s]).status.success());
+    let nowhere = d.dir.path().join("nowhere.sock");
+    let out = run(&["-c", nowhere.to_str().unwrap(), "vm", "list"]);
+    assert_eq!(out.status.code(), Some(5));
+    // A socket given after the subcommand wins over one before it.
+    let out = run(&["-c", nowhere.to_str().unwrap(), "vm", "list", "-c", s]);
+    assert!(out.status.success());
+
+    d.ok(&["vm", "define", d.definition("on", "").to_str().unwrap()]);
+    d.ok(&["vm", "define", d.definition("off", "").to_str().unwrap()]);
+    d.ok(&["vm", "start", "on"]);
+    let text = d.ok(&["vm", "stats"]);
+    assert!(
+        text.contains("on: running") && text.contains("cpu.time"),
+        "{text}"
+    );
+    assert!(text.contains("off: shutoff"), "{text}");
+    let all: Vec<VmStats> = serde_json::from_str(&d.ok(&["vm", "stats", "--json"])).unwrap();
+    assert_eq!(all.len(), 1);
+    assert_eq!(all[0].name, "on");
+
+    let list = d.ok(&["vm", "list"]);
+    let json = d.ok(&["vm", "list", "--json"]);
+    for state in ["shutoff", "running"] {
+        assert!(list.contains(state) && json.contains(state), "{list}{json}");
+    }
+    let host = d.ok(&["host", "info"]);
+    assert!(host.contains("iB") && !host.contains("bytes"), "{host}");
+    let info: api::daemon_api::HostInfo =
+        serde_json::from_str(&d.ok(&["host", "info", "--json"])).unwrap();
+    assert!(info.memory_bytes > 0);
+
+    let help = |args: &[&str]| d.ok(args);
+    let list_help = help(&["vm", "list", "--help"]);
+    assert!(list_help.contains("Exit codes:") && !list_help.contains("3  no such"));
+    assert!(!list_help.contains("4  the state"));
+    let start_help = help(&["vm", "start", "--help"]);
+    assert!(start_help.contains("3  no such VM") && start_help.contains("4  the state"));
+    let info_help = help(&["vm", "info", "--help"]);
+    assert!(info_help.contains("3  no such VM") && !info_help.contains("4  the state"));
+    assert!(help(&["vol", "info", "--help"]).contains("3  no such pool or volume"));
+    d.ok(&["vm", "destroy", "on"]);
 }

@@ -829,13 +829,8 @@ fn load(path: &Path) -> Result<NetworkDefinition, String> {
     parse_network_definition(&text)
 }
 
-/// Parses a network definition file (TOML).
-pub fn parse_network_definition(text: &str) -> Result<NetworkDefinition, String> {
-    let definition: NetworkDefinition =
-        toml::from_str(text).map_err(|e| e.message().to_string())?;
-    definition.validate()?;
-    Ok(definition)
-}
+/// Parses a network definition file (TOML): the rules the CLI checks a file with.
+pub use api::definition_file::parse_network as parse_network_definition;
 
 #[cfg(test)]
 mod tests {

@@ -8,6 +8,15 @@
 //! named after it. A NIC's own `tap =` may not name what belongs to others: the daemon's
 //! network TAP names, a network's bridge or TAP device, or another VM's TAP (checked at define
 //! against every definition, at start against the VMs that run or are starting).
+//!
+//! Defining an existing VM again updates its definition (id and MACs kept): a VM that is not
+//! running takes it at once, a running one keeps its VMM's definition and holds the new one
+//! as pending until its VMM ends (the runtime directory keeps the running definition, so a
+//! daemon restart tells them apart). The power operations are in [`power`].
+
+mod power;
+
+pub use power::Control;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::PermissionsExt;
@@ -54,6 +63,34 @@ struct VmEntry {
     runtime: Option<Runtime>,
     /// The operation in progress, if any.
     busy: Option<&'static str>,
+    /// The stored definition, when it differs from the running `definition`.
+    pending: Option<VmDefinition>,
+    /// Start the VM again once its guest powers off (an ACPI reboot in progress).
+    restart: bool,
+}
+
+impl VmEntry {
+    fn new(definition: VmDefinition) -> Self {
+        VmEntry {
+            definition,
+            state: DomainState::Shutoff,
+            reason: None,
+            runtime: None,
+            busy: None,
+            pending: None,
+            restart: false,
+        }
+    }
+
+    /// The definition the next start uses.
+    fn next_definition(&self) -> &VmDefinition {
+        self.pending.as_ref().unwrap_or(&self.definition)
+    }
+
+    /// Every definition this VM has now: the running one and the pending one.
+    fn definitions(&self) -> impl Iterator<Item = &VmDefinition> {
+        std::iter::once(&self.definition).chain(self.pending.iter())
+    }
 }
 
 /// The daemon's VMs.
@@ -65,6 +102,9 @@ pub struct Supervisor {
     ferro: std::path::PathBuf,
     vms: Mutex<BTreeMap<String, VmEntry>>,
     events: broadcast::Sender<Event>,
+    /// VMs whose guest powered off to reboot, for [`Supervisor::run_restarts`] to start again.
+    restarts: tokio::sync::mpsc::UnboundedSender<String>,
+    restart_queue: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<String>>>,
 }
 
 /// Clears an entry's busy mark when the operation ends, however it ends.
@@ -111,18 +151,10 @@ impl Supervisor {
         warn_of_shared_taps(&definitions);
         let vms = definitions
             .into_iter()
-            .map(|definition| {
-                let entry = VmEntry {
-                    definition,
-                    state: DomainState::Shutoff,
-                    reason: None,
-                    runtime: None,
-                    busy: None,
-                };
-                (entry.definition.name.clone(), entry)
-            })
+            .map(|definition| (definition.name.clone(), VmEntry::new(definition)))
             .collect();
         let (events, _) = broadcast::channel(256);
+        let (restarts, restart_queue) = tokio::sync::mpsc::unbounded_channel();
         Arc::new(Supervisor {
             store,
             pools,
@@ -130,6 +162,8 @@ impl Supervisor {
             ferro,
             vms: Mutex::new(vms),
             events,
+            restarts,
+            restart_queue: Mutex::new(Some(restart_queue)),
         })
     }
 
@@ -229,6 +263,7 @@ impl Supervisor {
             console_log: self.store.console_log(name),
             console_socket: e.runtime.as_ref().map(|r| r.files.console_socket.clone()),
             warnings: self.nameless_nics(&e.definition),
+            pending_definition: e.pending.clone(),
         })
     }
 
@@ -270,9 +305,8 @@ impl Supervisor {
             .flat_map(|other| {
                 let name = other.definition.name.as_str();
                 other
-                    .definition
-                    .nets
-                    .iter()
+                    .definitions()
+                    .flat_map(|definition| definition.nets.iter())
                     .filter_map(move |nic| Some((nic.tap.as_deref()?, name)))
             })
             .collect();
@@ -295,9 +329,8 @@ impl Supervisor {
         self.lock()
             .values()
             .find(|e| {
-                e.definition
-                    .nets
-                    .iter()
+                e.definitions()
+                    .flat_map(|d| d.nets.iter())
                     .any(|n| n.tap.as_deref() == Some(tap))
             })
             .map(|e| e.definition.name.clone())
@@ -318,7 +351,11 @@ impl Supervisor {
     pub fn vm_using(&self, path: &Path) -> Option<String> {
         self.lock()
             .values()
-            .find(|e| e.definition.disks.iter().any(|d| self.disk_is(d, path)))
+            .find(|e| {
+                e.definitions()
+                    .flat_map(|d| d.disks.iter())
+                    .any(|d| self.disk_is(d, path))
+            })
             .map(|e| e.definition.name.clone())
     }
 
@@ -351,8 +388,8 @@ impl Supervisor {
     fn resolve(&self, definition: &VmDefinition) -> Result<VmConfig, String> {
         if let Some(path) = definition.disks_without_format().next() {
             return Err(format!(
-                "the disk {} has no format, and Ferro does not guess one: define the VM again \
-                 with format = \"raw\" or \"qcow2\" on that disk (ferro vm undefine, then \
+                "the disk {} has no format, and Ferro does not guess one: give that disk \
+                 format = \"raw\" or \"qcow2\" in the VM's definition (ferro vm edit, or \
                  ferro vm define)",
                 path.display()
             ));
@@ -389,12 +426,54 @@ impl Supervisor {
 
     // ----- definitions -----
 
-    pub fn define(&self, mut definition: VmDefinition) -> Result<VmDetails, ApiError> {
+    /// Defines a new VM, or updates an existing one's definition (see the module's text);
+    /// the answer says which (`true`: created).
+    pub fn define(&self, mut definition: VmDefinition) -> Result<(VmDetails, bool), ApiError> {
         definition.validate().map_err(ApiError::bad_request)?;
         // Ids are the daemon's to give.
         definition.id = None;
+        let name = definition.name.clone();
+        let exists = self.lock().contains_key(&name);
+        // An update waits for no other operation on the VM (a start would race it).
+        let busy = exists.then(|| self.begin(&name, "define")).transpose()?;
+        let previous = busy
+            .as_ref()
+            .and_then(|_| self.lock().get(&name).map(|e| e.next_definition().clone()));
+        self.prepare_nics(&mut definition, previous.as_ref())?;
+        // The files it names exist (the id, not given yet, does not matter here).
+        let placeholder = VmDefinition {
+            id: Some(0),
+            ..definition.clone()
+        };
+        self.resolve(&placeholder)
+            .and_then(|config| check_files(&config))
+            .map_err(ApiError::bad_request)?;
+        let created = match previous {
+            Some(previous) => {
+                definition.id = previous.id;
+                self.update_definition(definition)?;
+                false
+            }
+            None => {
+                self.add_definition(definition)?;
+                true
+            }
+        };
+        drop(busy);
+        let detail = (!created).then(|| "updated".to_string());
+        self.emit(&name, "defined", detail);
+        Ok((self.details(&name)?, created))
+    }
+
+    /// Checks the NICs' networks and gives each NIC without a MAC one: the MAC of the NIC at
+    /// the same place in `previous` (an update keeps the guest's addresses), or a random one.
+    fn prepare_nics(
+        &self,
+        definition: &mut VmDefinition,
+        previous: Option<&VmDefinition>,
+    ) -> Result<(), ApiError> {
         let dns_name = definition.dns_name().map(str::to_string);
-        for nic in &mut definition.nets {
+        for (index, nic) in definition.nets.iter_mut().enumerate() {
             if let Some(network) = &nic.network {
                 let mode = self.networks.mode_of(network).ok_or_else(|| {
                     ApiError::bad_request(format!("there is no network named {network:?}"))
@@ -408,50 +487,62 @@ impl Supervisor {
                 }
             }
             // A fixed MAC keeps the guest's DHCP lease and DNS name across starts.
-            nic.mac.get_or_insert_with(api::net::MacAddress::random);
-        }
-        // The files it names exist (the id, not given yet, does not matter here).
-        let placeholder = VmDefinition {
-            id: Some(0),
-            ..definition.clone()
-        };
-        self.resolve(&placeholder)
-            .and_then(|config| check_files(&config))
-            .map_err(ApiError::bad_request)?;
-        let name = definition.name.clone();
-        {
-            let mut vms = self.lock();
-            if vms.contains_key(&name) {
-                return Err(ApiError::conflict(format!(
-                    "a VM named {name} already exists"
-                )));
+            let kept = previous
+                .and_then(|p| p.nets.get(index))
+                .and_then(|old| old.mac);
+            if nic.mac.is_none() {
+                nic.mac = Some(kept.unwrap_or_else(api::net::MacAddress::random));
             }
-            self.check_nic_claims(&definition, vms.values())
-                .map_err(ApiError::conflict)?;
-            // Ids whose TAP names are still recorded (a device that could not be removed)
-            // are not given again.
-            let mut used: BTreeSet<u32> = self.networks.recorded_tap_ids();
-            used.extend(vms.values().filter_map(|e| e.definition.id));
-            definition.id =
-                Some(free_id(&used).ok_or_else(|| {
-                    ApiError::conflict("every VM id is taken; undefine a VM first")
-                })?);
-            self.store
-                .save_definition(&definition)
-                .map_err(|e| ApiError::internal(chain(&e)))?;
-            vms.insert(
-                name.clone(),
-                VmEntry {
-                    definition,
-                    state: DomainState::Shutoff,
-                    reason: None,
-                    runtime: None,
-                    busy: None,
-                },
-            );
         }
-        self.emit(&name, "defined", None);
-        self.details(&name)
+        Ok(())
+    }
+
+    /// Stores a new VM's definition with a fresh id.
+    fn add_definition(&self, mut definition: VmDefinition) -> Result<(), ApiError> {
+        let name = definition.name.clone();
+        let mut vms = self.lock();
+        if vms.contains_key(&name) {
+            return Err(ApiError::conflict(format!(
+                "a VM named {name} was defined at the same time; try again"
+            )));
+        }
+        self.check_nic_claims(&definition, vms.values())
+            .map_err(ApiError::conflict)?;
+        // Ids whose TAP names are still recorded (a device that could not be removed)
+        // are not given again.
+        let mut used: BTreeSet<u32> = self.networks.recorded_tap_ids();
+        used.extend(vms.values().filter_map(|e| e.definition.id));
+        definition.id = Some(
+            free_id(&used)
+                .ok_or_else(|| ApiError::conflict("every VM id is taken; undefine a VM first"))?,
+        );
+        self.store
+            .save_definition(&definition)
+            .map_err(|e| ApiError::internal(chain(&e)))?;
+        vms.insert(name, VmEntry::new(definition));
+        Ok(())
+    }
+
+    /// Stores an existing VM's new definition: in effect at once when the VM is not running,
+    /// pending until its VMM ends when it is.
+    fn update_definition(&self, definition: VmDefinition) -> Result<(), ApiError> {
+        let name = definition.name.clone();
+        let mut vms = self.lock();
+        self.check_nic_claims(&definition, vms.values())
+            .map_err(ApiError::conflict)?;
+        let entry = vms
+            .get_mut(&name)
+            .ok_or_else(|| ApiError::not_found(&name))?;
+        self.store
+            .save_definition(&definition)
+            .map_err(|e| ApiError::internal(chain(&e)))?;
+        if entry.runtime.is_none() {
+            entry.definition = definition;
+            entry.pending = None;
+        } else {
+            entry.pending = (definition != entry.definition).then_some(definition);
+        }
+        Ok(())
     }
 
     pub fn undefine(&self, name: &str) -> Result<(), ApiError> {
@@ -477,14 +568,17 @@ impl Supervisor {
         let mut definition = self
             .lock()
             .get(name)
-            .map(|e| e.definition.clone())
+            .map(|e| e.next_definition().clone())
             .ok_or_else(|| ApiError::not_found(name))?;
         definition.autostart = enabled;
         self.store
             .save_definition(&definition)
             .map_err(|e| ApiError::internal(chain(&e)))?;
         if let Some(entry) = self.lock().get_mut(name) {
-            entry.definition = definition;
+            entry.definition.autostart = enabled;
+            if let Some(pending) = &mut entry.pending {
+                pending.autostart = enabled;
+            }
         }
         drop(_busy);
         self.details(name)
@@ -516,8 +610,10 @@ impl Supervisor {
         }
         let config = self
             .resolve(&definition)
-            .and_then(|config| check_files(&config).map(|()| config))
             .map_err(|e| ApiError::conflict(format!("cannot start VM {name}: {e}")))?;
+        // A file that is missing is the definition's fault, not the VM's state.
+        check_files(&config)
+            .map_err(|e| ApiError::bad_request(format!("cannot start VM {name}: {e}")))?;
         let files = VmmFiles::new(self.store.run_dir(name));
         let _ = std::fs::remove_dir_all(&files.dir);
         // Only the daemon's user reaches the VMM's sockets.
@@ -528,6 +624,7 @@ impl Supervisor {
             .map_err(|e| {
                 ApiError::internal(format!("cannot create {}: {e}", files.dir.display()))
             })?;
+        save_running_definition(&files, &definition);
         let args = process::vmm_args(&config, &files, &self.store.console_log(name));
         let nics = network_nics(&definition, false);
         let networks = self.networks.clone();
@@ -631,8 +728,14 @@ impl Supervisor {
                 }
             }
             // Reaping, files, netlink and nft: blocking work, off the runtime's threads.
-            let ended = tokio::task::spawn_blocking(move || supervisor.vmm_ended(&name, &runtime));
-            let _ = ended.await;
+            let ended = supervisor.clone();
+            let (vm, gone) = (name.clone(), runtime.clone());
+            let _ = tokio::task::spawn_blocking(move || ended.vmm_ended(&vm, &gone)).await;
+            // A guest that powered off to reboot starts again, from a task of its own (a start
+            // watches its new VMM from here).
+            if supervisor.restart_due(&name) {
+                let _ = supervisor.restarts.send(name);
+            }
         });
     }
 
@@ -683,9 +786,19 @@ impl Supervisor {
         let Some(entry) = vms.get_mut(name) else {
             return;
         };
+        // A VMM ended by destroy is said to be destroyed from the moment it is gone, so that a
+        // shutdown waiting on it meanwhile sees why.
+        let (state, reason) = match entry.busy {
+            Some("destroy") => (DomainState::Shutoff, "destroyed".to_string()),
+            _ => (state, reason),
+        };
         entry.runtime = None;
         entry.state = state;
         entry.reason = Some(reason.clone());
+        // A definition changed while the VM ran takes effect now.
+        if let Some(next) = entry.pending.take() {
+            entry.definition = next;
+        }
         drop(vms);
         let kind = if state == DomainState::Crashed {
             "crashed"
@@ -716,6 +829,7 @@ impl Supervisor {
                     if let Some(entry) = self.lock().get_mut(&name) {
                         entry.state = state;
                         entry.runtime = Some(runtime.clone());
+                        adopt_running_definition(entry, &files);
                         self.networks
                             .reattach(&name, &network_nics(&entry.definition, true));
                     }
@@ -758,94 +872,6 @@ impl Supervisor {
             }
         }
     }
-
-    /// Presses the power button and waits up to `timeout` for the guest to power off.
-    pub async fn shutdown(
-        self: &Arc<Self>,
-        name: &str,
-        timeout: Duration,
-    ) -> Result<VmDetails, ApiError> {
-        let busy = self.begin(name, "shutdown")?;
-        let runtime = self.runtime(name)?;
-        if self.state(name) == Some(DomainState::Paused) {
-            return Err(ApiError::conflict(format!(
-                "VM {name} is paused; resume it first (a paused guest cannot react to the power button)"
-            )));
-        }
-        vmm_put(&runtime.files.api_socket, vmm_paths::POWER_BUTTON).await?;
-        self.set_state(name, DomainState::ShuttingDown, None);
-        self.emit(name, "shutdown-requested", None);
-        if self.wait_until_stopped(name, &runtime, timeout).await {
-            drop(busy);
-            return self.details(name);
-        }
-        self.set_state(name, DomainState::Running, None);
-        Err(ApiError::new(
-            StatusCode::GATEWAY_TIMEOUT,
-            format!(
-                "VM {name} is still running {} s after the power button was pressed",
-                timeout.as_secs()
-            ),
-        ))
-    }
-
-    /// Whether the VMM of `runtime` ended within `timeout`.
-    async fn wait_until_stopped(&self, name: &str, runtime: &Runtime, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let current = self
-                .lock()
-                .get(name)
-                .and_then(|e| e.runtime.as_ref().map(|r| r.record));
-            if current != Some(runtime.record) {
-                return true;
-            }
-            if Instant::now() > deadline {
-                return false;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// Stops the VM at once (asks its VMM; kills it if it does not answer).
-    pub async fn destroy(self: &Arc<Self>, name: &str) -> Result<VmDetails, ApiError> {
-        let _busy = self.begin(name, "destroy")?;
-        let runtime = self.runtime(name)?;
-        let asked = vmm_put(&runtime.files.api_socket, vmm_paths::STOP)
-            .await
-            .is_ok();
-        if !asked || !self.wait_until_stopped(name, &runtime, DESTROY_GRACE).await {
-            let _ = process::kill(runtime.record.pid, libc::SIGKILL);
-            if !self.wait_until_stopped(name, &runtime, DESTROY_GRACE).await {
-                return Err(ApiError::internal(format!(
-                    "the VMM of {name} (pid {}) does not die",
-                    runtime.record.pid
-                )));
-            }
-        }
-        self.set_state(name, DomainState::Shutoff, Some("destroyed".into()));
-        drop(_busy);
-        self.details(name)
-    }
-
-    /// Forwards a pause, resume or reset to the VMM.
-    pub async fn control(
-        self: &Arc<Self>,
-        name: &str,
-        action: Control,
-    ) -> Result<VmDetails, ApiError> {
-        let _busy = self.begin(name, action.operation())?;
-        let runtime = self.runtime(name)?;
-        vmm_put(&runtime.files.api_socket, action.vmm_path()).await?;
-        match action {
-            Control::Suspend => self.set_state(name, DomainState::Paused, None),
-            Control::Resume => self.set_state(name, DomainState::Running, None),
-            Control::Reboot => {}
-        }
-        self.emit(name, action.event(), None);
-        drop(_busy);
-        self.details(name)
-    }
 }
 
 /// What monitoring needs to know of a running VM.
@@ -882,6 +908,36 @@ fn network_nics(definition: &VmDefinition, legacy: bool) -> Vec<NetworkNic> {
             })
         })
         .collect()
+}
+
+/// Where the definition a VMM was started with is kept while it runs.
+fn running_definition_path(files: &VmmFiles) -> std::path::PathBuf {
+    files.dir.join("definition.json")
+}
+
+/// Keeps the definition the VMM starts with, so a daemon that restarts while a changed
+/// definition is pending knows which one runs. Without it (a write error, or a VMM started by
+/// an older daemon) the stored definition is taken as the running one.
+fn save_running_definition(files: &VmmFiles, definition: &VmDefinition) {
+    let saved = serde_json::to_vec(definition)
+        .map_err(|e| e.to_string())
+        .and_then(|bytes| {
+            atomic_write(&running_definition_path(files), &bytes).map_err(|e| chain(&e))
+        });
+    if let Err(e) = saved {
+        tracing::warn!("VM {}: {e}", definition.name);
+    }
+}
+
+/// Makes an adopted VM's running definition the one its VMM was started with, the stored one
+/// pending when they differ.
+fn adopt_running_definition(entry: &mut VmEntry, files: &VmmFiles) {
+    let running: Option<VmDefinition> = std::fs::read(running_definition_path(files))
+        .ok()
+        .and_then(|bytes| serde_json::from_slice(&bytes).ok());
+    if let Some(running) = running.filter(|r| *r != entry.definition) {
+        entry.pending = Some(std::mem::replace(&mut entry.definition, running));
+    }
 }
 
 /// The smallest id (from 1) not in `used`.
@@ -935,40 +991,6 @@ fn warn_of_shared_taps(definitions: &[VmDefinition]) {
 
 fn not_running(name: &str, state: DomainState) -> ApiError {
     ApiError::conflict(format!("VM {name} is not running (it is {state})"))
-}
-
-/// Commands the daemon passes to a VMM as they are.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Control {
-    Suspend,
-    Resume,
-    Reboot,
-}
-
-impl Control {
-    fn operation(self) -> &'static str {
-        match self {
-            Control::Suspend => "suspend",
-            Control::Resume => "resume",
-            Control::Reboot => "reboot",
-        }
-    }
-
-    fn vmm_path(self) -> &'static str {
-        match self {
-            Control::Suspend => vmm_paths::PAUSE,
-            Control::Resume => vmm_paths::RESUME,
-            Control::Reboot => vmm_paths::RESET,
-        }
-    }
-
-    fn event(self) -> &'static str {
-        match self {
-            Control::Suspend => "paused",
-            Control::Resume => "resumed",
-            Control::Reboot => "rebooted",
-        }
-    }
 }
 
 /// Registers a pidfd with the runtime.
