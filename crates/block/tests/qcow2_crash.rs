@@ -105,11 +105,18 @@ fn killed_writers_leave_no_corruption() {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        // The kill's delay counts from the writer's first operation, not from its process
-        // start, which a loaded machine (all tests at once) can make longer than the delay.
+        // The kill's delay counts from the end of the writer's first operation, not from its
+        // process start nor its first line: a loaded machine (all tests at once) can make
+        // either longer than the delay, and a writer killed before one operation completed
+        // tests nothing.
         let mut stdout = BufReader::new(child.stdout.take().unwrap());
         let mut output = String::new();
-        stdout.read_line(&mut output).unwrap();
+        while !output.contains("start 1\n") {
+            assert!(
+                stdout.read_line(&mut output).unwrap() > 0,
+                "the writer died: {output}"
+            );
+        }
         std::thread::sleep(Duration::from_millis(30 + rng.below(300)));
         child.kill().unwrap();
         child.wait().unwrap();
