@@ -160,7 +160,7 @@ impl Nets {
             let pairs = net
                 .queue_pairs
                 .map_or(config.cpus as usize, usize::from)
-                .min(virtio::net::MAX_QUEUE_PAIRS);
+                .min(usize::from(api::net::MAX_NET_QUEUE_PAIRS));
             let fewer_ok = net.queue_pairs.is_none();
             let queues =
                 virtio::net::Tap::open_queues(&net.tap, pairs, fewer_ok).map_err(|source| {
@@ -317,7 +317,7 @@ impl Machine {
         )?;
         let mmio = Arc::new(Bus::new());
         let mut pci = PciBuilder::new(&pio, &mmio, &power, config.memory.0)?;
-        let cpus = u16::try_from(config.cpus).unwrap_or(virtio::block::MAX_QUEUES);
+        let cpus = u16::try_from(config.cpus).unwrap_or(api::vm_config::MAX_DISK_QUEUES);
         for disk in disks.devices(stats, cpus) {
             pci.add_virtio(Box::new(disk), &memory, &interrupts, &vm)?;
         }
