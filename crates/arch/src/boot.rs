@@ -24,12 +24,12 @@ use linux_loader::loader::{self, KernelLoader};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, ReadVolatile};
 
 use crate::e820;
-use crate::gdt::SegmentMode;
+use crate::gdt::{self, SegmentMode};
 use crate::layout::{
     self, CMDLINE_MAX_SIZE, CMDLINE_START, HIGH_RAM_START, PVH_INFO_START, PVH_MEMMAP_MAX_ENTRIES,
     PVH_MEMMAP_START, PVH_MODLIST_START, ZERO_PAGE_START,
 };
-use crate::{bios, paging, regs};
+use crate::{bios, paging};
 
 /// Errors while loading a kernel and writing its boot information.
 #[derive(Debug, thiserror::Error)]
@@ -285,7 +285,7 @@ pub fn write_boot_info<M: GuestMemoryBackend>(mem: &M, info: &BootInfo<'_>) -> R
     let cmdline = CString::new(info.cmdline).map_err(|_| BootError::CmdlineNul)?;
     mem.write_slice(cmdline.as_bytes_with_nul(), CMDLINE_START)
         .map_err(guest_mem_err("command line"))?;
-    regs::write_boot_descriptor_tables(mem, info.kernel.entry.segment_mode())
+    gdt::write_boot_descriptor_tables(mem, info.kernel.entry.segment_mode())
         .map_err(guest_mem_err("GDT"))?;
     paging::write_identity_page_tables(mem).map_err(guest_mem_err("page tables"))?;
     bios::write_reset_vector(mem).map_err(guest_mem_err("reset vector"))?;
