@@ -14,6 +14,9 @@ fuzz_target!(|data: &[u8]| {
     let Ok(mem) = arch::GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEMORY as usize)]) else {
         return;
     };
+    let Ok(layout) = arch::layout::MemoryLayout::new(MEMORY) else {
+        return;
+    };
     // The first byte picks the command line length, the rest is the image.
     let Some((&cmdline_len, image)) = data.split_first() else {
         return;
@@ -24,7 +27,7 @@ fuzz_target!(|data: &[u8]| {
     let initrd = load_initrd(
         &mem,
         &kernel,
-        MEMORY,
+        &layout,
         &mut Cursor::new(image),
         image.len() as u64,
     )
@@ -34,7 +37,7 @@ fuzz_target!(|data: &[u8]| {
         kernel: &kernel,
         cmdline: &cmdline,
         initrd,
-        memory_size: MEMORY,
+        memory: &layout,
         rsdp: arch::layout::ACPI_START,
     };
     let _ = write_boot_info(&mem, &info);

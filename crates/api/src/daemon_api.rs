@@ -8,7 +8,9 @@ use serde::{Deserialize, Serialize};
 use crate::net::{stable_hash, valid_interface_name, MacAddress, NetConfig};
 use crate::net_api::dns_host_name;
 use crate::size::ByteSize;
-use crate::vm_config::{ConsoleKind, DiskConfig, VmConfig};
+use crate::vm_config::{
+    default_cmdline, default_cpus, default_memory, ConsoleKind, DiskConfig, VmConfig,
+};
 use crate::vmm_api::VmCounters;
 
 /// Where the daemon listens unless told otherwise (`ferro daemon --socket`, and the clients'
@@ -51,18 +53,6 @@ pub fn check_name(name: &str) -> Result<(), String> {
         ));
     }
     Ok(())
-}
-
-fn default_cpus() -> u32 {
-    1
-}
-
-fn default_memory() -> ByteSize {
-    ByteSize::mib(512)
-}
-
-fn default_cmdline() -> String {
-    crate::vm_config::DEFAULT_CMDLINE.to_string()
 }
 
 /// A persistent VM definition: the file `<state-dir>/vms/NAME.toml`, and the body of
@@ -621,6 +611,21 @@ pub struct Event {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A definition that names only the kernel runs the VM `ferro run --kernel` would.
+    #[test]
+    fn a_bare_definition_has_the_vmm_defaults() {
+        let def: VmDefinition = serde_json::from_str(r#"{"name": "web", "kernel": "/k"}"#).unwrap();
+        let vmm = VmConfig::new("/k");
+        assert_eq!(
+            (def.cpus, def.memory, &def.cmdline, def.console),
+            (vmm.cpus, vmm.memory, &vmm.cmdline, vmm.console)
+        );
+        assert_eq!(
+            (def.cpus, def.memory),
+            (crate::DEFAULT_CPUS, crate::DEFAULT_MEMORY)
+        );
+    }
 
     #[test]
     fn names() {

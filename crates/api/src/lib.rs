@@ -19,7 +19,9 @@ pub use net::{MacAddress, NetConfig};
 pub use rng::RngOptions;
 pub use size::{ByteSize, ParseSizeError};
 pub use state::{InvalidTransition, VmState};
-pub use vm_config::{ConfigError, ConsoleKind, DiskConfig, VmConfig, DEFAULT_CMDLINE};
+pub use vm_config::{
+    ConfigError, ConsoleKind, DiskConfig, VmConfig, DEFAULT_CMDLINE, DEFAULT_CPUS, DEFAULT_MEMORY,
+};
 
 /// An error and its sources on one line (`outer: inner: root cause`), for the one-line
 /// messages every Ferro command and API prints.

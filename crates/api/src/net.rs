@@ -91,7 +91,7 @@ pub struct NetConfig {
     pub queue_pairs: Option<u16>,
 }
 
-/// Most queue pairs of a NIC.
+/// Most queue pairs of a NIC (virtio-net offers no more).
 pub const MAX_NET_QUEUE_PAIRS: u16 = 64;
 
 /// Checks a NIC's queue pair count.

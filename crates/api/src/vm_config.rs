@@ -14,16 +14,23 @@ pub const DEFAULT_CMDLINE: &str = "console=ttyS0";
 pub const MAX_CPUS: u32 = 64;
 /// Smallest guest memory.
 pub const MIN_MEMORY: ByteSize = ByteSize(128 << 20);
+/// vCPUs of a VM that does not say (`ferro run`, the VMM's config, a daemon definition).
+pub const DEFAULT_CPUS: u32 = 1;
+/// Guest memory of a VM that does not say (`ferro run`, the VMM's config, a daemon
+/// definition).
+pub const DEFAULT_MEMORY: ByteSize = ByteSize(512 << 20);
 
-fn default_cpus() -> u32 {
-    1
+// serde's `default = "..."` takes a function; these are the only ones, for both the VMM's
+// config and the daemon's definition, so each default stays a single constant.
+pub(crate) fn default_cpus() -> u32 {
+    DEFAULT_CPUS
 }
 
-fn default_memory() -> ByteSize {
-    ByteSize::mib(512)
+pub(crate) fn default_memory() -> ByteSize {
+    DEFAULT_MEMORY
 }
 
-fn default_cmdline() -> String {
+pub(crate) fn default_cmdline() -> String {
     DEFAULT_CMDLINE.to_string()
 }
 
@@ -36,6 +43,15 @@ pub enum ConsoleKind {
     Serial,
     /// A virtio-console device (`hvc0`); the UART is then not connected.
     Hvc,
+}
+
+impl std::fmt::Display for ConsoleKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ConsoleKind::Serial => "serial",
+            ConsoleKind::Hvc => "hvc",
+        })
+    }
 }
 
 impl std::str::FromStr for ConsoleKind {
@@ -75,7 +91,7 @@ pub struct DiskConfig {
     pub num_queues: Option<u16>,
 }
 
-/// Most request queues of one disk.
+/// Most request queues of one disk (virtio-blk offers no more).
 pub const MAX_DISK_QUEUES: u16 = 64;
 
 impl DiskConfig {
@@ -262,7 +278,7 @@ impl VmConfig {
             rng_bytes_per_sec: None,
             rng_period_ms: None,
             disks: Vec::new(),
-            console: ConsoleKind::Serial,
+            console: ConsoleKind::default(),
             nets: Vec::new(),
         }
     }
@@ -326,6 +342,17 @@ mod tests {
             (1, ByteSize(512 << 20), "console=ttyS0")
         );
         assert_eq!(c.validate(), Ok(()));
+        let parsed: VmConfig = serde_json::from_str(r#"{"kernel": "/boot/vmlinuz"}"#).unwrap();
+        assert_eq!(parsed, c, "serde's defaults are VmConfig::new's");
+    }
+
+    /// `ferro run --console` shows its default through Display and parses it back.
+    #[test]
+    fn console_kind_round_trips_through_text() {
+        for kind in [ConsoleKind::Serial, ConsoleKind::Hvc] {
+            assert_eq!(kind.to_string().parse::<ConsoleKind>(), Ok(kind));
+        }
+        assert_eq!(ConsoleKind::default().to_string(), "serial");
     }
 
     #[test]

@@ -20,7 +20,9 @@ use acpi_tables::xsdt::XSDT;
 use acpi_tables::Aml;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
-use crate::layout::{self, irqs, ports, ACPI_SIZE, ACPI_START, APIC_START, IOAPIC_START};
+use crate::layout::{
+    self, irqs, ports, MemoryLayout, ACPI_SIZE, ACPI_START, APIC_START, IOAPIC_START,
+};
 
 pub const OEM_ID: [u8; 6] = *b"FERRO ";
 const OEM_REVISION: u32 = 1;
@@ -43,7 +45,7 @@ pub enum AcpiError {
 pub struct AcpiConfig {
     pub cpus: u32,
     /// Guest RAM, which decides where the 64-bit PCI window starts.
-    pub memory_size: u64,
+    pub memory: MemoryLayout,
 }
 
 /// Builds all tables and writes them at [`ACPI_START`]; returns the RSDP's address.
@@ -167,7 +169,7 @@ fn madt(cpus: u32) -> Sdt {
 const PCI_SLOTS: std::ops::Range<u32> = 1..32;
 
 /// The PCI root bridge: PCIe host bridge on segment 0, bus 0, with its windows and routing.
-fn pci_root(memory_size: u64) -> Vec<u8> {
+fn pci_root(memory: &MemoryLayout) -> Vec<u8> {
     let hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0A08"));
     let cid = aml::Name::new("_CID".into(), &aml::EISAName::new("PNP0A03"));
     let adr = aml::Name::new("_ADR".into(), &aml::ZERO);
@@ -189,7 +191,7 @@ fn pci_root(memory_size: u64) -> Vec<u8> {
         (layout::PCI_MMIO32_START + layout::PCI_MMIO32_SIZE - 1) as u32,
         None,
     );
-    let mmio64_start = layout::pci_mmio64_start(memory_size);
+    let mmio64_start = memory.pci_mmio64_start();
     let mmio64 = aml::AddressSpace::<u64>::new_memory(
         aml::AddressSpaceCacheable::NotCacheable,
         true,
@@ -305,7 +307,7 @@ fn dsdt(config: &AcpiConfig) -> Sdt {
             aml_bytes(&com1),
             aml_bytes(&rtc),
             power_button_and_ged(),
-            pci_root(config.memory_size),
+            pci_root(&config.memory),
             motherboard_resources(),
         ]
         .concat(),
@@ -374,7 +376,7 @@ mod tests {
             &mem,
             &AcpiConfig {
                 cpus,
-                memory_size: 1 << 30,
+                memory: MemoryLayout::new(1 << 30).unwrap(),
             },
         )
         .unwrap();

@@ -24,12 +24,12 @@ use linux_loader::loader::{self, KernelLoader};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, ReadVolatile};
 
 use crate::e820;
-use crate::gdt::SegmentMode;
+use crate::gdt::{self, SegmentMode};
 use crate::layout::{
-    self, CMDLINE_MAX_SIZE, CMDLINE_START, HIGH_RAM_START, PVH_INFO_START, PVH_MEMMAP_MAX_ENTRIES,
-    PVH_MEMMAP_START, PVH_MODLIST_START, ZERO_PAGE_START,
+    MemoryLayout, CMDLINE_MAX_SIZE, CMDLINE_START, HIGH_RAM_START, PVH_INFO_START,
+    PVH_MEMMAP_MAX_ENTRIES, PVH_MEMMAP_START, PVH_MODLIST_START, ZERO_PAGE_START,
 };
-use crate::{bios, paging, regs};
+use crate::{bios, paging};
 
 /// Errors while loading a kernel and writing its boot information.
 #[derive(Debug, thiserror::Error)]
@@ -192,8 +192,8 @@ pub struct InitrdPlacement {
 }
 
 /// Highest address (exclusive) the kernel can reach its initramfs at.
-fn initrd_limit(kernel: &LoadedKernel, memory_size: u64) -> u64 {
-    let low_end = layout::low_ram_end(memory_size);
+fn initrd_limit(kernel: &LoadedKernel, memory: &MemoryLayout) -> u64 {
+    let low_end = memory.low_ram_end();
     match kernel.setup_header {
         Some(h) if h.xloadflags & XLF_CAN_BE_LOADED_ABOVE_4G == 0 => {
             low_end.min(u64::from(h.initrd_addr_max) + 1)
@@ -206,7 +206,7 @@ fn initrd_limit(kernel: &LoadedKernel, memory_size: u64) -> u64 {
 pub fn load_initrd<M, F>(
     mem: &M,
     kernel: &LoadedKernel,
-    memory_size: u64,
+    memory: &MemoryLayout,
     file: &mut F,
     size: u64,
 ) -> Result<InitrdPlacement>
@@ -214,7 +214,7 @@ where
     M: GuestMemoryBackend,
     F: ReadVolatile,
 {
-    let limit = initrd_limit(kernel, memory_size);
+    let limit = initrd_limit(kernel, memory);
     let too_large = BootError::InitrdTooLarge {
         size,
         kernel_end: kernel.kernel_end,
@@ -259,7 +259,7 @@ pub struct BootInfo<'a> {
     pub kernel: &'a LoadedKernel,
     pub cmdline: &'a str,
     pub initrd: Option<InitrdPlacement>,
-    pub memory_size: u64,
+    pub memory: &'a MemoryLayout,
     pub rsdp: GuestAddress,
 }
 
@@ -285,7 +285,7 @@ pub fn write_boot_info<M: GuestMemoryBackend>(mem: &M, info: &BootInfo<'_>) -> R
     let cmdline = CString::new(info.cmdline).map_err(|_| BootError::CmdlineNul)?;
     mem.write_slice(cmdline.as_bytes_with_nul(), CMDLINE_START)
         .map_err(guest_mem_err("command line"))?;
-    regs::write_boot_descriptor_tables(mem, info.kernel.entry.segment_mode())
+    gdt::write_boot_descriptor_tables(mem, info.kernel.entry.segment_mode())
         .map_err(guest_mem_err("GDT"))?;
     paging::write_identity_page_tables(mem).map_err(guest_mem_err("page tables"))?;
     bios::write_reset_vector(mem).map_err(guest_mem_err("reset vector"))?;
@@ -318,7 +318,7 @@ fn write_zero_page<M: GuestMemoryBackend>(
         params.hdr.ramdisk_image = initrd.addr.0 as u32;
         params.hdr.ramdisk_size = initrd.size as u32;
     }
-    let map = e820::memory_map(info.memory_size);
+    let map = e820::memory_map(info.memory);
     if map.len() > params.e820_table.len() {
         return Err(BootError::TooManyMemoryMapEntries(map.len()));
     }
@@ -335,7 +335,7 @@ fn write_zero_page<M: GuestMemoryBackend>(
 }
 
 fn write_pvh_start_info<M: GuestMemoryBackend>(mem: &M, info: &BootInfo<'_>) -> Result<()> {
-    let map = e820::memory_map(info.memory_size);
+    let map = e820::memory_map(info.memory);
     if map.len() > PVH_MEMMAP_MAX_ENTRIES {
         return Err(BootError::TooManyMemoryMapEntries(map.len()));
     }
@@ -383,6 +383,10 @@ mod tests {
     use std::io::Cursor;
 
     const MEM: u64 = 256 << 20;
+
+    fn layout() -> MemoryLayout {
+        MemoryLayout::new(MEM).unwrap()
+    }
 
     fn memory() -> GuestMemoryMmap {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM as usize)]).unwrap()
@@ -449,7 +453,7 @@ mod tests {
         let placed = load_initrd(
             &mem,
             &kernel,
-            MEM,
+            &layout(),
             &mut Cursor::new(&data),
             data.len() as u64,
         )
@@ -466,9 +470,10 @@ mod tests {
     fn initrd_larger_than_memory_is_refused() {
         let mem = memory();
         let kernel = load_kernel(&mem, &mut Cursor::new(test_images::bzimage(&[0xf4]))).unwrap();
-        let err = load_initrd(&mem, &kernel, MEM, &mut Cursor::new(vec![]), MEM).unwrap_err();
+        let err = load_initrd(&mem, &kernel, &layout(), &mut Cursor::new(vec![]), MEM).unwrap_err();
         assert!(matches!(err, BootError::InitrdTooLarge { .. }));
-        let err = load_initrd(&mem, &kernel, MEM, &mut Cursor::new(vec![]), MEM * 4).unwrap_err();
+        let err =
+            load_initrd(&mem, &kernel, &layout(), &mut Cursor::new(vec![]), MEM * 4).unwrap_err();
         assert!(matches!(err, BootError::InitrdTooLarge { .. }));
     }
 
@@ -476,7 +481,13 @@ mod tests {
     fn short_initrd_file_is_a_read_error() {
         let mem = memory();
         let kernel = load_kernel(&mem, &mut Cursor::new(test_images::bzimage(&[0xf4]))).unwrap();
-        let err = load_initrd(&mem, &kernel, MEM, &mut Cursor::new(vec![1u8; 10]), 4096);
+        let err = load_initrd(
+            &mem,
+            &kernel,
+            &layout(),
+            &mut Cursor::new(vec![1u8; 10]),
+            4096,
+        );
         assert!(matches!(err, Err(BootError::ReadInitrd(_))));
     }
 
@@ -492,7 +503,7 @@ mod tests {
             kernel: &kernel,
             cmdline: "console=ttyS0 quiet",
             initrd: Some(initrd),
-            memory_size: MEM,
+            memory: &layout(),
             rsdp: GuestAddress(0xe0000),
         };
         write_boot_info(&mem, &info).unwrap();
@@ -504,7 +515,7 @@ mod tests {
         assert_eq!({ hdr.type_of_loader }, 0xff);
         assert_eq!({ hdr.boot_flag }, 0xaa55);
         assert_eq!({ params.acpi_rsdp_addr }, 0xe0000);
-        let map = e820::memory_map(MEM);
+        let map = e820::memory_map(&layout());
         assert_eq!(params.e820_entries as usize, map.len());
         for (got, want) in params.e820_table.iter().zip(&map) {
             assert_eq!(
@@ -526,7 +537,7 @@ mod tests {
             kernel: &kernel,
             cmdline: &long,
             initrd: None,
-            memory_size: MEM,
+            memory: &layout(),
             rsdp: GuestAddress(0xe0000),
         };
         assert!(matches!(
@@ -556,7 +567,7 @@ mod tests {
             kernel: &kernel,
             cmdline: "console=ttyS0",
             initrd: Some(initrd),
-            memory_size: MEM,
+            memory: &layout(),
             rsdp: GuestAddress(0xe0000),
         };
         write_boot_info(&mem, &info).unwrap();
@@ -567,7 +578,7 @@ mod tests {
         assert_eq!(start.nr_modules, 1);
         let module: hvm_modlist_entry = mem.read_obj(GuestAddress(start.modlist_paddr)).unwrap();
         assert_eq!((module.paddr, module.size), (0x800_0000, 0x1000));
-        let map = e820::memory_map(MEM);
+        let map = e820::memory_map(&layout());
         assert_eq!(start.memmap_entries as usize, map.len());
         let last: hvm_memmap_table_entry = mem
             .read_obj(GuestAddress(

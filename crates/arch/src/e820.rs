@@ -1,6 +1,6 @@
 //! The E820 memory map handed to the guest (through boot_params or the PVH start info).
 
-use crate::layout::{self, ACPI_START, EBDA_START, HIGH_RAM_START};
+use crate::layout::{self, MemoryLayout, ACPI_START, EBDA_START, HIGH_RAM_START};
 
 /// E820 entry types (ACPI address range types).
 pub const E820_RAM: u32 = 1;
@@ -14,8 +14,8 @@ pub struct E820Entry {
     pub kind: u32,
 }
 
-/// The memory map of a guest with `memory_size` bytes of RAM, in address order.
-pub fn memory_map(memory_size: u64) -> Vec<E820Entry> {
+/// The memory map of a guest with RAM laid out as `memory`, in address order.
+pub fn memory_map(memory: &MemoryLayout) -> Vec<E820Entry> {
     let ram = |addr, size| E820Entry {
         addr,
         size,
@@ -41,7 +41,7 @@ pub fn memory_map(memory_size: u64) -> Vec<E820Entry> {
         size: layout::PCI_ECAM_SIZE,
         kind: E820_RESERVED,
     });
-    for (start, size) in layout::ram_ranges(memory_size) {
+    for (start, size) in memory.ram_ranges() {
         if start.0 == 0 {
             map.push(ram(HIGH_RAM_START.0, size - HIGH_RAM_START.0));
         } else {
@@ -57,6 +57,10 @@ mod tests {
     use super::*;
     use crate::layout::{MMIO_HOLE_START, RAM_ABOVE_4G_START};
 
+    fn map_of(size: u64) -> Vec<E820Entry> {
+        memory_map(&MemoryLayout::new(size).unwrap())
+    }
+
     fn ram_total(map: &[E820Entry]) -> u64 {
         map.iter()
             .filter(|e| e.kind == E820_RAM)
@@ -66,7 +70,7 @@ mod tests {
 
     #[test]
     fn small_guest_has_low_ram_and_high_ram() {
-        let map = memory_map(256 << 20);
+        let map = map_of(256 << 20);
         assert_eq!(
             map[0],
             E820Entry {
@@ -97,7 +101,7 @@ mod tests {
 
     #[test]
     fn large_guest_skips_the_mmio_hole() {
-        let map = memory_map(6 << 30);
+        let map = map_of(6 << 30);
         let above: Vec<_> = map
             .iter()
             .filter(|e| e.addr >= RAM_ABOVE_4G_START)
@@ -113,7 +117,7 @@ mod tests {
     #[test]
     fn entries_are_sorted_and_disjoint() {
         for size in [128u64 << 20, 3 << 30, 5 << 30] {
-            let map = memory_map(size);
+            let map = map_of(size);
             for w in map.windows(2) {
                 assert!(w[0].addr + w[0].size <= w[1].addr, "{w:x?}");
             }

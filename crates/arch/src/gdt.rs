@@ -1,9 +1,13 @@
-//! The boot GDT and the segment registers derived from it.
+//! The boot GDT (and the empty IDT beside it) in guest memory, and the segment registers
+//! derived from it.
 //!
 //! Linux's 64-bit entry wants flat 64-bit code and data segments; the PVH entry wants flat
 //! 32-bit protected-mode segments. Both tables live at [`crate::layout::BOOT_GDT_START`].
 
 use kvm_bindings::kvm_segment;
+use vm_memory::{Address, Bytes, GuestMemoryBackend};
+
+use crate::layout::{BOOT_GDT_START, BOOT_IDT_START};
 
 /// Selectors of the boot GDT (index * 8).
 pub const CODE_SELECTOR: u16 = 0x08;
@@ -49,6 +53,17 @@ pub fn boot_gdt(mode: SegmentMode) -> [u64; 4] {
     ]
 }
 
+/// Writes the boot GDT and an empty IDT for `mode` into guest memory.
+pub fn write_boot_descriptor_tables<M: GuestMemoryBackend>(
+    mem: &M,
+    mode: SegmentMode,
+) -> Result<(), vm_memory::GuestMemoryError> {
+    for (i, entry) in boot_gdt(mode).iter().enumerate() {
+        mem.write_obj(*entry, BOOT_GDT_START.unchecked_add(i as u64 * 8))?;
+    }
+    mem.write_obj(0u64, BOOT_IDT_START)
+}
+
 /// Decodes descriptor `entry` (loaded with `selector`) into KVM's segment register form.
 pub fn segment_from_entry(entry: u64, selector: u16) -> kvm_segment {
     let bit = |n: u32| ((entry >> n) & 1) as u8;
@@ -79,6 +94,18 @@ pub fn segment_from_entry(entry: u64, selector: u16) -> kvm_segment {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::GuestMemoryMmap;
+    use vm_memory::GuestAddress;
+
+    #[test]
+    fn descriptor_tables_land_in_memory() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        write_boot_descriptor_tables(&mem, SegmentMode::Long).unwrap();
+        let code: u64 = mem.read_obj(GuestAddress(BOOT_GDT_START.0 + 8)).unwrap();
+        assert_eq!(code, boot_gdt(SegmentMode::Long)[1]);
+        let idt: u64 = mem.read_obj(BOOT_IDT_START).unwrap();
+        assert_eq!(idt, 0);
+    }
 
     #[test]
     fn encodes_flat_long_mode_code() {

@@ -114,48 +114,118 @@ pub mod irqs {
     }
 }
 
-/// Guest RAM ranges (start, size) for `size` bytes of memory: below the MMIO hole first, the
-/// rest above 4 GiB.
-pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, u64)> {
-    if size <= MMIO_HOLE_START {
-        vec![(GuestAddress(0), size)]
-    } else {
-        vec![
-            (GuestAddress(0), MMIO_HOLE_START),
-            (GuestAddress(RAM_ABOVE_4G_START), size - MMIO_HOLE_START),
-        ]
+/// Highest guest-physical address (exclusive) any x86-64 CPU can have: 52 address bits.
+pub const MAX_PHYS_ADDR: u64 = 1 << 52;
+/// Most guest RAM a layout holds: RAM above 4 GiB and the 64-bit PCI window after it must end
+/// within [`MAX_PHYS_ADDR`].
+pub const MAX_RAM_SIZE: u64 =
+    MAX_PHYS_ADDR - PCI_MMIO64_SIZE - (RAM_ABOVE_4G_START - MMIO_HOLE_START);
+const PAGE_SIZE: u64 = 4 << 10;
+const PCI_MMIO64_ALIGN: u64 = 1 << 30;
+
+/// A RAM size no guest can be laid out with.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LayoutError {
+    #[error("a guest needs some memory")]
+    NoMemory,
+    #[error("memory size {0:#x} is not a multiple of 4 KiB")]
+    NotPageAligned(u64),
+    #[error("memory size {size:#x} does not fit the guest's physical address space (at most {MAX_RAM_SIZE:#x})")]
+    TooLarge { size: u64 },
+}
+
+/// Where one guest's RAM lies around the 32-bit MMIO hole, and where the 64-bit PCI window
+/// follows it. Computed once per VM from its memory size and handed to everything that places
+/// memory or describes it to the guest (memory slots, E820/PVH map, initramfs, ACPI, CMOS,
+/// BAR allocation), so they cannot disagree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryLayout {
+    size: u64,
+    low_ram_end: u64,
+    pci_mmio64_start: u64,
+}
+
+impl MemoryLayout {
+    /// The layout of `size` bytes of RAM: below the MMIO hole first, the rest above 4 GiB.
+    pub fn new(size: u64) -> Result<Self, LayoutError> {
+        if size == 0 {
+            return Err(LayoutError::NoMemory);
+        }
+        if !size.is_multiple_of(PAGE_SIZE) {
+            return Err(LayoutError::NotPageAligned(size));
+        }
+        if size > MAX_RAM_SIZE {
+            return Err(LayoutError::TooLarge { size });
+        }
+        let low_ram_end = size.min(MMIO_HOLE_START);
+        let ram_end = match size - low_ram_end {
+            0 => low_ram_end,
+            high => RAM_ABOVE_4G_START + high,
+        };
+        Ok(MemoryLayout {
+            size,
+            low_ram_end,
+            pci_mmio64_start: ram_end
+                .max(RAM_ABOVE_4G_START)
+                .next_multiple_of(PCI_MMIO64_ALIGN),
+        })
     }
-}
 
-/// Start of the 64-bit PCI window for a guest with `memory_size` bytes of RAM: the first
-/// 1 GiB boundary above both 4 GiB and the end of RAM.
-pub fn pci_mmio64_start(memory_size: u64) -> u64 {
-    let ram_end = ram_ranges(memory_size)
-        .last()
-        .map_or(0, |(start, size)| start.0 + size);
-    ram_end.max(RAM_ABOVE_4G_START).next_multiple_of(1 << 30)
-}
+    /// Bytes of guest RAM.
+    pub fn ram_size(&self) -> u64 {
+        self.size
+    }
 
-/// One past the last byte of RAM below the MMIO hole.
-pub fn low_ram_end(size: u64) -> u64 {
-    size.min(MMIO_HOLE_START)
+    /// One past the last byte of RAM below the MMIO hole.
+    pub fn low_ram_end(&self) -> u64 {
+        self.low_ram_end
+    }
+
+    /// Bytes of RAM above 4 GiB (0 when all of it fits below the hole).
+    pub fn high_ram_size(&self) -> u64 {
+        self.size - self.low_ram_end
+    }
+
+    /// Guest RAM ranges (start, size) in address order.
+    pub fn ram_ranges(&self) -> Vec<(GuestAddress, u64)> {
+        let mut ranges = vec![(GuestAddress(0), self.low_ram_end)];
+        if self.high_ram_size() > 0 {
+            ranges.push((GuestAddress(RAM_ABOVE_4G_START), self.high_ram_size()));
+        }
+        ranges
+    }
+
+    /// Start of the 64-bit PCI window ([`PCI_MMIO64_SIZE`] bytes): the first 1 GiB boundary
+    /// above both 4 GiB and the end of RAM.
+    pub fn pci_mmio64_start(&self) -> u64 {
+        self.pci_mmio64_start
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn layout(size: u64) -> MemoryLayout {
+        MemoryLayout::new(size).unwrap()
+    }
+
     #[test]
-    fn small_memory_is_one_range() {
-        assert_eq!(ram_ranges(512 << 20), vec![(GuestAddress(0), 512 << 20)]);
-        assert_eq!(low_ram_end(512 << 20), 512 << 20);
+    fn memory_below_the_hole_is_one_range() {
+        let l = layout(512 << 20);
+        assert_eq!(l.ram_ranges(), vec![(GuestAddress(0), 512 << 20)]);
+        assert_eq!((l.low_ram_end(), l.high_ram_size()), (512 << 20, 0));
+        assert_eq!(l.pci_mmio64_start(), 4 << 30);
+        let full = layout(MMIO_HOLE_START);
+        assert_eq!(full.ram_ranges(), vec![(GuestAddress(0), MMIO_HOLE_START)]);
+        assert_eq!(full.pci_mmio64_start(), 4 << 30);
     }
 
     #[test]
     fn memory_past_the_hole_continues_above_4g() {
-        let ranges = ram_ranges(8 << 30);
+        let l = layout(8 << 30);
         assert_eq!(
-            ranges,
+            l.ram_ranges(),
             vec![
                 (GuestAddress(0), MMIO_HOLE_START),
                 (
@@ -164,15 +234,62 @@ mod tests {
                 )
             ]
         );
-        assert_eq!(ranges.iter().map(|r| r.1).sum::<u64>(), 8 << 30);
-        assert_eq!(low_ram_end(8 << 30), MMIO_HOLE_START);
+        assert_eq!(l.ram_ranges().iter().map(|r| r.1).sum::<u64>(), 8 << 30);
+        assert_eq!(l.low_ram_end(), MMIO_HOLE_START);
+        assert_eq!(l.high_ram_size(), (8 << 30) - MMIO_HOLE_START);
+        assert_eq!(l.ram_size(), 8 << 30);
+        // One page past the hole: a page above 4 GiB, and the window on the next 1 GiB.
+        let page = layout(MMIO_HOLE_START + 4096);
+        assert_eq!(
+            page.ram_ranges()[1],
+            (GuestAddress(RAM_ABOVE_4G_START), 4096)
+        );
+        assert_eq!(page.pci_mmio64_start(), 5 << 30);
     }
 
     #[test]
-    fn pci_windows_sit_in_the_hole_and_after_ram() {
-        assert_eq!(pci_mmio64_start(512 << 20), 4 << 30);
-        assert_eq!(pci_mmio64_start(3 << 30), 4 << 30);
-        assert_eq!(pci_mmio64_start(5 << 30), 6 << 30, "RAM ends at 4G + 2G");
+    fn the_64bit_window_follows_ram_on_a_gib_boundary() {
+        assert_eq!(layout(3 << 30).pci_mmio64_start(), 4 << 30);
+        assert_eq!(
+            layout(5 << 30).pci_mmio64_start(),
+            6 << 30,
+            "RAM ends at 4G + 2G"
+        );
+        assert_eq!(
+            layout((5 << 30) + (1 << 20)).pci_mmio64_start(),
+            7 << 30,
+            "RAM ends 1 MiB past 6G"
+        );
+    }
+
+    #[test]
+    fn tiny_sizes_are_one_page_or_more() {
+        let l = layout(4096);
+        assert_eq!(l.ram_ranges(), vec![(GuestAddress(0), 4096)]);
+        assert_eq!(MemoryLayout::new(0), Err(LayoutError::NoMemory));
+        assert_eq!(
+            MemoryLayout::new(4095),
+            Err(LayoutError::NotPageAligned(4095))
+        );
+        assert_eq!(
+            MemoryLayout::new((1 << 20) + 512),
+            Err(LayoutError::NotPageAligned((1 << 20) + 512))
+        );
+    }
+
+    #[test]
+    fn the_largest_layout_ends_at_the_address_space_limit() {
+        let max = layout(MAX_RAM_SIZE);
+        let (start, size) = max.ram_ranges()[1];
+        assert_eq!(start.0 + size, max.pci_mmio64_start());
+        assert_eq!(max.pci_mmio64_start() + PCI_MMIO64_SIZE, MAX_PHYS_ADDR);
+        for size in [MAX_RAM_SIZE + 4096, !0xfff] {
+            assert_eq!(MemoryLayout::new(size), Err(LayoutError::TooLarge { size }));
+        }
+    }
+
+    #[test]
+    fn pci_intx_lines_are_swizzled() {
         assert_eq!(irqs::pci_intx_gsi(0, 0), 16);
         assert_eq!(irqs::pci_intx_gsi(3, 3), 22);
         assert_eq!(irqs::pci_intx_gsi(7, 1), 16);

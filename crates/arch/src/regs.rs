@@ -1,14 +1,12 @@
 //! The state a vCPU starts in: general and special registers for the chosen entry protocol,
 //! FPU, boot MSRs and the local APIC's LINT pins.
 
-use kvm_bindings::{kvm_fpu, kvm_lapic_state, kvm_msr_entry, kvm_regs, kvm_sregs};
-use vm_memory::{Address, Bytes, GuestMemoryBackend};
-
 use crate::boot::EntryPoint;
 use crate::gdt::{self, SegmentMode, CODE_SELECTOR, DATA_SELECTOR, TSS_SELECTOR};
 use crate::layout::{
     BOOT_GDT_START, BOOT_IDT_START, BOOT_STACK_POINTER, PVH_INFO_START, ZERO_PAGE_START,
 };
+use kvm_bindings::{kvm_fpu, kvm_lapic_state, kvm_msr_entry, kvm_regs, kvm_sregs};
 
 const CR0_PE: u64 = 1 << 0;
 const CR0_ET: u64 = 1 << 4;
@@ -18,17 +16,6 @@ const EFER_LME: u64 = 1 << 8;
 const EFER_LMA: u64 = 1 << 10;
 /// Bit 1 of RFLAGS is reserved and always set.
 const RFLAGS_RESERVED: u64 = 1 << 1;
-
-/// Writes the boot GDT and an empty IDT for `mode` into guest memory.
-pub fn write_boot_descriptor_tables<M: GuestMemoryBackend>(
-    mem: &M,
-    mode: SegmentMode,
-) -> Result<(), vm_memory::GuestMemoryError> {
-    for (i, entry) in gdt::boot_gdt(mode).iter().enumerate() {
-        mem.write_obj(*entry, BOOT_GDT_START.unchecked_add(i as u64 * 8))?;
-    }
-    mem.write_obj(0u64, BOOT_IDT_START)
-}
 
 /// General registers at the kernel's entry point.
 pub fn boot_regs(entry: &EntryPoint) -> kvm_regs {
@@ -172,7 +159,6 @@ pub fn configure_lapic_lint(lapic: &mut kvm_lapic_state) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::GuestMemoryMmap;
     use vm_memory::GuestAddress;
 
     #[test]
@@ -216,16 +202,6 @@ mod tests {
         assert_ne!(s.cr0 & CR0_PE, 0);
         assert_eq!((s.cr3, s.cr4, s.efer), (0, 0, 0));
         assert_eq!((s.cs.l, s.cs.db), (0, 1));
-    }
-
-    #[test]
-    fn descriptor_tables_land_in_memory() {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
-        write_boot_descriptor_tables(&mem, SegmentMode::Long).unwrap();
-        let code: u64 = mem.read_obj(GuestAddress(BOOT_GDT_START.0 + 8)).unwrap();
-        assert_eq!(code, gdt::boot_gdt(SegmentMode::Long)[1]);
-        let idt: u64 = mem.read_obj(BOOT_IDT_START).unwrap();
-        assert_eq!(idt, 0);
     }
 
     #[test]

@@ -46,11 +46,11 @@ pub struct RunArgs {
     cmdline: String,
 
     /// Number of vCPUs (1 to 64).
-    #[arg(long, value_name = "N", default_value_t = 1)]
+    #[arg(long, value_name = "N", default_value_t = api::DEFAULT_CPUS)]
     cpus: u32,
 
     /// Guest memory, e.g. 512M or 4G (a bare number is in MiB); at least 128M.
-    #[arg(long, value_name = "SIZE", default_value = "512M")]
+    #[arg(long, value_name = "SIZE", default_value_t = api::DEFAULT_MEMORY)]
     memory: ByteSize,
 
     /// Exit when the guest reboots instead of booting it again.
@@ -84,7 +84,7 @@ pub struct RunArgs {
 
     /// Which guest device this terminal is: `serial` (ttyS0) or `hvc` (virtio-console, hvc0;
     /// pass console=hvc0 in --cmdline).
-    #[arg(long, value_name = "DEVICE", default_value = "serial")]
+    #[arg(long, value_name = "DEVICE", default_value_t)]
     console: api::ConsoleKind,
 
     /// Serve the VM's control API (HTTP/1.1 + JSON, see docs/api/vmm.openapi.json) on this

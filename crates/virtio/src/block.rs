@@ -33,10 +33,10 @@ use crate::{device_type, GuestMemory};
 
 pub const SECTOR_SIZE: u64 = 512;
 const QUEUE_SIZE: u16 = 256;
-/// Most request queues of one device (the default is one per vCPU).
-pub const MAX_QUEUES: u16 = 64;
-/// Longest serial (GET_ID answer).
-pub const ID_LEN: usize = 20;
+// The limits users are told about (`api`) are the device's own: one constant each.
+// MAX_DISK_QUEUES: most request queues of one device (the default is one per vCPU).
+// MAX_SERIAL_LEN: longest serial (GET_ID answer).
+use api::vm_config::{MAX_DISK_QUEUES, MAX_SERIAL_LEN as ID_LEN};
 /// Most data segments of one request (`seg_max`): the queue size less the header and status
 /// descriptors, so that a request fits the queue without indirect descriptors.
 const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
@@ -175,14 +175,14 @@ impl Block {
         block
     }
 
-    /// The same device with `queues` request queues (1 to [`MAX_QUEUES`]; clamped).
+    /// The same device with `queues` request queues (1 to [`MAX_DISK_QUEUES`]; clamped).
     pub fn with_queues(mut self, queues: u16) -> Self {
         self.set_queues(queues);
         self
     }
 
     fn set_queues(&mut self, queues: u16) {
-        let queues = queues.clamp(1, MAX_QUEUES);
+        let queues = queues.clamp(1, MAX_DISK_QUEUES);
         self.queue_sizes = vec![QUEUE_SIZE; usize::from(queues)];
         self.config = config_space(lock(&self.disk).size() / SECTOR_SIZE, queues);
     }

@@ -33,6 +33,12 @@ pub enum Error {
         requested: api::ByteSize,
         host: api::ByteSize,
     },
+    #[error("{size} of memory cannot be laid out in the guest's address space")]
+    MemoryLayout {
+        size: api::ByteSize,
+        #[source]
+        source: arch::layout::LayoutError,
+    },
     #[error("cannot open the kernel {}", path.display())]
     OpenKernel {
         path: PathBuf,
@@ -132,9 +138,10 @@ impl Error {
     pub fn exit_code(&self) -> ExitCode {
         use arch::boot::BootError;
         match self {
-            Error::Config(_) | Error::TooManyCpusForHost { .. } | Error::MemoryTooLarge { .. } => {
-                ExitCode::Usage
-            }
+            Error::Config(_)
+            | Error::TooManyCpusForHost { .. }
+            | Error::MemoryTooLarge { .. }
+            | Error::MemoryLayout { .. } => ExitCode::Usage,
             Error::Boot {
                 source: BootError::CmdlineTooLong { .. } | BootError::CmdlineNul,
                 ..
@@ -194,6 +201,12 @@ mod tests {
             },
         };
         assert_eq!(cmdline.exit_code(), ExitCode::Usage);
+        let size = arch::layout::MAX_RAM_SIZE + 4096;
+        let huge = Error::MemoryLayout {
+            size: api::ByteSize(size),
+            source: arch::layout::MemoryLayout::new(size).unwrap_err(),
+        };
+        assert_eq!(huge.exit_code(), ExitCode::Usage);
         let kvm = Error::Kvm(hypervisor::Error::MissingCapability("x"));
         assert_eq!(kvm.exit_code(), ExitCode::KvmUnavailable);
         let crash = Error::TripleFault {

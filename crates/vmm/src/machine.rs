@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use api::{ConsoleKind, VmConfig, VmState};
-use arch::layout::{irqs, ports};
+use arch::layout::{irqs, ports, MemoryLayout};
 use arch::GuestMemoryMmap;
 use devices::bus::{Bus, BusDevice};
 use devices::ged::GedEvents;
@@ -160,7 +160,7 @@ impl Nets {
             let pairs = net
                 .queue_pairs
                 .map_or(config.cpus as usize, usize::from)
-                .min(virtio::net::MAX_QUEUE_PAIRS);
+                .min(usize::from(api::net::MAX_NET_QUEUE_PAIRS));
             let fewer_ok = net.queue_pairs.is_none();
             let queues =
                 virtio::net::Tap::open_queues(&net.tap, pairs, fewer_ok).map_err(|source| {
@@ -272,7 +272,12 @@ impl Machine {
         let Backends { files, disks, nets } = backends;
         let mut vm = hv.create_vm()?;
         vm.create_platform_devices()?;
-        let memory = Arc::new(create_guest_memory(config.memory)?);
+        // The one place the guest's memory map is derived from its size.
+        let layout = MemoryLayout::new(config.memory.0).map_err(|source| Error::MemoryLayout {
+            size: config.memory,
+            source,
+        })?;
+        let memory = Arc::new(create_guest_memory(&layout)?);
         vm.register_memory(memory.clone())?;
         let vm = Arc::new(vm);
         let interrupts = Arc::new(InterruptRouter::new(vm.clone())?);
@@ -309,15 +314,15 @@ impl Machine {
         let ged_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err)?;
         vm.register_irqfd(&ged_irq, irqs::GED)?;
         let (ged_register, ged) = devices::ged::new(ged_irq);
-        let pio = Self::port_bus(&power, serial.clone(), config)?;
+        let pio = Self::port_bus(&power, serial.clone(), &layout)?;
         pio.insert(
             shared(ged_register),
             ports::ACPI_GED.into(),
             ports::ACPI_GED_SIZE.into(),
         )?;
         let mmio = Arc::new(Bus::new());
-        let mut pci = PciBuilder::new(&pio, &mmio, &power, config.memory.0)?;
-        let cpus = u16::try_from(config.cpus).unwrap_or(virtio::block::MAX_QUEUES);
+        let mut pci = PciBuilder::new(&pio, &mmio, &power, &layout)?;
+        let cpus = u16::try_from(config.cpus).unwrap_or(api::vm_config::MAX_DISK_QUEUES);
         for disk in disks.devices(stats, cpus) {
             pci.add_virtio(Box::new(disk), &memory, &interrupts, &vm)?;
         }
@@ -333,7 +338,7 @@ impl Machine {
             pci.add_virtio(Box::new(console), &memory, &interrupts, &vm)?;
         }
 
-        let entry = Self::load_guest(&memory, config, files)?;
+        let entry = Self::load_guest(&memory, &layout, config, files)?;
         let mut vcpus = Vec::with_capacity(config.cpus as usize);
         for id in 0..config.cpus {
             let vcpu = vm.create_vcpu(id)?;
@@ -360,10 +365,8 @@ impl Machine {
     fn port_bus(
         power: &PowerEvents,
         serial: Arc<Mutex<Serial>>,
-        config: &VmConfig,
+        layout: &MemoryLayout,
     ) -> Result<Bus, Error> {
-        let ram = config.memory.0;
-        let below_4g = arch::layout::low_ram_end(ram);
         let clone = || power.try_clone().map_err(io_err);
         let pio = Bus::new();
         pio.insert(serial, ports::COM1.into(), ports::COM_SIZE.into())?;
@@ -373,7 +376,10 @@ impl Machine {
             ports::I8042_SIZE.into(),
         )?;
         pio.insert(
-            shared(devices::cmos::Cmos::new(below_4g, ram - below_4g)),
+            shared(devices::cmos::Cmos::new(
+                layout.low_ram_end(),
+                layout.high_ram_size(),
+            )),
             ports::CMOS.into(),
             ports::CMOS_SIZE.into(),
         )?;
@@ -392,6 +398,7 @@ impl Machine {
     /// Loads kernel and initramfs and writes ACPI tables and boot information.
     fn load_guest(
         memory: &GuestMemoryMmap,
+        layout: &MemoryLayout,
         config: &VmConfig,
         files: &mut BootFiles,
     ) -> Result<arch::boot::EntryPoint, Error> {
@@ -409,11 +416,12 @@ impl Machine {
                 let size = file.metadata().map_err(read_err)?.len();
                 // Every boot reads the file again from its start.
                 file.rewind().map_err(read_err)?;
-                let placed = arch::boot::load_initrd(memory, &kernel, config.memory.0, file, size)
-                    .map_err(|source| Error::Boot {
+                let placed = arch::boot::load_initrd(memory, &kernel, layout, file, size).map_err(
+                    |source| Error::Boot {
                         path: path.clone(),
                         source,
-                    })?;
+                    },
+                )?;
                 Some(placed)
             }
             None => None,
@@ -422,14 +430,14 @@ impl Machine {
             memory,
             &arch::acpi::AcpiConfig {
                 cpus: config.cpus,
-                memory_size: config.memory.0,
+                memory: *layout,
             },
         )?;
         let info = arch::boot::BootInfo {
             kernel: &kernel,
             cmdline: &config.cmdline,
             initrd,
-            memory_size: config.memory.0,
+            memory: layout,
             rsdp,
         };
         arch::boot::write_boot_info(memory, &info).map_err(|source| Error::Boot {

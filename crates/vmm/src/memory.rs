@@ -1,13 +1,16 @@
 //! Guest RAM: anonymous mappings laid out around the 32-bit MMIO hole.
 
+use arch::layout::MemoryLayout;
 use arch::GuestMemoryMmap;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 
 use crate::error::Error;
 
-/// Maps `size` bytes of guest RAM. Pages are only backed when the guest touches them.
-pub fn create_guest_memory(size: api::ByteSize) -> Result<GuestMemoryMmap, Error> {
-    let ranges: Vec<(GuestAddress, usize)> = arch::layout::ram_ranges(size.0)
+/// Maps the guest RAM of `layout`. Pages are only backed when the guest touches them.
+pub fn create_guest_memory(layout: &MemoryLayout) -> Result<GuestMemoryMmap, Error> {
+    let size = api::ByteSize(layout.ram_size());
+    let ranges: Vec<(GuestAddress, usize)> = layout
+        .ram_ranges()
         .into_iter()
         .map(|(start, len)| (start, len as usize))
         .collect();
@@ -43,7 +46,7 @@ mod tests {
 
     #[test]
     fn memory_is_split_around_the_hole() {
-        let mem = create_guest_memory(api::ByteSize(4 << 30)).unwrap();
+        let mem = create_guest_memory(&MemoryLayout::new(4 << 30).unwrap()).unwrap();
         let regions: Vec<_> = mem.iter().map(|r| (r.start_addr().0, r.len())).collect();
         assert_eq!(regions, vec![(0, 3 << 30), (4 << 30, 1 << 30)]);
         mem.write_obj(0xdead_beef_u32, GuestAddress((5 << 30) - 4))

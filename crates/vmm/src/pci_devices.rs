@@ -34,7 +34,7 @@ impl PciBuilder {
         pio: &Bus,
         mmio: &Arc<Bus>,
         power: &PowerEvents,
-        memory_size: u64,
+        memory: &layout::MemoryLayout,
     ) -> Result<Self, Error> {
         let root = Arc::new(Mutex::new(PciRoot::new(mmio.clone())));
         devices::bus::lock(&root)
@@ -51,11 +51,8 @@ impl PciBuilder {
             layout::PCI_ECAM_START,
             layout::PCI_ECAM_SIZE,
         )?;
-        let mmio64 = AddressAllocator::new(
-            layout::pci_mmio64_start(memory_size),
-            layout::PCI_MMIO64_SIZE,
-        )
-        .map_err(alloc_err)?;
+        let mmio64 = AddressAllocator::new(memory.pci_mmio64_start(), layout::PCI_MMIO64_SIZE)
+            .map_err(alloc_err)?;
         Ok(PciBuilder { root, mmio64 })
     }
 

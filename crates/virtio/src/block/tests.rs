@@ -422,7 +422,10 @@ fn queues_are_offered_with_mq_only_when_there_are_several() {
     let clamped = four.with_queues(0);
     assert_eq!(clamped.queue_max_sizes().len(), 1);
     let clamped = clamped.with_queues(u16::MAX);
-    assert_eq!(clamped.queue_max_sizes().len(), usize::from(MAX_QUEUES));
+    assert_eq!(
+        clamped.queue_max_sizes().len(),
+        usize::from(MAX_DISK_QUEUES)
+    );
 }
 
 /// Counts the device's interrupts, and which queues they were for.

@@ -73,8 +73,9 @@ pub mod features {
     pub const MQ: u64 = 1 << 22;
 }
 
-/// Most queue pairs a device offers (the driver caps its use at its CPU count).
-pub const MAX_QUEUE_PAIRS: usize = 64;
+/// Most queue pairs a device offers (the driver caps its use at its CPU count): the limit
+/// `api` tells users about.
+const MAX_QUEUE_PAIRS: usize = api::net::MAX_NET_QUEUE_PAIRS as usize;
 
 /// The device's counters (indexes into [`COUNTER_NAMES`]); bytes are frame bytes, without
 /// the virtio-net header.

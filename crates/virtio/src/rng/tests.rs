@@ -197,10 +197,9 @@ fn thread_cpu(name: &str) -> Duration {
     total
 }
 
-/// A limit like the VMM's default (`api::DEFAULT_RNG_BYTES_PER_SEC` per
-/// `api::DEFAULT_RNG_PERIOD_MS`; this crate does not see `api`).
-const BYTES_PER_SEC: u64 = 256 << 10;
-const PERIOD_MS: u64 = 100;
+/// The VMM's default limit.
+const BYTES_PER_SEC: u64 = api::rng::DEFAULT_RNG_BYTES_PER_SEC;
+const PERIOD_MS: u64 = api::rng::DEFAULT_RNG_PERIOD_MS as u64;
 
 #[test]
 fn a_driver_asking_without_pause_gets_the_rate_and_no_host_core() {
