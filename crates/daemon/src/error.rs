@@ -11,7 +11,7 @@ pub enum DaemonError {
     #[error("cannot start the async runtime")]
     Runtime(#[source] std::io::Error),
     #[error(transparent)]
-    Store(#[from] crate::store::StoreError),
+    Store(#[from] crate::vms::store::StoreError),
     #[error("another daemon serves {}", .0.display())]
     InUse(PathBuf),
     #[error("cannot listen on {}", path.display())]

@@ -3,7 +3,7 @@
 
 use api::daemon_api::HostInfo;
 
-use crate::process::stat_field;
+use crate::vms::process::stat_field;
 
 fn clock_ticks_per_second() -> u64 {
     // SAFETY: sysconf takes an integer and returns one.

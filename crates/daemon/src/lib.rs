@@ -10,20 +10,10 @@
 
 mod error;
 mod host;
-mod netlink;
 mod networks;
-mod partial;
 mod pools;
-mod process;
 mod server;
-mod server_http;
-mod server_networks;
-mod server_pools;
-mod sparse_copy;
-mod store;
-mod supervisor;
-mod volume_format;
-mod write_back;
+mod vms;
 
 use std::path::PathBuf;
 

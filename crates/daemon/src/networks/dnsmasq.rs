@@ -207,7 +207,7 @@ fn host_line(mac: &str, ip: Option<Ipv4Addr>, name: Option<&str>) -> String {
 
 /// Writes `text` to `path` (whole file, replacing it atomically).
 pub fn write(path: &Path, text: &str) -> Result<(), DnsmasqError> {
-    crate::store::atomic_write(path, text.as_bytes()).map_err(|e| DnsmasqError::Write {
+    crate::vms::store::atomic_write(path, text.as_bytes()).map_err(|e| DnsmasqError::Write {
         path: path.to_path_buf(),
         source: io::Error::other(crate::error::chain(&e)),
     })
@@ -516,7 +516,7 @@ mod log_tests {
     use std::time::Instant;
 
     use super::*;
-    use crate::netlink;
+    use crate::networks::netlink;
     use crate::networks::{host_side, parse_network_definition, Networks};
 
     /// A BOOTP DHCPDISCOVER from `mac`, asking for a broadcast answer.

@@ -465,7 +465,7 @@ mod tests {
             eprintln!("skipped: no nft");
             return;
         }
-        crate::netlink::in_new_netns(move || {
+        crate::networks::netlink::in_new_netns(move || {
             for port in ports() {
                 let made = Command::new("ip")
                     .args(["tuntap", "add", "dev", port.tap, "mode", "tap"])

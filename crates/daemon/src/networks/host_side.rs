@@ -18,7 +18,7 @@ use api::net_api::{NetworkDefinition, NetworkMode, Subnet};
 use super::dnsmasq::{self, DnsmasqError, DnsmasqFiles};
 use super::firewall::{self, FirewallError, PortFilter};
 use super::ports::Port;
-use crate::netlink::{self, NetlinkError, Removal};
+use crate::networks::netlink::{self, NetlinkError, Removal};
 
 #[derive(Debug, thiserror::Error)]
 pub enum HostError {

@@ -9,7 +9,7 @@ use std::os::fd::AsRawFd;
 use std::process::{Child, Command, Stdio};
 
 use super::*;
-use crate::netlink;
+use crate::networks::netlink;
 
 fn in_network_namespace(test: impl FnOnce() + Send + 'static) {
     if Tools::find().is_err() {

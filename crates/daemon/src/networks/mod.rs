@@ -18,6 +18,7 @@
 pub mod dnsmasq;
 pub mod firewall;
 pub mod host_side;
+pub mod netlink;
 pub mod ports;
 
 use std::collections::BTreeMap;
@@ -29,7 +30,7 @@ use api::net_api::{Lease, NetworkDefinition, NetworkInfo, NetworkMode, NetworkSt
 use axum::http::StatusCode;
 
 use crate::error::{chain, ApiError};
-use crate::store::{atomic_write, StoreError};
+use crate::vms::store::{atomic_write, StoreError};
 use host_side::{HostError, Tools};
 use ports::{Port, Record};
 
@@ -547,7 +548,7 @@ impl Networks {
         let ip = self.reserve(entry, nic.mac)?;
         let ifindex =
             host_side::add_tap(&nic.tap, &entry.definition.bridge).map_err(|e| match e {
-                HostError::Netlink(crate::netlink::NetlinkError::Exists(_)) => {
+                HostError::Netlink(crate::networks::netlink::NetlinkError::Exists(_)) => {
                     ApiError::conflict(format!(
                 "VM {vm}: an interface named {} exists and the daemon did not make it for this VM, \
                  so it is left alone; remove it (ip link delete {}) if it is a leftover",
@@ -725,7 +726,7 @@ impl Networks {
         vm: &str,
         nic: &NetworkNic,
     ) -> Result<(), ApiError> {
-        let link = crate::netlink::link_named(&nic.tap)
+        let link = crate::networks::netlink::link_named(&nic.tap)
             .map_err(|e| ApiError::internal(chain(&e)))?
             .filter(|link| link.tun)
             .ok_or_else(|| ApiError::conflict(format!("no TAP device {}", nic.tap)))?;
@@ -770,7 +771,7 @@ impl Networks {
             .get(&nic.network)
             .ok_or_else(|| not_found(&nic.network))?;
         let ip = self.reserve(entry, nic.mac)?;
-        let link = crate::netlink::link_named(&nic.tap)
+        let link = crate::networks::netlink::link_named(&nic.tap)
             .ok()
             .flatten()
             .ok_or_else(|| not_found(&nic.tap))?;

@@ -19,7 +19,7 @@ use api::net::MacAddress;
 use api::net_api::{Lease, NetworkDefinition};
 use serde::{Deserialize, Serialize};
 
-use crate::store::{atomic_write, StoreError};
+use crate::vms::store::{atomic_write, StoreError};
 
 /// A TAP device the daemon made for a VM's NIC on a network.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

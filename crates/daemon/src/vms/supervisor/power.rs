@@ -18,7 +18,7 @@ use axum::http::StatusCode;
 
 use super::{vmm_put, Runtime, Supervisor, DESTROY_GRACE};
 use crate::error::ApiError;
-use crate::process;
+use crate::vms::process;
 
 /// What a waiting shutdown or reboot sees of the VM.
 enum Seen {

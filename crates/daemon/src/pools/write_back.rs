@@ -28,7 +28,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::thread::JoinHandle;
 
-use crate::partial;
+use crate::pools::partial;
 
 const UNSYNCED: &str = ".unsynced";
 const INCOMPLETE: &str = ".incomplete";

@@ -700,5 +700,5 @@ impl<T: hyper::rt::Write + Unpin> hyper::rt::Write for StallGuard<T> {
 }
 
 #[cfg(test)]
-#[path = "server_http_tests.rs"]
+#[path = "http_tests.rs"]
 mod tests;

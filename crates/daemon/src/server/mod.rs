@@ -1,7 +1,11 @@
 //! The REST API (`docs/api/daemon.openapi.json`) on the daemon's Unix socket, and the
-//! daemon's start and stop. Connections are served within the limits of [`server_http`]
+//! daemon's start and stop. Connections are served within the limits of [`http`]
 //! (header and body deadlines, connection limits overall and per user, a cap on each user's
 //! event streams, a bounded stop).
+
+mod http;
+mod networks;
+mod pools;
 
 use std::convert::Infallible;
 use std::os::unix::fs::PermissionsExt;
@@ -23,10 +27,10 @@ use tokio_stream::StreamExt;
 use crate::error::{ApiError, DaemonError};
 use crate::networks::Networks;
 use crate::pools::Pools;
-use crate::server_http::{self, Client, Limits};
-use crate::store::Store;
-use crate::supervisor::{self, Control, Supervisor};
+use crate::vms::store::Store;
+use crate::vms::supervisor::{self, Control, Supervisor};
 use crate::{host, DaemonOptions};
+use http::{Client, Limits};
 
 type Shared = Arc<Supervisor>;
 
@@ -85,7 +89,7 @@ pub async fn serve(options: DaemonOptions) -> Result<(), DaemonError> {
         pools,
         networks,
     });
-    server_http::serve(listener, app, Limits::default(), termination()).await;
+    http::serve(listener, app, Limits::default(), termination()).await;
     // A clone already answered is on storage before the daemon is gone. One still copying for
     // a client that went away settles on its own thread, or (cut off by the exit) is synced
     // by the next daemon: its record stays.
@@ -189,8 +193,8 @@ fn router(app: App) -> Router {
         .route("/api/v1/vms/{name}/stats", get(stats))
         .route("/api/v1/host", get(host_info))
         .route("/api/v1/events", get(events))
-        .merge(crate::server_pools::routes())
-        .merge(crate::server_networks::routes())
+        .merge(crate::server::pools::routes())
+        .merge(crate::server::networks::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(app)

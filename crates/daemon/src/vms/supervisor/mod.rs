@@ -36,8 +36,8 @@ use tokio::sync::broadcast;
 use crate::error::{chain, ApiError};
 use crate::networks::{NetworkNic, Networks};
 use crate::pools::Pools;
-use crate::process::{self, ProcessRecord, VmmFiles};
-use crate::store::{atomic_write, Store};
+use crate::vms::process::{self, ProcessRecord, VmmFiles};
+use crate::vms::store::{atomic_write, Store};
 
 /// How long a VMM may take to answer on its API socket after it was started.
 const START_TIMEOUT: Duration = Duration::from_secs(30);

@@ -5,6 +5,11 @@
 //! Threading: called from the API's blocking tasks; one mutex over the pool table, held for
 //! table changes only (image work runs outside it).
 
+pub mod partial;
+pub mod sparse_copy;
+pub mod volume_format;
+pub mod write_back;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, PoisonError};
@@ -17,10 +22,9 @@ use block::manage::{self, NewImage};
 use block::Format;
 
 use crate::error::{chain, ApiError};
-use crate::store::{atomic_write, StoreError};
-use crate::volume_format::{self, FormatError};
-use crate::write_back::{self, WriteBack};
-use crate::{partial, sparse_copy};
+use crate::vms::store::{atomic_write, StoreError};
+use volume_format::FormatError;
+use write_back::WriteBack;
 
 /// qcow2 cluster size of new volumes (QEMU's default).
 const CLUSTER_SIZE: u64 = 64 << 10;

@@ -157,7 +157,7 @@ fn record_disk_formats(definition: &mut VmDefinition) -> bool {
         };
         let probed = fs::File::open(path)
             .map_err(|e| format!("cannot be read ({e})"))
-            .and_then(|file| crate::volume_format::trusted_probe(&file));
+            .and_then(|file| crate::pools::volume_format::trusted_probe(&file));
         match probed {
             Ok(format) => {
                 tracing::warn!(
