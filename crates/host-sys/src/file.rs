@@ -161,9 +161,11 @@ pub fn make_fifo(path: &Path, mode: u32) -> io::Result<()> {
     )?)
 }
 
-/// Makes reads and writes on `fd` return WouldBlock instead of waiting.
-pub fn set_nonblocking(fd: impl AsFd) -> io::Result<()> {
-    let fd = fd.as_fd();
+/// Makes reads and writes on `owner`'s descriptor return WouldBlock instead of waiting. Takes
+/// [`AsRawFd`] for types that have no `AsFd` yet (vmm-sys-util's TimerFd).
+pub fn set_nonblocking(owner: &impl AsRawFd) -> io::Result<()> {
+    // SAFETY: `owner` is borrowed for this call, so its descriptor stays open for it.
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(owner.as_raw_fd()) };
     let flags = rustix::fs::fcntl_getfl(fd)?;
     Ok(rustix::fs::fcntl_setfl(fd, flags | OFlags::NONBLOCK)?)
 }
