@@ -48,6 +48,13 @@ impl RawMode {
     }
 }
 
+impl RawMode {
+    /// Puts this process's standard input in raw mode (see [`RawMode::enable`]).
+    pub fn stdin() -> Result<Self, TerminalError> {
+        Self::enable(rustix::stdio::stdin())
+    }
+}
+
 impl Drop for RawMode {
     fn drop(&mut self) {
         // Nothing to do about a failure on the way out: the terminal may be gone already.
