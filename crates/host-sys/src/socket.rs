@@ -34,6 +34,27 @@ pub fn bind_to_device(socket: impl AsFd, device: &str) -> io::Result<()> {
     Ok(())
 }
 
+/// Fills `info` with the kernel's `struct tcp_info` for `stream` (as much as fits; kernels
+/// differ in its length) and returns the length written.
+pub fn tcp_info(stream: &std::net::TcpStream, info: &mut [u8]) -> io::Result<usize> {
+    let mut len = libc::socklen_t::try_from(info.len()).unwrap_or(libc::socklen_t::MAX);
+    // SAFETY: the kernel writes at most `len` bytes into `info`, which is that long, and
+    // stores the length it wrote in `len`; both live across the call.
+    let ret = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(len as usize)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -55,6 +76,16 @@ mod tests {
         drop(b);
         let err = send_now(&a, b"x").unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::BrokenPipe);
+    }
+
+    #[test]
+    fn tcp_info_of_a_connection_is_read() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let stream = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let mut info = [0u8; 256];
+        let len = tcp_info(&stream, &mut info).unwrap();
+        assert!(len >= 104, "tcp_info is at least 104 bytes long: {len}");
+        assert_eq!(info[0], 1, "tcpi_state is TCP_ESTABLISHED");
     }
 
     #[test]
