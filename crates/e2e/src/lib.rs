@@ -5,6 +5,9 @@
 //! A [`Vm`] is a child process whose stdout and stderr are collected by two reader threads;
 //! the test thread polls them with deadlines, so a hung guest fails a test instead of hanging it.
 
+// No unsafe code here: host calls belong in host-sys, KVM calls in hypervisor.
+#![forbid(unsafe_code)]
+
 pub mod daemon;
 pub mod resume;
 pub mod tap;

@@ -9,6 +9,9 @@
 //! ferro-guest-bench tcp-send ADDR:PORT MIB    send MIB MiB
 //! ferro-guest-bench tcp-recv PORT             receive one connection, report its throughput
 
+// No unsafe code here: host calls belong in host-sys, KVM calls in hypervisor.
+#![forbid(unsafe_code)]
+
 use std::fs::OpenOptions;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
