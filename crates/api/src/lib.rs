@@ -2,6 +2,9 @@
 //! bodies of the control APIs, definition files, and how sizes are written. Plain data with
 //! serde; no I/O, no threads.
 
+// No unsafe code here: host calls belong in host-sys, KVM calls in hypervisor.
+#![forbid(unsafe_code)]
+
 pub mod daemon_api;
 pub mod definition_file;
 pub mod image;

@@ -105,16 +105,9 @@ pub fn check_queue_pairs(pairs: u16) -> Result<(), String> {
     }
 }
 
-/// Checks a Linux interface name (1 to 15 bytes, no '/', ':' or whitespace).
-pub fn valid_interface_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() < 16
-        && name != "."
-        && name != ".."
-        && !name
-            .chars()
-            .any(|c| c == '/' || c == ':' || c.is_whitespace())
-}
+/// Checks a Linux interface name (1 to 15 bytes, no '/', ':' or whitespace): the one check
+/// the VMM, the daemon and the CLI share.
+pub use host_sys::ifname::valid as valid_interface_name;
 
 impl NetConfig {
     pub fn validate(&self) -> Result<(), OptionError> {

@@ -4,6 +4,9 @@
 //! Everything here is pure computation on guest memory (`vm-memory`) and KVM data structures;
 //! nothing calls KVM, so all of it is unit-tested without `/dev/kvm`. No threads.
 
+// No unsafe code here: host calls belong in host-sys, KVM calls in hypervisor.
+#![forbid(unsafe_code)]
+
 pub mod acpi;
 pub mod bios;
 pub mod boot;

@@ -12,7 +12,6 @@
 //! reads and writes from many threads at once.
 
 mod iov;
-mod lock;
 pub mod manage;
 pub mod mem;
 pub mod open;

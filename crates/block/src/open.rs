@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 
 pub use crate::probe::detect;
 use crate::qcow2::{self, Qcow2Image};
-use crate::{lock, raw, DiskImage};
+use crate::{raw, DiskImage};
 
 /// The deepest backing chain accepted (QEMU's limit is of the same order).
 pub const MAX_CHAIN_DEPTH: usize = 64;
@@ -340,7 +340,8 @@ pub(crate) fn open_locked(path: &Path, read_only: bool) -> Result<File, OpenErro
             path: path.to_path_buf(),
         });
     }
-    match lock::lock(&file, !read_only) {
+    // Open file description locks, as QEMU takes them: they go with the file when it closes.
+    match host_sys::file::lock(&file, !read_only) {
         Ok(true) => Ok(file),
         Ok(false) => Err(OpenError::Locked {
             path: path.to_path_buf(),
@@ -533,9 +534,7 @@ mod tests {
         open_with(&images.join("sub.qcow2"), &allowed).unwrap();
         // A device in the directory is no backing file without backing_dir.
         let fifo = images.join("fifo");
-        let c_path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
-        // SAFETY: a NUL-terminated path.
-        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+        host_sys::file::make_fifo(&fifo, 0o600).unwrap();
         overlay(&images.join("fifo.qcow2"), "fifo", Some("raw"));
         let err = open(&images.join("fifo.qcow2"), false, None).err().unwrap();
         assert!(matches!(err, OpenError::BackingNotAFile { .. }), "{err}");

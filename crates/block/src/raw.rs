@@ -7,7 +7,6 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -155,23 +154,6 @@ impl ConcurrentIo for RawData {
 }
 
 impl RawImage {
-    fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
-        // SAFETY: fallocate on an open fd; no memory is passed.
-        let ret = unsafe {
-            libc::fallocate(
-                self.data.file.as_raw_fd(),
-                mode,
-                offset as libc::off_t,
-                len as libc::off_t,
-            )
-        };
-        if ret == 0 {
-            Ok(())
-        } else {
-            Err(io::Error::last_os_error())
-        }
-    }
-
     /// Writes zeroes with plain writes, for file systems without fallocate modes.
     fn write_zero_blocks(&mut self, mut offset: u64, len: u64) -> io::Result<()> {
         let mut zeroes = vec![0u8; len.min(1 << 20) as usize];
@@ -219,11 +201,7 @@ impl DiskImage for RawImage {
         self.data.check_range(offset, len)?;
         let data = self.data.clone();
         data.guarded_zeroes(offset, len, || {
-            self.fallocate(
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                offset,
-                len,
-            )
+            host_sys::file::punch_hole(&self.data.file, offset, len)
         })
     }
 
@@ -236,12 +214,13 @@ impl DiskImage for RawImage {
 
 impl RawImage {
     fn zero_range(&mut self, offset: u64, len: u64, may_unmap: bool) -> io::Result<()> {
-        let mode = if may_unmap {
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+        let file = &self.data.file;
+        let zeroed = if may_unmap {
+            host_sys::file::punch_hole(file, offset, len)
         } else {
-            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
+            host_sys::file::zero_range(file, offset, len)
         };
-        match self.fallocate(mode, offset, len) {
+        match zeroed {
             Ok(()) => Ok(()),
             Err(e)
                 if matches!(

@@ -2,28 +2,9 @@
 //! and per vCPU thread, found by the thread names `vcpuN`) and resident memory.
 
 use api::daemon_api::HostInfo;
+use host_sys::system::{clock_ticks_per_second, page_size};
 
 use crate::vms::process::stat_field;
-
-fn clock_ticks_per_second() -> u64 {
-    // SAFETY: sysconf takes an integer and returns one.
-    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if ticks > 0 {
-        ticks as u64
-    } else {
-        100
-    }
-}
-
-fn page_size() -> u64 {
-    // SAFETY: as above.
-    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    if size > 0 {
-        size as u64
-    } else {
-        4096
-    }
-}
 
 /// utime + stime of a /proc stat file, in nanoseconds.
 fn cpu_time_ns(stat_path: &str) -> Option<u64> {

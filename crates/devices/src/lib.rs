@@ -11,6 +11,9 @@
 //! VMM's main thread feeds serial input. Power events leave through [`PowerEvents`] (eventfds
 //! the main thread polls), so no device ever blocks a vCPU on the VMM's control loop.
 
+// No unsafe code here: host calls belong in host-sys, KVM calls in hypervisor.
+#![forbid(unsafe_code)]
+
 pub mod acpi_pm;
 pub mod bus;
 pub mod cmos;

@@ -73,8 +73,7 @@ impl Daemon {
     /// Stops the daemon with SIGTERM; its VMs keep running.
     pub fn stop(&mut self) -> Result<(), String> {
         if let Some(mut child) = self.child.take() {
-            // SAFETY: kill(2) on our own child.
-            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+            host_sys::signal::kill(child.id(), libc::SIGTERM).map_err(|e| e.to_string())?;
             let status = child.wait().map_err(|e| e.to_string())?;
             if !status.success() {
                 return Err(format!("the daemon exited with {status}"));

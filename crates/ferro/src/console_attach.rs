@@ -3,7 +3,6 @@
 //! piped input, the end of input stops typing but output keeps coming until the VM ends.
 
 use std::io::{IsTerminal, Read, Write};
-use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::mpsc;
@@ -25,7 +24,7 @@ pub fn attach(name: &str, socket: &Path) -> Result<(), String> {
     let interactive = stdin.is_terminal();
     let _raw = if interactive {
         eprintln!("Connected to the console of {name}; Ctrl-] detaches.\r");
-        Some(vmm::RawMode::enable(stdin.as_raw_fd()).map_err(|e| e.to_string())?)
+        Some(vmm::RawMode::stdin().map_err(|e| e.to_string())?)
     } else {
         None
     };

@@ -1,5 +1,8 @@
 //! `ferro`: the command-line entry point of the Ferro virtualization platform.
 
+// No unsafe code here: host calls belong in host-sys, KVM calls in hypervisor.
+#![forbid(unsafe_code)]
+
 mod client;
 mod client_networks;
 mod client_pools;

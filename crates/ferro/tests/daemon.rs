@@ -127,8 +127,7 @@ impl Daemon {
     /// Stops the daemon with SIGTERM (VMs keep running).
     fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            // SAFETY: kill(2) on our own child.
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let _ = host_sys::signal::kill(child.id(), libc::SIGTERM);
             let status = child.wait().unwrap();
             assert!(status.success(), "daemon exit: {status}");
         }
@@ -239,8 +238,7 @@ impl Daemon {
 
     /// SIGKILLs the VMM `pid` of `name` and expects it reported crashed with `reason`.
     fn kill_vmm_and_expect_crash(&self, name: &str, pid: u32, reason: &str) {
-        // SAFETY: kill(2) on a process this test started (through the daemon).
-        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        host_sys::signal::kill(pid, libc::SIGKILL).unwrap();
         let crashed = self.wait_for_state(name, DomainState::Crashed);
         let got = crashed.reason.clone().unwrap_or_default();
         assert!(got.contains(reason), "{crashed:?}");
@@ -471,8 +469,7 @@ fn daemon_restart_crash_and_autostart() {
     // Killed while no daemon watches: found crashed at the next start.
     let pid = d.details("keep").pid.unwrap();
     d.stop();
-    // SAFETY: as above.
-    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    host_sys::signal::kill(pid, libc::SIGKILL).unwrap();
     while pid_alive(pid) {
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -776,8 +773,7 @@ fn a_guest_that_ignores_the_power_button_is_reported_still_running() {
     d.ok(&["vm", "start", "deaf"]);
     let mut waiting = d.spawn_cli(&["vm", "shutdown", "deaf", "--timeout", "120"]);
     d.wait_for_state("deaf", DomainState::ShuttingDown);
-    // SAFETY: kill(2) on our own child.
-    unsafe { libc::kill(waiting.id() as i32, libc::SIGINT) };
+    host_sys::signal::kill(waiting.id(), libc::SIGINT).unwrap();
     let status = waiting.wait().unwrap();
     assert!(!status.success());
     d.ok(&["vm", "suspend", "deaf"]);

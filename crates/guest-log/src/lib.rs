@@ -14,6 +14,9 @@
 //! Threading: the macros run on any thread (vCPU, device workers); see [`limit`] and
 //! [`rotating`].
 
+// No unsafe code here: host calls belong in host-sys, KVM calls in hypervisor.
+#![forbid(unsafe_code)]
+
 pub mod limit;
 pub mod rotating;
 

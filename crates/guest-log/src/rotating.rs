@@ -8,7 +8,6 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -129,13 +128,9 @@ impl RotatingLog {
     }
 }
 
+/// Points descriptor 2 at `file`, replacing it atomically (so writes never miss).
 fn redirect_stderr(file: &File) -> io::Result<()> {
-    // SAFETY: dup2 takes two descriptors: `file`'s, which it borrows, and 2, which it
-    // replaces atomically; no memory is involved.
-    if unsafe { libc::dup2(file.as_raw_fd(), libc::STDERR_FILENO) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    host_sys::file::redirect_stderr(file)
 }
 
 /// A [`RotatingLog`] written by several threads; [`SharedLog::writer`] hands out writers

@@ -8,6 +8,9 @@
 //! a server bounds the time of a whole request with [`DeadlineReader`] (one deadline for all
 //! its reads, 408 when it passes), a client's reads are the socket's (`set_read_timeout`).
 
+// No unsafe code here: host calls belong in host-sys, KVM calls in hypervisor.
+#![forbid(unsafe_code)]
+
 mod client;
 mod deadline;
 mod message;

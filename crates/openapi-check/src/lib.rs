@@ -5,6 +5,9 @@
 //! Used by the tests of the VMM's and the daemon's APIs, so that the documents and the code
 //! cannot drift apart.
 
+// No unsafe code here: host calls belong in host-sys, KVM calls in hypervisor.
+#![forbid(unsafe_code)]
+
 use serde_json::{Map, Value};
 
 /// An OpenAPI document, loaded.

@@ -12,6 +12,9 @@
 //! Threading: everything is called from vCPU threads under the device's mutex; MSI-X vectors
 //! are also triggered from device worker threads.
 
+// No unsafe code here: host calls belong in host-sys, KVM calls in hypervisor.
+#![forbid(unsafe_code)]
+
 pub mod config;
 pub mod config_io;
 pub mod device;

@@ -122,7 +122,7 @@ impl RngWorker {
         limit: EntropyLimit,
     ) -> io::Result<Self> {
         let refill = TimerFd::new()?;
-        set_nonblocking(refill.as_raw_fd())?;
+        host_sys::file::set_nonblocking(&refill)?;
         Ok(RngWorker {
             memory,
             queue,
@@ -181,16 +181,6 @@ impl RngWorker {
         self.counters.add(counter::THROTTLED, 1);
         Ok(())
     }
-}
-
-fn set_nonblocking(fd: RawFd) -> io::Result<()> {
-    // SAFETY: fcntl on a descriptor the caller owns; F_GETFL/F_SETFL take and return flags.
-    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-    // SAFETY: as above.
-    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 impl Worker for RngWorker {

@@ -10,7 +10,7 @@ use std::collections::VecDeque;
 use std::io::{self, IsTerminal, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError};
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use vmm_sys_util::eventfd::EventFd;
 
@@ -59,50 +59,7 @@ impl EscapeFilter {
     }
 }
 
-static ORIGINAL_TERMIOS: OnceLock<(RawFd, libc::termios)> = OnceLock::new();
-
-fn restore_termios(fd: RawFd, termios: &libc::termios) {
-    // SAFETY: `termios` is a valid, fully initialised termios read by tcgetattr.
-    unsafe { libc::tcsetattr(fd, libc::TCSANOW, termios) };
-}
-
-/// Raw mode on a terminal for as long as the value lives (and across panics).
-#[derive(Debug)]
-pub struct RawMode {
-    fd: RawFd,
-    original: libc::termios,
-}
-
-impl RawMode {
-    /// Puts the terminal `fd` in raw mode until the value is dropped.
-    pub fn enable(fd: RawFd) -> io::Result<Self> {
-        // SAFETY: termios is plain data, filled by tcgetattr before use.
-        let mut original: libc::termios = unsafe { std::mem::zeroed() };
-        // SAFETY: `fd` is open; `original` is a valid out-pointer.
-        if unsafe { libc::tcgetattr(fd, &mut original) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let mut raw = original;
-        // SAFETY: `raw` is a valid termios.
-        unsafe { libc::cfmakeraw(&mut raw) };
-        // Keep output post-processing so the VMM's own messages stay readable.
-        raw.c_oflag |= libc::OPOST | libc::ONLCR;
-        // SAFETY: `fd` is open and `raw` is valid.
-        if unsafe { libc::tcsetattr(fd, libc::TCSANOW, &raw) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        if ORIGINAL_TERMIOS.set((fd, original)).is_ok() {
-            let previous = std::panic::take_hook();
-            std::panic::set_hook(Box::new(move |info| {
-                if let Some((fd, termios)) = ORIGINAL_TERMIOS.get() {
-                    restore_termios(*fd, termios);
-                }
-                previous(info);
-            }));
-        }
-        Ok(RawMode { fd, original })
-    }
-}
+pub use host_sys::terminal::RawMode;
 
 impl std::fmt::Debug for Console {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -110,12 +67,6 @@ impl std::fmt::Debug for Console {
             .field("pending", &self.pending.len())
             .field("raw", &self._raw.is_some())
             .finish_non_exhaustive()
-    }
-}
-
-impl Drop for RawMode {
-    fn drop(&mut self) {
-        restore_termios(self.fd, &self.original);
     }
 }
 
@@ -157,7 +108,7 @@ impl Console {
         let stdin = io::stdin();
         let interactive = stdin.is_terminal();
         let raw = if interactive {
-            Some(RawMode::enable(stdin.as_raw_fd())?)
+            Some(RawMode::stdin().map_err(io::Error::other)?)
         } else {
             None
         };

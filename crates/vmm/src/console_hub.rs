@@ -7,7 +7,6 @@
 //! device; a client that cannot keep up is dropped rather than allowed to stall the guest.
 
 use std::io::{self, PipeWriter, Read, Write};
-use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -55,20 +54,12 @@ impl Write for HubOutput {
 /// Sends `buf` without waiting; false if the client is gone or too slow.
 fn send_all_now(client: &UnixStream, mut buf: &[u8]) -> bool {
     while !buf.is_empty() {
-        // SAFETY: sends from a live slice on a socket this function borrows; MSG_DONTWAIT
-        // keeps the (shared, blocking) socket from blocking here, MSG_NOSIGNAL avoids SIGPIPE.
-        let n = unsafe {
-            libc::send(
-                client.as_raw_fd(),
-                buf.as_ptr().cast(),
-                buf.len(),
-                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-            )
-        };
-        if n <= 0 {
-            return false;
+        // Not waiting: the socket is shared and blocking, and one slow client must not hold
+        // up the guest's output for the others.
+        match host_sys::socket::send_now(client, buf) {
+            Ok(n) if n > 0 => buf = &buf[n..],
+            _ => return false,
         }
-        buf = &buf[n as usize..];
     }
     true
 }

@@ -366,15 +366,8 @@ impl Refcounts {
             .filter(|&block| block != 0 && !self.blocks.contains_key(&block))
             .collect();
         for block in blocks {
-            // SAFETY: an advisory call on a descriptor `file` owns; it touches no memory.
-            unsafe {
-                libc::posix_fadvise(
-                    std::os::fd::AsRawFd::as_raw_fd(file),
-                    block as libc::off_t,
-                    self.cluster_size() as libc::off_t,
-                    libc::POSIX_FADV_WILLNEED,
-                );
-            }
+            // Advice only: a refusal just leaves the reads for later.
+            let _ = host_sys::file::will_need(file, block, self.cluster_size());
         }
     }
 

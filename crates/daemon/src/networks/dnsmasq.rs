@@ -325,11 +325,8 @@ pub fn rotate_log(files: &DnsmasqFiles, limits: LogLimits) -> Result<bool, Dnsma
 }
 
 fn signal(pid: u32, signal: libc::c_int) {
-    let Ok(pid) = libc::pid_t::try_from(pid) else {
-        return;
-    };
-    // SAFETY: kill() takes no memory; the pid was checked to be this network's dnsmasq.
-    unsafe { libc::kill(pid, signal) };
+    // The pid was checked to be this network's dnsmasq; one that is gone needs no signal.
+    let _ = host_sys::signal::kill(pid, signal);
 }
 
 /// The leases in a dnsmasq lease file (`EXPIRY MAC IP HOSTNAME CLIENT-ID` lines; `*` for no
@@ -533,18 +530,7 @@ mod log_tests {
 
     /// Broadcasts from `socket` leave through `device` (this namespace has no default route).
     fn bind_to_device(socket: &UdpSocket, device: &str) {
-        use std::os::fd::AsRawFd;
-        // SAFETY: setsockopt reads `device.len()` bytes from the live string slice.
-        let ret = unsafe {
-            libc::setsockopt(
-                socket.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_BINDTODEVICE,
-                device.as_ptr().cast(),
-                device.len() as libc::socklen_t,
-            )
-        };
-        assert_eq!(ret, 0, "{}", io::Error::last_os_error());
+        host_sys::socket::bind_to_device(socket, device).unwrap();
     }
 
     fn files_on_disk(files: &DnsmasqFiles) -> Vec<(PathBuf, u64)> {

@@ -5,7 +5,6 @@
 //! busybox, unshare and nsenter for the guest tests).
 
 use std::net::UdpSocket;
-use std::os::fd::AsRawFd;
 use std::process::{Child, Command, Stdio};
 
 use super::*;
@@ -432,9 +431,7 @@ impl Guest {
         std::thread::scope(|scope| {
             scope
                 .spawn(|| {
-                    // SAFETY: setns with an open namespace file; only this thread moves.
-                    let moved = unsafe { libc::setns(namespace.as_raw_fd(), libc::CLONE_NEWNET) };
-                    assert_eq!(moved, 0, "setns: {}", std::io::Error::last_os_error());
+                    host_sys::netns::enter_net(&namespace).unwrap();
                     f()
                 })
                 .join()

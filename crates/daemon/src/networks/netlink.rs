@@ -13,11 +13,8 @@
 //! thread. Everything acts in the calling thread's network namespace.
 
 use std::collections::HashMap;
-use std::fs::OpenOptions;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr};
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::OpenOptionsExt;
 
 use netlink_packet_core::{
     NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL,
@@ -316,11 +313,13 @@ pub(crate) fn link_at(index: u32) -> Result<Option<LinkIdentity>> {
 /// that exists already, whoever made it, is [`NetlinkError::Exists`]: it is never taken over.
 pub(crate) fn create_tap(name: &str) -> Result<u32> {
     check_name(name)?;
-    match persistent_tap(name) {
-        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+    // Exclusive: an interface of that name (EBUSY) is never taken over. Multi-queue, so the
+    // VMM can give the NIC a queue pair per vCPU.
+    match host_sys::tap::create_persistent(name, true) {
+        Err(e) if e.os_error() == Some(libc::EBUSY) => {
             return Err(NetlinkError::Exists(name.to_string()))
         }
-        result => result.map_err(|source| link_error("create TAP device", name, source))?,
+        result => result.map_err(|e| link_error("create TAP device", name, io::Error::other(e)))?,
     }
     match link_named(name)? {
         Some(link) if link.tun => Ok(link.index),
@@ -342,12 +341,7 @@ fn link_error(op: &'static str, ifname: &str, source: io::Error) -> NetlinkError
 
 /// Checks a Linux interface name the way the kernel does (`dev_valid_name`).
 fn check_name(name: &str) -> Result<()> {
-    let valid = !name.is_empty()
-        && name.len() < libc::IFNAMSIZ
-        && name != "."
-        && name != ".."
-        && !name.contains(|c: char| c == '/' || c == ':' || c.is_whitespace());
-    if valid {
+    if host_sys::ifname::valid(name) {
         Ok(())
     } else {
         Err(NetlinkError::InvalidName(name.to_string()))
@@ -562,61 +556,10 @@ impl Rtnl {
     }
 }
 
-/// TUNSETIFF (exclusive: EBUSY when an interface of that name exists) then TUNSETPERSIST on a
-/// new /dev/net/tun file, which closes on return. The device is multi-queue, so the VMM can
-/// give the NIC a queue pair per vCPU.
-fn persistent_tap(name: &str) -> io::Result<()> {
-    let tun = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_CLOEXEC)
-        .open("/dev/net/tun")?;
-    // SAFETY: ifreq is plain data (a name and a union of integers); all-zero is a valid value.
-    let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
-    // `check_name` keeps the name under IFNAMSIZ bytes: the last byte stays NUL.
-    for (dst, src) in request.ifr_name.iter_mut().zip(name.bytes()) {
-        *dst = src as libc::c_char;
-    }
-    let flags = libc::IFF_TAP
-        | libc::IFF_NO_PI
-        | libc::IFF_VNET_HDR
-        | libc::IFF_MULTI_QUEUE
-        | libc::IFF_TUN_EXCL;
-    // The flags are a 16-bit field: IFF_TUN_EXCL is its top bit.
-    request.ifr_ifru.ifru_flags = flags as u16 as libc::c_short;
-    // SAFETY: TUNSETIFF reads and writes one ifreq, which `request` is, for the call's duration.
-    if unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF, &mut request) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let persist: libc::c_ulong = 1;
-    // SAFETY: TUNSETPERSIST takes its argument as a plain integer, not a pointer.
-    if unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETPERSIST, persist) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// Runs `body` on a thread of its own in a new network namespace (the host's interfaces
-/// stay untouched), for tests; skips it where creating one is not allowed (not root).
+/// Runs `body` in a throwaway network namespace (the host's interfaces stay untouched), for
+/// tests; skipped where that is not allowed.
 #[cfg(test)]
-pub(crate) fn in_new_netns(body: impl FnOnce() + Send + 'static) {
-    let thread = std::thread::spawn(move || {
-        // SAFETY: unshare takes flags only; CLONE_NEWNET moves this thread alone into a new
-        // network namespace, which goes away with the thread.
-        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-            let error = io::Error::last_os_error();
-            if error.raw_os_error() == Some(libc::EPERM) {
-                eprintln!("skipped: cannot create a network namespace ({error})");
-                return;
-            }
-            panic!("unshare(CLONE_NEWNET): {error}");
-        }
-        body();
-    });
-    if let Err(panic) = thread.join() {
-        std::panic::resume_unwind(panic);
-    }
-}
+pub(crate) use host_sys::netns::in_new_netns;
 
 #[cfg(test)]
 mod tests {

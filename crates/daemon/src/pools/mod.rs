@@ -98,15 +98,7 @@ fn parse_format(format: Option<&str>) -> Result<Format, ApiError> {
 
 /// Capacity and free bytes of the file system holding `path`.
 fn fs_space(path: &Path) -> Option<(u64, u64)> {
-    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
-    // SAFETY: statvfs is plain data, filled by the call below.
-    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: a NUL-terminated path and a valid out-pointer.
-    if unsafe { libc::statvfs(c_path.as_ptr(), &mut stat) } != 0 {
-        return None;
-    }
-    let unit = stat.f_frsize;
-    Some((stat.f_blocks * unit, stat.f_bavail * unit))
+    host_sys::file::fs_space(path).ok()
 }
 
 impl Pools {

@@ -10,7 +10,6 @@
 //!
 //! Threading: plain file system calls on the caller's (blocking) thread.
 
-use std::ffi::CString;
 use std::io;
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -104,28 +103,8 @@ fn sync_parent(path: &Path) -> io::Result<()> {
     }
 }
 
-fn c_path(path: &Path) -> io::Result<CString> {
-    CString::new(path.as_os_str().as_encoded_bytes())
-        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
-}
-
 fn rename_no_replace(from: &Path, to: &Path) -> io::Result<()> {
-    let (from, to) = (c_path(from)?, c_path(to)?);
-    // SAFETY: two NUL-terminated paths that outlive the call; AT_FDCWD for relative ones.
-    let ret = unsafe {
-        libc::renameat2(
-            libc::AT_FDCWD,
-            from.as_ptr(),
-            libc::AT_FDCWD,
-            to.as_ptr(),
-            libc::RENAME_NOREPLACE,
-        )
-    };
-    if ret == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    host_sys::file::rename_no_replace(from, to)
 }
 
 #[cfg(test)]

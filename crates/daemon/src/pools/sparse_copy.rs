@@ -8,9 +8,9 @@
 //!
 //! Runs on the caller's (blocking) thread.
 
+use host_sys::file;
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -70,10 +70,10 @@ fn data_pieces(file: &File, size: u64) -> io::Result<Vec<Piece>> {
     let mut pieces = Vec::new();
     let mut offset = 0u64;
     while offset < size {
-        let Some(data) = seek(file, offset, libc::SEEK_DATA)? else {
+        let Some(data) = file::next_data(file, offset)? else {
             break; // only a hole is left
         };
-        let end = seek(file, data, libc::SEEK_HOLE)?.unwrap_or(size).min(size);
+        let end = file::next_hole(file, data)?.unwrap_or(size).min(size);
         let mut piece = data;
         while piece < end {
             let piece_end = end.min(piece + PIECE);
@@ -212,32 +212,22 @@ impl Copier {
 /// Copies `start..end` with copy_file_range; false (nothing copied) when the file system or
 /// kernel cannot, so the caller copies by hand.
 fn copy_in_kernel(from: &File, to: &File, start: u64, end: u64) -> io::Result<bool> {
-    let (mut from_offset, mut to_offset) = (start as i64, start as i64);
-    while (from_offset as u64) < end {
-        let len = (end - from_offset as u64) as usize;
-        // SAFETY: both fds are open files borrowed for the call; the offsets are locals the
-        // call updates; no memory buffer is involved.
-        let copied = unsafe {
-            libc::copy_file_range(
-                from.as_raw_fd(),
-                &mut from_offset,
-                to.as_raw_fd(),
-                &mut to_offset,
-                len,
-                0,
-            )
-        };
-        if copied < 0 {
-            let err = io::Error::last_os_error();
-            let unsupported = matches!(
-                err.raw_os_error(),
-                Some(libc::EXDEV | libc::ENOSYS | libc::EOPNOTSUPP | libc::EINVAL)
-            );
-            if unsupported && from_offset as u64 == start {
-                return Ok(false);
+    let (mut from_offset, mut to_offset) = (start, start);
+    while from_offset < end {
+        let len = (end - from_offset) as usize;
+        let copied = match file::copy_range(from, &mut from_offset, to, &mut to_offset, len) {
+            Ok(copied) => copied,
+            Err(err) => {
+                let unsupported = matches!(
+                    err.raw_os_error(),
+                    Some(libc::EXDEV | libc::ENOSYS | libc::EOPNOTSUPP | libc::EINVAL)
+                );
+                if unsupported && from_offset == start {
+                    return Ok(false);
+                }
+                return Err(err);
             }
-            return Err(err);
-        }
+        };
         if copied == 0 {
             return Err(io::ErrorKind::UnexpectedEof.into());
         }
@@ -261,62 +251,24 @@ fn copy_by_hand(from: &File, to: &File, start: u64, end: u64) -> io::Result<()> 
 /// Starts writing `start..end` of `file` out without waiting for it. Only a head start for
 /// [`finish_write_out`] and the final fdatasync, which report any write error: a failure here
 /// changes nothing.
-fn start_write_out(file: &File, start: u64, end: u64) {
-    // SAFETY: sync_file_range on an open fd borrowed for the call takes plain integers.
-    unsafe {
-        libc::sync_file_range(
-            file.as_raw_fd(),
-            start as i64,
-            (end - start) as i64,
-            libc::SYNC_FILE_RANGE_WRITE,
-        )
-    };
+fn start_write_out(to: &File, start: u64, end: u64) {
+    let _ = file::start_write_out(to, start, end - start);
 }
 
 /// Starts writing out all of `file` that is dirty, for copies made through an image format
 /// (whose layout is not the caller's to know): the same head start as each piece gets here.
-pub fn start_write_out_all(file: &File) {
-    // SAFETY: as in start_write_out; a length of 0 means up to the end of the file.
-    unsafe { libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
+pub fn start_write_out_all(to: &File) {
+    // A length of 0 means up to the end of the file.
+    let _ = file::start_write_out(to, 0, 0);
 }
 
 /// Waits until `start..end` is written out and drops it from the page cache: the copy keeps
 /// only a window of dirty pages, so it never runs into the kernel's dirty-page throttling.
-fn finish_write_out(file: &File, start: u64, end: u64) -> io::Result<()> {
-    let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE
-        | libc::SYNC_FILE_RANGE_WRITE
-        | libc::SYNC_FILE_RANGE_WAIT_AFTER;
-    // SAFETY: sync_file_range on an open fd borrowed for the call takes plain integers.
-    let ret = unsafe {
-        libc::sync_file_range(file.as_raw_fd(), start as i64, (end - start) as i64, flags)
-    };
-    if ret < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: as above; advice only.
-    unsafe {
-        libc::posix_fadvise(
-            file.as_raw_fd(),
-            start as i64,
-            (end - start) as i64,
-            libc::POSIX_FADV_DONTNEED,
-        )
-    };
+fn finish_write_out(to: &File, start: u64, end: u64) -> io::Result<()> {
+    file::finish_write_out(to, start, end - start)?;
+    // Advice only: pages that stay cached cost memory, not correctness.
+    let _ = file::dont_need(to, start, end - start);
     Ok(())
-}
-
-/// lseek(SEEK_DATA / SEEK_HOLE); None when no data follows (ENXIO).
-fn seek(file: &File, offset: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
-    // SAFETY: lseek on an open fd borrowed for the call takes plain integers.
-    let pos = unsafe { libc::lseek(file.as_raw_fd(), offset as i64, whence) };
-    if pos < 0 {
-        let err = io::Error::last_os_error();
-        return match err.raw_os_error() {
-            Some(libc::ENXIO) => Ok(None),
-            _ => Err(err),
-        };
-    }
-    Ok(Some(pos as u64))
 }
 
 #[cfg(test)]

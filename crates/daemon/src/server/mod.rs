@@ -143,24 +143,18 @@ fn listen(path: &Path) -> Result<UnixListener, DaemonError> {
     Ok(listener)
 }
 
+/// Gives the socket to `group` when there is one, so its members may use the daemon; a host
+/// without it keeps the socket root's.
 fn set_group(path: &Path, group: &str) {
-    let Ok(group) = std::ffi::CString::new(group) else {
-        return;
+    let given = match host_sys::user::group_id(group) {
+        Ok(Some(gid)) => host_sys::user::set_group(path, gid),
+        Ok(None) => Ok(()),
+        Err(e) => Err(e),
     };
-    // SAFETY: getgrnam reads a NUL-terminated name and returns a pointer into static storage
-    // (or null); only the gid is read, at once.
-    let gid = unsafe {
-        let entry = libc::getgrnam(group.as_ptr());
-        if entry.is_null() {
-            return;
-        }
-        (*entry).gr_gid
-    };
-    let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
-        return;
-    };
-    // SAFETY: chown with a valid path string; -1 (as uid_t) keeps the owner.
-    unsafe { libc::chown(c_path.as_ptr(), u32::MAX, gid) };
+    if let Err(e) = given {
+        let cause = std::error::Error::source(&e).map(ToString::to_string);
+        tracing::warn!("{e}: {}", cause.unwrap_or_default());
+    }
 }
 
 async fn termination() {

@@ -5,7 +5,7 @@
 
 use std::fs::OpenOptions;
 use std::io;
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -140,39 +140,15 @@ pub fn is_alive(record: &ProcessRecord) -> bool {
 
 /// A pidfd for `pid`: readable once the process has ended.
 pub fn pidfd(pid: u32) -> io::Result<OwnedFd> {
-    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1; no memory involved.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: the fd was just created and is owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    host_sys::process::pidfd(pid).map_err(io::Error::other)
 }
 
 /// How a child process ended, if it was the daemon's child (reaps it); None otherwise.
-pub fn reap(pid: u32) -> Option<i32> {
-    let mut status = 0;
-    // SAFETY: waitpid writes the status into a local integer.
-    let ret = unsafe { libc::waitpid(pid as libc::pid_t, &mut status, libc::WNOHANG) };
-    if ret != pid as libc::pid_t {
-        return None;
-    }
-    if libc::WIFEXITED(status) {
-        Some(libc::WEXITSTATUS(status))
-    } else if libc::WIFSIGNALED(status) {
-        Some(128 + libc::WTERMSIG(status))
-    } else {
-        None
-    }
-}
+pub use host_sys::process::reap;
 
 /// Sends `signal` to process `pid`.
 pub fn kill(pid: u32, signal: i32) -> io::Result<()> {
-    // SAFETY: kill(2) takes plain integers.
-    if unsafe { libc::kill(pid as libc::pid_t, signal) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    host_sys::signal::kill(pid, signal).map_err(io::Error::other)
 }
 
 #[cfg(test)]

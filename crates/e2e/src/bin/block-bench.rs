@@ -5,6 +5,9 @@
 //! `block-bench [--dir DIR] [--size MIB] [--runs N]`; prints one line per workload and a
 //! summary of the ratios. Absolute numbers depend on the host; the ratios are the point.
 
+// No unsafe code here: host calls belong in host-sys, KVM calls in hypervisor.
+#![forbid(unsafe_code)]
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;

@@ -9,7 +9,9 @@
 //! ferro-guest-bench tcp-send ADDR:PORT MIB    send MIB MiB
 //! ferro-guest-bench tcp-recv PORT             receive one connection, report its throughput
 
-use std::alloc::{alloc_zeroed, dealloc, Layout};
+// No unsafe code here: host calls belong in host-sys, KVM calls in hypervisor.
+#![forbid(unsafe_code)]
+
 use std::fs::OpenOptions;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -18,33 +20,27 @@ use std::time::{Duration, Instant};
 
 const MIB: usize = 1 << 20;
 
-/// A zeroed buffer aligned for O_DIRECT.
+/// A zeroed buffer aligned for O_DIRECT: a slice of a larger allocation, starting where
+/// the alignment falls.
 struct Aligned {
-    ptr: *mut u8,
-    layout: Layout,
+    bytes: Vec<u8>,
+    start: usize,
+    len: usize,
 }
 
 impl Aligned {
     fn new(len: usize) -> Self {
-        let layout = Layout::from_size_align(len, 4096).unwrap_or_else(|_| std::process::exit(2));
-        // SAFETY: the layout has a non-zero size.
-        let ptr = unsafe { alloc_zeroed(layout) };
-        if ptr.is_null() {
+        const ALIGN: usize = 4096;
+        let bytes = vec![0u8; len + ALIGN];
+        let start = bytes.as_ptr().align_offset(ALIGN);
+        if start >= ALIGN {
             std::process::exit(2);
         }
-        Aligned { ptr, layout }
+        Aligned { bytes, start, len }
     }
 
     fn as_mut(&mut self) -> &mut [u8] {
-        // SAFETY: ptr points at layout.size() initialised bytes owned by self.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.layout.size()) }
-    }
-}
-
-impl Drop for Aligned {
-    fn drop(&mut self) {
-        // SAFETY: allocated in `new` with this layout.
-        unsafe { dealloc(self.ptr, self.layout) };
+        &mut self.bytes[self.start..self.start + self.len]
     }
 }
 
@@ -201,8 +197,7 @@ fn print_cpu_times(phase: &str, before: &[Vec<u64>]) {
     const NAMES: [&str; 8] = [
         "user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal",
     ];
-    // SAFETY: sysconf only reads a configuration value.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    let hz = host_sys::system::clock_ticks_per_second().max(1);
     for (cpu, (now, then)) in cpu_times().iter().zip(before).enumerate() {
         let spent: Vec<String> = NAMES
             .iter()
@@ -295,23 +290,10 @@ fn disk(device: &str, mib: usize, seconds: u64) -> std::io::Result<()> {
 /// The sender's view of a connection (the kernel's `struct tcp_info`, read by offset so any
 /// kernel's longer or shorter struct works): what limited it, and how long an ACK took.
 fn tcp_info(stream: &TcpStream) -> String {
-    use std::os::fd::AsRawFd;
     let mut info = [0u8; 256];
-    let mut len = info.len() as libc::socklen_t;
-    // SAFETY: the kernel writes at most `len` bytes into `info` and stores the length it wrote.
-    let rc = unsafe {
-        libc::getsockopt(
-            stream.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            info.as_mut_ptr().cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
+    let Ok(len) = host_sys::socket::tcp_info(stream, &mut info) else {
         return "tcp_info unavailable".into();
-    }
-    let len = len as usize;
+    };
     let u32_at = |offset: usize| {
         info.get(offset..offset + 4)
             .filter(|_| offset + 4 <= len)

@@ -10,6 +10,9 @@
 //! `POOL_BENCH_FORMAT=qcow2` clones a qcow2 volume (made from the raw one by qemu-img) instead,
 //! against `qemu-img convert -O qcow2`.
 
+// No unsafe code here: host calls belong in host-sys, KVM calls in hypervisor.
+#![forbid(unsafe_code)]
+
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::Path;

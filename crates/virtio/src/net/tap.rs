@@ -1,45 +1,21 @@
 //! TAP devices: the host end of a guest NIC, opened with a virtio-net header on every packet so
 //! checksum and segmentation offloads pass through.
 
-use std::fs::{File, OpenOptions};
-use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::fs::OpenOptionsExt;
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 
-const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
-const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
-const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
-const TUNSETQUEUE: libc::c_ulong = 0x4004_54d9;
-const TUNGETIFF: libc::c_ulong = 0x8004_54d2;
-const IFF_TAP: libc::c_short = 0x0002;
-const IFF_MULTI_QUEUE: libc::c_short = 0x0100;
-const IFF_ATTACH_QUEUE: libc::c_short = 0x0200;
-const IFF_DETACH_QUEUE: libc::c_short = 0x0400;
-const IFF_NO_PI: libc::c_short = 0x1000;
-const IFF_VNET_HDR: libc::c_short = 0x4000;
-
-/// Offload flags for [`Tap::set_offload`].
-pub mod offload {
-    pub const CSUM: u32 = 0x01;
-    pub const TSO4: u32 = 0x02;
-    pub const TSO6: u32 = 0x04;
-    pub const TSO_ECN: u32 = 0x08;
-}
+pub use host_sys::tap::offload;
+use host_sys::tap::{self as host_tap, flags, TapError as HostError};
 
 /// Why a TAP device could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum TapError {
     #[error("invalid TAP name {0:?} (1 to 15 characters, no '/', ':' or whitespace)")]
     InvalidName(String),
-    #[error("cannot open /dev/net/tun")]
-    OpenTun(#[source] io::Error),
-    #[error("cannot attach to TAP device {name}")]
-    Attach {
-        name: String,
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Attach(HostError),
     #[error("TAP device {name} has one queue; {wanted} queue pairs need one created with `ip tuntap add {name} mode tap multi_queue`")]
     SingleQueue { name: String, wanted: usize },
     #[error("interface {0} exists and is not a TAP device")]
@@ -48,7 +24,7 @@ pub enum TapError {
     Configure {
         name: String,
         #[source]
-        source: io::Error,
+        source: HostError,
     },
 }
 
@@ -63,58 +39,13 @@ pub struct Tap {
     attached: AtomicBool,
 }
 
-fn ifreq(name: &str) -> libc::ifreq {
-    // SAFETY: ifreq is plain data; all-zero is a valid value.
-    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (dst, src) in req.ifr_name.iter_mut().zip(name.bytes()) {
-        *dst = src as libc::c_char;
-    }
-    req
-}
-
-/// Checks a Linux interface name.
-pub fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() < libc::IFNAMSIZ
-        && name != "."
-        && name != ".."
-        && !name
-            .chars()
-            .any(|c| c == '/' || c == ':' || c.is_whitespace())
-}
-
-/// Whether network interface `name` exists in this thread's network namespace.
-fn interface_exists(name: &str) -> bool {
-    let Ok(name) = std::ffi::CString::new(name) else {
-        return false;
-    };
-    // SAFETY: `name` is a NUL-terminated string that outlives the call.
-    unsafe { libc::if_nametoindex(name.as_ptr()) != 0 }
-}
-
 fn is_einval(e: &TapError) -> bool {
-    matches!(e, TapError::Attach { source, .. } if source.raw_os_error() == Some(libc::EINVAL))
+    matches!(e, TapError::Attach(host) if host.os_error() == Some(libc::EINVAL))
 }
 
-/// A new /dev/net/tun file attached to device `name` with `flags`.
-fn attach(name: &str, flags: libc::c_short) -> Result<File, TapError> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
-        .open("/dev/net/tun")
-        .map_err(TapError::OpenTun)?;
-    let mut req = ifreq(name);
-    req.ifr_ifru.ifru_flags = flags;
-    // SAFETY: TUNSETIFF reads and writes an ifreq, which `req` is, for the call's duration.
-    let ret = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &mut req) };
-    if ret < 0 {
-        return Err(TapError::Attach {
-            name: name.to_string(),
-            source: io::Error::last_os_error(),
-        });
-    }
-    Ok(file)
+/// A new non-blocking /dev/net/tun file attached to device `name` with `flags`.
+fn attach(name: &str, flags: u16) -> Result<File, TapError> {
+    host_tap::attach(name, flags, true).map_err(TapError::Attach)
 }
 
 impl Tap {
@@ -128,16 +59,16 @@ impl Tap {
     /// bringing it up) if it does not exist; a new device is multi-queue. An existing
     /// single-queue device gives one queue when `fewer_ok`, an error otherwise.
     pub fn open_queues(name: &str, queues: usize, fewer_ok: bool) -> Result<Vec<Self>, TapError> {
-        if !valid_name(name) {
+        if !host_sys::ifname::valid(name) {
             return Err(TapError::InvalidName(name.to_string()));
         }
-        let created = !interface_exists(name);
-        let single_queue = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR;
+        let created = !host_sys::ifname::exists(name);
+        let single_queue = flags::TAP | flags::NO_PI | flags::VNET_HDR;
         // A queue must be opened as the device was made: try multi-queue first. EINVAL comes
         // from an existing single-queue TAP device, and from an interface that is no TAP
         // device at all (a bridge, a TUN device), which refuses the single-queue try too.
-        let (first, flags) = match attach(name, single_queue | IFF_MULTI_QUEUE) {
-            Ok(file) => (file, single_queue | IFF_MULTI_QUEUE),
+        let (first, queue_flags) = match attach(name, single_queue | flags::MULTI_QUEUE) {
+            Ok(file) => (file, single_queue | flags::MULTI_QUEUE),
             Err(e) if is_einval(&e) => match attach(name, single_queue) {
                 Err(e) if is_einval(&e) => return Err(TapError::NotTap(name.to_string())),
                 // A single-queue TAP device (busy or not) cannot give the pairs asked for.
@@ -152,7 +83,7 @@ impl Tap {
             },
             Err(e) => return Err(e),
         };
-        let count = if flags & IFF_MULTI_QUEUE != 0 {
+        let count = if queue_flags & flags::MULTI_QUEUE != 0 {
             queues.max(1)
         } else {
             1
@@ -163,7 +94,7 @@ impl Tap {
             let tap = Tap {
                 file: match file.take() {
                     Some(first) => first,
-                    None => attach(name, flags)?,
+                    None => attach(name, queue_flags)?,
                 },
                 name: name.to_string(),
                 created,
@@ -173,7 +104,7 @@ impl Tap {
             taps.push(tap);
         }
         if created {
-            taps[0].bring_up()?;
+            host_tap::bring_up(name).map_err(|e| taps[0].configure_err(e))?;
         }
         Ok(taps)
     }
@@ -186,18 +117,9 @@ impl Tap {
         if self.attached.load(Ordering::Acquire) == on {
             return Ok(());
         }
-        let mut req = ifreq("");
-        req.ifr_ifru.ifru_flags = if on {
-            IFF_ATTACH_QUEUE
-        } else {
-            IFF_DETACH_QUEUE
-        };
-        // SAFETY: TUNSETQUEUE reads one ifreq, which `req` is, for the call's duration.
-        let ret = unsafe { libc::ioctl(self.file.as_raw_fd(), TUNSETQUEUE, &req) };
-        if ret < 0 {
-            let error = io::Error::last_os_error();
+        if let Err(error) = host_tap::set_queue_attached(&self.file, on) {
             // EINVAL also means the queue was already so: believe the kernel's own word.
-            let already = error.raw_os_error() == Some(libc::EINVAL)
+            let already = error.os_error() == Some(libc::EINVAL)
                 && self.kernel_says_attached().ok() == Some(on);
             if !already {
                 return Err(self.configure_err(error));
@@ -208,16 +130,8 @@ impl Tap {
     }
 
     /// Whether the kernel has this queue attached (TUNGETIFF flags a detached one).
-    fn kernel_says_attached(&self) -> io::Result<bool> {
-        let mut req = ifreq("");
-        // SAFETY: TUNGETIFF writes one ifreq, which `req` is, for the call's duration.
-        let ret = unsafe { libc::ioctl(self.file.as_raw_fd(), TUNGETIFF, &mut req) };
-        if ret < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: TUNGETIFF filled in the flags member of the union.
-        let flags = unsafe { req.ifr_ifru.ifru_flags };
-        Ok(flags & IFF_DETACH_QUEUE == 0)
+    fn kernel_says_attached(&self) -> Result<bool, HostError> {
+        host_tap::queue_attached(&self.file)
     }
 
     /// Whether this queue takes packets from the host.
@@ -234,67 +148,29 @@ impl Tap {
         self.created
     }
 
-    fn configure_err(&self, source: io::Error) -> TapError {
+    fn configure_err(&self, source: HostError) -> TapError {
         TapError::Configure {
             name: self.name.clone(),
             source,
         }
     }
 
-    fn set_vnet_header_size(&self, size: libc::c_int) -> Result<(), TapError> {
-        // SAFETY: TUNSETVNETHDRSZ reads an int for the call's duration.
-        let ret = unsafe { libc::ioctl(self.file.as_raw_fd(), TUNSETVNETHDRSZ, &size) };
-        if ret < 0 {
-            return Err(self.configure_err(io::Error::last_os_error()));
-        }
-        Ok(())
+    fn set_vnet_header_size(&self, size: i32) -> Result<(), TapError> {
+        host_tap::set_vnet_header_size(&self.file, size).map_err(|e| self.configure_err(e))
     }
 
     /// Tells the kernel which offloads the guest can take (see [`offload`]).
     pub fn set_offload(&self, flags: u32) -> Result<(), TapError> {
-        // SAFETY: TUNSETOFFLOAD takes its argument by value; no memory is passed.
-        let ret =
-            unsafe { libc::ioctl(self.file.as_raw_fd(), TUNSETOFFLOAD, flags as libc::c_ulong) };
-        if ret < 0 {
-            return Err(self.configure_err(io::Error::last_os_error()));
-        }
-        Ok(())
-    }
-
-    fn bring_up(&self) -> Result<(), TapError> {
-        // SAFETY: a plain socket call; the result is checked.
-        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-        if fd < 0 {
-            return Err(self.configure_err(io::Error::last_os_error()));
-        }
-        // SAFETY: `fd` was just returned by socket() and is owned by nobody else.
-        let socket = unsafe { OwnedFd::from_raw_fd(fd) };
-        let mut req = ifreq(&self.name);
-        // SAFETY: SIOCGIFFLAGS fills the ifreq we pass for the call's duration.
-        if unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) } < 0 {
-            return Err(self.configure_err(io::Error::last_os_error()));
-        }
-        // SAFETY: SIOCGIFFLAGS set the flags member of the union.
-        unsafe { req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short };
-        // SAFETY: SIOCSIFFLAGS reads the ifreq we pass for the call's duration.
-        if unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCSIFFLAGS, &req) } < 0 {
-            return Err(self.configure_err(io::Error::last_os_error()));
-        }
-        Ok(())
+        host_tap::set_offload(&self.file, flags).map_err(|e| self.configure_err(e))
     }
 
     /// Reads one packet (virtio-net header first); None when nothing is waiting.
     pub fn read_packet(&self, buf: &mut [u8]) -> io::Result<Option<usize>> {
-        // SAFETY: reads at most buf.len() bytes into buf.
-        let n = unsafe { libc::read(self.file.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-        if n < 0 {
-            let err = io::Error::last_os_error();
-            return match err.kind() {
-                io::ErrorKind::WouldBlock => Ok(None),
-                _ => Err(err),
-            };
+        match (&self.file).read(buf) {
+            Ok(n) => Ok(Some(n)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+            Err(e) => Err(e),
         }
-        Ok(Some(n as usize))
     }
 
     /// Reads one packet straight into iovecs (guest buffers); None when no packet is waiting.
@@ -341,24 +217,7 @@ impl AsRawFd for Tap {
 }
 
 #[cfg(test)]
-/// Runs `body` on a thread of its own in a new network namespace, so TAP devices it
-/// makes vanish with it; skipped where that is not allowed (not root, or no /dev/net/tun).
-pub(super) fn in_new_netns(body: impl FnOnce() + Send + 'static) {
-    let thread = std::thread::spawn(move || {
-        // SAFETY: unshare takes flags only; CLONE_NEWNET moves this thread alone into a
-        // new network namespace, which goes away with the thread.
-        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0
-            || !std::path::Path::new("/dev/net/tun").exists()
-        {
-            eprintln!("skipped: no network namespace or TUN device here");
-            return;
-        }
-        body();
-    });
-    if let Err(panic) = thread.join() {
-        std::panic::resume_unwind(panic);
-    }
-}
+pub(super) use host_sys::netns::in_new_netns;
 
 #[cfg(test)]
 mod tests {
@@ -400,8 +259,8 @@ mod tests {
     fn a_single_queue_device_gives_one_queue_or_a_clear_error() {
         in_new_netns(|| {
             // A persistent single-queue device, as `ip tuntap add NAME mode tap` makes.
-            let file = attach("fsq0", IFF_TAP | IFF_NO_PI | IFF_VNET_HDR).unwrap();
-            persist(&file);
+            let file = attach("fsq0", flags::TAP | flags::NO_PI | flags::VNET_HDR).unwrap();
+            host_tap::set_persistent(&file, true).unwrap();
             drop(file);
             let err = Tap::open_queues("fsq0", 2, false).unwrap_err();
             assert!(
@@ -421,9 +280,8 @@ mod tests {
     fn an_interface_that_is_no_tap_device_is_named_as_such() {
         in_new_netns(|| {
             // A persistent TUN device: an interface of the same driver but the wrong kind.
-            const IFF_TUN: libc::c_short = 0x0001;
-            let file = attach("ftun0", IFF_TUN | IFF_NO_PI).unwrap();
-            persist(&file);
+            let file = attach("ftun0", flags::TUN | flags::NO_PI).unwrap();
+            host_tap::set_persistent(&file, true).unwrap();
             for (queues, fewer_ok) in [(1, false), (2, false), (2, true)] {
                 let err = Tap::open_queues("ftun0", queues, fewer_ok).unwrap_err();
                 assert!(matches!(err, TapError::NotTap(_)), "{err}");
@@ -435,23 +293,8 @@ mod tests {
         });
     }
 
-    /// Keeps the device `file` is attached to when the file closes.
-    fn persist(file: &File) {
-        const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
-        // SAFETY: TUNSETPERSIST takes a plain integer argument.
-        let persisted = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETPERSIST, 1) };
-        assert_eq!(persisted, 0);
-    }
-
     #[test]
     fn names_are_checked() {
-        assert!(valid_name("tap0"));
-        assert!(valid_name("ferro-vm1-0"));
-        assert!(!valid_name(""));
-        assert!(!valid_name("a-very-long-interface-name"));
-        assert!(!valid_name("../etc"));
-        assert!(!valid_name("tap 0"));
-        assert!(!valid_name("eth0:1"));
         assert!(matches!(
             Tap::open("bad/name"),
             Err(TapError::InvalidName(_))

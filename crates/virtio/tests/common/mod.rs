@@ -16,9 +16,7 @@ pub type Memory = GuestMemoryMmap<()>;
 pub fn resident_bytes() -> u64 {
     let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
     let pages: u64 = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
-    // SAFETY: sysconf takes no pointers.
-    let page_size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    pages * page_size as u64
+    pages * host_sys::system::page_size()
 }
 
 /// Guest memory of `len` bytes, every page touched, so that what the device writes into it

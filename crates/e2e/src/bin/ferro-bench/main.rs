@@ -13,6 +13,9 @@
 //! by `ferro-guest-bench`. Ferro runs its defaults (a queue pair per vCPU); QEMU runs its own
 //! (one queue pair) unless `--qemu-net-queues` gives it multi-queue on the same kind of TAP.
 
+// No unsafe code here: host calls belong in host-sys, KVM calls in hypervisor.
+#![forbid(unsafe_code)]
+
 mod daemon;
 mod host_net;
 mod io;

@@ -102,8 +102,7 @@ pub fn manage_the_default_guest() -> TestResult {
     d.ok(&["vm", "suspend", "web"])?;
     d.ok(&["vm", "resume", "web"])?;
 
-    // SAFETY: kill(2) on the VMM this test started through the daemon.
-    unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+    host_sys::signal::kill(pid, libc::SIGKILL).map_err(|e| e.to_string())?;
     let crashed = wait_for_state(&d, "web", DomainState::Crashed)?;
     check(crashed.reason.is_some(), || format!("{crashed:?}"))?;
 

@@ -3,6 +3,9 @@
 //! and the guest images. Tests run one at a time (each boots a VM); any libtest filter works:
 //! `ferro-e2e boot`, `ferro-e2e --list`.
 
+// No unsafe code here: host calls belong in host-sys, KVM calls in hypervisor.
+#![forbid(unsafe_code)]
+
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
