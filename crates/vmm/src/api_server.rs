@@ -567,7 +567,12 @@ mod tests {
     /// When every connection waits on the control loop, one more gets 503.
     #[test]
     fn a_connection_past_the_limit_of_busy_ones_gets_503() {
-        let (_dir, path, _server, _inbox) = server(limits());
+        // Busy connections wait for a reply the test holds back: long enough for a loaded
+        // machine.
+        let (_dir, path, _server, inbox) = server(Limits {
+            reply_timeout: Duration::from_secs(30),
+            ..limits()
+        });
         let busy: Vec<UnixStream> = (0..4)
             .map(|_| {
                 let mut stream = UnixStream::connect(&path).unwrap();
@@ -577,7 +582,16 @@ mod tests {
                 stream
             })
             .collect();
-        std::thread::sleep(Duration::from_millis(200));
+        // Once the four commands reached the control loop's inbox, every connection is busy.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut held = Vec::new();
+        while held.len() < 4 {
+            assert!(Instant::now() < deadline, "{} commands arrived", held.len());
+            match inbox.next() {
+                Some(request) => held.push(request),
+                None => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
         let answer = get(&path, "/api/v1/nope");
         assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
         drop(busy);
