@@ -9,6 +9,7 @@
 //! restarting the daemon leaves them running, and the next daemon adopts them.
 
 mod error;
+mod fs;
 mod host;
 mod networks;
 mod pools;

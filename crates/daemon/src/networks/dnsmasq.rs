@@ -207,9 +207,9 @@ fn host_line(mac: &str, ip: Option<Ipv4Addr>, name: Option<&str>) -> String {
 
 /// Writes `text` to `path` (whole file, replacing it atomically).
 pub fn write(path: &Path, text: &str) -> Result<(), DnsmasqError> {
-    crate::vms::store::atomic_write(path, text.as_bytes()).map_err(|e| DnsmasqError::Write {
-        path: path.to_path_buf(),
-        source: io::Error::other(crate::error::chain(&e)),
+    crate::fs::write_atomic(path, text.as_bytes()).map_err(|e| DnsmasqError::Write {
+        path: e.path,
+        source: e.source,
     })
 }
 

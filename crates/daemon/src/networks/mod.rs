@@ -30,7 +30,8 @@ use api::net_api::{Lease, NetworkDefinition, NetworkInfo, NetworkMode, NetworkSt
 use axum::http::StatusCode;
 
 use crate::error::{chain, ApiError};
-use crate::vms::store::{atomic_write, StoreError};
+use crate::fs::write_atomic;
+use crate::vms::store::StoreError;
 use host_side::{HostError, Tools};
 use ports::{Port, Record};
 
@@ -201,7 +202,7 @@ impl Networks {
         let path = self.dir.join(format!("{}.toml", definition.name));
         let text =
             toml::to_string_pretty(definition).map_err(|e| ApiError::internal(e.to_string()))?;
-        atomic_write(&path, text.as_bytes()).map_err(|e| ApiError::internal(chain(&e)))
+        write_atomic(&path, text.as_bytes()).map_err(|e| ApiError::internal(chain(&e)))
     }
 
     pub fn define(&self, definition: NetworkDefinition) -> Result<NetworkInfo, ApiError> {

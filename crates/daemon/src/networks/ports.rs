@@ -19,7 +19,7 @@ use api::net::MacAddress;
 use api::net_api::{Lease, NetworkDefinition};
 use serde::{Deserialize, Serialize};
 
-use crate::vms::store::{atomic_write, StoreError};
+use crate::vms::store::StoreError;
 
 /// A TAP device the daemon made for a VM's NIC on a network.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -74,7 +74,10 @@ pub fn save(run_dir: &Path, record: &Record) -> Result<(), StoreError> {
         path: path.clone(),
         message: e.to_string(),
     })?;
-    atomic_write(&path, &bytes)
+    crate::fs::write_atomic(&path, &bytes).map_err(|e| StoreError::Write {
+        path: e.path,
+        source: e.source,
+    })
 }
 
 /// What address choice needs to know besides the definition.

@@ -22,7 +22,8 @@ use block::manage::{self, NewImage};
 use block::Format;
 
 use crate::error::{chain, ApiError};
-use crate::vms::store::{atomic_write, StoreError};
+use crate::fs::write_atomic;
+use crate::vms::store::StoreError;
 use volume_format::FormatError;
 use write_back::WriteBack;
 
@@ -176,7 +177,7 @@ impl Pools {
         let path = self.dir.join(format!("{}.toml", definition.name));
         let text =
             toml::to_string_pretty(definition).map_err(|e| ApiError::internal(e.to_string()))?;
-        atomic_write(&path, text.as_bytes()).map_err(|e| ApiError::internal(chain(&e)))
+        write_atomic(&path, text.as_bytes()).map_err(|e| ApiError::internal(chain(&e)))
     }
 
     /// The directory of an active pool.

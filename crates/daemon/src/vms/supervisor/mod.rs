@@ -34,10 +34,11 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::broadcast;
 
 use crate::error::{chain, ApiError};
+use crate::fs::write_atomic;
 use crate::networks::{NetworkNic, Networks};
 use crate::pools::Pools;
 use crate::vms::process::{self, ProcessRecord, VmmFiles};
-use crate::vms::store::{atomic_write, Store};
+use crate::vms::store::Store;
 
 /// How long a VMM may take to answer on its API socket after it was started.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -649,7 +650,7 @@ impl Supervisor {
         let saved = serde_json::to_vec(&record)
             .map_err(std::io::Error::other)
             .map_err(|e| e.to_string())
-            .and_then(|bytes| atomic_write(&files.record, &bytes).map_err(|e| chain(&e)));
+            .and_then(|bytes| write_atomic(&files.record, &bytes).map_err(|e| chain(&e)));
         if let Err(e) = saved {
             let _ = process::kill(pid, libc::SIGKILL);
             self.networks.detach(name);
@@ -922,7 +923,7 @@ fn save_running_definition(files: &VmmFiles, definition: &VmDefinition) {
     let saved = serde_json::to_vec(definition)
         .map_err(|e| e.to_string())
         .and_then(|bytes| {
-            atomic_write(&running_definition_path(files), &bytes).map_err(|e| chain(&e))
+            write_atomic(&running_definition_path(files), &bytes).map_err(|e| chain(&e))
         });
     if let Err(e) = saved {
         tracing::warn!("VM {}: {e}", definition.name);
