@@ -24,6 +24,23 @@ pub struct WriteError {
     pub source: io::Error,
 }
 
+/// A state directory that cannot be made or used.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot use the state directory {}", path.display())]
+pub struct DirError {
+    pub path: PathBuf,
+    #[source]
+    pub source: io::Error,
+}
+
+/// Makes `dir` (and its parents) unless it exists.
+pub fn create_dir(dir: &Path) -> Result<(), DirError> {
+    fs::create_dir_all(dir).map_err(|source| DirError {
+        path: dir.to_path_buf(),
+        source,
+    })
+}
+
 /// Replaces `path` with `bytes` so that readers see the old or the new file, never a mix,
 /// and the new one survives a crash once this returns.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), WriteError> {

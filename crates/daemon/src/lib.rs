@@ -8,7 +8,7 @@
 //! operation at a time (others get 409). VMMs live in their own process groups: stopping or
 //! restarting the daemon leaves them running, and the next daemon adopts them.
 
-mod error;
+mod failure;
 mod fs;
 mod host;
 mod networks;
@@ -23,7 +23,7 @@ pub use api::definition_file::{
     parse_network as parse_network_definition, parse_pool as parse_pool_definition,
     parse_vm as parse_definition,
 };
-pub use error::DaemonError;
+pub use server::DaemonError;
 /// Default state directory.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/ferro";
 

@@ -27,11 +27,9 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use api::net::MacAddress;
 use api::net_api::{Lease, NetworkDefinition, NetworkInfo, NetworkMode, NetworkState};
-use axum::http::StatusCode;
 
-use crate::error::{chain, ApiError};
-use crate::fs::write_atomic;
-use crate::vms::store::StoreError;
+use crate::failure::{chain, Failure};
+use crate::fs::{write_atomic, DirError};
 use host_side::{HostError, Tools};
 use ports::{Port, Record};
 
@@ -123,20 +121,17 @@ impl Index {
     }
 }
 
-fn not_found(name: &str) -> ApiError {
-    ApiError::new(StatusCode::NOT_FOUND, format!("no network named {name:?}"))
+fn not_found(name: &str) -> Failure {
+    Failure::not_found(format!("no network named {name:?}"))
 }
 
-fn host_error(name: &str, e: &HostError) -> ApiError {
-    ApiError::internal(format!("network {name}: {}", chain(e)))
+fn host_error(name: &str, e: &HostError) -> Failure {
+    Failure::internal(format!("network {name}: {}", chain(e)))
 }
 
 impl Networks {
-    pub fn open(dir: PathBuf, sys_net: PathBuf) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(&dir).map_err(|source| StoreError::Dir {
-            path: dir.clone(),
-            source,
-        })?;
+    pub fn open(dir: PathBuf, sys_net: PathBuf) -> Result<Self, DirError> {
+        crate::fs::create_dir(&dir)?;
         let mut entries = BTreeMap::new();
         for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
             let path = entry.path();
@@ -198,27 +193,27 @@ impl Networks {
         self.sys_net.join(name).join("bridge").is_dir()
     }
 
-    fn save(&self, definition: &NetworkDefinition) -> Result<(), ApiError> {
+    fn save(&self, definition: &NetworkDefinition) -> Result<(), Failure> {
         let path = self.dir.join(format!("{}.toml", definition.name));
         let text =
-            toml::to_string_pretty(definition).map_err(|e| ApiError::internal(e.to_string()))?;
-        write_atomic(&path, text.as_bytes()).map_err(|e| ApiError::internal(chain(&e)))
+            toml::to_string_pretty(definition).map_err(|e| Failure::internal(e.to_string()))?;
+        write_atomic(&path, text.as_bytes()).map_err(|e| Failure::internal(chain(&e)))
     }
 
-    pub fn define(&self, definition: NetworkDefinition) -> Result<NetworkInfo, ApiError> {
-        definition.validate().map_err(ApiError::bad_request)?;
-        check_new_definition(&definition).map_err(ApiError::bad_request)?;
-        let subnet = definition.subnet().map_err(ApiError::bad_request)?;
+    pub fn define(&self, definition: NetworkDefinition) -> Result<NetworkInfo, Failure> {
+        definition.validate().map_err(Failure::invalid)?;
+        check_new_definition(&definition).map_err(Failure::invalid)?;
+        let subnet = definition.subnet().map_err(Failure::invalid)?;
         let mut entries = self.lock();
         if entries.contains_key(&definition.name) {
-            return Err(ApiError::conflict(format!(
+            return Err(Failure::conflict(format!(
                 "a network named {} already exists",
                 definition.name
             )));
         }
         for other in entries.values().map(|e| &e.definition) {
             if other.bridge == definition.bridge {
-                return Err(ApiError::conflict(format!(
+                return Err(Failure::conflict(format!(
                     "network {} already uses bridge {}",
                     other.name, other.bridge
                 )));
@@ -228,7 +223,7 @@ impl Networks {
                 _ => None,
             };
             if let Some(theirs) = overlap {
-                return Err(ApiError::conflict(format!(
+                return Err(Failure::conflict(format!(
                     "subnet {} overlaps {theirs} of network {}",
                     subnet.map(|s| s.to_string()).unwrap_or_default(),
                     other.name
@@ -250,10 +245,10 @@ impl Networks {
 
     /// Checks the definition against the host's interfaces; `ours` when the network's own
     /// bridge may exist (it is being brought up again).
-    fn check_host(&self, definition: &NetworkDefinition, ours: bool) -> Result<(), ApiError> {
+    fn check_host(&self, definition: &NetworkDefinition, ours: bool) -> Result<(), Failure> {
         match definition.mode {
             NetworkMode::Bridge if !self.is_bridge(&definition.bridge) => {
-                Err(ApiError::conflict(format!(
+                Err(Failure::conflict(format!(
                     "there is no bridge {} on this host to attach VMs to",
                     definition.bridge
                 )))
@@ -261,7 +256,7 @@ impl Networks {
             NetworkMode::Nat | NetworkMode::Isolated
                 if !ours && self.interface_exists(&definition.bridge) =>
             {
-                Err(ApiError::conflict(format!(
+                Err(Failure::conflict(format!(
                     "an interface named {} already exists on this host",
                     definition.bridge
                 )))
@@ -270,23 +265,23 @@ impl Networks {
         }
     }
 
-    pub fn undefine(&self, name: &str) -> Result<(), ApiError> {
+    pub fn undefine(&self, name: &str) -> Result<(), Failure> {
         let mut entries = self.lock();
         let entry = entries.get(name).ok_or_else(|| not_found(name))?;
         if entry.active {
-            return Err(ApiError::conflict(format!(
+            return Err(Failure::conflict(format!(
                 "network {name} is active: stop it first"
             )));
         }
         let path = self.dir.join(format!("{name}.toml"));
         std::fs::remove_file(&path)
-            .map_err(|e| ApiError::internal(format!("cannot remove {}: {e}", path.display())))?;
+            .map_err(|e| Failure::internal(format!("cannot remove {}: {e}", path.display())))?;
         entries.remove(name);
         self.reindex(&entries);
         Ok(())
     }
 
-    pub fn info(&self, name: &str) -> Result<NetworkInfo, ApiError> {
+    pub fn info(&self, name: &str) -> Result<NetworkInfo, Failure> {
         let entries = self.lock();
         Ok(entries.get(name).ok_or_else(|| not_found(name))?.info())
     }
@@ -296,11 +291,11 @@ impl Networks {
     }
 
     /// Brings a network up.
-    pub fn start(&self, name: &str) -> Result<NetworkInfo, ApiError> {
+    pub fn start(&self, name: &str) -> Result<NetworkInfo, Failure> {
         let mut entries = self.lock();
         let entry = entries.get_mut(name).ok_or_else(|| not_found(name))?;
         if entry.active {
-            return Err(ApiError::conflict(format!(
+            return Err(Failure::conflict(format!(
                 "network {name} is already active"
             )));
         }
@@ -315,20 +310,20 @@ impl Networks {
 
     /// The host side of `entry`: created, or (`again`, after a daemon restart) found and
     /// completed. A failed first start leaves nothing behind.
-    fn bring_up(&self, entry: &mut Entry, again: bool) -> Result<(), ApiError> {
+    fn bring_up(&self, entry: &mut Entry, again: bool) -> Result<(), Failure> {
         let definition = &entry.definition;
         let name = &definition.name;
         let run_dir = self.run_dir(name);
-        let Some(subnet) = definition.subnet().map_err(ApiError::bad_request)? else {
+        let Some(subnet) = definition.subnet().map_err(Failure::invalid)? else {
             // Bridge mode: the host's bridge is all there is.
             return std::fs::create_dir_all(&run_dir).map_err(|e| {
-                ApiError::internal(format!("cannot create {}: {e}", run_dir.display()))
+                Failure::internal(format!("cannot create {}: {e}", run_dir.display()))
             });
         };
         if let Some(user) = host_side::subnet_in_use(subnet, &definition.bridge)
             .map_err(|e| host_error(name, &e))?
         {
-            return Err(ApiError::conflict(format!(
+            return Err(Failure::conflict(format!(
                 "network {name}: its subnet {subnet} is in use on this host ({user})"
             )));
         }
@@ -360,20 +355,20 @@ impl Networks {
     }
 
     /// Writes the record of `entry`'s ports and bridge to its runtime directory.
-    fn save_record(&self, entry: &Entry) -> Result<(), ApiError> {
+    fn save_record(&self, entry: &Entry) -> Result<(), Failure> {
         let run_dir = self.run_dir(&entry.definition.name);
-        ports::save(&run_dir, &entry.record).map_err(|e| ApiError::internal(chain(&e)))
+        ports::save(&run_dir, &entry.record).map_err(|e| Failure::internal(chain(&e)))
     }
 
     /// Takes a network down; refused while VMs are attached.
-    pub fn stop(&self, name: &str) -> Result<NetworkInfo, ApiError> {
+    pub fn stop(&self, name: &str) -> Result<NetworkInfo, Failure> {
         let mut entries = self.lock();
         let entry = entries.get_mut(name).ok_or_else(|| not_found(name))?;
         if !entry.active {
-            return Err(ApiError::conflict(format!("network {name} is not active")));
+            return Err(Failure::conflict(format!("network {name} is not active")));
         }
         if !entry.record.ports.is_empty() {
-            return Err(ApiError::conflict(format!(
+            return Err(Failure::conflict(format!(
                 "network {name} has running VMs: {}",
                 entry.vms().join(", ")
             )));
@@ -398,7 +393,7 @@ impl Networks {
         Ok(info)
     }
 
-    pub fn set_autostart(&self, name: &str, enabled: bool) -> Result<NetworkInfo, ApiError> {
+    pub fn set_autostart(&self, name: &str, enabled: bool) -> Result<NetworkInfo, Failure> {
         let mut entries = self.lock();
         let entry = entries.get_mut(name).ok_or_else(|| not_found(name))?;
         let mut definition = entry.definition.clone();
@@ -409,7 +404,7 @@ impl Networks {
     }
 
     /// The DHCP leases of a network (none for bridge-mode or inactive networks).
-    pub fn leases(&self, name: &str) -> Result<Vec<Lease>, ApiError> {
+    pub fn leases(&self, name: &str) -> Result<Vec<Lease>, Failure> {
         let entries = self.lock();
         let entry = entries.get(name).ok_or_else(|| not_found(name))?;
         let files = dnsmasq::DnsmasqFiles::new(self.run_dir(name));
@@ -491,14 +486,14 @@ impl Networks {
     /// its reserved address, filter rules and DHCP entry; all or nothing. An interface that
     /// has a NIC's TAP name and that the daemon did not make for this VM is left alone and
     /// the start refused.
-    pub fn attach(&self, vm: &str, nics: &[NetworkNic]) -> Result<(), ApiError> {
+    pub fn attach(&self, vm: &str, nics: &[NetworkNic]) -> Result<(), Failure> {
         let mut entries = self.lock();
         for nic in nics {
             let entry = entries.get(&nic.network).ok_or_else(|| {
-                ApiError::conflict(format!("VM {vm}: there is no network {}", nic.network))
+                Failure::conflict(format!("VM {vm}: there is no network {}", nic.network))
             })?;
             if !entry.active {
-                return Err(ApiError::conflict(format!(
+                return Err(Failure::conflict(format!(
                     "VM {vm}: network {} is not active (ferro net start {})",
                     nic.network, nic.network
                 )));
@@ -512,7 +507,7 @@ impl Networks {
             .flat_map(|e| &e.record.ports)
             .find(|p| p.vm == vm)
         {
-            return Err(ApiError::internal(format!(
+            return Err(Failure::internal(format!(
                 "VM {vm}: its TAP device {} from an earlier run cannot be removed (see the \
                  daemon's log); remove it (ip link delete {}) and start the VM again",
                 left.tap, left.tap
@@ -535,13 +530,13 @@ impl Networks {
         entries: &mut BTreeMap<String, Entry>,
         vm: &str,
         nic: &NetworkNic,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), Failure> {
         let entry = entries
             .get_mut(&nic.network)
             .ok_or_else(|| not_found(&nic.network))?;
         let network = entry.definition.name.clone();
         if let Some(other) = entry.record.ports.iter().find(|p| p.mac == nic.mac) {
-            return Err(ApiError::conflict(format!(
+            return Err(Failure::conflict(format!(
                 "VM {vm}: MAC {} is already on network {network} (VM {}); give the NIC another mac",
                 nic.mac, other.vm
             )));
@@ -550,7 +545,7 @@ impl Networks {
         let ifindex =
             host_side::add_tap(&nic.tap, &entry.definition.bridge).map_err(|e| match e {
                 HostError::Netlink(crate::networks::netlink::NetlinkError::Exists(_)) => {
-                    ApiError::conflict(format!(
+                    Failure::conflict(format!(
                 "VM {vm}: an interface named {} exists and the daemon did not make it for this VM, \
                  so it is left alone; remove it (ip link delete {}) if it is a leftover",
                 nic.tap, nic.tap
@@ -575,7 +570,7 @@ impl Networks {
         nic: &NetworkNic,
         ifindex: u32,
         ip: Option<std::net::Ipv4Addr>,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), Failure> {
         let entry = entries
             .get_mut(&nic.network)
             .ok_or_else(|| not_found(&nic.network))?;
@@ -610,7 +605,7 @@ impl Networks {
         &self,
         entry: &Entry,
         mac: MacAddress,
-    ) -> Result<Option<std::net::Ipv4Addr>, ApiError> {
+    ) -> Result<Option<std::net::Ipv4Addr>, Failure> {
         if entry.definition.mode == NetworkMode::Bridge {
             return Ok(None);
         }
@@ -629,7 +624,7 @@ impl Networks {
         ports::reserve_address(&entry.definition, mac, taken)
             .map(Some)
             .ok_or_else(|| {
-                ApiError::conflict(format!(
+                Failure::conflict(format!(
                     "network {}: every address of its DHCP range is taken",
                     entry.definition.name
                 ))
@@ -726,14 +721,14 @@ impl Networks {
         entries: &mut BTreeMap<String, Entry>,
         vm: &str,
         nic: &NetworkNic,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), Failure> {
         let link = crate::networks::netlink::link_named(&nic.tap)
-            .map_err(|e| ApiError::internal(chain(&e)))?
+            .map_err(|e| Failure::internal(chain(&e)))?
             .filter(|link| link.tun)
-            .ok_or_else(|| ApiError::conflict(format!("no TAP device {}", nic.tap)))?;
+            .ok_or_else(|| Failure::conflict(format!("no TAP device {}", nic.tap)))?;
         // Old names could collide: a TAP already recorded for another VM is not taken twice.
         if let Some(claim) = self.claim_on(&nic.tap) {
-            return Err(ApiError::conflict(format!("{} is {claim}", nic.tap)));
+            return Err(Failure::conflict(format!("{} is {claim}", nic.tap)));
         }
         let entry = entries
             .get(&nic.network)
@@ -766,7 +761,7 @@ impl Networks {
     /// Records an existing link on no bridge (a veth end, standing in for a VM's TAP device)
     /// as the port of `nic`, for tests of the filter and DHCP with real clients.
     #[cfg(test)]
-    fn join_link(&self, vm: &str, nic: &NetworkNic) -> Result<(), ApiError> {
+    fn join_link(&self, vm: &str, nic: &NetworkNic) -> Result<(), Failure> {
         let mut entries = self.lock();
         let entry = entries
             .get(&nic.network)
@@ -777,7 +772,7 @@ impl Networks {
             .flatten()
             .ok_or_else(|| not_found(&nic.tap))?;
         host_side::ensure_on_bridge(&nic.tap, &entry.definition.bridge)
-            .map_err(|e| ApiError::internal(chain(&e)))?;
+            .map_err(|e| Failure::internal(chain(&e)))?;
         self.record_port(&mut entries, vm, nic, link.index, ip)
     }
 }
@@ -837,6 +832,7 @@ pub use api::definition_file::parse_network as parse_network_definition;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::failure::Kind;
 
     fn setup() -> (tempfile::TempDir, Networks) {
         let dir = tempfile::tempdir().unwrap();
@@ -859,7 +855,7 @@ mod tests {
         let overlapping =
             "name = \"b\"\nmode = \"isolated\"\nbridge = \"ferro1\"\nsubnet = \"192.168.0.0/16\"\n";
         let err = networks.define(parse(overlapping)).unwrap_err();
-        assert_eq!(err.status, StatusCode::CONFLICT);
+        assert_eq!(err.kind, Kind::Conflict);
         assert!(
             err.message
                 .contains("overlaps 192.168.122.0/24 of network default"),
@@ -888,8 +884,8 @@ mod tests {
         let host_bridge = "name = \"lan\"\nmode = \"bridge\"\nbridge = \"br-host\"\n";
         networks.define(parse(host_bridge)).unwrap();
         assert_eq!(
-            networks.define(parse(default)).unwrap_err().status,
-            StatusCode::CONFLICT
+            networks.define(parse(default)).unwrap_err().kind,
+            Kind::Conflict
         );
         // A new daemon finds them.
         let again = Networks::open(
@@ -904,7 +900,7 @@ mod tests {
             .collect();
         assert_eq!(names, ["default", "lan"]);
         again.undefine("lan").unwrap();
-        assert_eq!(again.info("lan").unwrap_err().status, StatusCode::NOT_FOUND);
+        assert_eq!(again.info("lan").unwrap_err().kind, Kind::NotFound);
     }
 }
 

@@ -17,13 +17,11 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use api::pool_api::{
     PoolDefinition, PoolInfo, PoolState, VolumeClone, VolumeCreate, VolumeInfo, VolumeSnapshot,
 };
-use axum::http::StatusCode;
 use block::manage::{self, NewImage};
 use block::Format;
 
-use crate::error::{chain, ApiError};
-use crate::fs::write_atomic;
-use crate::vms::store::StoreError;
+use crate::failure::{chain, Failure};
+use crate::fs::{write_atomic, DirError};
 use volume_format::FormatError;
 use write_back::WriteBack;
 
@@ -71,27 +69,24 @@ impl Drop for VolumeClaim<'_> {
     }
 }
 
-fn not_found(name: &str) -> ApiError {
-    ApiError::new(StatusCode::NOT_FOUND, format!("no pool named {name:?}"))
+fn not_found(name: &str) -> Failure {
+    Failure::not_found(format!("no pool named {name:?}"))
 }
 
-fn volume_not_found(pool: &str, name: &str) -> ApiError {
-    ApiError::new(
-        StatusCode::NOT_FOUND,
-        format!("no volume named {name:?} in pool {pool}"),
-    )
+fn volume_not_found(pool: &str, name: &str) -> Failure {
+    Failure::not_found(format!("no volume named {name:?} in pool {pool}"))
 }
 
-fn check_volume_name(name: &str) -> Result<(), ApiError> {
+fn check_volume_name(name: &str) -> Result<(), Failure> {
     api::daemon_api::check_name(name)
-        .map_err(|e| ApiError::bad_request(e.replace("VM name", "volume name")))
+        .map_err(|e| Failure::invalid(e.replace("VM name", "volume name")))
 }
 
-fn parse_format(format: Option<&str>) -> Result<Format, ApiError> {
+fn parse_format(format: Option<&str>) -> Result<Format, Failure> {
     match format.unwrap_or("qcow2") {
         "qcow2" => Ok(Format::Qcow2),
         "raw" => Ok(Format::Raw),
-        other => Err(ApiError::bad_request(format!(
+        other => Err(Failure::invalid(format!(
             "unknown volume format {other:?} (qcow2 or raw)"
         ))),
     }
@@ -105,11 +100,8 @@ fn fs_space(path: &Path) -> Option<(u64, u64)> {
 impl Pools {
     /// Loads the pool definitions under `dir` (`<state-dir>/pools`); pools marked autostart
     /// are started.
-    pub fn open(dir: PathBuf) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(&dir).map_err(|source| StoreError::Dir {
-            path: dir.clone(),
-            source,
-        })?;
+    pub fn open(dir: PathBuf) -> Result<Self, DirError> {
+        crate::fs::create_dir(&dir)?;
         let mut pools = BTreeMap::new();
         for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
             let path = entry.path();
@@ -143,11 +135,11 @@ impl Pools {
 
     /// Claims volume `name` of `pool` for an operation that changes its file or record; a
     /// volume claimed already is busy (409).
-    fn claim(&self, pool: &str, name: &str) -> Result<VolumeClaim<'_>, ApiError> {
+    fn claim(&self, pool: &str, name: &str) -> Result<VolumeClaim<'_>, Failure> {
         let key = (pool.to_string(), name.to_string());
         let mut claimed = self.claimed.lock().unwrap_or_else(PoisonError::into_inner);
         if !claimed.insert(key.clone()) {
-            return Err(ApiError::conflict(format!(
+            return Err(Failure::conflict(format!(
                 "volume {name} of pool {pool} is busy with another operation; try again when it \
                  is done"
             )));
@@ -173,19 +165,19 @@ impl Pools {
         self.pools.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn save(&self, definition: &PoolDefinition) -> Result<(), ApiError> {
+    fn save(&self, definition: &PoolDefinition) -> Result<(), Failure> {
         let path = self.dir.join(format!("{}.toml", definition.name));
         let text =
-            toml::to_string_pretty(definition).map_err(|e| ApiError::internal(e.to_string()))?;
-        write_atomic(&path, text.as_bytes()).map_err(|e| ApiError::internal(chain(&e)))
+            toml::to_string_pretty(definition).map_err(|e| Failure::internal(e.to_string()))?;
+        write_atomic(&path, text.as_bytes()).map_err(|e| Failure::internal(chain(&e)))
     }
 
     /// The directory of an active pool.
-    fn active_dir(&self, pool: &str) -> Result<PathBuf, ApiError> {
+    fn active_dir(&self, pool: &str) -> Result<PathBuf, Failure> {
         let pools = self.lock();
         let entry = pools.get(pool).ok_or_else(|| not_found(pool))?;
         if !entry.active {
-            return Err(ApiError::conflict(format!(
+            return Err(Failure::conflict(format!(
                 "pool {pool} is not active; start it first"
             )));
         }
@@ -194,12 +186,12 @@ impl Pools {
 
     // ----- pools -----
 
-    pub fn define(&self, definition: PoolDefinition) -> Result<PoolInfo, ApiError> {
-        definition.validate().map_err(ApiError::bad_request)?;
+    pub fn define(&self, definition: PoolDefinition) -> Result<PoolInfo, Failure> {
+        definition.validate().map_err(Failure::invalid)?;
         {
             let mut pools = self.lock();
             if pools.contains_key(&definition.name) {
-                return Err(ApiError::conflict(format!(
+                return Err(Failure::conflict(format!(
                     "a pool named {} already exists",
                     definition.name
                 )));
@@ -208,7 +200,7 @@ impl Pools {
                 .values()
                 .find(|p| p.definition.path == definition.path)
             {
-                return Err(ApiError::conflict(format!(
+                return Err(Failure::conflict(format!(
                     "pool {} already uses {}",
                     other.definition.name,
                     definition.path.display()
@@ -226,33 +218,33 @@ impl Pools {
         self.info(&definition.name)
     }
 
-    pub fn undefine(&self, name: &str) -> Result<(), ApiError> {
+    pub fn undefine(&self, name: &str) -> Result<(), Failure> {
         let mut pools = self.lock();
         let entry = pools.get(name).ok_or_else(|| not_found(name))?;
         if entry.active {
-            return Err(ApiError::conflict(format!(
+            return Err(Failure::conflict(format!(
                 "pool {name} is active; stop it first"
             )));
         }
         let path = self.dir.join(format!("{name}.toml"));
         std::fs::remove_file(&path)
-            .map_err(|e| ApiError::internal(format!("cannot remove {}: {e}", path.display())))?;
+            .map_err(|e| Failure::internal(format!("cannot remove {}: {e}", path.display())))?;
         pools.remove(name);
         Ok(())
     }
 
     /// Activates a pool: its directory is created if missing.
-    pub fn start(&self, name: &str) -> Result<PoolInfo, ApiError> {
+    pub fn start(&self, name: &str) -> Result<PoolInfo, Failure> {
         let path = {
             let pools = self.lock();
             let entry = pools.get(name).ok_or_else(|| not_found(name))?;
             if entry.active {
-                return Err(ApiError::conflict(format!("pool {name} is already active")));
+                return Err(Failure::conflict(format!("pool {name} is already active")));
             }
             entry.definition.path.clone()
         };
         std::fs::create_dir_all(&path)
-            .map_err(|e| ApiError::conflict(format!("cannot use {}: {e}", path.display())))?;
+            .map_err(|e| Failure::conflict(format!("cannot use {}: {e}", path.display())))?;
         tidy_up(&path);
         if !self.pool_busy(name) {
             volume_format::tidy(&path);
@@ -263,9 +255,9 @@ impl Pools {
         self.info(name)
     }
 
-    pub fn stop(&self, name: &str) -> Result<PoolInfo, ApiError> {
+    pub fn stop(&self, name: &str) -> Result<PoolInfo, Failure> {
         if self.pool_busy(name) {
-            return Err(ApiError::conflict(format!(
+            return Err(Failure::conflict(format!(
                 "pool {name} has a volume operation under way; stop it when that is done"
             )));
         }
@@ -273,14 +265,14 @@ impl Pools {
             let mut pools = self.lock();
             let entry = pools.get_mut(name).ok_or_else(|| not_found(name))?;
             if !entry.active {
-                return Err(ApiError::conflict(format!("pool {name} is not active")));
+                return Err(Failure::conflict(format!("pool {name} is not active")));
             }
             entry.active = false;
         }
         self.info(name)
     }
 
-    pub fn set_autostart(&self, name: &str, enabled: bool) -> Result<PoolInfo, ApiError> {
+    pub fn set_autostart(&self, name: &str, enabled: bool) -> Result<PoolInfo, Failure> {
         let mut definition = self
             .lock()
             .get(name)
@@ -298,7 +290,7 @@ impl Pools {
         self.lock().keys().cloned().collect()
     }
 
-    pub fn info(&self, name: &str) -> Result<PoolInfo, ApiError> {
+    pub fn info(&self, name: &str) -> Result<PoolInfo, Failure> {
         let (definition, active) = {
             let pools = self.lock();
             let entry = pools.get(name).ok_or_else(|| not_found(name))?;
@@ -337,10 +329,10 @@ impl Pools {
     // ----- volumes -----
 
     /// Names of the volumes of an active pool (regular files with valid volume names).
-    fn volume_names(&self, pool: &str) -> Result<(PathBuf, Vec<String>), ApiError> {
+    fn volume_names(&self, pool: &str) -> Result<(PathBuf, Vec<String>), Failure> {
         let dir = self.active_dir(pool)?;
         let mut names: Vec<String> = std::fs::read_dir(&dir)
-            .map_err(|e| ApiError::internal(format!("cannot list {}: {e}", dir.display())))?
+            .map_err(|e| Failure::internal(format!("cannot list {}: {e}", dir.display())))?
             .flatten()
             .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
             .filter_map(|e| e.file_name().into_string().ok())
@@ -352,7 +344,7 @@ impl Pools {
 
     /// Every volume of an active pool; one that cannot be described is listed with what its
     /// file shows (and the reason logged), not left out.
-    pub fn volumes(&self, pool: &str) -> Result<Vec<VolumeInfo>, ApiError> {
+    pub fn volumes(&self, pool: &str) -> Result<Vec<VolumeInfo>, Failure> {
         let (dir, names) = self.volume_names(pool)?;
         Ok(names
             .iter()
@@ -365,7 +357,7 @@ impl Pools {
             .collect())
     }
 
-    pub fn volume(&self, pool: &str, name: &str) -> Result<VolumeInfo, ApiError> {
+    pub fn volume(&self, pool: &str, name: &str) -> Result<VolumeInfo, Failure> {
         check_volume_name(name)?;
         let dir = self.active_dir(pool)?;
         // A regular file, not a symlink that could lead out of the pool.
@@ -385,17 +377,17 @@ impl Pools {
 
     /// Volume `name` of `pool`, refused if it may miss data (see `write_back`) or if its
     /// backing chain leaves the pool.
-    fn usable_volume(&self, pool: &str, name: &str) -> Result<VolumeInfo, ApiError> {
+    fn usable_volume(&self, pool: &str, name: &str) -> Result<VolumeInfo, Failure> {
         let volume = self.volume(pool, name)?;
         if volume.incomplete {
-            return Err(ApiError::conflict(format!(
+            return Err(Failure::conflict(format!(
                 "volume {name} may miss data (the host went down before its clone was on \
                  storage); delete it and clone it again"
             )));
         }
         let format = volume_format::format_of(&volume.path).map_err(format_error)?;
         let dir = self.active_dir(pool)?;
-        check_chain(pool, &dir, &volume.path, format, name).map_err(ApiError::conflict)?;
+        check_chain(pool, &dir, &volume.path, format, name).map_err(Failure::conflict)?;
         Ok(volume)
     }
 
@@ -408,16 +400,16 @@ impl Pools {
         name: &str,
         format: &str,
         in_use: impl Fn(&Path) -> Option<String>,
-    ) -> Result<VolumeInfo, ApiError> {
+    ) -> Result<VolumeInfo, Failure> {
         let format = parse_format(Some(format))?;
         let _claim = self.claim(pool, name)?;
         let path = self.volume(pool, name)?.path;
         if let Some(vm) = in_use(&path) {
-            return Err(ApiError::conflict(format!(
+            return Err(Failure::conflict(format!(
                 "VM {vm} is running with volume {name}; shut it down first"
             )));
         }
-        volume_format::confirm(&path, format).map_err(|e| ApiError::internal(chain(&e)))?;
+        volume_format::confirm(&path, format).map_err(|e| Failure::internal(chain(&e)))?;
         tracing::info!(
             "volume {name} of pool {pool} confirmed as {}",
             format.name()
@@ -451,7 +443,7 @@ impl Pools {
         &self,
         pool: &str,
         name: &str,
-    ) -> Result<api::daemon_api::ResolvedVolume, ApiError> {
+    ) -> Result<api::daemon_api::ResolvedVolume, Failure> {
         let volume = self.usable_volume(pool, name)?;
         Ok(api::daemon_api::ResolvedVolume {
             path: volume.path,
@@ -459,18 +451,14 @@ impl Pools {
         })
     }
 
-    pub fn create_volume(
-        &self,
-        pool: &str,
-        request: &VolumeCreate,
-    ) -> Result<VolumeInfo, ApiError> {
+    pub fn create_volume(&self, pool: &str, request: &VolumeCreate) -> Result<VolumeInfo, Failure> {
         check_volume_name(&request.name)?;
         let dir = self.active_dir(pool)?;
         let format = parse_format(request.format.as_deref())?;
         let _claim = self.claim(pool, &request.name)?;
         let path = dir.join(&request.name);
         if path.exists() {
-            return Err(ApiError::conflict(format!(
+            return Err(Failure::conflict(format!(
                 "a volume named {} already exists in pool {pool}",
                 request.name
             )));
@@ -478,7 +466,7 @@ impl Pools {
         let backing = match &request.backing {
             Some(base) => {
                 if format != Format::Qcow2 {
-                    return Err(ApiError::bad_request(
+                    return Err(Failure::invalid(
                         "only qcow2 volumes can have a backing volume",
                     ));
                 }
@@ -489,7 +477,7 @@ impl Pools {
         let size = match (request.size, &backing) {
             (Some(size), _) => size.0,
             (None, Some(base)) => base.capacity_bytes,
-            (None, None) => return Err(ApiError::bad_request("a new volume needs a size")),
+            (None, None) => return Err(Failure::invalid("a new volume needs a size")),
         };
         self.check_space(&dir, pool, size)?;
         let new = NewImage {
@@ -502,21 +490,21 @@ impl Pools {
                 .as_ref()
                 .map(|b| b.format.parse())
                 .transpose()
-                .map_err(ApiError::internal)?,
+                .map_err(Failure::internal)?,
         };
-        manage::create(&path, &new).map_err(|e| ApiError::bad_request(chain(&e)))?;
+        manage::create(&path, &new).map_err(|e| Failure::invalid(chain(&e)))?;
         if let Err(e) = volume_format::record(&path, &path, format) {
             let _ = std::fs::remove_file(&path);
-            return Err(ApiError::internal(chain(&e)));
+            return Err(Failure::internal(chain(&e)));
         }
         self.volume(pool, &request.name)
     }
 
     /// Refuses a volume larger than the pool's free space.
-    fn check_space(&self, dir: &Path, pool: &str, size: u64) -> Result<(), ApiError> {
+    fn check_space(&self, dir: &Path, pool: &str, size: u64) -> Result<(), Failure> {
         if let Some((_, available)) = fs_space(dir) {
             if size > available {
-                return Err(ApiError::conflict(format!(
+                return Err(Failure::conflict(format!(
                     "pool {pool} has {} free; the volume needs {}",
                     api::ByteSize(available),
                     api::ByteSize(size)
@@ -532,27 +520,27 @@ impl Pools {
         pool: &str,
         name: &str,
         in_use: impl Fn(&Path) -> Option<String>,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), Failure> {
         let volume = self.volume(pool, name)?;
         if let Some(overlay) = self
             .volumes(pool)?
             .iter()
             .find(|v| v.backing.as_deref() == Some(name))
         {
-            return Err(ApiError::conflict(format!(
+            return Err(Failure::conflict(format!(
                 "volume {name} is the backing of {}; delete that first",
                 overlay.name
             )));
         }
         if let Some(vm) = in_use(&volume.path) {
-            return Err(ApiError::conflict(format!(
+            return Err(Failure::conflict(format!(
                 "volume {name} is a disk of VM {vm}"
             )));
         }
         let _claim = self.claim(pool, name)?;
         let inode = volume_format::inode_of(&volume.path);
         std::fs::remove_file(&volume.path).map_err(|e| {
-            ApiError::internal(format!("cannot delete {}: {e}", volume.path.display()))
+            Failure::internal(format!("cannot delete {}: {e}", volume.path.display()))
         })?;
         write_back::forget(&volume.path);
         if let Ok(inode) = inode {
@@ -561,7 +549,7 @@ impl Pools {
         Ok(())
     }
 
-    pub fn resize_volume(&self, pool: &str, name: &str, size: u64) -> Result<VolumeInfo, ApiError> {
+    pub fn resize_volume(&self, pool: &str, name: &str, size: u64) -> Result<VolumeInfo, Failure> {
         let volume = self.volume(pool, name)?;
         if size > volume.capacity_bytes {
             let dir = self.active_dir(pool)?;
@@ -569,7 +557,7 @@ impl Pools {
         }
         let format = parse_format(Some(&volume.format))?;
         manage::resize(&volume.path, Some(format), size)
-            .map_err(|e| ApiError::conflict(chain(&e)))?;
+            .map_err(|e| Failure::conflict(chain(&e)))?;
         self.volume(pool, name)
     }
 
@@ -579,7 +567,7 @@ impl Pools {
         pool: &str,
         source: &str,
         request: &VolumeClone,
-    ) -> Result<VolumeInfo, ApiError> {
+    ) -> Result<VolumeInfo, Failure> {
         self.clone_volume_with_progress(pool, source, request, &mut |_, _| {})
     }
 
@@ -591,7 +579,7 @@ impl Pools {
         source: &str,
         request: &VolumeClone,
         progress: &mut dyn FnMut(u64, u64),
-    ) -> Result<VolumeInfo, ApiError> {
+    ) -> Result<VolumeInfo, Failure> {
         let source = self.usable_volume(pool, source)?;
         if request.linked {
             return self.create_volume(
@@ -609,7 +597,7 @@ impl Pools {
         let _claim = self.claim(pool, &request.name)?;
         let target = dir.join(&request.name);
         if target.exists() {
-            return Err(ApiError::conflict(format!(
+            return Err(Failure::conflict(format!(
                 "a volume named {} already exists in pool {pool}",
                 request.name
             )));
@@ -625,22 +613,22 @@ impl Pools {
             .and_then(|()| {
                 let begun = write_back::begin(&dir, &request.name, &copy);
                 marker = Some(begun.map_err(|e| {
-                    ApiError::internal(format!("cannot record the clone in {}: {e}", dir.display()))
+                    Failure::internal(format!("cannot record the clone in {}: {e}", dir.display()))
                 })?);
                 full_copy(locked, &copy, progress)
             })
             .and_then(|()| {
                 // Before the copy has the volume's name, so it is never probed.
                 volume_format::record(&target, &copy, copy_format)
-                    .map_err(|e| ApiError::internal(chain(&e)))
+                    .map_err(|e| Failure::internal(chain(&e)))
             })
             .and_then(|()| {
                 partial::publish_new(&copy, &target).map_err(|e| match e.kind() {
-                    std::io::ErrorKind::AlreadyExists => ApiError::conflict(format!(
+                    std::io::ErrorKind::AlreadyExists => Failure::conflict(format!(
                         "a volume named {} was created in pool {pool} during the copy",
                         request.name
                     )),
-                    _ => ApiError::internal(format!("cannot create {}: {e}", target.display())),
+                    _ => Failure::internal(format!("cannot create {}: {e}", target.display())),
                 })
             });
         match (result, marker) {
@@ -662,7 +650,7 @@ impl Pools {
 /// once they are known to be a usable image whose backing (if any) stays in the pool.
 impl Pools {
     /// Where an upload to volume `name` is written first, after checking that `len` bytes fit.
-    pub fn upload_target(&self, pool: &str, name: &str, len: u64) -> Result<PathBuf, ApiError> {
+    pub fn upload_target(&self, pool: &str, name: &str, len: u64) -> Result<PathBuf, Failure> {
         let volume = self.volume(pool, name)?;
         let dir = self.active_dir(pool)?;
         let grows = len.saturating_sub(volume.allocation_bytes);
@@ -682,7 +670,7 @@ impl Pools {
         upload: &Path,
         format: Option<Format>,
         in_use: impl Fn(&Path) -> Option<String>,
-    ) -> Result<VolumeInfo, ApiError> {
+    ) -> Result<VolumeInfo, Failure> {
         let checked = (|| {
             let claim = self.claim(pool, name)?;
             let format = match format {
@@ -690,29 +678,28 @@ impl Pools {
                 None => upload_format(upload)?,
             };
             let unusable =
-                |e: String| ApiError::bad_request(format!("the upload is not a usable image: {e}"));
+                |e: String| Failure::invalid(format!("the upload is not a usable image: {e}"));
             let info = manage::info(upload, Some(format)).map_err(|e| unusable(chain(&e)))?;
             if let Some(backing) = &info.backing_file {
                 if backing == name {
-                    return Err(ApiError::bad_request(format!(
+                    return Err(Failure::invalid(format!(
                         "the uploaded image names volume {name} itself as its backing file"
                     )));
                 }
                 let dir = self.active_dir(pool)?;
-                check_chain(pool, &dir, upload, format, "the uploaded image").map_err(|e| {
-                    ApiError::bad_request(format!("the uploaded image is refused: {e}"))
-                })?;
+                check_chain(pool, &dir, upload, format, "the uploaded image")
+                    .map_err(|e| Failure::invalid(format!("the uploaded image is refused: {e}")))?;
                 self.usable_volume(pool, backing)?;
             }
             let target = self.volume(pool, name)?.path;
             self.check_replaceable(pool, name, &target, &in_use)?;
             // Recorded before the upload takes the name, by its own inode.
             volume_format::record(&target, upload, format)
-                .map_err(|e| ApiError::internal(chain(&e)))?;
-            let inode = volume_format::inode_of(upload).map_err(|e| ApiError::internal(chain(&e)));
+                .map_err(|e| Failure::internal(chain(&e)))?;
+            let inode = volume_format::inode_of(upload).map_err(|e| Failure::internal(chain(&e)));
             if let Err(e) = partial::publish_over(upload, &target) {
                 volume_format::unrecord(&target, upload);
-                return Err(ApiError::internal(format!(
+                return Err(Failure::internal(format!(
                     "cannot replace {}: {e}",
                     target.display()
                 )));
@@ -738,9 +725,9 @@ impl Pools {
         name: &str,
         path: &Path,
         in_use: &impl Fn(&Path) -> Option<String>,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), Failure> {
         if let Some(vm) = in_use(path) {
-            return Err(ApiError::conflict(format!(
+            return Err(Failure::conflict(format!(
                 "VM {vm} is running with volume {name}; shut it down first"
             )));
         }
@@ -749,7 +736,7 @@ impl Pools {
             .iter()
             .find(|v| v.backing.as_deref() == Some(name))
         {
-            return Err(ApiError::conflict(format!(
+            return Err(Failure::conflict(format!(
                 "volume {name} is the backing of {}, whose contents it would change; delete \
                  that first",
                 overlay.name
@@ -761,11 +748,11 @@ impl Pools {
 
 /// The format of an upload whose uploader did not give one: what its first bytes say, if
 /// that cannot reach other files.
-fn upload_format(upload: &Path) -> Result<Format, ApiError> {
+fn upload_format(upload: &Path) -> Result<Format, Failure> {
     let file = std::fs::File::open(upload)
-        .map_err(|e| ApiError::internal(format!("cannot read the upload: {e}")))?;
+        .map_err(|e| Failure::internal(format!("cannot read the upload: {e}")))?;
     volume_format::trusted_probe(&file).map_err(|looks| {
-        ApiError::bad_request(format!(
+        Failure::invalid(format!(
             "the upload {looks}: say its format with --format (format=raw|qcow2), since a disk a \
              guest has written can look like anything"
         ))
@@ -779,27 +766,25 @@ impl Pools {
         pool: &str,
         volume: &str,
         op: &manage::SnapshotOp,
-    ) -> Result<Vec<VolumeSnapshot>, ApiError> {
+    ) -> Result<Vec<VolumeSnapshot>, Failure> {
         if let manage::SnapshotOp::Create(name) = op {
             if name.is_empty() || name.len() > 128 || name.chars().any(|c| c.is_control()) {
-                return Err(ApiError::bad_request(
+                return Err(Failure::invalid(
                     "a snapshot name has 1 to 128 printable characters",
                 ));
             }
         }
         let info = self.volume(pool, volume)?;
         if info.format != "qcow2" {
-            return Err(ApiError::bad_request(format!(
+            return Err(Failure::invalid(format!(
                 "volume {volume} is raw; internal snapshots need qcow2"
             )));
         }
         let snapshots =
             manage::snapshot(&info.path, Some(Format::Qcow2), op).map_err(|e| match &e {
-                manage::ManageError::Usage(_) => ApiError::bad_request(chain(&e)),
-                _ if chain(&e).contains("no snapshot") => {
-                    ApiError::new(StatusCode::NOT_FOUND, chain(&e))
-                }
-                _ => ApiError::conflict(chain(&e)),
+                manage::ManageError::Usage(_) => Failure::invalid(chain(&e)),
+                _ if chain(&e).contains("no snapshot") => Failure::not_found(chain(&e)),
+                _ => Failure::conflict(chain(&e)),
             })?;
         Ok(snapshots
             .into_iter()
@@ -815,7 +800,7 @@ impl Pools {
 
 /// Describes volume `name` in `dir`; a volume whose format was never confirmed shows as
 /// `unknown`.
-fn volume_info(pool: &str, dir: &Path, name: &str) -> Result<VolumeInfo, ApiError> {
+fn volume_info(pool: &str, dir: &Path, name: &str) -> Result<VolumeInfo, Failure> {
     let path = dir.join(name);
     let format = match volume_format::format_of(&path) {
         Ok(format) => format,
@@ -824,7 +809,7 @@ fn volume_info(pool: &str, dir: &Path, name: &str) -> Result<VolumeInfo, ApiErro
         }
         Err(e) => return Err(format_error(e)),
     };
-    let info = manage::info(&path, Some(format)).map_err(|e| ApiError::conflict(chain(&e)))?;
+    let info = manage::info(&path, Some(format)).map_err(|e| Failure::conflict(chain(&e)))?;
     let incomplete = write_back::is_incomplete(&path);
     Ok(VolumeInfo {
         name: name.to_string(),
@@ -863,12 +848,12 @@ fn tidy_up(dir: &Path) {
     volume_format::tidy(dir);
 }
 
-fn format_error(e: FormatError) -> ApiError {
+fn format_error(e: FormatError) -> Failure {
     match e {
         FormatError::Unconfirmed { .. } | FormatError::Damaged { .. } => {
-            ApiError::conflict(chain(&e))
+            Failure::conflict(chain(&e))
         }
-        FormatError::Read { .. } | FormatError::Write { .. } => ApiError::internal(chain(&e)),
+        FormatError::Read { .. } | FormatError::Write { .. } => Failure::internal(chain(&e)),
     }
 }
 
@@ -952,20 +937,20 @@ struct LockedSource {
     plan: CopyPlan,
 }
 
-fn lock_source(source: &VolumeInfo) -> Result<LockedSource, ApiError> {
+fn lock_source(source: &VolumeInfo) -> Result<LockedSource, Failure> {
     use std::os::unix::fs::MetadataExt;
     let io = |e: std::io::Error| {
-        ApiError::internal(format!("cannot read {}: {e}", source.path.display()))
+        Failure::internal(format!("cannot read {}: {e}", source.path.display()))
     };
     let file = std::fs::File::open(&source.path).map_err(io)?;
     // The record of the file opened, not of whatever had the name when it was described.
     let format = volume_format::format_of_open(&source.path, &file).map_err(format_error)?;
     let image =
-        block::open(&source.path, true, Some(format)).map_err(|e| ApiError::conflict(chain(&e)))?;
+        block::open(&source.path, true, Some(format)).map_err(|e| Failure::conflict(chain(&e)))?;
     // An upload may have put another file in the volume's place between the two opens.
     let opened = file.metadata().map_err(io)?;
     if std::fs::metadata(&source.path).map_err(io)?.ino() != opened.ino() {
-        return Err(ApiError::conflict(format!(
+        return Err(Failure::conflict(format!(
             "volume {} was replaced during the clone; clone it again",
             source.name
         )));
@@ -994,7 +979,7 @@ fn lock_source(source: &VolumeInfo) -> Result<LockedSource, ApiError> {
 
 /// Creates `target` for the copy: an empty file of the source file's length, or an empty
 /// image of its format and size without a backing file.
-fn create_like(plan: CopyPlan, target: &Path) -> Result<(), ApiError> {
+fn create_like(plan: CopyPlan, target: &Path) -> Result<(), Failure> {
     let (format, size) = match plan {
         CopyPlan::File { len, .. } => {
             // Any length: qemu-img does not pad its qcow2 files to 512 bytes.
@@ -1004,7 +989,7 @@ fn create_like(plan: CopyPlan, target: &Path) -> Result<(), ApiError> {
                 .open(target)
                 .and_then(|file| file.set_len(len));
             return created.map_err(|e| {
-                ApiError::internal(format!("cannot create {}: {e}", target.display()))
+                Failure::internal(format!("cannot create {}: {e}", target.display()))
             });
         }
         CopyPlan::Image { format, size } => (format, size),
@@ -1016,7 +1001,7 @@ fn create_like(plan: CopyPlan, target: &Path) -> Result<(), ApiError> {
         backing: None,
         backing_format: None,
     };
-    manage::create(target, &new).map_err(|e| ApiError::internal(chain(&e)))
+    manage::create(target, &new).map_err(|e| Failure::internal(chain(&e)))
 }
 
 /// Copies `source` into `target`, made by [`create_like`]; holes and (through the format)
@@ -1025,8 +1010,8 @@ fn full_copy(
     source: LockedSource,
     target: &Path,
     progress: &mut dyn FnMut(u64, u64),
-) -> Result<(), ApiError> {
-    let io = |e: std::io::Error| ApiError::internal(format!("copy failed: {e}"));
+) -> Result<(), Failure> {
+    let io = |e: std::io::Error| Failure::internal(format!("copy failed: {e}"));
     let LockedSource {
         image: mut from,
         file,
@@ -1039,7 +1024,7 @@ fn full_copy(
         CopyPlan::Image { format, size } => (format, size),
     };
     let mut to =
-        block::open(target, false, Some(format)).map_err(|e| ApiError::internal(chain(&e)))?;
+        block::open(target, false, Some(format)).map_err(|e| Failure::internal(chain(&e)))?;
     // No one sees the copy before it is whole, and `write_back` syncs it afterwards.
     to.skip_barriers();
     // Its own descriptor of the new image, to start the write-out of a large copy as it goes.
@@ -1078,6 +1063,7 @@ fn is_all_zero(bytes: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::failure::Kind;
 
     fn setup() -> (tempfile::TempDir, Pools) {
         let dir = tempfile::tempdir().unwrap();
@@ -1098,7 +1084,7 @@ mod tests {
         size: Option<&str>,
         format: &str,
         backing: Option<&str>,
-    ) -> Result<VolumeInfo, ApiError> {
+    ) -> Result<VolumeInfo, Failure> {
         pools.create_volume(
             "p",
             &VolumeCreate {
@@ -1152,7 +1138,7 @@ mod tests {
         name: &str,
         from: &Path,
         format: Option<Format>,
-    ) -> Result<VolumeInfo, ApiError> {
+    ) -> Result<VolumeInfo, Failure> {
         let len = std::fs::metadata(from).unwrap().len();
         let target = pools.upload_target("p", name, len).unwrap();
         std::fs::copy(from, &target).unwrap();
@@ -1220,7 +1206,7 @@ mod tests {
         let junk = dir.path().join("junk");
         std::fs::write(&junk, vec![1u8; 4096]).unwrap();
         let err = upload(&pools, "v", &junk, Some(Format::Qcow2)).unwrap_err();
-        assert_eq!(err.status, StatusCode::BAD_REQUEST, "{}", err.message);
+        assert_eq!(err.kind, Kind::Invalid, "{}", err.message);
         assert_eq!(pools.volume("p", "v").unwrap().format, "qcow2");
     }
 
@@ -1254,12 +1240,7 @@ mod tests {
             let overlay = dir.path().join(format!("overlay{i}.qcow2"));
             qcow2_naming(&overlay, backing, format);
             let err = upload(&pools, "top", &overlay, Some(Format::Qcow2)).unwrap_err();
-            assert_eq!(
-                err.status,
-                StatusCode::BAD_REQUEST,
-                "{backing}: {}",
-                err.message
-            );
+            assert_eq!(err.kind, Kind::Invalid, "{backing}: {}", err.message);
             assert!(err.message.contains(why), "{backing}: {}", err.message);
             assert_eq!(pools.volume("p", "top").unwrap().format, "raw");
         }
@@ -1309,7 +1290,7 @@ mod tests {
         // Another operation on the same volume under way.
         let claim = pools.claim("p", "top.qcow2").unwrap();
         let err = upload(&pools, "top.qcow2", &new, Some(Format::Raw)).unwrap_err();
-        assert_eq!(err.status, StatusCode::CONFLICT);
+        assert_eq!(err.kind, Kind::Conflict);
         assert!(err.message.contains("busy"), "{}", err.message);
         let err = pools.stop("p").unwrap_err();
         assert!(err.message.contains("under way"), "{}", err.message);
@@ -1398,22 +1379,16 @@ mod tests {
             path: dir.path().join("images"),
             autostart: false,
         };
-        assert_eq!(
-            pools.define(same_dir).unwrap_err().status,
-            StatusCode::CONFLICT
-        );
-        assert_eq!(
-            pools.undefine("p").unwrap_err().status,
-            StatusCode::CONFLICT
-        );
+        assert_eq!(pools.define(same_dir).unwrap_err().kind, Kind::Conflict);
+        assert_eq!(pools.undefine("p").unwrap_err().kind, Kind::Conflict);
         pools.set_autostart("p", true).unwrap();
         // A new daemon finds the pool, started because of autostart.
         let again = Pools::open(dir.path().join("pools")).unwrap();
         assert_eq!(again.info("p").unwrap().state, PoolState::Active);
         pools.stop("p").unwrap();
-        assert_eq!(pools.volumes("p").unwrap_err().status, StatusCode::CONFLICT);
+        assert_eq!(pools.volumes("p").unwrap_err().kind, Kind::Conflict);
         pools.undefine("p").unwrap();
-        assert_eq!(pools.info("p").unwrap_err().status, StatusCode::NOT_FOUND);
+        assert_eq!(pools.info("p").unwrap_err().kind, Kind::NotFound);
     }
 
     #[test]
@@ -1437,8 +1412,8 @@ mod tests {
         assert_eq!(
             create(&pools, "disk.qcow2", Some("1M"), "qcow2", None)
                 .unwrap_err()
-                .status,
-            StatusCode::CONFLICT
+                .kind,
+            Kind::Conflict
         );
         assert_eq!(
             pools
@@ -1456,8 +1431,8 @@ mod tests {
         assert!(refused.message.contains("disk of VM web1"), "{refused:?}");
         pools.delete_volume("p", "disk.qcow2", |_| None).unwrap();
         assert_eq!(
-            pools.volume("p", "disk.qcow2").unwrap_err().status,
-            StatusCode::NOT_FOUND
+            pools.volume("p", "disk.qcow2").unwrap_err().kind,
+            Kind::NotFound
         );
         assert_eq!(pools.info("p").unwrap().volumes, 1);
     }
@@ -1466,23 +1441,20 @@ mod tests {
     fn names_never_leave_the_pool_and_space_is_checked() {
         let (_dir, pools) = setup();
         std::os::unix::fs::symlink("/etc/hostname", _dir.path().join("images/link")).unwrap();
-        assert_eq!(
-            pools.volume("p", "link").unwrap_err().status,
-            StatusCode::NOT_FOUND
-        );
+        assert_eq!(pools.volume("p", "link").unwrap_err().kind, Kind::NotFound);
         for bad in ["../escape", "a/b", ".hidden", "", "/etc/passwd"] {
             let err = create(&pools, bad, Some("1M"), "qcow2", None).unwrap_err();
-            assert_eq!(err.status, StatusCode::BAD_REQUEST, "{bad:?}");
+            assert_eq!(err.kind, Kind::Invalid, "{bad:?}");
             assert!(pools.volume("p", bad).is_err());
         }
         let err = create(&pools, "huge", Some("1000T"), "qcow2", None).unwrap_err();
-        assert_eq!(err.status, StatusCode::CONFLICT);
+        assert_eq!(err.kind, Kind::Conflict);
         assert!(err.message.contains("free"), "{err:?}");
         assert_eq!(
             create(&pools, "x", Some("1M"), "vmdk", None)
                 .unwrap_err()
-                .status,
-            StatusCode::BAD_REQUEST
+                .kind,
+            Kind::Invalid
         );
     }
 
@@ -1572,9 +1544,9 @@ mod tests {
         pools.snapshots("p", "d.qcow2", &revert).unwrap();
         assert_eq!(read(&disk.path, 0, 6), b"before");
         let missing = pools.snapshots("p", "d.qcow2", &manage::SnapshotOp::Apply("x".into()));
-        assert_eq!(missing.unwrap_err().status, StatusCode::NOT_FOUND);
+        assert_eq!(missing.unwrap_err().kind, Kind::NotFound);
         let bad = pools.snapshots("p", "d.qcow2", &manage::SnapshotOp::Create(String::new()));
-        assert_eq!(bad.unwrap_err().status, StatusCode::BAD_REQUEST);
+        assert_eq!(bad.unwrap_err().kind, Kind::Invalid);
         let delete = manage::SnapshotOp::Delete("s1".into());
         assert!(pools.snapshots("p", "d.qcow2", &delete).unwrap().is_empty());
     }
@@ -1756,7 +1728,7 @@ mod tests {
             linked: false,
         };
         let err = pools.clone_volume("p", "base.raw", &clone).unwrap_err();
-        assert_eq!(err.status, StatusCode::CONFLICT, "{err:?}");
+        assert_eq!(err.kind, Kind::Conflict, "{err:?}");
         drop(writer);
         assert!(!dir.join("second.raw").exists());
         assert!(hidden_files(&dir).is_empty());
@@ -1784,7 +1756,7 @@ mod tests {
         let listed = pools.volumes("p").unwrap();
         assert!(listed[0].incomplete, "{listed:?}");
         let err = pools.volume_for_vm("p", "v.raw").unwrap_err();
-        assert_eq!(err.status, StatusCode::CONFLICT);
+        assert_eq!(err.kind, Kind::Conflict);
         assert!(err.message.contains("may miss data"), "{}", err.message);
         let full = VolumeClone {
             name: "copy.raw".into(),

@@ -3,6 +3,7 @@
 //! (header and body deadlines, connection limits overall and per user, a cap on each user's
 //! event streams, a bounded stop).
 
+mod error;
 mod http;
 mod networks;
 mod pools;
@@ -24,12 +25,14 @@ use tokio::net::UnixListener;
 use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::StreamExt;
 
-use crate::error::{ApiError, DaemonError};
+pub use error::DaemonError;
+
 use crate::networks::Networks;
 use crate::pools::Pools;
 use crate::vms::store::Store;
 use crate::vms::supervisor::{self, Control, Supervisor};
 use crate::{host, DaemonOptions};
+use error::ApiError;
 use http::{Client, Limits};
 
 type Shared = Arc<Supervisor>;
@@ -111,14 +114,16 @@ async fn rotate_dnsmasq_logs(networks: Arc<Networks>) {
 
 /// Runs `work` (which may block on files, processes or netlink) off the runtime's threads and
 /// answers with its value as JSON.
-pub async fn blocking<T, F>(status: StatusCode, work: F) -> Result<Response, ApiError>
+pub async fn blocking<T, E, F>(status: StatusCode, work: F) -> Result<Response, ApiError>
 where
     T: serde::Serialize + Send + 'static,
-    F: FnOnce() -> Result<T, ApiError> + Send + 'static,
+    E: Into<ApiError> + Send + 'static,
+    F: FnOnce() -> Result<T, E> + Send + 'static,
 {
     let value = tokio::task::spawn_blocking(work)
         .await
-        .map_err(|e| ApiError::internal(format!("the operation failed: {e}")))??;
+        .map_err(|e| ApiError::internal(format!("the operation failed: {e}")))?
+        .map_err(Into::into)?;
     Ok((status, Json(value)).into_response())
 }
 
@@ -212,14 +217,16 @@ pub(crate) fn parse_body<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result
 }
 
 /// Runs an operation as its own task: a client that goes away does not cancel it halfway.
-async fn detached<F, T>(operation: F) -> Result<T, ApiError>
+async fn detached<F, T, E>(operation: F) -> Result<T, ApiError>
 where
-    F: std::future::Future<Output = Result<T, ApiError>> + Send + 'static,
+    F: std::future::Future<Output = Result<T, E>> + Send + 'static,
     T: Send + 'static,
+    E: Into<ApiError> + Send + 'static,
 {
     tokio::spawn(operation)
         .await
         .map_err(|e| ApiError::internal(format!("the operation failed: {e}")))?
+        .map_err(Into::into)
 }
 
 type ApiResult<T> = Result<T, ApiError>;

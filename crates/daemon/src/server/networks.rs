@@ -12,8 +12,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 
-use crate::error::ApiError;
 use crate::networks::Networks;
+use crate::server::error::ApiError;
 use crate::server::{blocking, parse_body, App};
 
 type ApiResult = Result<Response, ApiError>;

@@ -28,12 +28,11 @@ use api::daemon_api::{DomainState, Event, VmDefinition, VmDetails, VmSummary};
 use api::net_api::NetworkMode;
 use api::vmm_api::{paths as vmm_paths, ExitReport, VmInfo};
 use api::{VmConfig, VmState};
-use axum::http::StatusCode;
 use http_unix::Client;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::broadcast;
 
-use crate::error::{chain, ApiError};
+use crate::failure::{chain, Failure, Kind};
 use crate::fs::write_atomic;
 use crate::networks::{NetworkNic, Networks};
 use crate::pools::Pools;
@@ -193,11 +192,11 @@ impl Supervisor {
     }
 
     /// Marks VM `name` busy with `operation`, or says why it cannot be.
-    fn begin(&self, name: &str, operation: &'static str) -> Result<Busy<'_>, ApiError> {
+    fn begin(&self, name: &str, operation: &'static str) -> Result<Busy<'_>, Failure> {
         let mut vms = self.lock();
-        let entry = vms.get_mut(name).ok_or_else(|| ApiError::not_found(name))?;
+        let entry = vms.get_mut(name).ok_or_else(|| Failure::no_vm(name))?;
         if let Some(other) = entry.busy {
-            return Err(ApiError::conflict(format!(
+            return Err(Failure::conflict(format!(
                 "VM {name} is busy ({other} in progress); try again"
             )));
         }
@@ -212,10 +211,10 @@ impl Supervisor {
     fn with_entry<T>(
         &self,
         name: &str,
-        check: impl FnOnce(&VmEntry) -> Result<T, ApiError>,
-    ) -> Result<T, ApiError> {
+        check: impl FnOnce(&VmEntry) -> Result<T, Failure>,
+    ) -> Result<T, Failure> {
         let vms = self.lock();
-        check(vms.get(name).ok_or_else(|| ApiError::not_found(name))?)
+        check(vms.get(name).ok_or_else(|| Failure::no_vm(name))?)
     }
 
     fn set_state(&self, name: &str, state: DomainState, reason: Option<String>) {
@@ -229,7 +228,7 @@ impl Supervisor {
         self.lock().get(name).map(|e| e.state)
     }
 
-    fn runtime(&self, name: &str) -> Result<Runtime, ApiError> {
+    fn runtime(&self, name: &str) -> Result<Runtime, Failure> {
         self.with_entry(name, |entry| {
             entry
                 .runtime
@@ -253,9 +252,9 @@ impl Supervisor {
             .collect()
     }
 
-    pub fn details(&self, name: &str) -> Result<VmDetails, ApiError> {
+    pub fn details(&self, name: &str) -> Result<VmDetails, Failure> {
         let vms = self.lock();
-        let e = vms.get(name).ok_or_else(|| ApiError::not_found(name))?;
+        let e = vms.get(name).ok_or_else(|| Failure::no_vm(name))?;
         Ok(VmDetails {
             definition: e.definition.clone(),
             state: e.state,
@@ -409,7 +408,7 @@ impl Supervisor {
     }
 
     /// What monitoring needs of a running VM.
-    pub fn process_of(&self, name: &str) -> Result<RunningVm, ApiError> {
+    pub fn process_of(&self, name: &str) -> Result<RunningVm, Failure> {
         self.with_entry(name, |e| {
             let runtime = e
                 .runtime
@@ -429,8 +428,8 @@ impl Supervisor {
 
     /// Defines a new VM, or updates an existing one's definition (see the module's text);
     /// the answer says which (`true`: created).
-    pub fn define(&self, mut definition: VmDefinition) -> Result<(VmDetails, bool), ApiError> {
-        definition.validate().map_err(ApiError::bad_request)?;
+    pub fn define(&self, mut definition: VmDefinition) -> Result<(VmDetails, bool), Failure> {
+        definition.validate().map_err(Failure::invalid)?;
         // Ids are the daemon's to give.
         definition.id = None;
         let name = definition.name.clone();
@@ -448,7 +447,7 @@ impl Supervisor {
         };
         self.resolve(&placeholder)
             .and_then(|config| check_files(&config))
-            .map_err(ApiError::bad_request)?;
+            .map_err(Failure::invalid)?;
         let created = match previous {
             Some(previous) => {
                 definition.id = previous.id;
@@ -472,15 +471,15 @@ impl Supervisor {
         &self,
         definition: &mut VmDefinition,
         previous: Option<&VmDefinition>,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), Failure> {
         let dns_name = definition.dns_name().map(str::to_string);
         for (index, nic) in definition.nets.iter_mut().enumerate() {
             if let Some(network) = &nic.network {
                 let mode = self.networks.mode_of(network).ok_or_else(|| {
-                    ApiError::bad_request(format!("there is no network named {network:?}"))
+                    Failure::invalid(format!("there is no network named {network:?}"))
                 })?;
                 if mode != NetworkMode::Bridge && dns_name.is_none() {
-                    return Err(ApiError::bad_request(format!(
+                    return Err(Failure::invalid(format!(
                         "the VM name {:?} cannot be its DNS name on network {network}: use letters, \
                          digits and inner '-' (at most 63, not all digits)",
                         definition.name
@@ -499,44 +498,42 @@ impl Supervisor {
     }
 
     /// Stores a new VM's definition with a fresh id.
-    fn add_definition(&self, mut definition: VmDefinition) -> Result<(), ApiError> {
+    fn add_definition(&self, mut definition: VmDefinition) -> Result<(), Failure> {
         let name = definition.name.clone();
         let mut vms = self.lock();
         if vms.contains_key(&name) {
-            return Err(ApiError::conflict(format!(
+            return Err(Failure::conflict(format!(
                 "a VM named {name} was defined at the same time; try again"
             )));
         }
         self.check_nic_claims(&definition, vms.values())
-            .map_err(ApiError::conflict)?;
+            .map_err(Failure::conflict)?;
         // Ids whose TAP names are still recorded (a device that could not be removed)
         // are not given again.
         let mut used: BTreeSet<u32> = self.networks.recorded_tap_ids();
         used.extend(vms.values().filter_map(|e| e.definition.id));
         definition.id = Some(
             free_id(&used)
-                .ok_or_else(|| ApiError::conflict("every VM id is taken; undefine a VM first"))?,
+                .ok_or_else(|| Failure::conflict("every VM id is taken; undefine a VM first"))?,
         );
         self.store
             .save_definition(&definition)
-            .map_err(|e| ApiError::internal(chain(&e)))?;
+            .map_err(|e| Failure::internal(chain(&e)))?;
         vms.insert(name, VmEntry::new(definition));
         Ok(())
     }
 
     /// Stores an existing VM's new definition: in effect at once when the VM is not running,
     /// pending until its VMM ends when it is.
-    fn update_definition(&self, definition: VmDefinition) -> Result<(), ApiError> {
+    fn update_definition(&self, definition: VmDefinition) -> Result<(), Failure> {
         let name = definition.name.clone();
         let mut vms = self.lock();
         self.check_nic_claims(&definition, vms.values())
-            .map_err(ApiError::conflict)?;
-        let entry = vms
-            .get_mut(&name)
-            .ok_or_else(|| ApiError::not_found(&name))?;
+            .map_err(Failure::conflict)?;
+        let entry = vms.get_mut(&name).ok_or_else(|| Failure::no_vm(&name))?;
         self.store
             .save_definition(&definition)
-            .map_err(|e| ApiError::internal(chain(&e)))?;
+            .map_err(|e| Failure::internal(chain(&e)))?;
         if entry.runtime.is_none() {
             entry.definition = definition;
             entry.pending = None;
@@ -546,10 +543,10 @@ impl Supervisor {
         Ok(())
     }
 
-    pub fn undefine(&self, name: &str) -> Result<(), ApiError> {
+    pub fn undefine(&self, name: &str) -> Result<(), Failure> {
         let _busy = self.begin(name, "undefine")?;
         self.with_entry(name, |entry| match entry.runtime {
-            Some(_) => Err(ApiError::conflict(format!(
+            Some(_) => Err(Failure::conflict(format!(
                 "VM {name} is {}; destroy or shut it down first",
                 entry.state
             ))),
@@ -557,24 +554,24 @@ impl Supervisor {
         })?;
         self.store
             .remove_definition(name)
-            .map_err(|e| ApiError::internal(chain(&e)))?;
+            .map_err(|e| Failure::internal(chain(&e)))?;
         drop(_busy);
         self.lock().remove(name);
         self.emit(name, "undefined", None);
         Ok(())
     }
 
-    pub fn set_autostart(&self, name: &str, enabled: bool) -> Result<VmDetails, ApiError> {
+    pub fn set_autostart(&self, name: &str, enabled: bool) -> Result<VmDetails, Failure> {
         let _busy = self.begin(name, "autostart")?;
         let mut definition = self
             .lock()
             .get(name)
             .map(|e| e.next_definition().clone())
-            .ok_or_else(|| ApiError::not_found(name))?;
+            .ok_or_else(|| Failure::no_vm(name))?;
         definition.autostart = enabled;
         self.store
             .save_definition(&definition)
-            .map_err(|e| ApiError::internal(chain(&e)))?;
+            .map_err(|e| Failure::internal(chain(&e)))?;
         if let Some(entry) = self.lock().get_mut(name) {
             entry.definition.autostart = enabled;
             if let Some(pending) = &mut entry.pending {
@@ -587,10 +584,10 @@ impl Supervisor {
 
     // ----- lifecycle -----
 
-    pub async fn start(self: &Arc<Self>, name: &str) -> Result<VmDetails, ApiError> {
+    pub async fn start(self: &Arc<Self>, name: &str) -> Result<VmDetails, Failure> {
         let _busy = self.begin(name, "start")?;
         let definition = self.with_entry(name, |entry| match entry.runtime {
-            Some(_) => Err(ApiError::conflict(format!(
+            Some(_) => Err(Failure::conflict(format!(
                 "VM {name} is already {}",
                 entry.state
             ))),
@@ -604,17 +601,17 @@ impl Supervisor {
                 .values()
                 .filter(|e| e.runtime.is_some() || e.busy == Some("start"));
             self.check_nic_claims(&definition, running)
-                .map_err(|e| ApiError::conflict(format!("cannot start VM {name}: {e}")))?;
+                .map_err(|e| Failure::conflict(format!("cannot start VM {name}: {e}")))?;
         }
         for warning in self.nameless_nics(&definition) {
             tracing::warn!("VM {name}: {warning}");
         }
         let config = self
             .resolve(&definition)
-            .map_err(|e| ApiError::conflict(format!("cannot start VM {name}: {e}")))?;
+            .map_err(|e| Failure::conflict(format!("cannot start VM {name}: {e}")))?;
         // A file that is missing is the definition's fault, not the VM's state.
         check_files(&config)
-            .map_err(|e| ApiError::bad_request(format!("cannot start VM {name}: {e}")))?;
+            .map_err(|e| Failure::invalid(format!("cannot start VM {name}: {e}")))?;
         let files = VmmFiles::new(self.store.run_dir(name));
         let _ = std::fs::remove_dir_all(&files.dir);
         // Only the daemon's user reaches the VMM's sockets.
@@ -623,7 +620,7 @@ impl Supervisor {
                 std::fs::set_permissions(&files.dir, std::fs::Permissions::from_mode(0o700))
             })
             .map_err(|e| {
-                ApiError::internal(format!("cannot create {}: {e}", files.dir.display()))
+                Failure::internal(format!("cannot create {}: {e}", files.dir.display()))
             })?;
         save_running_definition(&files, &definition);
         let args = process::vmm_args(&config, &files, &self.store.console_log(name));
@@ -632,12 +629,12 @@ impl Supervisor {
         let vm = name.to_string();
         tokio::task::spawn_blocking(move || networks.attach(&vm, &nics))
             .await
-            .map_err(|e| ApiError::internal(e.to_string()))??;
+            .map_err(|e| Failure::internal(e.to_string()))??;
         let pid = match process::spawn_vmm(&self.ferro, &args, &files) {
             Ok(pid) => pid,
             Err(e) => {
                 self.networks.detach(name);
-                return Err(ApiError::internal(format!(
+                return Err(Failure::internal(format!(
                     "cannot run {}: {e}",
                     self.ferro.display()
                 )));
@@ -654,7 +651,7 @@ impl Supervisor {
         if let Err(e) = saved {
             let _ = process::kill(pid, libc::SIGKILL);
             self.networks.detach(name);
-            return Err(ApiError::internal(format!("cannot record the VMM: {e}")));
+            return Err(Failure::internal(format!("cannot record the VMM: {e}")));
         }
         let runtime = Runtime { record, files };
         if let Some(entry) = self.lock().get_mut(name) {
@@ -678,7 +675,7 @@ impl Supervisor {
     }
 
     /// Waits until the new VMM answers on its API, or ends.
-    async fn wait_for_api(&self, name: &str, runtime: &Runtime) -> Result<(), ApiError> {
+    async fn wait_for_api(&self, name: &str, runtime: &Runtime) -> Result<(), Failure> {
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             if self
@@ -688,7 +685,7 @@ impl Supervisor {
                 .is_none()
             {
                 let reason = self.lock().get(name).and_then(|e| e.reason.clone());
-                return Err(ApiError::internal(format!(
+                return Err(Failure::internal(format!(
                     "VM {name} failed to start: {}",
                     reason.unwrap_or_else(|| "the VMM ended".into())
                 )));
@@ -699,7 +696,7 @@ impl Supervisor {
                 }
             }
             if Instant::now() > deadline {
-                return Err(ApiError::internal(format!(
+                return Err(Failure::internal(format!(
                     "VM {name}: the VMM did not answer within {} s",
                     START_TIMEOUT.as_secs()
                 )));
@@ -990,8 +987,8 @@ fn warn_of_shared_taps(definitions: &[VmDefinition]) {
     }
 }
 
-fn not_running(name: &str, state: DomainState) -> ApiError {
-    ApiError::conflict(format!("VM {name} is not running (it is {state})"))
+fn not_running(name: &str, state: DomainState) -> Failure {
+    Failure::conflict(format!("VM {name} is not running (it is {state})"))
 }
 
 /// Registers a pidfd with the runtime.
@@ -1033,23 +1030,23 @@ async fn vmm_request(
     socket: &Path,
     method: &'static str,
     path: &'static str,
-) -> Result<http_unix::ClientResponse, ApiError> {
+) -> Result<http_unix::ClientResponse, Failure> {
     let client = Client::new(socket, Some(VMM_REQUEST_TIMEOUT));
     tokio::task::spawn_blocking(move || client.request(method, path, None))
         .await
-        .map_err(|e| ApiError::internal(format!("VMM request task failed: {e}")))?
-        .map_err(|e| ApiError::internal(format!("the VMM did not answer: {}", chain(&e))))
+        .map_err(|e| Failure::internal(format!("VMM request task failed: {e}")))?
+        .map_err(|e| Failure::internal(format!("the VMM did not answer: {}", chain(&e))))
 }
 
 /// The VMM's view of its VM.
-pub async fn vmm_info(socket: &Path) -> Result<VmInfo, ApiError> {
+pub async fn vmm_info(socket: &Path) -> Result<VmInfo, Failure> {
     let response = vmm_request(socket, "GET", vmm_paths::VM).await?;
     serde_json::from_slice(&response.body)
-        .map_err(|e| ApiError::internal(format!("bad answer from the VMM: {e}")))
+        .map_err(|e| Failure::internal(format!("bad answer from the VMM: {e}")))
 }
 
 /// Sends a command to a VMM; its refusals keep their status and message.
-async fn vmm_put(socket: &Path, path: &'static str) -> Result<(), ApiError> {
+async fn vmm_put(socket: &Path, path: &'static str) -> Result<(), Failure> {
     let response = vmm_request(socket, "PUT", path).await?;
     if response.status == 204 {
         return Ok(());
@@ -1057,13 +1054,15 @@ async fn vmm_put(socket: &Path, path: &'static str) -> Result<(), ApiError> {
     let message = serde_json::from_slice::<api::vmm_api::ErrorBody>(&response.body)
         .map(|b| b.error)
         .unwrap_or_else(|_| response.text());
-    let status = StatusCode::from_u16(response.status).unwrap_or(StatusCode::BAD_GATEWAY);
-    Err(ApiError::new(status, format!("the VMM refused: {message}")))
+    Err(Failure::new(
+        Kind::VmmRefused(response.status),
+        format!("the VMM refused: {message}"),
+    ))
 }
 
 /// Counters from a VMM.
-pub async fn vmm_counters(socket: &Path) -> Result<api::vmm_api::VmCounters, ApiError> {
+pub async fn vmm_counters(socket: &Path) -> Result<api::vmm_api::VmCounters, Failure> {
     let response = vmm_request(socket, "GET", vmm_paths::COUNTERS).await?;
     serde_json::from_slice(&response.body)
-        .map_err(|e| ApiError::internal(format!("bad answer from the VMM: {e}")))
+        .map_err(|e| Failure::internal(format!("bad answer from the VMM: {e}")))
 }
