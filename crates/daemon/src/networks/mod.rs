@@ -907,4 +907,6 @@ mod tests {
 /// The whole life of networks on this host's kernel, inside network namespaces of the tests'
 /// threads (skipped without root, nft or dnsmasq).
 #[cfg(test)]
+mod dnsmasq_log_tests;
+#[cfg(test)]
 mod host_tests;
