@@ -13,8 +13,8 @@ use axum::routing::{get, post, put};
 use axum::{Json, Router};
 
 use crate::networks::Networks;
+use crate::server::app::{blocking, parse_body, App};
 use crate::server::error::ApiError;
-use crate::server::{blocking, parse_body, App};
 
 type ApiResult = Result<Response, ApiError>;
 

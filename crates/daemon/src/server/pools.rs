@@ -24,8 +24,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 
 use crate::pools::Pools;
+use crate::server::app::{blocking, parse_body, App};
 use crate::server::error::{status_of, ApiError};
-use crate::server::{blocking, parse_body, App};
 
 type ApiResult = Result<Response, ApiError>;
 
