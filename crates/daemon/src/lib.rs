@@ -13,6 +13,7 @@ mod fs;
 mod host;
 mod networks;
 mod pools;
+mod registry;
 mod server;
 mod vms;
 

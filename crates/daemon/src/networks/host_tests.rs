@@ -5,6 +5,7 @@
 //! busybox, unshare and nsenter for the guest tests).
 
 use std::net::UdpSocket;
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
 use super::*;

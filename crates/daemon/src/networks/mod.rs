@@ -22,25 +22,22 @@ pub mod netlink;
 pub mod ports;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use api::net::MacAddress;
 use api::net_api::{Lease, NetworkDefinition, NetworkInfo, NetworkMode, NetworkState};
 
 use crate::failure::{chain, Failure};
-use crate::fs::{write_atomic, DirError};
+use crate::fs::DirError;
+use crate::registry::{self, Registry};
 use host_side::{HostError, Tools};
 use ports::{Port, Record};
 
-/// One network: its definition, whether it runs, and what the daemon made for it.
-#[derive(Debug)]
-struct Entry {
-    definition: NetworkDefinition,
-    active: bool,
-    /// The bridge and the VMs' TAP devices the daemon made (kept in the runtime directory).
-    record: Record,
-}
+/// One network: its definition, whether it runs, and what the daemon made for it (the
+/// bridge and the VMs' TAP devices, kept in the runtime directory).
+type Entry = registry::Entry<NetworkDefinition, Record>;
+type Table = Registry<NetworkDefinition, Record>;
 
 impl Entry {
     fn info(&self) -> NetworkInfo {
@@ -93,7 +90,7 @@ pub struct Networks {
     dir: PathBuf,
     /// Where the host's network interfaces show (`/sys/class/net`; a test directory in tests).
     sys_net: PathBuf,
-    entries: Mutex<BTreeMap<String, Entry>>,
+    entries: Mutex<Table>,
     index: Mutex<Index>,
 }
 
@@ -122,7 +119,7 @@ impl Index {
 }
 
 fn not_found(name: &str) -> Failure {
-    Failure::not_found(format!("no network named {name:?}"))
+    registry::not_found::<NetworkDefinition>(name)
 }
 
 fn host_error(name: &str, e: &HostError) -> Failure {
@@ -132,40 +129,23 @@ fn host_error(name: &str, e: &HostError) -> Failure {
 impl Networks {
     pub fn open(dir: PathBuf, sys_net: PathBuf) -> Result<Self, DirError> {
         crate::fs::create_dir(&dir)?;
-        let mut entries = BTreeMap::new();
-        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-            let path = entry.path();
-            if path.extension().is_none_or(|e| e != "toml") {
-                continue;
-            }
-            match load(&path) {
-                Ok(definition) => {
-                    let run_dir = dir.join(format!("{}.run", definition.name));
-                    let active = run_dir.is_dir();
-                    let record = if active {
-                        ports::load(&run_dir)
-                    } else {
-                        Record::default()
-                    };
-                    let entry = Entry {
-                        definition,
-                        active,
-                        record,
-                    };
-                    entries.insert(entry.definition.name.clone(), entry);
-                }
-                Err(e) => tracing::error!("skipping network {}: {e}", path.display()),
+        let mut entries = Table::open(dir.clone())?;
+        for entry in entries.entries_mut().values_mut() {
+            let run_dir = dir.join(format!("{}.run", entry.definition.name));
+            entry.active = run_dir.is_dir();
+            if entry.active {
+                entry.record = ports::load(&run_dir);
             }
         }
         Ok(Networks {
             dir,
             sys_net,
-            index: Mutex::new(Index::of(&entries)),
+            index: Mutex::new(Index::of(entries.entries())),
             entries: Mutex::new(entries),
         })
     }
 
-    fn lock(&self) -> MutexGuard<'_, BTreeMap<String, Entry>> {
+    fn lock(&self) -> MutexGuard<'_, Table> {
         self.entries.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -193,53 +173,36 @@ impl Networks {
         self.sys_net.join(name).join("bridge").is_dir()
     }
 
-    fn save(&self, definition: &NetworkDefinition) -> Result<(), Failure> {
-        let path = self.dir.join(format!("{}.toml", definition.name));
-        let text =
-            toml::to_string_pretty(definition).map_err(|e| Failure::internal(e.to_string()))?;
-        write_atomic(&path, text.as_bytes()).map_err(|e| Failure::internal(chain(&e)))
-    }
-
     pub fn define(&self, definition: NetworkDefinition) -> Result<NetworkInfo, Failure> {
         definition.validate().map_err(Failure::invalid)?;
         check_new_definition(&definition).map_err(Failure::invalid)?;
         let subnet = definition.subnet().map_err(Failure::invalid)?;
         let mut entries = self.lock();
-        if entries.contains_key(&definition.name) {
-            return Err(Failure::conflict(format!(
-                "a network named {} already exists",
-                definition.name
-            )));
-        }
-        for other in entries.values().map(|e| &e.definition) {
-            if other.bridge == definition.bridge {
-                return Err(Failure::conflict(format!(
-                    "network {} already uses bridge {}",
-                    other.name, other.bridge
-                )));
-            }
-            let overlap = match (subnet, other.subnet().ok().flatten()) {
-                (Some(mine), Some(theirs)) => mine.overlaps(&theirs).then_some(theirs),
-                _ => None,
-            };
-            if let Some(theirs) = overlap {
-                return Err(Failure::conflict(format!(
-                    "subnet {} overlaps {theirs} of network {}",
-                    subnet.map(|s| s.to_string()).unwrap_or_default(),
-                    other.name
-                )));
-            }
-        }
-        self.check_host(&definition, false)?;
-        self.save(&definition)?;
-        let entry = Entry {
-            definition,
-            active: false,
-            record: Record::default(),
-        };
-        let info = entry.info();
-        entries.insert(entry.definition.name.clone(), entry);
-        self.reindex(&entries);
+        let info = entries
+            .define(definition.clone(), |entries| {
+                for other in entries.entries().values().map(|e| &e.definition) {
+                    if other.bridge == definition.bridge {
+                        return Err(Failure::conflict(format!(
+                            "network {} already uses bridge {}",
+                            other.name, other.bridge
+                        )));
+                    }
+                    let overlap = match (subnet, other.subnet().ok().flatten()) {
+                        (Some(mine), Some(theirs)) => mine.overlaps(&theirs).then_some(theirs),
+                        _ => None,
+                    };
+                    if let Some(theirs) = overlap {
+                        return Err(Failure::conflict(format!(
+                            "subnet {} overlaps {theirs} of network {}",
+                            subnet.map(|s| s.to_string()).unwrap_or_default(),
+                            other.name
+                        )));
+                    }
+                }
+                self.check_host(&definition, false)
+            })?
+            .info();
+        self.reindex(entries.entries());
         Ok(info)
     }
 
@@ -267,44 +230,29 @@ impl Networks {
 
     pub fn undefine(&self, name: &str) -> Result<(), Failure> {
         let mut entries = self.lock();
-        let entry = entries.get(name).ok_or_else(|| not_found(name))?;
-        if entry.active {
-            return Err(Failure::conflict(format!(
-                "network {name} is active: stop it first"
-            )));
-        }
-        let path = self.dir.join(format!("{name}.toml"));
-        std::fs::remove_file(&path)
-            .map_err(|e| Failure::internal(format!("cannot remove {}: {e}", path.display())))?;
-        entries.remove(name);
-        self.reindex(&entries);
+        entries.undefine(name)?;
+        self.reindex(entries.entries());
         Ok(())
     }
 
     pub fn info(&self, name: &str) -> Result<NetworkInfo, Failure> {
-        let entries = self.lock();
-        Ok(entries.get(name).ok_or_else(|| not_found(name))?.info())
+        Ok(self.lock().get(name)?.info())
     }
 
     pub fn list(&self) -> Vec<NetworkInfo> {
-        self.lock().values().map(Entry::info).collect()
+        self.lock().entries().values().map(Entry::info).collect()
     }
 
     /// Brings a network up.
     pub fn start(&self, name: &str) -> Result<NetworkInfo, Failure> {
         let mut entries = self.lock();
-        let entry = entries.get_mut(name).ok_or_else(|| not_found(name))?;
-        if entry.active {
-            return Err(Failure::conflict(format!(
-                "network {name} is already active"
-            )));
-        }
+        let entry = entries.inactive(name)?;
         self.check_host(&entry.definition, false)?;
         entry.record = Record::default();
         self.bring_up(entry, false)?;
         entry.active = true;
         let info = entry.info();
-        self.reindex(&entries);
+        self.reindex(entries.entries());
         Ok(info)
     }
 
@@ -363,10 +311,7 @@ impl Networks {
     /// Takes a network down; refused while VMs are attached.
     pub fn stop(&self, name: &str) -> Result<NetworkInfo, Failure> {
         let mut entries = self.lock();
-        let entry = entries.get_mut(name).ok_or_else(|| not_found(name))?;
-        if !entry.active {
-            return Err(Failure::conflict(format!("network {name} is not active")));
-        }
+        let entry = entries.active(name)?;
         if !entry.record.ports.is_empty() {
             return Err(Failure::conflict(format!(
                 "network {name} has running VMs: {}",
@@ -388,25 +333,19 @@ impl Networks {
         entry.active = false;
         entry.record = Record::default();
         let info = entry.info();
-        self.reindex(&entries);
+        self.reindex(entries.entries());
         result.map_err(|e| host_error(name, &e))?;
         Ok(info)
     }
 
     pub fn set_autostart(&self, name: &str, enabled: bool) -> Result<NetworkInfo, Failure> {
-        let mut entries = self.lock();
-        let entry = entries.get_mut(name).ok_or_else(|| not_found(name))?;
-        let mut definition = entry.definition.clone();
-        definition.autostart = enabled;
-        self.save(&definition)?;
-        entry.definition = definition;
-        Ok(entry.info())
+        Ok(self.lock().set_autostart(name, enabled)?.info())
     }
 
     /// The DHCP leases of a network (none for bridge-mode or inactive networks).
     pub fn leases(&self, name: &str) -> Result<Vec<Lease>, Failure> {
         let entries = self.lock();
-        let entry = entries.get(name).ok_or_else(|| not_found(name))?;
+        let entry = entries.get(name)?;
         let files = dnsmasq::DnsmasqFiles::new(self.run_dir(name));
         if !entry.active || entry.definition.mode == NetworkMode::Bridge {
             return Ok(Vec::new());
@@ -420,18 +359,21 @@ impl Networks {
     pub fn resume(&self) {
         let names: Vec<(String, bool)> = self
             .lock()
+            .entries()
             .values()
             .map(|e| (e.definition.name.clone(), e.active))
             .collect();
         for (name, active) in names {
             let result = if active {
-                let mut entries = self.lock();
+                let mut table = self.lock();
+                let entries = table.entries_mut();
                 match entries.get_mut(&name) {
                     Some(entry) => self.bring_up(entry, true),
                     None => Ok(()),
                 }
             } else if self
                 .lock()
+                .entries()
                 .get(&name)
                 .is_some_and(|e| e.definition.autostart)
             {
@@ -450,6 +392,7 @@ impl Networks {
     pub fn rotate_dnsmasq_logs(&self) {
         let dirs: Vec<PathBuf> = self
             .lock()
+            .entries()
             .values()
             .filter(|e| e.active)
             .map(|e| self.run_dir(&e.definition.name))
@@ -487,7 +430,8 @@ impl Networks {
     /// has a NIC's TAP name and that the daemon did not make for this VM is left alone and
     /// the start refused.
     pub fn attach(&self, vm: &str, nics: &[NetworkNic]) -> Result<(), Failure> {
-        let mut entries = self.lock();
+        let mut table = self.lock();
+        let entries = table.entries_mut();
         for nic in nics {
             let entry = entries.get(&nic.network).ok_or_else(|| {
                 Failure::conflict(format!("VM {vm}: there is no network {}", nic.network))
@@ -501,7 +445,7 @@ impl Networks {
         }
         // A record left by a run of this VM that ended unseen, or whose TAP devices could not
         // be removed then: its links are ours to remove.
-        self.remove_ports(&mut entries, vm);
+        self.remove_ports(entries, vm);
         if let Some(left) = entries
             .values()
             .flat_map(|e| &e.record.ports)
@@ -514,9 +458,9 @@ impl Networks {
             )));
         }
         for (done, nic) in nics.iter().enumerate() {
-            if let Err(e) = self.add_port(&mut entries, vm, nic) {
+            if let Err(e) = self.add_port(entries, vm, nic) {
                 for earlier in &nics[..done] {
-                    self.remove_port(&mut entries, &earlier.network, &earlier.tap);
+                    self.remove_port(entries, &earlier.network, &earlier.tap);
                 }
                 return Err(e);
             }
@@ -691,13 +635,14 @@ impl Networks {
     /// devices under `legacy` names: the TAP devices of those names are taken as its own, as
     /// that daemon did, and recorded.
     pub fn reattach(&self, vm: &str, legacy: &[NetworkNic]) {
-        let mut entries = self.lock();
+        let mut table = self.lock();
+        let entries = table.entries_mut();
         let recorded = entries
             .values()
             .any(|e| e.record.ports.iter().any(|p| p.vm == vm));
         if !recorded {
             for nic in legacy {
-                if let Err(e) = self.adopt_legacy_port(&mut entries, vm, nic) {
+                if let Err(e) = self.adopt_legacy_port(entries, vm, nic) {
                     tracing::warn!("VM {vm} on network {}: {}", nic.network, e.message);
                 }
             }
@@ -739,14 +684,16 @@ impl Networks {
 
     /// Removes a stopped VM's TAP devices from its networks.
     pub fn detach(&self, vm: &str) {
-        let mut entries = self.lock();
-        self.remove_ports(&mut entries, vm);
+        let mut table = self.lock();
+        let entries = table.entries_mut();
+        self.remove_ports(entries, vm);
     }
 
     /// Removes the ports of VMs not in `running` (recorded by a daemon that stopped before
     /// their VMs ended, whose run is gone without a trace): called once VMs are adopted.
     pub fn forget_all_but(&self, running: &[String]) {
-        let mut entries = self.lock();
+        let mut table = self.lock();
+        let entries = table.entries_mut();
         let stale: Vec<String> = entries
             .values()
             .flat_map(|e| e.record.ports.iter().map(|p| p.vm.clone()))
@@ -754,7 +701,7 @@ impl Networks {
             .collect();
         for vm in stale {
             tracing::info!("removing the TAP devices of VM {vm}, which no longer runs");
-            self.remove_ports(&mut entries, &vm);
+            self.remove_ports(entries, &vm);
         }
     }
 
@@ -762,7 +709,8 @@ impl Networks {
     /// as the port of `nic`, for tests of the filter and DHCP with real clients.
     #[cfg(test)]
     fn join_link(&self, vm: &str, nic: &NetworkNic) -> Result<(), Failure> {
-        let mut entries = self.lock();
+        let mut table = self.lock();
+        let entries = table.entries_mut();
         let entry = entries
             .get(&nic.network)
             .ok_or_else(|| not_found(&nic.network))?;
@@ -773,7 +721,7 @@ impl Networks {
             .ok_or_else(|| not_found(&nic.tap))?;
         host_side::ensure_on_bridge(&nic.tap, &entry.definition.bridge)
             .map_err(|e| Failure::internal(chain(&e)))?;
-        self.record_port(&mut entries, vm, nic, link.index, ip)
+        self.record_port(entries, vm, nic, link.index, ip)
     }
 }
 
@@ -821,12 +769,8 @@ fn check_new_definition(definition: &NetworkDefinition) -> Result<(), String> {
     Ok(())
 }
 
-fn load(path: &Path) -> Result<NetworkDefinition, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
-    parse_network_definition(&text)
-}
-
 /// Parses a network definition file (TOML): the rules the CLI checks a file with.
+#[cfg(test)]
 pub use api::definition_file::parse_network as parse_network_definition;
 
 #[cfg(test)]

@@ -10,7 +10,7 @@ pub mod sparse_copy;
 pub mod volume_format;
 pub mod write_back;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
@@ -21,7 +21,8 @@ use block::manage::{self, NewImage};
 use block::Format;
 
 use crate::failure::{chain, Failure};
-use crate::fs::{write_atomic, DirError};
+use crate::fs::DirError;
+use crate::registry::Registry;
 use volume_format::FormatError;
 use write_back::WriteBack;
 
@@ -33,17 +34,12 @@ const COPY_CHUNK: usize = 1 << 20;
 /// it has written more than `sparse_copy::WINDOW`.
 const WRITE_OUT_EVERY: usize = 8 << 20;
 
-#[derive(Debug)]
-struct PoolEntry {
-    definition: PoolDefinition,
-    active: bool,
-}
+type Table = Registry<PoolDefinition, ()>;
 
 /// The daemon's pools.
 #[derive(Debug)]
 pub struct Pools {
-    dir: PathBuf,
-    pools: Mutex<BTreeMap<String, PoolEntry>>,
+    pools: Mutex<Table>,
     /// Full clones on their way to stable storage.
     write_back: WriteBack,
     /// Volumes (pool, name) whose file or format record an operation is changing: one at a
@@ -67,10 +63,6 @@ impl Drop for VolumeClaim<'_> {
             .unwrap_or_else(PoisonError::into_inner)
             .remove(&self.key);
     }
-}
-
-fn not_found(name: &str) -> Failure {
-    Failure::not_found(format!("no pool named {name:?}"))
 }
 
 fn volume_not_found(pool: &str, name: &str) -> Failure {
@@ -101,32 +93,17 @@ impl Pools {
     /// Loads the pool definitions under `dir` (`<state-dir>/pools`); pools marked autostart
     /// are started.
     pub fn open(dir: PathBuf) -> Result<Self, DirError> {
-        crate::fs::create_dir(&dir)?;
-        let mut pools = BTreeMap::new();
-        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-            let path = entry.path();
-            if path.extension().is_none_or(|e| e != "toml") {
-                continue;
-            }
-            let loaded = std::fs::read_to_string(&path)
-                .map_err(|e| e.to_string())
-                .and_then(|text| toml::from_str::<PoolDefinition>(&text).map_err(|e| e.to_string()))
-                .and_then(|def| def.validate().map(|()| def));
-            match loaded {
-                Ok(definition) => {
-                    let active = definition.autostart && definition.path.is_dir();
-                    if active {
-                        tidy_up(&definition.path);
-                        // No operation of this daemon can be under way yet.
-                        volume_format::tidy(&definition.path);
-                    }
-                    pools.insert(definition.name.clone(), PoolEntry { definition, active });
-                }
-                Err(e) => tracing::error!("skipping pool {}: {e}", path.display()),
+        let mut pools = Table::open(dir)?;
+        for entry in pools.entries_mut().values_mut() {
+            let path = &entry.definition.path;
+            entry.active = entry.definition.autostart && path.is_dir();
+            if entry.active {
+                tidy_up(path);
+                // No operation of this daemon can be under way yet.
+                volume_format::tidy(path);
             }
         }
         Ok(Pools {
-            dir,
             pools: Mutex::new(pools),
             write_back: WriteBack::default(),
             claimed: Mutex::new(BTreeSet::new()),
@@ -161,21 +138,14 @@ impl Pools {
         self.write_back.finish();
     }
 
-    fn lock(&self) -> MutexGuard<'_, BTreeMap<String, PoolEntry>> {
+    fn lock(&self) -> MutexGuard<'_, Table> {
         self.pools.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    fn save(&self, definition: &PoolDefinition) -> Result<(), Failure> {
-        let path = self.dir.join(format!("{}.toml", definition.name));
-        let text =
-            toml::to_string_pretty(definition).map_err(|e| Failure::internal(e.to_string()))?;
-        write_atomic(&path, text.as_bytes()).map_err(|e| Failure::internal(chain(&e)))
     }
 
     /// The directory of an active pool.
     fn active_dir(&self, pool: &str) -> Result<PathBuf, Failure> {
         let pools = self.lock();
-        let entry = pools.get(pool).ok_or_else(|| not_found(pool))?;
+        let entry = pools.get(pool)?;
         if !entry.active {
             return Err(Failure::conflict(format!(
                 "pool {pool} is not active; start it first"
@@ -188,68 +158,34 @@ impl Pools {
 
     pub fn define(&self, definition: PoolDefinition) -> Result<PoolInfo, Failure> {
         definition.validate().map_err(Failure::invalid)?;
-        {
-            let mut pools = self.lock();
-            if pools.contains_key(&definition.name) {
-                return Err(Failure::conflict(format!(
-                    "a pool named {} already exists",
-                    definition.name
-                )));
-            }
-            if let Some(other) = pools
-                .values()
-                .find(|p| p.definition.path == definition.path)
-            {
-                return Err(Failure::conflict(format!(
+        let (name, path) = (definition.name.clone(), definition.path.clone());
+        self.lock().define(definition, |pools| {
+            let same_dir = pools.entries().values().find(|p| p.definition.path == path);
+            same_dir.map_or(Ok(()), |other| {
+                Err(Failure::conflict(format!(
                     "pool {} already uses {}",
                     other.definition.name,
-                    definition.path.display()
-                )));
-            }
-            self.save(&definition)?;
-            pools.insert(
-                definition.name.clone(),
-                PoolEntry {
-                    definition: definition.clone(),
-                    active: false,
-                },
-            );
-        }
-        self.info(&definition.name)
+                    path.display()
+                )))
+            })
+        })?;
+        self.info(&name)
     }
 
     pub fn undefine(&self, name: &str) -> Result<(), Failure> {
-        let mut pools = self.lock();
-        let entry = pools.get(name).ok_or_else(|| not_found(name))?;
-        if entry.active {
-            return Err(Failure::conflict(format!(
-                "pool {name} is active; stop it first"
-            )));
-        }
-        let path = self.dir.join(format!("{name}.toml"));
-        std::fs::remove_file(&path)
-            .map_err(|e| Failure::internal(format!("cannot remove {}: {e}", path.display())))?;
-        pools.remove(name);
-        Ok(())
+        self.lock().undefine(name).map(drop)
     }
 
     /// Activates a pool: its directory is created if missing.
     pub fn start(&self, name: &str) -> Result<PoolInfo, Failure> {
-        let path = {
-            let pools = self.lock();
-            let entry = pools.get(name).ok_or_else(|| not_found(name))?;
-            if entry.active {
-                return Err(Failure::conflict(format!("pool {name} is already active")));
-            }
-            entry.definition.path.clone()
-        };
+        let path = self.lock().inactive(name)?.definition.path.clone();
         std::fs::create_dir_all(&path)
             .map_err(|e| Failure::conflict(format!("cannot use {}: {e}", path.display())))?;
         tidy_up(&path);
         if !self.pool_busy(name) {
             volume_format::tidy(&path);
         }
-        if let Some(entry) = self.lock().get_mut(name) {
+        if let Ok(entry) = self.lock().get_mut(name) {
             entry.active = true;
         }
         self.info(name)
@@ -261,39 +197,23 @@ impl Pools {
                 "pool {name} has a volume operation under way; stop it when that is done"
             )));
         }
-        {
-            let mut pools = self.lock();
-            let entry = pools.get_mut(name).ok_or_else(|| not_found(name))?;
-            if !entry.active {
-                return Err(Failure::conflict(format!("pool {name} is not active")));
-            }
-            entry.active = false;
-        }
+        self.lock().active(name)?.active = false;
         self.info(name)
     }
 
     pub fn set_autostart(&self, name: &str, enabled: bool) -> Result<PoolInfo, Failure> {
-        let mut definition = self
-            .lock()
-            .get(name)
-            .map(|e| e.definition.clone())
-            .ok_or_else(|| not_found(name))?;
-        definition.autostart = enabled;
-        self.save(&definition)?;
-        if let Some(entry) = self.lock().get_mut(name) {
-            entry.definition = definition;
-        }
+        self.lock().set_autostart(name, enabled)?;
         self.info(name)
     }
 
     pub fn names(&self) -> Vec<String> {
-        self.lock().keys().cloned().collect()
+        self.lock().entries().keys().cloned().collect()
     }
 
     pub fn info(&self, name: &str) -> Result<PoolInfo, Failure> {
         let (definition, active) = {
             let pools = self.lock();
-            let entry = pools.get(name).ok_or_else(|| not_found(name))?;
+            let entry = pools.get(name)?;
             (entry.definition.clone(), entry.active)
         };
         let (capacity, available) = if active {
@@ -372,7 +292,10 @@ impl Pools {
     /// Where volume `name` of `pool` is or would be (no checks beyond the names).
     pub fn volume_location(&self, pool: &str, name: &str) -> Option<PathBuf> {
         check_volume_name(name).ok()?;
-        self.lock().get(pool).map(|e| e.definition.path.join(name))
+        self.lock()
+            .get(pool)
+            .ok()
+            .map(|e| e.definition.path.join(name))
     }
 
     /// Volume `name` of `pool`, refused if it may miss data (see `write_back`) or if its
