@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 use api::daemon_api::{DomainState, VmDetails};
 use api::vmm_api::paths as vmm_paths;
 
-use super::{vmm_put, Runtime, Supervisor, DESTROY_GRACE};
+use super::vmm::vmm_put;
+use super::{Runtime, Supervisor, DESTROY_GRACE};
 use crate::failure::Failure;
 use crate::vms::process;
 
