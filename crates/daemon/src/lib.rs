@@ -8,32 +8,24 @@
 //! operation at a time (others get 409). VMMs live in their own process groups: stopping or
 //! restarting the daemon leaves them running, and the next daemon adopts them.
 
-mod error;
+mod failure;
+mod fs;
 mod host;
 mod networks;
 mod pools;
+mod registry;
 mod server;
 mod vms;
-
-use std::path::PathBuf;
 
 pub use api::daemon_api::DEFAULT_SOCKET;
 pub use api::definition_file::{
     parse_network as parse_network_definition, parse_pool as parse_pool_definition,
     parse_vm as parse_definition,
 };
-pub use error::DaemonError;
+pub use server::{DaemonError, DaemonOptions};
+
 /// Default state directory.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/ferro";
-
-/// How the daemon is run.
-#[derive(Debug, Clone)]
-pub struct DaemonOptions {
-    pub socket: PathBuf,
-    pub state_dir: PathBuf,
-    /// The `ferro` binary that runs VMs (normally this very executable).
-    pub ferro: PathBuf,
-}
 
 /// Runs the daemon until SIGTERM or SIGINT.
 pub fn run(options: DaemonOptions) -> Result<(), DaemonError> {

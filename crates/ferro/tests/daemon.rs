@@ -627,7 +627,7 @@ fn host_info_and_events() {
 }
 
 #[test]
-fn a_full_disk_under_the_state_directory_loses_nothing() {
+fn a_failed_write_under_the_state_directory_loses_nothing() {
     if !kvm_tests_enabled() {
         return;
     }
@@ -635,10 +635,17 @@ fn a_full_disk_under_the_state_directory_loses_nothing() {
     d.ok(&["vm", "define", d.definition("one", "").to_str().unwrap()]);
     let vms = d.state_dir().join("vms");
     let before = std::fs::read_to_string(vms.join("one.toml")).unwrap();
-    // The daemon writes a definition to NAME.tmp and renames it over NAME.toml; pointing the
-    // temporary file at /dev/full makes that write fail with ENOSPC, as a full disk would.
-    std::os::unix::fs::symlink("/dev/full", vms.join("one.tmp")).unwrap();
-    d.fails(&["vm", "autostart", "one"], 1, "No space left on device");
+    // The daemon writes a definition to NAME.toml.tmp, made afresh (what is there is removed,
+    // never followed), and renames it over NAME.toml; a directory in the way makes that write
+    // fail, as a full disk would.
+    let block = |name: &str| {
+        let dir = vms.join(format!("{name}.toml.tmp"));
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(dir.join("x"), b"").unwrap();
+        dir
+    };
+    let blocked = block("one");
+    d.fails(&["vm", "autostart", "one"], 1, "cannot write");
     assert_eq!(
         std::fs::read_to_string(vms.join("one.toml")).unwrap(),
         before
@@ -647,15 +654,17 @@ fn a_full_disk_under_the_state_directory_loses_nothing() {
         !d.details("one").definition.autostart,
         "the daemon kept the old state"
     );
-    std::os::unix::fs::symlink("/dev/full", vms.join("two.tmp")).unwrap();
+    let blocked_two = block("two");
     d.fails(
         &["vm", "define", d.definition("two", "").to_str().unwrap()],
         1,
-        "No space left on device",
+        "cannot write",
     );
     assert!(!vms.join("two.toml").exists());
     d.fails(&["vm", "info", "two"], 3, "no VM named");
-    // Once there is room again, both work.
+    // Once the way is clear again, both work.
+    std::fs::remove_dir_all(blocked).unwrap();
+    std::fs::remove_dir_all(blocked_two).unwrap();
     d.ok(&["vm", "autostart", "one"]);
     d.ok(&["vm", "define", d.definition("two", "").to_str().unwrap()]);
 }

@@ -5,9 +5,11 @@
 //! busybox, unshare and nsenter for the guest tests).
 
 use std::net::UdpSocket;
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
 use super::*;
+use crate::failure::Kind;
 use crate::networks::netlink;
 
 fn in_network_namespace(test: impl FnOnce() + Send + 'static) {
@@ -116,10 +118,7 @@ fn a_nat_network_runs_stops_and_is_found_again() {
             netlink::ipv4_addresses("ferrotest0").unwrap(),
             [("10.66.0.1".parse().unwrap(), 24)]
         );
-        assert_eq!(
-            networks.start("lab").unwrap_err().status,
-            StatusCode::CONFLICT
-        );
+        assert_eq!(networks.start("lab").unwrap_err().kind, Kind::Conflict);
 
         // A VM's NIC: a TAP on the bridge, its MAC, reserved address and name handed to
         // dnsmasq, and a filter chain of its own.
@@ -239,7 +238,7 @@ fn links_the_daemon_did_not_make_are_left_alone() {
         let foreign = netlink::link_index("fvtest5").unwrap().unwrap();
         let squatted = nic("own", "52:54:00:65:00:01", "fvtest5", "a");
         let err = networks.attach("a", &[squatted]).unwrap_err();
-        assert_eq!(err.status, StatusCode::CONFLICT);
+        assert_eq!(err.kind, Kind::Conflict);
         assert!(
             err.message.contains("the daemon did not make it"),
             "{err:?}"
@@ -759,7 +758,7 @@ fn a_subnet_the_host_uses_is_refused_and_nothing_is_left_behind() {
             .define(definition("lab", "isolated", "ferrotest1", "10.67.5.0/24"))
             .unwrap();
         let err = networks.start("lab").unwrap_err();
-        assert_eq!(err.status, StatusCode::CONFLICT);
+        assert_eq!(err.kind, Kind::Conflict);
         assert!(err.message.contains("hostbr has 10.67.1.1/16"), "{err:?}");
         assert_eq!(netlink::link_index("ferrotest1").unwrap(), None);
         assert_eq!(networks.info("lab").unwrap().state, NetworkState::Inactive);

@@ -2,7 +2,7 @@
 //! other (no two networks on one subnet or bridge) and against the host (the bridge of a nat or
 //! isolated network must not exist yet; that of a bridge-mode network must), and their life:
 //! start and stop ([`host_side`]: bridge, nftables, dnsmasq), autostart, DHCP leases, and the
-//! TAP devices of the VMs attached ([`ports`]: each made exclusively, recorded with its link
+//! TAP devices of the VMs attached ([`attach`]; [`ports`]: each made exclusively, recorded with its link
 //! index, its MAC and reserved address pinned by the bridge's filter, removed only by that
 //! index).
 //!
@@ -15,6 +15,7 @@
 //! runtime's thread (a network's mode, who claims an interface name) comes from a small index
 //! under a lock of its own, replaced after each change, so they never wait for a host change.
 
+mod attach;
 pub mod dnsmasq;
 pub mod firewall;
 pub mod host_side;
@@ -22,26 +23,22 @@ pub mod netlink;
 pub mod ports;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use api::net::MacAddress;
 use api::net_api::{Lease, NetworkDefinition, NetworkInfo, NetworkMode, NetworkState};
-use axum::http::StatusCode;
 
-use crate::error::{chain, ApiError};
-use crate::vms::store::{atomic_write, StoreError};
+use crate::failure::{chain, Failure};
+use crate::fs::DirError;
+use crate::registry::{self, Registry};
 use host_side::{HostError, Tools};
 use ports::{Port, Record};
 
-/// One network: its definition, whether it runs, and what the daemon made for it.
-#[derive(Debug)]
-struct Entry {
-    definition: NetworkDefinition,
-    active: bool,
-    /// The bridge and the VMs' TAP devices the daemon made (kept in the runtime directory).
-    record: Record,
-}
+/// One network: its definition, whether it runs, and what the daemon made for it (the
+/// bridge and the VMs' TAP devices, kept in the runtime directory).
+type Entry = registry::Entry<NetworkDefinition, Record>;
+type Table = Registry<NetworkDefinition, Record>;
 
 impl Entry {
     fn info(&self) -> NetworkInfo {
@@ -94,7 +91,7 @@ pub struct Networks {
     dir: PathBuf,
     /// Where the host's network interfaces show (`/sys/class/net`; a test directory in tests).
     sys_net: PathBuf,
-    entries: Mutex<BTreeMap<String, Entry>>,
+    entries: Mutex<Table>,
     index: Mutex<Index>,
 }
 
@@ -122,54 +119,34 @@ impl Index {
     }
 }
 
-fn not_found(name: &str) -> ApiError {
-    ApiError::new(StatusCode::NOT_FOUND, format!("no network named {name:?}"))
+fn not_found(name: &str) -> Failure {
+    registry::not_found::<NetworkDefinition>(name)
 }
 
-fn host_error(name: &str, e: &HostError) -> ApiError {
-    ApiError::internal(format!("network {name}: {}", chain(e)))
+fn host_error(name: &str, e: &HostError) -> Failure {
+    Failure::internal(format!("network {name}: {}", chain(e)))
 }
 
 impl Networks {
-    pub fn open(dir: PathBuf, sys_net: PathBuf) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(&dir).map_err(|source| StoreError::Dir {
-            path: dir.clone(),
-            source,
-        })?;
-        let mut entries = BTreeMap::new();
-        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-            let path = entry.path();
-            if path.extension().is_none_or(|e| e != "toml") {
-                continue;
-            }
-            match load(&path) {
-                Ok(definition) => {
-                    let run_dir = dir.join(format!("{}.run", definition.name));
-                    let active = run_dir.is_dir();
-                    let record = if active {
-                        ports::load(&run_dir)
-                    } else {
-                        Record::default()
-                    };
-                    let entry = Entry {
-                        definition,
-                        active,
-                        record,
-                    };
-                    entries.insert(entry.definition.name.clone(), entry);
-                }
-                Err(e) => tracing::error!("skipping network {}: {e}", path.display()),
+    pub fn open(dir: PathBuf, sys_net: PathBuf) -> Result<Self, DirError> {
+        crate::fs::create_dir(&dir)?;
+        let mut entries = Table::open(dir.clone())?;
+        for entry in entries.entries_mut().values_mut() {
+            let run_dir = dir.join(format!("{}.run", entry.definition.name));
+            entry.active = run_dir.is_dir();
+            if entry.active {
+                entry.record = ports::load(&run_dir);
             }
         }
         Ok(Networks {
             dir,
             sys_net,
-            index: Mutex::new(Index::of(&entries)),
+            index: Mutex::new(Index::of(entries.entries())),
             entries: Mutex::new(entries),
         })
     }
 
-    fn lock(&self) -> MutexGuard<'_, BTreeMap<String, Entry>> {
+    fn lock(&self) -> MutexGuard<'_, Table> {
         self.entries.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -197,62 +174,45 @@ impl Networks {
         self.sys_net.join(name).join("bridge").is_dir()
     }
 
-    fn save(&self, definition: &NetworkDefinition) -> Result<(), ApiError> {
-        let path = self.dir.join(format!("{}.toml", definition.name));
-        let text =
-            toml::to_string_pretty(definition).map_err(|e| ApiError::internal(e.to_string()))?;
-        atomic_write(&path, text.as_bytes()).map_err(|e| ApiError::internal(chain(&e)))
-    }
-
-    pub fn define(&self, definition: NetworkDefinition) -> Result<NetworkInfo, ApiError> {
-        definition.validate().map_err(ApiError::bad_request)?;
-        check_new_definition(&definition).map_err(ApiError::bad_request)?;
-        let subnet = definition.subnet().map_err(ApiError::bad_request)?;
+    pub fn define(&self, definition: NetworkDefinition) -> Result<NetworkInfo, Failure> {
+        definition.validate().map_err(Failure::invalid)?;
+        check_new_definition(&definition).map_err(Failure::invalid)?;
+        let subnet = definition.subnet().map_err(Failure::invalid)?;
         let mut entries = self.lock();
-        if entries.contains_key(&definition.name) {
-            return Err(ApiError::conflict(format!(
-                "a network named {} already exists",
-                definition.name
-            )));
-        }
-        for other in entries.values().map(|e| &e.definition) {
-            if other.bridge == definition.bridge {
-                return Err(ApiError::conflict(format!(
-                    "network {} already uses bridge {}",
-                    other.name, other.bridge
-                )));
-            }
-            let overlap = match (subnet, other.subnet().ok().flatten()) {
-                (Some(mine), Some(theirs)) => mine.overlaps(&theirs).then_some(theirs),
-                _ => None,
-            };
-            if let Some(theirs) = overlap {
-                return Err(ApiError::conflict(format!(
-                    "subnet {} overlaps {theirs} of network {}",
-                    subnet.map(|s| s.to_string()).unwrap_or_default(),
-                    other.name
-                )));
-            }
-        }
-        self.check_host(&definition, false)?;
-        self.save(&definition)?;
-        let entry = Entry {
-            definition,
-            active: false,
-            record: Record::default(),
-        };
-        let info = entry.info();
-        entries.insert(entry.definition.name.clone(), entry);
-        self.reindex(&entries);
+        let info = entries
+            .define(definition.clone(), |entries| {
+                for other in entries.entries().values().map(|e| &e.definition) {
+                    if other.bridge == definition.bridge {
+                        return Err(Failure::conflict(format!(
+                            "network {} already uses bridge {}",
+                            other.name, other.bridge
+                        )));
+                    }
+                    let overlap = match (subnet, other.subnet().ok().flatten()) {
+                        (Some(mine), Some(theirs)) => mine.overlaps(&theirs).then_some(theirs),
+                        _ => None,
+                    };
+                    if let Some(theirs) = overlap {
+                        return Err(Failure::conflict(format!(
+                            "subnet {} overlaps {theirs} of network {}",
+                            subnet.map(|s| s.to_string()).unwrap_or_default(),
+                            other.name
+                        )));
+                    }
+                }
+                self.check_host(&definition, false)
+            })?
+            .info();
+        self.reindex(entries.entries());
         Ok(info)
     }
 
     /// Checks the definition against the host's interfaces; `ours` when the network's own
     /// bridge may exist (it is being brought up again).
-    fn check_host(&self, definition: &NetworkDefinition, ours: bool) -> Result<(), ApiError> {
+    fn check_host(&self, definition: &NetworkDefinition, ours: bool) -> Result<(), Failure> {
         match definition.mode {
             NetworkMode::Bridge if !self.is_bridge(&definition.bridge) => {
-                Err(ApiError::conflict(format!(
+                Err(Failure::conflict(format!(
                     "there is no bridge {} on this host to attach VMs to",
                     definition.bridge
                 )))
@@ -260,7 +220,7 @@ impl Networks {
             NetworkMode::Nat | NetworkMode::Isolated
                 if !ours && self.interface_exists(&definition.bridge) =>
             {
-                Err(ApiError::conflict(format!(
+                Err(Failure::conflict(format!(
                     "an interface named {} already exists on this host",
                     definition.bridge
                 )))
@@ -269,65 +229,50 @@ impl Networks {
         }
     }
 
-    pub fn undefine(&self, name: &str) -> Result<(), ApiError> {
+    pub fn undefine(&self, name: &str) -> Result<(), Failure> {
         let mut entries = self.lock();
-        let entry = entries.get(name).ok_or_else(|| not_found(name))?;
-        if entry.active {
-            return Err(ApiError::conflict(format!(
-                "network {name} is active: stop it first"
-            )));
-        }
-        let path = self.dir.join(format!("{name}.toml"));
-        std::fs::remove_file(&path)
-            .map_err(|e| ApiError::internal(format!("cannot remove {}: {e}", path.display())))?;
-        entries.remove(name);
-        self.reindex(&entries);
+        entries.undefine(name)?;
+        self.reindex(entries.entries());
         Ok(())
     }
 
-    pub fn info(&self, name: &str) -> Result<NetworkInfo, ApiError> {
-        let entries = self.lock();
-        Ok(entries.get(name).ok_or_else(|| not_found(name))?.info())
+    pub fn info(&self, name: &str) -> Result<NetworkInfo, Failure> {
+        Ok(self.lock().get(name)?.info())
     }
 
     pub fn list(&self) -> Vec<NetworkInfo> {
-        self.lock().values().map(Entry::info).collect()
+        self.lock().entries().values().map(Entry::info).collect()
     }
 
     /// Brings a network up.
-    pub fn start(&self, name: &str) -> Result<NetworkInfo, ApiError> {
+    pub fn start(&self, name: &str) -> Result<NetworkInfo, Failure> {
         let mut entries = self.lock();
-        let entry = entries.get_mut(name).ok_or_else(|| not_found(name))?;
-        if entry.active {
-            return Err(ApiError::conflict(format!(
-                "network {name} is already active"
-            )));
-        }
+        let entry = entries.inactive(name)?;
         self.check_host(&entry.definition, false)?;
         entry.record = Record::default();
         self.bring_up(entry, false)?;
         entry.active = true;
         let info = entry.info();
-        self.reindex(&entries);
+        self.reindex(entries.entries());
         Ok(info)
     }
 
     /// The host side of `entry`: created, or (`again`, after a daemon restart) found and
     /// completed. A failed first start leaves nothing behind.
-    fn bring_up(&self, entry: &mut Entry, again: bool) -> Result<(), ApiError> {
+    fn bring_up(&self, entry: &mut Entry, again: bool) -> Result<(), Failure> {
         let definition = &entry.definition;
         let name = &definition.name;
         let run_dir = self.run_dir(name);
-        let Some(subnet) = definition.subnet().map_err(ApiError::bad_request)? else {
+        let Some(subnet) = definition.subnet().map_err(Failure::invalid)? else {
             // Bridge mode: the host's bridge is all there is.
             return std::fs::create_dir_all(&run_dir).map_err(|e| {
-                ApiError::internal(format!("cannot create {}: {e}", run_dir.display()))
+                Failure::internal(format!("cannot create {}: {e}", run_dir.display()))
             });
         };
         if let Some(user) = host_side::subnet_in_use(subnet, &definition.bridge)
             .map_err(|e| host_error(name, &e))?
         {
-            return Err(ApiError::conflict(format!(
+            return Err(Failure::conflict(format!(
                 "network {name}: its subnet {subnet} is in use on this host ({user})"
             )));
         }
@@ -359,20 +304,17 @@ impl Networks {
     }
 
     /// Writes the record of `entry`'s ports and bridge to its runtime directory.
-    fn save_record(&self, entry: &Entry) -> Result<(), ApiError> {
+    fn save_record(&self, entry: &Entry) -> Result<(), Failure> {
         let run_dir = self.run_dir(&entry.definition.name);
-        ports::save(&run_dir, &entry.record).map_err(|e| ApiError::internal(chain(&e)))
+        ports::save(&run_dir, &entry.record).map_err(|e| Failure::internal(chain(&e)))
     }
 
     /// Takes a network down; refused while VMs are attached.
-    pub fn stop(&self, name: &str) -> Result<NetworkInfo, ApiError> {
+    pub fn stop(&self, name: &str) -> Result<NetworkInfo, Failure> {
         let mut entries = self.lock();
-        let entry = entries.get_mut(name).ok_or_else(|| not_found(name))?;
-        if !entry.active {
-            return Err(ApiError::conflict(format!("network {name} is not active")));
-        }
+        let entry = entries.active(name)?;
         if !entry.record.ports.is_empty() {
-            return Err(ApiError::conflict(format!(
+            return Err(Failure::conflict(format!(
                 "network {name} has running VMs: {}",
                 entry.vms().join(", ")
             )));
@@ -392,25 +334,19 @@ impl Networks {
         entry.active = false;
         entry.record = Record::default();
         let info = entry.info();
-        self.reindex(&entries);
+        self.reindex(entries.entries());
         result.map_err(|e| host_error(name, &e))?;
         Ok(info)
     }
 
-    pub fn set_autostart(&self, name: &str, enabled: bool) -> Result<NetworkInfo, ApiError> {
-        let mut entries = self.lock();
-        let entry = entries.get_mut(name).ok_or_else(|| not_found(name))?;
-        let mut definition = entry.definition.clone();
-        definition.autostart = enabled;
-        self.save(&definition)?;
-        entry.definition = definition;
-        Ok(entry.info())
+    pub fn set_autostart(&self, name: &str, enabled: bool) -> Result<NetworkInfo, Failure> {
+        Ok(self.lock().set_autostart(name, enabled)?.info())
     }
 
     /// The DHCP leases of a network (none for bridge-mode or inactive networks).
-    pub fn leases(&self, name: &str) -> Result<Vec<Lease>, ApiError> {
+    pub fn leases(&self, name: &str) -> Result<Vec<Lease>, Failure> {
         let entries = self.lock();
-        let entry = entries.get(name).ok_or_else(|| not_found(name))?;
+        let entry = entries.get(name)?;
         let files = dnsmasq::DnsmasqFiles::new(self.run_dir(name));
         if !entry.active || entry.definition.mode == NetworkMode::Bridge {
             return Ok(Vec::new());
@@ -424,18 +360,21 @@ impl Networks {
     pub fn resume(&self) {
         let names: Vec<(String, bool)> = self
             .lock()
+            .entries()
             .values()
             .map(|e| (e.definition.name.clone(), e.active))
             .collect();
         for (name, active) in names {
             let result = if active {
-                let mut entries = self.lock();
+                let mut table = self.lock();
+                let entries = table.entries_mut();
                 match entries.get_mut(&name) {
                     Some(entry) => self.bring_up(entry, true),
                     None => Ok(()),
                 }
             } else if self
                 .lock()
+                .entries()
                 .get(&name)
                 .is_some_and(|e| e.definition.autostart)
             {
@@ -454,6 +393,7 @@ impl Networks {
     pub fn rotate_dnsmasq_logs(&self) {
         let dirs: Vec<PathBuf> = self
             .lock()
+            .entries()
             .values()
             .filter(|e| e.active)
             .map(|e| self.run_dir(&e.definition.name))
@@ -485,322 +425,6 @@ impl Networks {
             .filter_map(|name| api::daemon_api::network_tap_id(name))
             .collect()
     }
-
-    /// Creates the TAP devices of a starting VM's NICs on their networks' bridges, each with
-    /// its reserved address, filter rules and DHCP entry; all or nothing. An interface that
-    /// has a NIC's TAP name and that the daemon did not make for this VM is left alone and
-    /// the start refused.
-    pub fn attach(&self, vm: &str, nics: &[NetworkNic]) -> Result<(), ApiError> {
-        let mut entries = self.lock();
-        for nic in nics {
-            let entry = entries.get(&nic.network).ok_or_else(|| {
-                ApiError::conflict(format!("VM {vm}: there is no network {}", nic.network))
-            })?;
-            if !entry.active {
-                return Err(ApiError::conflict(format!(
-                    "VM {vm}: network {} is not active (ferro net start {})",
-                    nic.network, nic.network
-                )));
-            }
-        }
-        // A record left by a run of this VM that ended unseen, or whose TAP devices could not
-        // be removed then: its links are ours to remove.
-        self.remove_ports(&mut entries, vm);
-        if let Some(left) = entries
-            .values()
-            .flat_map(|e| &e.record.ports)
-            .find(|p| p.vm == vm)
-        {
-            return Err(ApiError::internal(format!(
-                "VM {vm}: its TAP device {} from an earlier run cannot be removed (see the \
-                 daemon's log); remove it (ip link delete {}) and start the VM again",
-                left.tap, left.tap
-            )));
-        }
-        for (done, nic) in nics.iter().enumerate() {
-            if let Err(e) = self.add_port(&mut entries, vm, nic) {
-                for earlier in &nics[..done] {
-                    self.remove_port(&mut entries, &earlier.network, &earlier.tap);
-                }
-                return Err(e);
-            }
-        }
-        Ok(())
-    }
-
-    /// Makes the TAP device of one NIC and records it as a port.
-    fn add_port(
-        &self,
-        entries: &mut BTreeMap<String, Entry>,
-        vm: &str,
-        nic: &NetworkNic,
-    ) -> Result<(), ApiError> {
-        let entry = entries
-            .get_mut(&nic.network)
-            .ok_or_else(|| not_found(&nic.network))?;
-        let network = entry.definition.name.clone();
-        if let Some(other) = entry.record.ports.iter().find(|p| p.mac == nic.mac) {
-            return Err(ApiError::conflict(format!(
-                "VM {vm}: MAC {} is already on network {network} (VM {}); give the NIC another mac",
-                nic.mac, other.vm
-            )));
-        }
-        let ip = self.reserve(entry, nic.mac)?;
-        let ifindex =
-            host_side::add_tap(&nic.tap, &entry.definition.bridge).map_err(|e| match e {
-                HostError::Netlink(crate::networks::netlink::NetlinkError::Exists(_)) => {
-                    ApiError::conflict(format!(
-                "VM {vm}: an interface named {} exists and the daemon did not make it for this VM, \
-                 so it is left alone; remove it (ip link delete {}) if it is a leftover",
-                nic.tap, nic.tap
-            ))
-                }
-                e => host_error(&network, &e),
-            })?;
-        let recorded = self.record_port(entries, vm, nic, ifindex, ip);
-        if recorded.is_err() {
-            self.remove_port(entries, &nic.network, &nic.tap);
-        }
-        recorded
-    }
-
-    /// Records link `ifindex` as the port of `nic` (its TAP device, on the bridge) with address
-    /// `ip`, then gives it its filter and DHCP entry (an error when its filter cannot be
-    /// loaded: a new TAP device is then removed, see [`Networks::add_port`]).
-    fn record_port(
-        &self,
-        entries: &mut BTreeMap<String, Entry>,
-        vm: &str,
-        nic: &NetworkNic,
-        ifindex: u32,
-        ip: Option<std::net::Ipv4Addr>,
-    ) -> Result<(), ApiError> {
-        let entry = entries
-            .get_mut(&nic.network)
-            .ok_or_else(|| not_found(&nic.network))?;
-        let dns_name = free_dns_name(entry, vm, nic);
-        entry.record.ports.push(Port {
-            vm: vm.to_string(),
-            tap: nic.tap.clone(),
-            ifindex,
-            mac: nic.mac,
-            ip,
-            dns_name,
-        });
-        let joined = self.save_record(entry).and_then(|()| {
-            let Some(ip) = ip.filter(|_| entry.active) else {
-                return Ok(());
-            };
-            let filter = firewall::PortFilter {
-                tap: &nic.tap,
-                mac: nic.mac,
-                ip,
-            };
-            let run_dir = self.run_dir(&entry.definition.name);
-            host_side::port_joined(&entry.definition, &run_dir, &entry.record.ports, &filter)
-                .map_err(|e| host_error(&entry.definition.name, &e))
-        });
-        self.reindex(entries);
-        joined
-    }
-
-    /// The address for a new port with `mac` on `entry` (none on bridge-mode networks).
-    fn reserve(
-        &self,
-        entry: &Entry,
-        mac: MacAddress,
-    ) -> Result<Option<std::net::Ipv4Addr>, ApiError> {
-        if entry.definition.mode == NetworkMode::Bridge {
-            return Ok(None);
-        }
-        let files = dnsmasq::DnsmasqFiles::new(self.run_dir(&entry.definition.name));
-        let leases =
-            dnsmasq::parse_leases(&std::fs::read_to_string(files.leases()).unwrap_or_default());
-        let taken: Vec<_> = entry.record.ports.iter().filter_map(|p| p.ip).collect();
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        let taken = ports::Taken {
-            ports: &taken,
-            leases: &leases,
-            now,
-        };
-        ports::reserve_address(&entry.definition, mac, taken)
-            .map(Some)
-            .ok_or_else(|| {
-                ApiError::conflict(format!(
-                    "network {}: every address of its DHCP range is taken",
-                    entry.definition.name
-                ))
-            })
-    }
-
-    /// Removes port `tap` of network `network`: its link (only the one the daemon made), its
-    /// record, rules and DHCP entry.
-    fn remove_port(&self, entries: &mut BTreeMap<String, Entry>, network: &str, tap: &str) {
-        let Some(entry) = entries.get_mut(network) else {
-            return;
-        };
-        let Some(at) = entry.record.ports.iter().position(|p| p.tap == tap) else {
-            return;
-        };
-        if let Err(e) =
-            host_side::remove_tap(&entry.record.ports[at].tap, entry.record.ports[at].ifindex)
-        {
-            // Still recorded, so still this VM's (its name, and so its VM id, given to no one
-            // else; its filter kept), and tried again at the VM's next start.
-            let port = &entry.record.ports[at];
-            tracing::warn!(
-                "VM {} on network {network}: {}; its TAP device {} stays recorded",
-                port.vm,
-                chain(&e),
-                port.tap
-            );
-            return;
-        }
-        entry.record.ports.remove(at);
-        if let Err(e) = self.save_record(entry) {
-            tracing::warn!("network {network}: {}", e.message);
-        }
-        if entry.active && entry.definition.mode != NetworkMode::Bridge {
-            let run_dir = self.run_dir(network);
-            let left = host_side::port_left(&entry.definition, &run_dir, &entry.record.ports, tap);
-            if let Err(e) = left {
-                tracing::warn!("network {network}: {}", chain(&e));
-            }
-        }
-        self.reindex(entries);
-    }
-
-    /// Removes every port of VM `vm`.
-    fn remove_ports(&self, entries: &mut BTreeMap<String, Entry>, vm: &str) {
-        let ports: Vec<(String, String)> = entries
-            .iter()
-            .flat_map(|(network, entry)| {
-                entry
-                    .record
-                    .ports
-                    .iter()
-                    .filter(|p| p.vm == vm)
-                    .map(move |p| (network.clone(), p.tap.clone()))
-            })
-            .collect();
-        for (network, tap) in ports {
-            self.remove_port(entries, &network, &tap);
-        }
-    }
-
-    /// After a daemon restart, for a VM found running: its ports are on their bridges again.
-    /// A VM started by a daemon that kept no record of ports (older than records) has its TAP
-    /// devices under `legacy` names: the TAP devices of those names are taken as its own, as
-    /// that daemon did, and recorded.
-    pub fn reattach(&self, vm: &str, legacy: &[NetworkNic]) {
-        let mut entries = self.lock();
-        let recorded = entries
-            .values()
-            .any(|e| e.record.ports.iter().any(|p| p.vm == vm));
-        if !recorded {
-            for nic in legacy {
-                if let Err(e) = self.adopt_legacy_port(&mut entries, vm, nic) {
-                    tracing::warn!("VM {vm} on network {}: {}", nic.network, e.message);
-                }
-            }
-        }
-        for entry in entries.values() {
-            for port in entry.record.ports.iter().filter(|p| p.vm == vm) {
-                if let Err(e) = host_side::ensure_on_bridge(&port.tap, &entry.definition.bridge) {
-                    tracing::warn!(
-                        "VM {vm} on network {}: {}",
-                        entry.definition.name,
-                        chain(&e)
-                    );
-                }
-            }
-        }
-    }
-
-    /// Records the existing TAP device of a VM an older daemon started.
-    fn adopt_legacy_port(
-        &self,
-        entries: &mut BTreeMap<String, Entry>,
-        vm: &str,
-        nic: &NetworkNic,
-    ) -> Result<(), ApiError> {
-        let link = crate::networks::netlink::link_named(&nic.tap)
-            .map_err(|e| ApiError::internal(chain(&e)))?
-            .filter(|link| link.tun)
-            .ok_or_else(|| ApiError::conflict(format!("no TAP device {}", nic.tap)))?;
-        // Old names could collide: a TAP already recorded for another VM is not taken twice.
-        if let Some(claim) = self.claim_on(&nic.tap) {
-            return Err(ApiError::conflict(format!("{} is {claim}", nic.tap)));
-        }
-        let entry = entries
-            .get(&nic.network)
-            .ok_or_else(|| not_found(&nic.network))?;
-        let ip = self.reserve(entry, nic.mac)?;
-        self.record_port(entries, vm, nic, link.index, ip)
-    }
-
-    /// Removes a stopped VM's TAP devices from its networks.
-    pub fn detach(&self, vm: &str) {
-        let mut entries = self.lock();
-        self.remove_ports(&mut entries, vm);
-    }
-
-    /// Removes the ports of VMs not in `running` (recorded by a daemon that stopped before
-    /// their VMs ended, whose run is gone without a trace): called once VMs are adopted.
-    pub fn forget_all_but(&self, running: &[String]) {
-        let mut entries = self.lock();
-        let stale: Vec<String> = entries
-            .values()
-            .flat_map(|e| e.record.ports.iter().map(|p| p.vm.clone()))
-            .filter(|vm| !running.contains(vm))
-            .collect();
-        for vm in stale {
-            tracing::info!("removing the TAP devices of VM {vm}, which no longer runs");
-            self.remove_ports(&mut entries, &vm);
-        }
-    }
-
-    /// Records an existing link on no bridge (a veth end, standing in for a VM's TAP device)
-    /// as the port of `nic`, for tests of the filter and DHCP with real clients.
-    #[cfg(test)]
-    fn join_link(&self, vm: &str, nic: &NetworkNic) -> Result<(), ApiError> {
-        let mut entries = self.lock();
-        let entry = entries
-            .get(&nic.network)
-            .ok_or_else(|| not_found(&nic.network))?;
-        let ip = self.reserve(entry, nic.mac)?;
-        let link = crate::networks::netlink::link_named(&nic.tap)
-            .ok()
-            .flatten()
-            .ok_or_else(|| not_found(&nic.tap))?;
-        host_side::ensure_on_bridge(&nic.tap, &entry.definition.bridge)
-            .map_err(|e| ApiError::internal(chain(&e)))?;
-        self.record_port(&mut entries, vm, nic, link.index, ip)
-    }
-}
-
-/// The DNS name a VM's port joining `entry` gets: its own, unless reserved or taken (in any
-/// case) by a fixed host or another VM on the network, which keeps it; then none, with a
-/// warning, and the VM is reached by address.
-fn free_dns_name(entry: &Entry, vm: &str, nic: &NetworkNic) -> Option<String> {
-    let name = nic.dns_name.as_deref()?;
-    let hosts = entry.definition.hosts.iter().map(|h| h.name.as_str());
-    let ports = entry
-        .record
-        .ports
-        .iter()
-        .filter_map(|p| p.dns_name.as_deref());
-    if dnsmasq::name_free(name, hosts.chain(ports)) {
-        return Some(name.to_string());
-    }
-    tracing::warn!(
-        "VM {vm} on network {}: the DNS name {name} is reserved or another host of the network \
-         has it (names are case-insensitive); the VM gets its address without a name",
-        entry.definition.name
-    );
-    None
 }
 
 /// Checks a network definition needs at `define` only (definitions stored before these checks
@@ -825,17 +449,14 @@ fn check_new_definition(definition: &NetworkDefinition) -> Result<(), String> {
     Ok(())
 }
 
-fn load(path: &Path) -> Result<NetworkDefinition, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
-    parse_network_definition(&text)
-}
-
 /// Parses a network definition file (TOML): the rules the CLI checks a file with.
+#[cfg(test)]
 pub use api::definition_file::parse_network as parse_network_definition;
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::failure::Kind;
 
     fn setup() -> (tempfile::TempDir, Networks) {
         let dir = tempfile::tempdir().unwrap();
@@ -858,7 +479,7 @@ mod tests {
         let overlapping =
             "name = \"b\"\nmode = \"isolated\"\nbridge = \"ferro1\"\nsubnet = \"192.168.0.0/16\"\n";
         let err = networks.define(parse(overlapping)).unwrap_err();
-        assert_eq!(err.status, StatusCode::CONFLICT);
+        assert_eq!(err.kind, Kind::Conflict);
         assert!(
             err.message
                 .contains("overlaps 192.168.122.0/24 of network default"),
@@ -887,8 +508,8 @@ mod tests {
         let host_bridge = "name = \"lan\"\nmode = \"bridge\"\nbridge = \"br-host\"\n";
         networks.define(parse(host_bridge)).unwrap();
         assert_eq!(
-            networks.define(parse(default)).unwrap_err().status,
-            StatusCode::CONFLICT
+            networks.define(parse(default)).unwrap_err().kind,
+            Kind::Conflict
         );
         // A new daemon finds them.
         let again = Networks::open(
@@ -903,11 +524,13 @@ mod tests {
             .collect();
         assert_eq!(names, ["default", "lan"]);
         again.undefine("lan").unwrap();
-        assert_eq!(again.info("lan").unwrap_err().status, StatusCode::NOT_FOUND);
+        assert_eq!(again.info("lan").unwrap_err().kind, Kind::NotFound);
     }
 }
 
 /// The whole life of networks on this host's kernel, inside network namespaces of the tests'
 /// threads (skipped without root, nft or dnsmasq).
+#[cfg(test)]
+mod dnsmasq_log_tests;
 #[cfg(test)]
 mod host_tests;

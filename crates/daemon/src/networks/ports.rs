@@ -19,8 +19,6 @@ use api::net::MacAddress;
 use api::net_api::{Lease, NetworkDefinition};
 use serde::{Deserialize, Serialize};
 
-use crate::vms::store::{atomic_write, StoreError};
-
 /// A TAP device the daemon made for a VM's NIC on a network.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Port {
@@ -68,13 +66,22 @@ pub fn load(run_dir: &Path) -> Record {
 }
 
 /// Replaces the network's record.
-pub fn save(run_dir: &Path, record: &Record) -> Result<(), StoreError> {
+/// A record that could not be saved.
+#[derive(Debug, thiserror::Error)]
+pub enum SaveError {
+    #[error("{}: {message}", path.display())]
+    Encode { path: PathBuf, message: String },
+    #[error(transparent)]
+    Write(#[from] crate::fs::WriteError),
+}
+
+pub fn save(run_dir: &Path, record: &Record) -> Result<(), SaveError> {
     let path = path(run_dir);
-    let bytes = serde_json::to_vec_pretty(record).map_err(|e| StoreError::Invalid {
+    let bytes = serde_json::to_vec_pretty(record).map_err(|e| SaveError::Encode {
         path: path.clone(),
         message: e.to_string(),
     })?;
-    atomic_write(&path, &bytes)
+    Ok(crate::fs::write_atomic(&path, &bytes)?)
 }
 
 /// What address choice needs to know besides the definition.

@@ -93,14 +93,7 @@ pub fn publish_new(partial: &Path, target: &Path) -> io::Result<()> {
 /// Puts the complete file `partial` in place of `target` and makes the change durable.
 pub fn publish_over(partial: &Path, target: &Path) -> io::Result<()> {
     std::fs::rename(partial, target)?;
-    sync_parent(target)
-}
-
-fn sync_parent(path: &Path) -> io::Result<()> {
-    match path.parent() {
-        Some(dir) => std::fs::File::open(dir)?.sync_all(),
-        None => Ok(()),
-    }
+    crate::fs::sync_parent(target)
 }
 
 fn rename_no_replace(from: &Path, to: &Path) -> io::Result<()> {

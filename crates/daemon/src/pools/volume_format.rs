@@ -20,18 +20,18 @@
 //! Threading: plain file operations, from the API's blocking tasks.
 
 use std::fs::File;
-use std::io::{self, Write};
+use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use block::Format;
 use serde::Deserialize;
 
 /// Suffix of a volume's records: `.NAME.INODE.format`.
 const SUFFIX: &str = ".format";
-/// Marks a record being written: `.NAME.INODE.format.tmp-PID-N`.
-const TEMPORARY: &str = ".format.tmp-";
+/// Marks a record being written: `.NAME.INODE.format.tmp` (`.tmp-PID-N` before the daemon
+/// wrote every file through `crate::fs`).
+const TEMPORARY: &str = ".format.tmp";
 
 /// Why a volume's format is not known.
 #[derive(Debug, thiserror::Error)]
@@ -109,33 +109,10 @@ pub fn inode_of(file: &Path) -> Result<u64, FormatError> {
 fn write(volume: &Path, inode: u64, format: Format) -> Result<(), FormatError> {
     let path = record_path(volume, inode);
     let text = format!("format = \"{}\"\n", format.name());
-    write_durably(&path, text.as_bytes()).map_err(|source| FormatError::Write { path, source })
-}
-
-/// Writes `bytes` to `path` through a temporary file of its own (two writers never share
-/// one), synced, renamed into place, and the directory synced.
-fn write_durably(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    static SEQUENCE: AtomicU64 = AtomicU64::new(0);
-    let name = path.file_name().unwrap_or_default().to_string_lossy();
-    let unique = SEQUENCE.fetch_add(1, Ordering::Relaxed);
-    let tmp = path.with_file_name(format!("{name}.tmp-{}-{unique}", std::process::id()));
-    let result = (|| {
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        match path.parent() {
-            Some(dir) => File::open(dir)?.sync_all(),
-            None => Ok(()),
-        }
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
+    crate::fs::write_atomic(&path, text.as_bytes()).map_err(|e| FormatError::Write {
+        path: e.path,
+        source: e.source,
+    })
 }
 
 /// The recorded format of `volume`'s file with inode `inode`; `None` if there is no record.
@@ -419,6 +396,7 @@ mod tests {
         record(&kept, &kept, Format::Raw).unwrap();
         record(&gone, &gone, Format::Qcow2).unwrap();
         std::fs::write(dir.path().join(".a.b.7.format.tmp-1-2"), b"x").unwrap();
+        std::fs::write(dir.path().join(".a.b.8.format.tmp"), b"x").unwrap();
         std::fs::remove_file(&gone).unwrap();
         tidy(dir.path());
         let kept_record = format!(".a.b.{}.format", inode_of(&kept).unwrap());

@@ -28,6 +28,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::thread::JoinHandle;
 
+use crate::fs;
 use crate::pools::partial;
 
 const UNSYNCED: &str = ".unsynced";
@@ -61,15 +62,7 @@ pub fn begin(dir: &Path, name: &str, copy: &Path) -> io::Result<Marker> {
         path: dir.join(file_name),
         volume: dir.join(name),
     };
-    let created = File::options()
-        .write(true)
-        .create_new(true)
-        .open(&marker.path);
-    let written = created.and_then(|mut file| {
-        io::Write::write_all(&mut file, format!("{} {inode}\n", boot_id()).as_bytes())?;
-        file.sync_all()?;
-        sync_dir(dir)
-    });
+    let written = fs::create_durably(&marker.path, format!("{} {inode}\n", boot_id()).as_bytes());
     match written {
         Ok(()) => Ok(marker),
         Err(e) => {
@@ -110,8 +103,8 @@ impl Marker {
         };
         match volume.sync_data() {
             Ok(()) => {
-                let removed = std::fs::remove_file(&self.path)
-                    .and_then(|()| parent_of(&self.path).and_then(sync_dir));
+                let removed =
+                    std::fs::remove_file(&self.path).and_then(|()| fs::sync_parent(&self.path));
                 if let Err(e) = removed {
                     // The next daemon's recovery syncs again (same boot) or reports the
                     // volume (another boot): never a silent loss.
@@ -223,10 +216,10 @@ fn mark_incomplete(marker: &Path, volume: &Path) {
     let Some(inode) = inode else {
         return;
     };
-    let written = std::fs::write(&record, format!("{inode}\n"))
-        .and_then(|()| File::open(&record).and_then(|f| f.sync_all()))
+    let written = fs::write_atomic(&record, format!("{inode}\n").as_bytes())
+        .map_err(|e| e.source)
         .and_then(|()| std::fs::remove_file(marker))
-        .and_then(|()| parent_of(volume).and_then(sync_dir));
+        .and_then(|()| fs::sync_parent(volume));
     if let Err(e) = written {
         tracing::error!("cannot record {} as incomplete: {e}", volume.display());
     }
@@ -272,15 +265,6 @@ fn boot_id() -> String {
     std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
         .map(|id| id.trim().to_string())
         .unwrap_or_default()
-}
-
-fn parent_of(path: &Path) -> io::Result<&Path> {
-    path.parent()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "a path without a directory"))
-}
-
-fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
 }
 
 #[cfg(test)]

@@ -50,7 +50,7 @@ use tokio::sync::{watch, Notify};
 use tokio::task::JoinSet;
 use tokio::time::{sleep, sleep_until, timeout, Instant, Sleep};
 
-use crate::error::ApiError;
+use crate::server::error::ApiError;
 
 /// The bounds of one client and of one user (see the module's text).
 #[derive(Debug, Clone, Copy)]

@@ -1,63 +1,45 @@
 //! The REST API (`docs/api/daemon.openapi.json`) on the daemon's Unix socket, and the
-//! daemon's start and stop. Connections are served within the limits of [`http`]
-//! (header and body deadlines, connection limits overall and per user, a cap on each user's
-//! event streams, a bounded stop).
+//! daemon's start and stop: the routes of each resource ([`vms`], [`pools`], [`networks`]),
+//! what they share ([`app`]), and the one place that maps failures to HTTP statuses
+//! ([`error`]). Connections are served within the limits of [`http`] (header and body
+//! deadlines, connection limits overall and per user, a cap on each user's event streams, a
+//! bounded stop).
+//!
+//! Threading: the daemon's one tokio runtime; handlers move blocking work to its blocking
+//! pool.
 
+mod app;
+mod error;
 mod http;
 mod networks;
 mod pools;
+mod vms;
 
-use std::convert::Infallible;
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
-use api::daemon_api::{AutostartRequest, ShutdownRequest, VmDefinition, VmStats};
-use axum::body::{Body, Bytes};
-use axum::extract::{FromRef, Path as UrlPath, State};
 use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
-use axum::{Extension, Json, Router};
+use axum::Router;
 use tokio::net::UnixListener;
-use tokio_stream::wrappers::BroadcastStream;
-use tokio_stream::StreamExt;
 
-use crate::error::{ApiError, DaemonError};
+pub use error::DaemonError;
+
 use crate::networks::Networks;
 use crate::pools::Pools;
 use crate::vms::store::Store;
-use crate::vms::supervisor::{self, Control, Supervisor};
-use crate::{host, DaemonOptions};
-use http::{Client, Limits};
+use crate::vms::supervisor::Supervisor;
+use app::App;
+use error::ApiError;
+use http::Limits;
 
-type Shared = Arc<Supervisor>;
-
-/// What the handlers share: the VMs and the pools.
+/// How the daemon is run.
 #[derive(Debug, Clone)]
-pub struct App {
-    pub vms: Shared,
-    pub pools: Arc<Pools>,
-    pub networks: Arc<Networks>,
-}
-
-impl FromRef<App> for Arc<Networks> {
-    fn from_ref(app: &App) -> Arc<Networks> {
-        app.networks.clone()
-    }
-}
-
-impl FromRef<App> for Shared {
-    fn from_ref(app: &App) -> Shared {
-        app.vms.clone()
-    }
-}
-
-impl FromRef<App> for Arc<Pools> {
-    fn from_ref(app: &App) -> Arc<Pools> {
-        app.pools.clone()
-    }
+pub struct DaemonOptions {
+    pub socket: PathBuf,
+    pub state_dir: PathBuf,
+    /// The `ferro` binary that runs VMs (normally this very executable).
+    pub ferro: PathBuf,
 }
 
 pub async fn serve(options: DaemonOptions) -> Result<(), DaemonError> {
@@ -107,19 +89,6 @@ async fn rotate_dnsmasq_logs(networks: Arc<Networks>) {
         let networks = networks.clone();
         let _ = tokio::task::spawn_blocking(move || networks.rotate_dnsmasq_logs()).await;
     }
-}
-
-/// Runs `work` (which may block on files, processes or netlink) off the runtime's threads and
-/// answers with its value as JSON.
-pub async fn blocking<T, F>(status: StatusCode, work: F) -> Result<Response, ApiError>
-where
-    T: serde::Serialize + Send + 'static,
-    F: FnOnce() -> Result<T, ApiError> + Send + 'static,
-{
-    let value = tokio::task::spawn_blocking(work)
-        .await
-        .map_err(|e| ApiError::internal(format!("the operation failed: {e}")))??;
-    Ok((status, Json(value)).into_response())
 }
 
 /// Binds the socket: mode 0660, group `ferro` when it exists; a stale file is replaced.
@@ -174,21 +143,9 @@ async fn termination() {
 
 fn router(app: App) -> Router {
     Router::new()
-        .route("/api/v1/vms", get(list).post(define))
-        .route("/api/v1/vms/{name}", get(details).delete(undefine))
-        .route("/api/v1/vms/{name}/start", post(start))
-        .route("/api/v1/vms/{name}/shutdown", post(shutdown))
-        .route("/api/v1/vms/{name}/destroy", post(destroy))
-        .route("/api/v1/vms/{name}/reboot", post(reboot))
-        .route("/api/v1/vms/{name}/reset", post(reset))
-        .route("/api/v1/vms/{name}/suspend", post(suspend))
-        .route("/api/v1/vms/{name}/resume", post(resume))
-        .route("/api/v1/vms/{name}/autostart", put(autostart))
-        .route("/api/v1/vms/{name}/stats", get(stats))
-        .route("/api/v1/host", get(host_info))
-        .route("/api/v1/events", get(events))
-        .merge(crate::server::pools::routes())
-        .merge(crate::server::networks::routes())
+        .merge(vms::routes())
+        .merge(pools::routes())
+        .merge(networks::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(app)
@@ -203,167 +160,4 @@ async fn method_not_allowed() -> ApiError {
         StatusCode::METHOD_NOT_ALLOWED,
         "method not allowed on this resource",
     )
-}
-
-/// Parses a JSON body with serde's own message (which names unknown fields).
-pub(crate) fn parse_body<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
-    serde_json::from_slice(body)
-        .map_err(|e| ApiError::bad_request(format!("bad request body: {e}")))
-}
-
-/// Runs an operation as its own task: a client that goes away does not cancel it halfway.
-async fn detached<F, T>(operation: F) -> Result<T, ApiError>
-where
-    F: std::future::Future<Output = Result<T, ApiError>> + Send + 'static,
-    T: Send + 'static,
-{
-    tokio::spawn(operation)
-        .await
-        .map_err(|e| ApiError::internal(format!("the operation failed: {e}")))?
-}
-
-type ApiResult<T> = Result<T, ApiError>;
-
-async fn list(State(s): State<Shared>) -> Json<Vec<api::daemon_api::VmSummary>> {
-    Json(s.list())
-}
-
-/// 201 for a new VM, 200 for an existing one's new definition.
-async fn define(State(s): State<Shared>, body: Bytes) -> ApiResult<Response> {
-    let definition: VmDefinition = parse_body(&body)?;
-    let (details, created) = detached(async move { s.define(definition) }).await?;
-    let status = if created {
-        StatusCode::CREATED
-    } else {
-        StatusCode::OK
-    };
-    Ok((status, Json(details)).into_response())
-}
-
-async fn details(State(s): State<Shared>, UrlPath(name): UrlPath<String>) -> ApiResult<Response> {
-    Ok(Json(s.details(&name)?).into_response())
-}
-
-async fn undefine(
-    State(s): State<Shared>,
-    UrlPath(name): UrlPath<String>,
-) -> ApiResult<StatusCode> {
-    detached(async move { s.undefine(&name) }).await?;
-    Ok(StatusCode::NO_CONTENT)
-}
-
-async fn start(State(s): State<Shared>, UrlPath(name): UrlPath<String>) -> ApiResult<Response> {
-    let details = detached(async move { s.start(&name).await }).await?;
-    Ok(Json(details).into_response())
-}
-
-/// The wait of a shutdown or reboot: its optional body's, or the default.
-fn power_timeout(body: &Bytes) -> ApiResult<Duration> {
-    let request: ShutdownRequest = if body.is_empty() {
-        ShutdownRequest::default()
-    } else {
-        parse_body(body)?
-    };
-    Ok(request
-        .timeout_secs
-        .map_or(supervisor::SHUTDOWN_TIMEOUT, Duration::from_secs))
-}
-
-async fn shutdown(
-    State(s): State<Shared>,
-    UrlPath(name): UrlPath<String>,
-    body: Bytes,
-) -> ApiResult<Response> {
-    let timeout = power_timeout(&body)?;
-    let details = detached(async move { s.shutdown(&name, timeout).await }).await?;
-    Ok(Json(details).into_response())
-}
-
-async fn reboot(
-    State(s): State<Shared>,
-    UrlPath(name): UrlPath<String>,
-    body: Bytes,
-) -> ApiResult<Response> {
-    let timeout = power_timeout(&body)?;
-    let details = detached(async move { s.reboot(&name, timeout).await }).await?;
-    Ok(Json(details).into_response())
-}
-
-async fn destroy(State(s): State<Shared>, UrlPath(name): UrlPath<String>) -> ApiResult<Response> {
-    let details = detached(async move { s.destroy(&name).await }).await?;
-    Ok(Json(details).into_response())
-}
-
-async fn control(s: Shared, name: String, action: Control) -> ApiResult<Response> {
-    let details = detached(async move { s.control(&name, action).await }).await?;
-    Ok(Json(details).into_response())
-}
-
-async fn reset(State(s): State<Shared>, UrlPath(name): UrlPath<String>) -> ApiResult<Response> {
-    control(s, name, Control::Reset).await
-}
-
-async fn suspend(State(s): State<Shared>, UrlPath(name): UrlPath<String>) -> ApiResult<Response> {
-    control(s, name, Control::Suspend).await
-}
-
-async fn resume(State(s): State<Shared>, UrlPath(name): UrlPath<String>) -> ApiResult<Response> {
-    control(s, name, Control::Resume).await
-}
-
-async fn autostart(
-    State(s): State<Shared>,
-    UrlPath(name): UrlPath<String>,
-    body: Bytes,
-) -> ApiResult<Response> {
-    let request: AutostartRequest = parse_body(&body)?;
-    let details = detached(async move { s.set_autostart(&name, request.enabled) }).await?;
-    Ok(Json(details).into_response())
-}
-
-async fn stats(State(s): State<Shared>, UrlPath(name): UrlPath<String>) -> ApiResult<Response> {
-    let vm = s.process_of(&name)?;
-    let (pid, vcpus, state, memory_bytes) = (vm.pid, vm.vcpus, vm.state, vm.memory_bytes);
-    let counters = supervisor::vmm_counters(&vm.api_socket).await?;
-    let (cpu_time_ns, vcpu_time_ns) =
-        tokio::task::spawn_blocking(move || host::process_cpu(pid, vcpus))
-            .await
-            .map_err(|e| ApiError::internal(e.to_string()))?;
-    Ok(Json(VmStats {
-        name,
-        state,
-        cpu_time_ns,
-        vcpu_time_ns,
-        memory_bytes,
-        rss_bytes: host::rss_bytes(pid),
-        counters,
-    })
-    .into_response())
-}
-
-async fn host_info(State(s): State<Shared>) -> ApiResult<Response> {
-    let (running, defined) = s.counts();
-    let info = tokio::task::spawn_blocking(move || host::host_info(running, defined))
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))?;
-    Ok(Json(info).into_response())
-}
-
-/// Newline-delimited JSON events, as they happen, until the client goes away or the daemon
-/// stops; one of the user's few long-lived responses (429 past them).
-async fn events(
-    State(s): State<Shared>,
-    Extension(client): Extension<Client>,
-) -> ApiResult<Response> {
-    let stream = BroadcastStream::new(s.subscribe()).filter_map(|event| {
-        let event = event.ok()?;
-        let mut line = serde_json::to_vec(&event).ok()?;
-        line.push(b'\n');
-        Some(Ok::<_, Infallible>(Bytes::from(line)))
-    });
-    let body = client.long_lived(Body::from_stream(stream))?;
-    Response::builder()
-        .header("content-type", "application/x-ndjson")
-        .body(body)
-        .map_err(|e| ApiError::internal(e.to_string()))
 }

@@ -12,9 +12,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 
-use crate::error::ApiError;
 use crate::networks::Networks;
-use crate::server::{blocking, parse_body, App};
+use crate::server::app::{blocking, parse_body, App};
+use crate::server::error::ApiError;
 
 type ApiResult = Result<Response, ApiError>;
 

@@ -23,9 +23,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 
-use crate::error::ApiError;
 use crate::pools::Pools;
-use crate::server::{blocking, parse_body, App};
+use crate::server::app::{blocking, parse_body, App};
+use crate::server::error::{status_of, ApiError};
 
 type ApiResult = Result<Response, ApiError>;
 
@@ -138,14 +138,14 @@ async fn upload_volume(
         })?;
     let (pools, vms) = (app.pools.clone(), app.vms.clone());
     let (p, v) = (pool.clone(), volume.clone());
-    let target = tokio::task::spawn_blocking(move || {
+    let target = tokio::task::spawn_blocking(move || -> Result<_, ApiError> {
         let path = pools.volume(&p, &v)?.path;
         if let Some(vm) = vms.vm_running_with(&path) {
             return Err(ApiError::conflict(format!(
                 "VM {vm} is running with volume {v}; shut it down first"
             )));
         }
-        pools.upload_target(&p, &v, len)
+        Ok(pools.upload_target(&p, &v, len)?)
     })
     .await
     .map_err(|e| ApiError::internal(e.to_string()))??;
@@ -229,14 +229,14 @@ async fn change_snapshots(
     status: StatusCode,
 ) -> ApiResult {
     let (pools, vms) = (app.pools.clone(), app.vms.clone());
-    blocking(status, move || {
+    blocking(status, move || -> Result<_, ApiError> {
         let path = pools.volume(&pool, &volume)?.path;
         if let Some(vm) = vms.vm_writing(&path) {
             return Err(ApiError::conflict(format!(
                 "VM {vm} is running and writes volume {volume}; shut it down first"
             )));
         }
-        pools.snapshots(&pool, &volume, &op)
+        Ok(pools.snapshots(&pool, &volume, &op)?)
     })
     .await
 }
@@ -418,7 +418,7 @@ async fn clone_volume(
             Ok(done) => CloneEvent::Done { done },
             Err(e) => CloneEvent::Failed {
                 error: e.message,
-                status: e.status.as_u16(),
+                status: status_of(e.kind).as_u16(),
             },
         };
         let _ = tx.blocking_send(line(&end));

@@ -2,11 +2,11 @@
 //! (`logs/NAME.console.log`) and one runtime directory per running VM (`run/NAME/`: the VMM's
 //! API and console sockets, its stderr, its process record and exit report).
 //!
-//! Every file the daemon relies on is replaced atomically (temporary file, fsync, rename), so a
-//! crash or a full disk leaves the previous version, never half a file.
+//! Definitions are replaced atomically ([`crate::fs`]), so a crash or a full disk leaves the
+//! previous version, never half a file.
 
 use std::fs;
-use std::io::{self, Write};
+use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
@@ -134,7 +134,10 @@ impl Store {
             path: path.clone(),
             message: e.to_string(),
         })?;
-        atomic_write(&path, text.as_bytes())
+        crate::fs::write_atomic(&path, text.as_bytes()).map_err(|e| StoreError::Write {
+            path: e.path,
+            source: e.source,
+        })
     }
 
     pub fn remove_definition(&self, name: &str) -> Result<(), StoreError> {
@@ -196,29 +199,6 @@ fn list_names(dir: &Path, suffix: Option<&str>) -> Vec<String> {
         .collect();
     names.sort();
     names
-}
-
-/// Replaces `path` with `bytes` so that readers see the old or the new file, never a mix.
-pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
-    let err = |source| StoreError::Write {
-        path: path.to_path_buf(),
-        source,
-    };
-    let tmp = path.with_extension("tmp");
-    let result = (|| {
-        let mut file = fs::File::create(&tmp)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        fs::rename(&tmp, path)?;
-        if let Some(dir) = path.parent() {
-            fs::File::open(dir)?.sync_all()?;
-        }
-        Ok(())
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result.map_err(err)
 }
 
 #[cfg(test)]

@@ -14,10 +14,10 @@ use std::time::{Duration, Instant};
 
 use api::daemon_api::{DomainState, VmDetails};
 use api::vmm_api::paths as vmm_paths;
-use axum::http::StatusCode;
 
-use super::{vmm_put, Runtime, Supervisor, DESTROY_GRACE};
-use crate::error::ApiError;
+use super::vmm::vmm_put;
+use super::{Runtime, Supervisor, DESTROY_GRACE};
+use crate::failure::Failure;
 use crate::vms::process;
 
 /// What a waiting shutdown or reboot sees of the VM.
@@ -40,11 +40,11 @@ impl Supervisor {
         name: &str,
         operation: &'static str,
         restart: bool,
-    ) -> Result<Runtime, ApiError> {
+    ) -> Result<Runtime, Failure> {
         let _busy = self.begin(name, operation)?;
         let runtime = self.runtime(name)?;
         if self.state(name) == Some(DomainState::Paused) {
-            return Err(ApiError::conflict(format!(
+            return Err(Failure::conflict(format!(
                 "VM {name} is paused; resume it first (a paused guest cannot react to the power button)"
             )));
         }
@@ -69,18 +69,15 @@ impl Supervisor {
         self: &Arc<Self>,
         name: &str,
         timeout: Duration,
-    ) -> Result<VmDetails, ApiError> {
+    ) -> Result<VmDetails, Failure> {
         let runtime = self.press_power_button(name, "shutdown", false).await?;
         if timeout.is_zero() || self.wait_for(name, &runtime, timeout, false).await {
             return self.details(name);
         }
-        Err(ApiError::new(
-            StatusCode::GATEWAY_TIMEOUT,
-            format!(
-                "VM {name} is still running {} s after the power button was pressed",
-                timeout.as_secs()
-            ),
-        ))
+        Err(Failure::timed_out(format!(
+            "VM {name} is still running {} s after the power button was pressed",
+            timeout.as_secs()
+        )))
     }
 
     /// An ACPI reboot: presses the power button, and starts the VM again once the guest has
@@ -90,7 +87,7 @@ impl Supervisor {
         self: &Arc<Self>,
         name: &str,
         timeout: Duration,
-    ) -> Result<VmDetails, ApiError> {
+    ) -> Result<VmDetails, Failure> {
         let runtime = self.press_power_button(name, "reboot", true).await?;
         if timeout.is_zero() || self.wait_for(name, &runtime, timeout, true).await {
             let details = self.details(name)?;
@@ -102,20 +99,17 @@ impl Supervisor {
                 return Ok(details);
             }
             let why = details.reason.unwrap_or_else(|| "no reason given".into());
-            return Err(ApiError::conflict(format!(
+            return Err(Failure::conflict(format!(
                 "VM {name} did not start again: it is {} ({why})",
                 details.state
             )));
         }
-        Err(ApiError::new(
-            StatusCode::GATEWAY_TIMEOUT,
-            format!(
-                "VM {name} is still running {} s after the power button was pressed: the \
+        Err(Failure::timed_out(format!(
+            "VM {name} is still running {} s after the power button was pressed: the \
                  guest did not power off to reboot, and keeps running (`ferro vm reset` \
                  resets it at once)",
-                timeout.as_secs()
-            ),
-        ))
+            timeout.as_secs()
+        )))
     }
 
     /// Whether, within `timeout`, the VMM of `runtime` ended (`restart`: and the VM runs
@@ -218,7 +212,7 @@ impl Supervisor {
     }
 
     /// Stops the VM at once (asks its VMM; kills it if it does not answer).
-    pub async fn destroy(self: &Arc<Self>, name: &str) -> Result<VmDetails, ApiError> {
+    pub async fn destroy(self: &Arc<Self>, name: &str) -> Result<VmDetails, Failure> {
         let _busy = self.begin(name, "destroy")?;
         let runtime = self.runtime(name)?;
         if let Some(entry) = self.lock().get_mut(name) {
@@ -230,7 +224,7 @@ impl Supervisor {
         if !asked || !self.wait_until_stopped(name, &runtime, DESTROY_GRACE).await {
             let _ = process::kill(runtime.record.pid, libc::SIGKILL);
             if !self.wait_until_stopped(name, &runtime, DESTROY_GRACE).await {
-                return Err(ApiError::internal(format!(
+                return Err(Failure::internal(format!(
                     "the VMM of {name} (pid {}) does not die",
                     runtime.record.pid
                 )));
@@ -264,7 +258,7 @@ impl Supervisor {
         self: &Arc<Self>,
         name: &str,
         action: Control,
-    ) -> Result<VmDetails, ApiError> {
+    ) -> Result<VmDetails, Failure> {
         let _busy = self.begin(name, action.operation())?;
         let runtime = self.runtime(name)?;
         vmm_put(&runtime.files.api_socket, action.vmm_path()).await?;

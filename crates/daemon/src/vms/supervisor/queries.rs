@@ -1,0 +1,154 @@
+//! What the daemon and its API ask about the VMs: the list and details, who uses a disk or
+//! a TAP name, the resolved configuration of a definition, counts, and what monitoring
+//! needs of a running VM.
+//!
+//! Threading: reads under the VM table's lock, held for a few instructions.
+
+use std::path::Path;
+
+use api::daemon_api::{DomainState, VmDefinition, VmDetails, VmSummary};
+use api::VmConfig;
+
+use crate::failure::Failure;
+
+use super::{not_running, Supervisor};
+
+impl Supervisor {
+    pub fn list(&self) -> Vec<VmSummary> {
+        self.lock()
+            .values()
+            .map(|e| VmSummary {
+                name: e.definition.name.clone(),
+                state: e.state,
+                autostart: e.definition.autostart,
+                cpus: e.definition.cpus,
+                memory: e.definition.memory,
+            })
+            .collect()
+    }
+
+    pub fn details(&self, name: &str) -> Result<VmDetails, Failure> {
+        let vms = self.lock();
+        let e = vms.get(name).ok_or_else(|| Failure::no_vm(name))?;
+        Ok(VmDetails {
+            definition: e.definition.clone(),
+            state: e.state,
+            pid: e.runtime.as_ref().map(|r| r.record.pid),
+            reason: e.reason.clone(),
+            console_log: self.store.console_log(name),
+            console_socket: e.runtime.as_ref().map(|r| r.files.console_socket.clone()),
+            warnings: self.nameless_nics(&e.definition),
+            pending_definition: e.pending.clone(),
+        })
+    }
+
+    /// The VM whose NIC names the TAP device `tap`, if any.
+    pub fn vm_naming_tap(&self, tap: &str) -> Option<String> {
+        self.lock()
+            .values()
+            .find(|e| {
+                e.definitions()
+                    .flat_map(|d| d.nets.iter())
+                    .any(|n| n.tap.as_deref() == Some(tap))
+            })
+            .map(|e| e.definition.name.clone())
+    }
+
+    /// Whether `disk` is the image at `path`.
+    pub(super) fn disk_is(&self, disk: &api::daemon_api::DefinitionDisk, path: &Path) -> bool {
+        match (&disk.path, disk.volume_ref()) {
+            (Some(own), _) => own == path,
+            (None, Some((pool, volume))) => {
+                self.pools.volume_location(pool, volume).as_deref() == Some(path)
+            }
+            (None, None) => false,
+        }
+    }
+
+    /// The VM that has `path` as a disk (a file or a volume), if any.
+    pub fn vm_using(&self, path: &Path) -> Option<String> {
+        self.lock()
+            .values()
+            .find(|e| {
+                e.definitions()
+                    .flat_map(|d| d.disks.iter())
+                    .any(|d| self.disk_is(d, path))
+            })
+            .map(|e| e.definition.name.clone())
+    }
+
+    /// A VM that runs or is being started with `path` as a disk (in any mode), if any: its
+    /// file must not be replaced or its format changed under it.
+    pub fn vm_running_with(&self, path: &Path) -> Option<String> {
+        self.lock()
+            .values()
+            .filter(|e| e.runtime.is_some() || e.busy == Some("start"))
+            .find(|e| e.definition.disks.iter().any(|d| self.disk_is(d, path)))
+            .map(|e| e.definition.name.clone())
+    }
+
+    /// The running VM that may write `path`, if any.
+    pub fn vm_writing(&self, path: &Path) -> Option<String> {
+        self.lock()
+            .values()
+            .filter(|e| e.runtime.is_some())
+            .find(|e| {
+                e.definition
+                    .disks
+                    .iter()
+                    .any(|d| !d.readonly && self.disk_is(d, path))
+            })
+            .map(|e| e.definition.name.clone())
+    }
+
+    /// The VMM configuration of `definition`, its volumes resolved to their paths and
+    /// recorded formats; a `path` disk without a format (an old definition) is refused.
+    pub(super) fn resolve(&self, definition: &VmDefinition) -> Result<VmConfig, String> {
+        if let Some(path) = definition.disks_without_format().next() {
+            return Err(format!(
+                "the disk {} has no format, and Ferro does not guess one: give that disk \
+                 format = \"raw\" or \"qcow2\" in the VM's definition (ferro vm edit, or \
+                 ferro vm define)",
+                path.display()
+            ));
+        }
+        definition.vm_config(|pool, volume| {
+            self.pools
+                .volume_for_vm(pool, volume)
+                .map_err(|e| format!("disk volume {pool}/{volume}: {}", e.message))
+        })
+    }
+
+    pub fn counts(&self) -> (u32, u32) {
+        let vms = self.lock();
+        let running = vms.values().filter(|e| e.runtime.is_some()).count();
+        (running as u32, vms.len() as u32)
+    }
+
+    /// What monitoring needs of a running VM.
+    pub fn process_of(&self, name: &str) -> Result<RunningVm, Failure> {
+        self.with_entry(name, |e| {
+            let runtime = e
+                .runtime
+                .as_ref()
+                .ok_or_else(|| not_running(name, e.state))?;
+            Ok(RunningVm {
+                pid: runtime.record.pid,
+                vcpus: e.definition.cpus,
+                api_socket: runtime.files.api_socket.clone(),
+                state: e.state,
+                memory_bytes: e.definition.memory.0,
+            })
+        })
+    }
+}
+
+/// What monitoring needs to know of a running VM.
+#[derive(Debug, Clone)]
+pub struct RunningVm {
+    pub pid: u32,
+    pub vcpus: u32,
+    pub api_socket: std::path::PathBuf,
+    pub state: DomainState,
+    pub memory_bytes: u64,
+}
