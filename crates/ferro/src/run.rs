@@ -1,6 +1,6 @@
 //! `ferro run`: one VM in the foreground with its serial console on the terminal.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use api::{ByteSize, VmConfig};
@@ -29,13 +29,35 @@ Exit codes:
        (registers are printed)
   128+N  stopped by signal N (SIGINT, SIGTERM or SIGHUP)";
 
+/// The flags that describe the VM itself, which `--config` replaces.
+const VM_FLAGS: &[&str] = &[
+    "kernel",
+    "initrd",
+    "cmdline",
+    "cpus",
+    "memory",
+    "no_reboot",
+    "rng",
+    "disk",
+    "net",
+    "console",
+];
+
 /// Boot a Linux kernel in a VM, console on this terminal.
 #[derive(Debug, Args)]
 #[command(after_help = RUN_HELP)]
 pub struct RunArgs {
+    /// The whole VM as a file: JSON, or TOML when the name ends in .toml. Its fields are the
+    /// flags' (kernel, initrd, cmdline, cpus, memory, no_reboot, rng, rng_bytes_per_sec,
+    /// rng_period_ms, console, disks, nets; see the README); relative paths are from the
+    /// current directory. Replaces the flags that describe the VM, and combines with the
+    /// others (--api-socket, --console-socket, --console-log, --log-file, --exit-report).
+    #[arg(long, value_name = "FILE", conflicts_with_all = VM_FLAGS)]
+    config: Option<PathBuf>,
+
     /// Linux kernel: a bzImage, or an uncompressed ELF vmlinux with a PVH entry point.
-    #[arg(long, value_name = "PATH")]
-    kernel: PathBuf,
+    #[arg(long, value_name = "PATH", required_unless_present = "config")]
+    kernel: Option<PathBuf>,
 
     /// Initramfs to load with the kernel.
     #[arg(long, value_name = "PATH")]
@@ -127,21 +149,35 @@ impl RunArgs {
         self.log_file.as_deref()
     }
 
-    fn into_config(self) -> (VmConfig, Wiring) {
-        let config = VmConfig {
-            kernel: self.kernel,
-            initrd: self.initrd,
-            cmdline: self.cmdline,
+    /// The VM these arguments describe: the `--config` file, or the flags.
+    fn vm_config(&mut self) -> Result<VmConfig, String> {
+        if let Some(path) = &self.config {
+            return read_config(path);
+        }
+        let Some(kernel) = self.kernel.take() else {
+            return Err("give --kernel PATH, or the whole VM with --config FILE".into());
+        };
+        Ok(VmConfig {
+            kernel,
+            initrd: self.initrd.take(),
+            cmdline: std::mem::take(&mut self.cmdline),
             cpus: self.cpus,
             memory: self.memory,
             no_reboot: self.no_reboot,
             rng: self.rng.is_some(),
             rng_bytes_per_sec: self.rng.and_then(|o| o.bytes_per_sec),
             rng_period_ms: self.rng.and_then(|o| o.period_ms),
-            disks: self.disk,
+            disks: std::mem::take(&mut self.disk),
             console: self.console,
-            nets: self.net,
-        };
+            nets: std::mem::take(&mut self.net),
+        })
+    }
+
+    /// The VM, checked once ([`VmConfig::into_runnable`]), and how the VMM is wired.
+    fn into_parts(mut self) -> (Result<api::RunnableConfig, String>, Wiring) {
+        let config = self
+            .vm_config()
+            .and_then(|config| config.into_runnable().map_err(|e| error_chain(&e)));
         let wiring = Wiring {
             api_socket: self.api_socket,
             console: vmm::ConsoleHubConfig {
@@ -154,9 +190,32 @@ impl RunArgs {
     }
 }
 
+/// Reads a `--config` file: TOML if its name ends in .toml, else JSON.
+fn read_config(path: &Path) -> Result<VmConfig, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read the VM config {}: {e}", path.display()))?;
+    let parsed = if path.extension().is_some_and(|ext| ext == "toml") {
+        api::definition_file::parse_vm_config(&text)
+    } else {
+        serde_json::from_str(&text).map_err(|e| e.to_string())
+    };
+    parsed.map_err(|e| {
+        format!(
+            "{}: {e} (see `ferro run --help` and the README's \"ferro run --config\")",
+            path.display()
+        )
+    })
+}
+
 pub fn run(args: RunArgs) -> ExitCode {
-    let (config, wiring) = args.into_config();
-    let (code, outcome, error) = run_vm(&config, &wiring);
+    let (config, wiring) = args.into_parts();
+    let (code, outcome, error) = match config {
+        Ok(config) => run_vm(&config, &wiring),
+        Err(message) => {
+            eprintln!("ferro: error: {message}");
+            (vmm::ExitCode::Usage as u8, "error", Some(message))
+        }
+    };
     if let Some(path) = &wiring.exit_report {
         let report = api::vmm_api::ExitReport {
             code: i32::from(code),
@@ -183,16 +242,13 @@ fn outcome_name(outcome: vmm::Outcome) -> &'static str {
     }
 }
 
-/// Runs the VM; returns the exit code, the outcome's name and the error printed, if any.
-fn run_vm(config: &VmConfig, wiring: &Wiring) -> (u8, &'static str, Option<String>) {
+/// Runs the VM (checked before the terminal is touched); returns the exit code, the
+/// outcome's name and the error printed, if any.
+fn run_vm(config: &api::RunnableConfig, wiring: &Wiring) -> (u8, &'static str, Option<String>) {
     let failed = |code: vmm::ExitCode, message: String| {
         eprintln!("ferro: error: {message}");
         (code as u8, "error", Some(message))
     };
-    // Refuse a bad configuration before touching the terminal.
-    if let Err(e) = config.validate() {
-        return failed(vmm::ExitCode::Usage, e.to_string());
-    }
     let hub = wiring.console.socket.is_some() || wiring.console.log.is_some();
     let console = if hub {
         vmm::ConsoleHub::start(&wiring.console).map(|(hub, console)| (Some(hub), console))

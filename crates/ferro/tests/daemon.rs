@@ -1416,8 +1416,8 @@ fn network_lifecycle_requests_and_vm_nics() {
             .to_str()
             .unwrap(),
     ]);
-    let nic = d.details("nic1").definition.nets[0].clone();
-    assert_eq!(nic.network.as_deref(), Some("lab"));
+    let nic = d.details("nic1").definition.config.nets[0].clone();
+    assert_eq!(nic.network(), Some("lab"));
     assert!(nic.mac.is_some());
     assert!(d.ok(&["vm", "info", "nic1"]).contains("network=lab,mac="));
     d.fails(&["vm", "start", "nic1"], 4, "network lab is not active");
@@ -1655,7 +1655,7 @@ fn definitions_update_dump_and_edit() {
     let file = d.definition("ed", "[[nets]]\ntap = \"edtap0\"\n");
     d.ok(&["vm", "define", file.to_str().unwrap()]);
     let first = d.details("ed").definition;
-    let mac = first.nets[0].mac;
+    let mac = first.config.nets[0].mac;
     assert!(mac.is_some());
     let text = std::fs::read_to_string(&file).unwrap();
     std::fs::write(&file, format!("cpus = 2\n{text}")).unwrap();
@@ -1664,7 +1664,7 @@ fn definitions_update_dump_and_edit() {
         .contains("VM ed updated"));
     let second = d.details("ed").definition;
     assert_eq!(
-        (second.cpus, second.id, second.nets[0].mac),
+        (second.config.cpus, second.id, second.config.nets[0].mac),
         (2, first.id, mac)
     );
 
@@ -1689,7 +1689,7 @@ fn definitions_update_dump_and_edit() {
     };
     let out = edit("sed -i s/^cpus\\ =\\ 2/cpus\\ =\\ 3/");
     assert!(out.status.success(), "{out:?}");
-    assert_eq!(d.details("ed").definition.cpus, 3);
+    assert_eq!(d.details("ed").definition.config.cpus, 3);
     let out = edit("true");
     assert!(String::from_utf8_lossy(&out.stdout).contains("unchanged"));
     let out = edit("sed -i s/^cpus\\ =/cpu\\ =/");
@@ -1704,7 +1704,7 @@ fn definitions_update_dump_and_edit() {
     assert!(std::fs::read_to_string(kept).unwrap().contains("cpu = 3"));
     std::fs::remove_file(kept).unwrap();
     assert_eq!(
-        d.details("ed").definition.cpus,
+        d.details("ed").definition.config.cpus,
         3,
         "the refused edit changed nothing"
     );
@@ -1718,23 +1718,23 @@ fn definitions_update_dump_and_edit() {
     let said = d.ok(&["vm", "define", changed.to_str().unwrap()]);
     assert!(said.contains("runs on as it is"), "{said}");
     let details = d.details("run");
-    assert_eq!(details.definition.cpus, 1);
-    assert_eq!(details.pending_definition.as_ref().unwrap().cpus, 2);
+    assert_eq!(details.definition.config.cpus, 1);
+    assert_eq!(details.pending_definition.as_ref().unwrap().config.cpus, 2);
     assert!(d.ok(&["vm", "info", "run"]).contains("Pending:"));
     assert!(d.ok(&["vm", "dump", "run"]).contains("cpus = 2"));
     d.restart();
     let details = d.details("run");
     assert_eq!(details.state, DomainState::Running);
     assert_eq!(
-        details.definition.cpus, 1,
+        details.definition.config.cpus, 1,
         "the adopted VMM runs the old definition"
     );
-    assert_eq!(details.pending_definition.unwrap().cpus, 2);
+    assert_eq!(details.pending_definition.unwrap().config.cpus, 2);
     // A reboot starts a new VMM: the new definition applies.
     d.ok(&["vm", "reboot", "run"]);
     let details = d.details("run");
     assert_eq!(
-        (details.state, details.definition.cpus),
+        (details.state, details.definition.config.cpus),
         (DomainState::Running, 2)
     );
     assert!(details.pending_definition.is_none());

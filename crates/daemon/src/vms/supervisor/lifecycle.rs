@@ -326,12 +326,13 @@ pub(super) fn network_nics(definition: &VmDefinition, legacy: bool) -> Vec<Netwo
         )),
     };
     definition
+        .config
         .nets
         .iter()
         .enumerate()
         .filter_map(|(index, nic)| {
             Some(NetworkNic {
-                network: nic.network.clone()?,
+                network: nic.network()?.to_string(),
                 mac: nic.mac?,
                 tap: tap(index)?,
                 dns_name: definition.dns_name().map(str::to_string),
@@ -385,7 +386,7 @@ pub(super) fn check_files(definition: &VmConfig) -> Result<(), String> {
         files.push(("initrd", initrd));
     }
     for disk in &definition.disks {
-        files.push(("disk", &disk.path));
+        files.extend(disk.path().map(|path| ("disk", path)));
     }
     for (what, path) in files {
         if let Err(e) = std::fs::metadata(path) {
