@@ -278,3 +278,131 @@ fn run_vm(config: &api::RunnableConfig, wiring: &Wiring) -> (u8, &'static str, O
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        run: RunArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<RunArgs, clap::Error> {
+        Cli::try_parse_from(std::iter::once("run").chain(args.iter().copied())).map(|c| c.run)
+    }
+
+    fn config_file(dir: &Path, name: &str, text: &str) -> String {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path.display().to_string()
+    }
+
+    /// The flags build the same VmConfig a file with the same fields does.
+    #[test]
+    fn flags_and_config_files_describe_the_same_vm() {
+        let dir = tempfile::tempdir().unwrap();
+        let flags = parse(&[
+            "--kernel=/k",
+            "--cpus=2",
+            "--memory=1G",
+            "--rng=period_ms=50",
+            "--disk=path=/d.qcow2,format=qcow2",
+            "--net=tap=t0",
+            "--console=hvc",
+        ])
+        .unwrap();
+        let json = config_file(
+            dir.path(),
+            "vm.json",
+            r#"{"kernel": "/k", "cpus": 2, "memory": "1G", "rng": true, "rng_period_ms": 50,
+                "disks": [{"path": "/d.qcow2", "format": "qcow2"}], "nets": [{"tap": "t0"}],
+                "console": "hvc"}"#,
+        );
+        let toml = config_file(
+            dir.path(),
+            "vm.toml",
+            "kernel = \"/k\"\ncpus = 2\nmemory = \"1G\"\nrng = true\nrng_period_ms = 50\n\
+             console = \"hvc\"\n[[disks]]\npath = \"/d.qcow2\"\nformat = \"qcow2\"\n\
+             [[nets]]\ntap = \"t0\"\n",
+        );
+        let (from_flags, _) = flags.into_parts();
+        let from_flags = from_flags.unwrap();
+        for file in [json, toml] {
+            let (from_file, _) = parse(&["--config", &file]).unwrap().into_parts();
+            assert_eq!(from_file.unwrap(), from_flags, "{file}");
+        }
+    }
+
+    #[test]
+    fn config_conflicts_with_vm_flags_and_combines_with_process_options() {
+        for flag in [
+            "--kernel=/k",
+            "--initrd=/i",
+            "--cmdline=x",
+            "--cpus=2",
+            "--memory=1G",
+            "--no-reboot",
+            "--rng",
+            "--disk=path=/d",
+            "--net=tap=t0",
+            "--console=hvc",
+        ] {
+            let err = parse(&["--config=/vm.json", flag]).unwrap_err();
+            assert_eq!(
+                err.kind(),
+                clap::error::ErrorKind::ArgumentConflict,
+                "{flag}"
+            );
+        }
+        let args = parse(&[
+            "--config=/vm.json",
+            "--api-socket=/a.sock",
+            "--console-socket=/c.sock",
+            "--console-log=/c.log",
+            "--log-file=/v.log",
+            "--exit-report=/e.json",
+        ])
+        .unwrap();
+        assert_eq!(args.log_file(), Some(Path::new("/v.log")));
+        let (_, wiring) = args.into_parts();
+        assert_eq!(wiring.api_socket.as_deref(), Some(Path::new("/a.sock")));
+        assert_eq!(wiring.exit_report.as_deref(), Some(Path::new("/e.json")));
+        let err = parse(&[]).unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::MissingRequiredArgument);
+    }
+
+    /// One check for every way in; each error says what to change.
+    #[test]
+    fn bad_configs_are_refused_with_what_to_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let refused = |args: &[&str]| parse(args).unwrap().into_parts().0.unwrap_err();
+        let volume = config_file(
+            dir.path(),
+            "v.json",
+            r#"{"kernel": "/k", "disks": [{"volume": "pool/v.qcow2"}]}"#,
+        );
+        assert_eq!(
+            refused(&["--config", &volume]),
+            "disk volume pool/v.qcow2 is resolved by the daemon: define the VM with `ferro vm \
+             define`, or give a path to run it with `ferro run`"
+        );
+        assert!(refused(&["--kernel=/k", "--net=network=lab"]).contains("give a tap"));
+        assert_eq!(
+            refused(&["--kernel=/k", "--disk=path=/d,num_queues=0"]),
+            "disk /d: option num_queues: 0 is not between 1 and 64"
+        );
+        let typo = config_file(dir.path(), "t.json", r#"{"kernel": "/k", "cpu": 2}"#);
+        let err = refused(&["--config", &typo]);
+        assert!(err.contains("unknown field `cpu`"), "{err}");
+        assert!(err.contains("ferro run --config"), "{err}");
+        let err = refused(&["--config", "/nonexistent/vm.json"]);
+        assert!(
+            err.starts_with("cannot read the VM config /nonexistent/vm.json"),
+            "{err}"
+        );
+    }
+}
