@@ -9,6 +9,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code
 
 use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -328,6 +329,12 @@ fn pool_snapshots_path(pool: &str, volume: &str) -> String {
     api::pool_api::paths::snapshots(pool, volume)
 }
 
+/// The config the daemon handed the running VM `name`'s VMM (`run/NAME/vm.json`).
+fn running_config(d: &Daemon, name: &str) -> api::VmConfig {
+    let path = d.state_dir().join(format!("run/{name}/vm.json"));
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
 fn pid_alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }
@@ -428,10 +435,19 @@ fn daemon_restart_crash_and_autostart() {
     let wanted = format!("--log-file\0{}\0", log.display());
     let cmdline = String::from_utf8_lossy(&cmdline);
     assert!(cmdline.contains(&wanted), "{cmdline:?}");
+    // The VM itself is one file the daemon wrote, mode 0600.
+    let config_path = d.state_dir().join("run/keep/vm.json");
     assert!(
-        cmdline.contains("\0--rng=bytes_per_sec=4096\0"),
+        cmdline.contains(&format!("run\0--config\0{}\0", config_path.display())),
         "{cmdline:?}"
     );
+    let config = running_config(&d, "keep");
+    assert_eq!(config.rng_bytes_per_sec, Some(4096));
+    let mode = std::fs::metadata(&config_path)
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
 
     // The daemon goes away and comes back: the VM ran on and is managed again; autostart
     // starts the other one.
@@ -899,15 +915,10 @@ fn pools_and_volumes_through_the_cli() {
         "disk of VM other",
     );
     d.ok(&["vm", "start", "user"]);
-    let pid = d.details("user").pid.unwrap();
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
-    // With the format recorded for the volume: the VMM never guesses it.
-    let disk = format!("path={},format=qcow2", images.join("full.qcow2").display());
-    assert!(
-        cmdline.split(|&b| b == 0).any(|arg| arg == disk.as_bytes()),
-        "{}",
-        String::from_utf8_lossy(&cmdline)
-    );
+    // The volume as its file, with the format recorded for it: the VMM never guesses it.
+    let disk = &running_config(&d, "user").disks[0];
+    assert_eq!(disk.path(), Some(images.join("full.qcow2").as_path()));
+    assert_eq!(disk.format.as_deref(), Some("qcow2"));
     d.fails(
         &[
             "vol",

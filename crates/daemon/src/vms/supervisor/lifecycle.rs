@@ -65,7 +65,10 @@ impl Supervisor {
                 Failure::internal(format!("cannot create {}: {e}", files.dir.display()))
             })?;
         save_running_definition(&files, &definition);
-        let args = process::vmm_args(&config, &files, &self.store.console_log(name));
+        process::write_vm_config(&config, &files).map_err(|e| {
+            Failure::internal(format!("cannot write {}: {e}", files.config.display()))
+        })?;
+        let args = process::vmm_args(&files, &self.store.console_log(name));
         let nics = network_nics(&definition, false);
         let networks = self.networks.clone();
         let vm = name.to_string();
