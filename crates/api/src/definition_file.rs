@@ -4,10 +4,10 @@
 
 use serde::de::DeserializeOwned;
 
-use crate::daemon_api::VmDefinition;
 use crate::net_api::NetworkDefinition;
 use crate::pool_api::PoolDefinition;
 use crate::vm_config::VmConfig;
+use crate::vm_definition::VmDefinition;
 
 /// Reads TOML into `T`; the message is TOML's own (it names unknown fields and bad values).
 fn from_toml<T: DeserializeOwned>(text: &str) -> Result<T, String> {

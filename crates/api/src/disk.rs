@@ -199,7 +199,7 @@ impl DiskConfig {
                     .to_string();
                 return Err(invalid("backing_dir", message));
             }
-            let valid = |name: &str| crate::daemon_api::check_name(name).is_ok();
+            let valid = |name: &str| crate::names::check_name(name).is_ok();
             if !matches!(volume.split_once('/'), Some((pool, name)) if valid(pool) && valid(name)) {
                 return Err(invalid("volume", format!("{volume:?}: write POOL/VOLUME")));
             }

@@ -82,7 +82,7 @@ pub enum NicAttachment {
     /// A TAP device of the host (created by the VMM if it does not exist).
     Tap(String),
     /// One of the daemon's virtual networks: the daemon makes the NIC's TAP device
-    /// ([`crate::daemon_api::network_tap_name`]) when the VM starts.
+    /// ([`crate::tap_names::network_tap_name`]) when the VM starts.
     Network(String),
 }
 
@@ -191,7 +191,7 @@ impl NetConfig {
                 })
             }
             NicAttachment::Network(network) => {
-                crate::daemon_api::check_name(network).map_err(|e| OptionError::Invalid {
+                crate::names::check_name(network).map_err(|e| OptionError::Invalid {
                     key: "network".into(),
                     message: e.replace("VM name", "network name"),
                 })?

@@ -181,7 +181,7 @@ impl VmConfig {
 
     /// The one check of a VM's description: everything that can be checked without the
     /// host. Option strings, `ferro run`'s flags and config file, and daemon definitions
-    /// (which add their own rules, [`crate::daemon_api::VmDefinition::validate`]) all come
+    /// (which add their own rules, [`crate::vm_definition::VmDefinition::validate`]) all come
     /// here; nothing else checks these values.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.cpus == 0 {

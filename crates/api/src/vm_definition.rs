@@ -8,11 +8,12 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::daemon_api::{check_name, network_tap_name};
 use crate::disk::{DiskConfig, DiskSource};
+use crate::names::check_name;
 use crate::net::{NetConfig, NicAttachment};
 use crate::net_api::dns_host_name;
 use crate::size::ByteSize;
+use crate::tap_names::network_tap_name;
 use crate::vm_config::{default_cmdline, default_cpus, default_memory, ConsoleKind, VmConfig};
 
 /// A persistent VM definition. Unknown fields are refused by name.

@@ -1,5 +1,5 @@
 use super::*;
-use crate::daemon_api::MAX_NICS;
+use crate::vm_config::MAX_NICS;
 
 fn parse(json: &str) -> VmDefinition {
     serde_json::from_str(json).unwrap()
