@@ -7,7 +7,9 @@
 
 pub mod daemon_api;
 pub mod definition_file;
+pub mod disk;
 pub mod image;
+pub mod names;
 pub mod net;
 pub mod net_api;
 pub mod options;
@@ -15,15 +17,19 @@ pub mod pool_api;
 pub mod rng;
 pub mod size;
 pub mod state;
+pub mod tap_names;
 pub mod vm_config;
+pub mod vm_definition;
 pub mod vmm_api;
 
-pub use net::{MacAddress, NetConfig};
+pub use disk::{DiskConfig, DiskSource};
+pub use net::{MacAddress, NetConfig, NicAttachment};
 pub use rng::RngOptions;
 pub use size::{ByteSize, ParseSizeError};
 pub use state::{InvalidTransition, VmState};
 pub use vm_config::{
-    ConfigError, ConsoleKind, DiskConfig, VmConfig, DEFAULT_CMDLINE, DEFAULT_CPUS, DEFAULT_MEMORY,
+    ConfigError, ConsoleKind, RunnableConfig, VmConfig, DEFAULT_CMDLINE, DEFAULT_CPUS,
+    DEFAULT_MEMORY,
 };
 
 /// An error and its sources on one line (`outer: inner: root cause`), for the one-line

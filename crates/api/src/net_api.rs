@@ -176,8 +176,7 @@ impl NetworkDefinition {
 
     /// Checks the definition on its own (other networks and the host are the daemon's part).
     pub fn validate(&self) -> Result<(), String> {
-        crate::daemon_api::check_name(&self.name)
-            .map_err(|e| e.replace("VM name", "network name"))?;
+        crate::names::check_name(&self.name).map_err(|e| e.replace("VM name", "network name"))?;
         let plain = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
         if !valid_interface_name(&self.bridge) || !self.bridge.chars().all(plain) {
             return Err(format!(

@@ -61,7 +61,7 @@ pub struct PoolDefinition {
 
 impl PoolDefinition {
     pub fn validate(&self) -> Result<(), String> {
-        crate::daemon_api::check_name(&self.name).map_err(|e| e.replace("VM name", "pool name"))?;
+        crate::names::check_name(&self.name).map_err(|e| e.replace("VM name", "pool name"))?;
         if !self.path.is_absolute() {
             return Err(format!(
                 "the pool path {} must be absolute",

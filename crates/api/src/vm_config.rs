@@ -1,10 +1,15 @@
-//! The configuration of one VM as the VMM runs it.
+//! What one VM is made of, as `ferro run --config` reads it, the VMM reports it and a daemon
+//! definition embeds it; and its one validation ([`VmConfig::validate`]). Disks and NICs may
+//! name daemon resources (volumes, networks) that only the daemon resolves: the VMM takes a
+//! [`RunnableConfig`], which has none. Plain data; no I/O.
 
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::options::{OptionError, Options};
+pub use crate::disk::{DiskConfig, DiskSource, MAX_DISK_QUEUES, MAX_SERIAL_LEN};
+use crate::net::{NetConfig, NicAttachment};
+use crate::options::OptionError;
 use crate::rng::RngOptions;
 use crate::size::ByteSize;
 
@@ -12,6 +17,8 @@ use crate::size::ByteSize;
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0";
 /// Most vCPUs a VM may have.
 pub const MAX_CPUS: u32 = 64;
+/// Most NICs of a VM (the PCI bus has 32 slots); keeps the daemon's TAP names short.
+pub const MAX_NICS: usize = 32;
 /// Smallest guest memory.
 pub const MIN_MEMORY: ByteSize = ByteSize(128 << 20);
 /// vCPUs of a VM that does not say (`ferro run`, the VMM's config, a daemon definition).
@@ -66,132 +73,6 @@ impl std::str::FromStr for ConsoleKind {
     }
 }
 
-/// A virtio-blk disk.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DiskConfig {
-    /// Image file (or block device).
-    pub path: PathBuf,
-    /// The guest may not write.
-    #[serde(default)]
-    pub readonly: bool,
-    /// Serial number the guest reads (at most 20 bytes).
-    #[serde(default)]
-    pub serial: Option<String>,
-    /// `raw` or `qcow2`. When absent, probed from the image's first bytes, and a raw image
-    /// then refuses guest writes that would make it look like another format.
-    #[serde(default)]
-    pub format: Option<String>,
-    /// A directory the image's backing files may come from besides the image's own
-    /// directory.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub backing_dir: Option<PathBuf>,
-    /// Request queues (1 to [`MAX_DISK_QUEUES`]); one per vCPU when absent, as QEMU does.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub num_queues: Option<u16>,
-}
-
-/// Most request queues of one disk (virtio-blk offers no more).
-pub const MAX_DISK_QUEUES: u16 = 64;
-
-impl DiskConfig {
-    /// The `--disk` option string that parses back into this disk.
-    pub fn to_option_string(&self) -> String {
-        let mut text = format!(
-            "path={}",
-            crate::options::escape(&self.path.to_string_lossy())
-        );
-        if self.readonly {
-            text.push_str(",readonly=on");
-        }
-        if let Some(serial) = &self.serial {
-            text.push_str(&format!(",serial={}", crate::options::escape(serial)));
-        }
-        if let Some(format) = &self.format {
-            text.push_str(&format!(",format={}", crate::options::escape(format)));
-        }
-        if let Some(dir) = &self.backing_dir {
-            text.push_str(&format!(
-                ",backing_dir={}",
-                crate::options::escape(&dir.to_string_lossy())
-            ));
-        }
-        if let Some(queues) = self.num_queues {
-            text.push_str(&format!(",num_queues={queues}"));
-        }
-        text
-    }
-}
-
-/// Longest disk serial (virtio-blk GET_ID).
-pub const MAX_SERIAL_LEN: usize = 20;
-
-impl std::str::FromStr for DiskConfig {
-    type Err = OptionError;
-
-    /// `path=FILE[,readonly=on][,serial=ID][,format=raw|qcow2][,backing_dir=DIR][,num_queues=N]`
-    fn from_str(s: &str) -> Result<Self, OptionError> {
-        let mut o = Options::parse(
-            s,
-            &[
-                "path",
-                "readonly",
-                "serial",
-                "format",
-                "backing_dir",
-                "num_queues",
-            ],
-        )?;
-        let num_queues = match o.take("num_queues") {
-            None => None,
-            Some(text) => Some(text.parse().map_err(|_| OptionError::Invalid {
-                key: "num_queues".into(),
-                message: format!("{text:?} is not a number of queues"),
-            })?),
-        };
-        let disk = DiskConfig {
-            path: PathBuf::from(o.required("path")?),
-            readonly: o.flag("readonly", false)?,
-            serial: o.take("serial"),
-            format: o.take("format"),
-            backing_dir: o.take("backing_dir").map(PathBuf::from),
-            num_queues,
-        };
-        disk.validate()?;
-        Ok(disk)
-    }
-}
-
-impl DiskConfig {
-    pub fn validate(&self) -> Result<(), OptionError> {
-        if let Some(serial) = &self.serial {
-            if serial.len() > MAX_SERIAL_LEN {
-                return Err(OptionError::Invalid {
-                    key: "serial".into(),
-                    message: format!("{serial:?} is longer than {MAX_SERIAL_LEN} bytes"),
-                });
-            }
-        }
-        if let Some(format) = &self.format {
-            if format != "raw" && format != "qcow2" {
-                return Err(OptionError::Invalid {
-                    key: "format".into(),
-                    message: format!("{format:?} is not raw or qcow2"),
-                });
-            }
-        }
-        if let Some(queues) = self.num_queues {
-            if !(1..=MAX_DISK_QUEUES).contains(&queues) {
-                return Err(OptionError::Invalid {
-                    key: "num_queues".into(),
-                    message: format!("{queues} is not between 1 and {MAX_DISK_QUEUES}"),
-                });
-            }
-        }
-        Ok(())
-    }
-}
-
 /// What a VM is made of.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -230,7 +111,7 @@ pub struct VmConfig {
     pub console: ConsoleKind,
     /// virtio-net interfaces.
     #[serde(default)]
-    pub nets: Vec<crate::net::NetConfig>,
+    pub nets: Vec<NetConfig>,
 }
 
 /// A configuration that cannot describe a VM, whatever the host.
@@ -244,19 +125,26 @@ pub enum ConfigError {
     MemoryTooSmall(ByteSize),
     #[error("memory size {0} is not a multiple of 4 KiB")]
     MemoryNotPageAligned(ByteSize),
-    #[error("network interface {tap}: {source}")]
+    #[error("network interface {nic}")]
     Net {
-        tap: String,
+        nic: String,
         #[source]
         source: OptionError,
     },
     #[error("TAP device {0} is used by two interfaces")]
     DuplicateTap(String),
-    #[error("virtio-rng: {0}")]
+    #[error("{0} NICs: a VM has at most {MAX_NICS}")]
+    TooManyNics(usize),
+    #[error(
+        "{0} is resolved by the daemon: define the VM with `ferro vm define`, or give a \
+         {1} to run it with `ferro run`"
+    )]
+    Unresolved(String, &'static str),
+    #[error("virtio-rng")]
     Rng(#[source] OptionError),
     #[error("rng_bytes_per_sec and rng_period_ms limit virtio-rng: they need rng")]
     RngLimitWithoutRng,
-    #[error("disk {path}: {source}")]
+    #[error("disk {path}")]
     Disk {
         path: String,
         #[source]
@@ -291,7 +179,10 @@ impl VmConfig {
         }
     }
 
-    /// Checks what can be checked without the host.
+    /// The one check of a VM's description: everything that can be checked without the
+    /// host. Option strings, `ferro run`'s flags and config file, and daemon definitions
+    /// (which add their own rules, [`crate::vm_definition::VmDefinition::validate`]) all come
+    /// here; nothing else checks these values.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.cpus == 0 {
             return Err(ConfigError::NoCpus);
@@ -310,23 +201,77 @@ impl VmConfig {
             return Err(ConfigError::RngLimitWithoutRng);
         }
         rng.validate().map_err(ConfigError::Rng)?;
+        if self.nets.len() > MAX_NICS {
+            return Err(ConfigError::TooManyNics(self.nets.len()));
+        }
         let mut taps = std::collections::BTreeSet::new();
         for net in &self.nets {
-            net.validate().map_err(|source| ConfigError::Net {
-                tap: net.tap.clone(),
+            net.check().map_err(|source| ConfigError::Net {
+                nic: net.to_option_string(),
                 source,
             })?;
-            if !taps.insert(net.tap.as_str()) {
-                return Err(ConfigError::DuplicateTap(net.tap.clone()));
+            if let Some(tap) = net.tap().filter(|tap| !taps.insert(*tap)) {
+                return Err(ConfigError::DuplicateTap(tap.to_string()));
             }
         }
         for disk in &self.disks {
-            disk.validate().map_err(|source| ConfigError::Disk {
-                path: disk.path.display().to_string(),
+            disk.check().map_err(|source| ConfigError::Disk {
+                path: disk.source.to_string(),
                 source,
             })?;
         }
         Ok(())
+    }
+
+    /// [`VmConfig::validate`], then refuses what only the daemon can resolve: what the VMM
+    /// runs.
+    pub fn into_runnable(self) -> Result<RunnableConfig, ConfigError> {
+        self.validate()?;
+        if let Some(disk) = self.disks.iter().find(|d| d.path().is_none()) {
+            return Err(ConfigError::Unresolved(
+                format!("disk {}", disk.source),
+                "path",
+            ));
+        }
+        if let Some(net) = self.nets.iter().find(|n| n.tap().is_none()) {
+            return Err(ConfigError::Unresolved(
+                format!("NIC {}", net.to_option_string()),
+                "tap",
+            ));
+        }
+        Ok(RunnableConfig(self))
+    }
+}
+
+/// A [`VmConfig`] that passed [`VmConfig::validate`] and names only host files and TAP
+/// devices: what the VMM runs. Made only by [`VmConfig::into_runnable`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct RunnableConfig(VmConfig);
+
+impl std::ops::Deref for RunnableConfig {
+    type Target = VmConfig;
+
+    fn deref(&self) -> &VmConfig {
+        &self.0
+    }
+}
+
+impl RunnableConfig {
+    /// The image file of each disk, in order.
+    pub fn disk_paths(&self) -> impl Iterator<Item = (&DiskConfig, &std::path::Path)> {
+        self.0
+            .disks
+            .iter()
+            .filter_map(|disk| Some((disk, disk.path()?)))
+    }
+
+    /// The TAP device of each NIC, in order.
+    pub fn nic_taps(&self) -> impl Iterator<Item = (&NetConfig, &str)> {
+        self.0.nets.iter().filter_map(|net| match &net.attachment {
+            NicAttachment::Tap(tap) => Some((net, tap.as_str())),
+            NicAttachment::Network(_) => None,
+        })
     }
 }
 
@@ -384,7 +329,7 @@ mod tests {
         c.rng = true;
         assert_eq!(c.validate(), Ok(()));
         c.rng_bytes_per_sec = Some(0);
-        let err = c.validate().unwrap_err().to_string();
+        let err = crate::error_chain(&c.validate().unwrap_err());
         assert!(err.starts_with("virtio-rng: option bytes_per_sec"), "{err}");
         // Old configurations (no limit fields) still read, and get the default limit.
         let old: VmConfig = serde_json::from_str(r#"{"kernel": "/k", "rng": true}"#).unwrap();
@@ -393,36 +338,53 @@ mod tests {
         assert!(!text.contains("rng_bytes_per_sec"), "{text}");
     }
 
+    /// Disks and NICs are checked with the VM, whatever wrote them.
     #[test]
-    fn disk_options() {
-        let d: DiskConfig = "path=/img/a.raw,readonly=on,serial=abc".parse().unwrap();
-        assert_eq!(d.path, PathBuf::from("/img/a.raw"));
-        assert!(d.readonly);
-        assert_eq!(d.serial.as_deref(), Some("abc"));
-        assert!(
-            "readonly=on".parse::<DiskConfig>().is_err(),
-            "path is required"
-        );
-        assert!("path=a,serial=123456789012345678901"
-            .parse::<DiskConfig>()
-            .is_err());
-        assert!("path=a,format=vmdk".parse::<DiskConfig>().is_err());
-        assert!("path=a,cache=none".parse::<DiskConfig>().is_err());
+    fn devices_are_checked_with_the_vm() {
+        let with = |disk: &str, nic: &str| {
+            let mut c = VmConfig::new("/k");
+            c.disks.push(disk.parse().unwrap());
+            c.nets.push(nic.parse().unwrap());
+            c.validate().map_err(|e| crate::error_chain(&e))
+        };
+        with("path=/d,format=raw", "tap=t0").unwrap();
+        with("volume=p/v", "network=lab").unwrap();
+        let err = with("path=/d,format=vmdk", "tap=t0").unwrap_err();
+        assert_eq!(err, "disk /d: option format: \"vmdk\" is not raw or qcow2");
+        let err = with("path=/d", "tap=t0,queue_pairs=0").unwrap_err();
+        assert!(err.starts_with("network interface tap=t0"), "{err}");
+        let mut c = VmConfig::new("/k");
+        c.nets = vec![NetConfig::on_tap("t0"), NetConfig::on_tap("t0")];
+        assert_eq!(c.validate(), Err(ConfigError::DuplicateTap("t0".into())));
+        c.nets = vec![NetConfig::on_tap("t0"); MAX_NICS + 1];
+        assert_eq!(c.validate(), Err(ConfigError::TooManyNics(MAX_NICS + 1)));
     }
 
+    /// The VMM runs only what names host files and TAP devices.
     #[test]
-    fn disk_queues_are_checked_and_survive_the_option_string() {
-        let d: DiskConfig = "path=/a.raw,num_queues=4".parse().unwrap();
-        assert_eq!(d.num_queues, Some(4));
-        assert_eq!(d.to_option_string(), "path=/a.raw,num_queues=4");
-        let default: DiskConfig = "path=/a.raw".parse().unwrap();
-        assert_eq!(default.num_queues, None);
-        for bad in ["0", "65", "four", "-1"] {
-            let err = format!("path=/a.raw,num_queues={bad}")
-                .parse::<DiskConfig>()
-                .unwrap_err();
-            assert!(err.to_string().contains("num_queues"), "{bad}: {err}");
-        }
+    fn only_resolved_configs_are_runnable() {
+        let mut c = VmConfig::new("/k");
+        c.disks.push("path=/d".parse().unwrap());
+        c.nets.push("tap=t0".parse().unwrap());
+        let runnable = c.clone().into_runnable().unwrap();
+        assert_eq!(runnable.disk_paths().count(), 1);
+        assert_eq!(
+            runnable.nic_taps().map(|(_, t)| t).collect::<Vec<_>>(),
+            ["t0"]
+        );
+        let mut volume = c.clone();
+        volume.disks.push("volume=p/v".parse().unwrap());
+        let err = volume.into_runnable().unwrap_err().to_string();
+        assert!(
+            err.starts_with("disk volume p/v is resolved by the daemon: define the VM"),
+            "{err}"
+        );
+        c.nets.push("network=lab".parse().unwrap());
+        let err = c.into_runnable().unwrap_err().to_string();
+        assert!(err.contains("or give a tap to run it"), "{err}");
+        let mut bad = VmConfig::new("/k");
+        bad.cpus = 0;
+        assert_eq!(bad.into_runnable().unwrap_err(), ConfigError::NoCpus);
     }
 
     #[test]

@@ -477,24 +477,20 @@ fn print_details(d: &VmDetails) {
     if let Some(pid) = d.pid {
         println!("VMM pid:     {pid}");
     }
-    println!("vCPUs:       {}", def.cpus);
-    println!("Memory:      {}", def.memory);
-    println!("Kernel:      {}", def.kernel.display());
-    if let Some(initrd) = &def.initrd {
+    let config = &def.config;
+    println!("vCPUs:       {}", config.cpus);
+    println!("Memory:      {}", config.memory);
+    println!("Kernel:      {}", config.kernel.display());
+    if let Some(initrd) = &config.initrd {
         println!("Initrd:      {}", initrd.display());
     }
-    println!("Cmdline:     {}", def.cmdline);
-    for disk in &def.disks {
-        let source = match (&disk.path, &disk.volume) {
-            (Some(path), _) => path.display().to_string(),
-            (None, Some(volume)) => format!("volume {volume}"),
-            (None, None) => "?".into(),
-        };
+    println!("Cmdline:     {}", config.cmdline);
+    for disk in &config.disks {
         let ro = if disk.readonly { " (read-only)" } else { "" };
-        println!("Disk:        {source}{ro}");
+        println!("Disk:        {}{ro}", disk.source);
     }
-    for (index, net) in def.nets.iter().enumerate() {
-        let tap = match (&net.network, def.id) {
+    for (index, net) in config.nets.iter().enumerate() {
+        let tap = match (net.network(), def.id) {
             (Some(_), Some(id)) => {
                 format!(" (TAP {})", api::daemon_api::network_tap_name(id, index))
             }

@@ -1,6 +1,6 @@
 //! `ferro run`: one VM in the foreground with its serial console on the terminal.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use api::{ByteSize, VmConfig};
@@ -29,13 +29,35 @@ Exit codes:
        (registers are printed)
   128+N  stopped by signal N (SIGINT, SIGTERM or SIGHUP)";
 
+/// The flags that describe the VM itself, which `--config` replaces.
+const VM_FLAGS: &[&str] = &[
+    "kernel",
+    "initrd",
+    "cmdline",
+    "cpus",
+    "memory",
+    "no_reboot",
+    "rng",
+    "disk",
+    "net",
+    "console",
+];
+
 /// Boot a Linux kernel in a VM, console on this terminal.
 #[derive(Debug, Args)]
 #[command(after_help = RUN_HELP)]
 pub struct RunArgs {
+    /// The whole VM as a file: JSON, or TOML when the name ends in .toml. Its fields are the
+    /// flags' (kernel, initrd, cmdline, cpus, memory, no_reboot, rng, rng_bytes_per_sec,
+    /// rng_period_ms, console, disks, nets; see the README); relative paths are from the
+    /// current directory. Replaces the flags that describe the VM, and combines with the
+    /// others (--api-socket, --console-socket, --console-log, --log-file, --exit-report).
+    #[arg(long, value_name = "FILE", conflicts_with_all = VM_FLAGS)]
+    config: Option<PathBuf>,
+
     /// Linux kernel: a bzImage, or an uncompressed ELF vmlinux with a PVH entry point.
-    #[arg(long, value_name = "PATH")]
-    kernel: PathBuf,
+    #[arg(long, value_name = "PATH", required_unless_present = "config")]
+    kernel: Option<PathBuf>,
 
     /// Initramfs to load with the kernel.
     #[arg(long, value_name = "PATH")]
@@ -127,21 +149,35 @@ impl RunArgs {
         self.log_file.as_deref()
     }
 
-    fn into_config(self) -> (VmConfig, Wiring) {
-        let config = VmConfig {
-            kernel: self.kernel,
-            initrd: self.initrd,
-            cmdline: self.cmdline,
+    /// The VM these arguments describe: the `--config` file, or the flags.
+    fn vm_config(&mut self) -> Result<VmConfig, String> {
+        if let Some(path) = &self.config {
+            return read_config(path);
+        }
+        let Some(kernel) = self.kernel.take() else {
+            return Err("give --kernel PATH, or the whole VM with --config FILE".into());
+        };
+        Ok(VmConfig {
+            kernel,
+            initrd: self.initrd.take(),
+            cmdline: std::mem::take(&mut self.cmdline),
             cpus: self.cpus,
             memory: self.memory,
             no_reboot: self.no_reboot,
             rng: self.rng.is_some(),
             rng_bytes_per_sec: self.rng.and_then(|o| o.bytes_per_sec),
             rng_period_ms: self.rng.and_then(|o| o.period_ms),
-            disks: self.disk,
+            disks: std::mem::take(&mut self.disk),
             console: self.console,
-            nets: self.net,
-        };
+            nets: std::mem::take(&mut self.net),
+        })
+    }
+
+    /// The VM, checked once ([`VmConfig::into_runnable`]), and how the VMM is wired.
+    fn into_parts(mut self) -> (Result<api::RunnableConfig, String>, Wiring) {
+        let config = self
+            .vm_config()
+            .and_then(|config| config.into_runnable().map_err(|e| error_chain(&e)));
         let wiring = Wiring {
             api_socket: self.api_socket,
             console: vmm::ConsoleHubConfig {
@@ -154,9 +190,32 @@ impl RunArgs {
     }
 }
 
+/// Reads a `--config` file: TOML if its name ends in .toml, else JSON.
+fn read_config(path: &Path) -> Result<VmConfig, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read the VM config {}: {e}", path.display()))?;
+    let parsed = if path.extension().is_some_and(|ext| ext == "toml") {
+        api::definition_file::parse_vm_config(&text)
+    } else {
+        serde_json::from_str(&text).map_err(|e| e.to_string())
+    };
+    parsed.map_err(|e| {
+        format!(
+            "{}: {e} (see `ferro run --help` and the README's \"ferro run --config\")",
+            path.display()
+        )
+    })
+}
+
 pub fn run(args: RunArgs) -> ExitCode {
-    let (config, wiring) = args.into_config();
-    let (code, outcome, error) = run_vm(&config, &wiring);
+    let (config, wiring) = args.into_parts();
+    let (code, outcome, error) = match config {
+        Ok(config) => run_vm(&config, &wiring),
+        Err(message) => {
+            eprintln!("ferro: error: {message}");
+            (vmm::ExitCode::Usage as u8, "error", Some(message))
+        }
+    };
     if let Some(path) = &wiring.exit_report {
         let report = api::vmm_api::ExitReport {
             code: i32::from(code),
@@ -183,16 +242,13 @@ fn outcome_name(outcome: vmm::Outcome) -> &'static str {
     }
 }
 
-/// Runs the VM; returns the exit code, the outcome's name and the error printed, if any.
-fn run_vm(config: &VmConfig, wiring: &Wiring) -> (u8, &'static str, Option<String>) {
+/// Runs the VM (checked before the terminal is touched); returns the exit code, the
+/// outcome's name and the error printed, if any.
+fn run_vm(config: &api::RunnableConfig, wiring: &Wiring) -> (u8, &'static str, Option<String>) {
     let failed = |code: vmm::ExitCode, message: String| {
         eprintln!("ferro: error: {message}");
         (code as u8, "error", Some(message))
     };
-    // Refuse a bad configuration before touching the terminal.
-    if let Err(e) = config.validate() {
-        return failed(vmm::ExitCode::Usage, e.to_string());
-    }
     let hub = wiring.console.socket.is_some() || wiring.console.log.is_some();
     let console = if hub {
         vmm::ConsoleHub::start(&wiring.console).map(|(hub, console)| (Some(hub), console))
@@ -220,5 +276,133 @@ fn run_vm(config: &VmConfig, wiring: &Wiring) -> (u8, &'static str, Option<Strin
             }
             failure
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        run: RunArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<RunArgs, clap::Error> {
+        Cli::try_parse_from(std::iter::once("run").chain(args.iter().copied())).map(|c| c.run)
+    }
+
+    fn config_file(dir: &Path, name: &str, text: &str) -> String {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path.display().to_string()
+    }
+
+    /// The flags build the same VmConfig a file with the same fields does.
+    #[test]
+    fn flags_and_config_files_describe_the_same_vm() {
+        let dir = tempfile::tempdir().unwrap();
+        let flags = parse(&[
+            "--kernel=/k",
+            "--cpus=2",
+            "--memory=1G",
+            "--rng=period_ms=50",
+            "--disk=path=/d.qcow2,format=qcow2",
+            "--net=tap=t0",
+            "--console=hvc",
+        ])
+        .unwrap();
+        let json = config_file(
+            dir.path(),
+            "vm.json",
+            r#"{"kernel": "/k", "cpus": 2, "memory": "1G", "rng": true, "rng_period_ms": 50,
+                "disks": [{"path": "/d.qcow2", "format": "qcow2"}], "nets": [{"tap": "t0"}],
+                "console": "hvc"}"#,
+        );
+        let toml = config_file(
+            dir.path(),
+            "vm.toml",
+            "kernel = \"/k\"\ncpus = 2\nmemory = \"1G\"\nrng = true\nrng_period_ms = 50\n\
+             console = \"hvc\"\n[[disks]]\npath = \"/d.qcow2\"\nformat = \"qcow2\"\n\
+             [[nets]]\ntap = \"t0\"\n",
+        );
+        let (from_flags, _) = flags.into_parts();
+        let from_flags = from_flags.unwrap();
+        for file in [json, toml] {
+            let (from_file, _) = parse(&["--config", &file]).unwrap().into_parts();
+            assert_eq!(from_file.unwrap(), from_flags, "{file}");
+        }
+    }
+
+    #[test]
+    fn config_conflicts_with_vm_flags_and_combines_with_process_options() {
+        for flag in [
+            "--kernel=/k",
+            "--initrd=/i",
+            "--cmdline=x",
+            "--cpus=2",
+            "--memory=1G",
+            "--no-reboot",
+            "--rng",
+            "--disk=path=/d",
+            "--net=tap=t0",
+            "--console=hvc",
+        ] {
+            let err = parse(&["--config=/vm.json", flag]).unwrap_err();
+            assert_eq!(
+                err.kind(),
+                clap::error::ErrorKind::ArgumentConflict,
+                "{flag}"
+            );
+        }
+        let args = parse(&[
+            "--config=/vm.json",
+            "--api-socket=/a.sock",
+            "--console-socket=/c.sock",
+            "--console-log=/c.log",
+            "--log-file=/v.log",
+            "--exit-report=/e.json",
+        ])
+        .unwrap();
+        assert_eq!(args.log_file(), Some(Path::new("/v.log")));
+        let (_, wiring) = args.into_parts();
+        assert_eq!(wiring.api_socket.as_deref(), Some(Path::new("/a.sock")));
+        assert_eq!(wiring.exit_report.as_deref(), Some(Path::new("/e.json")));
+        let err = parse(&[]).unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::MissingRequiredArgument);
+    }
+
+    /// One check for every way in; each error says what to change.
+    #[test]
+    fn bad_configs_are_refused_with_what_to_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let refused = |args: &[&str]| parse(args).unwrap().into_parts().0.unwrap_err();
+        let volume = config_file(
+            dir.path(),
+            "v.json",
+            r#"{"kernel": "/k", "disks": [{"volume": "pool/v.qcow2"}]}"#,
+        );
+        assert_eq!(
+            refused(&["--config", &volume]),
+            "disk volume pool/v.qcow2 is resolved by the daemon: define the VM with `ferro vm \
+             define`, or give a path to run it with `ferro run`"
+        );
+        assert!(refused(&["--kernel=/k", "--net=network=lab"]).contains("give a tap"));
+        assert_eq!(
+            refused(&["--kernel=/k", "--disk=path=/d,num_queues=0"]),
+            "disk /d: option num_queues: 0 is not between 1 and 64"
+        );
+        let typo = config_file(dir.path(), "t.json", r#"{"kernel": "/k", "cpu": 2}"#);
+        let err = refused(&["--config", &typo]);
+        assert!(err.contains("unknown field `cpu`"), "{err}");
+        assert!(err.contains("ferro run --config"), "{err}");
+        let err = refused(&["--config", "/nonexistent/vm.json"]);
+        assert!(
+            err.starts_with("cannot read the VM config /nonexistent/vm.json"),
+            "{err}"
+        );
     }
 }

@@ -49,6 +49,7 @@ fn help_documents_flags_and_exit_codes() {
         "--memory",
         "--no-reboot",
         "--rng [<OPTIONS>]",
+        "--config <FILE>",
         "bytes_per_sec",
         "--log-file",
         "Exit codes",
@@ -95,6 +96,49 @@ fn tiny_kernel_boots_and_powers_off() {
     let warned = stderr(&out).contains("no hardware virtualization");
     assert_eq!(warned, !has_hw_virt, "{}", stderr(&out));
     assert!(stderr(&out).lines().count() <= 1, "{}", stderr(&out));
+}
+
+/// `--config` describes the whole VM; process options still combine with it, and its
+/// errors are usage errors.
+#[test]
+fn a_config_file_runs_the_vm() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("vm.json");
+    std::fs::write(&config, r#"{"kernel": "/k", "disks": [{"volume": "p/v"}]}"#).unwrap();
+    let config = config.to_str().unwrap();
+    let out = ferro(&["run", "--config", config]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("resolved by the daemon"),
+        "{}",
+        stderr(&out)
+    );
+    let out = ferro(&["run", "--config", config, "--cpus", "2"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("cannot be used with"),
+        "{}",
+        stderr(&out)
+    );
+    if !kvm_tests_enabled() {
+        return;
+    }
+    let kernel = hello_kernel(dir.path());
+    let json = serde_json::json!({"kernel": kernel, "memory": "128M", "cpus": 2});
+    std::fs::write(dir.path().join("vm.json"), json.to_string()).unwrap();
+    let report = dir.path().join("exit.json");
+    let out = ferro(&[
+        "run",
+        "--config",
+        config,
+        "--exit-report",
+        report.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hi\n");
+    assert!(std::fs::read_to_string(&report)
+        .unwrap()
+        .contains("powered-off"));
 }
 
 #[test]

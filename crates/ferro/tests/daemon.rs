@@ -9,6 +9,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code
 
 use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -328,6 +329,12 @@ fn pool_snapshots_path(pool: &str, volume: &str) -> String {
     api::pool_api::paths::snapshots(pool, volume)
 }
 
+/// The config the daemon handed the running VM `name`'s VMM (`run/NAME/vm.json`).
+fn running_config(d: &Daemon, name: &str) -> api::VmConfig {
+    let path = d.state_dir().join(format!("run/{name}/vm.json"));
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
 fn pid_alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }
@@ -428,10 +435,19 @@ fn daemon_restart_crash_and_autostart() {
     let wanted = format!("--log-file\0{}\0", log.display());
     let cmdline = String::from_utf8_lossy(&cmdline);
     assert!(cmdline.contains(&wanted), "{cmdline:?}");
+    // The VM itself is one file the daemon wrote, mode 0600.
+    let config_path = d.state_dir().join("run/keep/vm.json");
     assert!(
-        cmdline.contains("\0--rng=bytes_per_sec=4096\0"),
+        cmdline.contains(&format!("run\0--config\0{}\0", config_path.display())),
         "{cmdline:?}"
     );
+    let config = running_config(&d, "keep");
+    assert_eq!(config.rng_bytes_per_sec, Some(4096));
+    let mode = std::fs::metadata(&config_path)
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
 
     // The daemon goes away and comes back: the VM ran on and is managed again; autostart
     // starts the other one.
@@ -899,15 +915,10 @@ fn pools_and_volumes_through_the_cli() {
         "disk of VM other",
     );
     d.ok(&["vm", "start", "user"]);
-    let pid = d.details("user").pid.unwrap();
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
-    // With the format recorded for the volume: the VMM never guesses it.
-    let disk = format!("path={},format=qcow2", images.join("full.qcow2").display());
-    assert!(
-        cmdline.split(|&b| b == 0).any(|arg| arg == disk.as_bytes()),
-        "{}",
-        String::from_utf8_lossy(&cmdline)
-    );
+    // The volume as its file, with the format recorded for it: the VMM never guesses it.
+    let disk = &running_config(&d, "user").disks[0];
+    assert_eq!(disk.path(), Some(images.join("full.qcow2").as_path()));
+    assert_eq!(disk.format.as_deref(), Some("qcow2"));
     d.fails(
         &[
             "vol",
@@ -1416,8 +1427,8 @@ fn network_lifecycle_requests_and_vm_nics() {
             .to_str()
             .unwrap(),
     ]);
-    let nic = d.details("nic1").definition.nets[0].clone();
-    assert_eq!(nic.network.as_deref(), Some("lab"));
+    let nic = d.details("nic1").definition.config.nets[0].clone();
+    assert_eq!(nic.network(), Some("lab"));
     assert!(nic.mac.is_some());
     assert!(d.ok(&["vm", "info", "nic1"]).contains("network=lab,mac="));
     d.fails(&["vm", "start", "nic1"], 4, "network lab is not active");
@@ -1655,7 +1666,7 @@ fn definitions_update_dump_and_edit() {
     let file = d.definition("ed", "[[nets]]\ntap = \"edtap0\"\n");
     d.ok(&["vm", "define", file.to_str().unwrap()]);
     let first = d.details("ed").definition;
-    let mac = first.nets[0].mac;
+    let mac = first.config.nets[0].mac;
     assert!(mac.is_some());
     let text = std::fs::read_to_string(&file).unwrap();
     std::fs::write(&file, format!("cpus = 2\n{text}")).unwrap();
@@ -1664,7 +1675,7 @@ fn definitions_update_dump_and_edit() {
         .contains("VM ed updated"));
     let second = d.details("ed").definition;
     assert_eq!(
-        (second.cpus, second.id, second.nets[0].mac),
+        (second.config.cpus, second.id, second.config.nets[0].mac),
         (2, first.id, mac)
     );
 
@@ -1689,7 +1700,7 @@ fn definitions_update_dump_and_edit() {
     };
     let out = edit("sed -i s/^cpus\\ =\\ 2/cpus\\ =\\ 3/");
     assert!(out.status.success(), "{out:?}");
-    assert_eq!(d.details("ed").definition.cpus, 3);
+    assert_eq!(d.details("ed").definition.config.cpus, 3);
     let out = edit("true");
     assert!(String::from_utf8_lossy(&out.stdout).contains("unchanged"));
     let out = edit("sed -i s/^cpus\\ =/cpu\\ =/");
@@ -1704,7 +1715,7 @@ fn definitions_update_dump_and_edit() {
     assert!(std::fs::read_to_string(kept).unwrap().contains("cpu = 3"));
     std::fs::remove_file(kept).unwrap();
     assert_eq!(
-        d.details("ed").definition.cpus,
+        d.details("ed").definition.config.cpus,
         3,
         "the refused edit changed nothing"
     );
@@ -1718,23 +1729,23 @@ fn definitions_update_dump_and_edit() {
     let said = d.ok(&["vm", "define", changed.to_str().unwrap()]);
     assert!(said.contains("runs on as it is"), "{said}");
     let details = d.details("run");
-    assert_eq!(details.definition.cpus, 1);
-    assert_eq!(details.pending_definition.as_ref().unwrap().cpus, 2);
+    assert_eq!(details.definition.config.cpus, 1);
+    assert_eq!(details.pending_definition.as_ref().unwrap().config.cpus, 2);
     assert!(d.ok(&["vm", "info", "run"]).contains("Pending:"));
     assert!(d.ok(&["vm", "dump", "run"]).contains("cpus = 2"));
     d.restart();
     let details = d.details("run");
     assert_eq!(details.state, DomainState::Running);
     assert_eq!(
-        details.definition.cpus, 1,
+        details.definition.config.cpus, 1,
         "the adopted VMM runs the old definition"
     );
-    assert_eq!(details.pending_definition.unwrap().cpus, 2);
+    assert_eq!(details.pending_definition.unwrap().config.cpus, 2);
     // A reboot starts a new VMM: the new definition applies.
     d.ok(&["vm", "reboot", "run"]);
     let details = d.details("run");
     assert_eq!(
-        (details.state, details.definition.cpus),
+        (details.state, details.definition.config.cpus),
         (DomainState::Running, 2)
     );
     assert!(details.pending_definition.is_none());

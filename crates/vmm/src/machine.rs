@@ -6,7 +6,7 @@ use std::io::{Seek, Write};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use api::{ConsoleKind, VmConfig, VmState};
+use api::{ConsoleKind, RunnableConfig, VmConfig, VmState};
 use arch::layout::{irqs, ports, MemoryLayout};
 use arch::GuestMemoryMmap;
 use devices::bus::{Bus, BusDevice};
@@ -63,15 +63,15 @@ pub(crate) struct Disks {
 
 impl std::fmt::Debug for Disks {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let paths: Vec<_> = self.images.iter().map(|(_, c)| &c.path).collect();
+        let paths: Vec<_> = self.images.iter().map(|(_, c)| &c.source).collect();
         f.debug_struct("Disks").field("paths", &paths).finish()
     }
 }
 
 impl Disks {
-    pub fn open(config: &VmConfig) -> Result<Self, Error> {
+    pub fn open(config: &RunnableConfig) -> Result<Self, Error> {
         let mut images = Vec::new();
-        for disk in &config.disks {
+        for (disk, path) in config.disk_paths() {
             let format = disk
                 .format
                 .as_deref()
@@ -79,7 +79,7 @@ impl Disks {
                 .transpose()
                 .map_err(|message| {
                     Error::Config(api::ConfigError::Disk {
-                        path: disk.path.display().to_string(),
+                        path: path.display().to_string(),
                         source: api::options::OptionError::Invalid {
                             key: "format".into(),
                             message,
@@ -92,7 +92,7 @@ impl Disks {
                      unsafe for an image a guest has written (a probed raw disk refuses guest \
                      writes that would make it look like another format); give format=raw or \
                      format=qcow2",
-                    disk.path.display()
+                    path.display()
                 );
             }
             let options = block::ImageOptions {
@@ -100,8 +100,8 @@ impl Disks {
                 format,
                 backing_dir: disk.backing_dir.clone(),
             };
-            let image = block::open_with(&disk.path, &options).map_err(|source| Error::Disk {
-                path: disk.path.clone(),
+            let image = block::open_with(path, &options).map_err(|source| Error::Disk {
+                path: path.to_path_buf(),
                 source,
             })?;
             images.push((Arc::new(Mutex::new(image)), disk.clone()));
@@ -152,9 +152,9 @@ impl std::fmt::Debug for Nets {
 }
 
 impl Nets {
-    pub fn open(config: &VmConfig) -> Result<Self, Error> {
+    pub fn open(config: &RunnableConfig) -> Result<Self, Error> {
         let mut taps = Vec::new();
-        for net in &config.nets {
+        for (net, tap) in config.nic_taps() {
             // One pair per vCPU unless the user chose; an existing single-queue TAP then
             // gets one pair, while a count the user chose must be met.
             let pairs = net
@@ -162,15 +162,14 @@ impl Nets {
                 .map_or(config.cpus as usize, usize::from)
                 .min(usize::from(api::net::MAX_NET_QUEUE_PAIRS));
             let fewer_ok = net.queue_pairs.is_none();
-            let queues =
-                virtio::net::Tap::open_queues(&net.tap, pairs, fewer_ok).map_err(|source| {
-                    Error::Net {
-                        tap: net.tap.clone(),
-                        source,
-                    }
-                })?;
+            let queues = virtio::net::Tap::open_queues(tap, pairs, fewer_ok).map_err(|source| {
+                Error::Net {
+                    tap: tap.to_string(),
+                    source,
+                }
+            })?;
             if queues[0].created() {
-                tracing::info!("created TAP device {} ({} queues)", net.tap, queues.len());
+                tracing::info!("created TAP device {tap} ({} queues)", queues.len());
             }
             taps.push((
                 queues.into_iter().map(Arc::new).collect(),
@@ -250,7 +249,7 @@ pub(crate) struct Backends {
 }
 
 impl Backends {
-    pub fn open(config: &VmConfig) -> Result<Self, Error> {
+    pub fn open(config: &RunnableConfig) -> Result<Self, Error> {
         Ok(Backends {
             files: BootFiles::open(config)?,
             disks: Disks::open(config)?,

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use api::{ByteSize, VmConfig};
+use api::{ByteSize, RunnableConfig, VmConfig};
 use hypervisor::Hypervisor;
 
 use crate::api_server::ApiServer;
@@ -59,14 +59,14 @@ fn check_host_limits(config: &VmConfig, hv: &Hypervisor) -> Result<(), Error> {
     Ok(())
 }
 
-/// Runs the VM described by `config` with its serial console on `console`, serving the
-/// control API on `api_socket` if given.
+/// Runs the VM described by `runnable` (checked once, by [`api::VmConfig::into_runnable`])
+/// with its serial console on `console`, serving the control API on `api_socket` if given.
 pub fn run(
-    config: &VmConfig,
+    runnable: &RunnableConfig,
     console: &mut Console,
     api_socket: Option<&Path>,
 ) -> Result<Outcome, Error> {
-    config.validate()?;
+    let config: &VmConfig = runnable;
     if !hypervisor::host_has_hardware_virtualization() {
         tracing::warn!(
             "this host has no hardware virtualization (no vmx/svm in /proc/cpuinfo): guests may be very slow or fail"
@@ -74,7 +74,7 @@ pub fn run(
     }
     let hv = Hypervisor::open().map_err(Error::Kvm)?;
     check_host_limits(config, &hv)?;
-    let mut backends = Backends::open(config)?;
+    let mut backends = Backends::open(runnable)?;
     let host = HostCpu::probe(&hv)?;
     let stats = Stats::new(config);
     signals::install_vcpu_kick_handler().map_err(Error::ControlLoop)?;

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use api::vmm_api::{paths, VmCounters, VmInfo};
 use api::{VmConfig, VmState};
 use arch::test_images;
-use common::{asm, guest, kvm_tests_enabled, Captured};
+use common::{asm, guest, kvm_tests_enabled, runnable, Captured};
 use http_unix::Client;
 use openapi_check::OpenApi;
 use vmm::{Console, Error, Outcome};
@@ -53,7 +53,8 @@ impl Running {
         let mut console =
             Console::new(Box::new(std::io::empty()), Box::new(out.clone()), false).unwrap();
         let (config, path) = (config.clone(), socket.clone());
-        let vm = std::thread::spawn(move || vmm::run(&config, &mut console, Some(&path)));
+        let vm =
+            std::thread::spawn(move || vmm::run(&runnable(&config)?, &mut console, Some(&path)));
         let running = Running {
             api: openapi(),
             client: Client::new(&socket, Some(Duration::from_secs(30))),

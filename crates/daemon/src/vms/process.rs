@@ -1,11 +1,14 @@
-//! VMM processes: starting `ferro run` for a definition (its own process group, so the
+//! VMM processes: starting `ferro run --config` on a definition's resolved config (written to
+//! the VM's runtime directory; its own process group, so the
 //! daemon's end does not take it down), recognising it again after a daemon restart (pid plus process start
 //! time, so a recycled pid is not mistaken for it), and waiting for it to end (a pidfd, which
 //! works for processes the daemon did not start).
 
 use std::fs::OpenOptions;
 use std::io;
+use std::io::Write;
 use std::os::fd::OwnedFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -17,6 +20,8 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone)]
 pub struct VmmFiles {
     pub dir: PathBuf,
+    /// The resolved VM config the VMM runs (`ferro run --config`).
+    pub config: PathBuf,
     pub api_socket: PathBuf,
     pub console_socket: PathBuf,
     /// The VMM's log and stderr (`--log-file`: rotated by the VMM, capped on disk).
@@ -28,6 +33,7 @@ pub struct VmmFiles {
 impl VmmFiles {
     pub fn new(dir: PathBuf) -> Self {
         VmmFiles {
+            config: dir.join("vm.json"),
             api_socket: dir.join("api.sock"),
             console_socket: dir.join("console.sock"),
             stderr: dir.join("vmm.log"),
@@ -46,51 +52,40 @@ pub struct ProcessRecord {
     pub start_time: u64,
 }
 
-/// `ferro run` arguments for `definition` (a resolved VM configuration); every value is its
-/// own argument (no shell).
-pub fn vmm_args(definition: &VmConfig, files: &VmmFiles, console_log: &Path) -> Vec<String> {
-    let mut args: Vec<String> = vec![
+/// Writes the config the VMM runs to `files.config`, readable by the daemon's user only (it
+/// names the VM's images and devices).
+pub fn write_vm_config(config: &VmConfig, files: &VmmFiles) -> io::Result<()> {
+    let mut bytes = serde_json::to_vec_pretty(config).map_err(io::Error::other)?;
+    bytes.push(b'\n');
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&files.config)?;
+    file.write_all(&bytes)
+}
+
+/// `ferro run` arguments for a VM whose config [`write_vm_config`] wrote: the config file,
+/// then where the VMM's sockets, logs and exit report go. Every value is its own argument
+/// (no shell).
+pub fn vmm_args(files: &VmmFiles, console_log: &Path) -> Vec<String> {
+    let path = |p: &Path| p.display().to_string();
+    vec![
         "run".into(),
-        "--kernel".into(),
-        definition.kernel.display().to_string(),
-        "--cmdline".into(),
-        definition.cmdline.clone(),
-        "--cpus".into(),
-        definition.cpus.to_string(),
-        "--memory".into(),
-        definition.memory.to_string(),
-        "--console".into(),
-        match definition.console {
-            api::ConsoleKind::Serial => "serial".into(),
-            api::ConsoleKind::Hvc => "hvc".into(),
-        },
+        "--config".into(),
+        path(&files.config),
         "--api-socket".into(),
-        files.api_socket.display().to_string(),
+        path(&files.api_socket),
         "--console-socket".into(),
-        files.console_socket.display().to_string(),
+        path(&files.console_socket),
         "--console-log".into(),
-        console_log.display().to_string(),
+        path(console_log),
         "--exit-report".into(),
-        files.exit_report.display().to_string(),
+        path(&files.exit_report),
         "--log-file".into(),
-        files.stderr.display().to_string(),
-    ];
-    if let Some(initrd) = &definition.initrd {
-        args.extend(["--initrd".into(), initrd.display().to_string()]);
-    }
-    if definition.rng {
-        args.push(match definition.rng_options().to_option_string() {
-            limit if limit.is_empty() => "--rng".into(),
-            limit => format!("--rng={limit}"),
-        });
-    }
-    for disk in &definition.disks {
-        args.extend(["--disk".into(), disk.to_option_string()]);
-    }
-    for net in &definition.nets {
-        args.extend(["--net".into(), net.to_option_string()]);
-    }
-    args
+        path(&files.stderr),
+    ]
 }
 
 /// Starts the VMM in a session of its own, stdin from /dev/null, stderr to its log (what it
@@ -153,6 +148,8 @@ pub fn kill(pid: u32, signal: i32) -> io::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
     use super::*;
 
     #[test]
@@ -176,43 +173,39 @@ mod tests {
         }));
     }
 
+    /// The VMM gets one file with the whole VM, and argv only says where things go.
     #[test]
-    fn the_rng_limit_is_passed_when_the_definition_sets_it() {
-        let definition: VmConfig = serde_json::from_value(serde_json::json!({
-            "kernel": "/k", "rng": true, "rng_bytes_per_sec": 4096
-        }))
-        .unwrap();
-        let args = vmm_args(
-            &definition,
-            &VmmFiles::new("/run/a".into()),
-            Path::new("/log"),
-        );
-        assert!(
-            args.contains(&"--rng=bytes_per_sec=4096".to_string()),
-            "{args:?}"
-        );
-    }
-
-    #[test]
-    fn arguments_carry_every_part_of_the_definition() {
-        let definition: VmConfig = serde_json::from_value(serde_json::json!({
+    fn the_vmm_gets_the_config_as_a_private_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let config: VmConfig = serde_json::from_value(serde_json::json!({
             "kernel": "/k", "initrd": "/i", "cmdline": "console=ttyS0 x=\"a b\"",
-            "cpus": 2, "memory": "1G", "rng": true,
+            "cpus": 2, "memory": "1G", "rng": true, "rng_bytes_per_sec": 4096,
             "disks": [{"path": "/d.qcow2", "readonly": true, "serial": "s1", "format": "qcow2"}],
-            "nets": [{"tap": "tap0", "mac": "52:54:00:12:34:56"}]
+            "nets": [{"tap": "fv3n0", "mac": "52:54:00:12:34:56"}]
         }))
         .unwrap();
-        let files = VmmFiles::new("/run/a".into());
-        let args = vmm_args(&definition, &files, Path::new("/log"));
+        let files = VmmFiles::new(dir.path().to_path_buf());
+        write_vm_config(&config, &files).unwrap();
+        let mode = std::fs::metadata(&files.config)
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let written: VmConfig =
+            serde_json::from_slice(&std::fs::read(&files.config).unwrap()).unwrap();
+        assert_eq!(written, config);
+        written.into_runnable().unwrap();
+        let args = vmm_args(&files, Path::new("/log"));
+        let config_path = files.config.display().to_string();
+        assert_eq!(&args[..3], ["run", "--config", config_path.as_str()]);
         let joined = args.join("|");
-        assert!(
-            joined.contains("--cmdline|console=ttyS0 x=\"a b\"|"),
-            "{joined}"
-        );
-        assert!(joined.contains("--memory|1G|"));
-        assert!(joined.contains("--disk|path=/d.qcow2,readonly=on,serial=s1,format=qcow2"));
-        assert!(joined.contains("--net|tap=tap0,mac=52:54:00:12:34:56"));
-        assert!(joined.contains("--initrd|/i") && joined.contains("|--rng|"));
-        assert!(joined.contains("--log-file|/run/a/vmm.log"), "{joined}");
+        assert!(joined.contains("--console-log|/log|"), "{joined}");
+        assert!(joined.ends_with(&format!("--log-file|{}", files.stderr.display())));
+        for flag in ["--kernel", "--disk", "--net", "--rng", "--cpus"] {
+            assert!(
+                !args.iter().any(|a| a.starts_with(flag)),
+                "{flag} in {joined}"
+            );
+        }
     }
 }

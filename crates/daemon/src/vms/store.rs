@@ -154,8 +154,8 @@ impl Store {
 /// definition gives one.
 fn record_disk_formats(definition: &mut VmDefinition) -> bool {
     let mut changed = false;
-    for disk in &mut definition.disks {
-        let Some(path) = disk.path.as_ref().filter(|_| disk.format.is_none()) else {
+    for disk in &mut definition.config.disks {
+        let Some(path) = disk.path().filter(|_| disk.format.is_none()) else {
             continue;
         };
         let probed = fs::File::open(path)
@@ -218,7 +218,7 @@ mod tests {
         let disk: api::DiskConfig = "path=/var/lib/ferro/web1.qcow2,format=qcow2"
             .parse()
             .unwrap();
-        def.disks.push(disk.into());
+        def.config.disks.push(disk);
         def.autostart = true;
         store.save_definition(&def).unwrap();
         store.save_definition(&definition("db")).unwrap();
@@ -259,7 +259,12 @@ mod tests {
         fs::write(store.definition_path("old"), text).unwrap();
         let (loaded, errors) = store.load_definitions();
         assert!(errors.is_empty(), "{errors:?}");
-        let formats: Vec<_> = loaded[0].disks.iter().map(|d| d.format.clone()).collect();
+        let formats: Vec<_> = loaded[0]
+            .config
+            .disks
+            .iter()
+            .map(|d| d.format.clone())
+            .collect();
         // An overlay (maybe a guest's header in a raw disk) and an unreadable disk stay
         // without: the VM is kept, and cannot start until its definition says.
         assert_eq!(
@@ -271,7 +276,7 @@ mod tests {
         // Recorded in the file: what the guest writes later changes nothing.
         qcow2(&raw, Some("b.qcow2"));
         let (loaded, _) = store.load_definitions();
-        assert_eq!(loaded[0].disks[0].format.as_deref(), Some("raw"));
+        assert_eq!(loaded[0].config.disks[0].format.as_deref(), Some("raw"));
         let saved = fs::read_to_string(store.definition_path("old")).unwrap();
         assert!(saved.contains(r#"format = "raw""#), "{saved}");
     }

@@ -57,12 +57,17 @@ pub fn guest(image: Vec<u8>) -> Guest {
     Guest { dir, config }
 }
 
+/// `config` checked as `ferro run` checks it, its refusal as the VMM's error.
+pub fn runnable(config: &VmConfig) -> Result<api::RunnableConfig, Error> {
+    Ok(config.clone().into_runnable()?)
+}
+
 /// Runs `config` with no console input; returns the outcome and the serial output.
 pub fn run(config: &VmConfig) -> (Result<Outcome, Error>, String) {
     let out = Captured::default();
     let mut console =
         Console::new(Box::new(std::io::empty()), Box::new(out.clone()), false).unwrap();
-    let result = vmm::run(config, &mut console, None);
+    let result = runnable(config).and_then(|config| vmm::run(&config, &mut console, None));
     (result, out.text())
 }
 
@@ -74,6 +79,6 @@ pub fn run_with_api(
     let out = Captured::default();
     let mut console =
         Console::new(Box::new(std::io::empty()), Box::new(out.clone()), false).unwrap();
-    let result = vmm::run(config, &mut console, Some(socket));
+    let result = runnable(config).and_then(|config| vmm::run(&config, &mut console, Some(socket)));
     (result, out.text())
 }

@@ -25,11 +25,12 @@ impl Supervisor {
             return Vec::new();
         }
         definition
+            .config
             .nets
             .iter()
             .enumerate()
             .filter_map(|(index, nic)| {
-                let network = nic.network.as_deref()?;
+                let network = nic.network()?;
                 let mode = self.networks.mode_of(network)?;
                 (mode != NetworkMode::Bridge).then(|| {
                     format!(
@@ -56,11 +57,11 @@ impl Supervisor {
                 let name = other.definition.name.as_str();
                 other
                     .definitions()
-                    .flat_map(|definition| definition.nets.iter())
-                    .filter_map(move |nic| Some((nic.tap.as_deref()?, name)))
+                    .flat_map(|definition| definition.config.nets.iter())
+                    .filter_map(move |nic| Some((nic.tap()?, name)))
             })
             .collect();
-        for tap in definition.nets.iter().filter_map(|nic| nic.tap.as_deref()) {
+        for tap in definition.config.nets.iter().filter_map(|nic| nic.tap()) {
             api::daemon_api::check_own_tap_name(tap)?;
             if let Some(owner) = taken.get(tap) {
                 return Err(format!(
@@ -121,8 +122,8 @@ impl Supervisor {
         previous: Option<&VmDefinition>,
     ) -> Result<(), Failure> {
         let dns_name = definition.dns_name().map(str::to_string);
-        for (index, nic) in definition.nets.iter_mut().enumerate() {
-            if let Some(network) = &nic.network {
+        for (index, nic) in definition.config.nets.iter_mut().enumerate() {
+            if let Some(network) = nic.network() {
                 let mode = self.networks.mode_of(network).ok_or_else(|| {
                     Failure::invalid(format!("there is no network named {network:?}"))
                 })?;
@@ -136,7 +137,7 @@ impl Supervisor {
             }
             // A fixed MAC keeps the guest's DHCP lease and DNS name across starts.
             let kept = previous
-                .and_then(|p| p.nets.get(index))
+                .and_then(|p| p.config.nets.get(index))
                 .and_then(|old| old.mac);
             if nic.mac.is_none() {
                 nic.mac = Some(kept.unwrap_or_else(api::net::MacAddress::random));
@@ -269,7 +270,7 @@ pub(super) fn give_ids(store: &Store, definitions: &mut [VmDefinition], recorded
 pub(super) fn warn_of_shared_taps(definitions: &[VmDefinition]) {
     let mut seen: BTreeMap<&str, &str> = BTreeMap::new();
     for definition in definitions {
-        for tap in definition.nets.iter().filter_map(|n| n.tap.as_deref()) {
+        for tap in definition.config.nets.iter().filter_map(|n| n.tap()) {
             if let Some(first) = seen.insert(tap, &definition.name) {
                 tracing::warn!(
                     "VMs {first} and {} both name the TAP device {tap}: only one of them can run at a time",

@@ -65,7 +65,10 @@ impl Supervisor {
                 Failure::internal(format!("cannot create {}: {e}", files.dir.display()))
             })?;
         save_running_definition(&files, &definition);
-        let args = process::vmm_args(&config, &files, &self.store.console_log(name));
+        process::write_vm_config(&config, &files).map_err(|e| {
+            Failure::internal(format!("cannot write {}: {e}", files.config.display()))
+        })?;
+        let args = process::vmm_args(&files, &self.store.console_log(name));
         let nics = network_nics(&definition, false);
         let networks = self.networks.clone();
         let vm = name.to_string();
@@ -326,12 +329,13 @@ pub(super) fn network_nics(definition: &VmDefinition, legacy: bool) -> Vec<Netwo
         )),
     };
     definition
+        .config
         .nets
         .iter()
         .enumerate()
         .filter_map(|(index, nic)| {
             Some(NetworkNic {
-                network: nic.network.clone()?,
+                network: nic.network()?.to_string(),
                 mac: nic.mac?,
                 tap: tap(index)?,
                 dns_name: definition.dns_name().map(str::to_string),
@@ -385,7 +389,7 @@ pub(super) fn check_files(definition: &VmConfig) -> Result<(), String> {
         files.push(("initrd", initrd));
     }
     for disk in &definition.disks {
-        files.push(("disk", &disk.path));
+        files.extend(disk.path().map(|path| ("disk", path)));
     }
     for (what, path) in files {
         if let Err(e) = std::fs::metadata(path) {

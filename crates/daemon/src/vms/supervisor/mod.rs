@@ -147,7 +147,7 @@ impl Supervisor {
         give_ids(&store, &mut definitions, networks.recorded_tap_ids());
         // What definitions say of their volumes' formats, before anything probes a volume.
         for definition in &definitions {
-            for disk in &definition.disks {
+            for disk in &definition.config.disks {
                 if let (Some((pool, volume)), Some(format)) = (disk.volume_ref(), &disk.format) {
                     pools.seed_format(pool, volume, format);
                 }

@@ -21,8 +21,8 @@ impl Supervisor {
                 name: e.definition.name.clone(),
                 state: e.state,
                 autostart: e.definition.autostart,
-                cpus: e.definition.cpus,
-                memory: e.definition.memory,
+                cpus: e.definition.config.cpus,
+                memory: e.definition.config.memory,
             })
             .collect()
     }
@@ -48,20 +48,19 @@ impl Supervisor {
             .values()
             .find(|e| {
                 e.definitions()
-                    .flat_map(|d| d.nets.iter())
-                    .any(|n| n.tap.as_deref() == Some(tap))
+                    .flat_map(|d| d.config.nets.iter())
+                    .any(|n| n.tap() == Some(tap))
             })
             .map(|e| e.definition.name.clone())
     }
 
     /// Whether `disk` is the image at `path`.
-    pub(super) fn disk_is(&self, disk: &api::daemon_api::DefinitionDisk, path: &Path) -> bool {
-        match (&disk.path, disk.volume_ref()) {
-            (Some(own), _) => own == path,
-            (None, Some((pool, volume))) => {
+    pub(super) fn disk_is(&self, disk: &api::DiskConfig, path: &Path) -> bool {
+        match &disk.source {
+            api::DiskSource::Path(own) => own == path,
+            api::DiskSource::Volume(_) => disk.volume_ref().is_some_and(|(pool, volume)| {
                 self.pools.volume_location(pool, volume).as_deref() == Some(path)
-            }
-            (None, None) => false,
+            }),
         }
     }
 
@@ -71,7 +70,7 @@ impl Supervisor {
             .values()
             .find(|e| {
                 e.definitions()
-                    .flat_map(|d| d.disks.iter())
+                    .flat_map(|d| d.config.disks.iter())
                     .any(|d| self.disk_is(d, path))
             })
             .map(|e| e.definition.name.clone())
@@ -83,7 +82,13 @@ impl Supervisor {
         self.lock()
             .values()
             .filter(|e| e.runtime.is_some() || e.busy == Some("start"))
-            .find(|e| e.definition.disks.iter().any(|d| self.disk_is(d, path)))
+            .find(|e| {
+                e.definition
+                    .config
+                    .disks
+                    .iter()
+                    .any(|d| self.disk_is(d, path))
+            })
             .map(|e| e.definition.name.clone())
     }
 
@@ -94,6 +99,7 @@ impl Supervisor {
             .filter(|e| e.runtime.is_some())
             .find(|e| {
                 e.definition
+                    .config
                     .disks
                     .iter()
                     .any(|d| !d.readonly && self.disk_is(d, path))
@@ -112,7 +118,7 @@ impl Supervisor {
                 path.display()
             ));
         }
-        definition.vm_config(|pool, volume| {
+        definition.resolved_config(|pool, volume| {
             self.pools
                 .volume_for_vm(pool, volume)
                 .map_err(|e| format!("disk volume {pool}/{volume}: {}", e.message))
@@ -134,10 +140,10 @@ impl Supervisor {
                 .ok_or_else(|| not_running(name, e.state))?;
             Ok(RunningVm {
                 pid: runtime.record.pid,
-                vcpus: e.definition.cpus,
+                vcpus: e.definition.config.cpus,
                 api_socket: runtime.files.api_socket.clone(),
                 state: e.state,
-                memory_bytes: e.definition.memory.0,
+                memory_bytes: e.definition.config.memory.0,
             })
         })
     }

@@ -313,7 +313,7 @@ pub fn nat_and_isolated_networks() -> TestResult {
     let lab_leases = leases(&d, "lab")?;
     let mut va_ip = None;
     for vm in ["va", "vb"] {
-        let mac = vm_details(&d, vm)?.definition.nets[0].mac;
+        let mac = vm_details(&d, vm)?.definition.config.nets[0].mac;
         let lease = lab_leases.iter().find(|l| Some(l.mac) == mac);
         check(lease.is_some(), || {
             format!("no lease for {vm} ({mac:?}) in {lab_leases:?}")
