@@ -19,7 +19,7 @@ use std::os::unix::fs::FileExt;
 
 use super::header::{self, Header};
 use super::metadata::Structure;
-use super::refcount::{decode, entries_per_block};
+use super::refblock::{decode, entries_per_block};
 use super::snapshot::parse_table;
 use super::{read_header, COMPRESSED, COPIED, OFFSET_MASK};
 

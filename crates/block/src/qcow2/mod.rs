@@ -24,6 +24,7 @@ pub mod header;
 mod l2cache;
 mod meta;
 mod metadata;
+mod refblock;
 mod refcount;
 mod repair;
 mod resize;
