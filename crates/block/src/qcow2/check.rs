@@ -20,15 +20,13 @@ use std::os::unix::fs::FileExt;
 use super::header::{self, Header};
 use super::metadata::Structure;
 use super::refblock::{decode, entries_per_block};
-use super::snapshot::parse_table;
+use super::snapshot_table::{parse_table, MAX_TABLE_BYTES};
 use super::{read_header, COMPRESSED, COPIED, OFFSET_MASK};
 
 /// Problems listed one by one; beyond that only counted.
 const MAX_LISTED: usize = 10_000;
 /// Refcount blocks kept in memory while checking COPIED flags.
 const BLOCK_CACHE: usize = 256;
-/// Largest snapshot table read (QEMU's limit).
-const MAX_SNAPSHOT_TABLE: u64 = 64 << 20;
 
 /// How bad a problem is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -339,7 +337,7 @@ impl Scan {
             return Ok(Vec::new());
         }
         let offset = self.header.snapshots_offset;
-        let len = self.file_len.saturating_sub(offset).min(MAX_SNAPSHOT_TABLE);
+        let len = self.file_len.saturating_sub(offset).min(MAX_TABLE_BYTES);
         let mut raw = vec![0u8; len as usize];
         file.read_exact_at(&mut raw, offset)?;
         let (snapshots, table_len) = match parse_table(&raw, count, self.header.cluster_size()) {

@@ -29,6 +29,7 @@ mod refcount;
 mod repair;
 mod resize;
 mod snapshot;
+mod snapshot_table;
 mod verify;
 
 use std::fs::File;
@@ -45,7 +46,7 @@ pub use header::Header;
 use l2cache::L2Cache;
 pub use metadata::{MetadataError, Structure};
 use refcount::Refcounts;
-pub use snapshot::Snapshot;
+pub use snapshot_table::Snapshot;
 
 const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 const COPIED: u64 = 1 << 63;
