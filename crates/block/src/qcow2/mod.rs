@@ -28,6 +28,7 @@ mod refblock;
 mod refcount;
 mod repair;
 mod resize;
+mod scan;
 mod snapshot;
 mod snapshot_table;
 mod verify;
@@ -40,12 +41,13 @@ use vm_memory::VolatileSlice;
 
 use crate::iov::{read_file_at, slices_len, write_file_at, zero_fill, Slices};
 use crate::{Buffers, DiskImage};
-pub use check::{check, CheckReport, Problem, ProblemKind};
+pub use check::check;
 pub use create::{create, CreateOptions};
 pub use header::Header;
 use l2cache::L2Cache;
 pub use metadata::{MetadataError, Structure};
 use refcount::Refcounts;
+pub use scan::{CheckReport, Problem, ProblemKind};
 pub use snapshot_table::Snapshot;
 
 const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
