@@ -24,10 +24,13 @@ pub mod header;
 mod l2cache;
 mod meta;
 mod metadata;
+mod refblock;
 mod refcount;
 mod repair;
 mod resize;
+mod scan;
 mod snapshot;
+mod snapshot_table;
 mod verify;
 
 use std::fs::File;
@@ -38,13 +41,14 @@ use vm_memory::VolatileSlice;
 
 use crate::iov::{read_file_at, slices_len, write_file_at, zero_fill, Slices};
 use crate::{Buffers, DiskImage};
-pub use check::{check, CheckReport, Problem, ProblemKind};
+pub use check::check;
 pub use create::{create, CreateOptions};
 pub use header::Header;
 use l2cache::L2Cache;
 pub use metadata::{MetadataError, Structure};
 use refcount::Refcounts;
-pub use snapshot::Snapshot;
+pub use scan::{CheckReport, Problem, ProblemKind};
+pub use snapshot_table::Snapshot;
 
 const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 const COPIED: u64 = 1 << 63;

@@ -16,47 +16,7 @@ use std::os::unix::fs::FileExt;
 
 use super::corrupt;
 use super::metadata::{MetadataError, MetadataMap, Structure};
-
-/// Entries per refcount block for a cluster size and refcount width.
-pub(super) fn entries_per_block(cluster_bits: u32, refcount_order: u32) -> u64 {
-    (1u64 << (cluster_bits + 3)) >> refcount_order
-}
-
-/// Decodes entry `index` of a refcount block of `bits`-bit entries.
-pub(super) fn decode(bits: u64, block: &[u8], index: u64) -> u64 {
-    if bits >= 8 {
-        let width = (bits / 8) as usize;
-        let at = index as usize * width;
-        block[at..at + width]
-            .iter()
-            .fold(0u64, |v, b| (v << 8) | u64::from(*b))
-    } else {
-        let bit = index * bits;
-        (u64::from(block[(bit / 8) as usize]) >> (bit % 8)) & ((1 << bits) - 1)
-    }
-}
-
-/// Encodes `value` into entry `index`; returns the byte range that changed.
-pub(super) fn encode(
-    bits: u64,
-    block: &mut [u8],
-    index: u64,
-    value: u64,
-) -> std::ops::Range<usize> {
-    if bits >= 8 {
-        let width = (bits / 8) as usize;
-        let at = index as usize * width;
-        let bytes = value.to_be_bytes();
-        block[at..at + width].copy_from_slice(&bytes[8 - width..]);
-        at..at + width
-    } else {
-        let bit = index * bits;
-        let byte = (bit / 8) as usize;
-        let mask = (((1u64 << bits) - 1) << (bit % 8)) as u8;
-        block[byte] = (block[byte] & !mask) | (((value << (bit % 8)) as u8) & mask);
-        byte..byte + 1
-    }
-}
+use super::refblock::{decode, encode, entries_per_block};
 
 /// The image's refcounts.
 #[derive(Debug)]

@@ -13,9 +13,9 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 
-use super::check::{be64s, entry_kind, read_padded, EntryKind, Scan};
 use super::header::{self, incompatible};
-use super::refcount::{encode, entries_per_block};
+use super::refblock::{encode, entries_per_block};
+use super::scan::{be64s, entry_kind, read_padded, EntryKind, Scan};
 use super::{COPIED, OFFSET_MASK};
 
 fn refuse(message: String) -> io::Error {

@@ -1,5 +1,6 @@
-//! Tests of the refcount engine: the entry encoding at every width, refcount blocks and the
-//! table, allocation, and the rule that no cluster holding metadata is handed out or freed.
+//! Tests of the refcount engine: refcount blocks and the table, allocation, and the rule that
+//! no cluster holding metadata is handed out or freed (the entry encoding is tested in
+//! `refblock`).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::fs::File;
@@ -31,85 +32,6 @@ fn refcount_file(cluster_bits: u32, order: u32) -> File {
 
 fn load(file: &File, cluster_bits: u32, order: u32) -> Refcounts {
     Refcounts::load(file, cluster_bits, order, 1 << cluster_bits, 1).unwrap()
-}
-
-/// Bits per entry, entry index, value; the bytes it sets and the range `encode` reports.
-type Layout = (
-    u64,
-    u64,
-    u64,
-    &'static [(usize, u8)],
-    std::ops::Range<usize>,
-);
-
-#[test]
-fn entries_are_laid_out_as_qcow2_specifies() {
-    // Narrow entries fill each byte from its least significant bit; wide ones are big-endian.
-    let cases: [Layout; 7] = [
-        (1, 3, 1, &[(0, 0b0000_1000)], 0..1),
-        (2, 5, 3, &[(1, 0b0000_1100)], 1..2),
-        (4, 1, 0xa, &[(0, 0xa0)], 0..1),
-        (8, 2, 0xab, &[(2, 0xab)], 2..3),
-        (16, 1, 0x1234, &[(2, 0x12), (3, 0x34)], 2..4),
-        (32, 1, 0x0102_0304, &[(4, 1), (5, 2), (6, 3), (7, 4)], 4..8),
-        (
-            64,
-            1,
-            0x0102_0304_0506_0708,
-            &[
-                (8, 1),
-                (9, 2),
-                (10, 3),
-                (11, 4),
-                (12, 5),
-                (13, 6),
-                (14, 7),
-                (15, 8),
-            ],
-            8..16,
-        ),
-    ];
-    for (bits, index, value, bytes, range) in cases {
-        let mut block = vec![0u8; 64];
-        assert_eq!(encode(bits, &mut block, index, value), range, "{bits} bits");
-        for &(at, byte) in bytes {
-            assert_eq!(block[at], byte, "{bits} bits, byte {at}");
-        }
-        let set = block.iter().filter(|&&b| b != 0).count();
-        assert!(set <= bytes.len(), "{bits} bits: stray bytes {block:?}");
-        assert_eq!(decode(bits, &block, index), value, "{bits} bits");
-        assert_eq!(decode(bits, &block, index + 1), 0, "{bits} bits");
-    }
-    assert_eq!(entries_per_block(16, 4), 32768);
-    assert_eq!(entries_per_block(9, 0), 4096);
-    assert_eq!(entries_per_block(9, 6), 64);
-}
-
-#[test]
-fn refcount_entries_of_every_width_keep_their_neighbours() {
-    for order in 0..=6u32 {
-        let bits = 1u64 << order;
-        let max = if order == 6 {
-            u64::MAX
-        } else {
-            (1 << bits) - 1
-        };
-        let mut block = vec![0u8; 512];
-        let entries = 512 * 8 / bits;
-        for index in 0..entries {
-            encode(bits, &mut block, index, index % 3 % (max.min(2) + 1));
-        }
-        for index in [0, 1, entries / 2, entries - 1] {
-            encode(bits, &mut block, index, max);
-            assert_eq!(decode(bits, &block, index), max, "order {order}");
-            if index + 1 < entries {
-                let expected = (index + 1) % 3 % (max.min(2) + 1);
-                assert_eq!(decode(bits, &block, index + 1), expected, "order {order}");
-            }
-            encode(bits, &mut block, index, 0);
-            assert_eq!(decode(bits, &block, index), 0, "order {order}");
-        }
-    }
 }
 
 #[test]
