@@ -17,6 +17,8 @@ use serde::de::DeserializeOwned;
 
 use crate::error_chain;
 
+mod vm_definition;
+
 pub const CLIENT_HELP: &str = "\
 Exit codes:
   0  done
@@ -319,9 +321,9 @@ pub fn vm(args: VmArgs) -> ExitCode {
 fn vm_command(socket: &DaemonSocket, command: VmCommand) -> Outcome {
     let c = client(socket, Some(Duration::from_secs(120)));
     match command {
-        VmCommand::Define { file } => crate::client_vm_definition::define(&c, &file),
-        VmCommand::Dump { name } => crate::client_vm_definition::dump(&c, &name),
-        VmCommand::Edit { name } => crate::client_vm_definition::edit(&c, &name),
+        VmCommand::Define { file } => vm_definition::define(&c, &file),
+        VmCommand::Dump { name } => vm_definition::dump(&c, &name),
+        VmCommand::Edit { name } => vm_definition::edit(&c, &name),
         VmCommand::Undefine { name } => {
             call(&c, "DELETE", &paths::vm(&name), None)?;
             println!("VM {name} undefined");
@@ -631,8 +633,8 @@ mod tests {
             ("client_pools.rs", include_str!("client_pools.rs")),
             ("client_networks.rs", include_str!("client_networks.rs")),
             (
-                "client_vm_definition.rs",
-                include_str!("client_vm_definition.rs"),
+                "client/vm_definition.rs",
+                include_str!("client/vm_definition.rs"),
             ),
             ("console_attach.rs", include_str!("console_attach.rs")),
         ] {

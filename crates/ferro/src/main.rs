@@ -6,7 +6,6 @@
 mod client;
 mod client_networks;
 mod client_pools;
-mod client_vm_definition;
 mod console_attach;
 mod img;
 mod man_pages;

@@ -9,7 +9,7 @@ use api::daemon_api::{paths, VmDefinition, VmDetails};
 use api::definition_file::{parse_vm, vm_to_toml};
 use http_unix::Client;
 
-use crate::client::{call, decode, Failure, Outcome};
+use super::{call, decode, Failure, Outcome};
 
 /// Sends `definition` to the daemon: a new VM, or an existing one's new definition.
 fn send(c: &Client, definition: &VmDefinition) -> Result<VmDetails, Failure> {
