@@ -49,11 +49,6 @@ impl Failure {
         Self::new(Kind::NotFound, message)
     }
 
-    /// No VM has this name.
-    pub fn no_vm(name: &str) -> Self {
-        Self::not_found(format!("no VM named {name:?}"))
-    }
-
     pub fn conflict(message: impl Into<String>) -> Self {
         Self::new(Kind::Conflict, message)
     }

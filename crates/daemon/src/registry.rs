@@ -1,11 +1,13 @@
-//! The bookkeeping every defined resource with an active state shares (pools and networks):
-//! a table of definitions kept as `<dir>/NAME.toml`, loaded at start, and the checks and
-//! messages of define, undefine, start, stop and autostart, so each resource says them the
-//! same way ("no pool named ...", "network lab is not active"). What starting or stopping
-//! does, and what else a definition must not clash with, stay with the resource.
+//! The bookkeeping every defined resource with an active state shares (VMs, pools and
+//! networks): a table of definitions kept as `<dir>/NAME.toml`, loaded at start, and the
+//! checks and messages of define, update, undefine, start, stop and autostart, so each
+//! resource says them the same way ("no pool named ...", "network lab is not active", "VM web
+//! is already running"). What starting or stopping does, and what else a definition must not
+//! clash with, stay with the resource.
 //!
 //! Threading: none of its own; each resource keeps its registry behind its own mutex.
 
+use std::collections::btree_map::Entry as Slot;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
@@ -19,12 +21,21 @@ use crate::fs::{write_atomic, DirError};
 
 /// A definition a [`Registry`] keeps.
 pub trait Definition: Clone + Serialize + DeserializeOwned {
-    /// What the resource is called in messages ("pool", "network").
+    /// What the resource is called in messages ("pool", "network", "VM").
     const KIND: &'static str;
+    /// What an active one is said to be ("active", "running").
+    const ACTIVE: &'static str = "active";
+    /// What to do before an active one can be undefined.
+    const STOP_FIRST: &'static str = "stop it first";
     fn name(&self) -> &str;
     fn set_autostart(&mut self, enabled: bool);
     /// Reads a definition file, with the same checks as a definition sent to the API.
     fn parse(text: &str) -> Result<Self, String>;
+    /// Brings a definition read from its file up to date (what older daemons did not
+    /// record); returns whether it changed, so that the file is written again.
+    fn upgrade(&mut self) -> bool {
+        false
+    }
 }
 
 impl Definition for PoolDefinition {
@@ -74,28 +85,47 @@ impl<D: Definition, R: Default> Registry<D, R> {
     /// default record; a file that does not parse is logged and skipped.
     pub fn open(dir: PathBuf) -> Result<Self, DirError> {
         crate::fs::create_dir(&dir)?;
-        let mut entries = BTreeMap::new();
-        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-            let path = entry.path();
-            if path.extension().is_none_or(|e| e != "toml") {
-                continue;
-            }
-            let loaded = std::fs::read_to_string(&path)
-                .map_err(|e| e.to_string())
-                .and_then(|text| D::parse(&text));
-            match loaded {
-                Ok(definition) => {
-                    let entry = Entry {
-                        definition,
-                        active: false,
-                        record: R::default(),
-                    };
-                    entries.insert(entry.definition.name().to_string(), entry);
+        let mut registry = Registry {
+            dir,
+            entries: BTreeMap::new(),
+        };
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&registry.dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|entry| entry.path())
+            .filter(|path| path.extension().is_some_and(|e| e == "toml"))
+            .collect();
+        files.sort();
+        for path in files {
+            match load::<D>(&path) {
+                Ok((definition, upgraded)) => {
+                    if upgraded {
+                        if let Err(e) = registry.save(&definition) {
+                            tracing::error!("{} {}: {}", D::KIND, definition.name(), e.message);
+                        }
+                    }
+                    registry.insert(definition);
                 }
                 Err(e) => tracing::error!("skipping {} {}: {e}", D::KIND, path.display()),
             }
         }
-        Ok(Registry { dir, entries })
+        Ok(registry)
+    }
+
+    fn insert(&mut self, definition: D) -> &mut Entry<D, R> {
+        let entry = Entry {
+            definition,
+            active: false,
+            record: R::default(),
+        };
+        match self.entries.entry(entry.definition.name().to_string()) {
+            Slot::Occupied(mut slot) => {
+                slot.insert(entry);
+                slot.into_mut()
+            }
+            Slot::Vacant(slot) => slot.insert(entry),
+        }
     }
 
     /// Adds a new, inactive definition and saves it. A taken name is refused first, then
@@ -114,20 +144,27 @@ impl<D: Definition, R: Default> Registry<D, R> {
         }
         check(self)?;
         self.save(&definition)?;
-        let entry = Entry {
-            definition,
-            active: false,
-            record: R::default(),
-        };
-        Ok(self.entries.entry(name).or_insert(entry))
+        Ok(self.insert(definition))
+    }
+
+    /// Saves and takes a new definition of an existing `name`; the entry keeps its state and
+    /// record (what the change means for an active one is the resource's to say).
+    pub fn replace(&mut self, definition: D) -> Result<&mut Entry<D, R>, Failure> {
+        self.get(definition.name())?;
+        self.save(&definition)?;
+        let entry = self.get_mut(definition.name())?;
+        entry.definition = definition;
+        Ok(entry)
     }
 
     /// Removes an inactive definition, its file first.
     pub fn undefine(&mut self, name: &str) -> Result<Entry<D, R>, Failure> {
         if self.get(name)?.active {
             return Err(Failure::conflict(format!(
-                "{} {name} is active; stop it first",
-                D::KIND
+                "{} {name} is {}; {}",
+                D::KIND,
+                D::ACTIVE,
+                D::STOP_FIRST
             )));
         }
         let path = self.path(name);
@@ -139,7 +176,11 @@ impl<D: Definition, R: Default> Registry<D, R> {
     }
 
     /// Saves and takes the new autostart setting of `name`.
-    pub fn set_autostart(&mut self, name: &str, enabled: bool) -> Result<&Entry<D, R>, Failure> {
+    pub fn set_autostart(
+        &mut self,
+        name: &str,
+        enabled: bool,
+    ) -> Result<&mut Entry<D, R>, Failure> {
         let mut definition = self.get(name)?.definition.clone();
         definition.set_autostart(enabled);
         self.save(&definition)?;
@@ -153,8 +194,9 @@ impl<D: Definition, R: Default> Registry<D, R> {
         let entry = self.get_mut(name)?;
         if entry.active {
             return Err(Failure::conflict(format!(
-                "{} {name} is already active",
-                D::KIND
+                "{} {name} is already {}",
+                D::KIND,
+                D::ACTIVE
             )));
         }
         Ok(entry)
@@ -165,8 +207,9 @@ impl<D: Definition, R: Default> Registry<D, R> {
         let entry = self.get_mut(name)?;
         if !entry.active {
             return Err(Failure::conflict(format!(
-                "{} {name} is not active",
-                D::KIND
+                "{} {name} is not {}",
+                D::KIND,
+                D::ACTIVE
             )));
         }
         Ok(entry)
@@ -203,6 +246,21 @@ impl<D: Definition, R: Default> Registry<D, R> {
         write_atomic(&self.path(definition.name()), text.as_bytes())
             .map_err(|e| Failure::internal(chain(&e)))
     }
+}
+
+/// Reads the definition file `path`, upgraded; the name inside must be the file's.
+fn load<D: Definition>(path: &std::path::Path) -> Result<(D, bool), String> {
+    let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
+    let mut definition = D::parse(&text)?;
+    let stem = path
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or_default();
+    if definition.name() != stem {
+        return Err(format!("names the {} {:?}", D::KIND, definition.name()));
+    }
+    let upgraded = definition.upgrade();
+    Ok((definition, upgraded))
 }
 
 /// The answer about a name nothing of kind `D` has.

@@ -58,7 +58,7 @@ pub async fn serve(options: DaemonOptions) -> Result<(), DaemonError> {
         options.ferro.clone(),
         pools.clone(),
         networks.clone(),
-    );
+    )?;
     supervisor.adopt().await;
     tracing::info!("serving on {}", options.socket.display());
     tokio::spawn(supervisor.clone().run_restarts());

@@ -1,6 +1,7 @@
-//! The VMs: their definitions on disk ([`store`]), their VMM processes ([`process`]), and
-//! their life ([`supervisor`]).
+//! The VMs: how their definitions are kept ([`definition`]), their state directory
+//! ([`store`]), their VMM processes ([`process`]), and their life ([`supervisor`]).
 
+pub mod definition;
 pub mod process;
 pub mod store;
 pub mod supervisor;

@@ -10,11 +10,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use api::daemon_api::{VmDefinition, VmDetails};
 use api::net_api::NetworkMode;
 
-use crate::failure::{chain, Failure};
-use crate::vms::store::Store;
+use crate::failure::Failure;
 
 use super::lifecycle::check_files;
-use super::{Supervisor, VmEntry};
+use super::{Supervisor, VmEntry, VmTable};
 
 impl Supervisor {
     /// One line for each NIC of `definition` on a nat or isolated network where the VM gets an
@@ -82,12 +81,12 @@ impl Supervisor {
         // Ids are the daemon's to give.
         definition.id = None;
         let name = definition.name.clone();
-        let exists = self.lock().contains_key(&name);
+        let exists = self.lock().entries().contains_key(&name);
         // An update waits for no other operation on the VM (a start would race it).
         let busy = exists.then(|| self.begin(&name, "define")).transpose()?;
         let previous = busy
             .as_ref()
-            .and_then(|_| self.lock().get(&name).map(|e| e.next_definition().clone()));
+            .and_then(|_| self.lock().get(&name).ok().map(|e| e.definition.clone()));
         self.prepare_nics(&mut definition, previous.as_ref())?;
         // The files it names exist (the id, not given yet, does not matter here).
         let placeholder = VmDefinition {
@@ -148,86 +147,59 @@ impl Supervisor {
 
     /// Stores a new VM's definition with a fresh id.
     pub(super) fn add_definition(&self, mut definition: VmDefinition) -> Result<(), Failure> {
-        let name = definition.name.clone();
         let mut vms = self.lock();
-        if vms.contains_key(&name) {
+        if vms.entries().contains_key(&definition.name) {
             return Err(Failure::conflict(format!(
-                "a VM named {name} was defined at the same time; try again"
+                "a VM named {} was defined at the same time; try again",
+                definition.name
             )));
         }
-        self.check_nic_claims(&definition, vms.values())
+        self.check_nic_claims(&definition, vms.entries().values())
             .map_err(Failure::conflict)?;
         // Ids whose TAP names are still recorded (a device that could not be removed)
         // are not given again.
         let mut used: BTreeSet<u32> = self.networks.recorded_tap_ids();
-        used.extend(vms.values().filter_map(|e| e.definition.id));
+        used.extend(vms.entries().values().filter_map(|e| e.definition.id));
         definition.id = Some(
             free_id(&used)
                 .ok_or_else(|| Failure::conflict("every VM id is taken; undefine a VM first"))?,
         );
-        self.store
-            .save_definition(&definition)
-            .map_err(|e| Failure::internal(chain(&e)))?;
-        vms.insert(name, VmEntry::new(definition));
+        vms.define(definition, |_| Ok(()))?;
         Ok(())
     }
 
     /// Stores an existing VM's new definition: in effect at once when the VM is not running,
     /// pending until its VMM ends when it is.
     pub(super) fn update_definition(&self, definition: VmDefinition) -> Result<(), Failure> {
-        let name = definition.name.clone();
         let mut vms = self.lock();
-        self.check_nic_claims(&definition, vms.values())
+        self.check_nic_claims(&definition, vms.entries().values())
             .map_err(Failure::conflict)?;
-        let entry = vms.get_mut(&name).ok_or_else(|| Failure::no_vm(&name))?;
-        self.store
-            .save_definition(&definition)
-            .map_err(|e| Failure::internal(chain(&e)))?;
-        if entry.runtime.is_none() {
-            entry.definition = definition;
-            entry.pending = None;
-        } else {
-            entry.pending = (definition != entry.definition).then_some(definition);
+        let current = vms.get(&definition.name)?.current().clone();
+        let entry = vms.replace(definition)?;
+        if entry.record.runtime.is_some() {
+            entry.record.running = (current != entry.definition).then_some(current);
         }
         Ok(())
     }
 
     pub fn undefine(&self, name: &str) -> Result<(), Failure> {
-        let _busy = self.begin(name, "undefine")?;
-        self.with_entry(name, |entry| match entry.runtime {
-            Some(_) => Err(Failure::conflict(format!(
-                "VM {name} is {}; destroy or shut it down first",
-                entry.state
-            ))),
-            None => Ok(()),
-        })?;
-        self.store
-            .remove_definition(name)
-            .map_err(|e| Failure::internal(chain(&e)))?;
-        drop(_busy);
-        self.lock().remove(name);
+        let busy = self.begin(name, "undefine")?;
+        self.lock().undefine(name)?;
+        drop(busy);
         self.emit(name, "undefined", None);
         Ok(())
     }
 
     pub fn set_autostart(&self, name: &str, enabled: bool) -> Result<VmDetails, Failure> {
-        let _busy = self.begin(name, "autostart")?;
-        let mut definition = self
-            .lock()
-            .get(name)
-            .map(|e| e.next_definition().clone())
-            .ok_or_else(|| Failure::no_vm(name))?;
-        definition.autostart = enabled;
-        self.store
-            .save_definition(&definition)
-            .map_err(|e| Failure::internal(chain(&e)))?;
-        if let Some(entry) = self.lock().get_mut(name) {
-            entry.definition.autostart = enabled;
-            if let Some(pending) = &mut entry.pending {
-                pending.autostart = enabled;
+        let busy = self.begin(name, "autostart")?;
+        {
+            let mut vms = self.lock();
+            let entry = vms.set_autostart(name, enabled)?;
+            if let Some(running) = &mut entry.record.running {
+                running.autostart = enabled;
             }
         }
-        drop(_busy);
+        drop(busy);
         self.details(name)
     }
 }
@@ -239,37 +211,37 @@ pub(super) fn free_id(used: &BTreeSet<u32>) -> Option<u32> {
 
 /// Gives an id to each loaded definition without one (older than ids) or with one another
 /// definition has (an edited file), and stores it.
-pub(super) fn give_ids(store: &Store, definitions: &mut [VmDefinition], recorded: BTreeSet<u32>) {
+pub(super) fn give_ids(vms: &mut VmTable, recorded: BTreeSet<u32>) {
     let mut used = BTreeSet::new();
     let mut missing = Vec::new();
-    for (i, definition) in definitions.iter().enumerate() {
-        match definition.id {
+    for entry in vms.entries().values() {
+        match entry.definition.id {
             Some(id) if used.insert(id) => {}
-            _ => missing.push(i),
+            _ => missing.push(entry.definition.clone()),
         }
     }
     // Recorded TAP names of VMs no longer defined keep their ids from new definitions.
     used.extend(recorded);
-    for i in missing {
+    for mut definition in missing {
         let Some(id) = free_id(&used) else {
-            tracing::error!("no VM id left for {}", definitions[i].name);
+            tracing::error!("no VM id left for {}", definition.name);
             continue;
         };
         used.insert(id);
-        let definition = &mut definitions[i];
         definition.id = Some(id);
         tracing::info!("VM {} gets id {id}", definition.name);
-        if let Err(e) = store.save_definition(definition) {
-            tracing::error!("VM {}: cannot store its id: {}", definition.name, chain(&e));
+        let name = definition.name.clone();
+        if let Err(e) = vms.replace(definition) {
+            tracing::error!("VM {name}: cannot store its id: {}", e.message);
         }
     }
 }
 
 /// Definitions from before `tap =` was checked may share a TAP device: they still load, and
 /// only one of them can run at a time.
-pub(super) fn warn_of_shared_taps(definitions: &[VmDefinition]) {
+pub(super) fn warn_of_shared_taps(vms: &VmTable) {
     let mut seen: BTreeMap<&str, &str> = BTreeMap::new();
-    for definition in definitions {
+    for definition in vms.entries().values().map(|e| &e.definition) {
         for tap in definition.config.nets.iter().filter_map(|n| n.tap()) {
             if let Some(first) = seen.insert(tap, &definition.name) {
                 tracing::warn!(

@@ -6,7 +6,6 @@
 //! Threading: one task per start and per watched VMM on the daemon's runtime; blocking work
 //! (spawning, netlink, files) on its blocking pool.
 
-use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
@@ -23,25 +22,20 @@ use crate::networks::NetworkNic;
 use crate::vms::process::{self, ProcessRecord, VmmFiles};
 
 use super::vmm::vmm_info;
-use super::{Runtime, Supervisor, VmEntry, START_TIMEOUT};
+use super::{Runtime, Supervisor, VmEntry, VmTable, START_TIMEOUT};
 
 impl Supervisor {
     pub async fn start(self: &Arc<Self>, name: &str) -> Result<VmDetails, Failure> {
         let _busy = self.begin(name, "start")?;
-        let definition = self.with_entry(name, |entry| match entry.runtime {
-            Some(_) => Err(Failure::conflict(format!(
-                "VM {name} is already {}",
-                entry.state
-            ))),
-            None => Ok(entry.definition.clone()),
-        })?;
+        let definition = self.lock().inactive(name)?.definition.clone();
         {
             // VMs that run or are being started (marked before this check, so of two starts
             // at once at least one sees the other).
             let vms = self.lock();
             let running = vms
+                .entries()
                 .values()
-                .filter(|e| e.runtime.is_some() || e.busy == Some("start"));
+                .filter(|e| e.active || e.record.busy == Some("start"));
             self.check_nic_claims(&definition, running)
                 .map_err(|e| Failure::conflict(format!("cannot start VM {name}: {e}")))?;
         }
@@ -99,10 +93,10 @@ impl Supervisor {
             return Err(Failure::internal(format!("cannot record the VMM: {e}")));
         }
         let runtime = Runtime { record, files };
-        if let Some(entry) = self.lock().get_mut(name) {
-            entry.state = DomainState::Starting;
-            entry.reason = None;
-            entry.runtime = Some(runtime.clone());
+        if let Ok(entry) = self.lock().get_mut(name) {
+            entry.record.state = DomainState::Starting;
+            entry.record.reason = None;
+            entry.set_runtime(Some(runtime.clone()));
         }
         self.watch(name, &runtime);
         match self.wait_for_api(name, &runtime).await {
@@ -126,10 +120,15 @@ impl Supervisor {
             if self
                 .lock()
                 .get(name)
-                .and_then(|e| e.runtime.as_ref())
+                .ok()
+                .and_then(|e| e.record.runtime.as_ref())
                 .is_none()
             {
-                let reason = self.lock().get(name).and_then(|e| e.reason.clone());
+                let reason = self
+                    .lock()
+                    .get(name)
+                    .ok()
+                    .and_then(|e| e.record.reason.clone());
                 return Err(Failure::internal(format!(
                     "VM {name} failed to start: {}",
                     reason.unwrap_or_else(|| "the VMM ended".into())
@@ -209,9 +208,10 @@ impl Supervisor {
             guest_log::LogLimits::DEFAULT.backups,
         );
         let _ = std::fs::remove_dir_all(&runtime.files.dir);
-        let ours = |vms: &BTreeMap<String, VmEntry>| {
+        let ours = |vms: &VmTable| {
             vms.get(name)
-                .and_then(|e| e.runtime.as_ref())
+                .ok()
+                .and_then(|e| e.record.runtime.as_ref())
                 .map(|r| r.record)
                 == Some(runtime.record)
         };
@@ -226,22 +226,19 @@ impl Supervisor {
         if !ours(&vms) {
             return;
         }
-        let Some(entry) = vms.get_mut(name) else {
+        let Ok(entry) = vms.get_mut(name) else {
             return;
         };
         // A VMM ended by destroy is said to be destroyed from the moment it is gone, so that a
         // shutdown waiting on it meanwhile sees why.
-        let (state, reason) = match entry.busy {
+        let (state, reason) = match entry.record.busy {
             Some("destroy") => (DomainState::Shutoff, "destroyed".to_string()),
             _ => (state, reason),
         };
-        entry.runtime = None;
-        entry.state = state;
-        entry.reason = Some(reason.clone());
         // A definition changed while the VM ran takes effect now.
-        if let Some(next) = entry.pending.take() {
-            entry.definition = next;
-        }
+        entry.set_runtime(None);
+        entry.record.state = state;
+        entry.record.reason = Some(reason.clone());
         drop(vms);
         let kind = if state == DomainState::Crashed {
             "crashed"
@@ -258,7 +255,7 @@ impl Supervisor {
             let record: Option<ProcessRecord> = std::fs::read(&files.record)
                 .ok()
                 .and_then(|bytes| serde_json::from_slice(&bytes).ok());
-            let known = self.lock().contains_key(&name);
+            let known = self.lock().entries().contains_key(&name);
             let runtime = record.map(|record| Runtime {
                 record,
                 files: files.clone(),
@@ -269,20 +266,20 @@ impl Supervisor {
                         Ok(info) if info.state == VmState::Paused => DomainState::Paused,
                         _ => DomainState::Running,
                     };
-                    if let Some(entry) = self.lock().get_mut(&name) {
-                        entry.state = state;
-                        entry.runtime = Some(runtime.clone());
+                    if let Ok(entry) = self.lock().get_mut(&name) {
+                        entry.record.state = state;
+                        entry.set_runtime(Some(runtime.clone()));
                         adopt_running_definition(entry, &files);
                         self.networks
-                            .reattach(&name, &network_nics(&entry.definition, true));
+                            .reattach(&name, &network_nics(entry.current(), true));
                     }
                     tracing::info!("{name}: found its VMM (pid {}) again", runtime.record.pid);
                     self.watch(&name, &runtime);
                 }
                 Some(runtime) if known => {
                     // It ended while no daemon was watching.
-                    if let Some(entry) = self.lock().get_mut(&name) {
-                        entry.runtime = Some(runtime.clone());
+                    if let Ok(entry) = self.lock().get_mut(&name) {
+                        entry.set_runtime(Some(runtime.clone()));
                     }
                     self.vmm_ended(&name, &runtime);
                 }
@@ -293,8 +290,9 @@ impl Supervisor {
         }
         let running: Vec<String> = self
             .lock()
+            .entries()
             .values()
-            .filter(|e| e.runtime.is_some())
+            .filter(|e| e.active)
             .map(|e| e.definition.name.clone())
             .collect();
         let networks = self.networks.clone();
@@ -305,8 +303,9 @@ impl Supervisor {
     pub async fn autostart(self: &Arc<Self>) {
         let names: Vec<String> = self
             .lock()
+            .entries()
             .values()
-            .filter(|e| e.definition.autostart && e.runtime.is_none())
+            .filter(|e| e.definition.autostart && !e.active)
             .map(|e| e.definition.name.clone())
             .collect();
         for name in names {
@@ -363,15 +362,13 @@ pub(super) fn save_running_definition(files: &VmmFiles, definition: &VmDefinitio
     }
 }
 
-/// Makes an adopted VM's running definition the one its VMM was started with, the stored one
-/// pending when they differ.
+/// Makes an adopted VM's definition in effect the one its VMM was started with, the stored
+/// one pending when they differ.
 pub(super) fn adopt_running_definition(entry: &mut VmEntry, files: &VmmFiles) {
     let running: Option<VmDefinition> = std::fs::read(running_definition_path(files))
         .ok()
         .and_then(|bytes| serde_json::from_slice(&bytes).ok());
-    if let Some(running) = running.filter(|r| *r != entry.definition) {
-        entry.pending = Some(std::mem::replace(&mut entry.definition, running));
-    }
+    entry.record.running = running.filter(|r| *r != entry.definition);
 }
 
 /// Registers a pidfd with the runtime.

@@ -30,16 +30,17 @@ mod vmm;
 pub use power::Control;
 pub use vmm::vmm_counters;
 
-use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use api::daemon_api::{DomainState, Event, VmDefinition};
 use tokio::sync::broadcast;
 
-use crate::failure::{chain, Failure};
+use crate::failure::Failure;
+use crate::fs::DirError;
 use crate::networks::Networks;
 use crate::pools::Pools;
+use crate::registry::{Entry, Registry};
 use crate::vms::process::{ProcessRecord, VmmFiles};
 use crate::vms::store::Store;
 use definitions::{give_ids, warn_of_shared_taps};
@@ -60,41 +61,62 @@ struct Runtime {
     files: VmmFiles,
 }
 
+/// What the daemon keeps of a VM besides its stored definition.
 #[derive(Debug)]
-struct VmEntry {
-    definition: VmDefinition,
+struct VmRecord {
     state: DomainState,
     reason: Option<String>,
     runtime: Option<Runtime>,
     /// The operation in progress, if any.
     busy: Option<&'static str>,
-    /// The stored definition, when it differs from the running `definition`.
-    pending: Option<VmDefinition>,
+    /// The definition its VMM runs with, when the stored one changed since it started.
+    running: Option<VmDefinition>,
     /// Start the VM again once its guest powers off (an ACPI reboot in progress).
     restart: bool,
 }
 
-impl VmEntry {
-    fn new(definition: VmDefinition) -> Self {
-        VmEntry {
-            definition,
+impl Default for VmRecord {
+    fn default() -> Self {
+        VmRecord {
             state: DomainState::Shutoff,
             reason: None,
             runtime: None,
             busy: None,
-            pending: None,
+            running: None,
             restart: false,
         }
     }
+}
 
-    /// The definition the next start uses.
-    fn next_definition(&self) -> &VmDefinition {
-        self.pending.as_ref().unwrap_or(&self.definition)
+/// A VM: its stored definition (the one its next start uses), whether a VMM runs it, and
+/// its record.
+type VmEntry = Entry<VmDefinition, VmRecord>;
+type VmTable = Registry<VmDefinition, VmRecord>;
+
+impl VmEntry {
+    /// The definition in effect: the one its VMM runs with, or the stored one.
+    fn current(&self) -> &VmDefinition {
+        self.record.running.as_ref().unwrap_or(&self.definition)
     }
 
-    /// Every definition this VM has now: the running one and the pending one.
+    /// The stored definition, when it waits for the running VMM to end.
+    fn pending(&self) -> Option<&VmDefinition> {
+        self.record.running.as_ref().map(|_| &self.definition)
+    }
+
+    /// Every definition this VM has now: the one in effect and the pending one.
     fn definitions(&self) -> impl Iterator<Item = &VmDefinition> {
-        std::iter::once(&self.definition).chain(self.pending.iter())
+        std::iter::once(self.current()).chain(self.pending())
+    }
+
+    /// Records the VMM that runs this VM from now on; without one, the stored definition is
+    /// the one in effect.
+    fn set_runtime(&mut self, runtime: Option<Runtime>) {
+        self.active = runtime.is_some();
+        if runtime.is_none() {
+            self.record.running = None;
+        }
+        self.record.runtime = runtime;
     }
 }
 
@@ -105,7 +127,7 @@ pub struct Supervisor {
     pools: Arc<Pools>,
     networks: Arc<Networks>,
     ferro: std::path::PathBuf,
-    vms: Mutex<BTreeMap<String, VmEntry>>,
+    vms: Mutex<VmTable>,
     events: broadcast::Sender<Event>,
     /// VMs whose guest powered off to reboot, for [`Supervisor::run_restarts`] to start again.
     restarts: tokio::sync::mpsc::UnboundedSender<String>,
@@ -120,8 +142,8 @@ struct Busy<'a> {
 
 impl Drop for Busy<'_> {
     fn drop(&mut self) {
-        if let Some(entry) = self.supervisor.lock().get_mut(&self.name) {
-            entry.busy = None;
+        if let Ok(entry) = self.supervisor.lock().get_mut(&self.name) {
+            entry.record.busy = None;
         }
     }
 }
@@ -133,34 +155,28 @@ fn now() -> u64 {
 }
 
 impl Supervisor {
-    /// Loads the definitions and adopts the VMMs that outlived the previous daemon.
+    /// Loads the definitions (the VMMs that outlived the previous daemon are adopted by
+    /// [`Supervisor::adopt`]).
     pub fn new(
         store: Store,
         ferro: std::path::PathBuf,
         pools: Arc<Pools>,
         networks: Arc<Networks>,
-    ) -> Arc<Self> {
-        let (mut definitions, errors) = store.load_definitions();
-        for error in errors {
-            tracing::error!("skipping a definition: {}", chain(&error));
-        }
-        give_ids(&store, &mut definitions, networks.recorded_tap_ids());
+    ) -> Result<Arc<Self>, DirError> {
+        let mut vms = VmTable::open(store.vms_dir())?;
+        give_ids(&mut vms, networks.recorded_tap_ids());
         // What definitions say of their volumes' formats, before anything probes a volume.
-        for definition in &definitions {
-            for disk in &definition.config.disks {
+        for entry in vms.entries().values() {
+            for disk in &entry.definition.config.disks {
                 if let (Some((pool, volume)), Some(format)) = (disk.volume_ref(), &disk.format) {
                     pools.seed_format(pool, volume, format);
                 }
             }
         }
-        warn_of_shared_taps(&definitions);
-        let vms = definitions
-            .into_iter()
-            .map(|definition| (definition.name.clone(), VmEntry::new(definition)))
-            .collect();
+        warn_of_shared_taps(&vms);
         let (events, _) = broadcast::channel(256);
         let (restarts, restart_queue) = tokio::sync::mpsc::unbounded_channel();
-        Arc::new(Supervisor {
+        Ok(Arc::new(Supervisor {
             store,
             pools,
             networks,
@@ -169,10 +185,10 @@ impl Supervisor {
             events,
             restarts,
             restart_queue: Mutex::new(Some(restart_queue)),
-        })
+        }))
     }
 
-    fn lock(&self) -> MutexGuard<'_, BTreeMap<String, VmEntry>> {
+    fn lock(&self) -> MutexGuard<'_, VmTable> {
         self.vms.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -199,13 +215,13 @@ impl Supervisor {
     /// Marks VM `name` busy with `operation`, or says why it cannot be.
     fn begin(&self, name: &str, operation: &'static str) -> Result<Busy<'_>, Failure> {
         let mut vms = self.lock();
-        let entry = vms.get_mut(name).ok_or_else(|| Failure::no_vm(name))?;
-        if let Some(other) = entry.busy {
+        let entry = vms.get_mut(name)?;
+        if let Some(other) = entry.record.busy {
             return Err(Failure::conflict(format!(
                 "VM {name} is busy ({other} in progress); try again"
             )));
         }
-        entry.busy = Some(operation);
+        entry.record.busy = Some(operation);
         Ok(Busy {
             supervisor: self,
             name: name.to_string(),
@@ -218,27 +234,27 @@ impl Supervisor {
         name: &str,
         check: impl FnOnce(&VmEntry) -> Result<T, Failure>,
     ) -> Result<T, Failure> {
-        let vms = self.lock();
-        check(vms.get(name).ok_or_else(|| Failure::no_vm(name))?)
+        check(self.lock().get(name)?)
     }
 
     fn set_state(&self, name: &str, state: DomainState, reason: Option<String>) {
-        if let Some(entry) = self.lock().get_mut(name) {
-            entry.state = state;
-            entry.reason = reason;
+        if let Ok(entry) = self.lock().get_mut(name) {
+            entry.record.state = state;
+            entry.record.reason = reason;
         }
     }
 
     fn state(&self, name: &str) -> Option<DomainState> {
-        self.lock().get(name).map(|e| e.state)
+        self.lock().get(name).ok().map(|e| e.record.state)
     }
 
     fn runtime(&self, name: &str) -> Result<Runtime, Failure> {
         self.with_entry(name, |entry| {
             entry
+                .record
                 .runtime
                 .clone()
-                .ok_or_else(|| not_running(name, entry.state))
+                .ok_or_else(|| not_running(name, entry.record.state))
         })
     }
 }

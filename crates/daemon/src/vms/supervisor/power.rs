@@ -49,10 +49,10 @@ impl Supervisor {
             )));
         }
         vmm_put(&runtime.files.api_socket, vmm_paths::POWER_BUTTON).await?;
-        if let Some(entry) = self.lock().get_mut(name) {
-            entry.state = DomainState::ShuttingDown;
-            entry.reason = None;
-            entry.restart = restart;
+        if let Ok(entry) = self.lock().get_mut(name) {
+            entry.record.state = DomainState::ShuttingDown;
+            entry.record.reason = None;
+            entry.record.restart = restart;
         }
         let kind = if restart {
             "reboot-requested"
@@ -133,30 +133,30 @@ impl Supervisor {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let mut vms = self.lock();
-        let Some(entry) = vms.get_mut(name) else {
+        let Ok(entry) = vms.get_mut(name) else {
             return true;
         };
-        let same = entry.runtime.as_ref().map(|r| r.record) == Some(runtime.record);
+        let same = entry.record.runtime.as_ref().map(|r| r.record) == Some(runtime.record);
         if !same {
             return true; // the restart is under way: it answers for itself
         }
-        entry.restart = false;
-        if entry.state == DomainState::ShuttingDown {
-            entry.state = DomainState::Running;
+        entry.record.restart = false;
+        if entry.record.state == DomainState::ShuttingDown {
+            entry.record.state = DomainState::Running;
         }
         false
     }
 
     fn seen(&self, name: &str, runtime: &Runtime) -> Seen {
         let vms = self.lock();
-        let Some(entry) = vms.get(name) else {
+        let Ok(entry) = vms.get(name) else {
             return Seen::Stopped;
         };
-        match &entry.runtime {
+        match &entry.record.runtime {
             Some(r) if r.record == runtime.record => Seen::Same,
-            Some(_) if entry.state == DomainState::Running => Seen::Restarted,
+            Some(_) if entry.record.state == DomainState::Running => Seen::Restarted,
             Some(_) => Seen::Restarting,
-            None if entry.restart => Seen::Restarting,
+            None if entry.record.restart => Seen::Restarting,
             None => Seen::Stopped,
         }
     }
@@ -165,14 +165,14 @@ impl Supervisor {
     /// off); a VM that crashed instead is not, and its restart is disarmed.
     pub(super) fn restart_due(&self, name: &str) -> bool {
         let mut vms = self.lock();
-        let Some(entry) = vms.get_mut(name) else {
+        let Ok(entry) = vms.get_mut(name) else {
             return false;
         };
-        if entry.runtime.is_some() || !entry.restart {
+        if entry.record.runtime.is_some() || !entry.record.restart {
             return false;
         }
-        if entry.state != DomainState::Shutoff {
-            entry.restart = false;
+        if entry.record.state != DomainState::Shutoff {
+            entry.record.restart = false;
             return false;
         }
         true
@@ -192,17 +192,17 @@ impl Supervisor {
         while let Some(name) = queue.recv().await {
             let result = self.start(&name).await;
             let mut vms = self.lock();
-            let Some(entry) = vms.get_mut(&name) else {
+            let Ok(entry) = vms.get_mut(&name) else {
                 continue;
             };
-            entry.restart = false;
+            entry.record.restart = false;
             if let Err(e) = result {
                 tracing::error!(
                     "VM {name} powered off to reboot and cannot start: {}",
                     e.message
                 );
-                if entry.runtime.is_none() {
-                    entry.reason = Some(format!(
+                if entry.record.runtime.is_none() {
+                    entry.record.reason = Some(format!(
                         "powered off to reboot, then could not start: {}",
                         e.message
                     ));
@@ -215,8 +215,8 @@ impl Supervisor {
     pub async fn destroy(self: &Arc<Self>, name: &str) -> Result<VmDetails, Failure> {
         let _busy = self.begin(name, "destroy")?;
         let runtime = self.runtime(name)?;
-        if let Some(entry) = self.lock().get_mut(name) {
-            entry.restart = false;
+        if let Ok(entry) = self.lock().get_mut(name) {
+            entry.record.restart = false;
         }
         let asked = vmm_put(&runtime.files.api_socket, vmm_paths::STOP)
             .await
@@ -242,7 +242,8 @@ impl Supervisor {
             let current = self
                 .lock()
                 .get(name)
-                .and_then(|e| e.runtime.as_ref().map(|r| r.record));
+                .ok()
+                .and_then(|e| e.record.runtime.as_ref().map(|r| r.record));
             if current != Some(runtime.record) {
                 return true;
             }
@@ -268,10 +269,10 @@ impl Supervisor {
             Control::Reset => {
                 // The guest boots again on the same VMM: a shutdown or reboot it was asked
                 // for is over, and no restart is due.
-                if let Some(entry) = self.lock().get_mut(name) {
-                    entry.restart = false;
-                    if entry.state == DomainState::ShuttingDown {
-                        entry.state = DomainState::Running;
+                if let Ok(entry) = self.lock().get_mut(name) {
+                    entry.record.restart = false;
+                    if entry.record.state == DomainState::ShuttingDown {
+                        entry.record.state = DomainState::Running;
                     }
                 }
             }

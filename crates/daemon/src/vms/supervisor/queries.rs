@@ -16,35 +16,41 @@ use super::{not_running, Supervisor};
 impl Supervisor {
     pub fn list(&self) -> Vec<VmSummary> {
         self.lock()
+            .entries()
             .values()
             .map(|e| VmSummary {
                 name: e.definition.name.clone(),
-                state: e.state,
+                state: e.record.state,
                 autostart: e.definition.autostart,
-                cpus: e.definition.config.cpus,
-                memory: e.definition.config.memory,
+                cpus: e.current().config.cpus,
+                memory: e.current().config.memory,
             })
             .collect()
     }
 
     pub fn details(&self, name: &str) -> Result<VmDetails, Failure> {
         let vms = self.lock();
-        let e = vms.get(name).ok_or_else(|| Failure::no_vm(name))?;
+        let e = vms.get(name)?;
         Ok(VmDetails {
-            definition: e.definition.clone(),
-            state: e.state,
-            pid: e.runtime.as_ref().map(|r| r.record.pid),
-            reason: e.reason.clone(),
+            definition: e.current().clone(),
+            state: e.record.state,
+            pid: e.record.runtime.as_ref().map(|r| r.record.pid),
+            reason: e.record.reason.clone(),
             console_log: self.store.console_log(name),
-            console_socket: e.runtime.as_ref().map(|r| r.files.console_socket.clone()),
-            warnings: self.nameless_nics(&e.definition),
-            pending_definition: e.pending.clone(),
+            console_socket: e
+                .record
+                .runtime
+                .as_ref()
+                .map(|r| r.files.console_socket.clone()),
+            warnings: self.nameless_nics(e.current()),
+            pending_definition: e.pending().cloned(),
         })
     }
 
     /// The VM whose NIC names the TAP device `tap`, if any.
     pub fn vm_naming_tap(&self, tap: &str) -> Option<String> {
         self.lock()
+            .entries()
             .values()
             .find(|e| {
                 e.definitions()
@@ -67,6 +73,7 @@ impl Supervisor {
     /// The VM that has `path` as a disk (a file or a volume), if any.
     pub fn vm_using(&self, path: &Path) -> Option<String> {
         self.lock()
+            .entries()
             .values()
             .find(|e| {
                 e.definitions()
@@ -80,10 +87,11 @@ impl Supervisor {
     /// file must not be replaced or its format changed under it.
     pub fn vm_running_with(&self, path: &Path) -> Option<String> {
         self.lock()
+            .entries()
             .values()
-            .filter(|e| e.runtime.is_some() || e.busy == Some("start"))
+            .filter(|e| e.active || e.record.busy == Some("start"))
             .find(|e| {
-                e.definition
+                e.current()
                     .config
                     .disks
                     .iter()
@@ -95,10 +103,11 @@ impl Supervisor {
     /// The running VM that may write `path`, if any.
     pub fn vm_writing(&self, path: &Path) -> Option<String> {
         self.lock()
+            .entries()
             .values()
-            .filter(|e| e.runtime.is_some())
+            .filter(|e| e.active)
             .find(|e| {
-                e.definition
+                e.current()
                     .config
                     .disks
                     .iter()
@@ -127,7 +136,8 @@ impl Supervisor {
 
     pub fn counts(&self) -> (u32, u32) {
         let vms = self.lock();
-        let running = vms.values().filter(|e| e.runtime.is_some()).count();
+        let vms = vms.entries();
+        let running = vms.values().filter(|e| e.active).count();
         (running as u32, vms.len() as u32)
     }
 
@@ -135,15 +145,16 @@ impl Supervisor {
     pub fn process_of(&self, name: &str) -> Result<RunningVm, Failure> {
         self.with_entry(name, |e| {
             let runtime = e
+                .record
                 .runtime
                 .as_ref()
-                .ok_or_else(|| not_running(name, e.state))?;
+                .ok_or_else(|| not_running(name, e.record.state))?;
             Ok(RunningVm {
                 pid: runtime.record.pid,
-                vcpus: e.definition.config.cpus,
+                vcpus: e.current().config.cpus,
                 api_socket: runtime.files.api_socket.clone(),
-                state: e.state,
-                memory_bytes: e.definition.config.memory.0,
+                state: e.record.state,
+                memory_bytes: e.current().config.memory.0,
             })
         })
     }
