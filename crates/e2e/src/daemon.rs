@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::stall::{DaemonVmProbe, Probe, StallWatch, STALL_LIMIT};
 use crate::{ferro_bin, GuestImages};
 
 /// A daemon process and its directories.
@@ -147,7 +148,8 @@ impl Daemon {
             .join(format!("{name}.console.log"))
     }
 
-    /// Waits until the console log of `name` holds `needle` `count` times.
+    /// Waits until VM `name`'s console log holds `count` occurrences of `needle`; a guest
+    /// that stalls meanwhile (see [`crate::stall`]) fails the wait with its stall report.
     pub fn wait_for_console(
         &self,
         name: &str,
@@ -157,14 +159,28 @@ impl Daemon {
     ) -> Result<Duration, String> {
         let start = Instant::now();
         let path = self.console_log_path(name);
+        let probe = DaemonVmProbe::new(&self.socket(), name);
+        let mut watch = StallWatch::new(STALL_LIMIT, start);
         loop {
             let log = std::fs::read_to_string(&path).unwrap_or_default();
             if log.matches(needle).count() >= count {
                 return Ok(start.elapsed());
             }
+            let now = Instant::now();
+            let exits = watch.probe_due(now).then(|| probe.exits().ok()).flatten();
+            if watch.observe(now, log.len(), exits) {
+                return Err(format!(
+                    "{name}: no {needle:?} x{count}: the guest stalled (no output and no exit \
+                     to the VMM for {} s)\n--- stall report ---\n{}\n--- log ---\n{log}",
+                    watch.still_for(now).as_secs(),
+                    probe.report()
+                ));
+            }
             if start.elapsed() > timeout {
                 return Err(format!(
-                    "{name}: no {needle:?} x{count} in {timeout:?}; log:\n{log}"
+                    "{name}: no {needle:?} x{count} in {timeout:?}\n--- stall report ---\n{}\n\
+                     --- log ---\n{log}",
+                    probe.report()
                 ));
             }
             std::thread::sleep(Duration::from_millis(5));

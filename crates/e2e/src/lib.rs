@@ -10,6 +10,7 @@
 
 pub mod daemon;
 pub mod resume;
+pub mod stall;
 pub mod tap;
 
 use std::io::{Read, Write};
@@ -18,6 +19,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+use stall::{Probe, StallWatch, VmmProbe, STALL_LIMIT};
 
 /// Printed by the default test guest's init once it has loaded its modules.
 pub const READY: &str = "ferro-guest: ready";
@@ -57,6 +60,10 @@ pub fn ferro_bin() -> PathBuf {
 struct Buffer(Arc<Mutex<Vec<u8>>>);
 
 impl Buffer {
+    fn len(&self) -> usize {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).len()
+    }
+
     fn text(&self) -> String {
         String::from_utf8_lossy(&self.0.lock().unwrap_or_else(PoisonError::into_inner)).into_owned()
     }
@@ -95,6 +102,9 @@ pub struct Vm {
     stderr: Buffer,
     readers: Vec<JoinHandle<()>>,
     started: Instant,
+    /// Where progress is read for the stall watchdog (a `ferro run` with `--api-socket`).
+    probe: Option<Box<dyn Probe>>,
+    watch: StallWatch,
 }
 
 impl std::fmt::Debug for Vm {
@@ -105,7 +115,8 @@ impl std::fmt::Debug for Vm {
 
 impl Vm {
     /// Starts `program args` with its stdin on a pipe that stays open until [`Vm::send`]'s
-    /// caller closes it with [`Vm::close_stdin`] or the VM ends.
+    /// caller closes it with [`Vm::close_stdin`] or the VM ends. A `--api-socket` in `args`
+    /// arms the stall watchdog ([`stall`]) of [`Vm::wait_for`].
     pub fn spawn(program: &PathBuf, args: &[String]) -> Result<Self, String> {
         let started = Instant::now();
         let mut child = Command::new(program)
@@ -124,13 +135,25 @@ impl Vm {
         if let Some(err) = child.stderr.take() {
             readers.push(stderr.collect(err));
         }
+        let probe = stall::api_socket_in(args)
+            .map(|socket| Box::new(VmmProbe::new(&socket)) as Box<dyn Probe>);
         Ok(Vm {
             child,
             stdout,
             stderr,
             readers,
             started,
+            probe,
+            watch: StallWatch::new(STALL_LIMIT, started),
         })
+    }
+
+    /// Reads this VM's progress and stall report from `probe`, calling it stalled after
+    /// `limit` without progress.
+    pub fn watch_with(mut self, probe: Box<dyn Probe>, limit: Duration) -> Self {
+        self.probe = Some(probe);
+        self.watch = StallWatch::new(limit, Instant::now());
+        self
     }
 
     /// Writes `bytes` to the process's stdin.
@@ -160,6 +183,8 @@ impl Vm {
     }
 
     /// Waits until stdout holds `count` occurrences of `needle`; returns the time since spawn.
+    /// A guest that stalls meanwhile (see [`stall`]) fails the wait with the VMM's stall
+    /// report, as does the timeout.
     pub fn wait_for(
         &mut self,
         needle: &str,
@@ -182,9 +207,20 @@ impl Vm {
                     self.transcript()
                 ));
             }
-            if Instant::now() > deadline {
+            if let Some(stall) = self.stalled() {
                 return Err(format!(
-                    "no {needle:?} x{count} within {timeout:?}\n{}",
+                    "no {needle:?} x{count}: {stall}\n{}",
+                    self.transcript()
+                ));
+            }
+            if Instant::now() > deadline {
+                let report = self
+                    .probe
+                    .as_ref()
+                    .map(|probe| format!("\n--- stall report ---\n{}", probe.report()))
+                    .unwrap_or_default();
+                return Err(format!(
+                    "no {needle:?} x{count} within {timeout:?}{report}\n{}",
                     self.transcript()
                 ));
             }
@@ -229,6 +265,25 @@ impl Vm {
             stdout: self.stdout(),
             stderr: self.stderr(),
         })
+    }
+
+    /// Whether the guest has stalled (see [`stall`]), said with the VMM's report.
+    fn stalled(&mut self) -> Option<String> {
+        let probe = self.probe.as_ref()?;
+        let now = Instant::now();
+        let exits = if self.watch.probe_due(now) {
+            probe.exits().ok()
+        } else {
+            None
+        };
+        if !self.watch.observe(now, self.stdout.len(), exits) {
+            return None;
+        }
+        Some(format!(
+            "the guest stalled: no output and no exit to the VMM for {} s\n--- stall report ---\n{}",
+            self.watch.still_for(now).as_secs(),
+            probe.report()
+        ))
     }
 
     fn transcript(&self) -> String {
@@ -324,6 +379,52 @@ mod tests {
         assert!(err.contains("exited"), "{err}");
         let done = vm.wait(Duration::from_secs(5)).unwrap();
         assert_eq!((done.code, done.stdout.as_str()), (3, "hi\n"));
+    }
+
+    /// A VM whose exit count never moves, with a report that says so.
+    struct Frozen;
+
+    impl Probe for Frozen {
+        fn exits(&self) -> Result<u64, String> {
+            Ok(42)
+        }
+        fn report(&self) -> String {
+            "vcpu 0: rip 0xfff0, no exit since".into()
+        }
+    }
+
+    #[test]
+    fn a_stalled_guest_fails_the_wait_early_with_the_report() {
+        let vm = Vm::spawn(
+            &PathBuf::from("sh"),
+            &["-c".into(), "echo booting; sleep 30".into()],
+        )
+        .unwrap();
+        let mut vm = vm.watch_with(Box::new(Frozen), Duration::from_millis(300));
+        let started = Instant::now();
+        let err = vm
+            .wait_for("never", 1, Duration::from_secs(25))
+            .unwrap_err();
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(err.contains("the guest stalled"), "{err}");
+        assert!(err.contains("vcpu 0: rip 0xfff0"), "{err}");
+        assert!(err.contains("booting"), "{err}");
+    }
+
+    #[test]
+    fn a_timeout_carries_the_report_too() {
+        let mut vm = Vm::spawn(&PathBuf::from("sleep"), &["30".into()])
+            .unwrap()
+            .watch_with(Box::new(Frozen), Duration::from_secs(60));
+        let err = vm
+            .wait_for("never", 1, Duration::from_millis(200))
+            .unwrap_err();
+        assert!(err.contains("within"), "{err}");
+        assert!(err.contains("--- stall report ---"), "{err}");
     }
 
     #[test]

@@ -45,8 +45,14 @@ fn guest_args(images: &GuestImages, cpus: u32, memory: &str, command: Option<&st
     if let Some(command) = command {
         cmdline.push_str(&format!(" ferro.run=\"{command}\""));
     }
+    // Every VM has its control API: the stall watchdog of `Vm::wait_for` reads it.
+    static VMS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = VMS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let socket = std::env::temp_dir().join(format!("ferro-e2e-{}-{n}.sock", std::process::id()));
     vec![
         "run".into(),
+        "--api-socket".into(),
+        socket.display().to_string(),
         "--kernel".into(),
         images.kernel.display().to_string(),
         "--initrd".into(),

@@ -28,10 +28,9 @@ struct ApiVm {
 impl ApiVm {
     fn spawn(name: &str, extra: &[&str], command: &str) -> Result<ApiVm, Failed> {
         let images = images()?;
-        let socket =
-            std::env::temp_dir().join(format!("ferro-e2e-{name}-{}.sock", std::process::id()));
         let mut args = guest_args(&images, 1, "256M", Some(command));
-        args.extend(["--api-socket".to_string(), socket.display().to_string()]);
+        let socket = e2e::stall::api_socket_in(&args)
+            .ok_or_else(|| format!("{name}: the guest's arguments name no API socket"))?;
         args.extend(extra.iter().map(|s| s.to_string()));
         let vm = Vm::spawn(&ferro_bin(), &args)?;
         Ok(ApiVm {
