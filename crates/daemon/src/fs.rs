@@ -12,6 +12,7 @@
 use std::collections::BTreeSet;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex, PoisonError};
 
@@ -41,15 +42,25 @@ pub fn create_dir(dir: &Path) -> Result<(), DirError> {
     })
 }
 
+/// What a file is made with unless it says otherwise: std's default, less the umask.
+const DEFAULT_MODE: u32 = 0o666;
+
 /// Replaces `path` with `bytes` so that readers see the old or the new file, never a mix,
 /// and the new one survives a crash once this returns.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), WriteError> {
+    write_atomic_with_mode(path, bytes, DEFAULT_MODE)
+}
+
+/// [`write_atomic`] with permission bits `mode` (less the umask), whatever the old file had.
+/// The new file has them from its creation, so a private one is never readable by others,
+/// not even half written.
+pub fn write_atomic_with_mode(path: &Path, bytes: &[u8], mode: u32) -> Result<(), WriteError> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);
     let _turn = Turn::take(&tmp);
     let result = remove_leftover(&tmp)
-        .and_then(|()| write_new(&tmp, bytes))
+        .and_then(|()| write_new(&tmp, bytes, mode))
         .and_then(|()| {
             fs::rename(&tmp, path)?;
             sync_parent(path)
@@ -103,7 +114,7 @@ impl Drop for Turn<'_> {
 /// Creates `path`, which must not exist (AlreadyExists if it does), holding `bytes`, and
 /// makes it durable: the file and then its directory synced.
 pub fn create_durably(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    write_new(path, bytes)?;
+    write_new(path, bytes, DEFAULT_MODE)?;
     sync_parent(path)
 }
 
@@ -121,8 +132,12 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-fn write_new(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let mut file = OpenOptions::new().write(true).create_new(true).open(path)?;
+fn write_new(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)?;
     file.write_all(bytes)?;
     file.sync_all()
 }
@@ -201,6 +216,30 @@ mod tests {
         });
         assert!(versions.contains(&fs::read(&path).unwrap()));
         assert_eq!(names(dir.path()), ["record.json"]);
+    }
+
+    #[test]
+    fn a_private_write_replaces_a_looser_file_and_leaves_the_old_one_whole() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vm.json");
+        fs::write(&path, b"old, readable by all\n").unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+        // A reader holding the old file (a link to it here) keeps it whole: the new one is
+        // renamed over the name, not written into the old file.
+        let held = dir.path().join("held");
+        fs::hard_link(&path, &held).unwrap();
+        write_atomic_with_mode(&path, b"secret\n", 0o600).unwrap();
+        let mode = |p: &Path| fs::metadata(p).unwrap().mode() & 0o777;
+        assert_eq!(mode(&path), 0o600);
+        assert_eq!(fs::read(&path).unwrap(), b"secret\n");
+        assert_eq!(fs::read(&held).unwrap(), b"old, readable by all\n");
+        assert_eq!(mode(&held), 0o644);
+        assert_eq!(names(dir.path()), ["held", "vm.json"]);
+        // A new file is private from its creation (no umask makes 0600 wider).
+        let new = dir.path().join("new.json");
+        write_atomic_with_mode(&new, b"{}\n", 0o600).unwrap();
+        assert_eq!(mode(&new), 0o600);
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Network namespaces: moving the calling thread (only it) into a new one or an existing one,
-//! and a test harness that runs code in a throwaway namespace.
+//! and a test harness that runs code in a throwaway namespace (tests only: built for this
+//! crate's and, with the `test-util` feature, for other crates' tests).
 
 use std::io;
 use std::os::fd::AsFd;
@@ -40,7 +41,8 @@ pub fn enter_net(namespace: impl AsFd) -> Result<(), NamespaceError> {
 
 /// Runs `body` on a thread of its own in a new network namespace, so the interfaces it makes
 /// vanish with it and the host's stay untouched; for tests. Skipped, with a message, where
-/// that is not allowed (not root) or there is no /dev/net/tun.
+/// that is not allowed (not root) or there is no /dev/net/tun; panics on any other failure.
+#[cfg(any(test, feature = "test-util"))]
 pub fn in_new_netns(body: impl FnOnce() + Send + 'static) {
     let thread = std::thread::spawn(move || {
         if let Err(e) = unshare_net() {

@@ -53,11 +53,21 @@ where
     E: Into<ApiError> + Send + 'static,
     F: FnOnce() -> Result<T, E> + Send + 'static,
 {
-    let value = tokio::task::spawn_blocking(work)
+    let value = off_runtime(work).await?;
+    Ok((status, Json(value)).into_response())
+}
+
+/// Runs `work` (which may block) off the runtime's threads and gives back its value.
+pub async fn off_runtime<T, E, F>(work: F) -> Result<T, ApiError>
+where
+    T: Send + 'static,
+    E: Into<ApiError> + Send + 'static,
+    F: FnOnce() -> Result<T, E> + Send + 'static,
+{
+    tokio::task::spawn_blocking(work)
         .await
         .map_err(|e| ApiError::internal(format!("the operation failed: {e}")))?
-        .map_err(Into::into)?;
-    Ok((status, Json(value)).into_response())
+        .map_err(Into::into)
 }
 
 /// Parses a JSON body with serde's own message (which names unknown fields).

@@ -1,6 +1,7 @@
 //! The REST API (`docs/api/daemon.openapi.json`) on the daemon's Unix socket, and the
 //! daemon's start and stop: the routes of each resource ([`vms`], [`pools`], [`networks`]),
-//! what they share ([`app`]), and the one place that maps failures to HTTP statuses
+//! those every defined resource with an active state has ([`defined`]), what they share
+//! ([`app`]), and the one place that maps failures to HTTP statuses
 //! ([`error`]). Connections are served within the limits of [`http`] (header and body
 //! deadlines, connection limits overall and per user, a cap on each user's event streams, a
 //! bounded stop).
@@ -9,6 +10,7 @@
 //! pool.
 
 mod app;
+mod defined;
 mod error;
 mod http;
 mod networks;

@@ -1,85 +1,81 @@
-//! The virtual network routes of the REST API. Starting and stopping a network changes the
-//! host (netlink, nft, dnsmasq): that runs on blocking threads.
+//! The virtual network routes of the REST API: the ones every defined resource has
+//! ([`defined`](crate::server::defined)), with the VMs' say on a new network's bridge, and
+//! the DHCP leases. Starting and stopping a network changes the host (netlink, nft,
+//! dnsmasq): that runs on blocking threads.
 
 use std::sync::Arc;
 
-use api::daemon_api::AutostartRequest;
-use api::net_api::NetworkDefinition;
-use axum::body::Bytes;
+use api::net_api::{NetworkDefinition, NetworkInfo};
 use axum::extract::{Path as UrlPath, State};
 use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
-use axum::{Json, Router};
+use axum::response::Response;
+use axum::routing::get;
+use axum::Router;
 
+use crate::failure::Failure;
 use crate::networks::Networks;
-use crate::server::app::{blocking, parse_body, App};
+use crate::server::app::{blocking, App};
+use crate::server::defined::{self, Defined};
 use crate::server::error::ApiError;
 
-type ApiResult = Result<Response, ApiError>;
-
 pub fn routes() -> Router<App> {
-    Router::new()
-        .route("/api/v1/networks", get(list).post(define))
-        .route("/api/v1/networks/{name}", get(info).delete(undefine))
-        .route("/api/v1/networks/{name}/start", post(start))
-        .route("/api/v1/networks/{name}/stop", post(stop))
-        .route("/api/v1/networks/{name}/autostart", put(autostart))
-        .route("/api/v1/networks/{name}/leases", get(leases))
+    defined::routes::<Networks>().route("/api/v1/networks/{name}/leases", get(leases))
 }
 
-async fn list(State(networks): State<Arc<Networks>>) -> Response {
-    Json(networks.list()).into_response()
-}
+/// Each operation is the inherent method of the same name (inherent methods come first in
+/// `Networks::...`).
+impl Defined for Networks {
+    const COLLECTION: &'static str = api::net_api::paths::NETWORKS;
+    type Definition = NetworkDefinition;
+    type Info = NetworkInfo;
 
-async fn define(State(app): State<App>, body: Bytes) -> ApiResult {
-    let definition: NetworkDefinition = parse_body(&body)?;
-    // A VM's own TAP device is not a bridge to take (checked again when the VM starts).
-    if let Some(vm) = app.vms.vm_naming_tap(&definition.bridge) {
-        return Err(ApiError::conflict(format!(
-            "{} is the TAP device of VM {vm}; pick another bridge name",
-            definition.bridge
-        )));
+    fn of(app: &App) -> Arc<Self> {
+        app.networks.clone()
     }
-    let networks = app.networks.clone();
-    blocking(StatusCode::CREATED, move || networks.define(definition)).await
-}
 
-async fn info(State(networks): State<Arc<Networks>>, UrlPath(name): UrlPath<String>) -> ApiResult {
-    Ok(Json(networks.info(&name)?).into_response())
-}
+    /// A VM's own TAP device is not a bridge to take (checked again when the VM starts).
+    fn admit(app: &App, definition: &NetworkDefinition) -> Result<(), Failure> {
+        match app.vms.vm_naming_tap(&definition.bridge) {
+            Some(vm) => Err(Failure::conflict(format!(
+                "{} is the TAP device of VM {vm}; pick another bridge name",
+                definition.bridge
+            ))),
+            None => Ok(()),
+        }
+    }
 
-async fn undefine(
-    State(networks): State<Arc<Networks>>,
-    UrlPath(name): UrlPath<String>,
-) -> ApiResult {
-    networks.undefine(&name)?;
-    Ok(StatusCode::NO_CONTENT.into_response())
-}
+    fn define(&self, definition: NetworkDefinition) -> Result<NetworkInfo, Failure> {
+        Networks::define(self, definition)
+    }
 
-async fn start(State(networks): State<Arc<Networks>>, UrlPath(name): UrlPath<String>) -> ApiResult {
-    blocking(StatusCode::OK, move || networks.start(&name)).await
-}
+    fn list(&self) -> Result<Vec<NetworkInfo>, Failure> {
+        Ok(Networks::list(self))
+    }
 
-async fn stop(State(networks): State<Arc<Networks>>, UrlPath(name): UrlPath<String>) -> ApiResult {
-    blocking(StatusCode::OK, move || networks.stop(&name)).await
-}
+    fn info(&self, name: &str) -> Result<NetworkInfo, Failure> {
+        Networks::info(self, name)
+    }
 
-async fn autostart(
-    State(networks): State<Arc<Networks>>,
-    UrlPath(name): UrlPath<String>,
-    body: Bytes,
-) -> ApiResult {
-    let request: AutostartRequest = parse_body(&body)?;
-    blocking(StatusCode::OK, move || {
-        networks.set_autostart(&name, request.enabled)
-    })
-    .await
+    fn undefine(&self, name: &str) -> Result<(), Failure> {
+        Networks::undefine(self, name)
+    }
+
+    fn start(&self, name: &str) -> Result<NetworkInfo, Failure> {
+        Networks::start(self, name)
+    }
+
+    fn stop(&self, name: &str) -> Result<NetworkInfo, Failure> {
+        Networks::stop(self, name)
+    }
+
+    fn set_autostart(&self, name: &str, enabled: bool) -> Result<NetworkInfo, Failure> {
+        Networks::set_autostart(self, name, enabled)
+    }
 }
 
 async fn leases(
     State(networks): State<Arc<Networks>>,
     UrlPath(name): UrlPath<String>,
-) -> ApiResult {
+) -> Result<Response, ApiError> {
     blocking(StatusCode::OK, move || networks.leases(&name)).await
 }

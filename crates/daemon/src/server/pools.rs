@@ -1,12 +1,12 @@
-//! The pool and volume routes of the REST API. Image work can take long (a full clone copies
-//! the data), so every handler runs on the blocking pool, to completion even if the client
-//! goes away.
+//! The pool and volume routes of the REST API: a pool's are the ones every defined resource
+//! has ([`defined`](crate::server::defined)); its volumes' are here. Image work can take long
+//! (a full clone copies the data), so every handler runs on the blocking pool, to completion
+//! even if the client goes away.
 
 use std::sync::Arc;
 
-use api::daemon_api::AutostartRequest;
 use api::pool_api::{
-    CloneEvent, PoolDefinition, SnapshotCreate, VolumeClone, VolumeCreate, VolumeFormat,
+    CloneEvent, PoolDefinition, PoolInfo, SnapshotCreate, VolumeClone, VolumeCreate, VolumeFormat,
     VolumeResize,
 };
 use axum::body::{Body, Bytes};
@@ -23,20 +23,16 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 
+use crate::failure::Failure;
 use crate::pools::Pools;
-use crate::server::app::{blocking, parse_body, App};
+use crate::server::app::{blocking, off_runtime, parse_body, App};
+use crate::server::defined::{self, Defined};
 use crate::server::error::{status_of, ApiError};
 
 type ApiResult = Result<Response, ApiError>;
 
-/// Runs `work` on the blocking pool and answers with its JSON result and `status`.
 pub fn routes() -> Router<App> {
-    Router::new()
-        .route("/api/v1/pools", get(list_pools).post(define_pool))
-        .route("/api/v1/pools/{pool}", get(pool_info).delete(undefine_pool))
-        .route("/api/v1/pools/{pool}/start", post(start_pool))
-        .route("/api/v1/pools/{pool}/stop", post(stop_pool))
-        .route("/api/v1/pools/{pool}/autostart", put(autostart_pool))
+    defined::routes::<Pools>()
         .route(
             "/api/v1/pools/{pool}/volumes",
             get(list_volumes).post(create_volume),
@@ -75,6 +71,46 @@ pub fn routes() -> Router<App> {
             "/api/v1/pools/{pool}/volumes/{volume}/snapshots/{snapshot}/revert",
             post(revert_snapshot),
         )
+}
+
+/// Each operation is the inherent method of the same name (inherent methods come first in
+/// `Pools::...`).
+impl Defined for Pools {
+    const COLLECTION: &'static str = api::pool_api::paths::POOLS;
+    type Definition = PoolDefinition;
+    type Info = PoolInfo;
+
+    fn of(app: &App) -> Arc<Self> {
+        app.pools.clone()
+    }
+
+    fn define(&self, definition: PoolDefinition) -> Result<PoolInfo, Failure> {
+        Pools::define(self, definition)
+    }
+
+    fn list(&self) -> Result<Vec<PoolInfo>, Failure> {
+        self.names().iter().map(|n| Pools::info(self, n)).collect()
+    }
+
+    fn info(&self, name: &str) -> Result<PoolInfo, Failure> {
+        Pools::info(self, name)
+    }
+
+    fn undefine(&self, name: &str) -> Result<(), Failure> {
+        Pools::undefine(self, name)
+    }
+
+    fn start(&self, name: &str) -> Result<PoolInfo, Failure> {
+        Pools::start(self, name)
+    }
+
+    fn stop(&self, name: &str) -> Result<PoolInfo, Failure> {
+        Pools::stop(self, name)
+    }
+
+    fn set_autostart(&self, name: &str, enabled: bool) -> Result<PoolInfo, Failure> {
+        Pools::set_autostart(self, name, enabled)
+    }
 }
 
 /// The volume's file, streamed, with its recorded format in `Ferro-Volume-Format` (an upload
@@ -267,56 +303,6 @@ async fn revert_snapshot(
     change_snapshots(app, pool, volume, op, StatusCode::OK).await
 }
 
-async fn list_pools(State(pools): State<Arc<Pools>>) -> ApiResult {
-    blocking(StatusCode::OK, move || {
-        pools
-            .names()
-            .iter()
-            .map(|n| pools.info(n))
-            .collect::<Result<Vec<_>, _>>()
-    })
-    .await
-}
-
-async fn define_pool(State(pools): State<Arc<Pools>>, body: Bytes) -> ApiResult {
-    let definition: PoolDefinition = parse_body(&body)?;
-    blocking(StatusCode::CREATED, move || pools.define(definition)).await
-}
-
-async fn pool_info(State(pools): State<Arc<Pools>>, UrlPath(pool): UrlPath<String>) -> ApiResult {
-    blocking(StatusCode::OK, move || pools.info(&pool)).await
-}
-
-async fn undefine_pool(
-    State(pools): State<Arc<Pools>>,
-    UrlPath(pool): UrlPath<String>,
-) -> ApiResult {
-    tokio::task::spawn_blocking(move || pools.undefine(&pool))
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))??;
-    Ok(StatusCode::NO_CONTENT.into_response())
-}
-
-async fn start_pool(State(pools): State<Arc<Pools>>, UrlPath(pool): UrlPath<String>) -> ApiResult {
-    blocking(StatusCode::OK, move || pools.start(&pool)).await
-}
-
-async fn stop_pool(State(pools): State<Arc<Pools>>, UrlPath(pool): UrlPath<String>) -> ApiResult {
-    blocking(StatusCode::OK, move || pools.stop(&pool)).await
-}
-
-async fn autostart_pool(
-    State(pools): State<Arc<Pools>>,
-    UrlPath(pool): UrlPath<String>,
-    body: Bytes,
-) -> ApiResult {
-    let request: AutostartRequest = parse_body(&body)?;
-    blocking(StatusCode::OK, move || {
-        pools.set_autostart(&pool, request.enabled)
-    })
-    .await
-}
-
 async fn list_volumes(
     State(pools): State<Arc<Pools>>,
     UrlPath(pool): UrlPath<String>,
@@ -348,11 +334,7 @@ async fn delete_volume(
     UrlPath((pool, volume)): UrlPath<(String, String)>,
 ) -> ApiResult {
     let (pools, vms) = (app.pools.clone(), app.vms.clone());
-    tokio::task::spawn_blocking(move || {
-        pools.delete_volume(&pool, &volume, |path| vms.vm_using(path))
-    })
-    .await
-    .map_err(|e| ApiError::internal(e.to_string()))??;
+    off_runtime(move || pools.delete_volume(&pool, &volume, |path| vms.vm_using(path))).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 

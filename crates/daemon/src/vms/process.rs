@@ -6,9 +6,7 @@
 
 use std::fs::OpenOptions;
 use std::io;
-use std::io::Write;
 use std::os::fd::OwnedFd;
-use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -57,13 +55,9 @@ pub struct ProcessRecord {
 pub fn write_vm_config(config: &VmConfig, files: &VmmFiles) -> io::Result<()> {
     let mut bytes = serde_json::to_vec_pretty(config).map_err(io::Error::other)?;
     bytes.push(b'\n');
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&files.config)?;
-    file.write_all(&bytes)
+    // Replaced whole, private from its creation: a crash mid-write leaves the previous config,
+    // never half of one. The caller's message names the path.
+    crate::fs::write_atomic_with_mode(&files.config, &bytes, 0o600).map_err(|e| e.source)
 }
 
 /// `ferro run` arguments for a VM whose config [`write_vm_config`] wrote: the config file,
