@@ -46,7 +46,7 @@ impl Daemon {
                     std::sync::Arc::new(Networks::open(state.join("networks"), sys_net).unwrap());
                 let store = Store::open(&state).unwrap();
                 let ferro = PathBuf::from("/nonexistent/ferro");
-                let vms = Supervisor::new(store, ferro, pools.clone(), networks.clone());
+                let vms = Supervisor::new(store, ferro, pools.clone(), networks.clone()).unwrap();
                 let app = router(App {
                     vms,
                     pools,
