@@ -49,10 +49,9 @@ fn guest_args(images: &GuestImages, cpus: u32, memory: &str, command: Option<&st
     static VMS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let n = VMS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let socket = std::env::temp_dir().join(format!("ferro-e2e-{}-{n}.sock", std::process::id()));
+    // Tests replace arguments by their index: the socket goes last.
     vec![
         "run".into(),
-        "--api-socket".into(),
-        socket.display().to_string(),
         "--kernel".into(),
         images.kernel.display().to_string(),
         "--initrd".into(),
@@ -63,6 +62,8 @@ fn guest_args(images: &GuestImages, cpus: u32, memory: &str, command: Option<&st
         memory.into(),
         "--cmdline".into(),
         cmdline,
+        "--api-socket".into(),
+        socket.display().to_string(),
     ]
 }
 
