@@ -167,11 +167,14 @@ impl Daemon {
                 return Ok(start.elapsed());
             }
             let now = Instant::now();
-            let exits = watch.probe_due(now).then(|| probe.exits().ok()).flatten();
-            if watch.observe(now, log.len(), exits) {
+            let activity = watch
+                .probe_due(now)
+                .then(|| probe.activity().ok())
+                .flatten();
+            if watch.observe(now, log.len(), activity) {
                 return Err(format!(
-                    "{name}: no {needle:?} x{count}: the guest stalled (no output and no exit \
-                     to the VMM for {} s)\n--- stall report ---\n{}\n--- log ---\n{log}",
+                    "{name}: no {needle:?} x{count}: the guest stalled (no output, no exit to \
+                     the VMM and no device work for {} s)\n--- stall report ---\n{}\n--- log ---\n{log}",
                     watch.still_for(now).as_secs(),
                     probe.report()
                 ));

@@ -271,16 +271,17 @@ impl Vm {
     fn stalled(&mut self) -> Option<String> {
         let probe = self.probe.as_ref()?;
         let now = Instant::now();
-        let exits = if self.watch.probe_due(now) {
-            probe.exits().ok()
+        let activity = if self.watch.probe_due(now) {
+            probe.activity().ok()
         } else {
             None
         };
-        if !self.watch.observe(now, self.stdout.len(), exits) {
+        if !self.watch.observe(now, self.stdout.len(), activity) {
             return None;
         }
         Some(format!(
-            "the guest stalled: no output and no exit to the VMM for {} s\n--- stall report ---\n{}",
+            "the guest stalled: no output, no exit to the VMM and no device work for {} s\n\
+             --- stall report ---\n{}",
             self.watch.still_for(now).as_secs(),
             probe.report()
         ))
@@ -385,7 +386,7 @@ mod tests {
     struct Frozen;
 
     impl Probe for Frozen {
-        fn exits(&self) -> Result<u64, String> {
+        fn activity(&self) -> Result<u64, String> {
             Ok(42)
         }
         fn report(&self) -> String {

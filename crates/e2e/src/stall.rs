@@ -1,12 +1,16 @@
-//! The stall watchdog of the end-to-end tests. A test guest that prints nothing and whose vCPUs
-//! make no exit to the VMM for [`STALL_LIMIT`] is stalled: the waiting test stops there and
-//! fails with the VMM's stall report (`GET /api/v1/vm/diagnostics`) instead of sitting out its
-//! own timeout, and a test that times out carries the report too.
+//! The stall watchdog of the end-to-end tests. A test guest that prints nothing, whose vCPUs
+//! make no exit to the VMM and whose devices do no work for [`STALL_LIMIT`] is stalled: the
+//! waiting test stops there and fails with the VMM's stall report (`GET
+//! /api/v1/vm/diagnostics`) instead of sitting out its own timeout, and a test that times out
+//! carries the report too.
 //!
-//! Output alone is not progress enough to call a stall: a guest may work in silence (a disk
-//! benchmark), but then it exits to the VMM for its I/O. Exits alone are not either: an idle
-//! guest waiting for input makes none. Both standing still while a test waits for output is
-//! what a lost interrupt or wakeup looks like.
+//! Output alone is not progress enough to call a stall: a guest may work in silence (a disk or
+//! network transfer), but then its devices count requests and packets (virtio notifications
+//! and interrupts go through KVM's eventfds, not through exits). Activity alone is not either:
+//! an idle guest waiting for input has none. All of them standing still while a test waits for
+//! output is what a lost interrupt or wakeup looks like. A guest that computes in silence for
+//! longer than the limit would be taken for a stalled one: the limit is far above what the
+//! tests' guests compute between two lines.
 //!
 //! Threading: called from the test's thread between its polls of the output.
 
@@ -19,17 +23,19 @@ use api::vmm_api::{paths, VmCounters};
 const DIAGNOSTICS: &str = "/api/v1/vm/diagnostics";
 use http_unix::Client;
 
-/// How long a guest may show no progress (no output, no exit) before it counts as stalled.
-pub const STALL_LIMIT: Duration = Duration::from_secs(40);
-/// How often the exit counters are read.
+/// How long a guest may show no progress (no output, no exit, no device work) before it
+/// counts as stalled.
+pub const STALL_LIMIT: Duration = Duration::from_secs(60);
+/// How often the counters are read.
 const PROBE_EVERY: Duration = Duration::from_secs(1);
 /// Timeout of one request for counters or a report.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Where a VM's progress and stall report are read.
 pub trait Probe: Send {
-    /// The VM's exits to the VMM so far, all vCPUs and reasons together.
-    fn exits(&self) -> Result<u64, String>;
+    /// The VM's activity so far: exits to the VMM (all vCPUs and reasons) and device
+    /// counters (requests, packets, bytes) added up; only its changes matter.
+    fn activity(&self) -> Result<u64, String>;
     /// The VMM's stall report, as text for a test's output.
     fn report(&self) -> String;
 }
@@ -49,9 +55,9 @@ impl VmmProbe {
 }
 
 impl Probe for VmmProbe {
-    fn exits(&self) -> Result<u64, String> {
+    fn activity(&self) -> Result<u64, String> {
         let counters: VmCounters = get_json(&self.client, paths::COUNTERS)?;
-        Ok(total_exits(&counters))
+        Ok(activity(&counters))
     }
 
     fn report(&self) -> String {
@@ -76,10 +82,10 @@ impl DaemonVmProbe {
 }
 
 impl Probe for DaemonVmProbe {
-    fn exits(&self) -> Result<u64, String> {
+    fn activity(&self) -> Result<u64, String> {
         let stats: api::daemon_api::VmStats =
             get_json(&self.client, &format!("/api/v1/vms/{}/stats", self.name))?;
-        Ok(total_exits(&stats.counters))
+        Ok(activity(&stats.counters))
     }
 
     fn report(&self) -> String {
@@ -90,12 +96,10 @@ impl Probe for DaemonVmProbe {
     }
 }
 
-fn total_exits(counters: &VmCounters) -> u64 {
-    counters
-        .vcpus
-        .iter()
-        .flat_map(|vcpu| vcpu.exits.values())
-        .sum()
+fn activity(counters: &VmCounters) -> u64 {
+    let exits = counters.vcpus.iter().flat_map(|vcpu| vcpu.exits.values());
+    let work = counters.devices.iter().flat_map(|d| d.counters.values());
+    exits.chain(work).fold(0, |sum, n| sum.wrapping_add(*n))
 }
 
 fn get_json<T: serde::de::DeserializeOwned>(client: &Client, path: &str) -> Result<T, String> {
@@ -135,8 +139,8 @@ fn get_text(client: &Client, path: &str) -> String {
 pub struct StallWatch {
     limit: Duration,
     output_len: usize,
-    exits: Option<u64>,
-    /// When output or exits last moved.
+    activity: Option<u64>,
+    /// When output or activity last moved.
     moved: Instant,
     next_probe: Instant,
 }
@@ -146,30 +150,30 @@ impl StallWatch {
         StallWatch {
             limit,
             output_len: 0,
-            exits: None,
+            activity: None,
             moved: now,
             next_probe: now,
         }
     }
 
-    /// Takes what was seen at `now` (the output's length; the exit count, if it could be read)
-    /// and says whether the guest has stood still for the limit. The clock starts with the
-    /// first exit count read: without one a quiet guest may be busy (or its VMM's API not up).
-    pub fn observe(&mut self, now: Instant, output_len: usize, exits: Option<u64>) -> bool {
+    /// Takes what was seen at `now` (the output's length; the activity count, if it could be
+    /// read) and says whether the guest has stood still for the limit. The clock starts with
+    /// the first count read: without one a quiet guest may be busy (or its VMM's API not up).
+    pub fn observe(&mut self, now: Instant, output_len: usize, activity: Option<u64>) -> bool {
         if output_len != self.output_len {
             self.output_len = output_len;
             self.moved = now;
         }
-        if let Some(exits) = exits {
-            if self.exits != Some(exits) {
-                self.exits = Some(exits);
+        if let Some(activity) = activity {
+            if self.activity != Some(activity) {
+                self.activity = Some(activity);
                 self.moved = now;
             }
         }
-        self.exits.is_some() && now.duration_since(self.moved) >= self.limit
+        self.activity.is_some() && now.duration_since(self.moved) >= self.limit
     }
 
-    /// Whether the exit counters are due to be read again at `now`.
+    /// Whether the counters are due to be read again at `now`.
     pub fn probe_due(&mut self, now: Instant) -> bool {
         if now < self.next_probe {
             return false;
@@ -206,7 +210,7 @@ mod tests {
     }
 
     #[test]
-    fn no_output_and_no_exits_for_the_limit_is_a_stall() {
+    fn no_output_and_no_activity_for_the_limit_is_a_stall() {
         let start = Instant::now();
         let mut watch = StallWatch::new(LIMIT, start);
         assert!(!watch.observe(at(start, 0), 10, Some(500)));
@@ -216,15 +220,15 @@ mod tests {
     }
 
     #[test]
-    fn exits_without_output_are_progress_and_so_is_output_without_exits() {
+    fn activity_without_output_is_progress_and_so_is_output_without_activity() {
         let start = Instant::now();
         let mut watch = StallWatch::new(LIMIT, start);
         watch.observe(at(start, 0), 10, Some(500));
-        // A silent disk workload: exits move.
+        // A silent disk workload: its counters move.
         for t in (10..200).step_by(10) {
             assert!(!watch.observe(at(start, t), 10, Some(500 + t)), "at {t} s");
         }
-        // Output moves, exits stand (or cannot be read).
+        // Output moves, counters stand (or cannot be read).
         for t in (200..400).step_by(10) {
             assert!(!watch.observe(at(start, t), t as usize, None), "at {t} s");
         }
@@ -232,7 +236,7 @@ mod tests {
     }
 
     #[test]
-    fn without_any_exit_count_a_quiet_guest_is_not_called_stalled() {
+    fn without_any_count_read_a_quiet_guest_is_not_called_stalled() {
         let start = Instant::now();
         let mut watch = StallWatch::new(LIMIT, start);
         assert!(!watch.observe(at(start, 1000), 0, None));
@@ -240,6 +244,14 @@ mod tests {
         assert!(!watch.observe(at(start, 1001), 0, Some(7)));
         assert!(!watch.observe(at(start, 1040), 0, Some(7)));
         assert!(watch.observe(at(start, 1041), 0, Some(7)));
+    }
+
+    #[test]
+    fn exits_and_device_work_both_count_as_activity() {
+        let json = r#"{"vcpus":[{"id":0,"exits":{"io_out":5,"mmio_write":2}}],
+            "devices":[{"id":"net0","kind":"net","counters":{"tx_packets":10,"rx_bytes":100}}]}"#;
+        let counters: VmCounters = serde_json::from_str(json).unwrap();
+        assert_eq!(activity(&counters), 117);
     }
 
     #[test]
