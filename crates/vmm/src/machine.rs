@@ -217,6 +217,8 @@ pub(crate) struct Machine {
     pub(crate) pio: Arc<Bus>,
     pub(crate) mmio: Arc<Bus>,
     pub(crate) console_input: ConsoleTarget,
+    /// COM1, for the stall report.
+    pub(crate) serial: Arc<Mutex<Serial>>,
     /// Readable when the guest device took all input handed to it.
     pub(crate) input_drained: EventFd,
     pub(crate) power: PowerEvents,
@@ -352,8 +354,9 @@ impl Machine {
             mmio,
             console_input: match console_input {
                 Some(input) => ConsoleTarget::Hvc(input),
-                None => ConsoleTarget::Serial(serial),
+                None => ConsoleTarget::Serial(serial.clone()),
             },
+            serial,
             input_drained,
             power,
             ged,
