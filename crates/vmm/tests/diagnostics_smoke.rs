@@ -128,6 +128,19 @@ fn a_spinning_vcpu_shows_its_loop_and_its_exits() {
     let irqchip = report.irqchip.unwrap();
     assert_eq!(irqchip.ioapic.pins.len(), 24);
     assert_eq!(irqchip.pics.len(), 2);
+    // A paused vCPU answers from the pause gate, and makes no exits there.
+    let paused = vm.client.request("PUT", paths::PAUSE, None).unwrap();
+    assert_eq!(paused.status, 204);
+    let report = vm.diagnostics();
+    assert_eq!(report.state, api::VmState::Paused);
+    let regs = report.vcpus[0].registers.as_ref().unwrap();
+    assert!(
+        (ENTRY + 4..ENTRY + 7).contains(&regs.rip),
+        "rip {:#x}",
+        regs.rip
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(vm.diagnostics().vcpus[0].ms_since_last_exit.unwrap() >= 300);
     vm.stop();
 }
 
