@@ -1,6 +1,7 @@
 //! What `GET /api/v1/vm/diagnostics` returns: a stall report, i.e. what each vCPU is doing
-//! (registers, multiprocessing state, pending events, recent exits), the serial port's
-//! interrupt registers and the in-kernel interrupt controllers. Read by `ferro vm diagnose`.
+//! (registers, multiprocessing state, pending events, recent exits), each virtqueue's indexes
+//! and last notification and interrupt, the serial port's interrupt registers and the
+//! in-kernel interrupt controllers. Read by `ferro vm diagnose`.
 
 use std::collections::BTreeMap;
 
@@ -142,6 +143,35 @@ pub struct InjectedInterrupt {
     pub vector: u8,
     /// A software interrupt (`int n`).
     pub soft: bool,
+}
+
+/// One virtqueue: the device's side (positions, chains held, notifications seen, interrupts
+/// sent) and the driver's (the indexes in guest memory).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VirtioQueueDiagnostics {
+    /// `block0`, `net0`, `rng0`, `console0`.
+    pub device: String,
+    pub queue: u16,
+    /// The driver has started the queue (and not reset the device since).
+    pub active: bool,
+    pub size: u16,
+    /// The available-ring index the device will take next (all before it were seen).
+    pub next_avail: u16,
+    /// The used-ring index the device will fill next.
+    pub next_used: u16,
+    /// Chains the device took and has not returned.
+    pub in_flight: u64,
+    /// The available ring's idx in guest memory: what the driver has published.
+    pub driver_avail_idx: Option<u16>,
+    /// The used ring's idx in guest memory.
+    pub used_idx: Option<u16>,
+    /// Notifications the device's worker has seen since the VMM started this boot.
+    pub notifications: u64,
+    /// Interrupts the device sent for this queue.
+    pub interrupts: u64,
+    pub ms_since_notification: Option<u64>,
+    pub ms_since_interrupt: Option<u64>,
 }
 
 /// The 16550A UART's registers that decide its interrupts.
