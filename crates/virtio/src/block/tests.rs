@@ -522,6 +522,7 @@ fn run_on_queues<'a>(
             index,
             queue: mock.create_queue().unwrap(),
             notify: notify.try_clone().unwrap(),
+            watch: crate::queue_watch::QueueWatch::detached(),
         })
         .collect();
     let mut device =
@@ -726,6 +727,7 @@ fn a_long_read_is_served_on_an_io_thread_and_lands_whole() {
                 index: 0,
                 queue: mock.create_queue().unwrap(),
                 notify: notify.try_clone().unwrap(),
+                watch: crate::queue_watch::QueueWatch::detached(),
             }],
             interrupt: Arc::new(CountingInterrupt::default()),
         })
