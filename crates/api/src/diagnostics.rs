@@ -19,6 +19,8 @@ pub struct VmDiagnostics {
     /// The span `recent_exits` covers: the current second and the whole seconds before it.
     pub exit_window_seconds: u64,
     pub vcpus: Vec<VcpuDiagnostics>,
+    /// Every queue of every virtio device.
+    pub virtio_queues: Vec<VirtioQueueDiagnostics>,
     /// COM1, unless its lock was held (e.g. by a vCPU thread blocked writing guest output).
     pub serial: Option<SerialDiagnostics>,
     /// KVM's PICs and IOAPIC, unless KVM refused to report them.

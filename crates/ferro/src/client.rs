@@ -179,8 +179,8 @@ enum VmCommand {
         json: bool,
     },
     /// Print a running VM's stall report: per vCPU its registers, MP state, pending events,
-    /// time since its last exit and exits in the last seconds; COM1's interrupt registers;
-    /// the PICs and IOAPIC. For a guest that stopped making progress. A vCPU whose thread
+    /// time since its last exit and exits in the last seconds; each virtqueue's indexes and
+    /// last notification and interrupt; COM1's interrupt registers; the PICs and IOAPIC. For a guest that stopped making progress. A vCPU whose thread
     /// is stuck outside the guest shows "no answer" instead of holding the report up.
     #[command(after_help = vm_codes())]
     Diagnose(NameArgs),

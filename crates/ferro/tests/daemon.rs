@@ -379,7 +379,10 @@ fn lifecycle_through_the_cli() {
     assert!(report.vcpus[0].registers.is_some(), "{report:?}");
     let text = d.ok(&["vm", "diagnose", "tiny"]);
     assert!(text.starts_with("VM tiny: running"), "{text}");
-    assert!(text.contains("vCPU 0: runnable") && text.contains("IOAPIC"), "{text}");
+    assert!(
+        text.contains("vCPU 0: runnable") && text.contains("IOAPIC"),
+        "{text}"
+    );
     let diagnostics = d.call("GET", &paths::vm_action("tiny", "diagnostics"), None);
     assert_eq!(diagnostics.status, 200);
 

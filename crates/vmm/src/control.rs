@@ -240,6 +240,7 @@ impl Machine {
                     state: self.state,
                     vm: &self.vm,
                     serial: &self.serial,
+                    virtio_queues: &self.virtio_queues,
                     probes: &threads.probes,
                     kick: &|i| threads.kick(i),
                 });

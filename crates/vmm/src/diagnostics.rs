@@ -1,5 +1,6 @@
-//! The stall report (`GET /api/v1/vm/diagnostics`): what each vCPU is doing, COM1's interrupt
-//! registers, and KVM's PICs and IOAPIC, gathered on the control loop.
+//! The stall report (`GET /api/v1/vm/diagnostics`): what each vCPU is doing, each virtqueue's
+//! indexes and last notification and interrupt, COM1's interrupt registers, and KVM's PICs
+//! and IOAPIC, gathered on the control loop.
 //!
 //! Threading: runs on the control loop. vCPU registers come from the vCPU threads through
 //! `vcpu_probe` (bounded by [`VCPU_ANSWER_TIMEOUT`]); COM1 is read only if its lock is free
@@ -15,6 +16,7 @@ use api::diagnostics::{
 };
 use devices::serial::Serial;
 use hypervisor::{Pic, Vm};
+use virtio::queue_watch::QueueWatch;
 
 use crate::exit_window::WINDOW_SECONDS;
 use crate::vcpu_probe::{self, VcpuProbe};
@@ -29,6 +31,7 @@ pub(crate) struct Sources<'a> {
     pub state: api::VmState,
     pub vm: &'a Vm,
     pub serial: &'a Mutex<Serial>,
+    pub virtio_queues: &'a [(String, Vec<Arc<QueueWatch>>)],
     pub probes: &'a [Arc<VcpuProbe>],
     /// Makes vCPU thread `i` look at its probe; false if the thread has ended.
     pub kick: &'a dyn Fn(usize) -> bool,
@@ -70,6 +73,15 @@ pub(crate) fn report(sources: &Sources<'_>) -> VmDiagnostics {
         vcpu_answer_timeout_ms: VCPU_ANSWER_TIMEOUT.as_millis() as u64,
         exit_window_seconds: WINDOW_SECONDS,
         vcpus,
+        virtio_queues: sources
+            .virtio_queues
+            .iter()
+            .flat_map(|(device, watches)| {
+                (0u16..)
+                    .zip(watches)
+                    .map(move |(index, watch)| watch.snapshot(device, index))
+            })
+            .collect(),
         serial,
         irqchip,
         notes,

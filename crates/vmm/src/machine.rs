@@ -14,6 +14,7 @@ use devices::ged::GedEvents;
 use devices::serial::Serial;
 use devices::PowerEvents;
 use hypervisor::{Hypervisor, Vcpu, Vm};
+use virtio::queue_watch::QueueWatch;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::error::Error;
@@ -219,6 +220,8 @@ pub(crate) struct Machine {
     pub(crate) console_input: ConsoleTarget,
     /// COM1, for the stall report.
     pub(crate) serial: Arc<Mutex<Serial>>,
+    /// Each virtio device's name (`block0`) and its queues' watches, for the stall report.
+    pub(crate) virtio_queues: Vec<(String, Vec<Arc<QueueWatch>>)>,
     /// Readable when the guest device took all input handed to it.
     pub(crate) input_drained: EventFd,
     pub(crate) power: PowerEvents,
@@ -324,19 +327,24 @@ impl Machine {
         let mmio = Arc::new(Bus::new());
         let mut pci = PciBuilder::new(&pio, &mmio, &power, &layout)?;
         let cpus = u16::try_from(config.cpus).unwrap_or(api::vm_config::MAX_DISK_QUEUES);
-        for disk in disks.devices(stats, cpus) {
-            pci.add_virtio(Box::new(disk), &memory, &interrupts, &vm)?;
+        let mut virtio_queues = Vec::new();
+        for (i, disk) in disks.devices(stats, cpus).into_iter().enumerate() {
+            let watches = pci.add_virtio(Box::new(disk), &memory, &interrupts, &vm)?;
+            virtio_queues.push((format!("block{i}"), watches));
         }
-        for net in nets.devices(stats)? {
-            pci.add_virtio(Box::new(net), &memory, &interrupts, &vm)?;
+        for (i, net) in nets.devices(stats)?.into_iter().enumerate() {
+            let watches = pci.add_virtio(Box::new(net), &memory, &interrupts, &vm)?;
+            virtio_queues.push((format!("net{i}"), watches));
         }
         if config.rng {
             let counters = stats.device("rng0", virtio::rng::new_counters);
             let rng = virtio::rng::Rng::new(counters, entropy_limit(config));
-            pci.add_virtio(Box::new(rng), &memory, &interrupts, &vm)?;
+            let watches = pci.add_virtio(Box::new(rng), &memory, &interrupts, &vm)?;
+            virtio_queues.push(("rng0".into(), watches));
         }
         if let Some(console) = console_device {
-            pci.add_virtio(Box::new(console), &memory, &interrupts, &vm)?;
+            let watches = pci.add_virtio(Box::new(console), &memory, &interrupts, &vm)?;
+            virtio_queues.push(("console0".into(), watches));
         }
 
         let entry = Self::load_guest(&memory, &layout, config, files)?;
@@ -357,6 +365,7 @@ impl Machine {
                 None => ConsoleTarget::Serial(serial.clone()),
             },
             serial,
+            virtio_queues,
             input_drained,
             power,
             ged,

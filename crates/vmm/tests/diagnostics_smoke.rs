@@ -101,7 +101,8 @@ fn a_spinning_vcpu_shows_its_loop_and_its_exits() {
     if !kvm_tests_enabled() {
         return;
     }
-    let g = guest(test_images::bzimage(OUT_LOOP));
+    let mut g = guest(test_images::bzimage(OUT_LOOP));
+    g.config.rng = true;
     let vm = Running::start(
         &g.config,
         &g.dir.path().join("api.sock"),
@@ -128,6 +129,11 @@ fn a_spinning_vcpu_shows_its_loop_and_its_exits() {
     let irqchip = report.irqchip.unwrap();
     assert_eq!(irqchip.ioapic.pins.len(), 24);
     assert_eq!(irqchip.pics.len(), 2);
+    // The guest has no virtio driver: its rng's one queue is listed, never started.
+    let queues = &report.virtio_queues;
+    assert_eq!(queues.len(), 1, "{queues:?}");
+    assert_eq!((queues[0].device.as_str(), queues[0].queue), ("rng0", 0));
+    assert!(!queues[0].active && queues[0].driver_avail_idx.is_none());
     // A paused vCPU answers from the pause gate, and makes no exits there.
     let paused = vm.client.request("PUT", paths::PAUSE, None).unwrap();
     assert_eq!(paused.status, 204);

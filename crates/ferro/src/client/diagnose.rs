@@ -3,9 +3,12 @@
 
 use std::fmt::Write as _;
 
-use api::diagnostics::{IrqchipDiagnostics, SerialDiagnostics, VcpuDiagnostics, VmDiagnostics};
+use api::diagnostics::{
+    IrqchipDiagnostics, SerialDiagnostics, VcpuDiagnostics, VirtioQueueDiagnostics, VmDiagnostics,
+};
 
-/// The report as text: a block per vCPU, then COM1, the PICs and the IOAPIC.
+/// The report as text: a block per vCPU, a line per virtqueue, then COM1, the PICs and the
+/// IOAPIC.
 pub(crate) fn render(name: &str, report: &VmDiagnostics) -> String {
     let mut out = String::new();
     let _ = writeln!(
@@ -15,6 +18,9 @@ pub(crate) fn render(name: &str, report: &VmDiagnostics) -> String {
     );
     for vcpu in &report.vcpus {
         render_vcpu(&mut out, vcpu);
+    }
+    for queue in &report.virtio_queues {
+        render_queue(&mut out, queue);
     }
     if let Some(serial) = &report.serial {
         render_serial(&mut out, serial);
@@ -106,6 +112,31 @@ fn events_text(e: &api::diagnostics::VcpuEvents) -> String {
     } else {
         parts.join("; ")
     }
+}
+
+fn render_queue(out: &mut String, q: &VirtioQueueDiagnostics) {
+    let name = format!("{} queue {}", q.device, q.queue);
+    if !q.active {
+        let _ = writeln!(out, "{name}: not started by the driver");
+        return;
+    }
+    let idx = |v: Option<u16>| v.map_or("?".into(), |v| v.to_string());
+    let ago = |v: Option<u64>| v.map_or("never".into(), |ms| format!("{ms} ms ago"));
+    let _ = writeln!(
+        out,
+        "{name}: size {} avail {} (device at {}) used {} (device at {}) in flight {}; \
+         notified {} time(s), last {}; interrupted {} time(s), last {}",
+        q.size,
+        idx(q.driver_avail_idx),
+        q.next_avail,
+        idx(q.used_idx),
+        q.next_used,
+        q.in_flight,
+        q.notifications,
+        ago(q.ms_since_notification),
+        q.interrupts,
+        ago(q.ms_since_interrupt)
+    );
 }
 
 fn render_serial(out: &mut String, s: &SerialDiagnostics) {
@@ -229,6 +260,38 @@ mod tests {
                     unavailable: Some("no answer within 500 ms".into()),
                 },
             ],
+            virtio_queues: vec![
+                VirtioQueueDiagnostics {
+                    device: "block0".into(),
+                    queue: 0,
+                    active: true,
+                    size: 256,
+                    next_avail: 40,
+                    next_used: 38,
+                    in_flight: 2,
+                    driver_avail_idx: Some(41),
+                    used_idx: Some(38),
+                    notifications: 17,
+                    interrupts: 16,
+                    ms_since_notification: Some(5),
+                    ms_since_interrupt: None,
+                },
+                VirtioQueueDiagnostics {
+                    device: "rng0".into(),
+                    queue: 0,
+                    active: false,
+                    size: 0,
+                    next_avail: 0,
+                    next_used: 0,
+                    in_flight: 0,
+                    driver_avail_idx: None,
+                    used_idx: None,
+                    notifications: 0,
+                    interrupts: 0,
+                    ms_since_notification: None,
+                    ms_since_interrupt: None,
+                },
+            ],
             serial: Some(SerialDiagnostics {
                 ier: 0x02,
                 iir: 0xc2,
@@ -286,6 +349,13 @@ mod tests {
             lines[6],
             "  last exit never (this boot); recent exits: none"
         );
+        assert_eq!(
+            lines[7],
+            "block0 queue 0: size 256 avail 41 (device at 40) used 38 (device at 38) in flight 2; \
+             notified 17 time(s), last 5 ms ago; interrupted 16 time(s), last never"
+        );
+        assert_eq!(lines[8], "rng0 queue 0: not started by the driver");
+        let lines = &lines[2..];
         assert_eq!(
             lines[7],
             "Serial COM1: IER=02 IIR=c2 LSR=60 LCR=03 MCR=08; THR-empty interrupt pending; 0 byte(s) of input waiting"
