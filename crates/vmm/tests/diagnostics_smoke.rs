@@ -108,14 +108,20 @@ fn a_spinning_vcpu_shows_its_loop_and_its_exits() {
         &g.dir.path().join("api.sock"),
         Box::new(std::io::sink()),
     );
-    let report = vm.wait_for(|r| r.vcpus[0].recent_exits["io_out"] > 10, "exits");
+    // Registers and exit counts are read a moment apart (a loaded host can delay the control
+    // loop between them), so wait for a report where both show the loop.
+    let in_loop = |r: &VmDiagnostics| {
+        r.vcpus[0]
+            .registers
+            .as_ref()
+            .is_some_and(|regs| (ENTRY + 4..ENTRY + 7).contains(&regs.rip))
+    };
+    let report = vm.wait_for(
+        |r| r.vcpus[0].recent_exits["io_out"] > 10 && in_loop(r),
+        "exits in the loop",
+    );
     let vcpu = &report.vcpus[0];
     let regs = vcpu.registers.as_ref().unwrap();
-    assert!(
-        (ENTRY + 4..ENTRY + 7).contains(&regs.rip),
-        "rip {:#x}",
-        regs.rip
-    );
     assert_eq!(regs.mp_state, MpState::Runnable);
     assert_eq!((regs.cs, regs.cpl), (0x08, 0), "{regs:?}");
     assert_ne!(regs.cr0 & 1, 0, "protected mode");
@@ -137,7 +143,7 @@ fn a_spinning_vcpu_shows_its_loop_and_its_exits() {
     // A paused vCPU answers from the pause gate, and makes no exits there.
     let paused = vm.client.request("PUT", paths::PAUSE, None).unwrap();
     assert_eq!(paused.status, 204);
-    let report = vm.diagnostics();
+    let report = vm.wait_for(|r| r.vcpus[0].registers.is_some(), "a paused answer");
     assert_eq!(report.state, api::VmState::Paused);
     let regs = report.vcpus[0].registers.as_ref().unwrap();
     assert!(
@@ -197,8 +203,9 @@ fn halted_and_waiting_vcpus_show_their_mp_state() {
                 .registers
                 .as_ref()
                 .is_some_and(|regs| regs.mp_state == MpState::Halted)
+                && r.vcpus[1].registers.is_some()
         },
-        "vCPU 0 to halt",
+        "vCPU 0 to halt and vCPU 1 to answer",
     );
     let boot = &report.vcpus[0];
     // `mov dx`, `mov al; out`, then `hlt`: RIP is past the hlt.
