@@ -180,10 +180,11 @@ enum VmCommand {
     },
     /// Print a running VM's stall report: per vCPU its registers, MP state, pending events,
     /// time since its last exit and exits in the last seconds; each virtqueue's indexes and
-    /// last notification and interrupt; COM1's interrupt registers; the PICs and IOAPIC. For a guest that stopped making progress. A vCPU whose thread
-    /// is stuck outside the guest shows "no answer" instead of holding the report up.
+    /// last notification and interrupt; COM1's interrupt registers; the PICs and IOAPIC. For a
+    /// guest that stopped making progress. A vCPU whose thread is stuck outside the guest
+    /// shows "no answer" instead of holding the report up.
     #[command(after_help = vm_codes())]
-    Diagnose(NameArgs),
+    Diagnose(diagnose::DiagnoseArgs),
 }
 
 #[derive(Debug, Args)]
@@ -387,15 +388,7 @@ fn vm_command(socket: &DaemonSocket, command: VmCommand) -> Outcome {
             Ok(())
         }
         VmCommand::Stats { name: None, json } => all_stats(&c, json),
-        VmCommand::Diagnose(a) => {
-            let response = call(&c, "GET", &paths::vm_action(&a.name, "diagnostics"), None)?;
-            let report: api::diagnostics::VmDiagnostics = decode(&response)?;
-            if a.json {
-                return print_json(&report);
-            }
-            print!("{}", diagnose::render(&a.name, &report));
-            Ok(())
-        }
+        VmCommand::Diagnose(a) => diagnose::run(&c, &a),
     }
 }
 
