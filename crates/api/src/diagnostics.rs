@@ -39,7 +39,7 @@ pub struct VcpuDiagnostics {
     /// this boot began.
     pub ms_since_last_exit: Option<u64>,
     /// Exits to the VMM by reason within the last `exit_window_seconds`. Asking for this
-    /// report adds one `interrupted` exit per vCPU (the kick that makes it answer).
+    /// report adds an `interrupted` exit per vCPU, usually one (the kick that makes it answer).
     pub recent_exits: BTreeMap<String, u64>,
     /// Read by the vCPU's own thread; none if it did not answer in time.
     pub registers: Option<VcpuRegisters>,
