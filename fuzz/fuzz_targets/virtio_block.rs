@@ -70,6 +70,7 @@ fuzz_target!(|data: &[u8]| {
         index: 0,
         queue,
         notify,
+        watch: virtio::queue_watch::QueueWatch::detached(),
     });
     let disk: Box<dyn block::DiskImage> = Box::new(block::mem::MemoryImage::new(64 << 10));
     let executor = virtio::block::Executor::new(Arc::new(Mutex::new(disk)), false, [0; 20]);

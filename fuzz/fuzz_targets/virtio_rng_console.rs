@@ -79,6 +79,7 @@ fuzz_target!(|data: &[u8]| {
         index: 0,
         queue: rng,
         notify,
+        watch: virtio::queue_watch::QueueWatch::detached(),
     });
     let (Some(receive), Some(transmit)) = (queue(0x200, event_idx), queue(0x400, event_idx)) else {
         return;

@@ -7,6 +7,7 @@
 
 pub mod daemon_api;
 pub mod definition_file;
+pub mod diagnostics;
 pub mod disk;
 pub mod image;
 pub mod names;

@@ -14,6 +14,8 @@ pub mod paths {
     pub const VM: &str = "/api/v1/vm";
     /// GET: [`super::VmCounters`].
     pub const COUNTERS: &str = "/api/v1/vm/counters";
+    /// GET: [`crate::diagnostics::VmDiagnostics`], the stall report.
+    pub const DIAGNOSTICS: &str = "/api/v1/vm/diagnostics";
     /// PUT: park the vCPUs (409 unless running).
     pub const PAUSE: &str = "/api/v1/vm/pause";
     /// PUT: let paused vCPUs run again (409 unless paused).

@@ -75,6 +75,39 @@ impl Serial {
     pub fn input_capacity(&self) -> usize {
         self.uart.fifo_capacity()
     }
+
+    /// The registers that decide the UART's interrupts, read without side effects (reading
+    /// IIR through the port would clear a latched THR-empty interrupt).
+    pub fn registers(&self) -> UartRegisters {
+        let state = self.uart.state();
+        UartRegisters {
+            ier: state.interrupt_enable,
+            iir: state.interrupt_identification,
+            lsr: state.line_status,
+            lcr: state.line_control,
+            mcr: state.modem_control,
+            input_bytes: state.in_buffer.len(),
+        }
+    }
+}
+
+/// A snapshot of the UART's interrupt-related registers (for the stall report).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UartRegisters {
+    pub ier: u8,
+    pub iir: u8,
+    pub lsr: u8,
+    pub lcr: u8,
+    pub mcr: u8,
+    /// Bytes waiting in the receive FIFO.
+    pub input_bytes: usize,
+}
+
+impl UartRegisters {
+    /// IIR says a THR-empty interrupt is latched, waiting for the guest to read IIR.
+    pub fn thre_interrupt_pending(&self) -> bool {
+        self.iir & 0b1111 == 0b0010
+    }
 }
 
 impl ByteRegisters for Serial {
@@ -130,6 +163,22 @@ mod tests {
     const DATA: u64 = 0;
     const IER: u64 = 1;
     const LSR: u64 = 5;
+
+    #[test]
+    fn registers_show_a_latched_thr_empty_interrupt_until_iir_is_read() {
+        let (mut s, irq, _drained, _out) = serial();
+        assert!(!s.registers().thre_interrupt_pending());
+        s.write(IER, &[0x02]);
+        let regs = s.registers();
+        assert_eq!((regs.ier, regs.lsr & 0x20), (0x02, 0x20));
+        assert!(regs.thre_interrupt_pending(), "{regs:?}");
+        assert_eq!(irq.read().unwrap(), 1);
+        let mut iir = [0u8];
+        s.read(2, &mut iir);
+        assert!(!s.registers().thre_interrupt_pending());
+        s.enqueue_input(b"ab");
+        assert_eq!(s.registers().input_bytes, 2);
+    }
 
     #[test]
     fn guest_output_reaches_the_writer() {

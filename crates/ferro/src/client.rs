@@ -17,6 +17,7 @@ use serde::de::DeserializeOwned;
 
 use crate::error_chain;
 
+mod diagnose;
 mod vm_definition;
 
 pub const CLIENT_HELP: &str = "\
@@ -177,6 +178,13 @@ enum VmCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Print a running VM's stall report: per vCPU its registers, MP state, pending events,
+    /// time since its last exit and exits in the last seconds; each virtqueue's indexes and
+    /// last notification and interrupt; COM1's interrupt registers; the PICs and IOAPIC. For a
+    /// guest that stopped making progress. A vCPU whose thread is stuck outside the guest
+    /// shows "no answer" instead of holding the report up.
+    #[command(after_help = vm_codes())]
+    Diagnose(diagnose::DiagnoseArgs),
 }
 
 #[derive(Debug, Args)]
@@ -380,6 +388,7 @@ fn vm_command(socket: &DaemonSocket, command: VmCommand) -> Outcome {
             Ok(())
         }
         VmCommand::Stats { name: None, json } => all_stats(&c, json),
+        VmCommand::Diagnose(a) => diagnose::run(&c, &a),
     }
 }
 

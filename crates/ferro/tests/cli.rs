@@ -217,3 +217,59 @@ fn the_log_file_takes_stderr_and_rotates_at_its_cap() {
     assert!(text.contains("rip="), "{text}");
     assert!(text.len() < 64 << 10, "{} bytes", text.len());
 }
+
+/// `vm diagnose --api-socket` asks a `ferro run` VMM directly, no daemon involved: the guest
+/// halts after printing, and the report says so.
+#[test]
+fn diagnose_asks_a_vmm_on_its_api_socket() {
+    if !kvm_tests_enabled() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = dir.path().join("halt");
+    // Print "h", then halt for good.
+    let code = [0x66, 0xba, 0xf8, 0x03, 0xb0, b'h', 0xee, 0xf4, 0xeb, 0xfd];
+    std::fs::write(&kernel, arch::test_images::bzimage(&code)).unwrap();
+    let socket = dir.path().join("api.sock");
+    let mut vmm = Command::new(env!("CARGO_BIN_EXE_ferro"))
+        .args(["run", "--memory", "128M", "--kernel"])
+        .arg(&kernel)
+        .arg("--api-socket")
+        .arg(&socket)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let socket_arg = socket.to_str().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let text = loop {
+        let out = ferro(&["vm", "diagnose", "--api-socket", socket_arg]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if out.status.success() && text.contains("vCPU 0: halted") {
+            break text;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no halted report: {text}{}",
+            stderr(&out)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert!(
+        text.starts_with(&format!("VM {socket_arg}: running")),
+        "{text}"
+    );
+    let json = ferro(&["vm", "diagnose", "--api-socket", socket_arg, "--json"]);
+    let report: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(report["vcpus"][0]["registers"]["mp_state"], "halted");
+    vmm.kill().unwrap();
+    vmm.wait().unwrap();
+    // Without a VMM there, the error says where it looked; exit 5 as for an absent daemon.
+    let gone = ferro(&["vm", "diagnose", "--api-socket", socket_arg]);
+    assert_eq!(gone.status.code(), Some(5), "{}", stderr(&gone));
+    assert!(stderr(&gone).contains(socket_arg), "{}", stderr(&gone));
+    // A name and a socket together are a usage error.
+    let both = ferro(&["vm", "diagnose", "web", "--api-socket", socket_arg]);
+    assert_eq!(both.status.code(), Some(2), "{}", stderr(&both));
+}

@@ -372,6 +372,20 @@ fn lifecycle_through_the_cli() {
     assert!(stats.counters.vcpus[0].exits["io_in"] > 0, "{stats:?}");
     d.call("GET", &paths::vm_action("tiny", "stats"), None);
 
+    // The stall report: the guest waits in a loop of port reads, its one vCPU answers.
+    let report: api::diagnostics::VmDiagnostics =
+        serde_json::from_str(&d.ok(&["vm", "diagnose", "tiny", "--json"])).unwrap();
+    assert_eq!(report.vcpus.len(), 1);
+    assert!(report.vcpus[0].registers.is_some(), "{report:?}");
+    let text = d.ok(&["vm", "diagnose", "tiny"]);
+    assert!(text.starts_with("VM tiny: running"), "{text}");
+    assert!(
+        text.contains("vCPU 0: runnable") && text.contains("IOAPIC"),
+        "{text}"
+    );
+    let diagnostics = d.call("GET", &paths::vm_action("tiny", "diagnostics"), None);
+    assert_eq!(diagnostics.status, 200);
+
     // A live console client sees what the guest prints from now on, and ends with the VM.
     let console = Command::new(ferro())
         .args(["vm", "console", "tiny"])
@@ -707,6 +721,8 @@ fn every_route_answers_as_documented() {
     let action = |name: &str, what: &str| paths::vm_action(name, what);
     assert_eq!(status("POST", &action("api", "suspend"), None), 409);
     assert_eq!(status("GET", &action("api", "stats"), None), 409);
+    assert_eq!(status("GET", &action("api", "diagnostics"), None), 409);
+    assert_eq!(status("GET", &action("nope", "diagnostics"), None), 404);
     assert_eq!(status("POST", &action("api", "start"), None), 200);
     assert_eq!(status("POST", &action("api", "start"), None), 409);
     assert_eq!(status("GET", &action("api", "stats"), None), 200);

@@ -6,8 +6,12 @@
 use std::fmt::Write as _;
 
 use kvm_bindings::{
-    kvm_cpuid_entry2, kvm_fpu, kvm_lapic_state, kvm_regs, kvm_sregs, CpuId, Msrs,
-    KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+    kvm_cpuid_entry2, kvm_fpu, kvm_lapic_state, kvm_regs, kvm_sregs, kvm_vcpu_events, CpuId, Msrs,
+    KVM_MP_STATE_AP_RESET_HOLD, KVM_MP_STATE_CHECK_STOP, KVM_MP_STATE_HALTED,
+    KVM_MP_STATE_INIT_RECEIVED, KVM_MP_STATE_LOAD, KVM_MP_STATE_OPERATING, KVM_MP_STATE_RUNNABLE,
+    KVM_MP_STATE_SIPI_RECEIVED, KVM_MP_STATE_STOPPED, KVM_MP_STATE_SUSPENDED,
+    KVM_MP_STATE_UNINITIALIZED, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET,
+    KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{VcpuExit as KvmExit, VcpuFd};
 
@@ -49,6 +53,43 @@ pub enum SystemEvent {
     Reset,
     Crash,
     Other(u32),
+}
+
+/// A vCPU's multiprocessing state (KVM_GET_MP_STATE): whether it runs, waits in `hlt`, or
+/// waits for the INIT/SIPI that starts an application processor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MpState {
+    Runnable,
+    Uninitialized,
+    InitReceived,
+    Halted,
+    SipiReceived,
+    Stopped,
+    CheckStop,
+    Operating,
+    Load,
+    ApResetHold,
+    Suspended,
+    Other(u32),
+}
+
+impl MpState {
+    fn from_kvm(value: u32) -> Self {
+        match value {
+            KVM_MP_STATE_RUNNABLE => MpState::Runnable,
+            KVM_MP_STATE_UNINITIALIZED => MpState::Uninitialized,
+            KVM_MP_STATE_INIT_RECEIVED => MpState::InitReceived,
+            KVM_MP_STATE_HALTED => MpState::Halted,
+            KVM_MP_STATE_SIPI_RECEIVED => MpState::SipiReceived,
+            KVM_MP_STATE_STOPPED => MpState::Stopped,
+            KVM_MP_STATE_CHECK_STOP => MpState::CheckStop,
+            KVM_MP_STATE_OPERATING => MpState::Operating,
+            KVM_MP_STATE_LOAD => MpState::Load,
+            KVM_MP_STATE_AP_RESET_HOLD => MpState::ApResetHold,
+            KVM_MP_STATE_SUSPENDED => MpState::Suspended,
+            other => MpState::Other(other),
+        }
+    }
 }
 
 /// A KVM virtual CPU.
@@ -122,6 +163,22 @@ impl Vcpu {
 
     pub fn set_lapic(&self, lapic: &kvm_lapic_state) -> Result<()> {
         self.fd.set_lapic(lapic).map_err(ioctl_err("KVM_SET_LAPIC"))
+    }
+
+    /// The vCPU's multiprocessing state.
+    pub fn mp_state(&self) -> Result<MpState> {
+        let state = self
+            .fd
+            .get_mp_state()
+            .map_err(ioctl_err("KVM_GET_MP_STATE"))?;
+        Ok(MpState::from_kvm(state.mp_state))
+    }
+
+    /// Pending and injected exceptions, interrupts and NMIs, and the interrupt shadow.
+    pub fn events(&self) -> Result<kvm_vcpu_events> {
+        self.fd
+            .get_vcpu_events()
+            .map_err(ioctl_err("KVM_GET_VCPU_EVENTS"))
     }
 
     /// Runs the vCPU until the next exit that needs the VMM.

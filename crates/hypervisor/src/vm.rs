@@ -4,8 +4,9 @@ use std::sync::Arc;
 
 use kvm_bindings::{
     kvm_irq_routing_entry, kvm_irq_routing_entry__bindgen_ty_1, kvm_irq_routing_irqchip,
-    kvm_irq_routing_msi, kvm_pit_config, kvm_userspace_memory_region, KvmIrqRouting,
-    KVM_IRQCHIP_IOAPIC, KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI, KVM_PIT_SPEAKER_DUMMY,
+    kvm_irq_routing_msi, kvm_irqchip, kvm_pic_state, kvm_pit_config, kvm_userspace_memory_region,
+    KvmIrqRouting, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+    KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
@@ -64,6 +65,26 @@ impl IrqRoute {
             },
         }
     }
+}
+
+/// One of the two cascaded in-kernel 8259 PICs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pic {
+    /// IRQs 0-7.
+    Primary,
+    /// IRQs 8-15, cascaded on the primary's IRQ 2.
+    Secondary,
+}
+
+/// The in-kernel IOAPIC's registers (KVM_GET_IRQCHIP).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IoapicState {
+    pub id: u32,
+    /// Pins whose level is asserted (bit per pin).
+    pub irr: u32,
+    /// The 24 redirection table entries as the guest programmed them, bits as in the IOAPIC
+    /// datasheet (vector 0-7, delivery mode 8-10, ... mask 16, destination 56-63).
+    pub redirection: Vec<u64>,
 }
 
 /// A KVM virtual machine.
@@ -191,6 +212,45 @@ impl Vm {
             ..Default::default()
         };
         self.fd.set_clock(&data).map_err(ioctl_err("KVM_SET_CLOCK"))
+    }
+
+    /// The registers of one in-kernel PIC.
+    pub fn pic(&self, which: Pic) -> Result<kvm_pic_state> {
+        let chip = match which {
+            Pic::Primary => KVM_IRQCHIP_PIC_MASTER,
+            Pic::Secondary => KVM_IRQCHIP_PIC_SLAVE,
+        };
+        let state = self.irqchip(chip)?;
+        // SAFETY: KVM filled the `pic` member for a PIC chip id; it is plain bytes.
+        Ok(unsafe { state.chip.pic })
+    }
+
+    /// The in-kernel IOAPIC's registers.
+    pub fn ioapic(&self) -> Result<IoapicState> {
+        let state = self.irqchip(KVM_IRQCHIP_IOAPIC)?;
+        // SAFETY: KVM filled the `ioapic` member for the IOAPIC chip id; it is plain integers.
+        let ioapic = unsafe { state.chip.ioapic };
+        Ok(IoapicState {
+            id: ioapic.id,
+            irr: ioapic.irr,
+            redirection: ioapic
+                .redirtbl
+                .iter()
+                // SAFETY: both union members cover the same 8 bytes; every bit pattern is a u64.
+                .map(|entry| unsafe { entry.bits })
+                .collect(),
+        })
+    }
+
+    fn irqchip(&self, chip_id: u32) -> Result<kvm_irqchip> {
+        let mut state = kvm_irqchip {
+            chip_id,
+            ..Default::default()
+        };
+        self.fd
+            .get_irqchip(&mut state)
+            .map_err(ioctl_err("KVM_GET_IRQCHIP"))?;
+        Ok(state)
     }
 
     /// Creates vCPU number `id` (its initial APIC ID is `id` as well).

@@ -146,7 +146,7 @@ impl ConsoleWorker {
     /// Moves buffered input into the driver's receive buffers.
     fn receive(&mut self) -> Result<(), crate::queue::QueueBroken> {
         let _ = self.input.ready.read();
-        let _ = self.receive.notify.read();
+        self.receive.clear_notification();
         let mem = self.memory.clone();
         let mut delivered = false;
         loop {
@@ -211,6 +211,7 @@ impl Harness {
                 index,
                 queue,
                 notify: EventFd::new(libc::EFD_NONBLOCK)?,
+                watch: crate::queue_watch::QueueWatch::detached(),
             }))
         };
         let console_input = Arc::new(ConsoleInput::new(EventFd::new(libc::EFD_NONBLOCK)?)?);
@@ -361,6 +362,7 @@ mod tests {
                 index,
                 queue: mock.create_queue().unwrap(),
                 notify: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+                watch: crate::queue_watch::QueueWatch::detached(),
             })
         };
         let output = Captured::default();

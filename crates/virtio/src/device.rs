@@ -5,6 +5,7 @@ use std::sync::Arc;
 use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::queue_watch::QueueWatch;
 use crate::GuestMemory;
 
 /// Raises interrupts for a device and reports when it needs a reset.
@@ -35,6 +36,8 @@ pub struct ActiveQueue {
     pub queue: Queue,
     /// Signalled when the driver notifies the queue.
     pub notify: EventFd,
+    /// What the stall report shows of the queue.
+    pub watch: Arc<QueueWatch>,
 }
 
 /// Everything a device needs to run, given when the driver sets DRIVER_OK.

@@ -5,7 +5,8 @@
 //! - [`pci`]: the modern virtio-pci transport: common, notify, ISR, device and PCI-config
 //!   capabilities in BAR 0, MSI-X, ioeventfd queue notifications, the device status state
 //!   machine and feature negotiation;
-//! - devices: [`rng`], [`block`], [`console`], [`net`], each with its [`counters`].
+//! - devices: [`rng`], [`block`], [`console`], [`net`], each with its [`counters`];
+//! - [`queue`] serves a virtqueue for a device, [`queue_watch`] shows it in the stall report.
 //!
 //! Threading: the transport runs on vCPU threads (guest register accesses). Each active device
 //! runs its queues on its own worker thread ([`worker`]), woken by ioeventfds, and interrupts
@@ -19,6 +20,7 @@ pub mod io_pool;
 pub mod net;
 pub mod pci;
 pub mod queue;
+pub mod queue_watch;
 pub mod rng;
 pub mod worker;
 

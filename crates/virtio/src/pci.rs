@@ -17,9 +17,11 @@ use pci::config::{PciIdentity, BAR0};
 use pci::msix::{self, MsiInterrupts, MsixConfig};
 use pci::{BarKind, PciConfiguration, PciDevice};
 use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::device::{Activation, ActiveQueue, VirtioDevice, VirtioInterrupt};
+use crate::queue_watch::QueueWatch;
 use crate::{device_type, features, GuestMemory};
 
 /// Registers and removes ioeventfds (the VMM's view of KVM_IOEVENTFD).
@@ -201,6 +203,8 @@ pub struct VirtioPciDevice {
     queue_select: u16,
     queues: Vec<QueueConfig>,
     notify: Vec<EventFd>,
+    /// One per queue, for the stall report; the same across resets.
+    watches: Vec<Arc<QueueWatch>>,
     bar_address: Option<u64>,
     active: bool,
 }
@@ -332,6 +336,7 @@ impl VirtioPciDevice {
             config_generation: 0,
             queue_select: 0,
             queues,
+            watches: (0..notify.len()).map(|_| QueueWatch::detached()).collect(),
             notify,
             bar_address: None,
             active: false,
@@ -525,6 +530,11 @@ impl VirtioPciDevice {
         ok
     }
 
+    /// Each queue's watch, in queue order, for the stall report.
+    pub fn queue_watches(&self) -> Vec<Arc<QueueWatch>> {
+        self.watches.clone()
+    }
+
     fn build_queue(&self, config: &QueueConfig) -> Result<Queue, String> {
         let mut queue = Queue::new(config.max_size).map_err(|e| e.to_string())?;
         queue.set_size(config.size);
@@ -568,10 +578,18 @@ impl VirtioPciDevice {
                     return self.fail_activation();
                 }
             };
+            let watch = self.watches[index].clone();
+            watch.activate(
+                config.size,
+                self.memory.clone(),
+                GuestAddress(config.driver),
+                GuestAddress(config.device),
+            );
             queues.push(ActiveQueue {
                 index: index as u16,
                 queue,
                 notify,
+                watch,
             });
         }
         let interrupt = Arc::new(PciInterrupt {
@@ -591,6 +609,7 @@ impl VirtioPciDevice {
             Ok(()) => self.active = true,
             Err(e) => {
                 guest_log::guest_warn!("virtio device could not start: {e}");
+                self.watches.iter().for_each(|w| w.deactivate());
                 self.fail_activation();
             }
         }
@@ -624,6 +643,7 @@ impl VirtioPciDevice {
         for notify in &self.notify {
             let _ = notify.read();
         }
+        self.watches.iter().for_each(|w| w.deactivate());
         self.config_generation = self.config_generation.wrapping_add(1);
     }
 
@@ -1046,9 +1066,19 @@ mod tests {
         setup_queue(&mut t, 0, 0x10000);
         let s = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK;
         write(&mut t, common::DEVICE_STATUS, u64::from(s));
+        let watches = t.queue_watches();
+        assert!(watches[0].snapshot("test0", 0).active);
+        assert!(
+            !watches[1].snapshot("test0", 1).active,
+            "queue 1 not enabled"
+        );
         let generation = read(&mut t, common::CONFIG_GENERATION);
         write(&mut t, common::DEVICE_STATUS, 0);
         assert_eq!(log.lock().unwrap().resets, 1);
+        assert!(
+            !watches[0].snapshot("test0", 0).active,
+            "reset ends the queue"
+        );
         assert_eq!(read(&mut t, common::DEVICE_STATUS), 0);
         write(&mut t, common::QUEUE_SELECT, 0);
         assert_eq!(read(&mut t, common::QUEUE_ENABLE), 0);

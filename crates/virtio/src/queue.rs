@@ -11,12 +11,14 @@
 //! (virtio-blk's I/O pool) keeps it behind a mutex.
 
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{GuestMemory as _, Permissions, VolatileSlice};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::device::{ActiveQueue, VirtioInterrupt};
+use crate::queue_watch::QueueWatch;
 use crate::GuestMemory;
 
 /// The queue is unusable; the device must ask for a reset.
@@ -110,6 +112,7 @@ pub struct DeviceQueue {
     /// Set once the queue broke; a broken queue is not touched again until reset.
     broken: Option<BrokenBy>,
     in_flight: InFlight,
+    watch: Arc<QueueWatch>,
 }
 
 impl From<ActiveQueue> for DeviceQueue {
@@ -120,6 +123,7 @@ impl From<ActiveQueue> for DeviceQueue {
             queue: q.queue,
             notify: q.notify,
             broken: None,
+            watch: q.watch,
         }
     }
 }
@@ -157,6 +161,21 @@ impl DeviceQueue {
         self.in_flight.count
     }
 
+    /// Clears the driver's notification, noting it for the stall report if there was one.
+    pub fn clear_notification(&self) {
+        if self.notify.read().is_ok() {
+            self.watch.notified();
+        }
+    }
+
+    fn update_watch(&self) {
+        self.watch.positions(
+            self.queue.next_avail(),
+            self.queue.next_used(),
+            self.in_flight.count,
+        );
+    }
+
     /// Takes the next available chain, if any. `mem` is `&GuestMemory` for a chain used at
     /// once, or an `Arc` for one kept across events.
     pub fn pop<M>(&mut self, mem: M) -> Result<Option<DescriptorChain<M>>, QueueBroken>
@@ -174,6 +193,7 @@ impl DeviceQueue {
             if let Err(cause) = self.in_flight.take(chain.head_index()) {
                 return Err(self.fail(cause));
             }
+            self.update_watch();
         }
         Ok(chain)
     }
@@ -187,7 +207,7 @@ impl DeviceQueue {
     where
         M: Clone + std::ops::Deref<Target = GuestMemory>,
     {
-        let _ = self.notify.read();
+        self.clear_notification();
         let mut chains = Vec::new();
         if self.broken.is_some() {
             return Ok(chains);
@@ -217,7 +237,9 @@ impl DeviceQueue {
         }
         self.queue
             .add_used(mem, head, len)
-            .map_err(|e| self.broken(e))
+            .map_err(|e| self.broken(e))?;
+        self.update_watch();
+        Ok(())
     }
 
     /// The device ran out of chains: asks the driver to notify when it adds some. Returns true
@@ -258,7 +280,7 @@ impl DeviceQueue {
     where
         F: FnMut(DescriptorChain<&GuestMemory>) -> u32,
     {
-        let _ = self.notify.read();
+        self.clear_notification();
         if self.broken.is_some() {
             return Ok(());
         }
@@ -298,6 +320,7 @@ impl DeviceQueue {
             .needs_notification(mem)
             .map_err(|e| self.broken(e))?
         {
+            self.watch.interrupted();
             interrupt.notify_queue(self.index);
         }
         Ok(())
@@ -388,6 +411,7 @@ mod tests {
             index,
             queue,
             notify: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            watch: QueueWatch::detached(),
         })
     }
 
@@ -490,6 +514,28 @@ mod tests {
         let err = dq.add_used(&mem, chain.head_index(), 0).unwrap_err();
         assert!(matches!(err.cause, BrokenCause::NotInFlight(0)), "{err:?}");
         assert_eq!(dq.broken_by(), Some(BrokenBy::Device));
+    }
+
+    /// The stall report sees the device's positions, the chains it holds, the notification it
+    /// cleared and the interrupt it sent.
+    #[test]
+    fn the_watch_follows_the_device() {
+        let mem = memory();
+        let (_mock, mut dq) = queue_of_buffers(&mem, 3);
+        let watch = QueueWatch::detached();
+        dq.watch = watch.clone();
+        dq.notify.write(1).unwrap();
+        let chains = dq.pop_all(&mem).unwrap();
+        assert_eq!(chains.len(), 3);
+        dq.add_used(&mem, 0, 0).unwrap();
+        dq.signal_used(&mem, &crate::device::Silent).unwrap();
+        let seen = watch.snapshot("rng0", 0);
+        assert_eq!((seen.next_avail, seen.next_used, seen.in_flight), (3, 1, 2));
+        assert_eq!((seen.notifications, seen.interrupts), (1, 1));
+        assert!(seen.ms_since_interrupt.is_some());
+        // No notification pending: clearing counts nothing.
+        dq.clear_notification();
+        assert_eq!(watch.snapshot("rng0", 0).notifications, 1);
     }
 
     #[test]

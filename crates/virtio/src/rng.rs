@@ -205,7 +205,7 @@ impl Worker for RngWorker {
             _ if self.throttled => return Ok(()),
             _ => {}
         }
-        let _ = self.queue.notify.read();
+        self.queue.clear_notification();
         match self.serve(Instant::now()) {
             Ok(Served::Drained) => Ok(()),
             Ok(Served::OutOfBudget(wait)) => self.throttle(wait, poll),

@@ -152,6 +152,7 @@ fn active_queue(rings: &Rings) -> (ActiveQueue, EventFd) {
         index: 0,
         queue: rings.queue(true),
         notify: notify.try_clone().unwrap(),
+        watch: virtio::queue_watch::QueueWatch::detached(),
     };
     (active, notify)
 }

@@ -21,6 +21,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use api::diagnostics::VmDiagnostics;
 use api::vmm_api::{paths, ErrorBody, VmCounters, VmInfo};
 use http_unix::{DeadlineReader, Method, Request, Response};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -56,6 +57,7 @@ impl Default for Limits {
 pub(crate) enum ApiCommand {
     Info,
     Counters,
+    Diagnostics,
     Pause,
     Resume,
     PowerButton,
@@ -68,6 +70,7 @@ pub(crate) enum ApiCommand {
 pub(crate) enum ApiReply {
     Info(Box<VmInfo>),
     Counters(VmCounters),
+    Diagnostics(Box<VmDiagnostics>),
     /// Done (or, for reset and stop, accepted).
     Done,
     /// The command does not fit the VM's state (409).
@@ -394,6 +397,7 @@ fn route(method: &Method, path: &str) -> Result<ApiCommand, Response> {
     let (command, allowed) = match path {
         paths::VM => (ApiCommand::Info, Method::Get),
         paths::COUNTERS => (ApiCommand::Counters, Method::Get),
+        paths::DIAGNOSTICS => (ApiCommand::Diagnostics, Method::Get),
         paths::PAUSE => (ApiCommand::Pause, Method::Put),
         paths::RESUME => (ApiCommand::Resume, Method::Put),
         paths::POWER_BUTTON => (ApiCommand::PowerButton, Method::Put),
@@ -414,6 +418,7 @@ fn reply_response(reply: ApiReply) -> Response {
     match reply {
         ApiReply::Info(info) => json_response(200, &*info),
         ApiReply::Counters(counters) => json_response(200, &counters),
+        ApiReply::Diagnostics(report) => json_response(200, &*report),
         ApiReply::Done => Response::empty(204),
         ApiReply::Conflict(message) => error_response(409, &message),
         ApiReply::Failed(message) => error_response(500, &message),
@@ -447,6 +452,10 @@ mod tests {
     fn routes_check_path_and_method() {
         assert_eq!(route(&Method::Get, paths::VM), Ok(ApiCommand::Info));
         assert_eq!(route(&Method::Put, paths::PAUSE), Ok(ApiCommand::Pause));
+        assert_eq!(
+            route(&Method::Get, paths::DIAGNOSTICS),
+            Ok(ApiCommand::Diagnostics)
+        );
         assert_eq!(route(&Method::Get, paths::PAUSE).unwrap_err().status, 405);
         assert_eq!(route(&Method::Put, "/api/v1/nope").unwrap_err().status, 404);
         assert_eq!(

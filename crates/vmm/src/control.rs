@@ -1,7 +1,8 @@
 //! The control loop of one boot. It owns the VM's state machine and waits, on the VMM's main
 //! thread, for whatever can change it: the guest's power events, a failing vCPU, console input,
 //! termination signals and control-API requests. Pause parks the vCPU threads at their gate and
-//! saves the guest clock; resume restores the clock and lets them go.
+//! saves the guest clock; resume restores the clock and lets them go. The stall report
+//! (`diagnostics`) is gathered here too, from the vCPU threads through their probes.
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::AtomicBool;
@@ -14,14 +15,17 @@ use api::{VmConfig, VmState};
 use devices::bus::lock;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::Killable;
 
 use crate::api_server::{answer, ApiCommand, ApiInbox, ApiReply, ApiRequest};
 use crate::console::Console;
+use crate::diagnostics::{self, Sources};
 use crate::error::Error;
 use crate::machine::{ConsoleTarget, Machine, StopReason};
 use crate::signals::TerminationSignals;
 use crate::stats::Stats;
 use crate::vcpu::{self, VcpuGate, VcpuRunner};
+use crate::vcpu_probe::VcpuProbe;
 
 /// What lives as long as the VMM process, across boots.
 pub(crate) struct Session<'a> {
@@ -39,6 +43,20 @@ struct VcpuThreads {
     stop: Arc<AtomicBool>,
     gate: Arc<VcpuGate>,
     handles: Vec<JoinHandle<()>>,
+    /// Per vCPU, in the order of `handles`.
+    probes: Vec<Arc<VcpuProbe>>,
+}
+
+impl VcpuThreads {
+    /// Makes vCPU thread `i` look at its probe soon; false if it has ended.
+    fn kick(&self, i: usize) -> bool {
+        let Some(handle) = self.handles.get(i).filter(|h| !h.is_finished()) else {
+            return false;
+        };
+        let _ = handle.kill(crate::signals::vcpu_kick_signal());
+        self.gate.poke();
+        true
+    }
 }
 
 impl Machine {
@@ -50,12 +68,14 @@ impl Machine {
             stop: Arc::new(AtomicBool::new(false)),
             gate: Arc::new(VcpuGate::default()),
             handles: Vec::new(),
+            probes: Vec::new(),
         };
         let (failures_tx, failures) = mpsc::channel();
         let failure_event = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::Devices)?;
         let mut result = Ok(StopReason::PowerOff);
         for vcpu in std::mem::take(&mut self.vcpus) {
             let id = vcpu.id();
+            let probe = vcpu::new_probe();
             let runner = VcpuRunner {
                 vcpu,
                 pio: self.pio.clone(),
@@ -64,11 +84,15 @@ impl Machine {
                 stop: threads.stop.clone(),
                 gate: threads.gate.clone(),
                 exits: session.stats.vcpu(id),
+                probe: probe.clone(),
                 failures: failures_tx.clone(),
                 failure_event: failure_event.try_clone().map_err(Error::Devices)?,
             };
             match runner.spawn() {
-                Ok(handle) => threads.handles.push(handle),
+                Ok(handle) => {
+                    threads.handles.push(handle);
+                    threads.probes.push(probe);
+                }
                 Err(e) => {
                     result = Err(e);
                     break;
@@ -211,6 +235,17 @@ impl Machine {
         let (reply, stop) = match request.command {
             ApiCommand::Info => (ApiReply::Info(Box::new(self.info(session))), None),
             ApiCommand::Counters => (ApiReply::Counters(session.stats.snapshot()), None),
+            ApiCommand::Diagnostics => {
+                let report = diagnostics::report(&Sources {
+                    state: self.state,
+                    vm: &self.vm,
+                    serial: &self.serial,
+                    virtio_queues: &self.virtio_queues,
+                    probes: &threads.probes,
+                    kick: &|i| threads.kick(i),
+                });
+                (ApiReply::Diagnostics(Box::new(report)), None)
+            }
             ApiCommand::Pause => (self.pause(threads), None),
             ApiCommand::Resume => (self.resume(threads), None),
             ApiCommand::PowerButton => (self.press_power_button(), None),

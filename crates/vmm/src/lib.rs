@@ -13,7 +13,9 @@ mod api_server;
 mod console;
 mod console_hub;
 mod control;
+mod diagnostics;
 mod error;
+mod exit_window;
 mod interrupts;
 mod machine;
 mod memory;
@@ -22,6 +24,7 @@ mod run;
 mod signals;
 mod stats;
 mod vcpu;
+mod vcpu_probe;
 
 pub use api::{InvalidTransition, VmState};
 pub use api_server::ApiSocketError;

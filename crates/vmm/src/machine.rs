@@ -14,6 +14,7 @@ use devices::ged::GedEvents;
 use devices::serial::Serial;
 use devices::PowerEvents;
 use hypervisor::{Hypervisor, Vcpu, Vm};
+use virtio::queue_watch::QueueWatch;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::error::Error;
@@ -217,6 +218,10 @@ pub(crate) struct Machine {
     pub(crate) pio: Arc<Bus>,
     pub(crate) mmio: Arc<Bus>,
     pub(crate) console_input: ConsoleTarget,
+    /// COM1, for the stall report.
+    pub(crate) serial: Arc<Mutex<Serial>>,
+    /// Each virtio device's name (`block0`) and its queues' watches, for the stall report.
+    pub(crate) virtio_queues: Vec<(String, Vec<Arc<QueueWatch>>)>,
     /// Readable when the guest device took all input handed to it.
     pub(crate) input_drained: EventFd,
     pub(crate) power: PowerEvents,
@@ -322,19 +327,24 @@ impl Machine {
         let mmio = Arc::new(Bus::new());
         let mut pci = PciBuilder::new(&pio, &mmio, &power, &layout)?;
         let cpus = u16::try_from(config.cpus).unwrap_or(api::vm_config::MAX_DISK_QUEUES);
-        for disk in disks.devices(stats, cpus) {
-            pci.add_virtio(Box::new(disk), &memory, &interrupts, &vm)?;
+        let mut virtio_queues = Vec::new();
+        for (i, disk) in disks.devices(stats, cpus).into_iter().enumerate() {
+            let watches = pci.add_virtio(Box::new(disk), &memory, &interrupts, &vm)?;
+            virtio_queues.push((format!("block{i}"), watches));
         }
-        for net in nets.devices(stats)? {
-            pci.add_virtio(Box::new(net), &memory, &interrupts, &vm)?;
+        for (i, net) in nets.devices(stats)?.into_iter().enumerate() {
+            let watches = pci.add_virtio(Box::new(net), &memory, &interrupts, &vm)?;
+            virtio_queues.push((format!("net{i}"), watches));
         }
         if config.rng {
             let counters = stats.device("rng0", virtio::rng::new_counters);
             let rng = virtio::rng::Rng::new(counters, entropy_limit(config));
-            pci.add_virtio(Box::new(rng), &memory, &interrupts, &vm)?;
+            let watches = pci.add_virtio(Box::new(rng), &memory, &interrupts, &vm)?;
+            virtio_queues.push(("rng0".into(), watches));
         }
         if let Some(console) = console_device {
-            pci.add_virtio(Box::new(console), &memory, &interrupts, &vm)?;
+            let watches = pci.add_virtio(Box::new(console), &memory, &interrupts, &vm)?;
+            virtio_queues.push(("console0".into(), watches));
         }
 
         let entry = Self::load_guest(&memory, &layout, config, files)?;
@@ -352,8 +362,10 @@ impl Machine {
             mmio,
             console_input: match console_input {
                 Some(input) => ConsoleTarget::Hvc(input),
-                None => ConsoleTarget::Serial(serial),
+                None => ConsoleTarget::Serial(serial.clone()),
             },
+            serial,
+            virtio_queues,
             input_drained,
             power,
             ged,

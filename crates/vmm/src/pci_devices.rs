@@ -10,6 +10,7 @@ use pci::config_io::PciConfigIo;
 use pci::ecam::PciEcam;
 use pci::host_bridge::HostBridge;
 use pci::PciRoot;
+use virtio::queue_watch::QueueWatch;
 use vm_allocator::{AddressAllocator, AllocPolicy};
 
 use crate::error::Error;
@@ -56,14 +57,15 @@ impl PciBuilder {
         Ok(PciBuilder { root, mmio64 })
     }
 
-    /// Adds a virtio device behind a virtio-pci transport.
+    /// Adds a virtio device behind a virtio-pci transport; returns its queues' watches (for
+    /// the stall report).
     pub fn add_virtio(
         &mut self,
         device: Box<dyn virtio::device::VirtioDevice>,
         memory: &Arc<arch::GuestMemoryMmap>,
         interrupts: &Arc<InterruptRouter>,
         vm: &Arc<hypervisor::Vm>,
-    ) -> Result<(), Error> {
+    ) -> Result<Vec<Arc<QueueWatch>>, Error> {
         let bar = self
             .mmio64
             .allocate(VIRTIO_BAR_SIZE, VIRTIO_BAR_SIZE, AllocPolicy::FirstMatch)
@@ -76,9 +78,10 @@ impl PciBuilder {
             bar.start(),
         )
         .map_err(|e| Error::Devices(std::io::Error::other(e)))?;
+        let watches = transport.queue_watches();
         devices::bus::lock(&self.root)
             .add_device(Arc::new(Mutex::new(transport)))
             .map_err(|e| Error::Devices(std::io::Error::other(e)))?;
-        Ok(())
+        Ok(watches)
     }
 }

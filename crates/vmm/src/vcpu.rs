@@ -3,6 +3,8 @@
 //! A vCPU thread loops on `KVM_RUN`, dispatches port I/O and MMIO exits to the buses, and stops
 //! when the shared stop flag is set (the control loop kicks it out of `KVM_RUN` with a signal).
 //! A guest failure is reported once through a channel plus an eventfd, register dump included.
+//! Between two `KVM_RUN`s, and while parked at the pause gate, the thread records its exits and
+//! answers the stall report's requests for its registers (`vcpu_probe`).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
@@ -21,6 +23,7 @@ use vmm_sys_util::signal::Killable;
 
 use crate::error::Error;
 use crate::signals;
+use crate::vcpu_probe::{self, VcpuProbe};
 
 /// What the host's KVM offers every vCPU; probed once per VMM process.
 #[derive(Debug, Clone)]
@@ -115,6 +118,11 @@ pub(crate) fn new_exit_counters() -> Arc<Counters> {
     Counters::new("vcpu", EXIT_NAMES)
 }
 
+/// A fresh probe (recent exits, register requests) for one vCPU of one boot.
+pub(crate) fn new_probe() -> Arc<VcpuProbe> {
+    Arc::new(VcpuProbe::new(EXIT_NAMES))
+}
+
 /// Parks vCPU threads between two `KVM_RUN`s while the VM is paused.
 #[derive(Debug, Default)]
 pub(crate) struct VcpuGate {
@@ -139,8 +147,9 @@ impl VcpuGate {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Called by a vCPU thread before each `KVM_RUN`: waits while the VM is paused.
-    fn pass(&self) {
+    /// Called by a vCPU thread before each `KVM_RUN`: waits while the VM is paused, calling
+    /// `on_wake` (without the gate's lock) each time it is woken, e.g. by [`VcpuGate::poke`].
+    fn pass(&self, mut on_wake: impl FnMut()) {
         let mut state = self.lock();
         if !state.paused || state.released {
             return;
@@ -152,8 +161,18 @@ impl VcpuGate {
                 .changed
                 .wait(state)
                 .unwrap_or_else(PoisonError::into_inner);
+            drop(state);
+            on_wake();
+            state = self.lock();
         }
         state.parked -= 1;
+    }
+
+    /// Wakes parked threads without letting them go (they look at their probes). A poke can
+    /// be missed by a thread that is just parking, so a caller waiting for an effect repeats it.
+    pub fn poke(&self) {
+        let _state = self.lock();
+        self.changed.notify_all();
     }
 
     /// Stops every running vCPU thread at the gate; returns once all are parked, or false
@@ -204,6 +223,7 @@ pub(crate) struct VcpuRunner {
     pub stop: Arc<AtomicBool>,
     pub gate: Arc<VcpuGate>,
     pub exits: Arc<Counters>,
+    pub probe: Arc<VcpuProbe>,
     pub failures: Sender<Error>,
     pub failure_event: EventFd,
 }
@@ -225,18 +245,26 @@ impl VcpuRunner {
 
     fn run(mut self) {
         while !self.stop.load(Ordering::Acquire) {
-            self.gate.pass();
+            self.answer_probe();
+            let (gate, probe, vcpu) = (&self.gate, &self.probe, &self.vcpu);
+            gate.pass(|| probe.answer_if_asked(|| vcpu_probe::read_registers(vcpu)));
             if self.stop.load(Ordering::Acquire) {
                 break;
             }
             if let Next::Fail(error) = self.run_once() {
                 self.exits.add(exit::FAILURE, 1);
+                self.probe.exits.record(exit::FAILURE);
                 guest_log::guest_debug!("vCPU {} stops: {error}", self.vcpu.id());
                 let _ = self.failures.send(error);
                 let _ = self.failure_event.write(1);
                 return;
             }
         }
+    }
+
+    fn answer_probe(&self) {
+        self.probe
+            .answer_if_asked(|| vcpu_probe::read_registers(&self.vcpu));
     }
 
     fn run_once(&mut self) -> Next {
@@ -256,6 +284,7 @@ impl VcpuRunner {
         };
         if let Some(index) = counted {
             self.exits.add(index, 1);
+            self.probe.exits.record(index);
         }
         let failure = match exit {
             VcpuExit::IoIn { port, data } => {

@@ -257,6 +257,7 @@ fn the_document_covers_every_route() {
     for (method, path) in [
         ("GET", paths::VM),
         ("GET", paths::COUNTERS),
+        ("GET", paths::DIAGNOSTICS),
         ("PUT", paths::PAUSE),
         ("PUT", paths::RESUME),
         ("PUT", paths::POWER_BUTTON),
@@ -270,7 +271,7 @@ fn the_document_covers_every_route() {
     }
     assert_eq!(
         documented.len(),
-        7,
+        8,
         "the document lists routes the VMM lacks"
     );
 }

@@ -1,5 +1,5 @@
 //! The VM routes of the REST API (define, undefine, the power operations, autostart,
-//! statistics), the host's, and the event stream. Operations that change a VM run as tasks
+//! statistics, the stall report), the host's, and the event stream. Operations that change a VM run as tasks
 //! of their own ([`detached`]).
 
 use std::convert::Infallible;
@@ -36,6 +36,7 @@ pub fn routes() -> Router<App> {
         .route("/api/v1/vms/{name}/resume", post(resume))
         .route("/api/v1/vms/{name}/autostart", put(autostart))
         .route("/api/v1/vms/{name}/stats", get(stats))
+        .route("/api/v1/vms/{name}/diagnostics", get(diagnostics))
         .route("/api/v1/host", get(host_info))
         .route("/api/v1/events", get(events))
 }
@@ -155,6 +156,14 @@ async fn stats(State(s): State<Shared>, UrlPath(name): UrlPath<String>) -> ApiRe
         counters,
     })
     .into_response())
+}
+
+/// The VMM's stall report, as it gave it.
+async fn diagnostics(
+    State(s): State<Shared>,
+    UrlPath(name): UrlPath<String>,
+) -> ApiResult<Response> {
+    Ok(Json(s.diagnostics(&name).await?).into_response())
 }
 
 async fn host_info(State(s): State<Shared>) -> ApiResult<Response> {

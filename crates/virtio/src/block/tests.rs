@@ -522,6 +522,7 @@ fn run_on_queues<'a>(
             index,
             queue: mock.create_queue().unwrap(),
             notify: notify.try_clone().unwrap(),
+            watch: crate::queue_watch::QueueWatch::detached(),
         })
         .collect();
     let mut device =
@@ -718,6 +719,13 @@ fn a_long_read_is_served_on_an_io_thread_and_lands_whole() {
     mock.add_desc_chains(&descs, 0).unwrap();
     let notify = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
     let mut device = Block::new(s.executor.disk.clone(), false, "", new_counters());
+    let watch = crate::queue_watch::QueueWatch::detached();
+    watch.activate(
+        16,
+        Arc::new(mem.clone()),
+        mock.avail_addr(),
+        mock.used_addr(),
+    );
     device
         .activate(Activation {
             memory: Arc::new(mem.clone()),
@@ -726,6 +734,7 @@ fn a_long_read_is_served_on_an_io_thread_and_lands_whole() {
                 index: 0,
                 queue: mock.create_queue().unwrap(),
                 notify: notify.try_clone().unwrap(),
+                watch: watch.clone(),
             }],
             interrupt: Arc::new(CountingInterrupt::default()),
         })
@@ -765,6 +774,12 @@ fn a_long_read_is_served_on_an_io_thread_and_lands_whole() {
     let status: u8 = mem.read_obj(GuestAddress(STATUS)).unwrap();
     assert_eq!(status, status::OK);
     assert_eq!(mock.used().ring().ref_at(0).unwrap().load().len(), LONG + 1);
+    // The stall report saw the worker take the notification and the I/O thread return the
+    // chain and interrupt.
+    let seen = watch.snapshot("block0", 0);
+    assert_eq!((seen.next_avail, seen.next_used, seen.in_flight), (1, 1, 0));
+    assert_eq!((seen.driver_avail_idx, seen.used_idx), (Some(1), Some(1)));
+    assert_eq!((seen.notifications, seen.interrupts), (1, 1));
     let mut data = vec![0u8; LONG as usize];
     mem.read_slice(&mut data, GuestAddress(LONG_DATA)).unwrap();
     assert_eq!(data, disk_bytes(&s, 1024 * 512, LONG as usize));

@@ -35,6 +35,7 @@ fn device_queue(index: u16, queue: Queue) -> io::Result<DeviceQueue> {
         index,
         queue,
         notify: EventFd::new(libc::EFD_NONBLOCK)?,
+        watch: crate::queue_watch::QueueWatch::detached(),
     }))
 }
 

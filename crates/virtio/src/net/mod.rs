@@ -606,7 +606,7 @@ impl Worker for NetWorker {
         let result = match token {
             TOKEN_TX => self.transmit(),
             TOKEN_RX => {
-                let _ = self.rx.notify.read();
+                self.rx.clear_notification();
                 self.watch_tap(poll, true)?;
                 self.receive(poll)?
             }
@@ -700,6 +700,7 @@ mod receive_tests {
                 index,
                 queue: mock.create_queue().unwrap(),
                 notify: vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+                watch: crate::queue_watch::QueueWatch::detached(),
             })
         };
         let poll = Poll::new().unwrap();

@@ -99,6 +99,7 @@ fn the_control_queue_sets_queue_pairs_within_what_the_driver_enabled() {
                 index,
                 queue: mock.create_queue().unwrap(),
                 notify: notify.try_clone().unwrap(),
+                watch: crate::queue_watch::QueueWatch::detached(),
             })
             .collect();
         let mut net = Net::new(taps, [2, 0, 0, 0, 0, 1], new_counters()).unwrap();
@@ -156,6 +157,7 @@ fn without_multi_queue_negotiated_only_pair_zero_runs() {
                 index,
                 queue: mock.create_queue().unwrap(),
                 notify: vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+                watch: crate::queue_watch::QueueWatch::detached(),
             })
             .collect();
         // Two TAP queues offered, but an old driver takes neither MQ nor the control queue.
@@ -181,6 +183,7 @@ fn a_missing_pair_zero_is_refused() {
         index: 1,
         queue: mock.create_queue().unwrap(),
         notify: vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+        watch: crate::queue_watch::QueueWatch::detached(),
     }];
     let mut net = Net::new(stand_in_taps(2), [2, 0, 0, 0, 0, 1], new_counters()).unwrap();
     let result = net.activate(Activation {

@@ -66,6 +66,7 @@ fn worker_with_chains(size: u16, chains: u16, len: u32, limit: EntropyLimit) -> 
         index: 0,
         queue,
         notify: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+        watch: crate::queue_watch::QueueWatch::detached(),
     };
     RngWorker::new(mem, active.into(), Arc::new(Silent), new_counters(), limit).unwrap()
 }

@@ -141,6 +141,15 @@ impl Supervisor {
         (running as u32, vms.len() as u32)
     }
 
+    /// The stall report of a running VM, from its VMM.
+    pub async fn diagnostics(
+        &self,
+        name: &str,
+    ) -> Result<api::diagnostics::VmDiagnostics, Failure> {
+        let vm = self.process_of(name)?;
+        super::vmm::vmm_diagnostics(&vm.api_socket).await
+    }
+
     /// What monitoring needs of a running VM.
     pub fn process_of(&self, name: &str) -> Result<RunningVm, Failure> {
         self.with_entry(name, |e| {
