@@ -8,6 +8,7 @@
 pub mod daemon_api;
 pub mod definition_file;
 pub mod diagnostics;
+pub mod diagnostics_text;
 pub mod disk;
 pub mod image;
 pub mod names;

@@ -17,10 +17,8 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use api::diagnostics::VmDiagnostics;
 use api::vmm_api::{paths, VmCounters};
-
-/// The VMM's stall report.
-const DIAGNOSTICS: &str = "/api/v1/vm/diagnostics";
 use http_unix::Client;
 
 /// How long a guest may show no progress (no output, no exit, no device work) before it
@@ -61,7 +59,7 @@ impl Probe for VmmProbe {
     }
 
     fn report(&self) -> String {
-        get_text(&self.client, DIAGNOSTICS)
+        report(&self.client, paths::DIAGNOSTICS, "the VM")
     }
 }
 
@@ -89,10 +87,8 @@ impl Probe for DaemonVmProbe {
     }
 
     fn report(&self) -> String {
-        get_text(
-            &self.client,
-            &format!("/api/v1/vms/{}/diagnostics", self.name),
-        )
+        let path = api::daemon_api::paths::vm_action(&self.name, "diagnostics");
+        report(&self.client, &path, &self.name)
     }
 }
 
@@ -116,21 +112,11 @@ fn get_json<T: serde::de::DeserializeOwned>(client: &Client, path: &str) -> Resu
     serde_json::from_slice(&response.body).map_err(|e| format!("GET {path}: {e}"))
 }
 
-/// The JSON answer of `path` pretty-printed, or why there is none.
-fn get_text(client: &Client, path: &str) -> String {
-    match client.request("GET", path, None) {
-        Ok(response) if response.status == 200 => {
-            serde_json::from_slice::<serde_json::Value>(&response.body)
-                .ok()
-                .and_then(|value| serde_json::to_string_pretty(&value).ok())
-                .unwrap_or_else(|| response.text())
-        }
-        Ok(response) => format!(
-            "(no stall report: GET {path} answered {} {})",
-            response.status,
-            response.text()
-        ),
-        Err(e) => format!("(no stall report: GET {path}: {e})"),
+/// The stall report at `path` as `ferro vm diagnose` prints it, or why there is none.
+fn report(client: &Client, path: &str, name: &str) -> String {
+    match get_json::<VmDiagnostics>(client, path) {
+        Ok(report) => api::diagnostics_text::render(name, &report),
+        Err(e) => format!("(no stall report: {e})"),
     }
 }
 
