@@ -134,11 +134,25 @@ pub struct RunArgs {
     /// JSON, for supervisors that cannot wait for the process.
     #[arg(long, value_name = "PATH")]
     exit_report: Option<PathBuf>,
+
+    /// Test aid: have this fault on purpose, to see the stall tooling find it.
+    /// `mute-serial-irq`: COM1's interrupt never reaches the guest, so its serial output
+    /// stalls as with a lost interrupt (`ferro vm diagnose` then shows the THR-empty interrupt
+    /// pending). Repeat for more.
+    #[arg(long, value_name = "FAULT")]
+    fault: Vec<Fault>,
+}
+
+/// The faults `--fault` names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Fault {
+    MuteSerialIrq,
 }
 
 /// How `ferro run` is wired to the outside, apart from the VM itself.
 struct Wiring {
     api_socket: Option<PathBuf>,
+    faults: vmm::Faults,
     console: vmm::ConsoleHubConfig,
     exit_report: Option<PathBuf>,
 }
@@ -180,6 +194,9 @@ impl RunArgs {
             .and_then(|config| config.into_runnable().map_err(|e| error_chain(&e)));
         let wiring = Wiring {
             api_socket: self.api_socket,
+            faults: vmm::Faults {
+                mute_serial_irq: self.fault.contains(&Fault::MuteSerialIrq),
+            },
             console: vmm::ConsoleHubConfig {
                 socket: self.console_socket,
                 log: self.console_log,
@@ -264,7 +281,12 @@ fn run_vm(config: &api::RunnableConfig, wiring: &Wiring) -> (u8, &'static str, O
             )
         }
     };
-    let result = vmm::run(config, &mut console, wiring.api_socket.as_deref());
+    let result = vmm::run(
+        config,
+        &mut console,
+        wiring.api_socket.as_deref(),
+        wiring.faults,
+    );
     drop(console); // restores the terminal before anything is printed
     drop(hub);
     match result {

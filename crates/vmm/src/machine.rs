@@ -18,6 +18,7 @@ use virtio::queue_watch::QueueWatch;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::error::Error;
+use crate::faults::Faults;
 use crate::interrupts::InterruptRouter;
 use crate::memory::create_guest_memory;
 use crate::pci_devices::PciBuilder;
@@ -272,6 +273,7 @@ impl Machine {
         backends: &mut Backends,
         stats: &Stats,
         console_out: Box<dyn Write + Send>,
+        faults: Faults,
     ) -> Result<Self, Error> {
         let Backends { files, disks, nets } = backends;
         let mut vm = hv.create_vm()?;
@@ -288,7 +290,9 @@ impl Machine {
 
         let power = PowerEvents::new().map_err(io_err)?;
         let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err)?;
-        vm.register_irqfd(&serial_irq, irqs::COM1)?;
+        if !faults.mute_serial_irq {
+            vm.register_irqfd(&serial_irq, irqs::COM1)?;
+        }
         let input_drained = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err)?;
         let (serial_out, console_device, console_input) = match config.console {
             ConsoleKind::Serial => (console_out, None, None),

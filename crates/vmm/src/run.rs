@@ -10,6 +10,7 @@ use crate::api_server::ApiServer;
 use crate::console::Console;
 use crate::control::Session;
 use crate::error::Error;
+use crate::faults::Faults;
 use crate::machine::{Backends, Machine, StopReason};
 use crate::signals::{self, TerminationSignals};
 use crate::stats::Stats;
@@ -60,11 +61,13 @@ fn check_host_limits(config: &VmConfig, hv: &Hypervisor) -> Result<(), Error> {
 }
 
 /// Runs the VM described by `runnable` (checked once, by [`api::VmConfig::into_runnable`])
-/// with its serial console on `console`, serving the control API on `api_socket` if given.
+/// with its serial console on `console`, serving the control API on `api_socket` if given,
+/// with the deliberate `faults` (none, but in tests of the stall tooling).
 pub fn run(
     runnable: &RunnableConfig,
     console: &mut Console,
     api_socket: Option<&Path>,
+    faults: Faults,
 ) -> Result<Outcome, Error> {
     let config: &VmConfig = runnable;
     if !hypervisor::host_has_hardware_virtualization() {
@@ -97,6 +100,7 @@ pub fn run(
             &mut backends,
             &stats,
             session.console.output(),
+            faults,
         )?;
         session.boots += 1;
         guest_log::guest_debug!("VM built; starting the guest (boot {})", session.boots);

@@ -53,8 +53,14 @@ impl Running {
         let mut console =
             Console::new(Box::new(std::io::empty()), Box::new(out.clone()), false).unwrap();
         let (config, path) = (config.clone(), socket.clone());
-        let vm =
-            std::thread::spawn(move || vmm::run(&runnable(&config)?, &mut console, Some(&path)));
+        let vm = std::thread::spawn(move || {
+            vmm::run(
+                &runnable(&config)?,
+                &mut console,
+                Some(&path),
+                vmm::Faults::default(),
+            )
+        });
         let running = Running {
             api: openapi(),
             client: Client::new(&socket, Some(Duration::from_secs(30))),

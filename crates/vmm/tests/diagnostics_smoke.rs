@@ -44,8 +44,14 @@ impl Running {
     fn start(config: &VmConfig, socket: &Path, out: Box<dyn Write + Send>) -> Running {
         let mut console = Console::new(Box::new(std::io::empty()), out, false).unwrap();
         let (config, path) = (config.clone(), socket.to_path_buf());
-        let vm =
-            std::thread::spawn(move || vmm::run(&runnable(&config)?, &mut console, Some(&path)));
+        let vm = std::thread::spawn(move || {
+            vmm::run(
+                &runnable(&config)?,
+                &mut console,
+                Some(&path),
+                vmm::Faults::default(),
+            )
+        });
         let doc = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/api/vmm.openapi.json");
         let running = Running {
             api: OpenApi::parse(&std::fs::read_to_string(doc).unwrap()).unwrap(),

@@ -109,7 +109,14 @@ fn reset_boots_the_guest_again_until_the_user_quits() {
     let (mut keyboard, input) = UnixStream::pair().unwrap();
     let mut console = Console::new(Box::new(input), Box::new(out.clone()), true).unwrap();
     let config = g.config.clone();
-    let vm = std::thread::spawn(move || vmm::run(&runnable(&config)?, &mut console, None));
+    let vm = std::thread::spawn(move || {
+        vmm::run(
+            &runnable(&config)?,
+            &mut console,
+            None,
+            vmm::Faults::default(),
+        )
+    });
     let deadline = Instant::now() + Duration::from_secs(60);
     while out.text().len() < 3 {
         assert!(
@@ -141,7 +148,8 @@ fn console_input_reaches_the_guest_uart() {
     let (mut keyboard, input) = UnixStream::pair().unwrap();
     let mut console = Console::new(Box::new(input), Box::new(out.clone()), false).unwrap();
     keyboard.write_all(b"a").unwrap();
-    let result = runnable(&g.config).and_then(|c| vmm::run(&c, &mut console, None));
+    let result =
+        runnable(&g.config).and_then(|c| vmm::run(&c, &mut console, None, vmm::Faults::default()));
     assert_eq!(result.unwrap(), Outcome::PoweredOff);
     assert_eq!(out.text(), "b");
     let mut rest = [0u8; 1];

@@ -67,7 +67,8 @@ pub fn run(config: &VmConfig) -> (Result<Outcome, Error>, String) {
     let out = Captured::default();
     let mut console =
         Console::new(Box::new(std::io::empty()), Box::new(out.clone()), false).unwrap();
-    let result = runnable(config).and_then(|config| vmm::run(&config, &mut console, None));
+    let result = runnable(config)
+        .and_then(|config| vmm::run(&config, &mut console, None, vmm::Faults::default()));
     (result, out.text())
 }
 
@@ -79,6 +80,7 @@ pub fn run_with_api(
     let out = Captured::default();
     let mut console =
         Console::new(Box::new(std::io::empty()), Box::new(out.clone()), false).unwrap();
-    let result = runnable(config).and_then(|config| vmm::run(&config, &mut console, Some(socket)));
+    let result = runnable(config)
+        .and_then(|config| vmm::run(&config, &mut console, Some(socket), vmm::Faults::default()));
     (result, out.text())
 }
