@@ -758,6 +758,10 @@ fn main() {
         ),
         ("api::reset_and_stop", vm_api::reset_and_stop),
         (
+            "api::lost_serial_interrupt_is_caught",
+            vm_api::a_lost_serial_interrupt_is_caught_by_the_watchdog,
+        ),
+        (
             "daemon::manage_the_default_guest",
             daemon_e2e::manage_the_default_guest,
         ),

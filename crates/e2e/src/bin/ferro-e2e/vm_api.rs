@@ -1,13 +1,15 @@
 //! The per-VM control API (`ferro run --api-socket`) on the default guest: pause and resume
 //! (no guest progress and no guest time while paused), the ACPI power button (a clean shutdown
 //! through the guest's acpid), counters, reset and stop. Every response is checked against
-//! docs/api/vmm.openapi.json.
+//! docs/api/vmm.openapi.json. And the stall tooling on a fault had on purpose: a lost serial
+//! interrupt is caught by the tests' stall watchdog, with a report that shows it.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use api::vmm_api::{paths, VmCounters, VmInfo};
 use api::VmState;
+use e2e::stall::VmmProbe;
 use e2e::{ferro_bin, Vm, READY};
 use http_unix::{Client, ClientResponse};
 use libtest_mimic::Failed;
@@ -159,4 +161,42 @@ pub fn reset_and_stop() -> TestResult {
     })?;
     g.put(paths::STOP, 204)?;
     g.exits_cleanly()
+}
+
+/// A guest whose serial interrupt is lost on purpose (`--fault mute-serial-irq`) stalls with
+/// nothing printed: the stall watchdog stops the wait once the guest has shown no progress for
+/// its limit, and the stall report shows the UART waiting for an interrupt that never came
+/// (THR-empty interrupt enabled and pending).
+pub fn a_lost_serial_interrupt_is_caught_by_the_watchdog() -> TestResult {
+    const LIMIT: Duration = Duration::from_secs(20);
+    let ApiVm { vm, socket, .. } =
+        ApiVm::spawn("mute", &["--fault", "mute-serial-irq"], "echo after-ready")?;
+    let mut vm = vm.watch_with(Box::new(VmmProbe::new(&socket)), LIMIT);
+    let started = Instant::now();
+    let Err(error) = vm.wait_for(READY, 1, BOOT_TIMEOUT) else {
+        return Err("the guest printed through a muted serial interrupt".into());
+    };
+    let took = started.elapsed();
+    check(error.contains("the guest stalled"), || {
+        format!("not caught as a stall after {took:?}:\n{error}")
+    })?;
+    // The guest boots (tens of seconds in the nested testbed), then stands still.
+    check(took < BOOT_TIMEOUT, || {
+        format!("caught only after {took:?}")
+    })?;
+    let serial = error
+        .lines()
+        .find(|line| line.starts_with("Serial COM1:"))
+        .ok_or_else(|| format!("no COM1 line in the report:\n{error}"))?;
+    let ier = serial
+        .split_whitespace()
+        .find_map(|word| word.strip_prefix("IER="))
+        .and_then(|hex| u8::from_str_radix(hex, 16).ok())
+        .ok_or_else(|| format!("no IER in {serial:?}"))?;
+    check(
+        ier & 0x02 != 0 && serial.contains("; THR-empty interrupt pending"),
+        || format!("the report does not show the waiting UART: {serial}"),
+    )?;
+    println!("caught after {:.1} s: {serial}", took.as_secs_f64());
+    Ok(())
 }
