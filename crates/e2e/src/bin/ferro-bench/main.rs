@@ -6,6 +6,9 @@
 //! initramfs and command line, interleaved; and each VMM's resident memory outside guest RAM
 //! at that moment. Prints every run, the medians and the Ferro/QEMU ratios.
 //!
+//! `ferro-bench stalls [--runs N] [--cpus C]`: see [`stalls`]; counts clean, stalled and
+//! crashed boots of Ferro and QEMU.
+//!
 //! `ferro-bench io [--runs N] [--qemu-net-queues N]`: virtio-blk on a raw image in the host's
 //! tmpfs (sequential read and write, 4 KiB random reads, O_DIRECT in the guest) and
 //! virtio-net on a TAP device (TCP guest to host and host to guest), Ferro against QEMU's
@@ -20,6 +23,7 @@ mod daemon;
 mod host_net;
 mod io;
 mod kvm_stats;
+mod stalls;
 mod thread_stats;
 
 use std::path::PathBuf;
@@ -193,7 +197,10 @@ fn boot(runs: usize) -> Result<(), String> {
 }
 
 fn usage() -> ! {
-    eprintln!("usage: ferro-bench boot|io|daemon [--runs N] (io also: [--qemu-net-queues N])");
+    eprintln!(
+        "usage: ferro-bench boot|io|daemon|stalls [--runs N] (io also: [--qemu-net-queues N]; \
+         stalls also: [--cpus C])"
+    );
     std::process::exit(2);
 }
 
@@ -237,6 +244,10 @@ fn main() {
         Some("daemon") => {
             known(&["--runs"]);
             daemon::run(option(options, "--runs", 8))
+        }
+        Some("stalls") => {
+            known(&["--runs", "--cpus"]);
+            stalls::run(option(options, "--runs", 30), option(options, "--cpus", 2))
         }
         _ => usage(),
     };

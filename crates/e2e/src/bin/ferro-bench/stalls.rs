@@ -1,0 +1,223 @@
+//! `ferro-bench stalls [--runs N] [--cpus C]`: boots the default guest again and again with
+//! Ferro and with QEMU (interleaved, same kernel, initramfs, vCPUs and memory), each guest
+//! printing its CPU count and powering off, and counts how each boot ended: clean, stalled
+//! (no progress for the stall limit: for Ferro no output, no exit and no device work, read
+//! from its API; for QEMU no output), or crashed (a panic, a fault, a triple fault, a reset,
+//! a VMM error). Prints every boot that did not end cleanly with what it said last (and
+//! Ferro's stall report), then the counts side by side: issue 23's loop, with QEMU as the
+//! control.
+//!
+//! Threading: the caller's; one guest at a time.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use e2e::stall::{Probe, STALL_LIMIT};
+use e2e::{ferro_bin, median, GuestImages, Vm, READY};
+
+const MEMORY: &str = "512M";
+/// The guest's whole job: say how many CPUs it sees.
+const WORKLOAD: &str = "echo STALLS-DONE $(nproc)";
+/// A boot that takes longer than this has failed, whatever it shows.
+const BOOT_LIMIT: Duration = Duration::from_secs(300);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Vmm {
+    Ferro,
+    Qemu,
+}
+
+/// How one boot ended.
+#[derive(Debug)]
+enum Ending {
+    Clean(f64),
+    Stalled(String),
+    Crashed(String),
+}
+
+/// The boots of one VMM.
+#[derive(Debug, Default)]
+struct Tally {
+    clean: Vec<f64>,
+    stalled: usize,
+    crashed: usize,
+}
+
+pub fn run(runs: usize, cpus: usize) -> Result<(), String> {
+    let images = GuestImages::from_env()?;
+    println!(
+        "stall loop: {runs} boots each of ferro and qemu, {cpus} vCPUs, {MEMORY}, guest runs {WORKLOAD:?}; \
+         stall limit {} s",
+        STALL_LIMIT.as_secs()
+    );
+    let mut tallies = [Tally::default(), Tally::default()];
+    for run in 0..runs {
+        // Alternate who goes first, so neither always boots on a warmer host.
+        let order = if run % 2 == 0 {
+            [Vmm::Ferro, Vmm::Qemu]
+        } else {
+            [Vmm::Qemu, Vmm::Ferro]
+        };
+        for vmm in order {
+            let tally = &mut tallies[vmm as usize];
+            match boot_once(vmm, &images, cpus, run)? {
+                Ending::Clean(seconds) => tally.clean.push(seconds),
+                Ending::Stalled(what) => {
+                    tally.stalled += 1;
+                    println!("run {} {vmm:?}: STALLED\n{what}", run + 1);
+                }
+                Ending::Crashed(what) => {
+                    tally.crashed += 1;
+                    println!("run {} {vmm:?}: CRASHED\n{what}", run + 1);
+                }
+            }
+        }
+        println!(
+            "after {} runs: ferro {}, qemu {}",
+            run + 1,
+            summary(&tallies[0]),
+            summary(&tallies[1])
+        );
+    }
+    println!("stall loop, {runs} boots each, {cpus} vCPUs:");
+    for (vmm, tally) in [Vmm::Ferro, Vmm::Qemu].iter().zip(&tallies) {
+        println!(
+            "  {:<5} {} (median clean boot {:.2} s)",
+            format!("{vmm:?}").to_lowercase(),
+            summary(tally),
+            median(&tally.clean)
+        );
+    }
+    Ok(())
+}
+
+fn summary(tally: &Tally) -> String {
+    format!(
+        "{} clean, {} stalled, {} crashed",
+        tally.clean.len(),
+        tally.stalled,
+        tally.crashed
+    )
+}
+
+fn command(vmm: Vmm, images: &GuestImages, cpus: usize, run: usize) -> (PathBuf, Vec<String>) {
+    // panic=-1: a guest panic resets at once, and both VMMs are told to exit on a reset.
+    let cmdline = format!("console=ttyS0 quiet panic=-1 ferro.run=\"{WORKLOAD}\"");
+    let kernel = images.kernel.display().to_string();
+    let initrd = images.initrd.display().to_string();
+    let cpus = cpus.to_string();
+    let args: Vec<String> = match vmm {
+        // The socket arms the stall watchdog of `Vm::wait_for`.
+        Vmm::Ferro => {
+            let socket = std::env::temp_dir().join(format!("ferro-stalls-{run}.sock"));
+            let _ = std::fs::remove_file(&socket);
+            [
+                "run",
+                "--kernel",
+                &kernel,
+                "--initrd",
+                &initrd,
+                "--cpus",
+                &cpus,
+                "--memory",
+                MEMORY,
+                "--no-reboot",
+                "--cmdline",
+                &cmdline,
+                "--api-socket",
+                &socket.display().to_string(),
+            ]
+            .map(String::from)
+            .to_vec()
+        }
+        Vmm::Qemu => [
+            "-enable-kvm",
+            "-cpu",
+            "host",
+            "-smp",
+            &cpus,
+            "-m",
+            MEMORY,
+            "-no-reboot",
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-serial",
+            "stdio",
+            "-kernel",
+            &kernel,
+            "-initrd",
+            &initrd,
+            "-append",
+            &cmdline,
+        ]
+        .map(String::from)
+        .to_vec(),
+    };
+    let program = match vmm {
+        Vmm::Ferro => ferro_bin(),
+        Vmm::Qemu => PathBuf::from("qemu-system-x86_64"),
+    };
+    (program, args)
+}
+
+fn boot_once(vmm: Vmm, images: &GuestImages, cpus: usize, run: usize) -> Result<Ending, String> {
+    let (program, args) = command(vmm, images, cpus, run);
+    let started = Instant::now();
+    let mut vm = Vm::spawn(&program, &args)?;
+    vm.close_stdin();
+    if vmm == Vmm::Qemu {
+        // QEMU has no progress to read: silence alone counts, as the tests' watchdog would
+        // count it without one.
+        vm = vm.watch_with(Box::new(Silence), STALL_LIMIT);
+    }
+    let done = format!("STALLS-DONE {cpus}");
+    if let Err(e) = vm
+        .wait_for(READY, 1, BOOT_LIMIT)
+        .and_then(|_| vm.wait_for(&done, 1, BOOT_LIMIT))
+    {
+        return Ok(classify(e));
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let finished = match vm.wait(Duration::from_secs(60)) {
+        Ok(finished) => finished,
+        Err(e) => return Ok(Ending::Stalled(tail(&e))),
+    };
+    if finished.code != 0 {
+        return Ok(Ending::Crashed(tail(&format!(
+            "exit code {} after the workload\n{}\n{}",
+            finished.code, finished.stdout, finished.stderr
+        ))));
+    }
+    Ok(Ending::Clean(seconds))
+}
+
+/// A wait that failed: a stall if the watchdog said so, else a crash (the VMM ended, or the
+/// guest never got there). Its text is kept whole: it carries the stall report.
+fn classify(error: String) -> Ending {
+    if error.contains("the guest stalled") {
+        Ending::Stalled(error)
+    } else {
+        Ending::Crashed(error)
+    }
+}
+
+/// The last 60 lines of `text`.
+fn tail(text: &str) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(60)..].join("\n")
+}
+
+/// A VMM with no API: always the same activity, so that only output is progress.
+struct Silence;
+
+impl Probe for Silence {
+    fn activity(&self) -> Result<u64, String> {
+        Ok(0)
+    }
+
+    fn report(&self) -> String {
+        "(QEMU: no stall report; it printed nothing for the limit)".into()
+    }
+}
