@@ -288,16 +288,18 @@ impl Vm {
     }
 
     fn transcript(&self) -> String {
-        let tail = |text: String| {
-            let lines: Vec<&str> = text.lines().collect();
-            lines[lines.len().saturating_sub(30)..].join("\n")
-        };
         format!(
             "--- stdout (tail) ---\n{}\n--- stderr ---\n{}",
-            tail(self.stdout()),
-            tail(self.stderr())
+            last_lines(&self.stdout(), 30),
+            last_lines(&self.stderr(), 30)
         )
     }
+}
+
+/// The last `count` lines of `text`.
+pub fn last_lines(text: &str, count: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(count)..].join("\n")
 }
 
 impl Drop for Vm {

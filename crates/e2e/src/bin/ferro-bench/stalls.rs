@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use e2e::stall::{Probe, STALL_LIMIT};
-use e2e::{ferro_bin, median, GuestImages, Vm, READY};
+use e2e::{ferro_bin, last_lines, median, GuestImages, Vm, READY};
 
 const MEMORY: &str = "512M";
 /// The guest's whole job: say how many CPUs it sees.
@@ -182,13 +182,16 @@ fn boot_once(vmm: Vmm, images: &GuestImages, cpus: usize, run: usize) -> Result<
     let seconds = started.elapsed().as_secs_f64();
     let finished = match vm.wait(Duration::from_secs(60)) {
         Ok(finished) => finished,
-        Err(e) => return Ok(Ending::Stalled(tail(&e))),
+        // The error carries the process's transcript, already cut to its tail.
+        Err(e) => return Ok(Ending::Stalled(e)),
     };
     if finished.code != 0 {
-        return Ok(Ending::Crashed(tail(&format!(
+        return Ok(Ending::Crashed(format!(
             "exit code {} after the workload\n{}\n{}",
-            finished.code, finished.stdout, finished.stderr
-        ))));
+            finished.code,
+            last_lines(&finished.stdout, 30),
+            last_lines(&finished.stderr, 30)
+        )));
     }
     Ok(Ending::Clean(seconds))
 }
@@ -201,12 +204,6 @@ fn classify(error: String) -> Ending {
     } else {
         Ending::Crashed(error)
     }
-}
-
-/// The last 60 lines of `text`.
-fn tail(text: &str) -> String {
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(60)..].join("\n")
 }
 
 /// A VMM with no API: always the same activity, so that only output is progress.
