@@ -87,9 +87,12 @@ impl ApiVm {
     }
 }
 
-/// The guest's uptime in the last `tick` line.
+/// The guest's uptime in the last complete `tick` line. The serial console's output arrives
+/// in pieces, so the last line may still be "tick " without its number: only lines that
+/// already have their newline count.
 fn last_uptime(stdout: &str) -> Result<f64, Failed> {
-    let line = stdout
+    let complete = stdout.rfind('\n').map_or("", |end| &stdout[..end]);
+    let line = complete
         .lines()
         .rev()
         .find(|l| l.starts_with("tick "))
@@ -199,4 +202,18 @@ pub fn a_lost_serial_interrupt_is_caught_by_the_watchdog() -> TestResult {
     )?;
     println!("caught after {:.1} s: {serial}", took.as_secs_f64());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::last_uptime;
+
+    #[test]
+    fn a_tick_line_still_arriving_is_not_read() {
+        assert_eq!(last_uptime("tick 1.50\ntick 1.70\ntick ").unwrap(), 1.70);
+        assert_eq!(last_uptime("tick 1.50\ntick 1.7").unwrap(), 1.50);
+        assert_eq!(last_uptime("tick 2.25\r\n").unwrap(), 2.25);
+        assert!(last_uptime("tick 3.0").is_err());
+        assert!(last_uptime("tick x\n").is_err());
+    }
 }
