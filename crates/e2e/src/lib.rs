@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 pub mod daemon;
+pub mod qemu_monitor;
 pub mod resume;
 pub mod stall;
 pub mod tap;

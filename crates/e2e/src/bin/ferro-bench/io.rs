@@ -3,9 +3,14 @@
 
 use std::path::PathBuf;
 
+use std::time::Instant;
+
+use e2e::qemu_monitor::QemuMonitorProbe;
+use e2e::stall::{Probe, VmmProbe, STALL_LIMIT};
 use e2e::{ferro_bin, median, GuestImages, Vm};
 
 use crate::kvm_stats::{self, Counters};
+use crate::stalls::{classify, summary, Ending, Tally};
 use crate::{host_net, thread_stats};
 use crate::{Vmm, TIMEOUT};
 
@@ -74,7 +79,8 @@ fn io_command(
          ferro-guest-bench tcp-send {IO_HOST_ADDR}:5201 {IO_MIB}; ferro-guest-bench tcp-recv 5202"
     );
     // nokaslr: a testbed hang's vCPU dump can then be read against the guest's kallsyms.
-    let cmdline = format!("console=ttyS0 quiet nokaslr ferro.run=\"{guest}\"");
+    // panic=-1 with no reboot on both sides: a guest panic ends the VMM instead of hanging.
+    let cmdline = format!("console=ttyS0 quiet nokaslr panic=-1 ferro.run=\"{guest}\"");
     let args: Vec<String> = match vmm {
         Vmm::Ferro => [
             "run",
@@ -86,6 +92,7 @@ fn io_command(
             "2",
             "--memory",
             "1G",
+            "--no-reboot",
             "--cmdline",
             &cmdline,
             "--disk",
@@ -183,16 +190,34 @@ impl Drop for BenchTap {
     }
 }
 
-/// One boot running every measurement.
+/// Why one boot of the I/O workload did not give its results.
+enum IoFailure {
+    /// The host side could not be prepared (TAP, listener, process): nothing was tried.
+    Setup(String),
+    /// The guest or its VMM failed, stalled or gave no result.
+    Guest(String),
+}
+
+impl From<IoFailure> for String {
+    fn from(failure: IoFailure) -> String {
+        match failure {
+            IoFailure::Setup(e) | IoFailure::Guest(e) => e,
+        }
+    }
+}
+
+/// One boot running every measurement. With `watch`, the stall watchdog follows the guest:
+/// Ferro's progress through its API socket, QEMU's through its output alone.
 fn io_once(
     contender: Contender,
     images: &GuestImages,
     bench_initrd: &str,
-) -> Result<IoRun, String> {
-    use std::io::{Read, Write};
-    let vmm = contender.vmm;
-    let _tap = BenchTap::new(contender)?;
-    let listener = std::net::TcpListener::bind((IO_HOST_ADDR, 5201)).map_err(|e| e.to_string())?;
+    watch: bool,
+) -> Result<IoRun, IoFailure> {
+    use std::io::Read;
+    let _tap = BenchTap::new(contender).map_err(IoFailure::Setup)?;
+    let listener = std::net::TcpListener::bind((IO_HOST_ADDR, 5201))
+        .map_err(|e| IoFailure::Setup(e.to_string()))?;
     let sink = std::thread::Builder::new()
         .name("tcp-sink".into())
         .spawn(move || -> std::io::Result<()> {
@@ -201,10 +226,38 @@ fn io_once(
             while stream.read(&mut buf)? > 0 {}
             Ok(())
         })
-        .map_err(|e| e.to_string())?;
-    let (program, args) = io_command(contender, images, bench_initrd);
-    let mut vm = Vm::spawn(&program, &args)?;
+        .map_err(|e| IoFailure::Setup(e.to_string()))?;
+    let (program, mut args) = io_command(contender, images, bench_initrd);
+    let socket = std::env::temp_dir().join("ferro-bench-io.sock");
+    let ferro = matches!(contender.vmm, Vmm::Ferro);
+    if watch {
+        let _ = std::fs::remove_file(&socket);
+        if ferro {
+            args.extend(["--api-socket".into(), socket.display().to_string()]);
+        } else {
+            args.splice(0..0, QemuMonitorProbe::args(&socket));
+        }
+    }
+    let mut vm = Vm::spawn(&program, &args).map_err(IoFailure::Setup)?;
+    if watch {
+        let probe: Box<dyn Probe> = if ferro {
+            Box::new(VmmProbe::new(&socket))
+        } else {
+            Box::new(QemuMonitorProbe::new(&socket))
+        };
+        vm = vm.watch_with(probe, STALL_LIMIT);
+    }
     vm.close_stdin();
+    measure(vm, contender.vmm, sink).map_err(IoFailure::Guest)
+}
+
+/// The measured phases of one boot, from the guest's first phase to its exit.
+fn measure(
+    mut vm: Vm,
+    vmm: Vmm,
+    sink: std::thread::JoinHandle<std::io::Result<()>>,
+) -> Result<IoRun, String> {
+    use std::io::Write;
     vm.wait_for(PHASES_START, 1, TIMEOUT)?;
     let mut samples = vec![kvm_stats::read(vm.pid())];
     let mut switches = Vec::new();
@@ -326,7 +379,8 @@ fn operations(metric: usize, value: f64) -> f64 {
     }
 }
 
-pub fn run(runs: usize, qemu_net_queues: usize) -> Result<(), String> {
+/// The guest images, the benchmark's initramfs and a freshly written disk image.
+fn prepare() -> Result<(GuestImages, String), String> {
     let images = GuestImages::from_env()?;
     let bench_initrd = std::env::var("FERRO_BENCH_INITRD")
         .map_err(|_| "FERRO_BENCH_INITRD is not set; run under tools/bench")?;
@@ -335,6 +389,59 @@ pub fn run(runs: usize, qemu_net_queues: usize) -> Result<(), String> {
         "dd if=/dev/zero of={IO_IMAGE} bs=1M count={} 2>/dev/null",
         IO_MIB * 2
     ))?;
+    Ok((images, bench_initrd))
+}
+
+/// `ferro-bench io-stalls`: the I/O workload (2 vCPUs, every phase) `runs` times with each
+/// VMM, interleaved, under the stall watchdog; counts how each boot ended (issue 23's loop,
+/// with QEMU as the control) instead of stopping at the first failure.
+pub fn count_endings(runs: usize) -> Result<(), String> {
+    let (images, bench_initrd) = prepare()?;
+    println!(
+        "I/O stall loop: {runs} boots each of ferro and qemu running the I/O benchmark's guest \
+         workload (2 vCPUs, 1 GiB, disk and TCP phases); stall limit {} s",
+        STALL_LIMIT.as_secs()
+    );
+    let vmms = [Vmm::Ferro, Vmm::Qemu];
+    let mut tallies = [Tally::default(), Tally::default()];
+    for run in 0..runs {
+        for i in 0..vmms.len() {
+            let slot = (run + i) % vmms.len();
+            let contender = Contender {
+                vmm: vmms[slot],
+                qemu_net_queues: 1,
+            };
+            let started = Instant::now();
+            let ending = match io_once(contender, &images, &bench_initrd, true) {
+                Ok(_) => Ending::Clean(started.elapsed().as_secs_f64()),
+                Err(IoFailure::Setup(e)) => return Err(e),
+                Err(IoFailure::Guest(e)) => classify(e),
+            };
+            let label = format!("run {} {}", run + 1, vmms[slot].name());
+            tallies[slot].record(ending, &label);
+        }
+        println!(
+            "after {} runs: ferro {}, qemu {}",
+            run + 1,
+            summary(&tallies[0]),
+            summary(&tallies[1])
+        );
+    }
+    println!("I/O stall loop, {runs} boots each:");
+    for (vmm, tally) in vmms.iter().zip(&tallies) {
+        println!(
+            "  {:<5} {} (median clean run {:.2} s)",
+            vmm.name(),
+            summary(tally),
+            median(&tally.clean)
+        );
+    }
+    let _ = sh(&format!("rm -f {IO_IMAGE}"));
+    Ok(())
+}
+
+pub fn run(runs: usize, qemu_net_queues: usize) -> Result<(), String> {
+    let (images, bench_initrd) = prepare()?;
     let vmms = [Vmm::Ferro, Vmm::Qemu];
     println!(
         "virtio I/O: raw {}-MiB image on the host's tmpfs, TAP {IO_TAP}; {IO_MIB} MiB transfers, {IO_RANDOM_SECONDS} s of 4 KiB random reads (QD1, O_DIRECT); 2 vCPUs, 1 GiB; {runs} runs each, interleaved; virtio-net queue pairs: ferro one per vCPU, qemu {qemu_net_queues}",
@@ -351,7 +458,7 @@ pub fn run(runs: usize, qemu_net_queues: usize) -> Result<(), String> {
                 vmm: vmms[slot],
                 qemu_net_queues,
             };
-            let row = io_once(contender, &images, &bench_initrd)?;
+            let row = io_once(contender, &images, &bench_initrd, false)?;
             println!(
                 "run {} {:>5}: {}",
                 run + 1,

@@ -9,6 +9,9 @@
 //! `ferro-bench stalls [--runs N] [--cpus C]`: see [`stalls`]; counts clean, stalled and
 //! crashed boots of Ferro and QEMU.
 //!
+//! `ferro-bench io-stalls [--runs N]`: the I/O benchmark's guest workload N times (30) with
+//! each VMM under the stall watchdog, counting clean, stalled and crashed runs.
+//!
 //! `ferro-bench io [--runs N] [--qemu-net-queues N]`: virtio-blk on a raw image in the host's
 //! tmpfs (sequential read and write, 4 KiB random reads, O_DIRECT in the guest) and
 //! virtio-net on a TAP device (TCP guest to host and host to guest), Ferro against QEMU's
@@ -198,7 +201,7 @@ fn boot(runs: usize) -> Result<(), String> {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: ferro-bench boot|io|daemon|stalls [--runs N] (io also: [--qemu-net-queues N]; \
+        "usage: ferro-bench boot|io|io-stalls|daemon|stalls [--runs N] (io also: [--qemu-net-queues N]; \
          stalls also: [--cpus C])"
     );
     std::process::exit(2);
@@ -244,6 +247,10 @@ fn main() {
         Some("daemon") => {
             known(&["--runs"]);
             daemon::run(option(options, "--runs", 8))
+        }
+        Some("io-stalls") => {
+            known(&["--runs"]);
+            io::count_endings(option(options, "--runs", 30))
         }
         Some("stalls") => {
             known(&["--runs", "--cpus"]);

@@ -12,7 +12,8 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use e2e::stall::{Probe, STALL_LIMIT};
+use e2e::qemu_monitor::QemuMonitorProbe;
+use e2e::stall::STALL_LIMIT;
 use e2e::{ferro_bin, last_lines, median, GuestImages, Vm, READY};
 
 const MEMORY: &str = "512M";
@@ -29,7 +30,7 @@ enum Vmm {
 
 /// How one boot ended.
 #[derive(Debug)]
-enum Ending {
+pub(crate) enum Ending {
     Clean(f64),
     Stalled(String),
     Crashed(String),
@@ -37,10 +38,28 @@ enum Ending {
 
 /// The boots of one VMM.
 #[derive(Debug, Default)]
-struct Tally {
-    clean: Vec<f64>,
+pub(crate) struct Tally {
+    pub(crate) clean: Vec<f64>,
     stalled: usize,
     crashed: usize,
+}
+
+impl Tally {
+    /// Counts `ending`; a boot that did not end cleanly is printed with what it said last,
+    /// under `label` (e.g. "run 3 Ferro").
+    pub(crate) fn record(&mut self, ending: Ending, label: &str) {
+        match ending {
+            Ending::Clean(seconds) => self.clean.push(seconds),
+            Ending::Stalled(what) => {
+                self.stalled += 1;
+                println!("{label}: STALLED\n{what}");
+            }
+            Ending::Crashed(what) => {
+                self.crashed += 1;
+                println!("{label}: CRASHED\n{what}");
+            }
+        }
+    }
 }
 
 pub fn run(runs: usize, cpus: usize) -> Result<(), String> {
@@ -59,18 +78,8 @@ pub fn run(runs: usize, cpus: usize) -> Result<(), String> {
             [Vmm::Qemu, Vmm::Ferro]
         };
         for vmm in order {
-            let tally = &mut tallies[vmm as usize];
-            match boot_once(vmm, &images, cpus, run)? {
-                Ending::Clean(seconds) => tally.clean.push(seconds),
-                Ending::Stalled(what) => {
-                    tally.stalled += 1;
-                    println!("run {} {vmm:?}: STALLED\n{what}", run + 1);
-                }
-                Ending::Crashed(what) => {
-                    tally.crashed += 1;
-                    println!("run {} {vmm:?}: CRASHED\n{what}", run + 1);
-                }
-            }
+            let ending = boot_once(vmm, &images, cpus, run)?;
+            tallies[vmm as usize].record(ending, &format!("run {} {vmm:?}", run + 1));
         }
         println!(
             "after {} runs: ferro {}, qemu {}",
@@ -91,7 +100,7 @@ pub fn run(runs: usize, cpus: usize) -> Result<(), String> {
     Ok(())
 }
 
-fn summary(tally: &Tally) -> String {
+pub(crate) fn summary(tally: &Tally) -> String {
     format!(
         "{} clean, {} stalled, {} crashed",
         tally.clean.len(),
@@ -131,29 +140,32 @@ fn command(vmm: Vmm, images: &GuestImages, cpus: usize, run: usize) -> (PathBuf,
             .to_vec()
         }
         Vmm::Qemu => [
-            "-enable-kvm",
-            "-cpu",
-            "host",
-            "-smp",
-            &cpus,
-            "-m",
-            MEMORY,
-            "-no-reboot",
-            "-nodefaults",
-            "-no-user-config",
-            "-display",
-            "none",
-            "-serial",
-            "stdio",
-            "-kernel",
-            &kernel,
-            "-initrd",
-            &initrd,
-            "-append",
-            &cmdline,
+            &QemuMonitorProbe::args(&monitor_socket(run))[..],
+            &[
+                "-enable-kvm",
+                "-cpu",
+                "host",
+                "-smp",
+                &cpus,
+                "-m",
+                MEMORY,
+                "-no-reboot",
+                "-nodefaults",
+                "-no-user-config",
+                "-display",
+                "none",
+                "-serial",
+                "stdio",
+                "-kernel",
+                &kernel,
+                "-initrd",
+                &initrd,
+                "-append",
+                &cmdline,
+            ]
+            .map(String::from),
         ]
-        .map(String::from)
-        .to_vec(),
+        .concat(),
     };
     let program = match vmm {
         Vmm::Ferro => ferro_bin(),
@@ -162,15 +174,21 @@ fn command(vmm: Vmm, images: &GuestImages, cpus: usize, run: usize) -> (PathBuf,
     (program, args)
 }
 
+/// Where QEMU's monitor listens in boot `run`.
+fn monitor_socket(run: usize) -> PathBuf {
+    std::env::temp_dir().join(format!("qemu-stalls-{run}.monitor"))
+}
+
 fn boot_once(vmm: Vmm, images: &GuestImages, cpus: usize, run: usize) -> Result<Ending, String> {
     let (program, args) = command(vmm, images, cpus, run);
     let started = Instant::now();
     let mut vm = Vm::spawn(&program, &args)?;
     vm.close_stdin();
     if vmm == Vmm::Qemu {
-        // QEMU has no progress to read: silence alone counts, as the tests' watchdog would
-        // count it without one.
-        vm = vm.watch_with(Box::new(Silence), STALL_LIMIT);
+        // QEMU has no progress to read: silence alone counts, and its monitor gives the
+        // report.
+        let probe = QemuMonitorProbe::new(&monitor_socket(run));
+        vm = vm.watch_with(Box::new(probe), STALL_LIMIT);
     }
     let done = format!("STALLS-DONE {cpus}");
     if let Err(e) = vm
@@ -198,23 +216,10 @@ fn boot_once(vmm: Vmm, images: &GuestImages, cpus: usize, run: usize) -> Result<
 
 /// A wait that failed: a stall if the watchdog said so, else a crash (the VMM ended, or the
 /// guest never got there). Its text is kept whole: it carries the stall report.
-fn classify(error: String) -> Ending {
+pub(crate) fn classify(error: String) -> Ending {
     if error.contains("the guest stalled") {
         Ending::Stalled(error)
     } else {
         Ending::Crashed(error)
-    }
-}
-
-/// A VMM with no API: always the same activity, so that only output is progress.
-struct Silence;
-
-impl Probe for Silence {
-    fn activity(&self) -> Result<u64, String> {
-        Ok(0)
-    }
-
-    fn report(&self) -> String {
-        "(QEMU: no stall report; it printed nothing for the limit)".into()
     }
 }
