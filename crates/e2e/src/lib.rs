@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 pub mod daemon;
+pub mod kvm_stats;
 pub mod qemu_monitor;
 pub mod resume;
 pub mod stall;

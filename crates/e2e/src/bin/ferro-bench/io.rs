@@ -5,14 +5,14 @@ use std::path::PathBuf;
 
 use std::time::Instant;
 
-use e2e::qemu_monitor::QemuMonitorProbe;
-use e2e::stall::{Probe, VmmProbe, STALL_LIMIT};
+use e2e::qemu_monitor::QemuSockets;
+use e2e::stall::{VmmProbe, STALL_LIMIT};
 use e2e::{ferro_bin, median, GuestImages, Vm};
 
-use crate::kvm_stats::{self, Counters};
 use crate::stalls::{classify, summary, Ending, Tally};
 use crate::{host_net, thread_stats};
 use crate::{Vmm, TIMEOUT};
+use e2e::kvm_stats::{self, Counters};
 
 const IO_IMAGE: &str = "/tmp/ferro-bench-disk.raw";
 const IO_TAP: &str = "fbench0";
@@ -207,7 +207,8 @@ impl From<IoFailure> for String {
 }
 
 /// One boot running every measurement. With `watch`, the stall watchdog follows the guest:
-/// Ferro's progress through its API socket, QEMU's through its output alone.
+/// Ferro's progress through its API socket, QEMU's through KVM's counters (its report from
+/// its monitor, why it stopped from its QMP events).
 fn io_once(
     contender: Contender,
     images: &GuestImages,
@@ -228,27 +229,27 @@ fn io_once(
         })
         .map_err(|e| IoFailure::Setup(e.to_string()))?;
     let (program, mut args) = io_command(contender, images, bench_initrd);
-    let socket = std::env::temp_dir().join("ferro-bench-io.sock");
     let ferro = matches!(contender.vmm, Vmm::Ferro);
-    if watch {
-        let _ = std::fs::remove_file(&socket);
-        if ferro {
-            args.extend(["--api-socket".into(), socket.display().to_string()]);
-        } else {
-            args.splice(0..0, QemuMonitorProbe::args(&socket));
-        }
+    let api_socket = std::env::temp_dir().join("ferro-bench-io.sock");
+    let qemu = QemuSockets::new("bench-io");
+    if watch && ferro {
+        let _ = std::fs::remove_file(&api_socket);
+        args.extend(["--api-socket".into(), api_socket.display().to_string()]);
+    } else if watch {
+        args.splice(0..0, qemu.args());
     }
     let mut vm = Vm::spawn(&program, &args).map_err(IoFailure::Setup)?;
-    if watch {
-        let probe: Box<dyn Probe> = if ferro {
-            Box::new(VmmProbe::new(&socket))
-        } else {
-            Box::new(QemuMonitorProbe::new(&socket))
-        };
-        vm = vm.watch_with(probe, STALL_LIMIT);
-    }
     vm.close_stdin();
-    measure(vm, contender.vmm, sink).map_err(IoFailure::Guest)
+    if !watch {
+        return measure(vm, contender.vmm, sink).map_err(IoFailure::Guest);
+    }
+    if ferro {
+        vm = vm.watch_with(Box::new(VmmProbe::new(&api_socket)), STALL_LIMIT);
+        return measure(vm, contender.vmm, sink).map_err(IoFailure::Guest);
+    }
+    let (vm, events) = qemu.watch(vm, STALL_LIMIT).map_err(IoFailure::Setup)?;
+    measure(vm, contender.vmm, sink)
+        .map_err(|e| IoFailure::Guest(format!("{e}\n{}", events.explain())))
 }
 
 /// The measured phases of one boot, from the guest's first phase to its exit.
@@ -397,6 +398,7 @@ fn prepare() -> Result<(GuestImages, String), String> {
 /// with QEMU as the control) instead of stopping at the first failure.
 pub fn count_endings(runs: usize) -> Result<(), String> {
     let (images, bench_initrd) = prepare()?;
+    kvm_stats::mount_debugfs();
     println!(
         "I/O stall loop: {runs} boots each of ferro and qemu running the I/O benchmark's guest \
          workload (2 vCPUs, 1 GiB, disk and TCP phases); stall limit {} s",

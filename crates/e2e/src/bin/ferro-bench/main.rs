@@ -12,6 +12,9 @@
 //! `ferro-bench io-stalls [--runs N]`: the I/O benchmark's guest workload N times (30) with
 //! each VMM under the stall watchdog, counting clean, stalled and crashed runs.
 //!
+//! `ferro-bench systemd-stalls [--runs N]`: see [`systemd`]; a systemd guest started and shut
+//! down through the daemon N times (30), QEMU doing the same as the control.
+//!
 //! `ferro-bench io [--runs N] [--qemu-net-queues N]`: virtio-blk on a raw image in the host's
 //! tmpfs (sequential read and write, 4 KiB random reads, O_DIRECT in the guest) and
 //! virtio-net on a TAP device (TCP guest to host and host to guest), Ferro against QEMU's
@@ -25,8 +28,8 @@
 mod daemon;
 mod host_net;
 mod io;
-mod kvm_stats;
 mod stalls;
+mod systemd;
 mod thread_stats;
 
 use std::path::PathBuf;
@@ -201,7 +204,7 @@ fn boot(runs: usize) -> Result<(), String> {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: ferro-bench boot|io|io-stalls|daemon|stalls [--runs N] (io also: [--qemu-net-queues N]; \
+        "usage: ferro-bench boot|io|io-stalls|daemon|stalls|systemd-stalls [--runs N] (io also: [--qemu-net-queues N]; \
          stalls also: [--cpus C])"
     );
     std::process::exit(2);
@@ -251,6 +254,10 @@ fn main() {
         Some("io-stalls") => {
             known(&["--runs"]);
             io::count_endings(option(options, "--runs", 30))
+        }
+        Some("systemd-stalls") => {
+            known(&["--runs"]);
+            systemd::run(option(options, "--runs", 30))
         }
         Some("stalls") => {
             known(&["--runs", "--cpus"]);

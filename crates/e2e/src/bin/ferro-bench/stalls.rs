@@ -12,7 +12,8 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use e2e::qemu_monitor::QemuMonitorProbe;
+use e2e::kvm_stats;
+use e2e::qemu_monitor::QemuSockets;
 use e2e::stall::STALL_LIMIT;
 use e2e::{ferro_bin, last_lines, median, GuestImages, Vm, READY};
 
@@ -64,6 +65,7 @@ impl Tally {
 
 pub fn run(runs: usize, cpus: usize) -> Result<(), String> {
     let images = GuestImages::from_env()?;
+    kvm_stats::mount_debugfs();
     println!(
         "stall loop: {runs} boots each of ferro and qemu, {cpus} vCPUs, {MEMORY}, guest runs {WORKLOAD:?}; \
          stall limit {} s",
@@ -109,7 +111,13 @@ pub(crate) fn summary(tally: &Tally) -> String {
     )
 }
 
-fn command(vmm: Vmm, images: &GuestImages, cpus: usize, run: usize) -> (PathBuf, Vec<String>) {
+fn command(
+    vmm: Vmm,
+    images: &GuestImages,
+    cpus: usize,
+    run: usize,
+    qemu: &QemuSockets,
+) -> (PathBuf, Vec<String>) {
     // panic=-1: a guest panic resets at once, and both VMMs are told to exit on a reset.
     let cmdline = format!("console=ttyS0 quiet panic=-1 ferro.run=\"{WORKLOAD}\"");
     let kernel = images.kernel.display().to_string();
@@ -140,7 +148,7 @@ fn command(vmm: Vmm, images: &GuestImages, cpus: usize, run: usize) -> (PathBuf,
             .to_vec()
         }
         Vmm::Qemu => [
-            &QemuMonitorProbe::args(&monitor_socket(run))[..],
+            &qemu.args()[..],
             &[
                 "-enable-kvm",
                 "-cpu",
@@ -174,22 +182,26 @@ fn command(vmm: Vmm, images: &GuestImages, cpus: usize, run: usize) -> (PathBuf,
     (program, args)
 }
 
-/// Where QEMU's monitor listens in boot `run`.
-fn monitor_socket(run: usize) -> PathBuf {
-    std::env::temp_dir().join(format!("qemu-stalls-{run}.monitor"))
-}
-
 fn boot_once(vmm: Vmm, images: &GuestImages, cpus: usize, run: usize) -> Result<Ending, String> {
-    let (program, args) = command(vmm, images, cpus, run);
+    let qemu = QemuSockets::new(&format!("stalls-{run}"));
+    let (program, args) = command(vmm, images, cpus, run, &qemu);
     let started = Instant::now();
     let mut vm = Vm::spawn(&program, &args)?;
     vm.close_stdin();
-    if vmm == Vmm::Qemu {
-        // QEMU has no progress to read: silence alone counts, and its monitor gives the
-        // report.
-        let probe = QemuMonitorProbe::new(&monitor_socket(run));
-        vm = vm.watch_with(Box::new(probe), STALL_LIMIT);
+    if vmm == Vmm::Ferro {
+        return run_to_end(vm, cpus, started);
     }
+    // QEMU's progress is read from KVM's counters, its report from its monitor, and why it
+    // stopped from its QMP events.
+    let (vm, events) = qemu.watch(vm, STALL_LIMIT)?;
+    Ok(match run_to_end(vm, cpus, started)? {
+        Ending::Crashed(what) => Ending::Crashed(format!("{what}\n{}", events.explain())),
+        ending => ending,
+    })
+}
+
+/// Waits for the guest's ready line, its workload's line and the VMM's clean exit.
+fn run_to_end(mut vm: Vm, cpus: usize, started: Instant) -> Result<Ending, String> {
     let done = format!("STALLS-DONE {cpus}");
     if let Err(e) = vm
         .wait_for(READY, 1, BOOT_LIMIT)

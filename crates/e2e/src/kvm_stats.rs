@@ -41,6 +41,22 @@ fn vm_dir(pid: u32) -> Option<PathBuf> {
         .map(|e| e.path())
 }
 
+/// The exits of `pid`'s VM that reach its VMM (port and MMIO accesses): what a guest that
+/// makes progress keeps causing, and an idle or stuck one does not (timer ticks and halts stay
+/// in the kernel). None when debugfs or the VM is not there.
+pub fn vmm_exits(pid: u32) -> Option<u64> {
+    let dir = vm_dir(pid)?;
+    let mut total = 0;
+    for name in ["io_exits", "mmio_exits"] {
+        total += std::fs::read_to_string(dir.join(name))
+            .ok()?
+            .trim()
+            .parse::<u64>()
+            .ok()?;
+    }
+    Some(total)
+}
+
 /// The counters of `pid`'s VM now; None when debugfs or the VM is not there.
 pub fn read(pid: u32) -> Option<Counters> {
     let dir = vm_dir(pid)?;
