@@ -219,6 +219,19 @@ impl Vcpu {
     }
 
     /// Human-readable dump of the general, segment and control registers, for crash reports.
+    /// Whether the vCPU holds the architectural INIT/reset state (CS:IP f000:fff0, CS base
+    /// ffff0000, paging and protection off). After KVM_EXIT_SHUTDOWN on AMD (SVM) KVM has
+    /// already re-initialized the vCPU, so its registers no longer show the fault.
+    pub fn in_reset_state(&self) -> bool {
+        let (Ok(regs), Ok(sregs)) = (self.get_regs(), self.get_sregs()) else {
+            return false;
+        };
+        regs.rip == 0xfff0
+            && sregs.cs.selector == 0xf000
+            && sregs.cs.base == 0xffff_0000
+            && sregs.cr0 & 1 == 0
+    }
+
     pub fn dump_registers(&self) -> String {
         let mut out = String::new();
         match self.get_regs() {

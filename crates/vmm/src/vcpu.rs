@@ -339,6 +339,10 @@ impl VcpuRunner {
         let id = self.vcpu.id();
         let registers = self.vcpu.dump_registers();
         match failure {
+            GuestFailure::TripleFault if self.vcpu.in_reset_state() => Error::TripleFault {
+                id,
+                registers: format!("{REINITIALIZED}\n{registers}"),
+            },
             GuestFailure::TripleFault => Error::TripleFault { id, registers },
             GuestFailure::Internal => Error::InternalError {
                 id,
@@ -359,6 +363,11 @@ impl VcpuRunner {
         }
     }
 }
+
+/// Said before the registers of a triple fault when they are the INIT state: what KVM on AMD
+/// leaves, so nobody reads them as a vCPU that never started.
+const REINITIALIZED: &str = "(KVM re-initialized this vCPU on the shutdown, as it does on AMD \
+     hosts: the registers below are its INIT state, not the state at the fault)";
 
 enum GuestFailure {
     TripleFault,
