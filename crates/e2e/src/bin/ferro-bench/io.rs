@@ -9,7 +9,7 @@ use e2e::qemu_monitor::QemuSockets;
 use e2e::stall::{VmmProbe, STALL_LIMIT};
 use e2e::{ferro_bin, median, GuestImages, Vm};
 
-use crate::stalls::{classify, summary, Ending, Tally};
+use crate::stalls::{classify, count_rounds, qemu_machine, Ending, Side};
 use crate::{host_net, thread_stats};
 use crate::{Vmm, TIMEOUT};
 use e2e::kvm_stats::{self, Counters};
@@ -103,40 +103,32 @@ fn io_command(
         .map(String::from)
         .to_vec(),
         Vmm::Qemu | Vmm::QemuMinimal => [
-            "-enable-kvm",
-            // Named threads, for the per-thread figures.
-            "-name",
-            "bench,debug-threads=on",
-            "-cpu",
-            "host",
-            "-smp",
-            "2",
-            "-m",
-            "1G",
-            "-nodefaults",
-            "-no-user-config",
-            "-display",
-            "none",
-            "-serial",
-            "stdio",
-            "-no-reboot",
-            "-kernel",
-            &kernel,
-            "-initrd",
-            bench_initrd,
-            "-append",
-            &cmdline,
-            "-drive",
-            &format!("file={IO_IMAGE},if=none,id=d0,format=raw"),
-            "-device",
-            "virtio-blk-pci,drive=d0",
-            "-netdev",
-            &format!("tap,id=n0,ifname={IO_TAP},script=no,downscript=no,vhost=off{netdev_queues}"),
-            "-device",
-            &format!("virtio-net-pci,netdev=n0,romfile={device_mq}"),
+            qemu_machine("2", "1G"),
+            [
+                // Named threads, for the per-thread figures.
+                "-name",
+                "bench,debug-threads=on",
+                "-kernel",
+                &kernel,
+                "-initrd",
+                bench_initrd,
+                "-append",
+                &cmdline,
+                "-drive",
+                &format!("file={IO_IMAGE},if=none,id=d0,format=raw"),
+                "-device",
+                "virtio-blk-pci,drive=d0",
+                "-netdev",
+                &format!(
+                    "tap,id=n0,ifname={IO_TAP},script=no,downscript=no,vhost=off{netdev_queues}"
+                ),
+                "-device",
+                &format!("virtio-net-pci,netdev=n0,romfile={device_mq}"),
+            ]
+            .map(String::from)
+            .to_vec(),
         ]
-        .map(String::from)
-        .to_vec(),
+        .concat(),
     };
     let program = match vmm {
         Vmm::Ferro => ferro_bin(),
@@ -404,42 +396,23 @@ pub fn count_endings(runs: usize) -> Result<(), String> {
          workload (2 vCPUs, 1 GiB, disk and TCP phases); stall limit {} s",
         STALL_LIMIT.as_secs()
     );
-    let vmms = [Vmm::Ferro, Vmm::Qemu];
-    let mut tallies = [Tally::default(), Tally::default()];
-    for run in 0..runs {
-        for i in 0..vmms.len() {
-            let slot = (run + i) % vmms.len();
-            let contender = Contender {
-                vmm: vmms[slot],
-                qemu_net_queues: 1,
-            };
-            let started = Instant::now();
-            let ending = match io_once(contender, &images, &bench_initrd, true) {
-                Ok(_) => Ending::Clean(started.elapsed().as_secs_f64()),
-                Err(IoFailure::Setup(e)) => return Err(e),
-                Err(IoFailure::Guest(e)) => classify(e),
-            };
-            let label = format!("run {} {}", run + 1, vmms[slot].name());
-            tallies[slot].record(ending, &label);
+    let counted = count_rounds("I/O stall loop", runs, |side, _| {
+        let contender = Contender {
+            vmm: match side {
+                Side::Ferro => Vmm::Ferro,
+                Side::Qemu => Vmm::Qemu,
+            },
+            qemu_net_queues: 1,
+        };
+        let started = Instant::now();
+        match io_once(contender, &images, &bench_initrd, true) {
+            Ok(_) => Ok(Ending::Clean(started.elapsed().as_secs_f64())),
+            Err(IoFailure::Setup(e)) => Err(e),
+            Err(IoFailure::Guest(e)) => Ok(classify(e)),
         }
-        println!(
-            "after {} runs: ferro {}, qemu {}",
-            run + 1,
-            summary(&tallies[0]),
-            summary(&tallies[1])
-        );
-    }
-    println!("I/O stall loop, {runs} boots each:");
-    for (vmm, tally) in vmms.iter().zip(&tallies) {
-        println!(
-            "  {:<5} {} (median clean run {:.2} s)",
-            vmm.name(),
-            summary(tally),
-            median(&tally.clean)
-        );
-    }
+    });
     let _ = sh(&format!("rm -f {IO_IMAGE}"));
-    Ok(())
+    counted
 }
 
 pub fn run(runs: usize, qemu_net_queues: usize) -> Result<(), String> {

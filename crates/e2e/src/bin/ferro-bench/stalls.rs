@@ -23,10 +23,20 @@ const WORKLOAD: &str = "echo STALLS-DONE $(nproc)";
 /// A boot that takes longer than this has failed, whatever it shows.
 const BOOT_LIMIT: Duration = Duration::from_secs(300);
 
+/// The two contenders of a loop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Vmm {
+pub(crate) enum Side {
     Ferro,
     Qemu,
+}
+
+impl Side {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Side::Ferro => "ferro",
+            Side::Qemu => "qemu",
+        }
+    }
 }
 
 /// How one boot ended.
@@ -39,8 +49,8 @@ pub(crate) enum Ending {
 
 /// The boots of one VMM.
 #[derive(Debug, Default)]
-pub(crate) struct Tally {
-    pub(crate) clean: Vec<f64>,
+struct Tally {
+    clean: Vec<f64>,
     stalled: usize,
     crashed: usize,
 }
@@ -48,7 +58,7 @@ pub(crate) struct Tally {
 impl Tally {
     /// Counts `ending`; a boot that did not end cleanly is printed with what it said last,
     /// under `label` (e.g. "run 3 Ferro").
-    pub(crate) fn record(&mut self, ending: Ending, label: &str) {
+    fn record(&mut self, ending: Ending, label: &str) {
         match ending {
             Ending::Clean(seconds) => self.clean.push(seconds),
             Ending::Stalled(what) => {
@@ -71,30 +81,43 @@ pub fn run(runs: usize, cpus: usize) -> Result<(), String> {
          stall limit {} s",
         STALL_LIMIT.as_secs()
     );
+    count_rounds(&format!("stall loop, {cpus} vCPUs"), runs, |side, run| {
+        boot_once(side, &images, cpus, run)
+    })
+}
+
+/// Runs `rounds` rounds of one boot per side, who goes first alternating (so neither always
+/// boots on a warmer host), and counts how each ended: every failure is printed as it comes,
+/// the counts after each round, and the totals under `title` at the end. `once(side, round)`
+/// gives one boot's ending; its error stops the loop (the host side failed, not a guest).
+pub(crate) fn count_rounds(
+    title: &str,
+    rounds: usize,
+    mut once: impl FnMut(Side, usize) -> Result<Ending, String>,
+) -> Result<(), String> {
     let mut tallies = [Tally::default(), Tally::default()];
-    for run in 0..runs {
-        // Alternate who goes first, so neither always boots on a warmer host.
-        let order = if run % 2 == 0 {
-            [Vmm::Ferro, Vmm::Qemu]
+    for round in 0..rounds {
+        let order = if round % 2 == 0 {
+            [Side::Ferro, Side::Qemu]
         } else {
-            [Vmm::Qemu, Vmm::Ferro]
+            [Side::Qemu, Side::Ferro]
         };
-        for vmm in order {
-            let ending = boot_once(vmm, &images, cpus, run)?;
-            tallies[vmm as usize].record(ending, &format!("run {} {vmm:?}", run + 1));
+        for side in order {
+            let ending = once(side, round)?;
+            tallies[side as usize].record(ending, &format!("run {} {}", round + 1, side.name()));
         }
         println!(
             "after {} runs: ferro {}, qemu {}",
-            run + 1,
+            round + 1,
             summary(&tallies[0]),
             summary(&tallies[1])
         );
     }
-    println!("stall loop, {runs} boots each, {cpus} vCPUs:");
-    for (vmm, tally) in [Vmm::Ferro, Vmm::Qemu].iter().zip(&tallies) {
+    println!("{title}, {rounds} runs each:");
+    for (side, tally) in [Side::Ferro, Side::Qemu].iter().zip(&tallies) {
         println!(
-            "  {:<5} {} (median clean boot {:.2} s)",
-            format!("{vmm:?}").to_lowercase(),
+            "  {:<5} {} (median clean run {:.2} s)",
+            side.name(),
             summary(tally),
             median(&tally.clean)
         );
@@ -102,7 +125,30 @@ pub fn run(runs: usize, cpus: usize) -> Result<(), String> {
     Ok(())
 }
 
-pub(crate) fn summary(tally: &Tally) -> String {
+/// QEMU's arguments shared by the loops: KVM with the host's CPU, `cpus` vCPUs and `memory`,
+/// no default devices, the serial console on stdio, and an exit instead of a reset.
+pub(crate) fn qemu_machine(cpus: &str, memory: &str) -> Vec<String> {
+    [
+        "-enable-kvm",
+        "-cpu",
+        "host",
+        "-smp",
+        cpus,
+        "-m",
+        memory,
+        "-no-reboot",
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-serial",
+        "stdio",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+fn summary(tally: &Tally) -> String {
     format!(
         "{} clean, {} stalled, {} crashed",
         tally.clean.len(),
@@ -112,7 +158,7 @@ pub(crate) fn summary(tally: &Tally) -> String {
 }
 
 fn command(
-    vmm: Vmm,
+    vmm: Side,
     images: &GuestImages,
     cpus: usize,
     run: usize,
@@ -125,7 +171,7 @@ fn command(
     let cpus = cpus.to_string();
     let args: Vec<String> = match vmm {
         // The socket arms the stall watchdog of `Vm::wait_for`.
-        Vmm::Ferro => {
+        Side::Ferro => {
             let socket = std::env::temp_dir().join(format!("ferro-stalls-{run}.sock"));
             let _ = std::fs::remove_file(&socket);
             [
@@ -147,48 +193,29 @@ fn command(
             .map(String::from)
             .to_vec()
         }
-        Vmm::Qemu => [
-            &qemu.args()[..],
-            &[
-                "-enable-kvm",
-                "-cpu",
-                "host",
-                "-smp",
-                &cpus,
-                "-m",
-                MEMORY,
-                "-no-reboot",
-                "-nodefaults",
-                "-no-user-config",
-                "-display",
-                "none",
-                "-serial",
-                "stdio",
-                "-kernel",
-                &kernel,
-                "-initrd",
-                &initrd,
-                "-append",
-                &cmdline,
-            ]
-            .map(String::from),
-        ]
-        .concat(),
+        Side::Qemu => {
+            let mut args = qemu.args();
+            args.extend(qemu_machine(&cpus, MEMORY));
+            args.extend(
+                ["-kernel", &kernel, "-initrd", &initrd, "-append", &cmdline].map(String::from),
+            );
+            args
+        }
     };
     let program = match vmm {
-        Vmm::Ferro => ferro_bin(),
-        Vmm::Qemu => PathBuf::from("qemu-system-x86_64"),
+        Side::Ferro => ferro_bin(),
+        Side::Qemu => PathBuf::from("qemu-system-x86_64"),
     };
     (program, args)
 }
 
-fn boot_once(vmm: Vmm, images: &GuestImages, cpus: usize, run: usize) -> Result<Ending, String> {
+fn boot_once(vmm: Side, images: &GuestImages, cpus: usize, run: usize) -> Result<Ending, String> {
     let qemu = QemuSockets::new(&format!("stalls-{run}"));
     let (program, args) = command(vmm, images, cpus, run, &qemu);
     let started = Instant::now();
     let mut vm = Vm::spawn(&program, &args)?;
     vm.close_stdin();
-    if vmm == Vmm::Ferro {
+    if vmm == Side::Ferro {
         return run_to_end(vm, cpus, started);
     }
     // QEMU's progress is read from KVM's counters, its report from its monitor, and why it

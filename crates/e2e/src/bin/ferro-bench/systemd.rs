@@ -18,9 +18,9 @@ use e2e::daemon::Daemon;
 use e2e::kvm_stats;
 use e2e::qemu_monitor::QemuSockets;
 use e2e::stall::STALL_LIMIT;
-use e2e::{last_lines, median, GuestImages, Vm};
+use e2e::{last_lines, GuestImages, Vm};
 
-use crate::stalls::{classify, summary, Ending, Tally};
+use crate::stalls::{classify, count_rounds, qemu_machine, Ending, Side};
 
 const NAME: &str = "sysd";
 /// Printed on ttyS0 by the guest's ferro-ready.service once multi-user.target is reached.
@@ -36,12 +36,6 @@ const BOOT_LIMIT: Duration = Duration::from_secs(900);
 /// From the power button to the VMM's exit.
 const SHUTDOWN_LIMIT: Duration = Duration::from_secs(120);
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Vmm {
-    Ferro,
-    Qemu,
-}
-
 pub fn run(runs: usize) -> Result<(), String> {
     let images = GuestImages::from_env()?;
     let disk = std::env::var("FERRO_SYSTEMD_DISK").map_err(|_| {
@@ -56,36 +50,10 @@ pub fn run(runs: usize) -> Result<(), String> {
          exit; {CPUS} vCPUs, {MEMORY}; stall limit {} s",
         STALL_LIMIT.as_secs()
     );
-    let mut tallies = [Tally::default(), Tally::default()];
-    for run in 0..runs {
-        let order = if run % 2 == 0 {
-            [Vmm::Ferro, Vmm::Qemu]
-        } else {
-            [Vmm::Qemu, Vmm::Ferro]
-        };
-        for vmm in order {
-            let ending = match vmm {
-                Vmm::Ferro => ferro_cycle(&daemon, run + 1)?,
-                Vmm::Qemu => qemu_cycle(&images, &disk, run)?,
-            };
-            tallies[vmm as usize].record(ending, &format!("cycle {} {vmm:?}", run + 1));
-        }
-        println!(
-            "after {} cycles: ferro {}, qemu {}",
-            run + 1,
-            summary(&tallies[0]),
-            summary(&tallies[1])
-        );
-    }
-    println!("systemd loop, {runs} cycles each:");
-    for (vmm, tally) in ["ferro", "qemu"].iter().zip(&tallies) {
-        println!(
-            "  {vmm:<5} {} (median clean cycle {:.2} s)",
-            summary(tally),
-            median(&tally.clean)
-        );
-    }
-    Ok(())
+    count_rounds("systemd loop", runs, |side, run| match side {
+        Side::Ferro => ferro_cycle(&daemon, run + 1),
+        Side::Qemu => qemu_cycle(&images, &disk, run),
+    })
 }
 
 fn define(daemon: &Daemon, images: &GuestImages, disk: &str) -> Result<(), String> {
@@ -172,22 +140,9 @@ fn qemu_cycle(images: &GuestImages, disk: &str, run: usize) -> Result<Ending, St
     let kernel = images.kernel.display().to_string();
     let initrd = images.initrd.display().to_string();
     let mut args = qemu.args();
+    args.extend(qemu_machine(CPUS, MEMORY));
     args.extend(
         [
-            "-enable-kvm",
-            "-cpu",
-            "host",
-            "-smp",
-            CPUS,
-            "-m",
-            MEMORY,
-            "-no-reboot",
-            "-nodefaults",
-            "-no-user-config",
-            "-display",
-            "none",
-            "-serial",
-            "stdio",
             "-kernel",
             &kernel,
             "-initrd",
