@@ -25,7 +25,8 @@ pub struct VmDiagnostics {
     pub serial: Option<SerialDiagnostics>,
     /// KVM's PICs and IOAPIC, unless KVM refused to report them.
     pub irqchip: Option<IrqchipDiagnostics>,
-    /// Why a part of the report is missing.
+    /// Why a part of the report is missing, and what the report shows to be wrong (a vCPU
+    /// whose page tables lie outside guest RAM).
     #[serde(default)]
     pub notes: Vec<String>,
 }
@@ -71,6 +72,12 @@ impl VcpuRegisters {
     /// RFLAGS.IF: maskable interrupts are accepted.
     pub fn interrupts_enabled(&self) -> bool {
         self.rflags & (1 << 9) != 0
+    }
+
+    /// The guest-physical address of the top page table while paging is on (CR0.PG): CR3
+    /// without its flag or PCID bits.
+    pub fn page_table_root(&self) -> Option<u64> {
+        (self.cr0 & (1 << 31) != 0).then_some(self.cr3 & 0x000f_ffff_ffff_f000)
     }
 }
 

@@ -236,6 +236,15 @@ impl Machine {
             ApiCommand::Info => (ApiReply::Info(Box::new(self.info(session))), None),
             ApiCommand::Counters => (ApiReply::Counters(session.stats.snapshot()), None),
             ApiCommand::Diagnostics => {
+                let ram: Vec<(u64, u64)> = arch::layout::MemoryLayout::new(session.config.memory.0)
+                    .map(|layout| {
+                        layout
+                            .ram_ranges()
+                            .into_iter()
+                            .map(|(start, size)| (start.0, size))
+                            .collect()
+                    })
+                    .unwrap_or_default();
                 let report = diagnostics::report(&Sources {
                     state: self.state,
                     vm: &self.vm,
@@ -243,6 +252,7 @@ impl Machine {
                     virtio_queues: &self.virtio_queues,
                     probes: &threads.probes,
                     kick: &|i| threads.kick(i),
+                    ram: &ram,
                 });
                 (ApiReply::Diagnostics(Box::new(report)), None)
             }

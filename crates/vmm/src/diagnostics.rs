@@ -35,6 +35,8 @@ pub(crate) struct Sources<'a> {
     pub probes: &'a [Arc<VcpuProbe>],
     /// Makes vCPU thread `i` look at its probe; false if the thread has ended.
     pub kick: &'a dyn Fn(usize) -> bool,
+    /// Guest RAM, as (start, size) ranges.
+    pub ram: &'a [(u64, u64)],
 }
 
 /// Gathers the report.
@@ -62,8 +64,8 @@ pub(crate) fn report(sources: &Sources<'_>) -> VmDiagnostics {
                 unavailable,
             }
         })
-        .collect();
-    let mut notes = Vec::new();
+        .collect::<Vec<_>>();
+    let mut notes = foreign_state_notes(&vcpus, sources.ram);
     let serial = serial(sources.serial).map_err(|why| notes.push(why)).ok();
     let irqchip = irqchip(sources.vm)
         .map_err(|e| notes.push(format!("irqchip: {}", api::error_chain(&e))))
@@ -86,6 +88,33 @@ pub(crate) fn report(sources: &Sources<'_>) -> VmDiagnostics {
         irqchip,
         notes,
     }
+}
+
+/// A note for each vCPU whose page tables would lie outside guest RAM. No guest can put them
+/// there, so that vCPU holds state that is not its guest's own: seen under nested
+/// virtualization, when the hypervisor below swapped its own registers into the guest's (a
+/// RIP in the host kernel's module space, its CR3 beyond guest RAM), a stall that is not the
+/// guest's nor this VMM's doing.
+fn foreign_state_notes(vcpus: &[VcpuDiagnostics], ram: &[(u64, u64)]) -> Vec<String> {
+    let in_ram = |address: u64| {
+        ram.iter()
+            .any(|&(start, size)| address >= start && address - start < size)
+    };
+    vcpus
+        .iter()
+        .filter_map(|vcpu| {
+            let registers = vcpu.registers.as_ref()?;
+            let root = registers.page_table_root()?;
+            (!in_ram(root)).then(|| {
+                format!(
+                    "vCPU {}: its page tables (CR3 {:#x}) are outside guest RAM, so its \
+                     registers are not the guest's own; under nested virtualization, the \
+                     hypervisor below has mixed its state into this vCPU",
+                    vcpu.id, registers.cr3
+                )
+            })
+        })
+        .collect()
 }
 
 fn serial(serial: &Mutex<Serial>) -> Result<SerialDiagnostics, String> {
@@ -141,4 +170,57 @@ fn irqchip(vm: &Vm) -> Result<IrqchipDiagnostics, hypervisor::Error> {
                 .collect(),
         },
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use api::diagnostics::{MpState, VcpuEvents, VcpuRegisters};
+
+    use super::*;
+
+    fn vcpu(id: u32, cr0: u64, cr3: u64) -> VcpuDiagnostics {
+        VcpuDiagnostics {
+            id,
+            ms_since_last_exit: None,
+            recent_exits: Default::default(),
+            registers: Some(VcpuRegisters {
+                rip: 0xffff_ffff_c032_ddcc,
+                rsp: 0,
+                rflags: 0x2,
+                cr0,
+                cr2: 0,
+                cr3,
+                cr4: 0,
+                efer: 0,
+                cs: 0x10,
+                cpl: 0,
+                mp_state: MpState::Runnable,
+                events: VcpuEvents {
+                    exception: None,
+                    interrupt: None,
+                    interrupt_shadow: false,
+                    nmi_injected: false,
+                    nmi_pending: false,
+                    nmi_masked: false,
+                },
+            }),
+            unavailable: None,
+        }
+    }
+
+    #[test]
+    fn page_tables_outside_guest_ram_are_named() {
+        const PAGING: u64 = 0x8005_0033;
+        let ram = [(0, 512 << 20)];
+        let vcpus = [
+            vcpu(0, PAGING, 0x1_08e7_4000),
+            vcpu(1, PAGING, 0x1ff4_c000 | 0x18),
+            vcpu(2, 0x10, 0x1_08e7_4000),
+        ];
+        let notes = foreign_state_notes(&vcpus, &ram);
+        assert_eq!(notes.len(), 1, "{notes:?}");
+        assert!(notes[0].starts_with("vCPU 0: its page tables (CR3 0x108e74000)"));
+        let above_4g = [(0, 3 << 30), (1 << 32, 1 << 30)];
+        assert!(foreign_state_notes(&vcpus[..1], &above_4g).is_empty());
+    }
 }
