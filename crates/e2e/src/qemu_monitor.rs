@@ -1,9 +1,10 @@
-//! QEMU's human monitor on a Unix socket, read when a QEMU guest stalls in issue 23's loops:
-//! the control for Ferro's stall report. Its progress is the port and MMIO exits KVM counts
-//! for its VM (debugfs), the closest match of the VMM exits Ferro's API counts; the report is
-//! what the monitor says about the vCPUs and the interrupt controllers at that moment.
+//! QEMU as the control in issue 23's loops, watched the way Ferro is: its progress is the port
+//! and MMIO exits KVM counts for its VM (debugfs), the closest match of the VMM exits Ferro's
+//! API counts; its stall report is what its human monitor says about the vCPUs and the
+//! interrupt controllers; why it stopped is its QMP SHUTDOWN event.
 //!
-//! Threading: the caller's; one short connection per report.
+//! Threading: the caller's, one short monitor connection per report; [`QmpEvents`] reads
+//! QEMU's events on a thread of its own until QEMU closes the connection.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
