@@ -51,7 +51,7 @@ pub fn run(runs: usize) -> Result<(), String> {
         STALL_LIMIT.as_secs()
     );
     count_rounds("systemd loop", runs, |side, run| match side {
-        Side::Ferro => ferro_cycle(&daemon, run + 1),
+        Side::Ferro => ferro_cycle(&daemon),
         Side::Qemu => qemu_cycle(&images, &disk, run),
     })
 }
@@ -75,12 +75,13 @@ fn details(daemon: &Daemon) -> Result<VmDetails, String> {
     serde_json::from_str(&out).map_err(|e| format!("vm info: {e}: {out}"))
 }
 
-/// One start, boot and shutdown through the daemon; `cycle` counts from 1, and the console
-/// log (appended across runs) then holds `cycle` ready lines.
-fn ferro_cycle(daemon: &Daemon, cycle: usize) -> Result<Ending, String> {
+/// One start, boot and shutdown through the daemon. The console log is appended across
+/// starts, so this boot is up once it holds one ready line more than before the start.
+fn ferro_cycle(daemon: &Daemon) -> Result<Ending, String> {
+    let ready_before = console_log(daemon).matches(READY).count();
     let started = Instant::now();
     daemon.ok(&["vm", "start", NAME])?;
-    if let Err(e) = daemon.wait_for_console(NAME, READY, cycle, BOOT_LIMIT) {
+    if let Err(e) = daemon.wait_for_console(NAME, READY, ready_before + 1, BOOT_LIMIT) {
         let ending = ferro_failure(daemon, e)?;
         // Whatever it stands in, the next cycle starts from a stopped VM.
         let _ = daemon.cli(&["vm", "destroy", NAME]);
@@ -129,9 +130,15 @@ fn ferro_failure(daemon: &Daemon, error: String) -> Result<Ending, String> {
     })
 }
 
+fn console_log(daemon: &Daemon) -> String {
+    std::fs::read_to_string(daemon.console_log_path(NAME)).unwrap_or_default()
+}
+
 fn console_tail(daemon: &Daemon) -> String {
-    let log = std::fs::read_to_string(daemon.console_log_path(NAME)).unwrap_or_default();
-    format!("--- console (tail) ---\n{}", last_lines(&log, 30))
+    format!(
+        "--- console (tail) ---\n{}",
+        last_lines(&console_log(daemon), 30)
+    )
 }
 
 /// One boot and power-off of the same disk under QEMU.
