@@ -12,6 +12,11 @@ pub const NAMES: [&str; 5] = ["exits", "halt_exits", "mmio_exits", "io_exits", "
 pub struct Counters(pub [u64; NAMES.len()]);
 
 impl Counters {
+    /// The counter `name` (one of NAMES).
+    pub fn get(&self, name: &str) -> Option<u64> {
+        NAMES.iter().position(|n| *n == name).map(|i| self.0[i])
+    }
+
     /// What was counted between `earlier` and self.
     pub fn since(&self, earlier: &Counters) -> Counters {
         let mut delta = [0; NAMES.len()];
@@ -45,16 +50,8 @@ fn vm_dir(pid: u32) -> Option<PathBuf> {
 /// makes progress keeps causing, and an idle or stuck one does not (timer ticks and halts stay
 /// in the kernel). None when debugfs or the VM is not there.
 pub fn vmm_exits(pid: u32) -> Option<u64> {
-    let dir = vm_dir(pid)?;
-    let mut total = 0;
-    for name in ["io_exits", "mmio_exits"] {
-        total += std::fs::read_to_string(dir.join(name))
-            .ok()?
-            .trim()
-            .parse::<u64>()
-            .ok()?;
-    }
-    Some(total)
+    let counters = read(pid)?;
+    Some(counters.get("io_exits")? + counters.get("mmio_exits")?)
 }
 
 /// The counters of `pid`'s VM now; None when debugfs or the VM is not there.
