@@ -37,6 +37,7 @@ const QUEUE_SIZE: u16 = 256;
 // MAX_DISK_QUEUES: most request queues of one device (the default is one per vCPU).
 // MAX_SERIAL_LEN: longest serial (GET_ID answer).
 use api::vm_config::{MAX_DISK_QUEUES, MAX_SERIAL_LEN as ID_LEN};
+use sandbox::ThreadKind;
 /// Most data segments of one request (`seg_max`): the queue size less the header and status
 /// descriptors, so that a request fits the queue without indirect descriptors.
 const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
@@ -233,7 +234,7 @@ impl VirtioDevice for Block {
         let pool = executor
             .concurrent
             .is_some()
-            .then(|| IoPool::new("virtio-blk-io", IO_THREADS, max_waiting));
+            .then(|| IoPool::new(ThreadKind::BlockIo, IO_THREADS, max_waiting));
         let queues = activation
             .queues
             .into_iter()
@@ -250,7 +251,7 @@ impl VirtioDevice for Block {
             pool,
         };
         self.worker =
-            Some(WorkerHandle::spawn("virtio-blk", worker).map_err(ActivateError::Worker)?);
+            Some(WorkerHandle::spawn(ThreadKind::Block, worker).map_err(ActivateError::Worker)?);
         Ok(())
     }
 

@@ -17,6 +17,7 @@ use crate::device::{read_config_bytes, ActivateError, Activation, VirtioDevice, 
 use crate::queue::DeviceQueue;
 use crate::worker::{Poll, Worker, WorkerHandle};
 use crate::{device_type, GuestMemory};
+use sandbox::ThreadKind;
 
 const QUEUE_SIZE: u16 = 256;
 const RECEIVE_QUEUE: usize = 0;
@@ -306,8 +307,10 @@ impl VirtioDevice for Console {
             input: self.input.clone(),
             counters: self.counters.clone(),
         };
-        self.worker =
-            Some(WorkerHandle::spawn("virtio-console", worker).map_err(ActivateError::Worker)?);
+        self.worker = Some(
+            WorkerHandle::spawn(ThreadKind::VirtioConsole, worker)
+                .map_err(ActivateError::Worker)?,
+        );
         // Input typed before the driver was ready.
         let _ = self.input.ready.write(1);
         Ok(())

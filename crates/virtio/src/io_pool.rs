@@ -13,6 +13,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use sandbox::ThreadKind;
+
 /// How long a thread waits for work before it ends.
 const IDLE_LIFETIME: Duration = Duration::from_secs(10);
 
@@ -40,7 +42,7 @@ impl Shared {
 
 /// The pool; see the module documentation.
 pub struct IoPool {
-    name: String,
+    kind: ThreadKind,
     max_threads: usize,
     max_waiting: usize,
     shared: Arc<Shared>,
@@ -50,7 +52,7 @@ pub struct IoPool {
 impl std::fmt::Debug for IoPool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("IoPool")
-            .field("name", &self.name)
+            .field("kind", &self.kind)
             .field("max_threads", &self.max_threads)
             .field("max_waiting", &self.max_waiting)
             .finish_non_exhaustive()
@@ -58,11 +60,12 @@ impl std::fmt::Debug for IoPool {
 }
 
 impl IoPool {
-    /// A pool whose threads are called `name`, at most `max_threads` (at least one) of them,
-    /// with at most `max_waiting` jobs waiting for a thread.
-    pub fn new(name: &str, max_threads: usize, max_waiting: usize) -> Self {
+    /// A pool whose threads are of `kind` (confined so, and named after it), at most
+    /// `max_threads` (at least one) of them, with at most `max_waiting` jobs waiting for a
+    /// thread.
+    pub fn new(kind: ThreadKind, max_threads: usize, max_waiting: usize) -> Self {
         IoPool {
-            name: name.to_string(),
+            kind,
             max_threads: max_threads.max(1),
             max_waiting,
             shared: Arc::default(),
@@ -89,9 +92,7 @@ impl IoPool {
         state.live += 1;
         drop(state);
         let shared = self.shared.clone();
-        let spawned = std::thread::Builder::new()
-            .name(self.name.clone())
-            .spawn(move || serve(&shared));
+        let spawned = sandbox::spawn(self.kind, self.kind.name(), move || serve(&shared));
         match spawned {
             Ok(thread) => {
                 let mut threads = self.threads.lock().unwrap_or_else(PoisonError::into_inner);
@@ -99,7 +100,7 @@ impl IoPool {
                 threads.push(thread);
             }
             Err(e) => {
-                guest_log::guest_warn!("{}: cannot start an I/O thread: {e}", self.name);
+                guest_log::guest_warn!("{}: cannot start an I/O thread: {e}", self.kind.name());
                 let mut state = self.shared.lock();
                 state.live -= 1;
                 if state.live == 0 {
@@ -162,7 +163,7 @@ mod tests {
 
     #[test]
     fn jobs_run_at_the_same_time_up_to_the_limit() {
-        let pool = IoPool::new("test-io", 3, 8);
+        let pool = IoPool::new(ThreadKind::BlockIo, 3, 8);
         // Three jobs that each wait for the other two: they finish only if all run at once.
         let barrier = Arc::new(Barrier::new(3));
         let done = Arc::new(AtomicUsize::new(0));
@@ -181,7 +182,7 @@ mod tests {
 
     #[test]
     fn every_job_runs_even_past_the_thread_limit() {
-        let pool = IoPool::new("test-io", 2, 1000);
+        let pool = IoPool::new(ThreadKind::BlockIo, 2, 1000);
         let done = Arc::new(AtomicUsize::new(0));
         for _ in 0..100 {
             let done = done.clone();
@@ -207,7 +208,7 @@ mod tests {
     #[test]
     fn past_its_bound_the_submitter_runs_the_job() {
         const MAX_WAITING: usize = 4;
-        let pool = IoPool::new("test-io", 2, MAX_WAITING);
+        let pool = IoPool::new(ThreadKind::BlockIo, 2, MAX_WAITING);
         // Two jobs hold both threads until `open` (set on the way out, so the pool's drop
         // never waits for them).
         let open = Arc::new(AtomicBool::new(false));
@@ -245,7 +246,7 @@ mod tests {
 
     #[test]
     fn dropping_waits_for_running_jobs_and_discards_queued_ones() {
-        let pool = IoPool::new("test-io", 1, 8);
+        let pool = IoPool::new(ThreadKind::BlockIo, 1, 8);
         let started = Arc::new(Barrier::new(2));
         let finished = Arc::new(AtomicUsize::new(0));
         {

@@ -23,6 +23,7 @@ use crate::queue::{DeviceQueue, QueueBroken};
 use crate::worker::{Poll, Worker, WorkerHandle};
 use crate::{device_type, GuestMemory};
 use budget::Budget;
+use sandbox::ThreadKind;
 
 const QUEUE_SIZE: u16 = 256;
 /// Largest amount served per request; drivers ask for far less.
@@ -248,7 +249,7 @@ impl VirtioDevice for Rng {
         )
         .map_err(ActivateError::Worker)?;
         self.worker =
-            Some(WorkerHandle::spawn("virtio-rng", worker).map_err(ActivateError::Worker)?);
+            Some(WorkerHandle::spawn(ThreadKind::Rng, worker).map_err(ActivateError::Worker)?);
         Ok(())
     }
 

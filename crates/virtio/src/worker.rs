@@ -5,6 +5,7 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::thread::JoinHandle;
 
+use sandbox::ThreadKind;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -59,17 +60,15 @@ pub struct WorkerHandle {
 }
 
 impl WorkerHandle {
-    /// Starts `worker` on a thread named `name`.
-    pub fn spawn<W: Worker>(name: &str, mut worker: W) -> io::Result<Self> {
+    /// Starts `worker` on a thread of `kind` (named after it), confined before it runs.
+    pub fn spawn<W: Worker>(kind: ThreadKind, mut worker: W) -> io::Result<Self> {
         let stop = EventFd::new(libc::EFD_NONBLOCK)?;
         let poll = Poll::new()?;
         poll.add(stop.as_raw_fd(), STOP_TOKEN)?;
         for (fd, token) in worker.sources() {
             poll.add(fd, token)?;
         }
-        let thread = std::thread::Builder::new()
-            .name(name.to_string())
-            .spawn(move || run(poll, &mut worker))?;
+        let thread = sandbox::spawn(kind, kind.name(), move || run(poll, &mut worker))?;
         Ok(WorkerHandle {
             stop,
             thread: Some(thread),

@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 use api::diagnostics::VmDiagnostics;
 use api::vmm_api::{paths, ErrorBody, VmCounters, VmInfo};
 use http_unix::{DeadlineReader, Method, Request, Response};
+use sandbox::ThreadKind;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -152,10 +153,9 @@ impl ApiServer {
         };
         let shutdown = EventFd::new(libc::EFD_NONBLOCK).map_err(thread_err)?;
         let acceptor_shutdown = shutdown.try_clone().map_err(thread_err)?;
-        let acceptor = crate::signals::spawn_without_termination_signals(
-            std::thread::Builder::new().name("api".into()),
-            move || accept_loop(listener, acceptor_shutdown, outbox, limits),
-        )
+        let acceptor = crate::signals::spawn_thread(ThreadKind::Api, "api", move || {
+            accept_loop(listener, acceptor_shutdown, outbox, limits)
+        })
         .map_err(thread_err)?;
         let server = ApiServer {
             path: path.to_path_buf(),
@@ -304,13 +304,10 @@ fn serve_in_thread(
     };
     let outbox = outbox.clone();
     let served = connections.clone();
-    let spawned = crate::signals::spawn_without_termination_signals(
-        std::thread::Builder::new().name("api-conn".into()),
-        move || {
-            serve_connection(&stream, &outbox, &served, id, limits);
-            served.remove(id);
-        },
-    );
+    let spawned = crate::signals::spawn_thread(ThreadKind::Api, "api-conn", move || {
+        serve_connection(&stream, &outbox, &served, id, limits);
+        served.remove(id);
+    });
     if let Err(e) = spawned {
         connections.remove(id);
         tracing::warn!("API server: cannot serve a connection: {e}");

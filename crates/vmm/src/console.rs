@@ -12,6 +12,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError};
 use std::sync::{Arc, Mutex, PoisonError};
 
+use sandbox::ThreadKind;
 use vmm_sys_util::eventfd::EventFd;
 
 /// The escape character (Ctrl-A).
@@ -139,10 +140,7 @@ impl Console {
             quit: quit.try_clone()?,
             escape: interactive.then(EscapeFilter::default),
         };
-        crate::signals::spawn_without_termination_signals(
-            std::thread::Builder::new().name("console-in".into()),
-            move || reader.run(),
-        )?;
+        crate::signals::spawn_thread(ThreadKind::Console, "console-in", move || reader.run())?;
         Ok(Console {
             output: SharedOutput(Arc::new(Mutex::new(output))),
             chunks: rx,

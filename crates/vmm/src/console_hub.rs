@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use guest_log::{LogLimits, RotatingLog};
 
 use crate::console::Console;
+use sandbox::ThreadKind;
 
 /// Where the console goes.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -90,10 +91,9 @@ impl ConsoleHub {
         if let Some(path) = &config.socket {
             let listener = bind(path)?;
             let (clients, writer) = (clients.clone(), Arc::new(Mutex::new(input_writer)));
-            crate::signals::spawn_without_termination_signals(
-                std::thread::Builder::new().name("console-hub".into()),
-                move || accept_clients(listener, clients, writer),
-            )?;
+            crate::signals::spawn_thread(ThreadKind::Console, "console-hub", move || {
+                accept_clients(listener, clients, writer)
+            })?;
         } else {
             drop(input_writer);
         }
@@ -127,10 +127,9 @@ fn accept_clients(listener: UnixListener, clients: Clients, input: Arc<Mutex<Pip
         };
         lock(&clients).push(stream);
         let input = input.clone();
-        let _ = crate::signals::spawn_without_termination_signals(
-            std::thread::Builder::new().name("console-client".into()),
-            move || copy_input(reader, &input),
-        );
+        let _ = crate::signals::spawn_thread(ThreadKind::Console, "console-client", move || {
+            copy_input(reader, &input)
+        });
     }
 }
 

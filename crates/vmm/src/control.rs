@@ -87,6 +87,7 @@ impl Machine {
                 probe: probe.clone(),
                 failures: failures_tx.clone(),
                 failure_event: failure_event.try_clone().map_err(Error::Devices)?,
+                forbidden_syscall: self.faults.forbidden_syscall,
             };
             match runner.spawn() {
                 Ok(handle) => {

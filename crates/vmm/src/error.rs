@@ -103,6 +103,8 @@ pub enum Error {
     Console(#[source] std::io::Error),
     #[error("the VMM's control loop failed")]
     ControlLoop(#[source] std::io::Error),
+    #[error("cannot confine the VMM's threads (see --seccomp)")]
+    Confine(#[source] sandbox::Error),
     #[error("vCPU {id}: the guest triple-faulted (KVM_EXIT_SHUTDOWN)")]
     TripleFault { id: u32, registers: String },
     #[error("vCPU {id}: KVM internal error (KVM_EXIT_INTERNAL_ERROR, suberror {suberror})")]

@@ -2,7 +2,7 @@
 //! faults (the stall report, the end-to-end tests' stall watchdog) can be shown to find them.
 //! None is on unless asked for; nothing a guest does turns one on.
 //!
-//! Threading: plain values, read while the machine is built.
+//! Threading: plain values, read while the machine is built and by the vCPU threads.
 
 /// The faults to have.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -11,4 +11,7 @@ pub struct Faults {
     /// controller: the guest's interrupt-driven serial output stalls, as with a lost
     /// interrupt.
     pub mute_serial_irq: bool,
+    /// At the guest's first port write, the vCPU thread makes a system call its seccomp
+    /// filter does not allow (`socket`): the VMM must die of SIGSYS with a report naming it.
+    pub forbidden_syscall: bool,
 }

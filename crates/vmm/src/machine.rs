@@ -230,6 +230,7 @@ pub(crate) struct Machine {
     pub(crate) ged: GedEvents,
     /// The guest's kvm-clock when it was paused, restored on resume.
     pub(crate) paused_clock: Option<u64>,
+    pub(crate) faults: Faults,
 }
 
 /// The guest device that receives the console's input.
@@ -374,6 +375,7 @@ impl Machine {
             power,
             ged,
             paused_clock: None,
+            faults,
         })
     }
 

@@ -15,6 +15,7 @@ use crate::machine::{Backends, Machine, StopReason};
 use crate::signals::{self, TerminationSignals};
 use crate::stats::Stats;
 use crate::vcpu::HostCpu;
+use sandbox::ThreadKind;
 
 /// How a VM run ended when nothing failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,8 +83,11 @@ pub fn run(
     let stats = Stats::new(config);
     signals::install_vcpu_kick_handler().map_err(Error::ControlLoop)?;
     let signals = TerminationSignals::block().map_err(Error::ControlLoop)?;
+    signals::start_spawner().map_err(Error::ControlLoop)?;
     // Last step that can fail before the guest runs: a client that sees the socket can use it.
     let api = api_socket.map(ApiServer::start).transpose()?;
+    // From here on the main thread only builds machines and runs their control loop.
+    sandbox::confine_current_thread(ThreadKind::Vmm).map_err(Error::Confine)?;
     let mut session = Session {
         config,
         console,

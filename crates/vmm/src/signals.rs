@@ -6,6 +6,7 @@ use std::os::fd::{AsRawFd, RawFd};
 
 use host_sys::signal::SignalFd;
 
+use sandbox::ThreadKind;
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
 /// Signals that ask the VMM to stop the VM and exit.
@@ -25,17 +26,25 @@ pub fn install_vcpu_kick_handler() -> io::Result<()> {
         .map_err(|e| io::Error::from_raw_os_error(e.errno()))
 }
 
-/// Spawns a thread that never receives termination signals, whatever the caller's mask: the
-/// signals are blocked around the spawn so the child starts with them blocked.
-pub fn spawn_without_termination_signals<F>(
-    builder: std::thread::Builder,
+/// Starts the thread that starts all others (see [`sandbox::start_spawner`]), if not yet
+/// started; the main thread must do so before it is confined.
+pub fn start_spawner() -> io::Result<()> {
+    sandbox::start_spawner(&TERMINATION_SIGNALS)
+}
+
+/// Starts a thread of `kind` named `name`, confined before it runs, through the spawner
+/// (started here the first time), which never receives termination signals and so neither do
+/// its children: the main thread alone handles them.
+pub fn spawn_thread<F>(
+    kind: ThreadKind,
+    name: &str,
     f: F,
 ) -> io::Result<std::thread::JoinHandle<()>>
 where
     F: FnOnce() + Send + 'static,
 {
-    host_sys::signal::spawn_with_blocked(&TERMINATION_SIGNALS, builder, f)
-        .map_err(io::Error::other)?
+    start_spawner()?;
+    sandbox::spawn(kind, name, f)
 }
 
 /// Termination signals, readable from a file descriptor.

@@ -24,6 +24,7 @@ use vmm_sys_util::signal::Killable;
 use crate::error::Error;
 use crate::signals;
 use crate::vcpu_probe::{self, VcpuProbe};
+use sandbox::ThreadKind;
 
 /// What the host's KVM offers every vCPU; probed once per VMM process.
 #[derive(Debug, Clone)]
@@ -226,6 +227,8 @@ pub(crate) struct VcpuRunner {
     pub probe: Arc<VcpuProbe>,
     pub failures: Sender<Error>,
     pub failure_event: EventFd,
+    /// `Faults::forbidden_syscall`, until it has happened.
+    pub forbidden_syscall: bool,
 }
 
 /// What to do after an exit.
@@ -237,9 +240,7 @@ enum Next {
 impl VcpuRunner {
     pub fn spawn(self) -> Result<JoinHandle<()>, Error> {
         let id = self.vcpu.id();
-        std::thread::Builder::new()
-            .name(format!("vcpu{id}"))
-            .spawn(move || self.run())
+        crate::signals::spawn_thread(ThreadKind::Vcpu, &format!("vcpu{id}"), move || self.run())
             .map_err(|source| Error::SpawnVcpu { id, source })
     }
 
@@ -295,6 +296,9 @@ impl VcpuRunner {
                 return Next::Continue;
             }
             VcpuExit::IoOut { port, data } => {
+                if std::mem::take(&mut self.forbidden_syscall) {
+                    sandbox::make_forbidden_call();
+                }
                 if !self.pio.write(u64::from(port), data) {
                     guest_log::guest_trace!("unhandled port write {port:#x}");
                 }

@@ -36,6 +36,7 @@ use crate::worker::{Poll, Worker, WorkerHandle};
 use crate::{device_type, GuestMemory};
 
 use rx_buffers::{RxBuffers, RxChain};
+use sandbox::ThreadKind;
 pub use tap::Tap;
 
 const QUEUE_SIZE: u16 = 256;
@@ -271,7 +272,8 @@ impl VirtioDevice for Net {
                 tap_watched: true,
                 counters: self.counters.clone(),
             };
-            workers.push(WorkerHandle::spawn("virtio-net", worker).map_err(ActivateError::Worker)?);
+            workers
+                .push(WorkerHandle::spawn(ThreadKind::Net, worker).map_err(ActivateError::Worker)?);
         }
         if let Some(queue) = ctrl {
             let worker = ctrl::CtrlWorker {
@@ -281,8 +283,10 @@ impl VirtioDevice for Net {
                 pairs: pair_switch,
                 counters: self.counters.clone(),
             };
-            self.ctrl_worker =
-                Some(WorkerHandle::spawn("virtio-net-ctl", worker).map_err(ActivateError::Worker)?);
+            self.ctrl_worker = Some(
+                WorkerHandle::spawn(ThreadKind::NetControl, worker)
+                    .map_err(ActivateError::Worker)?,
+            );
         }
         self.workers = workers;
         Ok(())

@@ -13,6 +13,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::*;
 use crate::device::{ActiveQueue, Silent};
+use sandbox::ThreadKind;
 
 const W: u16 = VRING_DESC_F_WRITE as u16;
 
@@ -144,8 +145,9 @@ fn flood(limit: EntropyLimit, buffer: u32, duration: Duration) -> (u64, Duration
     let counters = worker.counters.clone();
     let notify = worker.queue.notify.try_clone().unwrap();
     let (avail, used) = (AVAIL_RING, USED_RING);
-    let name = "rng-flood-test";
-    let mut handle = WorkerHandle::spawn(name, worker).unwrap();
+    // The worker's thread is named after its kind; each test runs in a process of its own.
+    let name = ThreadKind::Rng.name();
+    let mut handle = WorkerHandle::spawn(ThreadKind::Rng, worker).unwrap();
     notify.write(1).unwrap();
     let stop = AtomicBool::new(false);
     let cpu = std::thread::scope(|s| {
