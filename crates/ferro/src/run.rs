@@ -153,13 +153,14 @@ pub struct RunArgs {
     )]
     seccomp: SeccompArg,
 
-    /// Test aid: have this fault on purpose, to see the stall tooling find it.
+    /// Test aid: have this fault on purpose, to see the tools that find faults find it.
     /// `mute-serial-irq`: COM1's interrupt never reaches the guest, so its serial output
     /// stalls as with a lost interrupt (`ferro vm diagnose` then shows the THR-empty interrupt
     /// pending). `forbidden-syscall`: at the guest's first port write its vCPU thread makes a
     /// system call its seccomp filter does not allow, so the VMM dies of SIGSYS with a report
-    /// naming it. Repeat for more.
-    #[arg(long, value_name = "FAULT")]
+    /// naming it. Repeat for more, or list them in FERRO_FAULT (comma-separated), which a
+    /// daemon's VMMs inherit from it.
+    #[arg(long, value_name = "FAULT", env = "FERRO_FAULT", value_delimiter = ',')]
     fault: Vec<Fault>,
 }
 

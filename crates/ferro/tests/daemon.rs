@@ -34,6 +34,8 @@ struct Daemon {
     api: OpenApi,
     /// Runs in a network namespace of its own (and its VMMs and dnsmasq with it).
     own_netns: bool,
+    /// Environment the daemon (and so its VMMs) gets.
+    env: Vec<(&'static str, &'static str)>,
 }
 
 impl Daemon {
@@ -75,6 +77,7 @@ impl Daemon {
             child: None,
             api,
             own_netns,
+            env: Vec::new(),
         };
         daemon.restart();
         daemon
@@ -103,6 +106,7 @@ impl Daemon {
             .arg(self.socket())
             .arg("--state-dir")
             .arg(self.state_dir())
+            .envs(self.env.iter().copied())
             .stdin(Stdio::null())
             .spawn()
             .unwrap();
@@ -601,6 +605,47 @@ fn bad_input_gets_clear_errors_and_changes_nothing() {
     let list: Vec<VmSummary> =
         serde_json::from_slice(&d.call("GET", paths::VMS, None).body).unwrap();
     assert_eq!(list.len(), 1, "nothing else was defined");
+}
+
+/// A VMM that makes a system call outside its thread's seccomp filter dies of SIGSYS; the
+/// daemon reports the VM crashed with the call and the thread kind, in `vm info` and in the
+/// `crashed` event.
+#[test]
+fn a_seccomp_violation_is_reported_as_the_crash_reason() {
+    if !kvm_tests_enabled() {
+        return;
+    }
+    let mut d = Daemon::start();
+    // The daemon's VMMs inherit its environment: `ferro run --fault` from FERRO_FAULT.
+    d.env = vec![("FERRO_FAULT", "forbidden-syscall")];
+    d.restart();
+    let mut events = Command::new(ferro())
+        .args(["events", "--json"])
+        .env("FERRO_SOCKET", d.socket())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300)); // let it subscribe
+    d.ok(&["vm", "define", d.definition("sys", "").to_str().unwrap()]);
+    let said = "seccomp: the vcpu thread made system call socket (41), which its filter does not \
+                allow; the VMM was killed (SIGSYS)";
+    // The VMM may die before the start is confirmed: then the start fails with the reason.
+    let (code, _, stderr) = d.cli(&["vm", "start", "sys"]);
+    assert!(code == 0 || stderr.contains(said), "{code}: {stderr}");
+    let crashed = d.wait_for_state("sys", DomainState::Crashed);
+    assert_eq!(crashed.reason.as_deref(), Some(said), "{crashed:?}");
+    assert!(d.ok(&["vm", "info", "sys"]).contains(said));
+    let mut lines = BufReader::new(events.stdout.take().unwrap()).lines();
+    let crash = loop {
+        let event: serde_json::Value =
+            serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+        if event["kind"] == "crashed" {
+            break event;
+        }
+    };
+    assert_eq!(crash["detail"], said);
+    events.kill().unwrap();
+    events.wait().unwrap();
 }
 
 #[test]
