@@ -51,7 +51,7 @@ impl Contender {
     /// Whether its TAP device must be multi-queue: always for Ferro, which gives each vCPU
     /// a queue pair by default; for QEMU when asked for more than one queue pair.
     fn multi_queue_tap(self) -> bool {
-        matches!(self.vmm, Vmm::Ferro) || self.qemu_net_queues > 1
+        self.vmm.is_ferro() || self.qemu_net_queues > 1
     }
 }
 
@@ -82,7 +82,7 @@ fn io_command(
     // panic=-1 with no reboot on both sides: a guest panic ends the VMM instead of hanging.
     let cmdline = format!("console=ttyS0 quiet nokaslr panic=-1 ferro.run=\"{guest}\"");
     let args: Vec<String> = match vmm {
-        Vmm::Ferro => [
+        Vmm::Ferro | Vmm::FerroUnconfined => [
             "run",
             "--kernel",
             &kernel,
@@ -100,8 +100,10 @@ fn io_command(
             "--net",
             &format!("tap={IO_TAP}"),
         ]
-        .map(String::from)
-        .to_vec(),
+        .iter()
+        .chain(vmm.seccomp_args())
+        .map(|s| s.to_string())
+        .collect(),
         Vmm::Qemu | Vmm::QemuMinimal => [
             qemu_machine("2", "1G"),
             [
@@ -131,7 +133,7 @@ fn io_command(
         .concat(),
     };
     let program = match vmm {
-        Vmm::Ferro => ferro_bin(),
+        Vmm::Ferro | Vmm::FerroUnconfined => ferro_bin(),
         _ => PathBuf::from("qemu-system-x86_64"),
     };
     (program, args)
@@ -221,7 +223,7 @@ fn io_once(
         })
         .map_err(|e| IoFailure::Setup(e.to_string()))?;
     let (program, mut args) = io_command(contender, images, bench_initrd);
-    let ferro = matches!(contender.vmm, Vmm::Ferro);
+    let ferro = contender.vmm.is_ferro();
     let api_socket = std::env::temp_dir().join("ferro-bench-io.sock");
     let qemu = QemuSockets::new("bench-io");
     if watch && ferro {
@@ -417,7 +419,8 @@ pub fn count_endings(runs: usize) -> Result<(), String> {
 
 pub fn run(runs: usize, qemu_net_queues: usize) -> Result<(), String> {
     let (images, bench_initrd) = prepare()?;
-    let vmms = [Vmm::Ferro, Vmm::Qemu];
+    // ferro-off (--seccomp off) shows what confinement costs.
+    let vmms = [Vmm::Ferro, Vmm::Qemu, Vmm::FerroUnconfined];
     println!(
         "virtio I/O: raw {}-MiB image on the host's tmpfs, TAP {IO_TAP}; {IO_MIB} MiB transfers, {IO_RANDOM_SECONDS} s of 4 KiB random reads (QD1, O_DIRECT); 2 vCPUs, 1 GiB; {runs} runs each, interleaved; virtio-net queue pairs: ferro one per vCPU, qemu {qemu_net_queues}",
         IO_MIB * 2
@@ -425,7 +428,8 @@ pub fn run(runs: usize, qemu_net_queues: usize) -> Result<(), String> {
     kvm_stats::mount_debugfs();
     let mut values = vec![vec![Vec::new(); IO_METRICS.len()]; vmms.len()];
     // exits[vmm][metric][counter]: that counter per operation, one entry per run.
-    let mut exits = vec![vec![vec![Vec::new(); kvm_stats::NAMES.len()]; IO_METRICS.len()]; 2];
+    let mut exits =
+        vec![vec![vec![Vec::new(); kvm_stats::NAMES.len()]; IO_METRICS.len()]; vmms.len()];
     for run in 0..runs {
         for i in 0..vmms.len() {
             let slot = (run + i) % vmms.len();
@@ -459,23 +463,26 @@ pub fn run(runs: usize, qemu_net_queues: usize) -> Result<(), String> {
         }
     }
     println!(
-        "{:<20} {:>12} {:>12} {:>12}",
-        "median", "ferro", "qemu", "ferro/qemu"
+        "{:<20} {:>12} {:>12} {:>12} {:>12} {:>16}",
+        "median", "ferro", "qemu", "ferro/qemu", "ferro-off", "ferro/ferro-off"
     );
     for (m, metric) in IO_METRICS.iter().enumerate() {
         let ferro = median(&values[0][m]);
         let qemu = median(&values[1][m]);
+        let unconfined = median(&values[2][m]);
         let unit = if metric.contains("rand") {
             "IOPS"
         } else {
             "MiB/s"
         };
         println!(
-            "{:<20} {:>12.1} {:>12.1} {:>12.3}  ({unit}, target >= 1.0)",
+            "{:<20} {:>12.1} {:>12.1} {:>12.3} {:>12.1} {:>16.3}  ({unit}; targets: ferro/qemu >= 1.0, ferro/ferro-off >= 0.97)",
             metric,
             ferro,
             qemu,
-            ferro / qemu
+            ferro / qemu,
+            unconfined,
+            ferro / unconfined
         );
     }
     print_exits(&exits);

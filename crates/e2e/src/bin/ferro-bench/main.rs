@@ -44,18 +44,26 @@ const TIMEOUT: Duration = Duration::from_secs(300);
 #[derive(Debug, Clone, Copy)]
 enum Vmm {
     Ferro,
+    /// Ferro with `--seccomp off`: what confinement costs.
+    FerroUnconfined,
     /// QEMU as the issue and most users run it: default machine and devices.
     Qemu,
     /// QEMU without default devices (no VGA, no NIC): its fastest direct-kernel boot.
     QemuMinimal,
 }
 
-const VMMS: [Vmm; 3] = [Vmm::Ferro, Vmm::Qemu, Vmm::QemuMinimal];
+const VMMS: [Vmm; 4] = [
+    Vmm::Ferro,
+    Vmm::Qemu,
+    Vmm::QemuMinimal,
+    Vmm::FerroUnconfined,
+];
 
 impl Vmm {
     fn name(self) -> &'static str {
         match self {
             Vmm::Ferro => "ferro",
+            Vmm::FerroUnconfined => "ferro-off",
             Vmm::Qemu => "qemu",
             Vmm::QemuMinimal => "qemu-min",
         }
@@ -82,19 +90,23 @@ impl Vmm {
             CMDLINE,
         ];
         let args: Vec<&str> = match self {
-            Vmm::Ferro => vec![
-                "run",
-                "--kernel",
-                &kernel,
-                "--initrd",
-                &initrd,
-                "--cpus",
-                "1",
-                "--memory",
-                &memory,
-                "--cmdline",
-                CMDLINE,
-            ],
+            Vmm::Ferro | Vmm::FerroUnconfined => [
+                &[
+                    "run",
+                    "--kernel",
+                    &kernel,
+                    "--initrd",
+                    &initrd,
+                    "--cpus",
+                    "1",
+                    "--memory",
+                    &memory,
+                    "--cmdline",
+                    CMDLINE,
+                ][..],
+                self.seccomp_args(),
+            ]
+            .concat(),
             Vmm::Qemu => [&qemu_common[..], &["-nographic"]].concat(),
             Vmm::QemuMinimal => [
                 &qemu_common[..],
@@ -110,10 +122,23 @@ impl Vmm {
             .concat(),
         };
         let program = match self {
-            Vmm::Ferro => ferro_bin(),
+            Vmm::Ferro | Vmm::FerroUnconfined => ferro_bin(),
             Vmm::Qemu | Vmm::QemuMinimal => PathBuf::from("qemu-system-x86_64"),
         };
         (program, args.into_iter().map(String::from).collect())
+    }
+
+    /// Ferro's seccomp flag: explicit on both sides, so an inherited FERRO_SECCOMP cannot
+    /// make the comparison compare nothing.
+    fn seccomp_args(self) -> &'static [&'static str] {
+        match self {
+            Vmm::FerroUnconfined => &["--seccomp", "off"],
+            _ => &["--seccomp", "kill"],
+        }
+    }
+
+    fn is_ferro(self) -> bool {
+        matches!(self, Vmm::Ferro | Vmm::FerroUnconfined)
     }
 }
 
@@ -198,6 +223,11 @@ fn boot(runs: usize) -> Result<(), String> {
         mib(memory[0]),
         mib(memory[1]),
         mib(memory[2])
+    );
+    println!(
+        "confinement (seccomp on vs --seccomp off): boot ratio {:.3} (target <= 1.03), memory {:+.2} MiB (target <= 0.5)",
+        medians[0] / medians[3],
+        mib(memory[0] - memory[3])
     );
     Ok(())
 }
