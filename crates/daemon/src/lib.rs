@@ -23,6 +23,7 @@ pub use api::definition_file::{
     parse_vm as parse_definition,
 };
 pub use server::{DaemonError, DaemonOptions};
+pub use vms::file_dirs::DEFAULT_FILE_DIR;
 
 /// Default state directory.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/ferro";

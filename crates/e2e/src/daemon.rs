@@ -2,6 +2,7 @@
 //! state directory, driven through the `ferro` CLI, with the default guest defined from
 //! [`GuestImages`].
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -47,6 +48,27 @@ impl Daemon {
         self.child.as_ref().map(Child::id)
     }
 
+    /// Where the tests' VM files are, which the daemon must accept in definitions: its own
+    /// directory, the temporary directory, and those of the testbed's guest images.
+    fn file_dirs(&self) -> Vec<PathBuf> {
+        let images = [
+            "FERRO_GUEST_KERNEL",
+            "FERRO_GUEST_VMLINUX",
+            "FERRO_GUEST_INITRD",
+            "FERRO_GUEST_ROOTFS",
+            "FERRO_BENCH_INITRD",
+            "FERRO_SYSTEMD_DISK",
+        ];
+        let image_dirs = images.iter().filter_map(|var| {
+            let path = PathBuf::from(std::env::var_os(var)?);
+            path.parent().map(Path::to_path_buf)
+        });
+        [self.dir.clone(), std::env::temp_dir()]
+            .into_iter()
+            .chain(image_dirs)
+            .collect()
+    }
+
     /// Starts the daemon (again) and waits until it answers.
     pub fn restart(&mut self) -> Result<(), String> {
         self.stop()?;
@@ -56,6 +78,11 @@ impl Daemon {
             .arg(self.socket())
             .arg("--state-dir")
             .arg(self.state_dir())
+            .args(
+                self.file_dirs()
+                    .iter()
+                    .flat_map(|dir| [OsStr::new("--file-dir"), dir.as_os_str()]),
+            )
             .stdin(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

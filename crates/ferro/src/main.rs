@@ -79,6 +79,12 @@ struct DaemonArgs {
     /// Where definitions, console logs and runtime files live.
     #[arg(long, default_value = daemon::DEFAULT_STATE_DIR)]
     state_dir: std::path::PathBuf,
+    /// A directory whose files (kernels, initrds, disks given by path, backing_dir) VM
+    /// definitions may name, besides the pools' directories; anything else is refused, so
+    /// that defining a VM is not a way to read any file on the host. Repeat for more; giving
+    /// one replaces the default.
+    #[arg(long = "file-dir", value_name = "DIR", default_value = daemon::DEFAULT_FILE_DIR)]
+    file_dirs: Vec<std::path::PathBuf>,
 }
 
 fn run_daemon(args: DaemonArgs, fallback_socket: Option<std::path::PathBuf>) -> ExitCode {
@@ -96,6 +102,7 @@ fn run_daemon(args: DaemonArgs, fallback_socket: Option<std::path::PathBuf>) -> 
             .unwrap_or_else(|| daemon::DEFAULT_SOCKET.into()),
         state_dir: args.state_dir,
         ferro,
+        file_dirs: args.file_dirs,
     };
     match daemon::run(options) {
         Ok(()) => ExitCode::SUCCESS,

@@ -106,6 +106,9 @@ impl Daemon {
             .arg(self.socket())
             .arg("--state-dir")
             .arg(self.state_dir())
+            // The tests' kernels and disks are in the test's directory.
+            .arg("--file-dir")
+            .arg(self.dir.path())
             .envs(self.env.iter().copied())
             .stdin(Stdio::null())
             .spawn()
@@ -580,6 +583,45 @@ fn bad_input_gets_clear_errors_and_changes_nothing() {
     d.fails(&["vm", "start", "one"], 2, "No such file or directory");
     assert_eq!(d.details("one").state, DomainState::Shutoff);
     std::fs::rename(kernel.with_extension("moved"), &kernel).unwrap();
+
+    // Files outside the daemon's --file-dir and the pools are refused, at define and start:
+    // defining a VM must not be a way to read any file on the host.
+    let outside = tempfile::tempdir().unwrap();
+    let elsewhere = outside.path().join("kernel");
+    std::fs::copy(&kernel, &elsewhere).unwrap();
+    let refused = "outside the directories VM files may be in";
+    for (name, extra) in [
+        ("shadow", "kernel = \"/etc/passwd\"\n".to_string()),
+        ("far", format!("kernel = \"{}\"\n", elsewhere.display())),
+        (
+            "disk",
+            format!(
+                "[[disks]]\npath = \"{}\"\nformat = \"raw\"\n",
+                elsewhere.display()
+            ),
+        ),
+    ] {
+        let file = d.definition(name, "");
+        let text = std::fs::read_to_string(&file).unwrap();
+        // A later `kernel =` line would be a duplicate key: replace the test's own.
+        let text = if extra.starts_with("kernel") {
+            text.lines()
+                .filter(|l| !l.starts_with("kernel"))
+                .map(|l| format!("{l}\n"))
+                .collect::<String>()
+                + &extra
+        } else {
+            text + &extra
+        };
+        std::fs::write(&file, text).unwrap();
+        d.fails(&["vm", "define", file.to_str().unwrap()], 2, refused);
+    }
+    // The defined VM's kernel becomes a link out of the directory: the start refuses it.
+    std::fs::rename(&kernel, kernel.with_extension("real")).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, &kernel).unwrap();
+    d.fails(&["vm", "start", "one"], 2, refused);
+    std::fs::remove_file(&kernel).unwrap();
+    std::fs::rename(kernel.with_extension("real"), &kernel).unwrap();
 
     // Raw API: malformed JSON and a client that hangs up mid-request.
     let response = d.call("POST", paths::VMS, Some(b"{\"name\": "));

@@ -191,6 +191,15 @@ impl Pools {
         self.info(name)
     }
 
+    /// Every defined pool's directory (VM files may lie there).
+    pub fn paths(&self) -> Vec<PathBuf> {
+        self.lock()
+            .entries()
+            .values()
+            .map(|entry| entry.definition.path.clone())
+            .collect()
+    }
+
     pub fn names(&self) -> Vec<String> {
         self.lock().entries().keys().cloned().collect()
     }

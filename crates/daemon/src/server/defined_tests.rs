@@ -46,7 +46,9 @@ impl Daemon {
                     std::sync::Arc::new(Networks::open(state.join("networks"), sys_net).unwrap());
                 let store = Store::open(&state).unwrap();
                 let ferro = PathBuf::from("/nonexistent/ferro");
-                let vms = Supervisor::new(store, ferro, pools.clone(), networks.clone()).unwrap();
+                let dirs = crate::vms::file_dirs::FileDirs::new(vec![state.clone()]);
+                let vms =
+                    Supervisor::new(store, ferro, pools.clone(), networks.clone(), dirs).unwrap();
                 let app = router(App {
                     vms,
                     pools,

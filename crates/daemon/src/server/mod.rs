@@ -29,6 +29,7 @@ pub use error::DaemonError;
 
 use crate::networks::Networks;
 use crate::pools::Pools;
+use crate::vms::file_dirs::FileDirs;
 use crate::vms::store::Store;
 use crate::vms::supervisor::Supervisor;
 use app::App;
@@ -42,6 +43,8 @@ pub struct DaemonOptions {
     pub state_dir: PathBuf,
     /// The `ferro` binary that runs VMs (normally this very executable).
     pub ferro: PathBuf,
+    /// Where the files VM definitions name may be, besides the pools' directories.
+    pub file_dirs: Vec<PathBuf>,
 }
 
 pub async fn serve(options: DaemonOptions) -> Result<(), DaemonError> {
@@ -60,6 +63,7 @@ pub async fn serve(options: DaemonOptions) -> Result<(), DaemonError> {
         options.ferro.clone(),
         pools.clone(),
         networks.clone(),
+        FileDirs::new(options.file_dirs.clone()),
     )?;
     supervisor.adopt().await;
     tracing::info!("serving on {}", options.socket.display());

@@ -2,6 +2,7 @@
 //! ([`store`]), their VMM processes ([`process`]), and their life ([`supervisor`]).
 
 pub mod definition;
+pub mod file_dirs;
 pub mod process;
 pub mod store;
 pub mod supervisor;

@@ -12,7 +12,6 @@ use api::net_api::NetworkMode;
 
 use crate::failure::Failure;
 
-use super::lifecycle::check_files;
 use super::{Supervisor, VmEntry, VmTable};
 
 impl Supervisor {
@@ -94,7 +93,7 @@ impl Supervisor {
             ..definition.clone()
         };
         self.resolve(&placeholder)
-            .and_then(|config| check_files(&config))
+            .and_then(|config| self.check_files(&config))
             .map_err(Failure::invalid)?;
         let created = match previous {
             Some(previous) => {

@@ -46,7 +46,7 @@ impl Supervisor {
             .resolve(&definition)
             .map_err(|e| Failure::conflict(format!("cannot start VM {name}: {e}")))?;
         // A file that is missing is the definition's fault, not the VM's state.
-        check_files(&config)
+        self.check_files(&config)
             .map_err(|e| Failure::invalid(format!("cannot start VM {name}: {e}")))?;
         let files = VmmFiles::new(self.store.run_dir(name));
         let _ = std::fs::remove_dir_all(&files.dir);
@@ -380,20 +380,31 @@ pub(super) fn watch_fd(fd: std::os::fd::OwnedFd) -> std::io::Result<AsyncFd<std:
 }
 
 /// Checks that the files a VM configuration names exist now.
-pub(super) fn check_files(definition: &VmConfig) -> Result<(), String> {
-    let mut files = vec![("kernel", definition.kernel.as_path())];
-    if let Some(initrd) = &definition.initrd {
-        files.push(("initrd", initrd));
-    }
-    for disk in &definition.disks {
-        files.extend(disk.path().map(|path| ("disk", path)));
-    }
-    for (what, path) in files {
-        if let Err(e) = std::fs::metadata(path) {
-            return Err(format!("the {what} {}: {e}", path.display()));
+impl Supervisor {
+    /// Checks that the files `config` names exist and lie where VM files may be
+    /// (`file_dirs`: the daemon's directories or a pool's).
+    pub(super) fn check_files(&self, config: &VmConfig) -> Result<(), String> {
+        let mut files = vec![("kernel", config.kernel.as_path())];
+        if let Some(initrd) = &config.initrd {
+            files.push(("initrd", initrd));
         }
+        for disk in &config.disks {
+            files.extend(disk.path().map(|path| ("disk", path)));
+            files.extend(
+                disk.backing_dir
+                    .as_deref()
+                    .map(|dir| ("disk's backing_dir", dir)),
+            );
+        }
+        let pool_dirs = self.pools.paths();
+        for (what, path) in files {
+            if let Err(e) = std::fs::metadata(path) {
+                return Err(format!("the {what} {}: {e}", path.display()));
+            }
+            self.file_dirs.check(what, path, &pool_dirs)?;
+        }
+        Ok(())
     }
-    Ok(())
 }
 
 /// The last error line the VMM printed, or a generic reason.

@@ -41,6 +41,7 @@ use crate::fs::DirError;
 use crate::networks::Networks;
 use crate::pools::Pools;
 use crate::registry::{Entry, Registry};
+use crate::vms::file_dirs::FileDirs;
 use crate::vms::process::{ProcessRecord, VmmFiles};
 use crate::vms::store::Store;
 use definitions::{give_ids, warn_of_shared_taps};
@@ -127,6 +128,8 @@ pub struct Supervisor {
     pools: Arc<Pools>,
     networks: Arc<Networks>,
     ferro: std::path::PathBuf,
+    /// Where the files definitions name may be.
+    file_dirs: FileDirs,
     vms: Mutex<VmTable>,
     events: broadcast::Sender<Event>,
     /// VMs whose guest powered off to reboot, for [`Supervisor::run_restarts`] to start again.
@@ -162,6 +165,7 @@ impl Supervisor {
         ferro: std::path::PathBuf,
         pools: Arc<Pools>,
         networks: Arc<Networks>,
+        file_dirs: FileDirs,
     ) -> Result<Arc<Self>, DirError> {
         let mut vms = VmTable::open(store.vms_dir())?;
         give_ids(&mut vms, networks.recorded_tap_ids());
@@ -181,6 +185,7 @@ impl Supervisor {
             pools,
             networks,
             ferro,
+            file_dirs,
             vms: Mutex::new(vms),
             events,
             restarts,
