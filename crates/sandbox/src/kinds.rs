@@ -82,8 +82,12 @@ impl ThreadKind {
             ThreadKind::NetControl => {
                 worker().ioctls(&[io::TUNSETQUEUE, io::TUNGETIFF, io::TUNSETOFFLOAD])?
             }
-            ThreadKind::Rng => worker(),
-            ThreadKind::VirtioConsole => worker(),
+            // the refill timer between budget periods
+            ThreadKind::Rng => {
+                worker().always(&[libc::SYS_timerfd_settime, libc::SYS_timerfd_gettime])
+            }
+            // the console's output to the console socket's clients
+            ThreadKind::VirtioConsole => worker().always(&[libc::SYS_sendto]),
         };
         Ok(base.union(&kind))
     }
@@ -179,6 +183,8 @@ fn vcpu() -> Result<Allowed, Error> {
             SYS_fcntl,
             // the serial console's output to the console socket's clients
             SYS_sendto,
+            // virtio-rng's refill timer, made when the driver enables the device
+            SYS_timerfd_create,
         ])
         .ioctls(&[
             io::KVM_RUN,

@@ -92,6 +92,8 @@ impl IoPool {
         state.live += 1;
         drop(state);
         let shared = self.shared.clone();
+        #[cfg(test)]
+        crate::worker::confine_in_tests();
         let spawned = sandbox::spawn(self.kind, self.kind.name(), move || serve(&shared));
         match spawned {
             Ok(thread) => {
