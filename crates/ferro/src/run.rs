@@ -141,6 +141,13 @@ pub struct RunArgs {
     #[arg(long, value_name = "PATH")]
     exit_report: Option<PathBuf>,
 
+    /// Allow core dumps. Off by default: a VMM's core holds its guest's memory. Either way
+    /// the VMM also runs with a bound on open files and on how large a file it writes may
+    /// grow (the images' virtual sizes twice over, plus 1 GiB; a write past it is an I/O
+    /// error for the guest, not the VMM's end).
+    #[arg(long)]
+    core_dumps: bool,
+
     /// What a system call outside a thread's seccomp filter does: `kill` reports the call
     /// and the thread, then the VMM dies of SIGSYS; `log` lets it through and the kernel logs
     /// it (audit type 1326, in `dmesg`; for finding what a filter lacks); `off` installs no
@@ -196,6 +203,7 @@ struct Wiring {
     console: vmm::ConsoleHubConfig,
     exit_report: Option<PathBuf>,
     seccomp: sandbox::SeccompMode,
+    core_dumps: bool,
 }
 
 impl RunArgs {
@@ -245,6 +253,7 @@ impl RunArgs {
             },
             exit_report: self.exit_report,
             seccomp: self.seccomp.into(),
+            core_dumps: self.core_dumps,
         };
         (config, wiring)
     }
@@ -376,6 +385,7 @@ fn run_vm(config: &api::RunnableConfig, wiring: &Wiring) -> (u8, &'static str, O
         &mut console,
         wiring.api_socket.as_deref(),
         wiring.faults,
+        wiring.core_dumps,
     );
     drop(console); // restores the terminal before anything is printed
     drop(hub);

@@ -68,21 +68,19 @@ fn threads(pid: u32) -> Vec<(String, String, usize, String)> {
 /// Runs a guest that prints and then halts for good, with an API and a console socket (so
 /// their threads exist); returns its threads once the guest has printed.
 fn halted_vm_threads(seccomp: &str) -> Vec<(String, String, usize, String)> {
+    halted_vm(&["--seccomp", seccomp]).0
+}
+
+/// As [`halted_vm_threads`], with `args`; also returns /proc/PID/limits.
+fn halted_vm(args: &[&str]) -> (Vec<(String, String, usize, String)>, String) {
     let dir = tempfile::tempdir().unwrap();
     let kernel = dir.path().join("halt");
     let code = [0x66, 0xba, 0xf8, 0x03, 0xb0, b'h', 0xee, 0xf4, 0xeb, 0xfd];
     std::fs::write(&kernel, arch::test_images::bzimage(&code)).unwrap();
     let log = dir.path().join("console.log");
     let mut vmm = Command::new(env!("CARGO_BIN_EXE_ferro"))
-        .args([
-            "run",
-            "--memory",
-            "128M",
-            "--cpus",
-            "2",
-            "--seccomp",
-            seccomp,
-        ])
+        .args(["run", "--memory", "128M", "--cpus", "2"])
+        .args(args)
         .arg("--kernel")
         .arg(&kernel)
         .arg("--api-socket")
@@ -103,9 +101,43 @@ fn halted_vm_threads(seccomp: &str) -> Vec<(String, String, usize, String)> {
         std::thread::sleep(Duration::from_millis(20));
     }
     let seen = threads(vmm.id());
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", vmm.id())).unwrap();
     vmm.kill().unwrap();
     vmm.wait().unwrap();
-    seen
+    (seen, limits)
+}
+
+/// The soft and hard value of one line of /proc/PID/limits.
+fn limit(limits: &str, name: &str) -> (String, String) {
+    let line = limits.lines().find(|l| l.starts_with(name)).unwrap();
+    let fields: Vec<&str> = line[name.len()..].split_whitespace().collect();
+    (fields[0].to_string(), fields[1].to_string())
+}
+
+#[test]
+fn the_vmm_runs_with_bounded_files_and_no_core_dumps_unless_asked() {
+    if !kvm_tests_enabled() {
+        return;
+    }
+    let (_, limits) = halted_vm(&[]);
+    let zero = ("0".to_string(), "0".to_string());
+    assert_eq!(limit(&limits, "Max core file size"), zero, "{limits}");
+    // No disk or NIC: the base 1024 plus room for the rng and console devices.
+    let files = "2176".to_string();
+    assert_eq!(
+        limit(&limits, "Max open files"),
+        (files.clone(), files),
+        "{limits}"
+    );
+    let bytes = (1u64 << 30).to_string();
+    assert_eq!(
+        limit(&limits, "Max file size"),
+        (bytes.clone(), bytes),
+        "{limits}"
+    );
+    let (_, limits) = halted_vm(&["--core-dumps"]);
+    let unlimited = ("unlimited".to_string(), "unlimited".to_string());
+    assert_eq!(limit(&limits, "Max core file size"), unlimited, "{limits}");
 }
 
 #[test]

@@ -13,6 +13,7 @@
 mod allowed;
 mod ioctls;
 mod kinds;
+mod limits;
 mod spawner;
 mod syscall_names;
 mod violation;
@@ -23,6 +24,7 @@ use seccompiler::{BpfProgram, SeccompAction};
 
 pub use allowed::Allowed;
 pub use kinds::ThreadKind;
+pub use limits::ProcessLimits;
 pub use spawner::{spawn, start_spawner};
 pub use violation::report_to;
 

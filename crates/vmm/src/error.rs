@@ -103,6 +103,8 @@ pub enum Error {
     Console(#[source] std::io::Error),
     #[error("the VMM's control loop failed")]
     ControlLoop(#[source] std::io::Error),
+    #[error("cannot set the VMM's resource limits")]
+    Limits(#[source] std::io::Error),
     #[error("cannot confine the VMM's threads (see --seccomp)")]
     Confine(#[source] sandbox::Error),
     #[error("vCPU {id}: the guest triple-faulted (KVM_EXIT_SHUTDOWN)")]

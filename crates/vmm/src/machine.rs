@@ -256,6 +256,25 @@ pub(crate) struct Backends {
 }
 
 impl Backends {
+    /// The process limits for a VMM with these backends (see [`sandbox::ProcessLimits`]).
+    pub fn limits(&self, config: &VmConfig, core_dumps: bool) -> sandbox::ProcessLimits {
+        let devices = self.disks.images.len() + config.nets.len() + 2; // rng, console
+        let images: Vec<(u64, u64)> = self
+            .disks
+            .images
+            .iter()
+            .map(|(image, disk)| {
+                let now = disk
+                    .path()
+                    .and_then(|path| std::fs::metadata(path).ok())
+                    .map_or(0, |m| m.len());
+                let size = image.lock().map_or(0, |image| image.size());
+                (now, size)
+            })
+            .collect();
+        sandbox::ProcessLimits::for_vmm(devices as u64, &images, core_dumps)
+    }
+
     pub fn open(config: &RunnableConfig) -> Result<Self, Error> {
         Ok(Backends {
             files: BootFiles::open(config)?,

@@ -63,12 +63,15 @@ fn check_host_limits(config: &VmConfig, hv: &Hypervisor) -> Result<(), Error> {
 
 /// Runs the VM described by `runnable` (checked once, by [`api::VmConfig::into_runnable`])
 /// with its serial console on `console`, serving the control API on `api_socket` if given,
-/// with the deliberate `faults` (none, but in tests of the stall tooling).
+/// with the deliberate `faults` (none, but in tests of the stall tooling). The process's
+/// resource limits are set once the images are open ([`sandbox::ProcessLimits`]); core dumps
+/// only if `core_dumps`.
 pub fn run(
     runnable: &RunnableConfig,
     console: &mut Console,
     api_socket: Option<&Path>,
     faults: Faults,
+    core_dumps: bool,
 ) -> Result<Outcome, Error> {
     let config: &VmConfig = runnable;
     if !hypervisor::host_has_hardware_virtualization() {
@@ -79,6 +82,10 @@ pub fn run(
     let hv = Hypervisor::open().map_err(Error::Kvm)?;
     check_host_limits(config, &hv)?;
     let mut backends = Backends::open(runnable)?;
+    backends
+        .limits(config, core_dumps)
+        .apply()
+        .map_err(Error::Limits)?;
     let host = HostCpu::probe(&hv)?;
     let stats = Stats::new(config);
     signals::install_vcpu_kick_handler().map_err(Error::ControlLoop)?;

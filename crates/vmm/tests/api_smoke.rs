@@ -59,6 +59,7 @@ impl Running {
                 &mut console,
                 Some(&path),
                 vmm::Faults::default(),
+                false,
             )
         });
         let running = Running {

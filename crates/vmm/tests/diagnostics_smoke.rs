@@ -50,6 +50,7 @@ impl Running {
                 &mut console,
                 Some(&path),
                 vmm::Faults::default(),
+                false,
             )
         });
         let doc = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/api/vmm.openapi.json");

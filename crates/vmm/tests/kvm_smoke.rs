@@ -115,6 +115,7 @@ fn reset_boots_the_guest_again_until_the_user_quits() {
             &mut console,
             None,
             vmm::Faults::default(),
+            false,
         )
     });
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -148,8 +149,8 @@ fn console_input_reaches_the_guest_uart() {
     let (mut keyboard, input) = UnixStream::pair().unwrap();
     let mut console = Console::new(Box::new(input), Box::new(out.clone()), false).unwrap();
     keyboard.write_all(b"a").unwrap();
-    let result =
-        runnable(&g.config).and_then(|c| vmm::run(&c, &mut console, None, vmm::Faults::default()));
+    let result = runnable(&g.config)
+        .and_then(|c| vmm::run(&c, &mut console, None, vmm::Faults::default(), false));
     assert_eq!(result.unwrap(), Outcome::PoweredOff);
     assert_eq!(out.text(), "b");
     let mut rest = [0u8; 1];

@@ -68,7 +68,7 @@ pub fn run(config: &VmConfig) -> (Result<Outcome, Error>, String) {
     let mut console =
         Console::new(Box::new(std::io::empty()), Box::new(out.clone()), false).unwrap();
     let result = runnable(config)
-        .and_then(|config| vmm::run(&config, &mut console, None, vmm::Faults::default()));
+        .and_then(|config| vmm::run(&config, &mut console, None, vmm::Faults::default(), false));
     (result, out.text())
 }
 
@@ -80,7 +80,14 @@ pub fn run_with_api(
     let out = Captured::default();
     let mut console =
         Console::new(Box::new(std::io::empty()), Box::new(out.clone()), false).unwrap();
-    let result = runnable(config)
-        .and_then(|config| vmm::run(&config, &mut console, Some(socket), vmm::Faults::default()));
+    let result = runnable(config).and_then(|config| {
+        vmm::run(
+            &config,
+            &mut console,
+            Some(socket),
+            vmm::Faults::default(),
+            false,
+        )
+    });
     (result, out.text())
 }
