@@ -104,7 +104,7 @@ fn fill_at_most(
     };
     let len = writer.available_bytes().min(max);
     let mut buf = vec![0u8; len];
-    if let Err(e) = getrandom::fill(&mut buf) {
+    if let Err(e) = host_sys::random::fill(&mut buf) {
         guest_log::guest_warn!("getrandom failed: {e}");
         return 0;
     }
