@@ -5,36 +5,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code
 
-use std::path::Path;
-use std::process::{Command, Output, Stdio};
+mod common;
 
-fn ferro(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_ferro"))
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap()
-}
+use std::process::{Command, Stdio};
 
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-fn kvm_tests_enabled() -> bool {
-    std::env::var_os("FERRO_SKIP_KVM_TESTS").is_none()
-}
-
-/// 64-bit code: print "hi\n" on COM1, then ACPI power-off.
-fn hello_kernel(dir: &Path) -> String {
-    let mut code = vec![0x66, 0xba, 0xf8, 0x03];
-    for b in b"hi\n" {
-        code.extend_from_slice(&[0xb0, *b, 0xee]);
-    }
-    code.extend_from_slice(&[0x66, 0xba, 0x00, 0x06, 0xb0, 0x34, 0xee, 0xf4, 0xeb, 0xfd]);
-    let path = dir.join("hello");
-    std::fs::write(&path, arch::test_images::bzimage(&code)).unwrap();
-    path.display().to_string()
-}
+use common::{ferro, hello_kernel, kvm_tests_enabled, stderr};
 
 #[test]
 fn help_documents_flags_and_exit_codes() {

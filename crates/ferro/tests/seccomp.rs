@@ -4,38 +4,13 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code
 
+mod common;
+
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
+
+use common::{ferro, hello_kernel, kvm_tests_enabled, stderr};
 use std::time::{Duration, Instant};
-
-fn kvm_tests_enabled() -> bool {
-    std::env::var_os("FERRO_SKIP_KVM_TESTS").is_none()
-}
-
-fn ferro(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_ferro"))
-        .args(args)
-        .env_remove("FERRO_SECCOMP")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap()
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-/// 64-bit code: print "hi\n" on COM1, then ACPI power-off.
-fn hello_kernel(dir: &Path) -> String {
-    let mut code = vec![0x66, 0xba, 0xf8, 0x03];
-    for b in b"hi\n" {
-        code.extend_from_slice(&[0xb0, *b, 0xee]);
-    }
-    code.extend_from_slice(&[0x66, 0xba, 0x00, 0x06, 0xb0, 0x34, 0xee, 0xf4, 0xeb, 0xfd]);
-    let path = dir.join("hello");
-    std::fs::write(&path, arch::test_images::bzimage(&code)).unwrap();
-    path.display().to_string()
-}
 
 /// A field of /proc/<path>/status.
 fn status_field(path: &Path, field: &str) -> Option<String> {

@@ -241,8 +241,8 @@ fn vmm() -> Result<Allowed, Error> {
         ])
 }
 
-/// The API: accept, read and answer on Unix sockets; requests go to the main thread.
-fn api() -> Allowed {
+/// A server on Unix sockets: accept, read and answer, wait in poll or epoll.
+fn socket_server() -> Allowed {
     use libc::*;
     Allowed::default().always(&[
         SYS_accept4,
@@ -261,25 +261,14 @@ fn api() -> Allowed {
     ])
 }
 
+/// The API: requests are read here and go to the main thread.
+fn api() -> Allowed {
+    socket_server()
+}
+
 /// The console: standard input, the console socket's clients, pipes between them.
 fn console() -> Allowed {
-    use libc::*;
-    Allowed::default().always(&[
-        SYS_read,
-        SYS_accept4,
-        SYS_recvfrom,
-        SYS_sendto,
-        SYS_setsockopt,
-        SYS_shutdown,
-        SYS_poll,
-        SYS_ppoll,
-        SYS_epoll_create1,
-        SYS_epoll_ctl,
-        SYS_epoll_wait,
-        SYS_epoll_pwait,
-        SYS_eventfd2,
-        SYS_fcntl,
-    ])
+    socket_server().always(&[libc::SYS_eventfd2])
 }
 
 /// The spawner: starting threads (never processes: `clone` must carry `CLONE_THREAD`, and
