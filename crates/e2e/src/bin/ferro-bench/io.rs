@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use e2e::qemu_monitor::QemuSockets;
 use e2e::stall::{VmmProbe, STALL_LIMIT};
@@ -139,6 +139,30 @@ fn io_command(
     (program, args)
 }
 
+/// How long the TCP sink waits for the guest to connect, and then for each read.
+const SINK_PATIENCE: Duration = Duration::from_secs(600);
+
+/// Accepts one connection on `listener`, or fails after `limit`.
+fn accept_within(
+    listener: &std::net::TcpListener,
+    limit: Duration,
+) -> std::io::Result<(std::net::TcpStream, std::net::SocketAddr)> {
+    listener.set_nonblocking(true)?;
+    let deadline = Instant::now() + limit;
+    loop {
+        match listener.accept() {
+            Ok((stream, peer)) => {
+                stream.set_nonblocking(false)?;
+                return Ok((stream, peer));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// Printed by the guest just before its first measured phase.
 const PHASES_START: &str = "PHASES-START";
 /// The order in which the guest runs the phases (indices into IO_METRICS).
@@ -216,7 +240,11 @@ fn io_once(
     let sink = std::thread::Builder::new()
         .name("tcp-sink".into())
         .spawn(move || -> std::io::Result<()> {
-            let (mut stream, _) = listener.accept()?;
+            // A guest that stalls never connects, or never closes: the sink gives up after
+            // a while, and lets the port go at once, so the next run can bind it.
+            let (mut stream, _) = accept_within(&listener, SINK_PATIENCE)?;
+            drop(listener);
+            stream.set_read_timeout(Some(SINK_PATIENCE))?;
             let mut buf = vec![0u8; 1 << 20];
             while stream.read(&mut buf)? > 0 {}
             Ok(())
