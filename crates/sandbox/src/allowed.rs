@@ -35,7 +35,7 @@ impl Arg {
             Arg::Is(index, value) => (index, SeccompCmpOp::Eq, value),
             Arg::Masked(index, mask, value) => (index, SeccompCmpOp::MaskedEq(mask), value),
         };
-        SeccompCondition::new(index, SeccompCmpArgLen::Dword, op, value).map_err(Error::rule)
+        SeccompCondition::new(index, SeccompCmpArgLen::Dword, op, value).map_err(Error::Rule)
     }
 }
 
@@ -60,7 +60,7 @@ impl Allowed {
             .iter()
             .map(|arg| arg.condition())
             .collect::<Result<Vec<_>, _>>()?;
-        let rule = SeccompRule::new(conditions).map_err(Error::rule)?;
+        let rule = SeccompRule::new(conditions).map_err(Error::Rule)?;
         match self.calls.entry(call).or_insert(When::Matching(Vec::new())) {
             When::Always => {}
             When::Matching(rules) => rules.push(rule),
@@ -121,7 +121,7 @@ impl Allowed {
             })
             .collect();
         let filter = SeccompFilter::new(rules, otherwise, SeccompAction::Allow, TargetArch::x86_64)
-            .map_err(Error::rule)?;
+            .map_err(Error::Rule)?;
         filter.try_into().map_err(Error::Compile)
     }
 }

@@ -59,12 +59,6 @@ pub enum Error {
     ModeChosen(SeccompMode),
 }
 
-impl Error {
-    fn rule(source: seccompiler::BackendError) -> Self {
-        Error::Rule(source)
-    }
-}
-
 static MODE: OnceLock<SeccompMode> = OnceLock::new();
 
 /// Chooses the process's mode, once, before any thread is confined; under `kill`, installs the
@@ -99,6 +93,20 @@ pub fn filter(kind: ThreadKind, mode: SeccompMode) -> Result<BpfProgram, Error> 
     kind.allowed(std::process::id())?.program(otherwise)
 }
 
+/// Each kind's filter under the process's mode, compiled the first time a thread of that kind
+/// is confined (the mode never changes once set): the I/O pool starts threads again and again.
+static COMPILED: [OnceLock<BpfProgram>; ThreadKind::ALL.len()] =
+    [const { OnceLock::new() }; ThreadKind::ALL.len()];
+
+fn compiled(kind: ThreadKind, mode: SeccompMode) -> Result<&'static BpfProgram, Error> {
+    let slot = &COMPILED[kind as usize];
+    if let Some(program) = slot.get() {
+        return Ok(program);
+    }
+    let program = filter(kind, mode)?;
+    Ok(slot.get_or_init(|| program))
+}
+
 /// Confines the calling thread as `kind` under the process's mode; it stays so until it ends,
 /// and threads it creates inherit the filter. Also sets `no_new_privs`, which seccomp needs.
 pub fn confine_current_thread(kind: ThreadKind) -> Result<(), Error> {
@@ -115,7 +123,7 @@ pub fn confine_current_thread(kind: ThreadKind) -> Result<(), Error> {
     if kind == ThreadKind::Spawner {
         install(&clone3_unsupported()?)?;
     }
-    install(&filter(kind, mode)?)?;
+    install(compiled(kind, mode)?)?;
     violation::set_current_kind(kind);
     Ok(())
 }
@@ -144,7 +152,7 @@ fn clone3_unsupported() -> Result<BpfProgram, Error> {
         SeccompAction::Errno(libc::ENOSYS as u32),
         seccompiler::TargetArch::x86_64,
     )
-    .map_err(Error::rule)?
+    .map_err(Error::Rule)?
     .try_into()
     .map_err(Error::Compile)
 }

@@ -27,6 +27,13 @@ fn every_kind_compiles_under_kill_and_log_and_off_installs_nothing() {
 }
 
 #[test]
+fn a_kinds_number_is_its_place_in_all() {
+    for (i, kind) in ThreadKind::ALL.iter().enumerate() {
+        assert_eq!(*kind as usize, i, "{kind:?}");
+    }
+}
+
+#[test]
 fn the_spawner_allows_whatever_any_kind_does() {
     let spawner = ThreadKind::Spawner.allowed(1).unwrap();
     for kind in ThreadKind::ALL {
